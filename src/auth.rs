@@ -1,0 +1,330 @@
+//! Client authentication (proxy side of SCRAM-SHA-256 and md5) and the secrets it checks against.
+//!
+//! An unknown user runs the same exchange against a made-up secret, so the reply never tells an
+//! unknown user from a wrong password.
+
+use crate::budget::Resolved;
+use crate::config::AuthMethod;
+use crate::protocol::{self, cstr, ProtocolError};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use bytes::{Buf, BytesMut};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Why a login failed. Every variant reaches the client as the same 28P01 text.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("protocol error during authentication: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("password authentication failed for user {user:?} ({reason})")]
+    Failed { user: String, reason: &'static str },
+}
+
+/// A parsed SCRAM-SHA-256 verifier.
+#[derive(Debug, Clone)]
+pub struct ScramVerifier {
+    pub iterations: u32,
+    pub salt: Vec<u8>,
+    pub stored_key: [u8; 32],
+    pub server_key: [u8; 32],
+}
+
+impl ScramVerifier {
+    /// Parse `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`.
+    pub fn parse(s: &str) -> Option<ScramVerifier> {
+        let rest = s.strip_prefix("SCRAM-SHA-256$")?;
+        let (iter_salt, keys) = rest.split_once('$')?;
+        let (iter, salt) = iter_salt.split_once(':')?;
+        let (stored, server) = keys.split_once(':')?;
+        Some(ScramVerifier {
+            iterations: iter.parse().ok().filter(|i| *i > 0)?,
+            salt: B64.decode(salt).ok()?,
+            stored_key: B64.decode(stored).ok()?.try_into().ok()?,
+            server_key: B64.decode(server).ok()?.try_into().ok()?,
+        })
+    }
+
+    /// Derive a verifier from a plaintext password (held only in memory).
+    pub fn from_password(password: &str, salt: Vec<u8>, iterations: u32) -> ScramVerifier {
+        let salted = hi(password.as_bytes(), &salt, iterations);
+        let client_key = hmac(&salted, b"Client Key");
+        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
+        ScramVerifier { iterations, salt, stored_key, server_key: hmac(&salted, b"Server Key") }
+    }
+}
+
+fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut m = HmacSha256::new_from_slice(key).expect("hmac accepts any key length");
+    m.update(msg);
+    m.finalize().into_bytes().into()
+}
+
+fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let mut m = HmacSha256::new_from_slice(password).expect("hmac accepts any key length");
+    m.update(salt);
+    m.update(&[0, 0, 0, 1]);
+    let mut u: [u8; 32] = m.finalize().into_bytes().into();
+    let mut out = u;
+    for _ in 1..iterations {
+        u = hmac(password, &u);
+        for (o, x) in out.iter_mut().zip(u.iter()) {
+            *o ^= x;
+        }
+    }
+    out
+}
+
+/// What a user's login is checked against.
+#[derive(Debug, Clone)]
+pub enum Secret {
+    Plain(String),
+    Scram(ScramVerifier),
+    /// `md5` + hex(md5(password || user)).
+    Md5(String),
+}
+
+/// A login the proxy accepts.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub secret: Option<Secret>,
+    pub service: Option<String>,
+}
+
+/// All logins, keyed by user name, built once from the resolved config.
+#[derive(Debug)]
+pub struct UserDb {
+    pub method: AuthMethod,
+    users: HashMap<String, User>,
+    /// Per-process random key for made-up salts of unknown users.
+    mock_key: [u8; 32],
+}
+
+impl UserDb {
+    /// Users from `[auth]`; with none declared, the primary upstream's own credentials log in.
+    pub fn build(r: &Resolved, env: &crate::config::Env) -> UserDb {
+        let mut users = HashMap::new();
+        for u in &r.config.auth.users {
+            let secret = if let Some(var) = &u.password_env {
+                env.get(var).map(|p| Secret::Plain(p.to_owned()))
+            } else if let Some(s) = &u.scram {
+                ScramVerifier::parse(s).map(Secret::Scram)
+            } else {
+                u.md5.clone().map(Secret::Md5)
+            };
+            users.insert(u.name.clone(), User { name: u.name.clone(), secret, service: u.service.clone() });
+        }
+        if users.is_empty() {
+            for t in r.upstreams.values() {
+                users.entry(t.user.clone()).or_insert_with(|| User {
+                    name: t.user.clone(),
+                    secret: t.password.clone().map(Secret::Plain),
+                    service: None,
+                });
+            }
+        }
+        let mut mock_key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut mock_key);
+        UserDb { method: r.config.auth.method, users, mock_key }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&User> {
+        self.users.get(name)
+    }
+
+    /// Run the configured exchange on a client socket. On success the client has not yet been sent AuthenticationOk.
+    pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        sock: &mut S,
+        user: &str,
+        buf: &mut BytesMut,
+    ) -> Result<(), AuthError> {
+        let known = self.users.get(user);
+        match self.method {
+            AuthMethod::Trust => {
+                if known.is_some() || self.users.is_empty() {
+                    Ok(())
+                } else {
+                    Err(AuthError::Failed { user: user.into(), reason: "unknown user" })
+                }
+            }
+            AuthMethod::Md5 => self.md5(sock, user, known, buf).await,
+            AuthMethod::Scram => self.scram(sock, user, known, buf).await,
+        }
+    }
+
+    async fn md5<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        sock: &mut S,
+        user: &str,
+        known: Option<&User>,
+        buf: &mut BytesMut,
+    ) -> Result<(), AuthError> {
+        let mut salt = [0u8; 4];
+        rand::thread_rng().fill_bytes(&mut salt);
+        let mut out = BytesMut::new();
+        protocol::auth_request(&mut out, 5, &salt);
+        sock.write_all(&out).await.map_err(ProtocolError::from)?;
+        let got = read_password(sock, buf).await?;
+        let stored = match known.and_then(|u| u.secret.as_ref()) {
+            Some(Secret::Plain(p)) => format!("md5{:x}", md5::Md5::digest(format!("{p}{user}"))),
+            Some(Secret::Md5(h)) => h.clone(),
+            Some(Secret::Scram(_)) | None => {
+                return Err(AuthError::Failed { user: user.into(), reason: "no md5-capable secret" });
+            }
+        };
+        let mut h = md5::Md5::new();
+        h.update(&stored.as_bytes()[3..]);
+        h.update(salt);
+        let expected = format!("md5{:x}", h.finalize());
+        if constant_eq(expected.as_bytes(), got.as_bytes()) {
+            Ok(())
+        } else {
+            Err(AuthError::Failed { user: user.into(), reason: "wrong password" })
+        }
+    }
+
+    fn verifier_for(&self, user: &str, known: Option<&User>) -> (ScramVerifier, bool) {
+        match known.and_then(|u| u.secret.as_ref()) {
+            Some(Secret::Scram(v)) => (v.clone(), true),
+            Some(Secret::Plain(p)) => {
+                let salt = hmac(&self.mock_key, format!("salt:{user}").as_bytes())[..16].to_vec();
+                (ScramVerifier::from_password(p, salt, 4096), true)
+            }
+            _ => {
+                // A made-up verifier that no password matches; the salt is stable per user.
+                let salt = hmac(&self.mock_key, format!("salt:{user}").as_bytes())[..16].to_vec();
+                let stored_key = hmac(&self.mock_key, format!("stored:{user}").as_bytes());
+                (ScramVerifier { iterations: 4096, salt, stored_key, server_key: stored_key }, false)
+            }
+        }
+    }
+
+    async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        sock: &mut S,
+        user: &str,
+        known: Option<&User>,
+        buf: &mut BytesMut,
+    ) -> Result<(), AuthError> {
+        let (verifier, real) = self.verifier_for(user, known);
+        let mut out = BytesMut::new();
+        protocol::auth_request(&mut out, 10, b"SCRAM-SHA-256\0\0");
+        sock.write_all(&out).await.map_err(ProtocolError::from)?;
+
+        // SASLInitialResponse: mechanism, length, client-first-message.
+        let kind = protocol::read_message(sock, buf).await?;
+        if kind != b'p' {
+            return Err(ProtocolError::Unexpected { expected: "SASLInitialResponse", got: kind as char }.into());
+        }
+        let mut b = &buf[..];
+        let mech = cstr(&mut b)?;
+        if mech != "SCRAM-SHA-256" || b.len() < 4 {
+            return Err(ProtocolError::Malformed("SASLInitialResponse").into());
+        }
+        let n = b.get_i32();
+        if n < 0 || n as usize != b.len() {
+            return Err(ProtocolError::Malformed("SASLInitialResponse").into());
+        }
+        let client_first = std::str::from_utf8(b).map_err(|_| ProtocolError::Malformed("SCRAM client-first"))?;
+        let (gs2, bare) = split_gs2(client_first).ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
+        let (gs2, bare) = (gs2.to_owned(), bare.to_owned());
+        let client_nonce = attr(&bare, 'r').ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
+        let mut nonce_bytes = [0u8; 18];
+        rand::thread_rng().fill_bytes(&mut nonce_bytes);
+        let nonce = format!("{client_nonce}{}", B64.encode(nonce_bytes));
+        let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
+        out.clear();
+        protocol::auth_request(&mut out, 11, server_first.as_bytes());
+        sock.write_all(&out).await.map_err(ProtocolError::from)?;
+
+        // SASLResponse: client-final-message.
+        let kind = protocol::read_message(sock, buf).await?;
+        if kind != b'p' {
+            return Err(ProtocolError::Unexpected { expected: "SASLResponse", got: kind as char }.into());
+        }
+        let client_final = std::str::from_utf8(buf).map_err(|_| ProtocolError::Malformed("SCRAM client-final"))?;
+        let (without_proof, proof_b64) =
+            client_final.rsplit_once(",p=").ok_or(ProtocolError::Malformed("SCRAM client-final"))?;
+        let fail = |reason| AuthError::Failed { user: user.into(), reason };
+        if attr(without_proof, 'r') != Some(nonce.as_str()) {
+            return Err(fail("nonce mismatch"));
+        }
+        if attr(without_proof, 'c') != Some(B64.encode(gs2).as_str()) {
+            return Err(fail("channel binding mismatch"));
+        }
+        let proof: [u8; 32] =
+            B64.decode(proof_b64).ok().and_then(|p| p.try_into().ok()).ok_or(fail("malformed proof"))?;
+        let auth_message = format!("{bare},{server_first},{without_proof}");
+        let client_signature = hmac(&verifier.stored_key, auth_message.as_bytes());
+        let mut client_key = [0u8; 32];
+        for i in 0..32 {
+            client_key[i] = proof[i] ^ client_signature[i];
+        }
+        let check: [u8; 32] = Sha256::digest(client_key).into();
+        if !real || !constant_eq(&check, &verifier.stored_key) {
+            return Err(fail(if real { "wrong password" } else { "unknown user" }));
+        }
+        let server_signature = hmac(&verifier.server_key, auth_message.as_bytes());
+        out.clear();
+        protocol::auth_request(&mut out, 12, format!("v={}", B64.encode(server_signature)).as_bytes());
+        sock.write_all(&out).await.map_err(ProtocolError::from)?;
+        Ok(())
+    }
+}
+
+/// Split `n,,n=user,r=nonce` into the GS2 header (`n,,`) and the bare message.
+fn split_gs2(msg: &str) -> Option<(&str, &str)> {
+    let first = msg.find(',')?;
+    let second = first + 1 + msg[first + 1..].find(',')?;
+    let gs2 = &msg[..second + 1];
+    if !(gs2.starts_with("n,") || gs2.starts_with("y,")) {
+        return None; // "p=" would ask for channel binding, which we do not offer without TLS
+    }
+    Some((gs2, &msg[second + 1..]))
+}
+
+fn attr(msg: &str, key: char) -> Option<&str> {
+    msg.split(',').find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn read_password<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut BytesMut) -> Result<String, AuthError> {
+    let kind = protocol::read_message(sock, buf).await?;
+    if kind != b'p' {
+        return Err(ProtocolError::Unexpected { expected: "PasswordMessage", got: kind as char }.into());
+    }
+    let mut b = &buf[..];
+    Ok(cstr(&mut b)?.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_from_postgres_protocol_parses_and_matches() {
+        let v = postgres_protocol::password::scram_sha_256(b"s3cret");
+        let parsed = ScramVerifier::parse(&v).expect("parse");
+        let again = ScramVerifier::from_password("s3cret", parsed.salt.clone(), parsed.iterations);
+        assert_eq!(again.stored_key, parsed.stored_key);
+        assert_eq!(again.server_key, parsed.server_key);
+        assert!(ScramVerifier::parse("SCRAM-SHA-256$x:y$z").is_none());
+    }
+
+    #[test]
+    fn gs2_split() {
+        assert_eq!(split_gs2("n,,n=,r=abc"), Some(("n,,", "n=,r=abc")));
+        assert_eq!(split_gs2("p=tls-server-end-point,,n=,r=abc"), None);
+        assert_eq!(attr("n=,r=abc", 'r'), Some("abc"));
+    }
+}

@@ -1,0 +1,250 @@
+//! `budgets.toml`: strict parsing (unknown keys collected via serde_ignored), env expansion, and the startup invariants (every violation is reported, not just the first).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// A config that could not be loaded; `violations` names every broken rule.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub violations: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration ({} problem(s)):", self.violations.len())?;
+        for v in &self.violations {
+            write!(f, "\n  - {v}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxySection,
+    #[serde(default)]
+    pub auth: AuthSection,
+    pub upstreams: BTreeMap<String, Upstream>,
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// One proxy per service: every client belongs to the process's service.
+    Sidecar,
+    /// One proxy for many services: the service comes from each client's startup packet.
+    Shared,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceFrom {
+    ApplicationName,
+    User,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ProxySection {
+    pub listen: String,
+    pub mode: Mode,
+    /// Sidecar service when `RAILWAY_SERVICE_NAME` is not set.
+    pub service: Option<String>,
+    pub service_from: ServiceFrom,
+    /// Divide each slice by `max(RAILWAY_REPLICA_COUNT,1) * max(WEB_CONCURRENCY,1)`.
+    pub split_per_process: bool,
+    /// Smallest slice a service may declare.
+    pub slice_floor: u32,
+    /// Smallest per-process share after splitting.
+    pub share_floor: u32,
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Prefix of `application_name` on server connections: `<prefix>:<service>:<route>`.
+    pub application_name_prefix: String,
+}
+
+impl Default for ProxySection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:6432".into(),
+            mode: Mode::Sidecar,
+            service: None,
+            service_from: ServiceFrom::ApplicationName,
+            split_per_process: false,
+            slice_floor: 2,
+            share_floor: 4,
+            drain_timeout: Duration::from_secs(30),
+            application_name_prefix: "pgbudget".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    Scram,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSection {
+    pub method: AuthMethod,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self { method: AuthMethod::Scram, users: Vec::new() }
+    }
+}
+
+/// A client login. Exactly one secret form; plaintext passwords never appear in the file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserConfig {
+    pub name: String,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+    /// A SCRAM-SHA-256 verifier as stored by Postgres (`SCRAM-SHA-256$<iter>:<salt>$<stored>:<server>`).
+    pub scram: Option<String>,
+    /// An md5 secret as stored by Postgres (`md5` + md5(password || user)).
+    pub md5: Option<String>,
+    /// Shared mode with `service_from = "user"`: the service this user belongs to.
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Upstream {
+    /// `postgres://user:pass@host:port/db`; `${VAR}` is replaced from the environment.
+    pub url: String,
+    /// Connections the database accepts from all of us together.
+    pub ceiling: u32,
+    /// Connections held back for others (e.g. the DuckLake catalog).
+    #[serde(default)]
+    pub reserved: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolMode {
+    Session,
+    Transaction,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServiceConfig {
+    pub slice: u32,
+    #[serde(default = "default_upstream")]
+    pub upstream: String,
+    #[serde(default = "default_pool_mode")]
+    pub pool_mode: PoolMode,
+    #[serde(default = "d_checkout", with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+    #[serde(default = "d_connect", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "d_idle", with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    #[serde(default = "d_lifetime", with = "humantime_serde")]
+    pub server_lifetime: Duration,
+    /// Idle time after which a connection is pinged (not just peeked) before reuse.
+    #[serde(default = "d_check_delay", with = "humantime_serde")]
+    pub server_check_delay: Duration,
+    /// Deadline for rolling back / resetting a server connection at checkin.
+    #[serde(default = "d_reset", with = "humantime_serde")]
+    pub reset_timeout: Duration,
+}
+
+fn default_upstream() -> String {
+    "primary".into()
+}
+fn default_pool_mode() -> PoolMode {
+    PoolMode::Transaction
+}
+fn d_checkout() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_connect() -> Duration {
+    Duration::from_secs(5)
+}
+fn d_idle() -> Duration {
+    Duration::from_secs(45)
+}
+fn d_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+fn d_check_delay() -> Duration {
+    Duration::from_secs(10)
+}
+fn d_reset() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Process environment values that shape budgets (read once, passed in so tests can vary them).
+#[derive(Debug, Clone, Default)]
+pub struct Env {
+    pub vars: BTreeMap<String, String>,
+}
+
+impl Env {
+    pub fn from_process() -> Self {
+        Self { vars: std::env::vars().collect() }
+    }
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.vars.get(k).map(String::as_str).filter(|v| !v.is_empty())
+    }
+    fn positive(&self, k: &str) -> u32 {
+        self.get(k).and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(1).max(1)
+    }
+    /// Processes sharing one slice: replicas × workers per replica.
+    pub fn processes(&self) -> u32 {
+        self.positive("RAILWAY_REPLICA_COUNT") * self.positive("WEB_CONCURRENCY")
+    }
+}
+
+/// Replace every `${VAR}` in `s` from `env`; a missing variable is an error naming it.
+pub fn expand_env(s: &str, env: &Env) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
+        let name = &after[..end];
+        let v = env.get(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        out.push_str(v);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl Config {
+    /// Parse TOML text; unknown keys anywhere are collected (all of them) as violations.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let mut unknown = Vec::new();
+        let de = toml::Deserializer::new(text);
+        let parsed: Result<Config, _> = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+        match parsed {
+            Ok(cfg) if unknown.is_empty() => Ok(cfg),
+            Ok(_) => Err(ConfigError { violations: unknown.into_iter().map(|k| format!("unknown key `{k}`")).collect() }),
+            Err(e) => {
+                let mut violations: Vec<String> = unknown.into_iter().map(|k| format!("unknown key `{k}`")).collect();
+                violations.push(e.to_string().trim().replace('\n', " "));
+                Err(ConfigError { violations })
+            }
+        }
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { violations: vec![format!("cannot read {}: {e}", path.display())] })?;
+        Config::parse(&text)
+    }
+}

@@ -1,0 +1,23 @@
+//! pgbudget: a Postgres connection-budget proxy.
+//!
+//! Layout (data flows top to bottom):
+//! - `config`  — `budgets.toml` parsing; `budget` — invariants and per-process shares.
+//! - `app`     — shared state behind an `Arc`, the accept loop, background tasks, drain.
+//! - `session` — one client: startup, auth (`auth`), service choice, greeting.
+//! - `relay`   — the message pump; transaction-mode release; checkin cleanup.
+//! - `pool`    — deadpool pools of `server` connections under each upstream's ceiling.
+//! - `cancel`  — proxy-issued cancel keys mapped to the server backend in use.
+//! - `protocol`— framing by 5-byte header; the few messages the proxy builds.
+//! - `error`   — the session error type and its one SQLSTATE mapping.
+
+pub mod app;
+pub mod auth;
+pub mod budget;
+pub mod cancel;
+pub mod config;
+pub mod error;
+pub mod pool;
+pub mod protocol;
+pub mod relay;
+pub mod server;
+pub mod session;

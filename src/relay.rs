@@ -1,0 +1,405 @@
+//! The message pump between one client and its (current) server connection.
+//!
+//! Bytes are forwarded in the chunks they were read in; a [`Scanner`] per direction walks message
+//! headers to track what the proxy acts on: outstanding Query/Sync replies, the transaction status in
+//! ReadyForQuery, COPY state, ParameterStatus and the client's Terminate. In transaction mode the server
+//! goes back to the pool at the first point where nothing is outstanding and the status is idle.
+
+use crate::app::App;
+use crate::cancel::{ClientKey, ServerKey};
+use crate::config::PoolMode;
+use crate::error::ProxyError;
+use crate::pool::{PooledConn, ServicePool};
+use crate::protocol::{self, Event, ProtocolError, Scanner, Severity};
+use crate::server::{ServerConn, ServerError};
+use bytes::{Buf, BytesMut};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+const BUF: usize = 16 * 1024;
+/// How long a client may take to finish a message batch we are rejecting.
+const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the relay knows about the server conversation.
+#[derive(Debug, Clone, Copy)]
+struct TxState {
+    /// Replies (ReadyForQuery) still owed for Query/Sync/FunctionCall sent.
+    pending: u32,
+    /// Extended-protocol messages sent since the last Sync.
+    ext_open: bool,
+    /// Status byte of the last ReadyForQuery: I, T or E.
+    status: u8,
+    copy_in: bool,
+}
+
+impl TxState {
+    const IDLE: TxState = TxState { pending: 0, ext_open: false, status: b'I', copy_in: false };
+}
+
+/// Why the relay stopped.
+#[derive(Debug)]
+pub enum Outcome {
+    ClientDone,
+    ShuttingDown,
+}
+
+/// One client's relay state, kept across server checkouts.
+pub struct Relay {
+    app: Arc<App>,
+    pub pool: Arc<ServicePool>,
+    pub key: ClientKey,
+    pub desired: BTreeMap<String, String>,
+    server: Option<PooledConn>,
+    st: TxState,
+    cscan: Scanner,
+    sscan: Scanner,
+    cbuf: BytesMut,
+    sbuf: BytesMut,
+    draining: bool,
+    mode: PoolMode,
+}
+
+enum Ev {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+    Shutdown,
+}
+
+impl Relay {
+    pub fn new(app: Arc<App>, pool: Arc<ServicePool>, key: ClientKey, desired: BTreeMap<String, String>) -> Relay {
+        let mode = pool.budget().pool_mode();
+        Relay {
+            app,
+            pool,
+            key,
+            desired,
+            server: None,
+            st: TxState::IDLE,
+            cscan: Scanner::default(),
+            sscan: Scanner::default(),
+            cbuf: BytesMut::with_capacity(BUF),
+            sbuf: BytesMut::with_capacity(BUF),
+            draining: false,
+            mode,
+        }
+    }
+
+    pub fn server_params(&self) -> Option<&HashMap<String, String>> {
+        self.server.as_ref().map(|c| &c.params)
+    }
+
+    fn clean(&self) -> bool {
+        let s = &self.st;
+        s.pending == 0 && !s.ext_open && !s.copy_in && s.status == b'I' && self.cscan.at_boundary() && self.sscan.at_boundary()
+    }
+
+    /// Check out a server, bring its session settings in line with this client's, and record it for cancels.
+    pub async fn attach(&mut self) -> Result<(), ProxyError> {
+        let mut conn = self.pool.checkout().await?;
+        if let Some(sql) = settings_sql(&conn, &self.desired) {
+            let timeout = self.pool.budget().settings.reset_timeout;
+            if let Err(e) = conn.simple(&sql, timeout).await {
+                conn.broken = true;
+                return Err(match e {
+                    ServerError::Postgres { code, message } => ProxyError::ServerRejected { code, message },
+                    source => ProxyError::Upstream { upstream: self.pool.budget().upstream.clone(), source },
+                });
+            }
+            conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        }
+        self.key.attach(Some(ServerKey { addr: conn.addr, pid: conn.pid, secret: conn.secret }));
+        self.st = TxState::IDLE;
+        self.sscan = Scanner::default();
+        self.server = Some(conn);
+        Ok(())
+    }
+
+    /// Return a clean server to the pool.
+    fn release(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            c.last_checkin = Instant::now();
+            self.key.attach(None);
+        }
+    }
+
+    /// Pump messages until the client leaves, the proxy shuts down, or an error ends the session.
+    pub async fn run(&mut self, sock: &mut TcpStream) -> Result<Outcome, ProxyError> {
+        loop {
+            if self.server.is_none() {
+                if self.draining || self.app.shutdown.is_cancelled() {
+                    return Ok(Outcome::ShuttingDown);
+                }
+                if self.cbuf.is_empty() {
+                    let n = tokio::select! {
+                        _ = self.app.shutdown.cancelled() => return Ok(Outcome::ShuttingDown),
+                        r = sock.read_buf(&mut self.cbuf) => r.map_err(ProxyError::ClientIo)?,
+                    };
+                    if n == 0 {
+                        return Ok(Outcome::ClientDone);
+                    }
+                }
+                if self.cscan.at_boundary() && self.cbuf[0] == b'X' {
+                    return Ok(Outcome::ClientDone);
+                }
+                match self.attach().await {
+                    Ok(()) => {}
+                    Err(e @ (ProxyError::BudgetExhausted { .. } | ProxyError::Upstream { .. } | ProxyError::ServerRejected { .. })) => {
+                        warn!(kind = e.kind(), cause = %e, "checkout failed; query rejected");
+                        if self.reject_batch(sock, &e).await? {
+                            return Ok(Outcome::ClientDone);
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+                if self.forward_client().await? {
+                    return Ok(Outcome::ClientDone);
+                }
+                continue;
+            }
+            let ev = {
+                let conn = self.server.as_mut().expect("attached");
+                tokio::select! {
+                    r = sock.read_buf(&mut self.cbuf) => Ev::Client(r),
+                    r = conn.stream.read_buf(&mut self.sbuf) => Ev::Server(r),
+                    _ = self.app.shutdown.cancelled(), if !self.draining => Ev::Shutdown,
+                }
+            };
+            match ev {
+                Ev::Client(r) => {
+                    if r.map_err(ProxyError::ClientIo)? == 0 || self.forward_client().await? {
+                        return Ok(Outcome::ClientDone);
+                    }
+                }
+                Ev::Server(r) => {
+                    let n = r.unwrap_or(0);
+                    if n == 0 {
+                        if let Some(c) = self.server.as_mut() {
+                            c.broken = true;
+                        }
+                        return Err(ProxyError::Upstream {
+                            upstream: self.pool.budget().upstream.clone(),
+                            source: ServerError::Closed,
+                        });
+                    }
+                    self.forward_server(sock).await?;
+                    if self.clean() {
+                        if self.draining {
+                            return Ok(Outcome::ShuttingDown);
+                        }
+                        if self.mode == PoolMode::Transaction {
+                            self.release();
+                        }
+                    }
+                }
+                Ev::Shutdown => {
+                    self.draining = true;
+                    if self.clean() {
+                        return Ok(Outcome::ShuttingDown);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Scan and forward buffered client bytes; true when the client sent Terminate.
+    async fn forward_client(&mut self) -> Result<bool, ProxyError> {
+        let st = &mut self.st;
+        let mut terminate_at = None;
+        self.cscan.feed::<ProxyError>(&self.cbuf, |_| false, |ev| {
+            if let Event::Start { kind, at, .. } = ev {
+                match kind {
+                    b'Q' | b'F' => st.pending += 1,
+                    b'S' => {
+                        st.pending += 1;
+                        st.ext_open = false;
+                    }
+                    b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => st.ext_open = true,
+                    b'c' | b'f' => st.copy_in = false,
+                    b'X' => terminate_at = Some(at.saturating_sub(5)),
+                    _ => {}
+                }
+            }
+            Ok(())
+        })?;
+        let end = terminate_at.unwrap_or(self.cbuf.len());
+        let conn = self.server.as_mut().expect("attached");
+        if let Err(e) = conn.stream.write_all(&self.cbuf[..end]).await {
+            conn.broken = true;
+            return Err(ProxyError::Upstream { upstream: self.pool.budget().upstream.clone(), source: ServerError::Connect(e) });
+        }
+        self.cbuf.clear();
+        Ok(terminate_at.is_some())
+    }
+
+    /// Scan and forward buffered server bytes to the client.
+    async fn forward_server(&mut self, sock: &mut TcpStream) -> Result<(), ProxyError> {
+        let conn = self.server.as_mut().expect("attached");
+        scan_server(&mut self.sscan, &mut self.st, conn, &self.sbuf)?;
+        sock.write_all(&self.sbuf).await.map_err(ProxyError::ClientIo)?;
+        self.sbuf.clear();
+        Ok(())
+    }
+
+    /// Answer a batch we cannot run (no server): ErrorResponse, then skip to its Query or Sync and say ReadyForQuery.
+    /// Returns true if the client terminated meanwhile.
+    async fn reject_batch(&mut self, sock: &mut TcpStream, e: &ProxyError) -> Result<bool, ProxyError> {
+        let (_, code, msg) = e.to_client();
+        let mut out = BytesMut::new();
+        protocol::error_response(&mut out, Severity::Error, code, &msg, None);
+        sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+        loop {
+            while self.cbuf.len() >= 5 {
+                let kind = self.cbuf[0];
+                let len = i32::from_be_bytes([self.cbuf[1], self.cbuf[2], self.cbuf[3], self.cbuf[4]]);
+                if len < 4 {
+                    return Err(ProtocolError::Length { kind: kind as char, len: 0 }.into());
+                }
+                if self.cbuf.len() < 1 + len as usize {
+                    break;
+                }
+                self.cbuf.advance(1 + len as usize);
+                match kind {
+                    b'Q' | b'S' => {
+                        out.clear();
+                        protocol::ready_for_query(&mut out, b'I');
+                        sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+                        return Ok(false);
+                    }
+                    b'X' => return Ok(true),
+                    _ => {}
+                }
+            }
+            match tokio::time::timeout(REJECT_READ_TIMEOUT, sock.read_buf(&mut self.cbuf)).await {
+                Ok(Ok(0)) | Err(_) => return Ok(true),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(ProxyError::ClientIo(e)),
+            }
+        }
+    }
+
+    /// End of session: check the server in clean, or clean it up (cancel, drain, roll back, reset) within
+    /// the reset deadline, or discard it. Never hands a dirty connection to the next client.
+    pub async fn finish(&mut self) {
+        let Some(mut conn) = self.server.take() else { return };
+        self.key.attach(None);
+        if conn.broken {
+            drop(PooledConn::take(conn));
+            return;
+        }
+        let deadline = self.pool.budget().settings.reset_timeout;
+        let needs_reset = self.mode == PoolMode::Session;
+        if self.clean() && !needs_reset {
+            conn.last_checkin = Instant::now();
+            return;
+        }
+        let st = self.st;
+        let mut sscan = std::mem::take(&mut self.sscan);
+        let result = tokio::time::timeout(deadline, cleanup(&mut conn, st, &mut sscan, needs_reset)).await;
+        match result {
+            Ok(Ok(())) => {
+                debug!("server connection reset and returned");
+                conn.last_checkin = Instant::now();
+            }
+            Ok(Err(e)) => {
+                warn!(kind = "server_reset", cause = %e, "server connection discarded after failed reset");
+                conn.broken = true;
+                drop(PooledConn::take(conn));
+            }
+            Err(_) => {
+                warn!(kind = "server_reset", cause = "deadline", ?deadline, "server connection discarded: reset timed out");
+                conn.broken = true;
+                drop(PooledConn::take(conn));
+            }
+        }
+    }
+}
+
+/// Walk server bytes: count ReadyForQuery, record status, COPY-in start and ParameterStatus.
+fn scan_server(sscan: &mut Scanner, st: &mut TxState, conn: &mut ServerConn, bytes: &[u8]) -> Result<(), ProxyError> {
+    sscan.feed::<ProxyError>(bytes, |k| k == b'Z' || k == b'S', |ev| {
+        match ev {
+            Event::Start { kind: b'G' | b'W', .. } => st.copy_in = true,
+            Event::Body { kind: b'Z', body } => {
+                st.pending = st.pending.saturating_sub(1);
+                st.status = body.first().copied().unwrap_or(b'I');
+                st.copy_in = false;
+            }
+            Event::Body { kind: b'S', body } => {
+                if let Ok((k, v)) = protocol::parse_parameter_status(body) {
+                    conn.params.insert(k, v);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    })
+}
+
+/// Bring a server abandoned mid-conversation back to idle: end COPY, close the extended batch, cancel
+/// what still runs, drain replies, roll back, and (session mode) reset session state.
+async fn cleanup(conn: &mut ServerConn, mut st: TxState, sscan: &mut Scanner, reset: bool) -> Result<(), ServerError> {
+    let mut out = BytesMut::new();
+    if st.copy_in {
+        let at = protocol::begin(&mut out, b'f');
+        protocol::put_cstr(&mut out, "client disconnected");
+        protocol::finish(&mut out, at);
+    }
+    if st.ext_open || !sscan.at_boundary() && st.pending == 0 {
+        out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        st.pending += 1;
+    }
+    if !out.is_empty() {
+        conn.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
+    }
+    let mut buf = BytesMut::with_capacity(BUF);
+    let mut cancelled = false;
+    let started = Instant::now();
+    while st.pending > 0 {
+        let wait = if cancelled { Duration::from_secs(3600) } else { Duration::from_millis(200) };
+        match tokio::time::timeout(wait, conn.stream.read_buf(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(ServerError::Closed),
+            Ok(Ok(_)) => {
+                scan_server(sscan, &mut st, conn, &buf)
+                    .map_err(|_| ServerError::Protocol(ProtocolError::Malformed("server stream")))?;
+                buf.clear();
+            }
+            Err(_) => {
+                crate::server::send_cancel(conn.addr, conn.pid, conn.secret, Duration::from_secs(2))
+                    .await
+                    .map_err(ServerError::Connect)?;
+                cancelled = true;
+                debug!(waited = ?started.elapsed(), "cancelled abandoned query");
+            }
+        }
+    }
+    let timeout = Duration::from_secs(5);
+    if st.status != b'I' {
+        conn.simple("ROLLBACK", timeout).await?;
+    }
+    if reset {
+        conn.simple("DISCARD ALL", timeout).await?;
+        conn.applied.clear();
+    }
+    Ok(())
+}
+
+/// `SET`/`RESET` statements that turn the server's applied settings into the client's desired ones.
+fn settings_sql(conn: &ServerConn, desired: &BTreeMap<String, String>) -> Option<String> {
+    let mut sql = String::new();
+    for (k, v) in desired {
+        if conn.applied.get(k) != Some(v) {
+            sql.push_str(&format!("SET {k} = {};", protocol::quote_literal(v)));
+        }
+    }
+    for k in conn.applied.keys() {
+        if !desired.contains_key(k) {
+            sql.push_str(&format!("RESET {k};"));
+        }
+    }
+    (!sql.is_empty()).then_some(sql)
+}

@@ -1,0 +1,287 @@
+//! One server connection: connect and log in to Postgres, run the proxy's own statements, check liveness,
+//! and say goodbye with a Terminate whenever it is dropped.
+
+use crate::budget::UpstreamTarget;
+use crate::protocol::{self, ProtocolError};
+use bytes::{Buf, BufMut, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+/// Errors of the server side.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("server error {code}: {message}")]
+    Postgres { code: String, message: String },
+    #[error("server closed the connection")]
+    Closed,
+    #[error("upstream ceiling of {0} connections reached")]
+    CeilingReached(u32),
+}
+
+/// A logged-in server connection. Counts against the upstream ceiling while it lives.
+pub struct ServerConn {
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    /// Parameters the server reported (ParameterStatus), kept current by the relay.
+    pub params: HashMap<String, String>,
+    /// Settings the proxy SET on this connection since its last reset.
+    pub applied: HashMap<String, String>,
+    pub pid: i32,
+    pub secret: i32,
+    pub created: Instant,
+    pub last_checkin: Instant,
+    /// Set when the connection must not be reused.
+    pub broken: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for ServerConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConn").field("addr", &self.addr).field("pid", &self.pid).finish()
+    }
+}
+
+impl Drop for ServerConn {
+    fn drop(&mut self) {
+        // Best effort, never blocking: an empty socket buffer takes these 5 bytes at once,
+        // so Postgres sees a clean Terminate instead of a reset.
+        if !self.broken {
+            let _ = self.stream.try_write(&protocol::TERMINATE);
+        }
+    }
+}
+
+fn keepalive(stream: &TcpStream) {
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)).with_interval(Duration::from_secs(10));
+    let _ = sock.set_tcp_keepalive(&ka);
+    let _ = stream.set_nodelay(true);
+}
+
+/// Apply TCP keepalive and nodelay to a client socket too.
+pub fn tune_socket(stream: &TcpStream) {
+    keepalive(stream)
+}
+
+impl ServerConn {
+    /// Connect, log in as the upstream's user and wait for ReadyForQuery, all within `timeout`.
+    pub async fn connect(
+        target: &UpstreamTarget,
+        application_name: &str,
+        timeout: Duration,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<ServerConn, ServerError> {
+        tokio::time::timeout(timeout, Self::connect_inner(target, application_name, permit))
+            .await
+            .map_err(|_| ServerError::Timeout(timeout))?
+    }
+
+    async fn connect_inner(
+        target: &UpstreamTarget,
+        application_name: &str,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<ServerConn, ServerError> {
+        let stream = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(ServerError::Connect)?;
+        keepalive(&stream);
+        let addr = stream.peer_addr().map_err(ServerError::Connect)?;
+        let mut conn = ServerConn {
+            stream,
+            addr,
+            params: HashMap::new(),
+            applied: HashMap::new(),
+            pid: 0,
+            secret: 0,
+            created: Instant::now(),
+            last_checkin: Instant::now(),
+            broken: true, // until the login completes
+            _permit: permit,
+        };
+        let mut out = BytesMut::with_capacity(256);
+        out.put_i32(0);
+        out.put_i32(protocol::PROTOCOL_V3);
+        for (k, v) in [("user", target.user.as_str()), ("database", &target.database), ("application_name", application_name)] {
+            protocol::put_cstr(&mut out, k);
+            protocol::put_cstr(&mut out, v);
+        }
+        out.put_u8(0);
+        let len = out.len() as i32;
+        out[..4].copy_from_slice(&len.to_be_bytes());
+        conn.stream.write_all(&out).await.map_err(ServerError::Connect)?;
+        conn.login(target).await?;
+        conn.broken = false;
+        Ok(conn)
+    }
+
+    async fn login(&mut self, target: &UpstreamTarget) -> Result<(), ServerError> {
+        let mut buf = BytesMut::with_capacity(512);
+        let mut out = BytesMut::with_capacity(256);
+        let mut scram: Option<ScramSha256> = None;
+        let password = || target.password.clone().ok_or_else(|| ServerError::Auth("server asks for a password but the upstream URL has none".into()));
+        loop {
+            let kind = protocol::read_message(&mut self.stream, &mut buf).await?;
+            out.clear();
+            match kind {
+                b'R' => {
+                    let mut b = &buf[..];
+                    if b.len() < 4 {
+                        return Err(ProtocolError::Malformed("Authentication").into());
+                    }
+                    match b.get_i32() {
+                        0 => {}
+                        3 => password_message(&mut out, password()?.as_bytes()),
+                        5 => {
+                            let salt: [u8; 4] = b.get(..4).and_then(|s| s.try_into().ok()).ok_or(ProtocolError::Malformed("md5 salt"))?;
+                            let hash = postgres_protocol::authentication::md5_hash(target.user.as_bytes(), password()?.as_bytes(), salt);
+                            password_message(&mut out, hash.as_bytes());
+                        }
+                        10 => {
+                            let mechs: Vec<&[u8]> = b.split(|c| *c == 0).collect();
+                            if !mechs.contains(&&b"SCRAM-SHA-256"[..]) {
+                                return Err(ServerError::Auth("server offers no SCRAM-SHA-256".into()));
+                            }
+                            let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                            let at = protocol::begin(&mut out, b'p');
+                            protocol::put_cstr(&mut out, "SCRAM-SHA-256");
+                            out.put_i32(s.message().len() as i32);
+                            out.put_slice(s.message());
+                            protocol::finish(&mut out, at);
+                            scram = Some(s);
+                        }
+                        11 => {
+                            let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASLContinue"))?;
+                            s.update(b).map_err(|e| ServerError::Auth(e.to_string()))?;
+                            let at = protocol::begin(&mut out, b'p');
+                            out.put_slice(s.message());
+                            protocol::finish(&mut out, at);
+                        }
+                        12 => {
+                            let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASLFinal"))?;
+                            s.finish(b).map_err(|e| ServerError::Auth(e.to_string()))?;
+                        }
+                        code => return Err(ServerError::Auth(format!("unsupported authentication request {code}"))),
+                    }
+                    if !out.is_empty() {
+                        self.stream.write_all(&out).await.map_err(ServerError::Connect)?;
+                    }
+                }
+                b'S' => {
+                    let (k, v) = protocol::parse_parameter_status(&buf)?;
+                    self.params.insert(k, v);
+                }
+                b'K' if buf.len() >= 8 => {
+                    let mut b = &buf[..];
+                    self.pid = b.get_i32();
+                    self.secret = b.get_i32();
+                }
+                b'E' => {
+                    let (_, code, message) = protocol::parse_error_fields(&buf);
+                    return Err(if code == "28P01" || code == "28000" {
+                        ServerError::Auth(message)
+                    } else {
+                        ServerError::Postgres { code, message }
+                    });
+                }
+                b'N' => {}
+                b'Z' => return Ok(()),
+                other => return Err(ProtocolError::Unexpected { expected: "login response", got: other as char }.into()),
+            }
+        }
+    }
+
+    /// Run one simple-protocol statement and consume its whole reply up to ReadyForQuery.
+    /// Returns the server's error, if any, after the reply has been drained.
+    pub async fn simple(&mut self, sql: &str, timeout: Duration) -> Result<(), ServerError> {
+        let r = tokio::time::timeout(timeout, self.simple_inner(sql)).await;
+        let r = r.unwrap_or(Err(ServerError::Timeout(timeout)));
+        if matches!(r, Err(ServerError::Timeout(_) | ServerError::Closed | ServerError::Protocol(_) | ServerError::Connect(_))) {
+            self.broken = true;
+        }
+        r
+    }
+
+    async fn simple_inner(&mut self, sql: &str) -> Result<(), ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        protocol::simple_query(&mut out, sql);
+        self.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
+        self.drain_until_ready().await
+    }
+
+    /// Read and discard messages until ReadyForQuery with status `I` (after our own statement).
+    pub async fn drain_until_ready(&mut self) -> Result<(), ServerError> {
+        let mut buf = BytesMut::with_capacity(256);
+        let mut err = None;
+        loop {
+            let kind = protocol::read_message(&mut self.stream, &mut buf).await.map_err(|e| match e {
+                ProtocolError::Io(_) => ServerError::Closed,
+                e => ServerError::Protocol(e),
+            })?;
+            match kind {
+                b'S' => {
+                    let (k, v) = protocol::parse_parameter_status(&buf)?;
+                    self.params.insert(k, v);
+                }
+                b'E' => {
+                    let (_, code, message) = protocol::parse_error_fields(&buf);
+                    err = Some(ServerError::Postgres { code, message });
+                }
+                b'Z' => {
+                    return match err {
+                        Some(e) => Err(e),
+                        None if buf.first() == Some(&b'I') => Ok(()),
+                        None => Err(ServerError::Postgres { code: "25001".into(), message: "still in a transaction".into() }),
+                    };
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Without blocking: is the socket still open with nothing unexpected waiting on it?
+    pub fn peek_alive(&self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Cheap round trip: an empty query.
+    pub async fn ping(&mut self, timeout: Duration) -> Result<(), ServerError> {
+        self.simple("", timeout).await
+    }
+}
+
+fn password_message(out: &mut BytesMut, pw: &[u8]) {
+    let at = protocol::begin(out, b'p');
+    out.put_slice(pw);
+    out.put_u8(0);
+    protocol::finish(out, at);
+}
+
+/// Send a CancelRequest for server backend (pid, secret) at `addr`.
+pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32, timeout: Duration) -> std::io::Result<()> {
+    let fut = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let mut out = BytesMut::with_capacity(16);
+        out.put_i32(16);
+        out.put_i32(protocol::CANCEL_REQUEST);
+        out.put_i32(pid);
+        out.put_i32(secret);
+        s.write_all(&out).await?;
+        // Postgres closes the socket when done; wait for that so the cancel has been read.
+        let mut b = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut b).await;
+        Ok(())
+    };
+    tokio::time::timeout(timeout, fut).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}

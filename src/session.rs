@@ -1,0 +1,229 @@
+//! One client session: startup → authenticate → pick service → (check out per session or per transaction) → relay → checkin.
+
+use crate::app::App;
+use crate::cancel::ClientKey;
+use crate::config::{Mode, PoolMode, ServiceFrom};
+use crate::error::ProxyError;
+use crate::pool::{Route, ServicePool};
+use crate::protocol::{self, ProtocolError, Severity, Startup, StartupPacket};
+use crate::relay::{Outcome, Relay};
+use bytes::BytesMut;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tracing::{debug, info, warn};
+
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Startup parameters the proxy handles itself instead of replaying on server connections.
+const LOCAL_PARAMS: [&str; 4] = ["user", "database", "application_name", "options"];
+
+/// Serve one client socket to the end; never panics the process, always logs why it ended.
+pub async fn run(app: Arc<App>, mut sock: TcpStream) {
+    let startup = match tokio::time::timeout(LOGIN_TIMEOUT, read_startup(&app, &mut sock)).await {
+        Ok(Ok(Some(s))) => s,
+        Ok(Ok(None)) => return, // cancel request or probe, handled
+        Ok(Err(e)) => return fail(&mut sock, e).await,
+        Err(_) => return debug!("client sent no startup packet in time"),
+    };
+    let mut relay = match tokio::time::timeout(LOGIN_TIMEOUT, login(&app, &mut sock, &startup)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return fail(&mut sock, e).await,
+        Err(_) => return fail(&mut sock, ProxyError::ClientIo(std::io::ErrorKind::TimedOut.into())).await,
+    };
+    tracing::Span::current().record("service", relay.pool.budget().name.as_str());
+    debug!(user = startup.user(), "client logged in");
+    let outcome = relay.run(&mut sock).await;
+    match outcome {
+        Ok(Outcome::ClientDone) => debug!("client left"),
+        Ok(Outcome::ShuttingDown) => {
+            let _ = write_error(&mut sock, &ProxyError::ShuttingDown).await;
+        }
+        Err(e) => fail(&mut sock, e).await,
+    }
+    relay.finish().await;
+}
+
+/// Send a FATAL/ERROR for `e` and log it with its kind and cause.
+async fn fail(sock: &mut TcpStream, e: ProxyError) {
+    if e.is_disconnect() {
+        debug!(kind = e.kind(), cause = %e, "client disconnected");
+        return;
+    }
+    match &e {
+        ProxyError::Auth(_) | ProxyError::UnknownService(_) | ProxyError::UnknownDatabase(_) => {
+            info!(kind = e.kind(), cause = %e, "login refused")
+        }
+        _ => warn!(kind = e.kind(), cause = %e, "session ended with error"),
+    }
+    let _ = write_error(sock, &e).await;
+}
+
+async fn write_error(sock: &mut TcpStream, e: &ProxyError) -> std::io::Result<()> {
+    let (sev, code, msg) = e.to_client();
+    let mut out = BytesMut::new();
+    protocol::error_response(&mut out, if sev == Severity::Error { Severity::Fatal } else { sev }, code, &msg, None);
+    sock.write_all(&out).await?;
+    sock.flush().await
+}
+
+/// Read startup packets until a StartupMessage; answers SSL/GSS requests with 'N' and serves cancels.
+async fn read_startup(app: &App, sock: &mut TcpStream) -> Result<Option<Startup>, ProxyError> {
+    loop {
+        match protocol::read_startup(sock).await {
+            Ok(StartupPacket::Ssl) | Ok(StartupPacket::GssEnc) => sock.write_all(b"N").await.map_err(ProxyError::ClientIo)?,
+            Ok(StartupPacket::Cancel { pid, secret }) => {
+                forward_cancel(app, pid, secret).await;
+                return Ok(None);
+            }
+            Ok(StartupPacket::Startup(s)) => return Ok(Some(s)),
+            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn forward_cancel(app: &App, pid: i32, secret: i32) {
+    match app.cancels.lookup(pid, secret) {
+        Some(k) => match crate::server::send_cancel(k.addr, k.pid, k.secret, Duration::from_secs(5)).await {
+            Ok(()) => info!(server_pid = k.pid, "cancel forwarded"),
+            Err(e) => warn!(kind = "cancel", cause = %e, "cancel could not be forwarded"),
+        },
+        None => debug!("cancel request for an unknown or idle key ignored"),
+    }
+}
+
+/// Which service a client belongs to.
+fn service_for(app: &App, s: &Startup) -> Result<String, ProxyError> {
+    let r = &app.resolved;
+    let name = match r.config.proxy.mode {
+        Mode::Sidecar => r.sidecar_service.clone().unwrap_or_default(),
+        Mode::Shared => match r.config.proxy.service_from {
+            ServiceFrom::ApplicationName => s.get("application_name").unwrap_or("").to_owned(),
+            ServiceFrom::User => app.users.get(s.user()).and_then(|u| u.service.clone()).unwrap_or_default(),
+        },
+    };
+    if r.services.contains_key(&name) {
+        Ok(name)
+    } else {
+        Err(ProxyError::UnknownService(name))
+    }
+}
+
+/// Settings the client asked for in its startup packet (including `options=-c k=v`), to replay on servers.
+pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in &s.params {
+        if k == "replication" {
+            return Err(ProxyError::BadParameter(k.clone()));
+        }
+        if LOCAL_PARAMS.contains(&k.as_str()) || k.starts_with("_pq_.") {
+            continue;
+        }
+        out.insert(k.clone(), v.clone());
+    }
+    if let Some(opts) = s.get("options") {
+        let mut words = opts.split_whitespace();
+        while let Some(w) = words.next() {
+            let kv = match w {
+                "-c" => words.next().unwrap_or(""),
+                w if w.starts_with("--") => &w[2..],
+                w if w.starts_with("-c") => &w[2..],
+                other => return Err(ProxyError::BadParameter(format!("options={other}"))),
+            };
+            let (k, v) = kv.split_once('=').ok_or_else(|| ProxyError::BadParameter(format!("options={kv}")))?;
+            out.insert(k.replace('-', "_"), v.to_owned());
+        }
+    }
+    for k in out.keys() {
+        let ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if !ok {
+            return Err(ProxyError::BadParameter(k.clone()));
+        }
+    }
+    Ok(out)
+}
+
+/// Authenticate, pick the pool, and greet the client like Postgres would.
+async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup) -> Result<Relay, ProxyError> {
+    let mut buf = BytesMut::with_capacity(512);
+    app.users.authenticate(sock, startup.user(), &mut buf).await?;
+    if app.shutdown.is_cancelled() {
+        return Err(ProxyError::ShuttingDown);
+    }
+    let service = service_for(app, startup)?;
+    let budget = &app.resolved.services[&service];
+    let upstream = &app.resolved.upstreams[&budget.upstream];
+    if startup.database() != upstream.database {
+        return Err(ProxyError::UnknownDatabase(startup.database().to_owned()));
+    }
+    let desired = desired_settings(startup)?;
+    let pool: Arc<ServicePool> = app.pools.get(&service, Route::ReadWrite).cloned().ok_or(ProxyError::UnknownService(service.clone()))?;
+    let key: ClientKey = app.cancels.issue();
+    let mut relay = Relay::new(app.clone(), pool.clone(), key, desired);
+
+    // Session mode holds one server for the whole session; transaction mode shows the cached parameter set.
+    let mut shown: HashMap<String, String> = if budget.pool_mode() == PoolMode::Session {
+        relay.attach().await?;
+        relay.server_params().cloned().unwrap_or_default()
+    } else {
+        let mut t = (*pool.template().await?).clone();
+        for (k, v) in &relay.desired {
+            if let Some((_, cur)) = t.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(k)) {
+                if norm(cur) != norm(v) {
+                    *cur = v.clone();
+                }
+            }
+        }
+        t
+    };
+    shown.insert("application_name".into(), startup.get("application_name").unwrap_or("").to_owned());
+
+    let mut out = BytesMut::with_capacity(512);
+    protocol::auth_request(&mut out, 0, &[]);
+    for (k, v) in &shown {
+        protocol::parameter_status(&mut out, k, v);
+    }
+    protocol::backend_key_data(&mut out, relay.key.pid, relay.key.secret);
+    protocol::ready_for_query(&mut out, b'I');
+    sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+    Ok(relay)
+}
+
+/// Compare setting values loosely (`utf-8` = `UTF8`).
+fn norm(v: &str) -> String {
+    v.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase()
+}
+
+/// Read more client bytes into `buf`; 0 means the client closed.
+pub async fn read_client(sock: &mut TcpStream, buf: &mut BytesMut) -> Result<usize, ProxyError> {
+    sock.read_buf(buf).await.map_err(ProxyError::ClientIo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(pairs: &[(&str, &str)]) -> Startup {
+        Startup { params: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+    }
+
+    #[test]
+    fn options_become_settings() {
+        let s = startup(&[("user", "u"), ("options", "-c search_path=app --statement-timeout=5s"), ("DateStyle", "ISO")]);
+        let d = desired_settings(&s).unwrap();
+        assert_eq!(d.get("search_path").map(String::as_str), Some("app"));
+        assert_eq!(d.get("statement_timeout").map(String::as_str), Some("5s"));
+        assert_eq!(d.get("DateStyle").map(String::as_str), Some("ISO"));
+        assert!(!d.contains_key("user"));
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        assert!(desired_settings(&startup(&[("replication", "database")])).is_err());
+        assert!(desired_settings(&startup(&[("options", "-c x;drop=1")])).is_err());
+        assert!(desired_settings(&startup(&[("options", "-x")])).is_err());
+    }
+}
