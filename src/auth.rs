@@ -83,7 +83,8 @@ fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
 /// What a user's login is checked against.
 #[derive(Debug, Clone)]
 pub enum Secret {
-    Plain(String),
+    /// A password from the environment, with its SCRAM verifier derived once at startup.
+    Plain(String, ScramVerifier),
     Scram(ScramVerifier),
     /// `md5` + hex(md5(password || user)).
     Md5(String),
@@ -112,7 +113,7 @@ impl UserDb {
         let mut users = HashMap::new();
         for u in &r.config.auth.users {
             let secret = if let Some(var) = &u.password_env {
-                env.get(var).map(|p| Secret::Plain(p.to_owned()))
+                env.get(var).map(plain)
             } else if let Some(s) = &u.scram {
                 ScramVerifier::parse(s).map(Secret::Scram)
             } else {
@@ -124,7 +125,7 @@ impl UserDb {
             for t in r.upstreams.values() {
                 users.entry(t.user.clone()).or_insert_with(|| User {
                     name: t.user.clone(),
-                    secret: t.password.clone().map(Secret::Plain),
+                    secret: t.password.as_deref().map(plain),
                     service: None,
                 });
             }
@@ -173,7 +174,7 @@ impl UserDb {
         sock.write_all(&out).await.map_err(ProtocolError::from)?;
         let got = read_password(sock, buf).await?;
         let stored = match known.and_then(|u| u.secret.as_ref()) {
-            Some(Secret::Plain(p)) => format!("md5{:x}", md5::Md5::digest(format!("{p}{user}"))),
+            Some(Secret::Plain(p, _)) => format!("md5{:x}", md5::Md5::digest(format!("{p}{user}"))),
             Some(Secret::Md5(h)) => h.clone(),
             Some(Secret::Scram(_)) | None => {
                 return Err(AuthError::Failed { user: user.into(), reason: "no md5-capable secret" });
@@ -192,11 +193,7 @@ impl UserDb {
 
     fn verifier_for(&self, user: &str, known: Option<&User>) -> (ScramVerifier, bool) {
         match known.and_then(|u| u.secret.as_ref()) {
-            Some(Secret::Scram(v)) => (v.clone(), true),
-            Some(Secret::Plain(p)) => {
-                let salt = hmac(&self.mock_key, format!("salt:{user}").as_bytes())[..16].to_vec();
-                (ScramVerifier::from_password(p, salt, 4096), true)
-            }
+            Some(Secret::Scram(v)) | Some(Secret::Plain(_, v)) => (v.clone(), true),
             _ => {
                 // A made-up verifier that no password matches; the salt is stable per user.
                 let salt = hmac(&self.mock_key, format!("salt:{user}").as_bytes())[..16].to_vec();
@@ -277,6 +274,13 @@ impl UserDb {
         sock.write_all(&out).await.map_err(ProtocolError::from)?;
         Ok(())
     }
+}
+
+/// A plaintext secret from the environment; its verifier (random salt) is derived here, once.
+fn plain(password: &str) -> Secret {
+    let mut salt = vec![0u8; 16];
+    rand::thread_rng().fill_bytes(&mut salt);
+    Secret::Plain(password.to_owned(), ScramVerifier::from_password(password, salt, 4096))
 }
 
 /// Split `n,,n=user,r=nonce` into the GS2 header (`n,,`) and the bare message.
