@@ -60,7 +60,8 @@ impl App {
                     crate::server::tune_socket(&sock);
                     let id = self.session_id();
                     let span = tracing::info_span!("session", id, client = %peer, service = tracing::field::Empty);
-                    self.tasks.spawn(crate::session::run(self.clone(), sock).instrument(span));
+                    self.tasks
+                        .spawn(crate::session::run(self.clone(), sock).instrument(span));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -92,8 +93,15 @@ impl App {
         self.shutdown.cancel();
         self.tasks.close();
         let deadline = self.resolved.config.proxy.drain_timeout;
-        if tokio::time::timeout(deadline, self.tasks.wait()).await.is_err() {
-            warn!(kind = "drain", remaining = self.tasks.len(), "drain deadline passed; closing remaining sessions");
+        if tokio::time::timeout(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                kind = "drain",
+                remaining = self.tasks.len(),
+                "drain deadline passed; closing remaining sessions"
+            );
         }
         self.pools.close();
         info!("shutdown complete");

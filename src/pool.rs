@@ -62,7 +62,13 @@ impl managed::Manager for Manager {
             .try_acquire_owned()
             .map_err(|_| ServerError::CeilingReached(self.upstream.target.ceiling))?;
         let s = &self.budget.settings;
-        let conn = ServerConn::connect(&self.upstream.target, &self.application_name, s.connect_timeout, permit).await?;
+        let conn = ServerConn::connect(
+            &self.upstream.target,
+            &self.application_name,
+            s.connect_timeout,
+            permit,
+        )
+        .await?;
         let mut t = self.template.write().unwrap_or_else(|e| e.into_inner());
         if t.is_none() {
             *t = Some(Arc::new(conn.params.clone()));
@@ -84,7 +90,9 @@ impl managed::Manager for Manager {
             return Err(RecycleError::message("closed by server"));
         }
         if idle > s.server_check_delay {
-            conn.ping(s.connect_timeout).await.map_err(RecycleError::Backend)?;
+            conn.ping(s.connect_timeout)
+                .await
+                .map_err(RecycleError::Backend)?;
         }
         Ok(())
     }
@@ -111,24 +119,42 @@ impl ServicePool {
         let up = || b.upstream.clone();
         match self.pool.get().await {
             Ok(c) => Ok(c),
-            Err(PoolError::Timeout(TimeoutType::Wait)) | Err(PoolError::Backend(ServerError::CeilingReached(_))) => {
-                Err(ProxyError::BudgetExhausted { service: b.name.clone(), share: b.share, waited: started.elapsed() })
+            Err(PoolError::Timeout(TimeoutType::Wait))
+            | Err(PoolError::Backend(ServerError::CeilingReached(_))) => {
+                Err(ProxyError::BudgetExhausted {
+                    service: b.name.clone(),
+                    share: b.share,
+                    waited: started.elapsed(),
+                })
             }
             Err(PoolError::Timeout(_)) => Err(ProxyError::Upstream {
                 upstream: up(),
                 source: ServerError::Timeout(b.settings.connect_timeout),
             }),
-            Err(PoolError::Backend(e)) => Err(ProxyError::Upstream { upstream: up(), source: e }),
+            Err(PoolError::Backend(e)) => Err(ProxyError::Upstream {
+                upstream: up(),
+                source: e,
+            }),
             Err(PoolError::Closed) => Err(ProxyError::ShuttingDown),
             Err(PoolError::NoRuntimeSpecified) | Err(PoolError::PostCreateHook(_)) => {
-                Err(ProxyError::Upstream { upstream: up(), source: ServerError::Closed })
+                Err(ProxyError::Upstream {
+                    upstream: up(),
+                    source: ServerError::Closed,
+                })
             }
         }
     }
 
     /// ParameterStatus values for clients; connects once if no connection was ever made.
     pub async fn template(&self) -> Result<Arc<HashMap<String, String>>, ProxyError> {
-        if let Some(t) = self.pool.manager().template.read().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some(t) = self
+            .pool
+            .manager()
+            .template
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
             return Ok(t);
         }
         let conn = self.checkout().await?;
@@ -141,7 +167,9 @@ impl ServicePool {
     pub fn reap(&self) {
         let s = &self.budget().settings;
         let (idle, life) = (s.server_idle_timeout, s.server_lifetime);
-        self.pool.retain(|c, _| !c.broken && c.last_checkin.elapsed() < idle && c.created.elapsed() < life);
+        self.pool.retain(|c, _| {
+            !c.broken && c.last_checkin.elapsed() < idle && c.created.elapsed() < life
+        });
     }
 }
 
@@ -158,7 +186,13 @@ impl Pools {
             .iter()
             .map(|(n, t)| {
                 let permits = Arc::new(Semaphore::new((t.ceiling - t.reserved) as usize));
-                (n.clone(), Arc::new(UpstreamState { target: t.clone(), permits }))
+                (
+                    n.clone(),
+                    Arc::new(UpstreamState {
+                        target: t.clone(),
+                        permits,
+                    }),
+                )
             })
             .collect();
         let mut pools = BTreeMap::new();
@@ -168,7 +202,12 @@ impl Pools {
             let mgr = Manager {
                 upstream: upstreams[&b.upstream].clone(),
                 budget: b.clone(),
-                application_name: format!("{}:{}:{}", r.config.proxy.application_name_prefix, name, route.as_str()),
+                application_name: format!(
+                    "{}:{}:{}",
+                    r.config.proxy.application_name_prefix,
+                    name,
+                    route.as_str()
+                ),
                 template: RwLock::new(None),
             };
             let pool = managed::Pool::builder(mgr)

@@ -37,7 +37,12 @@ struct TxState {
 }
 
 impl TxState {
-    const IDLE: TxState = TxState { pending: 0, ext_open: false, status: b'I', copy_in: false };
+    const IDLE: TxState = TxState {
+        pending: 0,
+        ext_open: false,
+        status: b'I',
+        copy_in: false,
+    };
 }
 
 /// Why the relay stopped.
@@ -70,7 +75,12 @@ enum Ev {
 }
 
 impl Relay {
-    pub fn new(app: Arc<App>, pool: Arc<ServicePool>, key: ClientKey, desired: BTreeMap<String, String>) -> Relay {
+    pub fn new(
+        app: Arc<App>,
+        pool: Arc<ServicePool>,
+        key: ClientKey,
+        desired: BTreeMap<String, String>,
+    ) -> Relay {
         let mode = pool.budget().pool_mode();
         Relay {
             app,
@@ -94,7 +104,12 @@ impl Relay {
 
     fn clean(&self) -> bool {
         let s = &self.st;
-        s.pending == 0 && !s.ext_open && !s.copy_in && s.status == b'I' && self.cscan.at_boundary() && self.sscan.at_boundary()
+        s.pending == 0
+            && !s.ext_open
+            && !s.copy_in
+            && s.status == b'I'
+            && self.cscan.at_boundary()
+            && self.sscan.at_boundary()
     }
 
     /// Check out a server, bring its session settings in line with this client's, and record it for cancels.
@@ -105,13 +120,26 @@ impl Relay {
             if let Err(e) = conn.simple(&sql, timeout).await {
                 conn.broken = true;
                 return Err(match e {
-                    ServerError::Postgres { code, message } => ProxyError::ServerRejected { code, message },
-                    source => ProxyError::Upstream { upstream: self.pool.budget().upstream.clone(), source },
+                    ServerError::Postgres { code, message } => {
+                        ProxyError::ServerRejected { code, message }
+                    }
+                    source => ProxyError::Upstream {
+                        upstream: self.pool.budget().upstream.clone(),
+                        source,
+                    },
                 });
             }
-            conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            conn.applied = self
+                .desired
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
         }
-        self.key.attach(Some(ServerKey { addr: conn.addr, pid: conn.pid, secret: conn.secret }));
+        self.key.attach(Some(ServerKey {
+            addr: conn.addr,
+            pid: conn.pid,
+            secret: conn.secret,
+        }));
         self.st = TxState::IDLE;
         self.sscan = Scanner::default();
         self.server = Some(conn);
@@ -147,7 +175,11 @@ impl Relay {
                 }
                 match self.attach().await {
                     Ok(()) => {}
-                    Err(e @ (ProxyError::BudgetExhausted { .. } | ProxyError::Upstream { .. } | ProxyError::ServerRejected { .. })) => {
+                    Err(
+                        e @ (ProxyError::BudgetExhausted { .. }
+                        | ProxyError::Upstream { .. }
+                        | ProxyError::ServerRejected { .. }),
+                    ) => {
                         warn!(kind = e.kind(), cause = %e, "checkout failed; query rejected");
                         if self.reject_batch(sock, &e).await? {
                             return Ok(Outcome::ClientDone);
@@ -210,27 +242,34 @@ impl Relay {
     async fn forward_client(&mut self) -> Result<bool, ProxyError> {
         let st = &mut self.st;
         let mut terminate_at = None;
-        self.cscan.feed::<ProxyError>(&self.cbuf, |_| false, |ev| {
-            if let Event::Start { kind, at, .. } = ev {
-                match kind {
-                    b'Q' | b'F' => st.pending += 1,
-                    b'S' => {
-                        st.pending += 1;
-                        st.ext_open = false;
+        self.cscan.feed::<ProxyError>(
+            &self.cbuf,
+            |_| false,
+            |ev| {
+                if let Event::Start { kind, at, .. } = ev {
+                    match kind {
+                        b'Q' | b'F' => st.pending += 1,
+                        b'S' => {
+                            st.pending += 1;
+                            st.ext_open = false;
+                        }
+                        b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => st.ext_open = true,
+                        b'c' | b'f' => st.copy_in = false,
+                        b'X' => terminate_at = Some(at.saturating_sub(5)),
+                        _ => {}
                     }
-                    b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => st.ext_open = true,
-                    b'c' | b'f' => st.copy_in = false,
-                    b'X' => terminate_at = Some(at.saturating_sub(5)),
-                    _ => {}
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         let end = terminate_at.unwrap_or(self.cbuf.len());
         let conn = self.server.as_mut().expect("attached");
         if let Err(e) = conn.stream.write_all(&self.cbuf[..end]).await {
             conn.broken = true;
-            return Err(ProxyError::Upstream { upstream: self.pool.budget().upstream.clone(), source: ServerError::Connect(e) });
+            return Err(ProxyError::Upstream {
+                upstream: self.pool.budget().upstream.clone(),
+                source: ServerError::Connect(e),
+            });
         }
         self.cbuf.clear();
         Ok(terminate_at.is_some())
@@ -240,14 +279,20 @@ impl Relay {
     async fn forward_server(&mut self, sock: &mut TcpStream) -> Result<(), ProxyError> {
         let conn = self.server.as_mut().expect("attached");
         scan_server(&mut self.sscan, &mut self.st, conn, &self.sbuf)?;
-        sock.write_all(&self.sbuf).await.map_err(ProxyError::ClientIo)?;
+        sock.write_all(&self.sbuf)
+            .await
+            .map_err(ProxyError::ClientIo)?;
         self.sbuf.clear();
         Ok(())
     }
 
     /// Answer a batch we cannot run (no server): ErrorResponse, then skip to its Query or Sync and say ReadyForQuery.
     /// Returns true if the client terminated meanwhile.
-    async fn reject_batch(&mut self, sock: &mut TcpStream, e: &ProxyError) -> Result<bool, ProxyError> {
+    async fn reject_batch(
+        &mut self,
+        sock: &mut TcpStream,
+        e: &ProxyError,
+    ) -> Result<bool, ProxyError> {
         let (_, code, msg) = e.to_client();
         let mut out = BytesMut::new();
         protocol::error_response(&mut out, Severity::Error, code, &msg, None);
@@ -255,9 +300,14 @@ impl Relay {
         loop {
             while self.cbuf.len() >= 5 {
                 let kind = self.cbuf[0];
-                let len = i32::from_be_bytes([self.cbuf[1], self.cbuf[2], self.cbuf[3], self.cbuf[4]]);
+                let len =
+                    i32::from_be_bytes([self.cbuf[1], self.cbuf[2], self.cbuf[3], self.cbuf[4]]);
                 if len < 4 {
-                    return Err(ProtocolError::Length { kind: kind as char, len: 0 }.into());
+                    return Err(ProtocolError::Length {
+                        kind: kind as char,
+                        len: 0,
+                    }
+                    .into());
                 }
                 if self.cbuf.len() < 1 + len as usize {
                     break;
@@ -285,7 +335,9 @@ impl Relay {
     /// End of session: check the server in clean, or clean it up (cancel, drain, roll back, reset) within
     /// the reset deadline, or discard it. Never hands a dirty connection to the next client.
     pub async fn finish(&mut self) {
-        let Some(mut conn) = self.server.take() else { return };
+        let Some(mut conn) = self.server.take() else {
+            return;
+        };
         self.key.attach(None);
         if conn.broken {
             drop(PooledConn::take(conn));
@@ -299,7 +351,8 @@ impl Relay {
         }
         let st = self.st;
         let mut sscan = std::mem::take(&mut self.sscan);
-        let result = tokio::time::timeout(deadline, cleanup(&mut conn, st, &mut sscan, needs_reset)).await;
+        let result =
+            tokio::time::timeout(deadline, cleanup(&mut conn, st, &mut sscan, needs_reset)).await;
         match result {
             Ok(Ok(())) => {
                 debug!("server connection reset and returned");
@@ -311,7 +364,12 @@ impl Relay {
                 drop(PooledConn::take(conn));
             }
             Err(_) => {
-                warn!(kind = "server_reset", cause = "deadline", ?deadline, "server connection discarded: reset timed out");
+                warn!(
+                    kind = "server_reset",
+                    cause = "deadline",
+                    ?deadline,
+                    "server connection discarded: reset timed out"
+                );
                 conn.broken = true;
                 drop(PooledConn::take(conn));
             }
@@ -320,29 +378,45 @@ impl Relay {
 }
 
 /// Walk server bytes: count ReadyForQuery, record status, COPY-in start and ParameterStatus.
-fn scan_server(sscan: &mut Scanner, st: &mut TxState, conn: &mut ServerConn, bytes: &[u8]) -> Result<(), ProxyError> {
-    sscan.feed::<ProxyError>(bytes, |k| k == b'Z' || k == b'S', |ev| {
-        match ev {
-            Event::Start { kind: b'G' | b'W', .. } => st.copy_in = true,
-            Event::Body { kind: b'Z', body } => {
-                st.pending = st.pending.saturating_sub(1);
-                st.status = body.first().copied().unwrap_or(b'I');
-                st.copy_in = false;
-            }
-            Event::Body { kind: b'S', body } => {
-                if let Ok((k, v)) = protocol::parse_parameter_status(body) {
-                    conn.params.insert(k, v);
+fn scan_server(
+    sscan: &mut Scanner,
+    st: &mut TxState,
+    conn: &mut ServerConn,
+    bytes: &[u8],
+) -> Result<(), ProxyError> {
+    sscan.feed::<ProxyError>(
+        bytes,
+        |k| k == b'Z' || k == b'S',
+        |ev| {
+            match ev {
+                Event::Start {
+                    kind: b'G' | b'W', ..
+                } => st.copy_in = true,
+                Event::Body { kind: b'Z', body } => {
+                    st.pending = st.pending.saturating_sub(1);
+                    st.status = body.first().copied().unwrap_or(b'I');
+                    st.copy_in = false;
                 }
+                Event::Body { kind: b'S', body } => {
+                    if let Ok((k, v)) = protocol::parse_parameter_status(body) {
+                        conn.params.insert(k, v);
+                    }
+                }
+                _ => {}
             }
-            _ => {}
-        }
-        Ok(())
-    })
+            Ok(())
+        },
+    )
 }
 
 /// Bring a server abandoned mid-conversation back to idle: end COPY, close the extended batch, cancel
 /// what still runs, drain replies, roll back, and (session mode) reset session state.
-async fn cleanup(conn: &mut ServerConn, mut st: TxState, sscan: &mut Scanner, reset: bool) -> Result<(), ServerError> {
+async fn cleanup(
+    conn: &mut ServerConn,
+    mut st: TxState,
+    sscan: &mut Scanner,
+    reset: bool,
+) -> Result<(), ServerError> {
     let mut out = BytesMut::new();
     if st.copy_in {
         let at = protocol::begin(&mut out, b'f');
@@ -354,24 +428,37 @@ async fn cleanup(conn: &mut ServerConn, mut st: TxState, sscan: &mut Scanner, re
         st.pending += 1;
     }
     if !out.is_empty() {
-        conn.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
+        conn.stream
+            .write_all(&out)
+            .await
+            .map_err(|_| ServerError::Closed)?;
     }
     let mut buf = BytesMut::with_capacity(BUF);
     let mut cancelled = false;
     let started = Instant::now();
     while st.pending > 0 {
-        let wait = if cancelled { Duration::from_secs(3600) } else { Duration::from_millis(200) };
+        let wait = if cancelled {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_millis(200)
+        };
         match tokio::time::timeout(wait, conn.stream.read_buf(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(ServerError::Closed),
             Ok(Ok(_)) => {
-                scan_server(sscan, &mut st, conn, &buf)
-                    .map_err(|_| ServerError::Protocol(ProtocolError::Malformed("server stream")))?;
+                scan_server(sscan, &mut st, conn, &buf).map_err(|_| {
+                    ServerError::Protocol(ProtocolError::Malformed("server stream"))
+                })?;
                 buf.clear();
             }
             Err(_) => {
-                crate::server::send_cancel(conn.addr, conn.pid, conn.secret, Duration::from_secs(2))
-                    .await
-                    .map_err(ServerError::Connect)?;
+                crate::server::send_cancel(
+                    conn.addr,
+                    conn.pid,
+                    conn.secret,
+                    Duration::from_secs(2),
+                )
+                .await
+                .map_err(ServerError::Connect)?;
                 cancelled = true;
                 debug!(waited = ?started.elapsed(), "cancelled abandoned query");
             }

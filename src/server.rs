@@ -50,7 +50,10 @@ pub struct ServerConn {
 
 impl std::fmt::Debug for ServerConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerConn").field("addr", &self.addr).field("pid", &self.pid).finish()
+        f.debug_struct("ServerConn")
+            .field("addr", &self.addr)
+            .field("pid", &self.pid)
+            .finish()
     }
 }
 
@@ -66,7 +69,9 @@ impl Drop for ServerConn {
 
 fn keepalive(stream: &TcpStream) {
     let sock = socket2::SockRef::from(stream);
-    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)).with_interval(Duration::from_secs(10));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
     let _ = sock.set_tcp_keepalive(&ka);
     let _ = stream.set_nodelay(true);
 }
@@ -84,9 +89,12 @@ impl ServerConn {
         timeout: Duration,
         permit: OwnedSemaphorePermit,
     ) -> Result<ServerConn, ServerError> {
-        tokio::time::timeout(timeout, Self::connect_inner(target, application_name, permit))
-            .await
-            .map_err(|_| ServerError::Timeout(timeout))?
+        tokio::time::timeout(
+            timeout,
+            Self::connect_inner(target, application_name, permit),
+        )
+        .await
+        .map_err(|_| ServerError::Timeout(timeout))?
     }
 
     async fn connect_inner(
@@ -94,7 +102,9 @@ impl ServerConn {
         application_name: &str,
         permit: OwnedSemaphorePermit,
     ) -> Result<ServerConn, ServerError> {
-        let stream = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(ServerError::Connect)?;
+        let stream = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(ServerError::Connect)?;
         keepalive(&stream);
         let addr = stream.peer_addr().map_err(ServerError::Connect)?;
         let mut conn = ServerConn {
@@ -112,14 +122,21 @@ impl ServerConn {
         let mut out = BytesMut::with_capacity(256);
         out.put_i32(0);
         out.put_i32(protocol::PROTOCOL_V3);
-        for (k, v) in [("user", target.user.as_str()), ("database", &target.database), ("application_name", application_name)] {
+        for (k, v) in [
+            ("user", target.user.as_str()),
+            ("database", &target.database),
+            ("application_name", application_name),
+        ] {
             protocol::put_cstr(&mut out, k);
             protocol::put_cstr(&mut out, v);
         }
         out.put_u8(0);
         let len = out.len() as i32;
         out[..4].copy_from_slice(&len.to_be_bytes());
-        conn.stream.write_all(&out).await.map_err(ServerError::Connect)?;
+        conn.stream
+            .write_all(&out)
+            .await
+            .map_err(ServerError::Connect)?;
         conn.login(target).await?;
         conn.broken = false;
         Ok(conn)
@@ -129,7 +146,11 @@ impl ServerConn {
         let mut buf = BytesMut::with_capacity(512);
         let mut out = BytesMut::with_capacity(256);
         let mut scram: Option<ScramSha256> = None;
-        let password = || target.password.clone().ok_or_else(|| ServerError::Auth("server asks for a password but the upstream URL has none".into()));
+        let password = || {
+            target.password.clone().ok_or_else(|| {
+                ServerError::Auth("server asks for a password but the upstream URL has none".into())
+            })
+        };
         loop {
             let kind = protocol::read_message(&mut self.stream, &mut buf).await?;
             out.clear();
@@ -143,16 +164,28 @@ impl ServerConn {
                         0 => {}
                         3 => password_message(&mut out, password()?.as_bytes()),
                         5 => {
-                            let salt: [u8; 4] = b.get(..4).and_then(|s| s.try_into().ok()).ok_or(ProtocolError::Malformed("md5 salt"))?;
-                            let hash = postgres_protocol::authentication::md5_hash(target.user.as_bytes(), password()?.as_bytes(), salt);
+                            let salt: [u8; 4] = b
+                                .get(..4)
+                                .and_then(|s| s.try_into().ok())
+                                .ok_or(ProtocolError::Malformed("md5 salt"))?;
+                            let hash = postgres_protocol::authentication::md5_hash(
+                                target.user.as_bytes(),
+                                password()?.as_bytes(),
+                                salt,
+                            );
                             password_message(&mut out, hash.as_bytes());
                         }
                         10 => {
                             let mechs: Vec<&[u8]> = b.split(|c| *c == 0).collect();
                             if !mechs.contains(&&b"SCRAM-SHA-256"[..]) {
-                                return Err(ServerError::Auth("server offers no SCRAM-SHA-256".into()));
+                                return Err(ServerError::Auth(
+                                    "server offers no SCRAM-SHA-256".into(),
+                                ));
                             }
-                            let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
+                            let s = ScramSha256::new(
+                                password()?.as_bytes(),
+                                ChannelBinding::unsupported(),
+                            );
                             let at = protocol::begin(&mut out, b'p');
                             protocol::put_cstr(&mut out, "SCRAM-SHA-256");
                             out.put_i32(s.message().len() as i32);
@@ -161,20 +194,31 @@ impl ServerConn {
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASLContinue"))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or(ProtocolError::Malformed("SASLContinue"))?;
                             s.update(b).map_err(|e| ServerError::Auth(e.to_string()))?;
                             let at = protocol::begin(&mut out, b'p');
                             out.put_slice(s.message());
                             protocol::finish(&mut out, at);
                         }
                         12 => {
-                            let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASLFinal"))?;
+                            let s = scram
+                                .as_mut()
+                                .ok_or(ProtocolError::Malformed("SASLFinal"))?;
                             s.finish(b).map_err(|e| ServerError::Auth(e.to_string()))?;
                         }
-                        code => return Err(ServerError::Auth(format!("unsupported authentication request {code}"))),
+                        code => {
+                            return Err(ServerError::Auth(format!(
+                                "unsupported authentication request {code}"
+                            )))
+                        }
                     }
                     if !out.is_empty() {
-                        self.stream.write_all(&out).await.map_err(ServerError::Connect)?;
+                        self.stream
+                            .write_all(&out)
+                            .await
+                            .map_err(ServerError::Connect)?;
                     }
                 }
                 b'S' => {
@@ -196,7 +240,13 @@ impl ServerConn {
                 }
                 b'N' => {}
                 b'Z' => return Ok(()),
-                other => return Err(ProtocolError::Unexpected { expected: "login response", got: other as char }.into()),
+                other => {
+                    return Err(ProtocolError::Unexpected {
+                        expected: "login response",
+                        got: other as char,
+                    }
+                    .into())
+                }
             }
         }
     }
@@ -206,7 +256,13 @@ impl ServerConn {
     pub async fn simple(&mut self, sql: &str, timeout: Duration) -> Result<(), ServerError> {
         let r = tokio::time::timeout(timeout, self.simple_inner(sql)).await;
         let r = r.unwrap_or(Err(ServerError::Timeout(timeout)));
-        if matches!(r, Err(ServerError::Timeout(_) | ServerError::Closed | ServerError::Protocol(_) | ServerError::Connect(_))) {
+        if matches!(
+            r,
+            Err(ServerError::Timeout(_)
+                | ServerError::Closed
+                | ServerError::Protocol(_)
+                | ServerError::Connect(_))
+        ) {
             self.broken = true;
         }
         r
@@ -215,7 +271,10 @@ impl ServerConn {
     async fn simple_inner(&mut self, sql: &str) -> Result<(), ServerError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         protocol::simple_query(&mut out, sql);
-        self.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
+        self.stream
+            .write_all(&out)
+            .await
+            .map_err(|_| ServerError::Closed)?;
         self.drain_until_ready().await
     }
 
@@ -224,10 +283,12 @@ impl ServerConn {
         let mut buf = BytesMut::with_capacity(256);
         let mut err = None;
         loop {
-            let kind = protocol::read_message(&mut self.stream, &mut buf).await.map_err(|e| match e {
-                ProtocolError::Io(_) => ServerError::Closed,
-                e => ServerError::Protocol(e),
-            })?;
+            let kind = protocol::read_message(&mut self.stream, &mut buf)
+                .await
+                .map_err(|e| match e {
+                    ProtocolError::Io(_) => ServerError::Closed,
+                    e => ServerError::Protocol(e),
+                })?;
             match kind {
                 b'S' => {
                     let (k, v) = protocol::parse_parameter_status(&buf)?;
@@ -241,7 +302,10 @@ impl ServerConn {
                     return match err {
                         Some(e) => Err(e),
                         None if buf.first() == Some(&b'I') => Ok(()),
-                        None => Err(ServerError::Postgres { code: "25001".into(), message: "still in a transaction".into() }),
+                        None => Err(ServerError::Postgres {
+                            code: "25001".into(),
+                            message: "still in a transaction".into(),
+                        }),
                     };
                 }
                 _ => {}
@@ -269,7 +333,12 @@ fn password_message(out: &mut BytesMut, pw: &[u8]) {
 }
 
 /// Send a CancelRequest for server backend (pid, secret) at `addr`.
-pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32, timeout: Duration) -> std::io::Result<()> {
+pub async fn send_cancel(
+    addr: SocketAddr,
+    pid: i32,
+    secret: i32,
+    timeout: Duration,
+) -> std::io::Result<()> {
     let fut = async {
         let mut s = TcpStream::connect(addr).await?;
         let mut out = BytesMut::with_capacity(16);
@@ -283,5 +352,7 @@ pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32, timeout: Durat
         let _ = tokio::io::AsyncReadExt::read(&mut s, &mut b).await;
         Ok(())
     };
-    tokio::time::timeout(timeout, fut).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
