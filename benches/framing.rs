@@ -53,23 +53,16 @@ fn scan(c: &mut Criterion) {
         let mut s = Scanner::default();
         b.iter(|| {
             for chunk in reply.chunks(1460) {
-                s.feed::<ProtocolError>(black_box(chunk), |k| k == b'Z', |_| Ok(()))
-                    .unwrap();
+                s.feed::<ProtocolError>(black_box(chunk), |k| k == b'Z', |_| Ok(())).unwrap();
             }
         })
     });
     let mut small = BytesMut::new();
-    protocol::simple_query(
-        &mut small,
-        "select abalance from pgbench_accounts where aid = 42",
-    );
+    protocol::simple_query(&mut small, "select abalance from pgbench_accounts where aid = 42");
     g.throughput(Throughput::Elements(1));
     g.bench_function("one_query_message", |b| {
         let mut s = Scanner::default();
-        b.iter(|| {
-            s.feed::<ProtocolError>(black_box(&small), |_| false, |_| Ok(()))
-                .unwrap()
-        })
+        b.iter(|| s.feed::<ProtocolError>(black_box(&small), |_| false, |_| Ok(())).unwrap())
     });
     g.finish();
 }

@@ -4,9 +4,14 @@ use crate::auth::UserDb;
 use crate::budget::Resolved;
 use crate::cancel::CancelRegistry;
 use crate::config::Env;
+use crate::journal::Journal;
+use crate::metrics::Metrics;
 use crate::pool::Pools;
-use std::sync::atomic::{AtomicU64, Ordering};
+use dashmap::DashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +23,8 @@ pub struct App {
     pub resolved: Resolved,
     pub users: UserDb,
     pub pools: Pools,
+    pub metrics: Metrics,
+    pub journal: Journal,
     pub cancels: Arc<CancelRegistry>,
     /// Fired once to start a graceful shutdown.
     pub shutdown: CancellationToken,
@@ -25,21 +32,55 @@ pub struct App {
     pub tasks: TaskTracker,
     next_session: AtomicU64,
     pub started: Instant,
+    pub snapshot_started: AtomicBool,
+    /// Logged-in clients, for `SHOW CLIENTS`.
+    pub clients: DashMap<u64, ClientInfo>,
+}
+
+/// What the console shows of a client session.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub addr: SocketAddr,
+    pub user: String,
+    pub database: String,
+    pub service: String,
+    pub application_name: String,
+    pub connected_at: SystemTime,
+    /// The proxy-issued cancel pid, which also tells whether the client holds a server now.
+    pub key_pid: i32,
+}
+
+/// A registered client; unregisters and decrements the active gauge on Drop.
+pub struct ClientGuard {
+    app: Arc<App>,
+    id: u64,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.app.clients.remove(&self.id);
+        self.app.metrics.clients_active.dec();
+    }
 }
 
 impl App {
     pub fn new(resolved: Resolved, env: &Env) -> Arc<App> {
         let users = UserDb::build(&resolved, env);
-        let pools = Pools::build(&resolved);
+        let metrics = Metrics::new();
+        let pools = Pools::build(&resolved, &metrics);
         Arc::new(App {
             resolved,
             users,
             pools,
+            metrics,
+            journal: Journal::default(),
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             next_session: AtomicU64::new(1),
             started: Instant::now(),
+            snapshot_started: AtomicBool::new(false),
+            clients: DashMap::new(),
         })
     }
 
@@ -47,9 +88,18 @@ impl App {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Register a logged-in client until the guard drops.
+    pub fn register_client(self: &Arc<Self>, id: u64, info: ClientInfo) -> ClientGuard {
+        self.clients.insert(id, info);
+        self.metrics.clients_accepted.inc();
+        self.metrics.clients_active.inc();
+        ClientGuard { app: self.clone(), id }
+    }
+
     /// Accept clients until shutdown; each gets a session task with its own span.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         self.spawn_reaper();
+        self.start_snapshot_log();
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -60,8 +110,7 @@ impl App {
                     crate::server::tune_socket(&sock);
                     let id = self.session_id();
                     let span = tracing::info_span!("session", id, client = %peer, service = tracing::field::Empty);
-                    self.tasks
-                        .spawn(crate::session::run(self.clone(), sock).instrument(span));
+                    self.tasks.spawn(crate::session::run(self.clone(), sock, peer, id).instrument(span));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -93,15 +142,8 @@ impl App {
         self.shutdown.cancel();
         self.tasks.close();
         let deadline = self.resolved.config.proxy.drain_timeout;
-        if tokio::time::timeout(deadline, self.tasks.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                kind = "drain",
-                remaining = self.tasks.len(),
-                "drain deadline passed; closing remaining sessions"
-            );
+        if tokio::time::timeout(deadline, self.tasks.wait()).await.is_err() {
+            warn!(kind = "drain", remaining = self.tasks.len(), "drain deadline passed; closing remaining sessions");
         }
         self.pools.close();
         info!("shutdown complete");

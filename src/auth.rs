@@ -55,12 +55,7 @@ impl ScramVerifier {
         let salted = hi(password.as_bytes(), &salt, iterations);
         let client_key = hmac(&salted, b"Client Key");
         let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-        ScramVerifier {
-            iterations,
-            salt,
-            stored_key,
-            server_key: hmac(&salted, b"Server Key"),
-        }
+        ScramVerifier { iterations, salt, stored_key, server_key: hmac(&salted, b"Server Key") }
     }
 }
 
@@ -124,14 +119,7 @@ impl UserDb {
             } else {
                 u.md5.clone().map(Secret::Md5)
             };
-            users.insert(
-                u.name.clone(),
-                User {
-                    name: u.name.clone(),
-                    secret,
-                    service: u.service.clone(),
-                },
-            );
+            users.insert(u.name.clone(), User { name: u.name.clone(), secret, service: u.service.clone() });
         }
         if users.is_empty() {
             for t in r.upstreams.values() {
@@ -144,11 +132,7 @@ impl UserDb {
         }
         let mut mock_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_key);
-        UserDb {
-            method: r.config.auth.method,
-            users,
-            mock_key,
-        }
+        UserDb { method: r.config.auth.method, users, mock_key }
     }
 
     pub fn get(&self, name: &str) -> Option<&User> {
@@ -168,10 +152,7 @@ impl UserDb {
                 if known.is_some() || self.users.is_empty() {
                     Ok(())
                 } else {
-                    Err(AuthError::Failed {
-                        user: user.into(),
-                        reason: "unknown user",
-                    })
+                    Err(AuthError::Failed { user: user.into(), reason: "unknown user" })
                 }
             }
             AuthMethod::Md5 => self.md5(sock, user, known, buf).await,
@@ -196,10 +177,7 @@ impl UserDb {
             Some(Secret::Plain(p, _)) => format!("md5{:x}", md5::Md5::digest(format!("{p}{user}"))),
             Some(Secret::Md5(h)) => h.clone(),
             Some(Secret::Scram(_)) | None => {
-                return Err(AuthError::Failed {
-                    user: user.into(),
-                    reason: "no md5-capable secret",
-                });
+                return Err(AuthError::Failed { user: user.into(), reason: "no md5-capable secret" });
             }
         };
         let mut h = md5::Md5::new();
@@ -209,10 +187,7 @@ impl UserDb {
         if constant_eq(expected.as_bytes(), got.as_bytes()) {
             Ok(())
         } else {
-            Err(AuthError::Failed {
-                user: user.into(),
-                reason: "wrong password",
-            })
+            Err(AuthError::Failed { user: user.into(), reason: "wrong password" })
         }
     }
 
@@ -223,15 +198,7 @@ impl UserDb {
                 // A made-up verifier that no password matches; the salt is stable per user.
                 let salt = hmac(&self.mock_key, format!("salt:{user}").as_bytes())[..16].to_vec();
                 let stored_key = hmac(&self.mock_key, format!("stored:{user}").as_bytes());
-                (
-                    ScramVerifier {
-                        iterations: 4096,
-                        salt,
-                        stored_key,
-                        server_key: stored_key,
-                    },
-                    false,
-                )
+                (ScramVerifier { iterations: 4096, salt, stored_key, server_key: stored_key }, false)
             }
         }
     }
@@ -251,11 +218,7 @@ impl UserDb {
         // SASLInitialResponse: mechanism, length, client-first-message.
         let kind = protocol::read_message(sock, buf).await?;
         if kind != b'p' {
-            return Err(ProtocolError::Unexpected {
-                expected: "SASLInitialResponse",
-                got: kind as char,
-            }
-            .into());
+            return Err(ProtocolError::Unexpected { expected: "SASLInitialResponse", got: kind as char }.into());
         }
         let mut b = &buf[..];
         let mech = cstr(&mut b)?;
@@ -266,21 +229,14 @@ impl UserDb {
         if n < 0 || n as usize != b.len() {
             return Err(ProtocolError::Malformed("SASLInitialResponse").into());
         }
-        let client_first =
-            std::str::from_utf8(b).map_err(|_| ProtocolError::Malformed("SCRAM client-first"))?;
-        let (gs2, bare) =
-            split_gs2(client_first).ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
+        let client_first = std::str::from_utf8(b).map_err(|_| ProtocolError::Malformed("SCRAM client-first"))?;
+        let (gs2, bare) = split_gs2(client_first).ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
         let (gs2, bare) = (gs2.to_owned(), bare.to_owned());
-        let client_nonce =
-            attr(&bare, 'r').ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
+        let client_nonce = attr(&bare, 'r').ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
         let mut nonce_bytes = [0u8; 18];
         rand::thread_rng().fill_bytes(&mut nonce_bytes);
         let nonce = format!("{client_nonce}{}", B64.encode(nonce_bytes));
-        let server_first = format!(
-            "r={nonce},s={},i={}",
-            B64.encode(&verifier.salt),
-            verifier.iterations
-        );
+        let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
         out.clear();
         protocol::auth_request(&mut out, 11, server_first.as_bytes());
         sock.write_all(&out).await.map_err(ProtocolError::from)?;
@@ -288,32 +244,20 @@ impl UserDb {
         // SASLResponse: client-final-message.
         let kind = protocol::read_message(sock, buf).await?;
         if kind != b'p' {
-            return Err(ProtocolError::Unexpected {
-                expected: "SASLResponse",
-                got: kind as char,
-            }
-            .into());
+            return Err(ProtocolError::Unexpected { expected: "SASLResponse", got: kind as char }.into());
         }
-        let client_final =
-            std::str::from_utf8(buf).map_err(|_| ProtocolError::Malformed("SCRAM client-final"))?;
-        let (without_proof, proof_b64) = client_final
-            .rsplit_once(",p=")
-            .ok_or(ProtocolError::Malformed("SCRAM client-final"))?;
-        let fail = |reason| AuthError::Failed {
-            user: user.into(),
-            reason,
-        };
+        let client_final = std::str::from_utf8(buf).map_err(|_| ProtocolError::Malformed("SCRAM client-final"))?;
+        let (without_proof, proof_b64) =
+            client_final.rsplit_once(",p=").ok_or(ProtocolError::Malformed("SCRAM client-final"))?;
+        let fail = |reason| AuthError::Failed { user: user.into(), reason };
         if attr(without_proof, 'r') != Some(nonce.as_str()) {
             return Err(fail("nonce mismatch"));
         }
         if attr(without_proof, 'c') != Some(B64.encode(gs2).as_str()) {
             return Err(fail("channel binding mismatch"));
         }
-        let proof: [u8; 32] = B64
-            .decode(proof_b64)
-            .ok()
-            .and_then(|p| p.try_into().ok())
-            .ok_or(fail("malformed proof"))?;
+        let proof: [u8; 32] =
+            B64.decode(proof_b64).ok().and_then(|p| p.try_into().ok()).ok_or(fail("malformed proof"))?;
         let auth_message = format!("{bare},{server_first},{without_proof}");
         let client_signature = hmac(&verifier.stored_key, auth_message.as_bytes());
         let mut client_key = [0u8; 32];
@@ -322,19 +266,11 @@ impl UserDb {
         }
         let check: [u8; 32] = Sha256::digest(client_key).into();
         if !real || !constant_eq(&check, &verifier.stored_key) {
-            return Err(fail(if real {
-                "wrong password"
-            } else {
-                "unknown user"
-            }));
+            return Err(fail(if real { "wrong password" } else { "unknown user" }));
         }
         let server_signature = hmac(&verifier.server_key, auth_message.as_bytes());
         out.clear();
-        protocol::auth_request(
-            &mut out,
-            12,
-            format!("v={}", B64.encode(server_signature)).as_bytes(),
-        );
+        protocol::auth_request(&mut out, 12, format!("v={}", B64.encode(server_signature)).as_bytes());
         sock.write_all(&out).await.map_err(ProtocolError::from)?;
         Ok(())
     }
@@ -344,10 +280,7 @@ impl UserDb {
 fn plain(password: &str) -> Secret {
     let mut salt = vec![0u8; 16];
     rand::thread_rng().fill_bytes(&mut salt);
-    Secret::Plain(
-        password.to_owned(),
-        ScramVerifier::from_password(password, salt, 4096),
-    )
+    Secret::Plain(password.to_owned(), ScramVerifier::from_password(password, salt, 4096))
 }
 
 /// Split `n,,n=user,r=nonce` into the GS2 header (`n,,`) and the bare message.
@@ -362,25 +295,17 @@ fn split_gs2(msg: &str) -> Option<(&str, &str)> {
 }
 
 fn attr(msg: &str, key: char) -> Option<&str> {
-    msg.split(',')
-        .find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+    msg.split(',').find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_password<S: AsyncRead + Unpin>(
-    sock: &mut S,
-    buf: &mut BytesMut,
-) -> Result<String, AuthError> {
+async fn read_password<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut BytesMut) -> Result<String, AuthError> {
     let kind = protocol::read_message(sock, buf).await?;
     if kind != b'p' {
-        return Err(ProtocolError::Unexpected {
-            expected: "PasswordMessage",
-            got: kind as char,
-        }
-        .into());
+        return Err(ProtocolError::Unexpected { expected: "PasswordMessage", got: kind as char }.into());
     }
     let mut b = &buf[..];
     Ok(cstr(&mut b)?.to_owned())

@@ -1,9 +1,7 @@
 //! Budget resolution: turns a parsed config plus the process environment into per-service shares under
 //! each upstream's ceiling, checking every invariant and naming each one that breaks.
 
-use crate::config::{
-    AuthMethod, Config, ConfigError, Env, Mode, PoolMode, ServiceConfig, ServiceFrom,
-};
+use crate::config::{AuthMethod, Config, ConfigError, Env, Mode, PoolMode, ServiceConfig, ServiceFrom};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -53,12 +51,7 @@ const MAX_CEILING: u32 = 100_000;
 
 fn check_duration(v: &mut Vec<String>, what: &str, d: Duration, min: Duration, max: Duration) {
     if d < min || d > max {
-        v.push(format!(
-            "{what} = {} is out of range ({} ..= {})",
-            fmt_d(d),
-            fmt_d(min),
-            fmt_d(max)
-        ));
+        v.push(format!("{what} = {} is out of range ({} ..= {})", fmt_d(d), fmt_d(min), fmt_d(max)));
     }
 }
 
@@ -68,24 +61,13 @@ fn fmt_d(d: Duration) -> String {
 
 /// Parse `postgres://user:pass@host:port/db` after env expansion.
 pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTarget, String> {
-    let expanded =
-        crate::config::expand_env(raw, env).map_err(|e| format!("upstreams.{name}.url: {e}"))?;
-    let url =
-        url::Url::parse(&expanded).map_err(|e| format!("upstreams.{name}.url: not a URL ({e})"))?;
+    let expanded = crate::config::expand_env(raw, env).map_err(|e| format!("upstreams.{name}.url: {e}"))?;
+    let url = url::Url::parse(&expanded).map_err(|e| format!("upstreams.{name}.url: not a URL ({e})"))?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
-        return Err(format!(
-            "upstreams.{name}.url: scheme must be postgres:// or postgresql://"
-        ));
+        return Err(format!("upstreams.{name}.url: scheme must be postgres:// or postgresql://"));
     }
-    let decode = |s: &str| {
-        percent_encoding::percent_decode_str(s)
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    let host = url
-        .host_str()
-        .filter(|h| !h.is_empty())
-        .ok_or_else(|| format!("upstreams.{name}.url: no host"))?;
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("upstreams.{name}.url: no host"))?;
     let user = decode(url.username());
     if user.is_empty() {
         return Err(format!("upstreams.{name}.url: no user"));
@@ -96,11 +78,7 @@ pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTa
         host: host.trim_matches(|c| c == '[' || c == ']').to_owned(),
         port: url.port().unwrap_or(5432),
         password: url.password().map(decode),
-        database: if database.is_empty() {
-            user.clone()
-        } else {
-            database
-        },
+        database: if database.is_empty() { user.clone() } else { database },
         user,
         ceiling: 0,
         reserved: 0,
@@ -113,29 +91,30 @@ impl Resolved {
         let mut v = Vec::new();
         let p = &config.proxy;
         if p.listen.parse::<std::net::SocketAddr>().is_err() {
-            v.push(format!(
-                "proxy.listen = {:?} is not an address:port",
-                p.listen
-            ));
+            v.push(format!("proxy.listen = {:?} is not an address:port", p.listen));
         }
         if !(1..=1000).contains(&p.slice_floor) {
-            v.push(format!(
-                "proxy.slice_floor = {} is out of range (1 ..= 1000)",
-                p.slice_floor
-            ));
+            v.push(format!("proxy.slice_floor = {} is out of range (1 ..= 1000)", p.slice_floor));
         }
         if !(1..=1000).contains(&p.share_floor) {
-            v.push(format!(
-                "proxy.share_floor = {} is out of range (1 ..= 1000)",
-                p.share_floor
-            ));
+            v.push(format!("proxy.share_floor = {} is out of range (1 ..= 1000)", p.share_floor));
+        }
+        check_duration(&mut v, "proxy.drain_timeout", p.drain_timeout, Duration::ZERO, Duration::from_secs(3600));
+        let a = &config.admin;
+        if !a.listen.is_empty() && a.listen.parse::<std::net::SocketAddr>().is_err() {
+            v.push(format!("admin.listen = {:?} is not an address:port (or \"\" to disable)", a.listen));
+        }
+        if let Some(raw) = env.get("PGBUDGET_POOL_LOG_INTERVAL") {
+            if crate::stats::parse_interval(raw).is_none() {
+                v.push(format!("PGBUDGET_POOL_LOG_INTERVAL = {raw:?} is not a duration (e.g. 60s) or seconds"));
+            }
         }
         check_duration(
             &mut v,
-            "proxy.drain_timeout",
-            p.drain_timeout,
+            "admin.pool_log_interval",
+            a.pool_log_interval,
             Duration::ZERO,
-            Duration::from_secs(3600),
+            Duration::from_secs(86_400),
         );
         if config.upstreams.is_empty() {
             v.push("no [upstreams] declared".into());
@@ -147,16 +126,10 @@ impl Resolved {
         let mut upstreams = BTreeMap::new();
         for (name, u) in &config.upstreams {
             if !(1..=MAX_CEILING).contains(&u.ceiling) {
-                v.push(format!(
-                    "upstreams.{name}.ceiling = {} is out of range (1 ..= {MAX_CEILING})",
-                    u.ceiling
-                ));
+                v.push(format!("upstreams.{name}.ceiling = {} is out of range (1 ..= {MAX_CEILING})", u.ceiling));
             }
             if u.reserved >= u.ceiling.max(1) {
-                v.push(format!(
-                    "upstreams.{name}.reserved = {} leaves nothing of ceiling {}",
-                    u.reserved, u.ceiling
-                ));
+                v.push(format!("upstreams.{name}.reserved = {} leaves nothing of ceiling {}", u.reserved, u.ceiling));
             }
             match parse_upstream_url(name, &u.url, env) {
                 Ok(mut t) => {
@@ -168,82 +141,30 @@ impl Resolved {
             }
         }
 
-        let processes = if p.split_per_process {
-            env.processes()
-        } else {
-            1
-        };
+        let processes = if p.split_per_process { env.processes() } else { 1 };
         let mut services = BTreeMap::new();
         let mut sums: BTreeMap<&str, u32> = BTreeMap::new();
         for (name, s) in &config.services {
             let at = format!("services.{name}");
             if !valid_name(name) {
-                v.push(format!(
-                    "{at}: service names may use only letters, digits, '_' and '-'"
-                ));
+                v.push(format!("{at}: service names may use only letters, digits, '_' and '-'"));
             }
             if s.slice < p.slice_floor {
-                v.push(format!(
-                    "{at}.slice = {} is below the floor of {}",
-                    s.slice, p.slice_floor
-                ));
+                v.push(format!("{at}.slice = {} is below the floor of {}", s.slice, p.slice_floor));
             }
             match config.upstreams.get(&s.upstream) {
-                None => v.push(format!(
-                    "{at}.upstream = {:?} is not a declared upstream",
-                    s.upstream
-                )),
+                None => v.push(format!("{at}.upstream = {:?} is not a declared upstream", s.upstream)),
                 Some(_) => *sums.entry(s.upstream.as_str()).or_default() += s.slice,
             }
             let ms = Duration::from_millis;
             let h = Duration::from_secs(3600);
-            check_duration(
-                &mut v,
-                &format!("{at}.checkout_timeout"),
-                s.checkout_timeout,
-                ms(10),
-                ms(600_000),
-            );
-            check_duration(
-                &mut v,
-                &format!("{at}.connect_timeout"),
-                s.connect_timeout,
-                ms(100),
-                ms(120_000),
-            );
-            check_duration(
-                &mut v,
-                &format!("{at}.server_idle_timeout"),
-                s.server_idle_timeout,
-                ms(1000),
-                h,
-            );
-            check_duration(
-                &mut v,
-                &format!("{at}.server_lifetime"),
-                s.server_lifetime,
-                ms(1000),
-                24 * h,
-            );
-            check_duration(
-                &mut v,
-                &format!("{at}.server_check_delay"),
-                s.server_check_delay,
-                ms(0),
-                h,
-            );
-            check_duration(
-                &mut v,
-                &format!("{at}.reset_timeout"),
-                s.reset_timeout,
-                ms(100),
-                ms(600_000),
-            );
-            let share = if processes > 1 {
-                (s.slice / processes).max(p.share_floor).min(s.slice)
-            } else {
-                s.slice
-            };
+            check_duration(&mut v, &format!("{at}.checkout_timeout"), s.checkout_timeout, ms(10), ms(600_000));
+            check_duration(&mut v, &format!("{at}.connect_timeout"), s.connect_timeout, ms(100), ms(120_000));
+            check_duration(&mut v, &format!("{at}.server_idle_timeout"), s.server_idle_timeout, ms(1000), h);
+            check_duration(&mut v, &format!("{at}.server_lifetime"), s.server_lifetime, ms(1000), 24 * h);
+            check_duration(&mut v, &format!("{at}.server_check_delay"), s.server_check_delay, ms(0), h);
+            check_duration(&mut v, &format!("{at}.reset_timeout"), s.reset_timeout, ms(100), ms(600_000));
+            let share = if processes > 1 { (s.slice / processes).max(p.share_floor).min(s.slice) } else { s.slice };
             services.insert(
                 name.clone(),
                 ServiceBudget {
@@ -283,14 +204,10 @@ impl Resolved {
             Mode::Shared if p.service_from == ServiceFrom::User => {
                 for u in &config.auth.users {
                     match &u.service {
-                        None => v.push(format!(
-                            "auth user {:?} needs `service` when service_from = \"user\"",
-                            u.name
-                        )),
-                        Some(s) if !config.services.contains_key(s) => v.push(format!(
-                            "auth user {:?}: service {s:?} is not in [services]",
-                            u.name
-                        )),
+                        None => v.push(format!("auth user {:?} needs `service` when service_from = \"user\"", u.name)),
+                        Some(s) if !config.services.contains_key(s) => {
+                            v.push(format!("auth user {:?}: service {s:?} is not in [services]", u.name))
+                        }
                         Some(_) => {}
                     }
                 }
@@ -298,77 +215,47 @@ impl Resolved {
             Mode::Shared => {}
         }
         for u in &config.auth.users {
-            let forms = [&u.password_env, &u.scram, &u.md5]
-                .iter()
-                .filter(|f| f.is_some())
-                .count();
+            let forms = [&u.password_env, &u.scram, &u.md5].iter().filter(|f| f.is_some()).count();
             if config.auth.method != AuthMethod::Trust && forms != 1 {
-                v.push(format!(
-                    "auth user {:?} needs exactly one of password_env, scram, md5",
-                    u.name
-                ));
+                v.push(format!("auth user {:?} needs exactly one of password_env, scram, md5", u.name));
             }
             if let Some(var) = &u.password_env {
                 if env.get(var).is_none() {
-                    v.push(format!(
-                        "auth user {:?}: environment variable {var} is not set",
-                        u.name
-                    ));
+                    v.push(format!("auth user {:?}: environment variable {var} is not set", u.name));
                 }
             }
             if let Some(s) = &u.scram {
                 if crate::auth::ScramVerifier::parse(s).is_none() {
-                    v.push(format!(
-                        "auth user {:?}: scram is not a SCRAM-SHA-256 verifier",
-                        u.name
-                    ));
+                    v.push(format!("auth user {:?}: scram is not a SCRAM-SHA-256 verifier", u.name));
                 }
             }
             if config.auth.method == AuthMethod::Md5 && u.scram.is_some() {
-                v.push(format!(
-                    "auth user {:?}: a SCRAM verifier cannot serve md5 authentication",
-                    u.name
-                ));
+                v.push(format!("auth user {:?}: a SCRAM verifier cannot serve md5 authentication", u.name));
             }
         }
         if !v.is_empty() {
             return Err(ConfigError { violations: v });
         }
-        Ok(Resolved {
-            config,
-            upstreams,
-            services,
-            sidecar_service,
-            processes,
-        })
+        let mut config = config;
+        if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::stats::parse_interval) {
+            config.admin.pool_log_interval = d;
+        }
+        Ok(Resolved { config, upstreams, services, sidecar_service, processes })
     }
 
     /// The budget table `pgbudget check` prints.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "{:<16} {:<12} {:>6} {:>6} {:<12}",
-            "service", "upstream", "slice", "share", "pool_mode"
-        );
+        let _ = writeln!(out, "{:<16} {:<12} {:>6} {:>6} {:<12}", "service", "upstream", "slice", "share", "pool_mode");
         for s in self.services.values() {
             let mode = match s.pool_mode() {
                 PoolMode::Session => "session",
                 PoolMode::Transaction => "transaction",
             };
-            let _ = writeln!(
-                out,
-                "{:<16} {:<12} {:>6} {:>6} {:<12}",
-                s.name, s.upstream, s.slice, s.share, mode
-            );
+            let _ = writeln!(out, "{:<16} {:<12} {:>6} {:>6} {:<12}", s.name, s.upstream, s.slice, s.share, mode);
         }
         for u in self.upstreams.values() {
-            let sum: u32 = self
-                .services
-                .values()
-                .filter(|s| s.upstream == u.name)
-                .map(|s| s.slice)
-                .sum();
+            let sum: u32 = self.services.values().filter(|s| s.upstream == u.name).map(|s| s.slice).sum();
             let _ = writeln!(
                 out,
                 "upstream {}: slices {} + reserved {} = {} of ceiling {} (headroom {})",
@@ -389,9 +276,7 @@ impl Resolved {
 }
 
 fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 #[cfg(test)]

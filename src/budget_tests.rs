@@ -3,12 +3,7 @@
 use super::*;
 
 fn env(pairs: &[(&str, &str)]) -> Env {
-    Env {
-        vars: pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    }
+    Env { vars: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
 }
 
 const BASE: &str = r#"
@@ -37,19 +32,11 @@ fn resolve(text: &str, e: &Env) -> Result<Resolved, ConfigError> {
 
 #[test]
 fn example_file_resolves() {
-    let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/budgets.toml")).unwrap();
-    let r = resolve(
-        &text,
-        &env(&[("DATABASE_URL", "postgres://u:p@localhost/db")]),
-    )
-    .unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/budgets.toml")).unwrap();
+    let r = resolve(&text, &env(&[("DATABASE_URL", "postgres://u:p@localhost/db")])).unwrap();
     assert_eq!(r.services["worker"].share, 38);
     let t = r.table();
-    assert!(
-        t.contains("slices 83 + reserved 2 = 85 of ceiling 97"),
-        "{t}"
-    );
+    assert!(t.contains("slices 83 + reserved 2 = 85 of ceiling 97"), "{t}");
 }
 
 #[test]
@@ -57,9 +44,7 @@ fn over_ceiling_is_refused_with_sum() {
     let text = BASE.replace("slice = 38", "slice = 80");
     let err = resolve(&text, &env(&[])).unwrap_err();
     assert!(
-        err.violations
-            .iter()
-            .any(|v| v.contains("slices sum to 125 + 2 reserved = 127") && v.contains("97")),
+        err.violations.iter().any(|v| v.contains("slices sum to 125 + 2 reserved = 127") && v.contains("97")),
         "{err}"
     );
 }
@@ -67,10 +52,7 @@ fn over_ceiling_is_refused_with_sum() {
 #[test]
 fn every_violation_is_reported_at_once() {
     let text = BASE
-        .replace(
-            "slice = 5\n[services.evergreen]",
-            "slice = 1\n[services.evergreen]",
-        )
+        .replace("slice = 5\n[services.evergreen]", "slice = 1\n[services.evergreen]")
         .replace("ceiling = 97", "ceiling = 97\nbogus = 1")
         .replace(
             "[services.worker]\nslice = 38",
@@ -78,57 +60,30 @@ fn every_violation_is_reported_at_once() {
         );
     let err = resolve(&text, &env(&[])).unwrap_err();
     let all = err.to_string();
-    assert!(
-        all.contains("unknown key `upstreams.primary.bogus`"),
-        "{all}"
-    );
-    assert!(
-        all.contains("unknown key `services.worker.max_conn`"),
-        "{all}"
-    );
+    assert!(all.contains("unknown key `upstreams.primary.bogus`"), "{all}");
+    assert!(all.contains("unknown key `services.worker.max_conn`"), "{all}");
     // Unknown keys are reported together; semantic checks follow once keys are fixed.
     let text = BASE
-        .replace(
-            "slice = 5\n[services.evergreen]",
-            "slice = 1\n[services.evergreen]",
-        )
-        .replace(
-            "[services.worker]\nslice = 38",
-            "[services.worker]\nslice = 38\ncheckout_timeout = \"1ms\"",
-        );
+        .replace("slice = 5\n[services.evergreen]", "slice = 1\n[services.evergreen]")
+        .replace("[services.worker]\nslice = 38", "[services.worker]\nslice = 38\ncheckout_timeout = \"1ms\"");
     let err = resolve(&text, &env(&[])).unwrap_err();
     assert_eq!(err.violations.len(), 2, "{err}");
-    assert!(err
-        .to_string()
-        .contains("services.landing.slice = 1 is below the floor of 2"));
-    assert!(err
-        .to_string()
-        .contains("services.worker.checkout_timeout = 1ms is out of range"));
+    assert!(err.to_string().contains("services.landing.slice = 1 is below the floor of 2"));
+    assert!(err.to_string().contains("services.worker.checkout_timeout = 1ms is out of range"));
 }
 
 #[test]
 fn sidecar_service_from_env_must_exist() {
     let err = resolve(BASE, &env(&[("RAILWAY_SERVICE_NAME", "billing")])).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("RAILWAY_SERVICE_NAME = \"billing\" is not a service"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("RAILWAY_SERVICE_NAME = \"billing\" is not a service"), "{err}");
     let r = resolve(BASE, &env(&[("RAILWAY_SERVICE_NAME", "worker")])).unwrap();
     assert_eq!(r.sidecar_service.as_deref(), Some("worker"));
 }
 
 #[test]
 fn per_process_share_divides_with_floor() {
-    let text = BASE.replace(
-        "service = \"web\"",
-        "service = \"web\"\nsplit_per_process = true",
-    );
-    let r = resolve(
-        &text,
-        &env(&[("RAILWAY_REPLICA_COUNT", "2"), ("WEB_CONCURRENCY", "3")]),
-    )
-    .unwrap();
+    let text = BASE.replace("service = \"web\"", "service = \"web\"\nsplit_per_process = true");
+    let r = resolve(&text, &env(&[("RAILWAY_REPLICA_COUNT", "2"), ("WEB_CONCURRENCY", "3")])).unwrap();
     assert_eq!(r.processes, 6);
     assert_eq!(r.services["worker"].share, 6); // 38 / 6
     assert_eq!(r.services["web"].share, 4); // 15 / 6 = 2, floored to 4
@@ -141,33 +96,16 @@ fn per_process_share_divides_with_floor() {
 fn missing_env_and_bad_urls_are_named() {
     let text = BASE.replace("postgres://app:pw@127.0.0.1:5432/railway", "${NOPE_URL}");
     let err = resolve(&text, &env(&[])).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("environment variable NOPE_URL is not set"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("environment variable NOPE_URL is not set"), "{err}");
     let text = BASE.replace("postgres://app:pw@127.0.0.1:5432/railway", "mysql://x@y/z");
-    assert!(resolve(&text, &env(&[]))
-        .unwrap_err()
-        .to_string()
-        .contains("scheme"));
+    assert!(resolve(&text, &env(&[])).unwrap_err().to_string().contains("scheme"));
 }
 
 #[test]
 fn upstream_url_parts_are_decoded() {
-    let t = parse_upstream_url(
-        "p",
-        "postgresql://us%40er:p%3Ass@db.internal:6543/rail",
-        &env(&[]),
-    )
-    .unwrap();
+    let t = parse_upstream_url("p", "postgresql://us%40er:p%3Ass@db.internal:6543/rail", &env(&[])).unwrap();
     assert_eq!(
-        (
-            t.user.as_str(),
-            t.password.as_deref(),
-            t.host.as_str(),
-            t.port
-        ),
+        (t.user.as_str(), t.password.as_deref(), t.host.as_str(), t.port),
         ("us@er", Some("p:ss"), "db.internal", 6543)
     );
     assert_eq!(t.database, "rail");

@@ -42,15 +42,8 @@ impl CancelRegistry {
             let pid = rng.gen_range(1..i32::MAX);
             let secret = rng.gen();
             if let dashmap::Entry::Vacant(v) = self.map.entry(pid) {
-                v.insert(Entry {
-                    secret,
-                    server: None,
-                });
-                return ClientKey {
-                    registry: self.clone(),
-                    pid,
-                    secret,
-                };
+                v.insert(Entry { secret, server: None });
+                return ClientKey { registry: self.clone(), pid, secret };
             }
         }
     }
@@ -62,6 +55,11 @@ impl CancelRegistry {
             return None;
         }
         e.server
+    }
+
+    /// Client pid → server backend pid, for every client that holds a server now.
+    pub fn attached(&self) -> std::collections::HashMap<i32, i32> {
+        self.map.iter().filter_map(|e| e.server.map(|s| (*e.key(), s.pid))).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -97,11 +95,7 @@ mod tests {
         let reg = Arc::new(CancelRegistry::default());
         let k = reg.issue();
         assert_eq!(reg.lookup(k.pid, k.secret), None);
-        let s = ServerKey {
-            addr: "127.0.0.1:5432".parse().unwrap(),
-            pid: 42,
-            secret: 7,
-        };
+        let s = ServerKey { addr: "127.0.0.1:5432".parse().unwrap(), pid: 42, secret: 7 };
         k.attach(Some(s));
         assert_eq!(reg.lookup(k.pid, k.secret), Some(s));
         assert_eq!(reg.lookup(k.pid, k.secret.wrapping_add(1)), None);

@@ -13,11 +13,7 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid configuration ({} problem(s)):",
-            self.violations.len()
-        )?;
+        write!(f, "invalid configuration ({} problem(s)):", self.violations.len())?;
         for v in &self.violations {
             write!(f, "\n  - {v}")?;
         }
@@ -31,6 +27,8 @@ pub struct Config {
     pub proxy: ProxySection,
     #[serde(default)]
     pub auth: AuthSection,
+    #[serde(default)]
+    pub admin: AdminSection,
     pub upstreams: BTreeMap<String, Upstream>,
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -87,6 +85,32 @@ impl Default for ProxySection {
     }
 }
 
+/// Operator surfaces: the admin HTTP listener, the console database and the snapshot log.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AdminSection {
+    /// Admin HTTP listener (`/metrics`, `/health`, `/ready`, `/pools`, `/errors`); empty disables it.
+    pub listen: String,
+    /// Users (authenticated like any client) who may open the console: `psql -d pgbudget`.
+    pub users: Vec<String>,
+    /// Interval of the one-line pool snapshot in the log (`PGBUDGET_POOL_LOG_INTERVAL` overrides); 0 disables.
+    #[serde(with = "humantime_serde")]
+    pub pool_log_interval: Duration,
+    /// Name of the console's virtual database.
+    pub console_database: String,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9187".into(),
+            users: Vec::new(),
+            pool_log_interval: Duration::from_secs(60),
+            console_database: "pgbudget".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 pub enum AuthMethod {
     #[serde(rename = "scram-sha-256")]
@@ -106,10 +130,7 @@ pub struct AuthSection {
 
 impl Default for AuthSection {
     fn default() -> Self {
-        Self {
-            method: AuthMethod::Scram,
-            users: Vec::new(),
-        }
+        Self { method: AuthMethod::Scram, users: Vec::new() }
     }
 }
 
@@ -201,21 +222,13 @@ pub struct Env {
 
 impl Env {
     pub fn from_process() -> Self {
-        Self {
-            vars: std::env::vars().collect(),
-        }
+        Self { vars: std::env::vars().collect() }
     }
     pub fn get(&self, k: &str) -> Option<&str> {
-        self.vars
-            .get(k)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
+        self.vars.get(k).map(String::as_str).filter(|v| !v.is_empty())
     }
     fn positive(&self, k: &str) -> u32 {
-        self.get(k)
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .unwrap_or(1)
-            .max(1)
+        self.get(k).and_then(|v| v.trim().parse::<u32>().ok()).unwrap_or(1).max(1)
     }
     /// Processes sharing one slice: replicas × workers per replica.
     pub fn processes(&self) -> u32 {
@@ -230,13 +243,9 @@ pub fn expand_env(s: &str, env: &Env) -> Result<String, String> {
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
+        let end = after.find('}').ok_or_else(|| format!("unterminated ${{ in {s:?}"))?;
         let name = &after[..end];
-        let v = env
-            .get(name)
-            .ok_or_else(|| format!("environment variable {name} is not set"))?;
+        let v = env.get(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
         out.push_str(v);
         rest = &after[end + 1..];
     }
@@ -249,21 +258,14 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let mut unknown = Vec::new();
         let de = toml::Deserializer::new(text);
-        let parsed: Result<Config, _> =
-            serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+        let parsed: Result<Config, _> = serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
         match parsed {
             Ok(cfg) if unknown.is_empty() => Ok(cfg),
-            Ok(_) => Err(ConfigError {
-                violations: unknown
-                    .into_iter()
-                    .map(|k| format!("unknown key `{k}`"))
-                    .collect(),
-            }),
+            Ok(_) => {
+                Err(ConfigError { violations: unknown.into_iter().map(|k| format!("unknown key `{k}`")).collect() })
+            }
             Err(e) => {
-                let mut violations: Vec<String> = unknown
-                    .into_iter()
-                    .map(|k| format!("unknown key `{k}`"))
-                    .collect();
+                let mut violations: Vec<String> = unknown.into_iter().map(|k| format!("unknown key `{k}`")).collect();
                 violations.push(e.to_string().trim().replace('\n', " "));
                 Err(ConfigError { violations })
             }
@@ -271,9 +273,8 @@ impl Config {
     }
 
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            violations: vec![format!("cannot read {}: {e}", path.display())],
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { violations: vec![format!("cannot read {}: {e}", path.display())] })?;
         Config::parse(&text)
     }
 }

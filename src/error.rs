@@ -17,16 +17,9 @@ pub enum ProxyError {
     #[error("unknown database {0:?}")]
     UnknownDatabase(String),
     #[error("budget exhausted: service {service} share {share}, waited {waited:?}")]
-    BudgetExhausted {
-        service: String,
-        share: u32,
-        waited: Duration,
-    },
+    BudgetExhausted { service: String, share: u32, waited: Duration },
     #[error("upstream {upstream}: {source}")]
-    Upstream {
-        upstream: String,
-        source: ServerError,
-    },
+    Upstream { upstream: String, source: ServerError },
     #[error("server rejected session setting: {code} {message}")]
     ServerRejected { code: String, message: String },
     #[error("invalid startup parameter {0:?}")]
@@ -63,11 +56,9 @@ impl ProxyError {
             ProxyError::Auth(AuthError::Failed { user, .. }) => {
                 (Fatal, "28P01", format!("password authentication failed for user \"{user}\""))
             }
-            ProxyError::UnknownService(s) => (
-                Fatal,
-                "3D000",
-                format!("no budget for service \"{s}\": declare it under [services] in budgets.toml"),
-            ),
+            ProxyError::UnknownService(s) => {
+                (Fatal, "3D000", format!("no budget for service \"{s}\": declare it under [services] in budgets.toml"))
+            }
             ProxyError::UnknownDatabase(d) => (Fatal, "3D000", format!("database \"{d}\" is not served by pgbudget")),
             ProxyError::BudgetExhausted { service, share, waited } => (
                 Error,
@@ -95,9 +86,7 @@ impl ProxyError {
     pub fn is_disconnect(&self) -> bool {
         match self {
             ProxyError::ClientIo(_) => true,
-            ProxyError::ClientProtocol(ProtocolError::Io(e)) => {
-                e.kind() == std::io::ErrorKind::UnexpectedEof
-            }
+            ProxyError::ClientProtocol(ProtocolError::Io(e)) => e.kind() == std::io::ErrorKind::UnexpectedEof,
             _ => false,
         }
     }
@@ -111,25 +100,12 @@ mod tests {
     fn every_variant_has_a_nonempty_message_and_sqlstate() {
         let errs = vec![
             ProxyError::ClientProtocol(ProtocolError::Malformed("x")),
-            ProxyError::Auth(AuthError::Failed {
-                user: "u".into(),
-                reason: "r",
-            }),
+            ProxyError::Auth(AuthError::Failed { user: "u".into(), reason: "r" }),
             ProxyError::UnknownService("s".into()),
             ProxyError::UnknownDatabase("d".into()),
-            ProxyError::BudgetExhausted {
-                service: "w".into(),
-                share: 3,
-                waited: Duration::from_millis(5),
-            },
-            ProxyError::Upstream {
-                upstream: "p".into(),
-                source: ServerError::Closed,
-            },
-            ProxyError::ServerRejected {
-                code: "22023".into(),
-                message: "bad value".into(),
-            },
+            ProxyError::BudgetExhausted { service: "w".into(), share: 3, waited: Duration::from_millis(5) },
+            ProxyError::Upstream { upstream: "p".into(), source: ServerError::Closed },
+            ProxyError::ServerRejected { code: "22023".into(), message: "bad value".into() },
             ProxyError::BadParameter("p".into()),
             ProxyError::ShuttingDown,
             ProxyError::ClientIo(std::io::Error::other("x")),
@@ -139,16 +115,9 @@ mod tests {
             assert_eq!(code.len(), 5, "{e:?}");
             assert!(!msg.is_empty() && !e.kind().is_empty() && !e.to_string().is_empty());
         }
-        let e = ProxyError::BudgetExhausted {
-            service: "worker".into(),
-            share: 38,
-            waited: Duration::from_secs(5),
-        };
+        let e = ProxyError::BudgetExhausted { service: "worker".into(), share: 38, waited: Duration::from_secs(5) };
         let (_, code, msg) = e.to_client();
         assert_eq!(code, "53300");
-        assert!(
-            msg.contains("worker") && msg.contains("38") && msg.contains("5000 ms"),
-            "{msg}"
-        );
+        assert!(msg.contains("worker") && msg.contains("38") && msg.contains("5000 ms"), "{msg}");
     }
 }

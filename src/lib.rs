@@ -9,15 +9,21 @@
 //! - `cancel`  — proxy-issued cancel keys mapped to the server backend in use.
 //! - `protocol`— framing by 5-byte header; the few messages the proxy builds.
 //! - `error`   — the session error type and its one SQLSTATE mapping.
+//! - `metrics`, `stats`, `journal`, `admin` — gauges, pool figures, error ring, admin HTTP.
 
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod budget;
 pub mod cancel;
 pub mod config;
+pub mod console;
 pub mod error;
+pub mod journal;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod stats;

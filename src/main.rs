@@ -40,9 +40,7 @@ enum Cmd {
 fn init_logs(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if format == "json" {
         b.json().with_current_span(true).init();
     } else {
@@ -71,25 +69,14 @@ fn main() -> ExitCode {
         },
         Cmd::Verifier => {
             let mut pw = String::new();
-            if std::io::stdin().read_line(&mut pw).is_err()
-                || pw.trim_end_matches(['\r', '\n']).is_empty()
-            {
+            if std::io::stdin().read_line(&mut pw).is_err() || pw.trim_end_matches(['\r', '\n']).is_empty() {
                 eprintln!("usage: echo PASSWORD | pgbudget verifier");
                 return ExitCode::from(2);
             }
-            println!(
-                "{}",
-                postgres_protocol::password::scram_sha_256(
-                    pw.trim_end_matches(['\r', '\n']).as_bytes()
-                )
-            );
+            println!("{}", postgres_protocol::password::scram_sha_256(pw.trim_end_matches(['\r', '\n']).as_bytes()));
             ExitCode::SUCCESS
         }
-        Cmd::Run {
-            config,
-            listen,
-            log_format,
-        } => {
+        Cmd::Run { config, listen, log_format } => {
             init_logs(&log_format);
             let mut resolved = match load(&config, &env) {
                 Ok(r) => r,
@@ -102,10 +89,7 @@ fn main() -> ExitCode {
             if let Some(l) = listen {
                 resolved.config.proxy.listen = l;
             }
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             rt.block_on(run(resolved, env))
         }
     }
@@ -123,7 +107,22 @@ async fn run(resolved: Resolved, env: Env) -> ExitCode {
     for line in resolved.table().lines() {
         info!("budget: {line}");
     }
+    let admin_addr = resolved.config.admin.listen.clone();
+    let admin = if admin_addr.is_empty() {
+        None
+    } else {
+        match tokio::net::TcpListener::bind(&admin_addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!(kind = "listen", cause = %e, addr = %admin_addr, "cannot listen for admin http");
+                return ExitCode::from(1);
+            }
+        }
+    };
     let app = App::new(resolved, &env);
+    if let Some(l) = admin {
+        tokio::spawn(pgbudget::admin::serve(app.clone(), l));
+    }
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or(addr), "pgbudget listening");
     let server = tokio::spawn(app.clone().serve(listener));
     let signal = wait_for_signal().await;

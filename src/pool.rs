@@ -32,6 +32,7 @@ pub struct UpstreamState {
     pub target: UpstreamTarget,
     /// Permits = ceiling − reserved; each live server connection holds one.
     pub permits: Arc<Semaphore>,
+    pub servers: crate::server::ServerList,
 }
 
 impl UpstreamState {
@@ -46,6 +47,7 @@ pub struct Manager {
     pub upstream: Arc<UpstreamState>,
     pub budget: ServiceBudget,
     pub application_name: String,
+    pub route: Route,
     /// ParameterStatus set of the first connection made; what clients see in transaction mode.
     pub template: RwLock<Option<Arc<HashMap<String, String>>>>,
 }
@@ -62,13 +64,9 @@ impl managed::Manager for Manager {
             .try_acquire_owned()
             .map_err(|_| ServerError::CeilingReached(self.upstream.target.ceiling))?;
         let s = &self.budget.settings;
-        let conn = ServerConn::connect(
-            &self.upstream.target,
-            &self.application_name,
-            s.connect_timeout,
-            permit,
-        )
-        .await?;
+        let mut conn =
+            ServerConn::connect(&self.upstream.target, &self.application_name, s.connect_timeout, permit).await?;
+        conn.register(&self.upstream.servers, &self.budget.name, self.route.as_str());
         let mut t = self.template.write().unwrap_or_else(|e| e.into_inner());
         if t.is_none() {
             *t = Some(Arc::new(conn.params.clone()));
@@ -90,9 +88,7 @@ impl managed::Manager for Manager {
             return Err(RecycleError::message("closed by server"));
         }
         if idle > s.server_check_delay {
-            conn.ping(s.connect_timeout)
-                .await
-                .map_err(RecycleError::Backend)?;
+            conn.ping(s.connect_timeout).await.map_err(RecycleError::Backend)?;
         }
         Ok(())
     }
@@ -105,6 +101,7 @@ pub type PooledConn = managed::Object<Manager>;
 pub struct ServicePool {
     pub pool: Pool,
     pub route: Route,
+    pub metrics: crate::metrics::PoolMetrics,
 }
 
 impl ServicePool {
@@ -119,42 +116,23 @@ impl ServicePool {
         let up = || b.upstream.clone();
         match self.pool.get().await {
             Ok(c) => Ok(c),
-            Err(PoolError::Timeout(TimeoutType::Wait))
-            | Err(PoolError::Backend(ServerError::CeilingReached(_))) => {
-                Err(ProxyError::BudgetExhausted {
-                    service: b.name.clone(),
-                    share: b.share,
-                    waited: started.elapsed(),
-                })
+            Err(PoolError::Timeout(TimeoutType::Wait)) | Err(PoolError::Backend(ServerError::CeilingReached(_))) => {
+                Err(ProxyError::BudgetExhausted { service: b.name.clone(), share: b.share, waited: started.elapsed() })
             }
-            Err(PoolError::Timeout(_)) => Err(ProxyError::Upstream {
-                upstream: up(),
-                source: ServerError::Timeout(b.settings.connect_timeout),
-            }),
-            Err(PoolError::Backend(e)) => Err(ProxyError::Upstream {
-                upstream: up(),
-                source: e,
-            }),
+            Err(PoolError::Timeout(_)) => {
+                Err(ProxyError::Upstream { upstream: up(), source: ServerError::Timeout(b.settings.connect_timeout) })
+            }
+            Err(PoolError::Backend(e)) => Err(ProxyError::Upstream { upstream: up(), source: e }),
             Err(PoolError::Closed) => Err(ProxyError::ShuttingDown),
             Err(PoolError::NoRuntimeSpecified) | Err(PoolError::PostCreateHook(_)) => {
-                Err(ProxyError::Upstream {
-                    upstream: up(),
-                    source: ServerError::Closed,
-                })
+                Err(ProxyError::Upstream { upstream: up(), source: ServerError::Closed })
             }
         }
     }
 
     /// ParameterStatus values for clients; connects once if no connection was ever made.
     pub async fn template(&self) -> Result<Arc<HashMap<String, String>>, ProxyError> {
-        if let Some(t) = self
-            .pool
-            .manager()
-            .template
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(t) = self.pool.manager().template.read().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(t);
         }
         let conn = self.checkout().await?;
@@ -167,9 +145,7 @@ impl ServicePool {
     pub fn reap(&self) {
         let s = &self.budget().settings;
         let (idle, life) = (s.server_idle_timeout, s.server_lifetime);
-        self.pool.retain(|c, _| {
-            !c.broken && c.last_checkin.elapsed() < idle && c.created.elapsed() < life
-        });
+        self.pool.retain(|c, _| !c.broken && c.last_checkin.elapsed() < idle && c.created.elapsed() < life);
     }
 }
 
@@ -180,19 +156,13 @@ pub struct Pools {
 }
 
 impl Pools {
-    pub fn build(r: &Resolved) -> Pools {
+    pub fn build(r: &Resolved, metrics: &crate::metrics::Metrics) -> Pools {
         let upstreams: BTreeMap<_, _> = r
             .upstreams
             .iter()
             .map(|(n, t)| {
                 let permits = Arc::new(Semaphore::new((t.ceiling - t.reserved) as usize));
-                (
-                    n.clone(),
-                    Arc::new(UpstreamState {
-                        target: t.clone(),
-                        permits,
-                    }),
-                )
+                (n.clone(), Arc::new(UpstreamState { target: t.clone(), permits, servers: Default::default() }))
             })
             .collect();
         let mut pools = BTreeMap::new();
@@ -202,12 +172,8 @@ impl Pools {
             let mgr = Manager {
                 upstream: upstreams[&b.upstream].clone(),
                 budget: b.clone(),
-                application_name: format!(
-                    "{}:{}:{}",
-                    r.config.proxy.application_name_prefix,
-                    name,
-                    route.as_str()
-                ),
+                route,
+                application_name: format!("{}:{}:{}", r.config.proxy.application_name_prefix, name, route.as_str()),
                 template: RwLock::new(None),
             };
             let pool = managed::Pool::builder(mgr)
@@ -218,7 +184,8 @@ impl Pools {
                 .runtime(deadpool::Runtime::Tokio1)
                 .build()
                 .expect("runtime and timeouts are set");
-            pools.insert((name.clone(), route), Arc::new(ServicePool { pool, route }));
+            let metrics = metrics.pool(name, route.as_str());
+            pools.insert((name.clone(), route), Arc::new(ServicePool { pool, route, metrics }));
         }
         Pools { upstreams, pools }
     }

@@ -89,17 +89,12 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPack
                 if k.is_empty() {
                     break;
                 }
-                let v = parts
-                    .next()
-                    .ok_or(ProtocolError::Malformed("StartupMessage"))?;
+                let v = parts.next().ok_or(ProtocolError::Malformed("StartupMessage"))?;
                 params.insert(utf8(k)?, utf8(v)?);
             }
             Ok(StartupPacket::Startup(Startup { params }))
         }
-        v => Err(ProtocolError::Version {
-            major: v >> 16,
-            minor: v & 0xffff,
-        }),
+        v => Err(ProtocolError::Version { major: v >> 16, minor: v & 0xffff }),
     }
 }
 
@@ -109,17 +104,11 @@ fn utf8(b: &[u8]) -> Result<String, ProtocolError> {
 
 /// Read one whole typed message into `buf` (cleared first); returns its type byte.
 /// Used only off the hot path (authentication, server startup, reset).
-pub async fn read_message<R: AsyncRead + Unpin>(
-    r: &mut R,
-    buf: &mut BytesMut,
-) -> Result<u8, ProtocolError> {
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> Result<u8, ProtocolError> {
     let kind = r.read_u8().await?;
     let len = r.read_i32().await?;
     if len < 4 || len as usize > MAX_DECODED_LEN {
-        return Err(ProtocolError::Length {
-            kind: kind as char,
-            len: len.max(0) as usize,
-        });
+        return Err(ProtocolError::Length { kind: kind as char, len: len.max(0) as usize });
     }
     buf.clear();
     buf.resize(len as usize - 4, 0);
@@ -129,10 +118,7 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 
 /// Read a NUL-terminated string from the front of `b`.
 pub fn cstr<'a>(b: &mut &'a [u8]) -> Result<&'a str, ProtocolError> {
-    let end = b
-        .iter()
-        .position(|c| *c == 0)
-        .ok_or(ProtocolError::Malformed("string"))?;
+    let end = b.iter().position(|c| *c == 0).ok_or(ProtocolError::Malformed("string"))?;
     let s = std::str::from_utf8(&b[..end]).map_err(|_| ProtocolError::Malformed("string"))?;
     *b = &b[end + 1..];
     Ok(s)
@@ -176,18 +162,8 @@ impl Severity {
 }
 
 /// Append an ErrorResponse (or NoticeResponse for [`Severity::Notice`]).
-pub fn error_response(
-    out: &mut BytesMut,
-    severity: Severity,
-    code: &str,
-    message: &str,
-    detail: Option<&str>,
-) {
-    let kind = if severity == Severity::Notice {
-        b'N'
-    } else {
-        b'E'
-    };
+pub fn error_response(out: &mut BytesMut, severity: Severity, code: &str, message: &str, detail: Option<&str>) {
+    let kind = if severity == Severity::Notice { b'N' } else { b'E' };
     let at = begin(out, kind);
     for tag in [b'S', b'V'] {
         out.put_u8(tag);
@@ -318,10 +294,7 @@ impl Scanner {
                 chunk = &chunk[n..];
                 if self.remaining == 0 && self.capturing {
                     self.capturing = false;
-                    on(Event::Body {
-                        kind: self.kind,
-                        body: &self.body,
-                    })?;
+                    on(Event::Body { kind: self.kind, body: &self.body })?;
                 }
                 continue;
             }
@@ -335,42 +308,22 @@ impl Scanner {
             }
             self.header_len = 0;
             self.kind = self.header[0];
-            let len = i32::from_be_bytes([
-                self.header[1],
-                self.header[2],
-                self.header[3],
-                self.header[4],
-            ]);
+            let len = i32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
             if len < 4 {
-                return Err(ProtocolError::Length {
-                    kind: self.kind as char,
-                    len: len.max(0) as usize,
-                }
-                .into());
+                return Err(ProtocolError::Length { kind: self.kind as char, len: len.max(0) as usize }.into());
             }
             let body_len = len as usize - 4;
-            on(Event::Start {
-                kind: self.kind,
-                len: body_len,
-                at: chunk_in.len() - chunk.len(),
-            })?;
+            on(Event::Start { kind: self.kind, len: body_len, at: chunk_in.len() - chunk.len() })?;
             self.remaining = body_len;
             if capture(self.kind) {
                 if body_len > MAX_DECODED_LEN {
-                    return Err(ProtocolError::Length {
-                        kind: self.kind as char,
-                        len: body_len,
-                    }
-                    .into());
+                    return Err(ProtocolError::Length { kind: self.kind as char, len: body_len }.into());
                 }
                 self.body.clear();
                 self.capturing = true;
                 if body_len == 0 {
                     self.capturing = false;
-                    on(Event::Body {
-                        kind: self.kind,
-                        body: &[],
-                    })?;
+                    on(Event::Body { kind: self.kind, body: &[] })?;
                 }
             }
         }
@@ -449,10 +402,7 @@ mod tests {
         error_response(&mut b, Severity::Fatal, "53300", "too many", Some("d"));
         assert_eq!(b[0], b'E');
         let (sev, code, msg) = parse_error_fields(&b[5..]);
-        assert_eq!(
-            (sev.as_str(), code.as_str(), msg.as_str()),
-            ("FATAL", "53300", "too many")
-        );
+        assert_eq!((sev.as_str(), code.as_str(), msg.as_str()), ("FATAL", "53300", "too many"));
     }
 
     #[test]

@@ -37,12 +37,7 @@ struct TxState {
 }
 
 impl TxState {
-    const IDLE: TxState = TxState {
-        pending: 0,
-        ext_open: false,
-        status: b'I',
-        copy_in: false,
-    };
+    const IDLE: TxState = TxState { pending: 0, ext_open: false, status: b'I', copy_in: false };
 }
 
 /// Why the relay stopped.
@@ -66,6 +61,16 @@ pub struct Relay {
     sbuf: BytesMut,
     draining: bool,
     mode: PoolMode,
+    /// When the current transaction's first message was relayed.
+    tx_started: Option<Instant>,
+}
+
+/// What a server chunk contained that the proxy reports on.
+#[derive(Default)]
+struct Seen {
+    idle_ready: u32,
+    /// (SQLSTATE, message) of each ErrorResponse.
+    errors: Vec<(String, String)>,
 }
 
 enum Ev {
@@ -75,12 +80,7 @@ enum Ev {
 }
 
 impl Relay {
-    pub fn new(
-        app: Arc<App>,
-        pool: Arc<ServicePool>,
-        key: ClientKey,
-        desired: BTreeMap<String, String>,
-    ) -> Relay {
+    pub fn new(app: Arc<App>, pool: Arc<ServicePool>, key: ClientKey, desired: BTreeMap<String, String>) -> Relay {
         let mode = pool.budget().pool_mode();
         Relay {
             app,
@@ -95,6 +95,7 @@ impl Relay {
             sbuf: BytesMut::with_capacity(BUF),
             draining: false,
             mode,
+            tx_started: None,
         }
     }
 
@@ -114,36 +115,69 @@ impl Relay {
 
     /// Check out a server, bring its session settings in line with this client's, and record it for cancels.
     pub async fn attach(&mut self) -> Result<(), ProxyError> {
-        let mut conn = self.pool.checkout().await?;
+        let started = Instant::now();
+        let checkout = self.pool.checkout().await;
+        self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
+        let mut conn = match checkout {
+            Ok(c) => c,
+            Err(e) => {
+                self.note_checkout_error(&e);
+                return Err(e);
+            }
+        };
         if let Some(sql) = settings_sql(&conn, &self.desired) {
             let timeout = self.pool.budget().settings.reset_timeout;
             if let Err(e) = conn.simple(&sql, timeout).await {
                 conn.broken = true;
                 return Err(match e {
-                    ServerError::Postgres { code, message } => {
-                        ProxyError::ServerRejected { code, message }
-                    }
-                    source => ProxyError::Upstream {
-                        upstream: self.pool.budget().upstream.clone(),
-                        source,
-                    },
+                    ServerError::Postgres { code, message } => ProxyError::ServerRejected { code, message },
+                    source => ProxyError::Upstream { upstream: self.pool.budget().upstream.clone(), source },
                 });
             }
-            conn.applied = self
-                .desired
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         }
-        self.key.attach(Some(ServerKey {
-            addr: conn.addr,
-            pid: conn.pid,
-            secret: conn.secret,
-        }));
+        self.key.attach(Some(ServerKey { addr: conn.addr, pid: conn.pid, secret: conn.secret }));
         self.st = TxState::IDLE;
         self.sscan = Scanner::default();
         self.server = Some(conn);
         Ok(())
+    }
+
+    fn note_checkout_error(&self, e: &ProxyError) {
+        let b = self.pool.budget();
+        let route = self.pool.route.as_str();
+        let (kind, label) = match e {
+            ProxyError::BudgetExhausted { .. } => {
+                self.pool.metrics.checkout_timeouts.inc();
+                ("budget", None)
+            }
+            ProxyError::Upstream { .. } => ("connect", Some("connect")),
+            ProxyError::ServerRejected { .. } => ("server_error", Some("server_error")),
+            _ => return,
+        };
+        if let Some(l) = label {
+            self.app.metrics.server_errors.with_label_values(&[&b.name, route, l]).inc();
+        }
+        let (_, code, msg) = e.to_client();
+        self.app.journal.record(&b.name, route, &b.upstream, kind, code, &msg);
+    }
+
+    /// Count what a server chunk completed and journal the errors it carried.
+    fn note_seen(&mut self, seen: &mut Seen) {
+        let m = &self.pool.metrics;
+        if seen.idle_ready > 0 {
+            m.transactions.inc_by(seen.idle_ready as u64);
+            if let Some(t) = self.tx_started.take() {
+                m.tx_duration.observe(t.elapsed().as_secs_f64());
+            }
+        }
+        let b = self.pool.budget();
+        let route = self.pool.route.as_str();
+        for (code, message) in seen.errors.drain(..) {
+            let kind = crate::journal::kind_for_sqlstate(&code);
+            self.app.metrics.server_errors.with_label_values(&[&b.name, route, kind]).inc();
+            self.app.journal.record(&b.name, route, &b.upstream, kind, &code, &message);
+        }
     }
 
     /// Return a clean server to the pool.
@@ -213,6 +247,11 @@ impl Relay {
                         if let Some(c) = self.server.as_mut() {
                             c.broken = true;
                         }
+                        let b = self.pool.budget();
+                        let route = self.pool.route.as_str();
+                        self.app.metrics.server_errors.with_label_values(&[&b.name, route, "server_error"]).inc();
+                        let msg = "server closed the connection during a session";
+                        self.app.journal.record(&b.name, route, &b.upstream, "server_error", "08006", msg);
                         return Err(ProxyError::Upstream {
                             upstream: self.pool.budget().upstream.clone(),
                             source: ServerError::Closed,
@@ -242,18 +281,30 @@ impl Relay {
     async fn forward_client(&mut self) -> Result<bool, ProxyError> {
         let st = &mut self.st;
         let mut terminate_at = None;
+        let mut queries = 0u64;
+        if self.tx_started.is_none() {
+            self.tx_started = Some(Instant::now());
+        }
         self.cscan.feed::<ProxyError>(
             &self.cbuf,
             |_| false,
             |ev| {
                 if let Event::Start { kind, at, .. } = ev {
                     match kind {
-                        b'Q' | b'F' => st.pending += 1,
+                        b'Q' => {
+                            st.pending += 1;
+                            queries += 1;
+                        }
+                        b'F' => st.pending += 1,
                         b'S' => {
                             st.pending += 1;
                             st.ext_open = false;
                         }
-                        b'P' | b'B' | b'E' | b'D' | b'C' | b'H' => st.ext_open = true,
+                        b'E' => {
+                            st.ext_open = true;
+                            queries += 1;
+                        }
+                        b'P' | b'B' | b'D' | b'C' | b'H' => st.ext_open = true,
                         b'c' | b'f' => st.copy_in = false,
                         b'X' => terminate_at = Some(at.saturating_sub(5)),
                         _ => {}
@@ -263,6 +314,8 @@ impl Relay {
             },
         )?;
         let end = terminate_at.unwrap_or(self.cbuf.len());
+        self.pool.metrics.queries.inc_by(queries);
+        self.pool.metrics.bytes_from_client.inc_by(end as u64);
         let conn = self.server.as_mut().expect("attached");
         if let Err(e) = conn.stream.write_all(&self.cbuf[..end]).await {
             conn.broken = true;
@@ -278,21 +331,18 @@ impl Relay {
     /// Scan and forward buffered server bytes to the client.
     async fn forward_server(&mut self, sock: &mut TcpStream) -> Result<(), ProxyError> {
         let conn = self.server.as_mut().expect("attached");
-        scan_server(&mut self.sscan, &mut self.st, conn, &self.sbuf)?;
-        sock.write_all(&self.sbuf)
-            .await
-            .map_err(ProxyError::ClientIo)?;
+        let mut seen = Seen::default();
+        scan_server(&mut self.sscan, &mut self.st, conn, &self.sbuf, &mut seen)?;
+        self.note_seen(&mut seen);
+        self.pool.metrics.bytes_to_client.inc_by(self.sbuf.len() as u64);
+        sock.write_all(&self.sbuf).await.map_err(ProxyError::ClientIo)?;
         self.sbuf.clear();
         Ok(())
     }
 
     /// Answer a batch we cannot run (no server): ErrorResponse, then skip to its Query or Sync and say ReadyForQuery.
     /// Returns true if the client terminated meanwhile.
-    async fn reject_batch(
-        &mut self,
-        sock: &mut TcpStream,
-        e: &ProxyError,
-    ) -> Result<bool, ProxyError> {
+    async fn reject_batch(&mut self, sock: &mut TcpStream, e: &ProxyError) -> Result<bool, ProxyError> {
         let (_, code, msg) = e.to_client();
         let mut out = BytesMut::new();
         protocol::error_response(&mut out, Severity::Error, code, &msg, None);
@@ -300,14 +350,9 @@ impl Relay {
         loop {
             while self.cbuf.len() >= 5 {
                 let kind = self.cbuf[0];
-                let len =
-                    i32::from_be_bytes([self.cbuf[1], self.cbuf[2], self.cbuf[3], self.cbuf[4]]);
+                let len = i32::from_be_bytes([self.cbuf[1], self.cbuf[2], self.cbuf[3], self.cbuf[4]]);
                 if len < 4 {
-                    return Err(ProtocolError::Length {
-                        kind: kind as char,
-                        len: 0,
-                    }
-                    .into());
+                    return Err(ProtocolError::Length { kind: kind as char, len: 0 }.into());
                 }
                 if self.cbuf.len() < 1 + len as usize {
                     break;
@@ -351,8 +396,7 @@ impl Relay {
         }
         let st = self.st;
         let mut sscan = std::mem::take(&mut self.sscan);
-        let result =
-            tokio::time::timeout(deadline, cleanup(&mut conn, st, &mut sscan, needs_reset)).await;
+        let result = tokio::time::timeout(deadline, cleanup(&mut conn, st, &mut sscan, needs_reset)).await;
         match result {
             Ok(Ok(())) => {
                 debug!("server connection reset and returned");
@@ -383,19 +427,25 @@ fn scan_server(
     st: &mut TxState,
     conn: &mut ServerConn,
     bytes: &[u8],
+    seen: &mut Seen,
 ) -> Result<(), ProxyError> {
     sscan.feed::<ProxyError>(
         bytes,
-        |k| k == b'Z' || k == b'S',
+        |k| k == b'Z' || k == b'S' || k == b'E',
         |ev| {
             match ev {
-                Event::Start {
-                    kind: b'G' | b'W', ..
-                } => st.copy_in = true,
+                Event::Start { kind: b'G' | b'W', .. } => st.copy_in = true,
                 Event::Body { kind: b'Z', body } => {
                     st.pending = st.pending.saturating_sub(1);
                     st.status = body.first().copied().unwrap_or(b'I');
                     st.copy_in = false;
+                    if st.status == b'I' {
+                        seen.idle_ready += 1;
+                    }
+                }
+                Event::Body { kind: b'E', body } => {
+                    let (_, code, message) = protocol::parse_error_fields(body);
+                    seen.errors.push((code, message));
                 }
                 Event::Body { kind: b'S', body } => {
                     if let Ok((k, v)) = protocol::parse_parameter_status(body) {
@@ -411,12 +461,7 @@ fn scan_server(
 
 /// Bring a server abandoned mid-conversation back to idle: end COPY, close the extended batch, cancel
 /// what still runs, drain replies, roll back, and (session mode) reset session state.
-async fn cleanup(
-    conn: &mut ServerConn,
-    mut st: TxState,
-    sscan: &mut Scanner,
-    reset: bool,
-) -> Result<(), ServerError> {
+async fn cleanup(conn: &mut ServerConn, mut st: TxState, sscan: &mut Scanner, reset: bool) -> Result<(), ServerError> {
     let mut out = BytesMut::new();
     if st.copy_in {
         let at = protocol::begin(&mut out, b'f');
@@ -428,37 +473,24 @@ async fn cleanup(
         st.pending += 1;
     }
     if !out.is_empty() {
-        conn.stream
-            .write_all(&out)
-            .await
-            .map_err(|_| ServerError::Closed)?;
+        conn.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
     }
     let mut buf = BytesMut::with_capacity(BUF);
     let mut cancelled = false;
     let started = Instant::now();
     while st.pending > 0 {
-        let wait = if cancelled {
-            Duration::from_secs(3600)
-        } else {
-            Duration::from_millis(200)
-        };
+        let wait = if cancelled { Duration::from_secs(3600) } else { Duration::from_millis(200) };
         match tokio::time::timeout(wait, conn.stream.read_buf(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err(ServerError::Closed),
             Ok(Ok(_)) => {
-                scan_server(sscan, &mut st, conn, &buf).map_err(|_| {
-                    ServerError::Protocol(ProtocolError::Malformed("server stream"))
-                })?;
+                scan_server(sscan, &mut st, conn, &buf, &mut Seen::default())
+                    .map_err(|_| ServerError::Protocol(ProtocolError::Malformed("server stream")))?;
                 buf.clear();
             }
             Err(_) => {
-                crate::server::send_cancel(
-                    conn.addr,
-                    conn.pid,
-                    conn.secret,
-                    Duration::from_secs(2),
-                )
-                .await
-                .map_err(ServerError::Connect)?;
+                crate::server::send_cancel(conn.addr, conn.pid, conn.secret, Duration::from_secs(2))
+                    .await
+                    .map_err(ServerError::Connect)?;
                 cancelled = true;
                 debug!(waited = ?started.elapsed(), "cancelled abandoned query");
             }

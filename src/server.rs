@@ -4,9 +4,11 @@
 use crate::budget::UpstreamTarget;
 use crate::protocol::{self, ProtocolError};
 use bytes::{Buf, BufMut, BytesMut};
+use dashmap::DashMap;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -46,14 +48,38 @@ pub struct ServerConn {
     /// Set when the connection must not be reused.
     pub broken: bool,
     _permit: OwnedSemaphorePermit,
+    /// Entry in the upstream's server list (for `SHOW SERVERS`), removed on Drop.
+    registration: Option<Registration>,
+}
+
+/// What `SHOW SERVERS` shows of a server connection.
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub service: String,
+    pub route: &'static str,
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub connected_at: std::time::SystemTime,
+}
+
+/// The live server connections of one upstream, keyed by backend pid.
+pub type ServerList = Arc<DashMap<i32, ServerInfo>>;
+
+#[derive(Debug)]
+struct Registration {
+    list: ServerList,
+    pid: i32,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.list.remove(&self.pid);
+    }
 }
 
 impl std::fmt::Debug for ServerConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerConn")
-            .field("addr", &self.addr)
-            .field("pid", &self.pid)
-            .finish()
+        f.debug_struct("ServerConn").field("addr", &self.addr).field("pid", &self.pid).finish()
     }
 }
 
@@ -69,9 +95,7 @@ impl Drop for ServerConn {
 
 fn keepalive(stream: &TcpStream) {
     let sock = socket2::SockRef::from(stream);
-    let ka = socket2::TcpKeepalive::new()
-        .with_time(Duration::from_secs(30))
-        .with_interval(Duration::from_secs(10));
+    let ka = socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)).with_interval(Duration::from_secs(10));
     let _ = sock.set_tcp_keepalive(&ka);
     let _ = stream.set_nodelay(true);
 }
@@ -89,12 +113,9 @@ impl ServerConn {
         timeout: Duration,
         permit: OwnedSemaphorePermit,
     ) -> Result<ServerConn, ServerError> {
-        tokio::time::timeout(
-            timeout,
-            Self::connect_inner(target, application_name, permit),
-        )
-        .await
-        .map_err(|_| ServerError::Timeout(timeout))?
+        tokio::time::timeout(timeout, Self::connect_inner(target, application_name, permit))
+            .await
+            .map_err(|_| ServerError::Timeout(timeout))?
     }
 
     async fn connect_inner(
@@ -102,9 +123,7 @@ impl ServerConn {
         application_name: &str,
         permit: OwnedSemaphorePermit,
     ) -> Result<ServerConn, ServerError> {
-        let stream = TcpStream::connect((target.host.as_str(), target.port))
-            .await
-            .map_err(ServerError::Connect)?;
+        let stream = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(ServerError::Connect)?;
         keepalive(&stream);
         let addr = stream.peer_addr().map_err(ServerError::Connect)?;
         let mut conn = ServerConn {
@@ -118,25 +137,21 @@ impl ServerConn {
             last_checkin: Instant::now(),
             broken: true, // until the login completes
             _permit: permit,
+            registration: None,
         };
         let mut out = BytesMut::with_capacity(256);
         out.put_i32(0);
         out.put_i32(protocol::PROTOCOL_V3);
-        for (k, v) in [
-            ("user", target.user.as_str()),
-            ("database", &target.database),
-            ("application_name", application_name),
-        ] {
+        for (k, v) in
+            [("user", target.user.as_str()), ("database", &target.database), ("application_name", application_name)]
+        {
             protocol::put_cstr(&mut out, k);
             protocol::put_cstr(&mut out, v);
         }
         out.put_u8(0);
         let len = out.len() as i32;
         out[..4].copy_from_slice(&len.to_be_bytes());
-        conn.stream
-            .write_all(&out)
-            .await
-            .map_err(ServerError::Connect)?;
+        conn.stream.write_all(&out).await.map_err(ServerError::Connect)?;
         conn.login(target).await?;
         conn.broken = false;
         Ok(conn)
@@ -147,9 +162,10 @@ impl ServerConn {
         let mut out = BytesMut::with_capacity(256);
         let mut scram: Option<ScramSha256> = None;
         let password = || {
-            target.password.clone().ok_or_else(|| {
-                ServerError::Auth("server asks for a password but the upstream URL has none".into())
-            })
+            target
+                .password
+                .clone()
+                .ok_or_else(|| ServerError::Auth("server asks for a password but the upstream URL has none".into()))
         };
         loop {
             let kind = protocol::read_message(&mut self.stream, &mut buf).await?;
@@ -178,14 +194,9 @@ impl ServerConn {
                         10 => {
                             let mechs: Vec<&[u8]> = b.split(|c| *c == 0).collect();
                             if !mechs.contains(&&b"SCRAM-SHA-256"[..]) {
-                                return Err(ServerError::Auth(
-                                    "server offers no SCRAM-SHA-256".into(),
-                                ));
+                                return Err(ServerError::Auth("server offers no SCRAM-SHA-256".into()));
                             }
-                            let s = ScramSha256::new(
-                                password()?.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
+                            let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
                             let at = protocol::begin(&mut out, b'p');
                             protocol::put_cstr(&mut out, "SCRAM-SHA-256");
                             out.put_i32(s.message().len() as i32);
@@ -194,31 +205,20 @@ impl ServerConn {
                             scram = Some(s);
                         }
                         11 => {
-                            let s = scram
-                                .as_mut()
-                                .ok_or(ProtocolError::Malformed("SASLContinue"))?;
+                            let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASLContinue"))?;
                             s.update(b).map_err(|e| ServerError::Auth(e.to_string()))?;
                             let at = protocol::begin(&mut out, b'p');
                             out.put_slice(s.message());
                             protocol::finish(&mut out, at);
                         }
                         12 => {
-                            let s = scram
-                                .as_mut()
-                                .ok_or(ProtocolError::Malformed("SASLFinal"))?;
+                            let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASLFinal"))?;
                             s.finish(b).map_err(|e| ServerError::Auth(e.to_string()))?;
                         }
-                        code => {
-                            return Err(ServerError::Auth(format!(
-                                "unsupported authentication request {code}"
-                            )))
-                        }
+                        code => return Err(ServerError::Auth(format!("unsupported authentication request {code}"))),
                     }
                     if !out.is_empty() {
-                        self.stream
-                            .write_all(&out)
-                            .await
-                            .map_err(ServerError::Connect)?;
+                        self.stream.write_all(&out).await.map_err(ServerError::Connect)?;
                     }
                 }
                 b'S' => {
@@ -241,14 +241,23 @@ impl ServerConn {
                 b'N' => {}
                 b'Z' => return Ok(()),
                 other => {
-                    return Err(ProtocolError::Unexpected {
-                        expected: "login response",
-                        got: other as char,
-                    }
-                    .into())
+                    return Err(ProtocolError::Unexpected { expected: "login response", got: other as char }.into())
                 }
             }
         }
+    }
+
+    /// List this connection in `list` until it is dropped.
+    pub fn register(&mut self, list: &ServerList, service: &str, route: &'static str) {
+        let info = ServerInfo {
+            service: service.to_owned(),
+            route,
+            addr: self.addr,
+            pid: self.pid,
+            connected_at: std::time::SystemTime::now(),
+        };
+        list.insert(self.pid, info);
+        self.registration = Some(Registration { list: list.clone(), pid: self.pid });
     }
 
     /// Run one simple-protocol statement and consume its whole reply up to ReadyForQuery.
@@ -258,10 +267,7 @@ impl ServerConn {
         let r = r.unwrap_or(Err(ServerError::Timeout(timeout)));
         if matches!(
             r,
-            Err(ServerError::Timeout(_)
-                | ServerError::Closed
-                | ServerError::Protocol(_)
-                | ServerError::Connect(_))
+            Err(ServerError::Timeout(_) | ServerError::Closed | ServerError::Protocol(_) | ServerError::Connect(_))
         ) {
             self.broken = true;
         }
@@ -271,10 +277,7 @@ impl ServerConn {
     async fn simple_inner(&mut self, sql: &str) -> Result<(), ServerError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         protocol::simple_query(&mut out, sql);
-        self.stream
-            .write_all(&out)
-            .await
-            .map_err(|_| ServerError::Closed)?;
+        self.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
         self.drain_until_ready().await
     }
 
@@ -283,12 +286,10 @@ impl ServerConn {
         let mut buf = BytesMut::with_capacity(256);
         let mut err = None;
         loop {
-            let kind = protocol::read_message(&mut self.stream, &mut buf)
-                .await
-                .map_err(|e| match e {
-                    ProtocolError::Io(_) => ServerError::Closed,
-                    e => ServerError::Protocol(e),
-                })?;
+            let kind = protocol::read_message(&mut self.stream, &mut buf).await.map_err(|e| match e {
+                ProtocolError::Io(_) => ServerError::Closed,
+                e => ServerError::Protocol(e),
+            })?;
             match kind {
                 b'S' => {
                     let (k, v) = protocol::parse_parameter_status(&buf)?;
@@ -333,12 +334,7 @@ fn password_message(out: &mut BytesMut, pw: &[u8]) {
 }
 
 /// Send a CancelRequest for server backend (pid, secret) at `addr`.
-pub async fn send_cancel(
-    addr: SocketAddr,
-    pid: i32,
-    secret: i32,
-    timeout: Duration,
-) -> std::io::Result<()> {
+pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32, timeout: Duration) -> std::io::Result<()> {
     let fut = async {
         let mut s = TcpStream::connect(addr).await?;
         let mut out = BytesMut::with_capacity(16);
@@ -352,7 +348,5 @@ pub async fn send_cancel(
         let _ = tokio::io::AsyncReadExt::read(&mut s, &mut b).await;
         Ok(())
     };
-    tokio::time::timeout(timeout, fut)
-        .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+    tokio::time::timeout(timeout, fut).await.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }

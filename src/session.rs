@@ -1,6 +1,6 @@
 //! One client session: startup → authenticate → pick service → (check out per session or per transaction) → relay → checkin.
 
-use crate::app::App;
+use crate::app::{App, ClientInfo};
 use crate::cancel::ClientKey;
 use crate::config::{Mode, PoolMode, ServiceFrom};
 use crate::error::ProxyError;
@@ -9,6 +9,7 @@ use crate::protocol::{self, ProtocolError, Severity, Startup, StartupPacket};
 use crate::relay::{Outcome, Relay};
 use bytes::BytesMut;
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,25 +21,39 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 const LOCAL_PARAMS: [&str; 4] = ["user", "database", "application_name", "options"];
 
 /// Serve one client socket to the end; never panics the process, always logs why it ended.
-pub async fn run(app: Arc<App>, mut sock: TcpStream) {
+pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) {
     let startup = match tokio::time::timeout(LOGIN_TIMEOUT, read_startup(&app, &mut sock)).await {
         Ok(Ok(Some(s))) => s,
         Ok(Ok(None)) => return, // cancel request or probe, handled
         Ok(Err(e)) => return fail(&mut sock, e).await,
         Err(_) => return debug!("client sent no startup packet in time"),
     };
-    let mut relay =
-        match tokio::time::timeout(LOGIN_TIMEOUT, login(&app, &mut sock, &startup)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return fail(&mut sock, e).await,
-            Err(_) => {
-                return fail(
-                    &mut sock,
-                    ProxyError::ClientIo(std::io::ErrorKind::TimedOut.into()),
-                )
-                .await
-            }
-        };
+    if startup.database() == app.resolved.config.admin.console_database {
+        if let Err(e) = crate::console::run(&app, &mut sock, &startup).await {
+            fail(&mut sock, e).await;
+        }
+        return;
+    }
+    let mut relay = match tokio::time::timeout(LOGIN_TIMEOUT, login(&app, &mut sock, &startup)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            app.metrics.clients_rejected.with_label_values(&[reject_reason(&e)]).inc();
+            return fail(&mut sock, e).await;
+        }
+        Err(_) => return fail(&mut sock, ProxyError::ClientIo(std::io::ErrorKind::TimedOut.into())).await,
+    };
+    let _registered = app.register_client(
+        id,
+        ClientInfo {
+            addr: peer,
+            user: startup.user().to_owned(),
+            database: startup.database().to_owned(),
+            service: relay.pool.budget().name.clone(),
+            application_name: startup.get("application_name").unwrap_or("").to_owned(),
+            connected_at: std::time::SystemTime::now(),
+            key_pid: relay.key.pid,
+        },
+    );
     tracing::Span::current().record("service", relay.pool.budget().name.as_str());
     debug!(user = startup.user(), "client logged in");
     let outcome = relay.run(&mut sock).await;
@@ -50,6 +65,20 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream) {
         Err(e) => fail(&mut sock, e).await,
     }
     relay.finish().await;
+}
+
+/// The fixed metric label for a refused login.
+fn reject_reason(e: &ProxyError) -> &'static str {
+    match e {
+        ProxyError::Auth(_) => "auth",
+        ProxyError::UnknownService(_) => "unknown_service",
+        ProxyError::UnknownDatabase(_) => "unknown_database",
+        ProxyError::BadParameter(_) => "bad_parameter",
+        ProxyError::ShuttingDown => "shutting_down",
+        ProxyError::BudgetExhausted { .. } => "budget",
+        ProxyError::Upstream { .. } | ProxyError::ServerRejected { .. } => "upstream",
+        ProxyError::ClientProtocol(_) | ProxyError::ClientIo(_) => "protocol",
+    }
 }
 
 /// Send a FATAL/ERROR for `e` and log it with its kind and cause.
@@ -70,17 +99,7 @@ async fn fail(sock: &mut TcpStream, e: ProxyError) {
 async fn write_error(sock: &mut TcpStream, e: &ProxyError) -> std::io::Result<()> {
     let (sev, code, msg) = e.to_client();
     let mut out = BytesMut::new();
-    protocol::error_response(
-        &mut out,
-        if sev == Severity::Error {
-            Severity::Fatal
-        } else {
-            sev
-        },
-        code,
-        &msg,
-        None,
-    );
+    protocol::error_response(&mut out, if sev == Severity::Error { Severity::Fatal } else { sev }, code, &msg, None);
     sock.write_all(&out).await?;
     sock.flush().await
 }
@@ -97,9 +116,7 @@ async fn read_startup(app: &App, sock: &mut TcpStream) -> Result<Option<Startup>
                 return Ok(None);
             }
             Ok(StartupPacket::Startup(s)) => return Ok(Some(s)),
-            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Ok(None)
-            }
+            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
             Err(e) => return Err(e.into()),
         }
     }
@@ -107,13 +124,10 @@ async fn read_startup(app: &App, sock: &mut TcpStream) -> Result<Option<Startup>
 
 async fn forward_cancel(app: &App, pid: i32, secret: i32) {
     match app.cancels.lookup(pid, secret) {
-        Some(k) => {
-            match crate::server::send_cancel(k.addr, k.pid, k.secret, Duration::from_secs(5)).await
-            {
-                Ok(()) => info!(server_pid = k.pid, "cancel forwarded"),
-                Err(e) => warn!(kind = "cancel", cause = %e, "cancel could not be forwarded"),
-            }
-        }
+        Some(k) => match crate::server::send_cancel(k.addr, k.pid, k.secret, Duration::from_secs(5)).await {
+            Ok(()) => info!(server_pid = k.pid, "cancel forwarded"),
+            Err(e) => warn!(kind = "cancel", cause = %e, "cancel could not be forwarded"),
+        },
         None => debug!("cancel request for an unknown or idle key ignored"),
     }
 }
@@ -125,11 +139,7 @@ fn service_for(app: &App, s: &Startup) -> Result<String, ProxyError> {
         Mode::Sidecar => r.sidecar_service.clone().unwrap_or_default(),
         Mode::Shared => match r.config.proxy.service_from {
             ServiceFrom::ApplicationName => s.get("application_name").unwrap_or("").to_owned(),
-            ServiceFrom::User => app
-                .users
-                .get(s.user())
-                .and_then(|u| u.service.clone())
-                .unwrap_or_default(),
+            ServiceFrom::User => app.users.get(s.user()).and_then(|u| u.service.clone()).unwrap_or_default(),
         },
     };
     if r.services.contains_key(&name) {
@@ -160,19 +170,13 @@ pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyEr
                 w if w.starts_with("-c") => &w[2..],
                 other => return Err(ProxyError::BadParameter(format!("options={other}"))),
             };
-            let (k, v) = kv
-                .split_once('=')
-                .ok_or_else(|| ProxyError::BadParameter(format!("options={kv}")))?;
+            let (k, v) = kv.split_once('=').ok_or_else(|| ProxyError::BadParameter(format!("options={kv}")))?;
             out.insert(k.replace('-', "_"), v.to_owned());
         }
     }
     for k in out.keys() {
-        let ok = k
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && k.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        let ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
         if !ok {
             return Err(ProxyError::BadParameter(k.clone()));
         }
@@ -181,15 +185,9 @@ pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyEr
 }
 
 /// Authenticate, pick the pool, and greet the client like Postgres would.
-async fn login(
-    app: &Arc<App>,
-    sock: &mut TcpStream,
-    startup: &Startup,
-) -> Result<Relay, ProxyError> {
+async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup) -> Result<Relay, ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
-    app.users
-        .authenticate(sock, startup.user(), &mut buf)
-        .await?;
+    app.users.authenticate(sock, startup.user(), &mut buf).await?;
     if app.shutdown.is_cancelled() {
         return Err(ProxyError::ShuttingDown);
     }
@@ -200,11 +198,8 @@ async fn login(
         return Err(ProxyError::UnknownDatabase(startup.database().to_owned()));
     }
     let desired = desired_settings(startup)?;
-    let pool: Arc<ServicePool> = app
-        .pools
-        .get(&service, Route::ReadWrite)
-        .cloned()
-        .ok_or(ProxyError::UnknownService(service.clone()))?;
+    let pool: Arc<ServicePool> =
+        app.pools.get(&service, Route::ReadWrite).cloned().ok_or(ProxyError::UnknownService(service.clone()))?;
     let key: ClientKey = app.cancels.issue();
     let mut relay = Relay::new(app.clone(), pool.clone(), key, desired);
 
@@ -223,10 +218,7 @@ async fn login(
         }
         t
     };
-    shown.insert(
-        "application_name".into(),
-        startup.get("application_name").unwrap_or("").to_owned(),
-    );
+    shown.insert("application_name".into(), startup.get("application_name").unwrap_or("").to_owned());
 
     let mut out = BytesMut::with_capacity(512);
     protocol::auth_request(&mut out, 0, &[]);
@@ -241,10 +233,7 @@ async fn login(
 
 /// Compare setting values loosely (`utf-8` = `UTF8`).
 fn norm(v: &str) -> String {
-    v.chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect::<String>()
-        .to_ascii_lowercase()
+    v.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase()
 }
 
 /// Read more client bytes into `buf`; 0 means the client closed.
@@ -257,21 +246,13 @@ mod tests {
     use super::*;
 
     fn startup(pairs: &[(&str, &str)]) -> Startup {
-        Startup {
-            params: pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
+        Startup { params: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
     }
 
     #[test]
     fn options_become_settings() {
-        let s = startup(&[
-            ("user", "u"),
-            ("options", "-c search_path=app --statement-timeout=5s"),
-            ("DateStyle", "ISO"),
-        ]);
+        let s =
+            startup(&[("user", "u"), ("options", "-c search_path=app --statement-timeout=5s"), ("DateStyle", "ISO")]);
         let d = desired_settings(&s).unwrap();
         assert_eq!(d.get("search_path").map(String::as_str), Some("app"));
         assert_eq!(d.get("statement_timeout").map(String::as_str), Some("5s"));

@@ -44,25 +44,12 @@ async fn pgbench_tpcb_in_every_mode_and_protocol() {
     for (mode, proto) in cases {
         let proxy = Proxy::start(&config(
             &pg,
-            &format!(
-                "[services.app]\nslice = 4\npool_mode = \"{mode}\"\ncheckout_timeout = \"20s\"\n"
-            ),
+            &format!("[services.app]\nslice = 4\npool_mode = \"{mode}\"\ncheckout_timeout = \"20s\"\n"),
         ));
         let clients = if mode == "session" { "4" } else { "12" };
-        let (ok, out, err) = pgbench(
-            &pg,
-            proxy.port,
-            &["-n", "-M", proto, "-c", clients, "-j", "2", "-T", "3"],
-        );
-        assert!(
-            ok,
-            "{mode}/{proto}: pgbench failed:\n{out}\n{err}\n{}",
-            proxy.log()
-        );
-        assert!(
-            out.contains("number of failed transactions: 0"),
-            "{mode}/{proto}:\n{out}"
-        );
+        let (ok, out, err) = pgbench(&pg, proxy.port, &["-n", "-M", proto, "-c", clients, "-j", "2", "-T", "3"]);
+        assert!(ok, "{mode}/{proto}: pgbench failed:\n{out}\n{err}\n{}", proxy.log());
+        assert!(out.contains("number of failed transactions: 0"), "{mode}/{proto}:\n{out}");
         let n = processed(&out);
         assert!(n > 200, "{mode}/{proto}: only {n} transactions");
         assert!(server_conns(&admin, "app").await <= 4);

@@ -5,10 +5,8 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-const TXN: &str =
-    "[services.app]\nslice = 4\npool_mode = \"transaction\"\ncheckout_timeout = \"2s\"\n";
-const SESSION: &str =
-    "[services.app]\nslice = 4\npool_mode = \"session\"\ncheckout_timeout = \"2s\"\n";
+const TXN: &str = "[services.app]\nslice = 4\npool_mode = \"transaction\"\ncheckout_timeout = \"2s\"\n";
+const SESSION: &str = "[services.app]\nslice = 4\npool_mode = \"session\"\ncheckout_timeout = \"2s\"\n";
 
 #[test]
 fn psql_simple_queries_and_transactions_in_transaction_mode() {
@@ -27,12 +25,7 @@ fn psql_simple_queries_and_transactions_in_transaction_mode() {
             "select current_setting('application_name')",
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        proxy.log()
-    );
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stderr), proxy.log());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("2|a,b"), "{text}");
     // Server connections are labelled for pg_stat_activity: pgbudget:<service>:<route>.
@@ -54,11 +47,7 @@ async fn parameter_status_set_matches_direct_postgres() {
         "integer_datetimes",
         "standard_conforming_strings",
     ] {
-        let d: String = direct
-            .query_one(&format!("show \"{key}\""), &[])
-            .await
-            .unwrap()
-            .get(0);
+        let d: String = direct.query_one(&format!("show \"{key}\""), &[]).await.unwrap().get(0);
         let v: String = via
             .simple_query(&format!("show \"{key}\""))
             .await
@@ -82,10 +71,7 @@ async fn extended_protocol_in_transaction_mode_and_prepared_in_session_mode() {
     let rows = c
         .query_typed(
             "select $1::int + 1, $2::text",
-            &[
-                (&41i32, tokio_postgres::types::Type::INT4),
-                (&"x", tokio_postgres::types::Type::TEXT),
-            ],
+            &[(&41i32, tokio_postgres::types::Type::INT4), (&"x", tokio_postgres::types::Type::TEXT)],
         )
         .await
         .unwrap();
@@ -94,30 +80,18 @@ async fn extended_protocol_in_transaction_mode_and_prepared_in_session_mode() {
     // A failing statement in extended protocol is an error, and the client goes on.
     let err = c.query_typed("select 1/0", &[]).await.unwrap_err();
     assert_eq!(err.code().unwrap().code(), "22012");
-    assert_eq!(
-        c.query_typed("select 7", &[]).await.unwrap()[0].get::<_, i32>(0),
-        7
-    );
+    assert_eq!(c.query_typed("select 7", &[]).await.unwrap()[0].get::<_, i32>(0), 7);
 
     let ss = Proxy::start(&config(&pg, SESSION));
     let mut c = connect(&ss.conninfo()).await.unwrap();
     let stmt = c.prepare("select $1::int * 2").await.unwrap();
     for i in 0..20 {
-        assert_eq!(
-            c.query_one(&stmt, &[&i]).await.unwrap().get::<_, i32>(0),
-            i * 2
-        );
+        assert_eq!(c.query_one(&stmt, &[&i]).await.unwrap().get::<_, i32>(0), i * 2);
     }
     let t = c.transaction().await.unwrap();
     t.execute("create temp table tt(x int)", &[]).await.unwrap();
     t.commit().await.unwrap();
-    assert_eq!(
-        c.query_one("select count(*) from tt", &[])
-            .await
-            .unwrap()
-            .get::<_, i64>(0),
-        0
-    );
+    assert_eq!(c.query_one("select count(*) from tt", &[]).await.unwrap().get::<_, i64>(0), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,9 +101,7 @@ async fn copy_in_and_out() {
     for cfg in [TXN, SESSION] {
         let proxy = Proxy::start(&config(&pg, cfg));
         let c = connect(&proxy.conninfo()).await.unwrap();
-        c.batch_execute("drop table if exists cp; create table cp(a int, b text)")
-            .await
-            .unwrap();
+        c.batch_execute("drop table if exists cp; create table cp(a int, b text)").await.unwrap();
         let sink = c.copy_in("copy cp from stdin").await.unwrap();
         futures_util::pin_mut!(sink);
         let mut data = String::new();
@@ -138,27 +110,12 @@ async fn copy_in_and_out() {
         }
         sink.send(bytes::Bytes::from(data.clone())).await.unwrap();
         assert_eq!(sink.finish().await.unwrap(), 5000);
-        let out: Vec<bytes::Bytes> = c
-            .copy_out("copy cp to stdout")
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let out: Vec<bytes::Bytes> = c.copy_out("copy cp to stdout").await.unwrap().try_collect().await.unwrap();
         let got: Vec<u8> = out.concat();
         assert_eq!(String::from_utf8(got).unwrap(), data);
         // psql \copy too.
-        let o = psql(
-            &proxy.conninfo(),
-            &[
-                "-c",
-                "\\copy (select * from cp where a < 3 order by a) to stdout",
-            ],
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&o.stdout),
-            "0\tvalue-0\n1\tvalue-1\n2\tvalue-2\n"
-        );
+        let o = psql(&proxy.conninfo(), &["-c", "\\copy (select * from cp where a < 3 order by a) to stdout"]);
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "0\tvalue-0\n1\tvalue-1\n2\tvalue-2\n");
     }
 }
 
@@ -167,9 +124,7 @@ async fn listen_notify_in_session_mode() {
     use futures_util::StreamExt;
     let pg = Pg::start();
     let proxy = Proxy::start(&config(&pg, SESSION));
-    let (client, mut conn) = tokio_postgres::connect(&proxy.conninfo(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (client, mut conn) = tokio_postgres::connect(&proxy.conninfo(), tokio_postgres::NoTls).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -182,10 +137,7 @@ async fn listen_notify_in_session_mode() {
     client.batch_execute("listen jobs").await.unwrap();
     let other = connect(&proxy.conninfo()).await.unwrap();
     other.batch_execute("notify jobs, 'hello'").await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .expect("notification arrives")
-        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("notification arrives").unwrap();
     assert_eq!(got, ("jobs".to_owned(), "hello".to_owned()));
 }
 
@@ -214,48 +166,40 @@ async fn cancel_reaches_only_the_right_backend() {
 async fn abandoned_transaction_leaves_no_lock_or_open_transaction() {
     let pg = Pg::start();
     let admin = connect(&pg.conninfo()).await.unwrap();
-    admin
-        .batch_execute(
-            "create table acct(id int primary key, n int); insert into acct values (1, 0)",
-        )
-        .await
-        .unwrap();
+    admin.batch_execute("create table acct(id int primary key, n int); insert into acct values (1, 0)").await.unwrap();
     for cfg in [TXN, SESSION] {
         let proxy = Proxy::start(&config(&pg, cfg));
         {
-            let (c, conn) = tokio_postgres::connect(&proxy.conninfo(), tokio_postgres::NoTls)
-                .await
-                .unwrap();
+            let (c, conn) = tokio_postgres::connect(&proxy.conninfo(), tokio_postgres::NoTls).await.unwrap();
             let h = tokio::spawn(conn);
-            c.batch_execute("begin; update acct set n = n + 1 where id = 1")
-                .await
-                .unwrap();
+            c.batch_execute("begin; update acct set n = n + 1 where id = 1").await.unwrap();
             // Abort the socket mid-transaction, without Terminate.
             h.abort();
             drop(c);
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let open: i64 = admin
-            .query_one("select count(*) from pg_stat_activity where application_name like 'pgbudget:%' and state <> 'idle'", &[])
-            .await.unwrap().get(0);
-        assert_eq!(
-            open, 0,
-            "a pgbudget server connection is still in a transaction"
-        );
-        let locks: i64 = admin
-            .query_one("select count(*) from pg_locks l join pg_class c on c.oid = l.relation where c.relname = 'acct'", &[])
-            .await.unwrap().get(0);
-        assert_eq!(locks, 0);
-        // The row is not locked and the update was rolled back.
-        let c = connect(&proxy.conninfo()).await.unwrap();
-        c.batch_execute("set lock_timeout = '1s'; update acct set n = n + 10 where id = 1")
-            .await
-            .unwrap();
-        let n: i32 = admin
-            .query_one("select n from acct where id = 1", &[])
+            .query_one(
+                "select count(*) from pg_stat_activity where application_name like 'pgbudget:%' and state <> 'idle'",
+                &[],
+            )
             .await
             .unwrap()
             .get(0);
+        assert_eq!(open, 0, "a pgbudget server connection is still in a transaction");
+        let locks: i64 = admin
+            .query_one(
+                "select count(*) from pg_locks l join pg_class c on c.oid = l.relation where c.relname = 'acct'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(locks, 0);
+        // The row is not locked and the update was rolled back.
+        let c = connect(&proxy.conninfo()).await.unwrap();
+        c.batch_execute("set lock_timeout = '1s'; update acct set n = n + 10 where id = 1").await.unwrap();
+        let n: i32 = admin.query_one("select n from acct where id = 1", &[]).await.unwrap().get(0);
         assert_eq!(n % 10, 0, "abandoned update must have been rolled back");
     }
 }
@@ -263,20 +207,11 @@ async fn abandoned_transaction_leaves_no_lock_or_open_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_mode_resets_state_before_reuse() {
     let pg = Pg::start();
-    let proxy = Proxy::start(&config(
-        &pg,
-        "[services.app]\nslice = 2\npool_mode = \"session\"\n",
-    ));
+    let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\npool_mode = \"session\"\n"));
     let first = connect(&proxy.conninfo()).await.unwrap();
-    let pid: i32 = first
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let pid: i32 = first.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
     first
-        .batch_execute(
-            "set search_path = nowhere; create temp table leftover(x int); prepare p as select 1",
-        )
+        .batch_execute("set search_path = nowhere; create temp table leftover(x int); prepare p as select 1")
         .await
         .unwrap();
     drop(first);
@@ -285,55 +220,31 @@ async fn session_mode_resets_state_before_reuse() {
     let c2 = connect(&proxy.conninfo()).await.unwrap();
     let mut saw_reused = false;
     for c in [&c1, &c2] {
-        let p: i32 = c
-            .query_one("select pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let p: i32 = c.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
         saw_reused |= p == pid;
         let sp: String = c.query_one("show search_path", &[]).await.unwrap().get(0);
         assert_ne!(sp, "nowhere");
-        let n: i64 = c
-            .query_one(
-                "select count(*) from pg_prepared_statements where name = 'p'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let n: i64 =
+            c.query_one("select count(*) from pg_prepared_statements where name = 'p'", &[]).await.unwrap().get(0);
         assert_eq!(n, 0);
         assert!(c.batch_execute("select * from leftover").await.is_err());
     }
-    assert!(
-        saw_reused,
-        "the first server connection should have been reused"
-    );
+    assert!(saw_reused, "the first server connection should have been reused");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_settings_follow_the_client_across_checkouts() {
     let pg = Pg::start();
-    let cfg = config(
-        &pg,
-        "[services.app]\nslice = 1\npool_mode = \"transaction\"\n",
-    )
-    .replace("[proxy]", "[proxy]\nslice_floor = 1");
+    let cfg = config(&pg, "[services.app]\nslice = 1\npool_mode = \"transaction\"\n")
+        .replace("[proxy]", "[proxy]\nslice_floor = 1");
     let proxy = Proxy::start(&cfg);
     let utc = connect(&proxy.conninfo()).await.unwrap();
-    let tokyo = connect(&format!(
-        "{} options='-c TimeZone=Asia/Tokyo -c search_path=tk'",
-        proxy.conninfo()
-    ))
-    .await
-    .unwrap();
+    let tokyo =
+        connect(&format!("{} options='-c TimeZone=Asia/Tokyo -c search_path=tk'", proxy.conninfo())).await.unwrap();
     for _ in 0..3 {
         let tz: String = tokyo.query_one("show timezone", &[]).await.unwrap().get(0);
         assert_eq!(tz, "Asia/Tokyo");
-        let sp: String = tokyo
-            .query_one("show search_path", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let sp: String = tokyo.query_one("show search_path", &[]).await.unwrap().get(0);
         assert_eq!(sp, "tk");
         // Same single server connection, other client: its settings are back to the defaults.
         let tz: String = utc.query_one("show timezone", &[]).await.unwrap().get(0);
@@ -341,12 +252,7 @@ async fn startup_settings_follow_the_client_across_checkouts() {
         let sp: String = utc.query_one("show search_path", &[]).await.unwrap().get(0);
         assert_ne!(sp, "tk");
     }
-    let bad = connect(&format!(
-        "{} options='-c TimeZone=Not/AZone'",
-        proxy.conninfo()
-    ))
-    .await
-    .unwrap();
+    let bad = connect(&format!("{} options='-c TimeZone=Not/AZone'", proxy.conninfo())).await.unwrap();
     let err = bad.simple_query("select 1").await.unwrap_err();
     assert_eq!(err.code().unwrap().code(), "22023", "{err}");
 }
@@ -355,44 +261,26 @@ async fn startup_settings_follow_the_client_across_checkouts() {
 async fn auth_failures_look_the_same_and_bad_targets_are_named() {
     let pg = Pg::start();
     let proxy = Proxy::start(&config(&pg, TXN));
-    let wrong = connect(&format!(
-        "host=127.0.0.1 port={} user=postgres password=nope dbname=postgres",
-        proxy.port
-    ))
-    .await
-    .unwrap_err();
-    let unknown = connect(&format!(
-        "host=127.0.0.1 port={} user=ghost password=nope dbname=postgres",
-        proxy.port
-    ))
-    .await
-    .unwrap_err();
+    let wrong = connect(&format!("host=127.0.0.1 port={} user=postgres password=nope dbname=postgres", proxy.port))
+        .await
+        .unwrap_err();
+    let unknown = connect(&format!("host=127.0.0.1 port={} user=ghost password=nope dbname=postgres", proxy.port))
+        .await
+        .unwrap_err();
     let (w, u) = (wrong.as_db_error().unwrap(), unknown.as_db_error().unwrap());
     assert_eq!(w.code().code(), "28P01");
     assert_eq!(u.code().code(), "28P01");
-    assert_eq!(
-        w.message().replace("postgres", "X"),
-        u.message().replace("ghost", "X")
-    );
-    let db = connect(&format!(
-        "host=127.0.0.1 port={} user=postgres password={PG_PASSWORD} dbname=other",
-        proxy.port
-    ))
-    .await
-    .unwrap_err();
+    assert_eq!(w.message().replace("postgres", "X"), u.message().replace("ghost", "X"));
+    let db = connect(&format!("host=127.0.0.1 port={} user=postgres password={PG_PASSWORD} dbname=other", proxy.port))
+        .await
+        .unwrap_err();
     assert_eq!(db.code().unwrap().code(), "3D000");
     // md5 clients are served when configured.
-    let md5 = Proxy::start(&config(&pg, TXN).replace(
-        "[upstreams.primary]",
-        "[auth]\nmethod = \"md5\"\n\n[upstreams.primary]",
-    ));
-    let out = psql(&md5.conninfo(), &["-c", "select 'md5 ok'"]);
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "md5 ok",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let md5 = Proxy::start(
+        &config(&pg, TXN).replace("[upstreams.primary]", "[auth]\nmethod = \"md5\"\n\n[upstreams.primary]"),
     );
+    let out = psql(&md5.conninfo(), &["-c", "select 'md5 ok'"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "md5 ok", "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,34 +291,28 @@ async fn unreachable_upstream_is_08006_with_cause() {
         .replace(&format!(":{}/", pg.port), &format!(":{dead_port}/"));
     let proxy = Proxy::start(&cfg);
     let err = connect(&proxy.conninfo()).await.unwrap_err();
-    let db = err
-        .as_db_error()
-        .expect("a Postgres error, not a hang or a reset");
+    let db = err.as_db_error().expect("a Postgres error, not a hang or a reset");
     assert_eq!(db.code().code(), "08006");
-    assert!(
-        db.message().contains("primary") && db.message().contains("connect"),
-        "{}",
-        db.message()
-    );
+    assert!(db.message().contains("primary") && db.message().contains("connect"), "{}", db.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_and_idle_server_connections_are_replaced_transparently() {
     let pg = Pg::start();
     let admin = connect(&pg.conninfo()).await.unwrap();
-    let proxy = Proxy::start(&config(
-        &pg,
-        "[services.app]\nslice = 2\nserver_idle_timeout = \"1s\"\n",
-    ));
+    let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\nserver_idle_timeout = \"1s\"\n"));
     let c = connect(&proxy.conninfo()).await.unwrap();
     c.simple_query("select 1").await.unwrap();
     assert_eq!(server_conns(&admin, "app").await, 1);
     // Kill the pooled server connection behind pgbudget's back (as Railway's idle killer does).
-    admin.batch_execute("select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'pgbudget:app:rw'").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    c.simple_query("select 1")
+    admin
+        .batch_execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'pgbudget:app:rw'",
+        )
         .await
-        .expect("a dead idle connection is replaced, not reported");
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.simple_query("select 1").await.expect("a dead idle connection is replaced, not reported");
     // Idle past server_idle_timeout: the proxy closes it itself.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(server_conns(&admin, "app").await, 0);

@@ -17,26 +17,16 @@ async fn shared_mode_by_application_name() {
     let pg = Pg::start();
     let admin = connect(&pg.conninfo()).await.unwrap();
     let proxy = Proxy::start(&shared(&pg, "service_from = \"application_name\"", ""));
-    let w = connect(&format!("{} application_name=worker", proxy.conninfo()))
-        .await
-        .unwrap();
-    let b = connect(&format!("{} application_name=web", proxy.conninfo()))
-        .await
-        .unwrap();
+    let w = connect(&format!("{} application_name=worker", proxy.conninfo())).await.unwrap();
+    let b = connect(&format!("{} application_name=web", proxy.conninfo())).await.unwrap();
     w.batch_execute("begin; select 1").await.unwrap();
     b.batch_execute("begin; select 1").await.unwrap();
     assert_eq!(server_conns(&admin, "worker").await, 1);
     assert_eq!(server_conns(&admin, "web").await, 1);
-    let err = connect(&format!("{} application_name=billing", proxy.conninfo()))
-        .await
-        .unwrap_err();
+    let err = connect(&format!("{} application_name=billing", proxy.conninfo())).await.unwrap_err();
     let db = err.as_db_error().unwrap();
     assert_eq!((db.severity(), db.code().code()), ("FATAL", "3D000"));
-    assert!(
-        db.message().contains("billing") && db.message().contains("budgets.toml"),
-        "{}",
-        db.message()
-    );
+    assert!(db.message().contains("billing") && db.message().contains("budgets.toml"), "{}", db.message());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -47,32 +37,18 @@ async fn shared_mode_by_user_with_env_passwords() {
                 [[auth.users]]\nname = \"jobs\"\npassword_env = \"JOBS_PW\"\nservice = \"worker\"\n\
                 [[auth.users]]\nname = \"site\"\nscram = \"VERIFIER\"\nservice = \"web\"\n";
     let verifier = postgres_protocol::password::scram_sha_256(b"site-pw");
-    let cfg = shared(
-        &pg,
-        "service_from = \"user\"",
-        &auth.replace("VERIFIER", &verifier),
-    );
+    let cfg = shared(&pg, "service_from = \"user\"", &auth.replace("VERIFIER", &verifier));
     let proxy = Proxy::start_env(&cfg, &[("JOBS_PW", "jobs-pw")]);
     let base = format!("host=127.0.0.1 port={} dbname=postgres", proxy.port);
-    let jobs = connect(&format!("{base} user=jobs password=jobs-pw"))
-        .await
-        .unwrap();
-    let site = connect(&format!("{base} user=site password=site-pw"))
-        .await
-        .unwrap();
+    let jobs = connect(&format!("{base} user=jobs password=jobs-pw")).await.unwrap();
+    let site = connect(&format!("{base} user=site password=site-pw")).await.unwrap();
     jobs.batch_execute("begin; select 1").await.unwrap();
     site.batch_execute("begin; select 1").await.unwrap();
     assert_eq!(server_conns(&admin, "worker").await, 1);
     assert_eq!(server_conns(&admin, "web").await, 1);
-    let bad = connect(&format!("{base} user=site password=jobs-pw"))
-        .await
-        .unwrap_err();
+    let bad = connect(&format!("{base} user=site password=jobs-pw")).await.unwrap_err();
     assert_eq!(bad.code().unwrap().code(), "28P01");
     // Server connections log in as the upstream URL's user, whatever the client user is.
-    let who: String = jobs
-        .query_one("select current_user::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let who: String = jobs.query_one("select current_user::text", &[]).await.unwrap().get(0);
     assert_eq!(who, "postgres");
 }

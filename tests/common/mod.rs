@@ -11,11 +11,7 @@ use std::time::{Duration, Instant};
 pub const PG_PASSWORD: &str = "secret";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn pg_bindir() -> PathBuf {
@@ -26,23 +22,15 @@ fn pg_bindir() -> PathBuf {
         }
     }
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|r| {
-            r.filter_map(|e| e.ok())
-                .map(|e| e.path().join("bin"))
-                .filter(|p| p.join("initdb").exists())
-                .collect()
-        })
+        .map(|r| r.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
         .unwrap_or_default();
     dirs.sort();
-    dirs.pop().expect("PostgreSQL server binaries not found: install them with `apt-get install postgresql` (see README)")
+    dirs.pop()
+        .expect("PostgreSQL server binaries not found: install them with `apt-get install postgresql` (see README)")
 }
 
 fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 /// Run a command as the unprivileged `postgres` user when we are root.
@@ -70,26 +58,15 @@ impl Pg {
 
     pub fn start_with(extra: &[&str]) -> Pg {
         let bindir = pg_bindir();
-        let dir = tempfile::Builder::new()
-            .prefix("pgbudget-pg-")
-            .tempdir_in("/tmp")
-            .unwrap();
+        let dir = tempfile::Builder::new().prefix("pgbudget-pg-").tempdir_in("/tmp").unwrap();
         if is_root() {
-            let st = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .unwrap();
+            let st = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
             assert!(st.success(), "chown of the Postgres temp dir failed");
         }
         let pwfile = dir.path().join("pw");
         std::fs::write(&pwfile, PG_PASSWORD).unwrap();
         if is_root() {
-            Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(&pwfile)
-                .status()
-                .unwrap();
+            Command::new("chown").args(["postgres:postgres"]).arg(&pwfile).status().unwrap();
         }
         let data = dir.path().join("data");
         let out = as_pg(&bindir.join("initdb"))
@@ -99,17 +76,8 @@ impl Pg {
             .arg(format!("--pwfile={}", pwfile.display()))
             .output()
             .expect("initdb runs");
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut pg = Pg {
-            port: 0,
-            dir,
-            bindir,
-            child: None,
-        };
+        assert!(out.status.success(), "initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut pg = Pg { port: 0, dir, bindir, child: None };
         pg.launch(free_port(), extra);
         pg
     }
@@ -117,42 +85,15 @@ impl Pg {
     fn launch(&mut self, port: u16, extra: &[&str]) {
         self.port = port;
         let data = self.dir.path().join("data");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
         let mut cmd = as_pg(&self.bindir.join("postgres"));
-        cmd.arg("-D")
-            .arg(&data)
-            .arg("-p")
-            .arg(self.port.to_string())
-            .arg("-k")
-            .arg(self.dir.path());
-        cmd.args([
-            "-c",
-            "listen_addresses=127.0.0.1",
-            "-c",
-            "max_connections=300",
-            "-c",
-            "fsync=off",
-        ]);
-        cmd.args([
-            "-c",
-            "log_connections=on",
-            "-c",
-            "log_disconnections=on",
-            "-c",
-            "shared_buffers=32MB",
-        ]);
+        cmd.arg("-D").arg(&data).arg("-p").arg(self.port.to_string()).arg("-k").arg(self.dir.path());
+        cmd.args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300", "-c", "fsync=off"]);
+        cmd.args(["-c", "log_connections=on", "-c", "log_disconnections=on", "-c", "shared_buffers=32MB"]);
         for e in extra {
             cmd.args(["-c", e]);
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("postgres starts");
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("postgres starts");
         // Watchdog: if this test process dies without running Drop, stop Postgres anyway.
         let me = std::process::id();
         let pidfile = data.join("postmaster.pid");
@@ -167,11 +108,7 @@ impl Pg {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "postgres did not start: {}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "postgres did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -186,18 +123,12 @@ impl Pg {
     }
 
     pub fn url(&self) -> String {
-        format!(
-            "postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/postgres",
-            self.port
-        )
+        format!("postgres://postgres:{PG_PASSWORD}@127.0.0.1:{}/postgres", self.port)
     }
 
     /// A direct connection string (no proxy) for psql/tokio-postgres.
     pub fn conninfo(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres password={PG_PASSWORD} dbname=postgres",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} user=postgres password={PG_PASSWORD} dbname=postgres", self.port)
     }
 
     fn postmaster_pid(&self) -> Option<i32> {
@@ -208,9 +139,7 @@ impl Pg {
     /// Fast shutdown by PID, waiting for the process to go.
     pub fn stop(&mut self) {
         if let Some(pid) = self.postmaster_pid() {
-            let _ = Command::new("kill")
-                .args(["-INT", &pid.to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-INT", &pid.to_string()]).status();
         }
         if let Some(mut c) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -272,18 +201,10 @@ impl Proxy {
             .stderr(log)
             .spawn()
             .expect("pgbudget starts");
-        let p = Proxy {
-            port,
-            child: Some(child),
-            dir,
-        };
+        let p = Proxy { port, child: Some(child), dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pgbudget did not start: {}",
-                p.log()
-            );
+            assert!(Instant::now() < deadline, "pgbudget did not start: {}", p.log());
             std::thread::sleep(Duration::from_millis(20));
         }
         p
@@ -294,10 +215,7 @@ impl Proxy {
     }
 
     pub fn conninfo(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres password={PG_PASSWORD} dbname=postgres",
-            self.port
-        )
+        format!("host=127.0.0.1 port={} user=postgres password={PG_PASSWORD} dbname=postgres", self.port)
     }
 
     pub fn pid(&self) -> u32 {
@@ -307,9 +225,7 @@ impl Proxy {
     /// Send SIGTERM and wait for exit; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(st)) = c.try_wait() {

@@ -1,0 +1,377 @@
+#!/usr/bin/env bash
+# pgbench harness: direct Postgres vs pgbudget vs PgBouncer, interleaved in one run.
+#
+# Starts a throwaway Postgres cluster, one pgbudget and one PgBouncer (both in transaction
+# pooling mode with the same pool size), then runs pgbench against each target in rotating
+# order for every client count and round. Prints median TPS, TPS ratios and proxy CPU
+# seconds per 1,000 transactions; raw per-run rows go to a CSV file.
+#
+# Knobs (environment): CLIENTS ("10 100 500"), ROUNDS (2), DURATION (15 s), POOL (20),
+# THREADS (2), MODE (simple|extended|prepared), SCRIPT (select-only|simple-update|tpcb-like),
+# SCALE (10), OUT (target/pgbench-results.csv), PGBUDGET_BIN (skip the cargo build),
+# PGBOUNCER_BIN (/usr/sbin/pgbouncer or PATH), KEEP_TMP=1 (leave the temp dir behind).
+# See benches/README.md.
+
+set -euo pipefail
+
+# ---------------------------------------------------------------- settings
+CLIENTS=${CLIENTS:-"10 100 500"}
+ROUNDS=${ROUNDS:-2}
+DURATION=${DURATION:-15}
+POOL=${POOL:-20}
+THREADS=${THREADS:-2}
+MODE=${MODE:-simple}
+SCRIPT=${SCRIPT:-select-only}
+SCALE=${SCALE:-10}
+PASSWORD=secret
+PGUSER_NAME=postgres
+TARGETS=(direct pgbudget pgbouncer)
+
+SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd -- "$SCRIPT_DIR/.." && pwd)
+cd -- "$REPO_ROOT"
+OUT=${OUT:-target/pgbench-results.csv}
+
+log() { printf '[pgbench.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+is_uint() { [[ $1 =~ ^[0-9]+$ ]] && (( $1 > 0 )); }
+is_uint "$ROUNDS" || die "ROUNDS must be a positive integer (got '$ROUNDS')"
+is_uint "$DURATION" || die "DURATION must be a positive integer (got '$DURATION')"
+is_uint "$POOL" || die "POOL must be a positive integer (got '$POOL')"
+is_uint "$THREADS" || die "THREADS must be a positive integer (got '$THREADS')"
+is_uint "$SCALE" || die "SCALE must be a positive integer (got '$SCALE')"
+read -r -a CLIENT_LIST <<<"$CLIENTS"
+(( ${#CLIENT_LIST[@]} > 0 )) || die "CLIENTS is empty"
+for c in "${CLIENT_LIST[@]}"; do
+    is_uint "$c" || die "CLIENTS must be positive integers (got '$c')"
+    (( c <= 590 )) || die "client count $c exceeds what max_connections=600 allows for the direct target"
+done
+case $MODE in simple | extended | prepared) ;; *) die "MODE must be simple, extended or prepared (got '$MODE')" ;; esac
+if [[ $MODE == prepared ]]; then
+    log "warning: MODE=prepared uses named prepared statements; PgBouncer < 1.21 in transaction mode does not support them"
+fi
+
+# ---------------------------------------------------------------- tools
+command -v python3 >/dev/null || die "python3 is required (free-port picking and the summary table)"
+if command -v pg_config >/dev/null && [[ -x "$(pg_config --bindir)/postgres" ]]; then
+    PGBIN=$(pg_config --bindir)
+elif [[ -x /usr/lib/postgresql/15/bin/postgres ]]; then
+    PGBIN=/usr/lib/postgresql/15/bin
+else
+    die "cannot find the Postgres server binaries (pg_config --bindir, /usr/lib/postgresql/15/bin)"
+fi
+for b in initdb postgres pgbench psql pg_isready; do
+    [[ -x $PGBIN/$b ]] || die "missing $PGBIN/$b"
+done
+PGBOUNCER_BIN=${PGBOUNCER_BIN:-$(command -v pgbouncer || echo /usr/sbin/pgbouncer)}
+[[ -x $PGBOUNCER_BIN ]] || die "pgbouncer not found (install the 'pgbouncer' package or set PGBOUNCER_BIN)"
+CLK_TCK=$(getconf CLK_TCK)
+
+if [[ -n ${PGBUDGET_BIN:-} ]]; then
+    [[ -x $PGBUDGET_BIN ]] || die "PGBUDGET_BIN=$PGBUDGET_BIN is not executable"
+else
+    log "building pgbudget (cargo build --release --bin pgbudget)"
+    cargo build --release --bin pgbudget >&2 || die "cargo build failed"
+    PGBUDGET_BIN=$REPO_ROOT/target/release/pgbudget
+fi
+
+# Servers must not run as root: run Postgres and PgBouncer as the unprivileged postgres user.
+if (( EUID == 0 )); then
+    id postgres >/dev/null 2>&1 || die "running as root but there is no 'postgres' user to run the servers as"
+    AS_PG=(runuser -u postgres --)
+else
+    AS_PG=()
+fi
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# ---------------------------------------------------------------- cleanup
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/pgbench-harness.XXXXXX")
+PGDATA_DIR=$TMP/pgdata
+PG_PID="" PGBUDGET_PID="" PGBOUNCER_PID="" PG_LAUNCHER="" PGBOUNCER_LAUNCHER=""
+
+print_tail() { # file label
+    if [[ -s $1 ]]; then
+        printf '\n----- last 30 lines of %s (%s) -----\n' "$2" "$1" >&2
+        tail -n 30 -- "$1" >&2 || true
+        printf -- '----- end of %s -----\n' "$2" >&2
+    elif [[ -e $1 ]]; then
+        printf '\n----- %s (%s) is empty -----\n' "$2" "$1" >&2
+    fi
+}
+
+stop_pid() { # pid signal
+    local pid=$1 sig=$2 i
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+    kill "-$sig" "$pid" 2>/dev/null || true
+    for (( i = 0; i < 100; i++ )); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    log "pid $pid did not stop after SIG$sig within 10 s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if (( rc != 0 )); then
+        print_tail "$TMP/pgbudget.log" "pgbudget log"
+        print_tail "$TMP/pgbouncer.log" "pgbouncer log"
+        print_tail "$TMP/postgres.log" "postgres log"
+    fi
+    stop_pid "$PGBUDGET_PID" TERM
+    stop_pid "$PGBOUNCER_PID" INT
+    if [[ -z $PG_PID && -s $PGDATA_DIR/postmaster.pid ]]; then
+        PG_PID=$(head -n 1 "$PGDATA_DIR/postmaster.pid")
+    fi
+    stop_pid "$PG_PID" INT
+    stop_pid "$PGBOUNCER_LAUNCHER" TERM # runuser wrappers: normally gone already
+    stop_pid "$PG_LAUNCHER" TERM
+    wait 2>/dev/null || true # reap runuser wrappers and background jobs
+    if [[ ${KEEP_TMP:-0} == 1 ]]; then
+        log "keeping $TMP"
+    else
+        rm -rf -- "$TMP"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+if (( EUID == 0 )); then chown postgres: "$TMP"; fi
+
+wait_tcp() { # port label pid
+    local port=$1 label=$2 pid=$3 i
+    for (( i = 0; i < 300; i++ )); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || die "$label exited before listening on 127.0.0.1:$port"
+        sleep 0.1
+    done
+    die "$label did not accept connections on 127.0.0.1:$port within 30 s"
+}
+
+# ---------------------------------------------------------------- Postgres
+PG_PORT=$(free_port)
+printf '%s\n' "$PASSWORD" >"$TMP/pwfile"
+if (( EUID == 0 )); then chown postgres: "$TMP/pwfile"; fi
+log "initdb in $PGDATA_DIR"
+"${AS_PG[@]}" "$PGBIN/initdb" -D "$PGDATA_DIR" -U "$PGUSER_NAME" -A scram-sha-256 \
+    --pwfile="$TMP/pwfile" -E UTF8 --no-instructions >"$TMP/initdb.log" 2>&1 ||
+    { cat "$TMP/initdb.log" >&2; die "initdb failed"; }
+
+log "starting postgres on 127.0.0.1:$PG_PORT"
+"${AS_PG[@]}" "$PGBIN/postgres" -D "$PGDATA_DIR" -p "$PG_PORT" -k "$PGDATA_DIR" \
+    -c listen_addresses=127.0.0.1 -c max_connections=600 -c fsync=off \
+    -c synchronous_commit=off >"$TMP/postgres.log" 2>&1 &
+PG_LAUNCHER=$!
+for (( i = 0; ; i++ )); do
+    if [[ -z $PG_PID && -s $PGDATA_DIR/postmaster.pid ]]; then
+        PG_PID=$(head -n 1 "$PGDATA_DIR/postmaster.pid")
+    fi
+    if "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U "$PGUSER_NAME" -d postgres; then
+        break
+    fi
+    kill -0 "$PG_LAUNCHER" 2>/dev/null || die "postgres exited during startup"
+    (( i < 300 )) || die "postgres did not become ready on 127.0.0.1:$PG_PORT within 30 s"
+    sleep 0.1
+done
+[[ -n $PG_PID ]] || PG_PID=$(head -n 1 "$PGDATA_DIR/postmaster.pid")
+
+export PGPASSWORD=$PASSWORD PGUSER=$PGUSER_NAME PGDATABASE=postgres PGHOST=127.0.0.1 PGSSLMODE=disable
+unset PGSERVICE PGOPTIONS
+
+log "pgbench -i -s $SCALE (direct)"
+"$PGBIN/pgbench" -i -s "$SCALE" -q -p "$PG_PORT" >"$TMP/pgbench-init.log" 2>&1 ||
+    { cat "$TMP/pgbench-init.log" >&2; die "pgbench -i failed"; }
+
+# ---------------------------------------------------------------- pgbudget
+PGBUDGET_PORT=$(free_port)
+cat >"$TMP/budgets.toml" <<EOF
+[proxy]
+listen = "127.0.0.1:0"
+mode = "sidecar"
+service = "bench"
+
+[upstreams.primary]
+url = "postgres://$PGUSER_NAME:$PASSWORD@127.0.0.1:$PG_PORT/postgres"
+ceiling = 500
+reserved = 0
+
+[services.bench]
+slice = $POOL
+pool_mode = "transaction"
+checkout_timeout = "60s"
+EOF
+log "starting pgbudget ($PGBUDGET_BIN) on 127.0.0.1:$PGBUDGET_PORT, pool $POOL"
+# Sidecar mode takes its service from RAILWAY_SERVICE_NAME when set; keep the bench service.
+env -u RAILWAY_SERVICE_NAME -u RAILWAY_REPLICA_COUNT -u WEB_CONCURRENCY -u PGBUDGET_LISTEN RUST_LOG=warn \
+    "$PGBUDGET_BIN" run --config "$TMP/budgets.toml" --listen "127.0.0.1:$PGBUDGET_PORT" \
+    >"$TMP/pgbudget.log" 2>&1 &
+PGBUDGET_PID=$!
+wait_tcp "$PGBUDGET_PORT" pgbudget "$PGBUDGET_PID"
+
+# ---------------------------------------------------------------- PgBouncer
+PGBOUNCER_PORT=$(free_port)
+printf '"%s" "%s"\n' "$PGUSER_NAME" "$PASSWORD" >"$TMP/userlist.txt"
+cat >"$TMP/pgbouncer.ini" <<EOF
+[databases]
+postgres = host=127.0.0.1 port=$PG_PORT dbname=postgres
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $TMP/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = 1000
+max_db_connections = 0
+server_reset_query =
+ignore_startup_parameters = extra_float_digits
+logfile = $TMP/pgbouncer.log
+pidfile = $TMP/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+EOF
+if (( EUID == 0 )); then
+    chown postgres: "$TMP/userlist.txt" "$TMP/pgbouncer.ini"
+    chmod 600 "$TMP/userlist.txt"
+fi
+log "starting pgbouncer ($PGBOUNCER_BIN) on 127.0.0.1:$PGBOUNCER_PORT, pool $POOL"
+# PgBouncer writes its own logfile; stdout/stderr only matter if it fails before opening it.
+# runuser's PAM session resets the soft fd limit (often to 1024): raise it for max_client_conn.
+# shellcheck disable=SC2016 # $0/$@ belong to the inner shell
+"${AS_PG[@]}" /bin/sh -c 'ulimit -n 4096 2>/dev/null || :; exec "$0" "$@"' \
+    "$PGBOUNCER_BIN" "$TMP/pgbouncer.ini" >"$TMP/pgbouncer.stderr" 2>&1 &
+PGBOUNCER_LAUNCHER=$!
+for (( i = 0; ; i++ )); do
+    if [[ -s $TMP/pgbouncer.pid ]]; then
+        PGBOUNCER_PID=$(<"$TMP/pgbouncer.pid")
+        break
+    fi
+    if ! kill -0 "$PGBOUNCER_LAUNCHER" 2>/dev/null; then
+        cat "$TMP/pgbouncer.stderr" >&2 || true
+        die "pgbouncer exited during startup"
+    fi
+    (( i < 300 )) || die "pgbouncer wrote no pidfile within 30 s"
+    sleep 0.1
+done
+wait_tcp "$PGBOUNCER_PORT" pgbouncer "$PGBOUNCER_PID"
+
+# ---------------------------------------------------------------- smoke test each target
+declare -A PORT_OF=([direct]=$PG_PORT [pgbudget]=$PGBUDGET_PORT [pgbouncer]=$PGBOUNCER_PORT)
+declare -A PID_OF=([direct]="" [pgbudget]=$PGBUDGET_PID [pgbouncer]=$PGBOUNCER_PID)
+for t in "${TARGETS[@]}"; do
+    if ! got=$("$PGBIN/psql" -X -A -t -p "${PORT_OF[$t]}" -c 'select count(*) from pgbench_branches' 2>"$TMP/smoke-$t.err"); then
+        cat "$TMP/smoke-$t.err" >&2
+        die "smoke query through $t (port ${PORT_OF[$t]}) failed"
+    fi
+    [[ $got == "$SCALE" ]] || die "smoke query through $t returned '$got', expected $SCALE"
+done
+log "all targets answer: direct :$PG_PORT, pgbudget :$PGBUDGET_PORT (pid $PGBUDGET_PID), pgbouncer :$PGBOUNCER_PORT (pid $PGBOUNCER_PID)"
+
+# ---------------------------------------------------------------- measurement
+cpu_ticks() { # pid -> utime+stime in clock ticks (fields 14 and 15 of /proc/PID/stat)
+    local stat rest
+    stat=$(<"/proc/$1/stat") || die "cannot read /proc/$1/stat (did the process die?)"
+    rest=${stat##*) } # drop "pid (comm) ": comm may contain spaces
+    # rest starts at field 3 (state), so utime (14) and stime (15) are its 12th and 13th words.
+    awk '{ print $12 + $13 }' <<<"$rest"
+}
+
+mkdir -p -- "$(dirname -- "$OUT")"
+echo "round,position,clients,target,tps,transactions,proxy_cpu_s,proxy_cpu_s_per_1k_txn,duration_s,pool,mode,script,threads" >"$OUT"
+
+run_count=0
+total_runs=$(( ${#CLIENT_LIST[@]} * ROUNDS * ${#TARGETS[@]} ))
+for c in "${CLIENT_LIST[@]}"; do
+    threads=$THREADS
+    if (( threads > c )); then threads=$c; fi
+    for (( r = 0; r < ROUNDS; r++ )); do
+        for (( k = 0; k < ${#TARGETS[@]}; k++ )); do
+            t=${TARGETS[$(( (k + r) % ${#TARGETS[@]} ))]}
+            pid=${PID_OF[$t]}
+            run_count=$(( run_count + 1 ))
+            log "run $run_count/$total_runs: clients=$c round=$(( r + 1 )) target=$t"
+            if [[ -n $pid ]]; then
+                kill -0 "$pid" 2>/dev/null || die "$t (pid $pid) is no longer running"
+                before=$(cpu_ticks "$pid")
+            fi
+            rc=0
+            "$PGBIN/pgbench" -n -b "$SCRIPT" -M "$MODE" -c "$c" -j "$threads" -T "$DURATION" \
+                -p "${PORT_OF[$t]}" >"$TMP/run.out" 2>"$TMP/run.err" || rc=$?
+            cpu_s=""
+            if [[ -n $pid ]]; then
+                if kill -0 "$pid" 2>/dev/null; then
+                    after=$(cpu_ticks "$pid")
+                    cpu_s=$(awk -v a="$after" -v b="$before" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", (a - b) / hz }')
+                else
+                    log "$t (pid $pid) died during the run"
+                    if (( rc == 0 )); then rc=99; fi
+                fi
+            fi
+            tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$TMP/run.out")
+            txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*$/\1/p' "$TMP/run.out")
+            if (( rc != 0 )) || [[ -z $tps || -z $txns ]]; then
+                printf '\n===== pgbench against %s (clients=%s, round %s) failed: exit %s =====\n' "$t" "$c" "$(( r + 1 ))" "$rc" >&2
+                echo "--- pgbench stdout ---" >&2
+                cat "$TMP/run.out" >&2
+                echo "--- pgbench stderr ---" >&2
+                cat "$TMP/run.err" >&2
+                die "pgbench run failed (target=$t clients=$c)"
+            fi
+            if grep -q . "$TMP/run.err"; then
+                log "pgbench stderr (non-fatal) for $t c=$c: $(head -n 5 "$TMP/run.err" | tr '\n' ' ')"
+            fi
+            per1k=""
+            if [[ -n $cpu_s ]]; then
+                per1k=$(awk -v s="$cpu_s" -v n="$txns" 'BEGIN { if (n > 0) printf "%.5f", s / (n / 1000); }')
+            fi
+            log "  tps=$tps txns=$txns${cpu_s:+ proxy_cpu=${cpu_s}s per1k=${per1k}s}"
+            echo "$(( r + 1 )),$(( k + 1 )),$c,$t,$tps,$txns,$cpu_s,$per1k,$DURATION,$POOL,$MODE,$SCRIPT,$threads" >>"$OUT"
+        done
+    done
+done
+
+# ---------------------------------------------------------------- summary
+log "raw results: $OUT"
+python3 - "$OUT" <<'PY'
+import csv, statistics, sys
+from collections import defaultdict
+
+rows = list(csv.DictReader(open(sys.argv[1])))
+tps = defaultdict(list)
+cpu = defaultdict(list)
+for r in rows:
+    key = (int(r["clients"]), r["target"])
+    tps[key].append(float(r["tps"]))
+    if r["proxy_cpu_s_per_1k_txn"]:
+        cpu[key].append(float(r["proxy_cpu_s_per_1k_txn"]))
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+first = rows[0]
+print()
+print(f"pgbench -b {first['script']} -M {first['mode']}, {first['duration_s']} s per run, "
+      f"pool {first['pool']}, {max(int(r['round']) for r in rows)} round(s), median over rounds")
+hdr = ("clients", "direct tps", "pgbudget tps", "pgbouncer tps", "budget/bouncer", "budget/direct",
+       "budget cpu s/1k", "bouncer cpu s/1k")
+fmt = "{:>7}  {:>11}  {:>12}  {:>13}  {:>14}  {:>13}  {:>15}  {:>16}"
+print(fmt.format(*hdr))
+for c in sorted({k[0] for k in tps}):
+    d, b, p = med(tps[(c, "direct")]), med(tps[(c, "pgbudget")]), med(tps[(c, "pgbouncer")])
+    print(fmt.format(c, f"{d:.0f}", f"{b:.0f}", f"{p:.0f}",
+                     f"{b / p:.3f}" if p else "n/a", f"{b / d:.3f}" if d else "n/a",
+                     f"{med(cpu[(c, 'pgbudget')]):.4f}", f"{med(cpu[(c, 'pgbouncer')]):.4f}"))
+PY

@@ -1,0 +1,126 @@
+//! Admin HTTP listener: `/metrics`, `/health`, `/ready`, `/pools`, `/errors`, `/errors/health`.
+//! Liveness never touches the database; readiness asks each upstream for `SELECT 1` within a deadline.
+
+use crate::app::App;
+use crate::server::ServerConn;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/pools", get(pools))
+        .route("/errors", get(errors))
+        .route("/errors/health", get(errors_health))
+        .with_state(app)
+}
+
+/// Serve the admin API until shutdown.
+pub async fn serve(app: Arc<App>, listener: TcpListener) {
+    info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin http listening");
+    let token = app.shutdown.clone();
+    let r = axum::serve(listener, router(app)).with_graceful_shutdown(async move { token.cancelled().await }).await;
+    if let Err(e) = r {
+        warn!(kind = "admin_http", cause = %e, "admin listener failed");
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.snapshot();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render()).into_response()
+}
+
+async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok", "uptime_seconds": app.started.elapsed().as_secs_f64() }))
+}
+
+/// Check one upstream with a short-lived connection that counts against its ceiling like any other.
+async fn check_upstream(app: &App, name: &str) -> Result<(), String> {
+    let up = &app.pools.upstreams[name];
+    let Ok(permit) = up.permits.clone().try_acquire_owned() else {
+        // Every slot is in use, so the upstream is answering: saturated, not down.
+        return Ok(());
+    };
+    let label = format!("{}:health", app.resolved.config.proxy.application_name_prefix);
+    let mut conn = ServerConn::connect(&up.target, &label, READY_TIMEOUT, permit).await.map_err(|e| e.to_string())?;
+    conn.simple("SELECT 1", READY_TIMEOUT).await.map_err(|e| e.to_string())
+}
+
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    let mut failing = serde_json::Map::new();
+    let mut checked = Vec::new();
+    for name in app.pools.upstreams.keys() {
+        checked.push(name.clone());
+        if let Err(e) = check_upstream(&app, name).await {
+            failing.insert(format!("upstream:{name}"), json!(e));
+        }
+    }
+    if app.shutdown.is_cancelled() {
+        failing.insert("proxy".into(), json!("shutting down"));
+    }
+    if failing.is_empty() {
+        (StatusCode::OK, Json(json!({ "status": "ready", "upstreams": checked }))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "failing": failing }))).into_response()
+    }
+}
+
+async fn pools(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    let snap = app.snapshot();
+    let ceiling_sum: Vec<_> = snap
+        .upstreams
+        .iter()
+        .map(|u| {
+            json!({
+                "upstream": u.upstream, "ceiling": u.ceiling, "reserved": u.reserved, "slices": u.slices,
+                "sum": u.slices + u.reserved, "headroom": u.ceiling.saturating_sub(u.slices + u.reserved), "open": u.open,
+            })
+        })
+        .collect();
+    let budget: Vec<_> = app
+        .resolved
+        .services
+        .values()
+        .map(|s| json!({ "service": s.name, "upstream": s.upstream, "slice": s.slice, "share": s.share }))
+        .collect();
+    Json(json!({ "pools": snap.pools, "budget": budget, "upstreams": ceiling_sum, "clients": snap.clients }))
+}
+
+#[derive(Deserialize)]
+struct ErrorsQuery {
+    limit: Option<usize>,
+}
+
+async fn errors(State(app): State<Arc<App>>, Query(q): Query<ErrorsQuery>) -> Json<serde_json::Value> {
+    let recent = app.journal.recent(q.limit.unwrap_or(100).min(crate::journal::CAPACITY));
+    Json(json!({ "errors": recent }))
+}
+
+#[derive(Deserialize)]
+struct HealthQuery {
+    minutes: Option<u64>,
+}
+
+async fn errors_health(State(app): State<Arc<App>>, Query(q): Query<HealthQuery>) -> Json<serde_json::Value> {
+    let minutes = q.minutes.unwrap_or(15).clamp(1, 24 * 60);
+    let pools: Vec<(String, String)> =
+        app.resolved.services.values().map(|s| (s.upstream.clone(), s.name.clone())).collect();
+    let rows = app.journal.health(Duration::from_secs(minutes * 60), &pools);
+    let healthy = rows.iter().all(|r| r.healthy);
+    Json(
+        json!({ "window_minutes": minutes, "healthy": healthy, "threshold": crate::journal::UNHEALTHY_AT, "pools": rows }),
+    )
+}

@@ -1,0 +1,309 @@
+//! The admin console: a virtual database (`psql -d pgbudget`) answering PgBouncer-style `SHOW` commands,
+//! open only to the users listed in `admin.users`. Simple query protocol only.
+
+use crate::app::App;
+use crate::auth::AuthError;
+use crate::error::ProxyError;
+use crate::protocol::{self, Severity, Startup};
+use bytes::{BufMut, BytesMut};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::info;
+
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A result set under construction: text columns only.
+struct Rows {
+    out: BytesMut,
+    ncols: usize,
+    count: usize,
+}
+
+impl Rows {
+    fn new(cols: &[&str]) -> Rows {
+        let mut out = BytesMut::new();
+        let at = protocol::begin(&mut out, b'T');
+        out.put_i16(cols.len() as i16);
+        for c in cols {
+            protocol::put_cstr(&mut out, c);
+            out.put_i32(0); // table oid
+            out.put_i16(0); // column number
+            out.put_i32(25); // text
+            out.put_i16(-1);
+            out.put_i32(-1);
+            out.put_i16(0); // text format
+        }
+        protocol::finish(&mut out, at);
+        Rows { out, ncols: cols.len(), count: 0 }
+    }
+
+    fn row(&mut self, vals: &[String]) {
+        debug_assert_eq!(vals.len(), self.ncols);
+        let at = protocol::begin(&mut self.out, b'D');
+        self.out.put_i16(vals.len() as i16);
+        for v in vals {
+            self.out.put_i32(v.len() as i32);
+            self.out.put_slice(v.as_bytes());
+        }
+        protocol::finish(&mut self.out, at);
+        self.count += 1;
+    }
+
+    fn done(mut self, tag: &str) -> BytesMut {
+        let at = protocol::begin(&mut self.out, b'C');
+        protocol::put_cstr(&mut self.out, tag);
+        protocol::finish(&mut self.out, at);
+        self.out
+    }
+}
+
+fn epoch(t: SystemTime) -> String {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs().to_string()).unwrap_or_default()
+}
+
+/// Serve an authenticated console session; `Err` ends the session with that error.
+pub async fn run(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup) -> Result<(), ProxyError> {
+    let mut buf = BytesMut::with_capacity(512);
+    app.users.authenticate(sock, startup.user(), &mut buf).await?;
+    if !app.resolved.config.admin.users.iter().any(|u| u == startup.user()) {
+        return Err(ProxyError::Auth(AuthError::Failed { user: startup.user().into(), reason: "not an admin user" }));
+    }
+    info!(user = startup.user(), "admin console login");
+    let mut out = BytesMut::new();
+    protocol::auth_request(&mut out, 0, &[]);
+    for (k, v) in [
+        ("server_version", "15.0 (pgbudget console)"),
+        ("client_encoding", "UTF8"),
+        ("server_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", startup.get("application_name").unwrap_or("")),
+    ] {
+        protocol::parameter_status(&mut out, k, v);
+    }
+    protocol::backend_key_data(&mut out, 0, 0);
+    protocol::ready_for_query(&mut out, b'I');
+    sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+    loop {
+        let kind = match tokio::time::timeout(IDLE_TIMEOUT, protocol::read_message(sock, &mut buf)).await {
+            Ok(r) => r?,
+            Err(_) => return Ok(()),
+        };
+        out.clear();
+        match kind {
+            b'X' => return Ok(()),
+            b'Q' => {
+                let mut b = &buf[..];
+                let sql = protocol::cstr(&mut b)?.to_owned();
+                for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                    match command(app, stmt) {
+                        Ok(rows) => out.extend_from_slice(&rows),
+                        Err(msg) => {
+                            protocol::error_response(&mut out, Severity::Error, "42601", &msg, None);
+                            break;
+                        }
+                    }
+                }
+                if sql.trim().trim_matches(';').is_empty() {
+                    out.extend_from_slice(&[b'I', 0, 0, 0, 4]);
+                }
+                protocol::ready_for_query(&mut out, b'I');
+            }
+            b'S' => {
+                protocol::error_response(
+                    &mut out,
+                    Severity::Error,
+                    "0A000",
+                    "the admin console takes simple queries only",
+                    None,
+                );
+                protocol::ready_for_query(&mut out, b'I');
+            }
+            _ => continue, // extended-protocol messages before Sync are skipped; Sync answers
+        }
+        sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+    }
+}
+
+fn command(app: &App, stmt: &str) -> Result<BytesMut, String> {
+    let words: Vec<String> = stmt.split_whitespace().map(|w| w.to_ascii_lowercase()).collect();
+    let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["show", "pools"] => Ok(show_pools(app)),
+        ["show", "stats"] => Ok(show_stats(app)),
+        ["show", "clients"] => Ok(show_clients(app)),
+        ["show", "servers"] => Ok(show_servers(app)),
+        ["show", "config"] => Ok(show_config(app)),
+        ["show", "version"] => {
+            let mut r = Rows::new(&["version"]);
+            r.row(&[format!("pgbudget {}", env!("CARGO_PKG_VERSION"))]);
+            Ok(r.done("SHOW"))
+        }
+        ["show", "help"] | ["help"] => {
+            let mut r = Rows::new(&["command"]);
+            for c in ["SHOW POOLS", "SHOW STATS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW CONFIG", "SHOW VERSION"] {
+                r.row(&[c.to_owned()]);
+            }
+            Ok(r.done("SHOW"))
+        }
+        _ => Err(format!("unsupported admin console command \"{stmt}\"; try SHOW HELP")),
+    }
+}
+
+fn show_pools(app: &App) -> BytesMut {
+    let snap = app.snapshot();
+    let mut r = Rows::new(&[
+        "database",
+        "user",
+        "service",
+        "route",
+        "cl_active",
+        "cl_waiting",
+        "sv_active",
+        "sv_idle",
+        "sv_used",
+        "maxwait",
+        "pool_mode",
+        "share",
+        "slice",
+        "checkout_timeouts",
+    ]);
+    for p in snap.pools {
+        let t = &app.resolved.upstreams[&p.upstream];
+        let clients = app.clients.iter().filter(|c| c.service == p.service).count();
+        r.row(&[
+            t.database.clone(),
+            t.user.clone(),
+            p.service.clone(),
+            p.route.to_owned(),
+            clients.saturating_sub(p.waiting as usize).to_string(),
+            p.waiting.to_string(),
+            p.in_use.to_string(),
+            p.available.to_string(),
+            "0".into(),
+            "0".into(),
+            p.pool_mode.to_owned(),
+            p.share.to_string(),
+            p.slice.to_string(),
+            p.checkout_timeouts.to_string(),
+        ]);
+    }
+    r.done("SHOW")
+}
+
+fn show_stats(app: &App) -> BytesMut {
+    let mut r = Rows::new(&[
+        "database",
+        "service",
+        "route",
+        "total_xact_count",
+        "total_query_count",
+        "total_received",
+        "total_sent",
+        "total_wait_time",
+        "checkout_timeouts",
+    ]);
+    for p in app.pools.pools.values() {
+        let b = p.budget();
+        let m = &p.metrics;
+        r.row(&[
+            app.resolved.upstreams[&b.upstream].database.clone(),
+            b.name.clone(),
+            p.route.as_str().to_owned(),
+            m.transactions.get().to_string(),
+            m.queries.get().to_string(),
+            m.bytes_from_client.get().to_string(),
+            m.bytes_to_client.get().to_string(),
+            ((m.checkout_wait.get_sample_sum() * 1e6) as u64).to_string(),
+            m.checkout_timeouts.get().to_string(),
+        ]);
+    }
+    r.done("SHOW")
+}
+
+fn show_clients(app: &App) -> BytesMut {
+    let attached = app.cancels.attached();
+    let mut r = Rows::new(&[
+        "type",
+        "user",
+        "database",
+        "service",
+        "state",
+        "addr",
+        "port",
+        "connect_time",
+        "application_name",
+        "server_pid",
+    ]);
+    for c in app.clients.iter() {
+        let server = attached.get(&c.key_pid);
+        r.row(&[
+            "C".into(),
+            c.user.clone(),
+            c.database.clone(),
+            c.service.clone(),
+            if server.is_some() { "active" } else { "idle" }.into(),
+            c.addr.ip().to_string(),
+            c.addr.port().to_string(),
+            epoch(c.connected_at),
+            c.application_name.clone(),
+            server.map(|p| p.to_string()).unwrap_or_default(),
+        ]);
+    }
+    r.done("SHOW")
+}
+
+fn show_servers(app: &App) -> BytesMut {
+    let active: HashSet<i32> = app.cancels.attached().into_values().collect();
+    let mut r = Rows::new(&["type", "upstream", "service", "route", "state", "addr", "port", "connect_time", "pid"]);
+    for (name, up) in &app.pools.upstreams {
+        for s in up.servers.iter() {
+            r.row(&[
+                "S".into(),
+                name.clone(),
+                s.service.clone(),
+                s.route.to_owned(),
+                if active.contains(&s.pid) { "active" } else { "idle" }.into(),
+                s.addr.ip().to_string(),
+                s.addr.port().to_string(),
+                epoch(s.connected_at),
+                s.pid.to_string(),
+            ]);
+        }
+    }
+    r.done("SHOW")
+}
+
+fn show_config(app: &App) -> BytesMut {
+    let c = &app.resolved.config;
+    let mut r = Rows::new(&["key", "value", "changeable"]);
+    let mut kv = |k: &str, v: String| r.row(&[k.to_owned(), v, "no".into()]);
+    kv("listen", c.proxy.listen.clone());
+    kv("mode", format!("{:?}", c.proxy.mode).to_lowercase());
+    kv("auth_method", format!("{:?}", c.auth.method).to_lowercase());
+    kv("drain_timeout", format!("{:?}", c.proxy.drain_timeout));
+    kv("admin_listen", c.admin.listen.clone());
+    kv("pool_log_interval", format!("{:?}", c.admin.pool_log_interval));
+    for (name, u) in &app.resolved.upstreams {
+        kv(
+            &format!("upstream.{name}"),
+            format!("{}:{}/{} ceiling={} reserved={}", u.host, u.port, u.database, u.ceiling, u.reserved),
+        );
+    }
+    for s in app.resolved.services.values() {
+        let t = &s.settings;
+        kv(
+            &format!("service.{}", s.name),
+            format!(
+                "slice={} share={} pool_mode={:?} checkout_timeout={:?} server_idle_timeout={:?} server_lifetime={:?}",
+                s.slice, s.share, t.pool_mode, t.checkout_timeout, t.server_idle_timeout, t.server_lifetime
+            )
+            .to_lowercase(),
+        );
+    }
+    r.done("SHOW")
+}

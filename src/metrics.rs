@@ -1,0 +1,181 @@
+//! Prometheus metrics: one registry per process (owned by `App`, not global), label values only from
+//! configuration, and per-pool handles resolved once so the hot path only does atomic adds.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Why a client connection was refused or ended at login (fixed set, never client text).
+pub const REJECT_REASONS: [&str; 8] =
+    ["auth", "unknown_service", "unknown_database", "bad_parameter", "shutting_down", "budget", "upstream", "protocol"];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub pool_size: IntGaugeVec,
+    pub pool_available: IntGaugeVec,
+    pub pool_waiting: IntGaugeVec,
+    pub pool_max: IntGaugeVec,
+    pub ro_routes_to: IntGaugeVec,
+    pub upstream_open: IntGaugeVec,
+    pub upstream_ceiling: IntGaugeVec,
+    pub clients_accepted: IntCounter,
+    pub clients_rejected: IntCounterVec,
+    pub clients_active: IntGauge,
+    checkout_timeouts: IntCounterVec,
+    transactions: IntCounterVec,
+    queries: IntCounterVec,
+    pub server_errors: IntCounterVec,
+    bytes: IntCounterVec,
+    checkout_wait: HistogramVec,
+    tx_duration: HistogramVec,
+}
+
+/// Counter handles for one (service, route), resolved at pool build.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    pub checkout_timeouts: IntCounter,
+    pub transactions: IntCounter,
+    pub queries: IntCounter,
+    pub bytes_from_client: IntCounter,
+    pub bytes_to_client: IntCounter,
+    pub checkout_wait: Histogram,
+    pub tx_duration: Histogram,
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["service", "route"]).expect("valid");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let sr = ["service", "route"];
+        let m = Metrics {
+            pool_size: gauge(&r, "pgbudget_pool_size", "Server connections open in the pool", &sr),
+            pool_available: gauge(&r, "pgbudget_pool_available", "Idle server connections in the pool", &sr),
+            pool_waiting: gauge(&r, "pgbudget_pool_waiting", "Clients queued for a server connection", &sr),
+            pool_max: gauge(&r, "pgbudget_pool_max", "The pool's share: most server connections it may open", &sr),
+            ro_routes_to: gauge(
+                &r,
+                "pgbudget_ro_routes_to",
+                "Where a read-only route goes: 1 replica, 2 primary_fallthrough, 3 disabled",
+                &sr,
+            ),
+            upstream_open: gauge(
+                &r,
+                "pgbudget_upstream_connections",
+                "Server connections open to the upstream",
+                &["upstream"],
+            ),
+            upstream_ceiling: gauge(
+                &r,
+                "pgbudget_upstream_ceiling",
+                "Connection ceiling of the upstream",
+                &["upstream"],
+            ),
+            clients_accepted: {
+                let c = IntCounter::new("pgbudget_client_connections_accepted_total", "Client logins accepted")
+                    .expect("valid");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            clients_rejected: counter(
+                &r,
+                "pgbudget_client_connections_rejected_total",
+                "Client connections refused at login, by reason",
+                &["reason"],
+            ),
+            clients_active: {
+                let g = IntGauge::new("pgbudget_clients_active", "Client sessions currently open").expect("valid");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            checkout_timeouts: counter(
+                &r,
+                "pgbudget_checkout_timeouts_total",
+                "Checkouts that found no server connection within checkout_timeout (answered 53300)",
+                &sr,
+            ),
+            transactions: counter(
+                &r,
+                "pgbudget_transactions_total",
+                "Transactions completed (ReadyForQuery idle)",
+                &sr,
+            ),
+            queries: counter(&r, "pgbudget_queries_total", "Query and Execute messages relayed", &sr),
+            server_errors: counter(
+                &r,
+                "pgbudget_server_errors_total",
+                "Errors from or about server connections, by kind",
+                &["service", "route", "kind"],
+            ),
+            bytes: counter(
+                &r,
+                "pgbudget_bytes_total",
+                "Bytes relayed, by direction",
+                &["service", "route", "direction"],
+            ),
+            checkout_wait: histogram(
+                &r,
+                "pgbudget_checkout_wait_seconds",
+                "Time a client waited for a server connection",
+                vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            ),
+            tx_duration: histogram(
+                &r,
+                "pgbudget_transaction_duration_seconds",
+                "Time from a transaction's first message to its idle ReadyForQuery",
+                vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0],
+            ),
+            registry: r,
+        };
+        for reason in REJECT_REASONS {
+            m.clients_rejected.with_label_values(&[reason]);
+        }
+        m
+    }
+
+    /// Resolve the hot-path handles of one pool (also makes its series visible at zero).
+    pub fn pool(&self, service: &str, route: &str) -> PoolMetrics {
+        let l = [service, route];
+        for kind in ["connect", "query_error", "server_error", "reset"] {
+            self.server_errors.with_label_values(&[service, route, kind]);
+        }
+        PoolMetrics {
+            checkout_timeouts: self.checkout_timeouts.with_label_values(&l),
+            transactions: self.transactions.with_label_values(&l),
+            queries: self.queries.with_label_values(&l),
+            bytes_from_client: self.bytes.with_label_values(&[service, route, "client_to_server"]),
+            bytes_to_client: self.bytes.with_label_values(&[service, route, "server_to_client"]),
+            checkout_wait: self.checkout_wait.with_label_values(&l),
+            tx_duration: self.tx_duration.with_label_values(&l),
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is utf-8")
+    }
+}

@@ -1,0 +1,166 @@
+//! Pool statistics read from live state: one source for the gauges, `/pools`, `SHOW POOLS` and the snapshot log.
+
+use crate::app::App;
+use crate::config::PoolMode;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tracing::info;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolRow {
+    pub service: String,
+    pub route: &'static str,
+    pub upstream: String,
+    pub pool_mode: &'static str,
+    pub slice: u32,
+    /// Most server connections this process may open for the pool.
+    pub share: u32,
+    pub size: u32,
+    pub available: u32,
+    pub in_use: u32,
+    pub waiting: u32,
+    pub checkout_timeouts: u64,
+    pub transactions: u64,
+    pub queries: u64,
+    /// Read-only routes only: `replica`, `primary_fallthrough` or `disabled`.
+    pub ro_routes_to: Option<&'static str>,
+    pub ro_dsn_configured: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamRow {
+    pub upstream: String,
+    pub ceiling: u32,
+    pub reserved: u32,
+    pub slices: u32,
+    pub open: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub pools: Vec<PoolRow>,
+    pub upstreams: Vec<UpstreamRow>,
+    pub clients: i64,
+}
+
+impl App {
+    /// Read every pool's live figures (and refresh the gauges from them).
+    pub fn snapshot(&self) -> Snapshot {
+        let mut pools = Vec::new();
+        for p in self.pools.pools.values() {
+            let b = p.budget();
+            let st = p.pool.status();
+            let route = p.route.as_str();
+            let row = PoolRow {
+                service: b.name.clone(),
+                route,
+                upstream: b.upstream.clone(),
+                pool_mode: match b.pool_mode() {
+                    PoolMode::Session => "session",
+                    PoolMode::Transaction => "transaction",
+                },
+                slice: b.slice,
+                share: b.share,
+                size: st.size as u32,
+                available: st.available as u32,
+                in_use: (st.size - st.available) as u32,
+                waiting: st.waiting as u32,
+                checkout_timeouts: p.metrics.checkout_timeouts.get(),
+                transactions: p.metrics.transactions.get(),
+                queries: p.metrics.queries.get(),
+                ro_routes_to: None,
+                ro_dsn_configured: false,
+            };
+            let l = [row.service.as_str(), route];
+            let m = &self.metrics;
+            m.pool_size.with_label_values(&l).set(row.size as i64);
+            m.pool_available.with_label_values(&l).set(row.available as i64);
+            m.pool_waiting.with_label_values(&l).set(row.waiting as i64);
+            m.pool_max.with_label_values(&l).set(row.share as i64);
+            pools.push(row);
+        }
+        let upstreams = self
+            .pools
+            .upstreams
+            .values()
+            .map(|u| {
+                let t = &u.target;
+                let slices = self.resolved.services.values().filter(|s| s.upstream == t.name).map(|s| s.slice).sum();
+                let row = UpstreamRow {
+                    upstream: t.name.clone(),
+                    ceiling: t.ceiling,
+                    reserved: t.reserved,
+                    slices,
+                    open: u.open_connections(),
+                };
+                self.metrics.upstream_open.with_label_values(&[&row.upstream]).set(row.open as i64);
+                self.metrics.upstream_ceiling.with_label_values(&[&row.upstream]).set(row.ceiling as i64);
+                row
+            })
+            .collect();
+        Snapshot { pools, upstreams, clients: self.metrics.clients_active.get() }
+    }
+
+    /// Start the periodic snapshot log once; later calls do nothing. Stops with the process.
+    pub fn start_snapshot_log(self: &std::sync::Arc<Self>) {
+        let every = self.resolved.config.admin.pool_log_interval;
+        if every.is_zero() || self.snapshot_started.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let app = self.clone();
+        self.tasks.spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            let mut last_timeouts = std::collections::HashMap::new();
+            let mut last_rejected = app.rejected_total();
+            loop {
+                tokio::select! {
+                    _ = app.shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let snap = app.snapshot();
+                let rejected = app.rejected_total();
+                info!(target: "pgbudget::snapshot", interval = ?every, "pool snapshot {}",
+                    snapshot_line(&snap, &mut last_timeouts, rejected - last_rejected));
+                last_rejected = rejected;
+            }
+        });
+    }
+
+    fn rejected_total(&self) -> u64 {
+        crate::metrics::REJECT_REASONS.iter().map(|r| self.metrics.clients_rejected.with_label_values(&[r]).get()).sum()
+    }
+}
+
+/// `pool=web/rw size=3 idle=2 waiting=0 share=15 timeouts=0 ... upstream=primary open=3 ceiling=97 rejected=0`.
+pub fn snapshot_line(
+    snap: &Snapshot,
+    last_timeouts: &mut std::collections::HashMap<String, u64>,
+    rejected_since: u64,
+) -> String {
+    let mut line = String::new();
+    for p in &snap.pools {
+        let key = format!("{}/{}", p.service, p.route);
+        let prev = last_timeouts.insert(key.clone(), p.checkout_timeouts).unwrap_or(0);
+        let _ = write!(
+            line,
+            "pool={key} size={} idle={} waiting={} share={} timeouts={} ",
+            p.size,
+            p.available,
+            p.waiting,
+            p.share,
+            p.checkout_timeouts - prev
+        );
+    }
+    for u in &snap.upstreams {
+        let _ = write!(line, "upstream={} open={} ceiling={} ", u.upstream, u.open, u.ceiling);
+    }
+    let _ = write!(line, "clients={} rejected={rejected_since}", snap.clients);
+    line
+}
+
+/// Parse a duration given as seconds or humantime (`60`, `60s`, `1m`).
+pub fn parse_interval(s: &str) -> Option<Duration> {
+    s.parse::<u64>().map(Duration::from_secs).ok().or_else(|| humantime_serde::re::humantime::parse_duration(s).ok())
+}
