@@ -24,6 +24,9 @@ enum Cmd {
         /// Override `proxy.listen`.
         #[arg(long, env = "PGBUDGET_LISTEN")]
         listen: Option<String>,
+        /// Override `admin.listen` ("" disables the admin HTTP listener).
+        #[arg(long, env = "PGBUDGET_ADMIN_LISTEN")]
+        admin_listen: Option<String>,
         /// `text` or `json`.
         #[arg(long, env = "PGBUDGET_LOG_FORMAT", default_value = "text")]
         log_format: String,
@@ -76,7 +79,7 @@ fn main() -> ExitCode {
             println!("{}", postgres_protocol::password::scram_sha_256(pw.trim_end_matches(['\r', '\n']).as_bytes()));
             ExitCode::SUCCESS
         }
-        Cmd::Run { config, listen, log_format } => {
+        Cmd::Run { config, listen, admin_listen, log_format } => {
             init_logs(&log_format);
             let mut resolved = match load(&config, &env) {
                 Ok(r) => r,
@@ -88,6 +91,9 @@ fn main() -> ExitCode {
             };
             if let Some(l) = listen {
                 resolved.config.proxy.listen = l;
+            }
+            if let Some(l) = admin_listen {
+                resolved.config.admin.listen = l;
             }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             rt.block_on(run(resolved, env))

@@ -194,6 +194,8 @@ impl Proxy {
             .args(["run", "--config"])
             .arg(&path)
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            // Tests run in parallel: no admin listener unless the test's config asks for one.
+            .args(if config.contains("[admin]") { vec![] } else { vec!["--admin-listen", ""] })
             .env("RUST_LOG", "debug")
             .env_remove("RAILWAY_SERVICE_NAME")
             .envs(env.iter().copied())
