@@ -190,6 +190,10 @@ impl Relay {
 
     /// Pump messages until the client leaves, the proxy shuts down, or an error ends the session.
     pub async fn run(&mut self, sock: &mut TcpStream) -> Result<Outcome, ProxyError> {
+        // One shutdown waiter for the whole session, not one registration per loop turn.
+        let token = self.app.shutdown.clone();
+        let cancelled = token.cancelled();
+        tokio::pin!(cancelled);
         loop {
             if self.server.is_none() {
                 if self.draining || self.app.shutdown.is_cancelled() {
@@ -197,7 +201,7 @@ impl Relay {
                 }
                 if self.cbuf.is_empty() {
                     let n = tokio::select! {
-                        _ = self.app.shutdown.cancelled() => return Ok(Outcome::ShuttingDown),
+                        _ = &mut cancelled => return Ok(Outcome::ShuttingDown),
                         r = sock.read_buf(&mut self.cbuf) => r.map_err(ProxyError::ClientIo)?,
                     };
                     if n == 0 {
@@ -232,7 +236,7 @@ impl Relay {
                 tokio::select! {
                     r = sock.read_buf(&mut self.cbuf) => Ev::Client(r),
                     r = conn.stream.read_buf(&mut self.sbuf) => Ev::Server(r),
-                    _ = self.app.shutdown.cancelled(), if !self.draining => Ev::Shutdown,
+                    _ = &mut cancelled, if !self.draining => Ev::Shutdown,
                 }
             };
             match ev {
