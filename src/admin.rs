@@ -94,9 +94,14 @@ async fn pools(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         .resolved
         .services
         .values()
-        .map(|s| json!({ "service": s.name, "upstream": s.upstream, "slice": s.slice, "share": s.share }))
+        .map(|s| json!({ "service": s.name, "upstream": s.upstream, "slice": s.slice, "share": s.share, "ro_share": s.ro_share }))
         .collect();
-    Json(json!({ "pools": snap.pools, "budget": budget, "upstreams": ceiling_sum, "clients": snap.clients }))
+    let ro = json!({
+        "database": app.resolved.config.read_only.database,
+        "routes_to": app.resolved.ro_routing(),
+        "ro_dsn_configured": app.resolved.replica.is_some(),
+    });
+    Json(json!({ "pools": snap.pools, "budget": budget, "upstreams": ceiling_sum, "clients": snap.clients, "read_only": ro }))
 }
 
 #[derive(Deserialize)]

@@ -25,8 +25,10 @@ pub struct ServiceBudget {
     pub name: String,
     pub upstream: String,
     pub slice: u32,
-    /// What this process may open: the slice, or its per-process split.
+    /// What this process may open on the read-write route: the slice (or its per-process split) less `ro_share`.
     pub share: u32,
+    /// What this process may open on the read-only route (0: route disabled for this service).
+    pub ro_share: u32,
     pub settings: ServiceConfig,
 }
 
@@ -42,6 +44,8 @@ pub struct Resolved {
     pub config: Config,
     pub upstreams: BTreeMap<String, UpstreamTarget>,
     pub services: BTreeMap<String, ServiceBudget>,
+    /// The read-only route's replica, when one is configured.
+    pub replica: Option<UpstreamTarget>,
     /// Sidecar mode: the service every client belongs to.
     pub sidecar_service: Option<String>,
     pub processes: u32,
@@ -144,6 +148,29 @@ impl Resolved {
         let processes = if p.split_per_process { env.processes() } else { 1 };
         let mut services = BTreeMap::new();
         let mut sums: BTreeMap<&str, u32> = BTreeMap::new();
+        let ro = &config.read_only;
+        let mut replica = None;
+        if !ro.replica_url.is_empty() {
+            if ro.database.is_empty() {
+                v.push("read_only.replica_url is set but read_only.database (the route's alias) is empty".into());
+            }
+            if !(1..=MAX_CEILING).contains(&ro.replica_ceiling) {
+                v.push(format!("read_only.replica_ceiling = {} is out of range (1 ..= {MAX_CEILING})", ro.replica_ceiling));
+            }
+            match parse_upstream_url("replica", &ro.replica_url, env) {
+                Ok(mut t) => {
+                    t.ceiling = ro.replica_ceiling;
+                    replica = Some(t);
+                }
+                Err(e) => v.push(e.replace("upstreams.replica.url", "read_only.replica_url")),
+            }
+        }
+        if !ro.database.is_empty()
+            && (ro.database == config.admin.console_database || upstreams.values().any(|u| u.database == ro.database))
+        {
+            v.push(format!("read_only.database = {:?} must differ from every real database and the console", ro.database));
+        }
+        let mut replica_sum = 0;
         for (name, s) in &config.services {
             let at = format!("services.{name}");
             if !valid_name(name) {
@@ -152,9 +179,17 @@ impl Resolved {
             if s.slice < p.slice_floor {
                 v.push(format!("{at}.slice = {} is below the floor of {}", s.slice, p.slice_floor));
             }
+            if s.read_only_share > 0 && ro.database.is_empty() {
+                v.push(format!("{at}.read_only_share = {} needs [read_only] database = \"<alias>\"", s.read_only_share));
+            }
+            if s.read_only_share >= s.slice.max(1) {
+                v.push(format!("{at}.read_only_share = {} leaves nothing of slice {}", s.read_only_share, s.slice));
+            }
+            let on_replica = if replica.is_some() { s.read_only_share.min(s.slice) } else { 0 };
+            replica_sum += on_replica;
             match config.upstreams.get(&s.upstream) {
                 None => v.push(format!("{at}.upstream = {:?} is not a declared upstream", s.upstream)),
-                Some(_) => *sums.entry(s.upstream.as_str()).or_default() += s.slice,
+                Some(_) => *sums.entry(s.upstream.as_str()).or_default() += s.slice - on_replica,
             }
             let ms = Duration::from_millis;
             let h = Duration::from_secs(3600);
@@ -164,7 +199,13 @@ impl Resolved {
             check_duration(&mut v, &format!("{at}.server_lifetime"), s.server_lifetime, ms(1000), 24 * h);
             check_duration(&mut v, &format!("{at}.server_check_delay"), s.server_check_delay, ms(0), h);
             check_duration(&mut v, &format!("{at}.reset_timeout"), s.reset_timeout, ms(100), ms(600_000));
-            let share = if processes > 1 { (s.slice / processes).max(p.share_floor).min(s.slice) } else { s.slice };
+            let total = if processes > 1 { (s.slice / processes).max(p.share_floor).min(s.slice) } else { s.slice };
+            let ro_share = match s.read_only_share {
+                0 => 0,
+                r if processes > 1 => r.div_ceil(processes).min(total.saturating_sub(1)).max(1),
+                r => r.min(total.saturating_sub(1)),
+            };
+            let share = total - ro_share;
             services.insert(
                 name.clone(),
                 ServiceBudget {
@@ -172,6 +213,7 @@ impl Resolved {
                     upstream: s.upstream.clone(),
                     slice: s.slice,
                     share,
+                    ro_share,
                     settings: s.clone(),
                 },
             );
@@ -184,6 +226,15 @@ impl Resolved {
                     u.reserved,
                     sum + u.reserved,
                     u.ceiling
+                ));
+            }
+        }
+
+        if let Some(r) = &replica {
+            if replica_sum > r.ceiling {
+                v.push(format!(
+                    "replica: read_only_share values sum to {replica_sum} which exceeds read_only.replica_ceiling of {}",
+                    r.ceiling
                 ));
             }
         }
@@ -240,22 +291,47 @@ impl Resolved {
         if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::stats::parse_interval) {
             config.admin.pool_log_interval = d;
         }
-        Ok(Resolved { config, upstreams, services, sidecar_service, processes })
+        Ok(Resolved { config, upstreams, services, replica, sidecar_service, processes })
+    }
+
+    /// Slices an upstream carries: every service on it, less read-only shares served by a replica.
+    pub fn upstream_slices(&self, name: &str) -> u32 {
+        let on_replica = |s: &ServiceBudget| if self.replica.is_some() { s.settings.read_only_share } else { 0 };
+        self.services.values().filter(|s| s.upstream == name).map(|s| s.slice - on_replica(s)).sum()
+    }
+
+    /// Where read-only routes go: `replica`, `primary_fallthrough`, or `disabled` when no alias is set.
+    pub fn ro_routing(&self) -> &'static str {
+        if self.config.read_only.database.is_empty() {
+            "disabled"
+        } else if self.replica.is_some() {
+            "replica"
+        } else {
+            "primary_fallthrough"
+        }
     }
 
     /// The budget table `pgbudget check` prints.
     pub fn table(&self) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "{:<16} {:<12} {:>6} {:>6} {:<12}", "service", "upstream", "slice", "share", "pool_mode");
+        let _ = writeln!(
+            out,
+            "{:<16} {:<12} {:>6} {:>6} {:>8} {:<12}",
+            "service", "upstream", "slice", "share", "ro_share", "pool_mode"
+        );
         for s in self.services.values() {
             let mode = match s.pool_mode() {
                 PoolMode::Session => "session",
                 PoolMode::Transaction => "transaction",
             };
-            let _ = writeln!(out, "{:<16} {:<12} {:>6} {:>6} {:<12}", s.name, s.upstream, s.slice, s.share, mode);
+            let _ = writeln!(
+                out,
+                "{:<16} {:<12} {:>6} {:>6} {:>8} {:<12}",
+                s.name, s.upstream, s.slice, s.share, s.ro_share, mode
+            );
         }
         for u in self.upstreams.values() {
-            let sum: u32 = self.services.values().filter(|s| s.upstream == u.name).map(|s| s.slice).sum();
+            let sum = self.upstream_slices(&u.name);
             let _ = writeln!(
                 out,
                 "upstream {}: slices {} + reserved {} = {} of ceiling {} (headroom {})",
@@ -267,6 +343,11 @@ impl Resolved {
                 u.ceiling - sum - u.reserved
             );
         }
+        if let Some(r) = &self.replica {
+            let sum: u32 = self.services.values().map(|s| s.settings.read_only_share).sum();
+            let _ = writeln!(out, "replica {}:{}: read-only shares {} of ceiling {}", r.host, r.port, sum, r.ceiling);
+        }
+        let _ = writeln!(out, "read-only route: {} (database alias {:?})", self.ro_routing(), self.config.read_only.database);
         let _ = writeln!(out, "processes per slice: {}", self.processes);
         if let Some(s) = &self.sidecar_service {
             let _ = writeln!(out, "sidecar service: {s}");

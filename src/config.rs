@@ -29,6 +29,8 @@ pub struct Config {
     pub auth: AuthSection,
     #[serde(default)]
     pub admin: AdminSection,
+    #[serde(default)]
+    pub read_only: ReadOnlySection,
     pub upstreams: BTreeMap<String, Upstream>,
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -111,6 +113,35 @@ impl Default for AdminSection {
     }
 }
 
+/// What a read-only route does when its replica cannot be reached.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaDown {
+    /// Serve from the primary, with read-only enforced.
+    Fallthrough,
+    /// Refuse with 08006.
+    Refuse,
+}
+
+/// The read-only route: clients reach it by connecting to `database` instead of the real database name.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ReadOnlySection {
+    /// Alias database name of the route (e.g. `app_ro`); empty disables read-only routes.
+    pub database: String,
+    /// Replica URL (`${ENV}` expanded); empty: the primary serves the route, with enforcement.
+    pub replica_url: String,
+    /// Connection ceiling of the replica.
+    pub replica_ceiling: u32,
+    pub on_replica_down: ReplicaDown,
+}
+
+impl Default for ReadOnlySection {
+    fn default() -> Self {
+        Self { database: String::new(), replica_url: String::new(), replica_ceiling: 97, on_replica_down: ReplicaDown::Fallthrough }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 pub enum AuthMethod {
     #[serde(rename = "scram-sha-256")]
@@ -169,6 +200,9 @@ pub enum PoolMode {
 #[derive(Debug, Clone, Deserialize)]
 pub struct ServiceConfig {
     pub slice: u32,
+    /// Part of the slice for the read-only route (0: the route is disabled for this service).
+    #[serde(default)]
+    pub read_only_share: u32,
     #[serde(default = "default_upstream")]
     pub upstream: String,
     #[serde(default = "default_pool_mode")]

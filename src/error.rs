@@ -22,6 +22,10 @@ pub enum ProxyError {
     Upstream { upstream: String, source: ServerError },
     #[error("server rejected session setting: {code} {message}")]
     ServerRejected { code: String, message: String },
+    #[error("read-only route {route}: refused {what}")]
+    ReadOnly { route: String, what: String },
+    #[error("service {service} has no read-only route {route}")]
+    RouteDisabled { service: String, route: String },
     #[error("invalid startup parameter {0:?}")]
     BadParameter(String),
     #[error("proxy is shutting down")]
@@ -41,6 +45,8 @@ impl ProxyError {
             ProxyError::BudgetExhausted { .. } => "budget_exhausted",
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::ServerRejected { .. } => "server_rejected",
+            ProxyError::ReadOnly { .. } => "read_only",
+            ProxyError::RouteDisabled { .. } => "route_disabled",
             ProxyError::BadParameter(_) => "bad_parameter",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::ClientIo(_) => "client_io",
@@ -76,6 +82,14 @@ impl ProxyError {
                 _ => (Error, "08006", format!("pgbudget cannot reach upstream \"{upstream}\": {source}")),
             },
             ProxyError::ServerRejected { code, message } => (Error, code.as_str(), message.clone()),
+            ProxyError::ReadOnly { route, what } => {
+                (Fatal, "25006", format!("pgbudget: read-only route \"{route}\" refuses {what}"))
+            }
+            ProxyError::RouteDisabled { service, route } => (
+                Fatal,
+                "3D000",
+                format!("read-only route \"{route}\" is disabled for service \"{service}\" (read_only_share = 0)"),
+            ),
             ProxyError::BadParameter(p) => (Fatal, "08P01", format!("unsupported startup parameter \"{p}\"")),
             ProxyError::ShuttingDown => (Fatal, "57P01", "pgbudget is shutting down".into()),
             ProxyError::ClientIo(e) => (Fatal, "08006", format!("client connection failed: {e}")),
@@ -106,6 +120,8 @@ mod tests {
             ProxyError::BudgetExhausted { service: "w".into(), share: 3, waited: Duration::from_millis(5) },
             ProxyError::Upstream { upstream: "p".into(), source: ServerError::Closed },
             ProxyError::ServerRejected { code: "22023".into(), message: "bad value".into() },
+            ProxyError::ReadOnly { route: "r".into(), what: "x".into() },
+            ProxyError::RouteDisabled { service: "s".into(), route: "r".into() },
             ProxyError::BadParameter("p".into()),
             ProxyError::ShuttingDown,
             ProxyError::ClientIo(std::io::Error::other("x")),

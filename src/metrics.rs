@@ -7,8 +7,17 @@ use prometheus::{
 };
 
 /// Why a client connection was refused or ended at login (fixed set, never client text).
-pub const REJECT_REASONS: [&str; 8] =
-    ["auth", "unknown_service", "unknown_database", "bad_parameter", "shutting_down", "budget", "upstream", "protocol"];
+pub const REJECT_REASONS: [&str; 9] = [
+    "auth",
+    "unknown_service",
+    "unknown_database",
+    "bad_parameter",
+    "read_only",
+    "shutting_down",
+    "budget",
+    "upstream",
+    "protocol",
+];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -26,6 +35,7 @@ pub struct Metrics {
     transactions: IntCounterVec,
     queries: IntCounterVec,
     pub server_errors: IntCounterVec,
+    pub ro_violations: IntCounterVec,
     bytes: IntCounterVec,
     checkout_wait: HistogramVec,
     tx_duration: HistogramVec,
@@ -129,6 +139,12 @@ impl Metrics {
                 "pgbudget_server_errors_total",
                 "Errors from or about server connections, by kind",
                 &["service", "route", "kind"],
+            ),
+            ro_violations: counter(
+                &r,
+                "pgbudget_ro_violations_total",
+                "Statements a read-only route refused (write or bypass attempts)",
+                &["service", "route"],
             ),
             bytes: counter(
                 &r,

@@ -2,6 +2,9 @@
 //! and by the upstream ceiling (a semaphore whose permits live inside each connection).
 
 use crate::budget::{Resolved, ServiceBudget, UpstreamTarget};
+use crate::config::ReplicaDown;
+use std::sync::atomic::{AtomicU8, Ordering};
+use tracing::warn;
 use crate::error::ProxyError;
 use crate::server::{ServerConn, ServerError};
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType};
@@ -48,6 +51,10 @@ pub struct Manager {
     pub budget: ServiceBudget,
     pub application_name: String,
     pub route: Route,
+    /// Read-only pools: the replica to try first, and what to do when it is down.
+    pub replica: Option<Arc<UpstreamState>>,
+    pub on_replica_down: ReplicaDown,
+    routes_to: AtomicU8,
     /// ParameterStatus set of the first connection made; what clients see in transaction mode.
     pub template: RwLock<Option<Arc<HashMap<String, String>>>>,
 }
@@ -57,25 +64,31 @@ impl managed::Manager for Manager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConn, ServerError> {
-        let permit = self
-            .upstream
-            .permits
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ServerError::CeilingReached(self.upstream.target.ceiling))?;
-        let s = &self.budget.settings;
-        let mut conn =
-            ServerConn::connect(&self.upstream.target, &self.application_name, s.connect_timeout, permit).await?;
-        conn.register(&self.upstream.servers, &self.budget.name, self.route.as_str());
-        let mut t = self.template.write().unwrap_or_else(|e| e.into_inner());
-        if t.is_none() {
-            *t = Some(Arc::new(conn.params.clone()));
+        if self.route == Route::ReadWrite {
+            return self.connect_via(&self.upstream).await;
         }
-        Ok(conn)
+        if let Some(replica) = &self.replica {
+            match self.connect_via(replica).await {
+                Ok(c) => {
+                    self.routes_to.store(RO_REPLICA, Ordering::Relaxed);
+                    return self.enforce_read_only(c).await;
+                }
+                Err(e) if self.on_replica_down == ReplicaDown::Refuse => return Err(e),
+                Err(e) => {
+                    warn!(kind = "replica", cause = %e, service = %self.budget.name, "replica unreachable; read-only route falls through to the primary with read-only enforced");
+                    self.routes_to.store(RO_FALLTHROUGH, Ordering::Relaxed);
+                }
+            }
+        }
+        let c = self.connect_via(&self.upstream).await?;
+        self.enforce_read_only(c).await
     }
 
     async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<ServerError> {
         let s = &self.budget.settings;
+        if self.route == Route::ReadOnly && conn.params.get(RO_GUC).is_some_and(|v| v != "on") {
+            return Err(RecycleError::message("read-only no longer in force"));
+        }
         let idle = conn.last_checkin.elapsed();
         if conn.broken {
             return Err(RecycleError::message("broken"));
@@ -94,6 +107,64 @@ impl managed::Manager for Manager {
     }
 }
 
+impl Manager {
+    /// Open a server connection to `up`, holding one of its ceiling permits.
+    async fn connect_via(&self, up: &Arc<UpstreamState>) -> Result<ServerConn, ServerError> {
+        let permit =
+            up.permits.clone().try_acquire_owned().map_err(|_| ServerError::CeilingReached(up.target.ceiling))?;
+        let s = &self.budget.settings;
+        let mut conn = ServerConn::connect(&up.target, &self.application_name, s.connect_timeout, permit).await?;
+        conn.register(&up.servers, &self.budget.name, self.route.as_str());
+        let mut t = self.template.write().unwrap_or_else(|e| e.into_inner());
+        if t.is_none() {
+            *t = Some(Arc::new(conn.params.clone()));
+        }
+        Ok(conn)
+    }
+
+    /// `SET SESSION default_transaction_read_only = on` and check the server reports it.
+    async fn enforce_read_only(&self, mut conn: ServerConn) -> Result<ServerConn, ServerError> {
+        enforce_read_only(&mut conn, self.budget.settings.reset_timeout).await?;
+        let mut t = self.template.write().unwrap_or_else(|e| e.into_inner());
+        if t.as_ref().is_some_and(|t| t.get(RO_GUC).is_some_and(|v| v != "on")) {
+            *t = Some(Arc::new(conn.params.clone()));
+        }
+        Ok(conn)
+    }
+
+    /// Where this read-only pool sends clients now (1 replica, 2 primary_fallthrough, 3 disabled).
+    pub fn routes_to(&self) -> u8 {
+        self.routes_to.load(Ordering::Relaxed)
+    }
+}
+
+/// The setting read-only routes force on every server connection.
+pub const RO_GUC: &str = "default_transaction_read_only";
+pub const RO_REPLICA: u8 = 1;
+pub const RO_FALLTHROUGH: u8 = 2;
+pub const RO_DISABLED: u8 = 3;
+
+pub fn routes_to_name(v: u8) -> &'static str {
+    match v {
+        RO_REPLICA => "replica",
+        RO_FALLTHROUGH => "primary_fallthrough",
+        _ => "disabled",
+    }
+}
+
+/// Force and verify read-only on a server connection (also after any reset).
+pub async fn enforce_read_only(conn: &mut ServerConn, timeout: Duration) -> Result<(), ServerError> {
+    conn.simple("SET SESSION default_transaction_read_only = on", timeout).await?;
+    // Postgres 14+ reports this setting; older servers accept the SET without a report.
+    match conn.params.get(RO_GUC).map(String::as_str) {
+        Some("on") | None => Ok(()),
+        Some(other) => {
+            conn.broken = true;
+            Err(ServerError::Postgres { code: "25006".into(), message: format!("read-only not in force ({RO_GUC} = {other})") })
+        }
+    }
+}
+
 pub type Pool = managed::Pool<Manager>;
 pub type PooledConn = managed::Object<Manager>;
 
@@ -105,6 +176,11 @@ pub struct ServicePool {
 }
 
 impl ServicePool {
+    /// Most server connections this pool may hold (the route's share).
+    pub fn share(&self) -> u32 {
+        self.pool.status().max_size as u32
+    }
+
     pub fn budget(&self) -> &ServiceBudget {
         &self.pool.manager().budget
     }
@@ -117,7 +193,7 @@ impl ServicePool {
         match self.pool.get().await {
             Ok(c) => Ok(c),
             Err(PoolError::Timeout(TimeoutType::Wait)) | Err(PoolError::Backend(ServerError::CeilingReached(_))) => {
-                Err(ProxyError::BudgetExhausted { service: b.name.clone(), share: b.share, waited: started.elapsed() })
+                Err(ProxyError::BudgetExhausted { service: b.name.clone(), share: self.share(), waited: started.elapsed() })
             }
             Err(PoolError::Timeout(_)) => {
                 Err(ProxyError::Upstream { upstream: up(), source: ServerError::Timeout(b.settings.connect_timeout) })
@@ -157,35 +233,44 @@ pub struct Pools {
 
 impl Pools {
     pub fn build(r: &Resolved, metrics: &crate::metrics::Metrics) -> Pools {
-        let upstreams: BTreeMap<_, _> = r
-            .upstreams
-            .iter()
-            .map(|(n, t)| {
-                let permits = Arc::new(Semaphore::new((t.ceiling - t.reserved) as usize));
-                (n.clone(), Arc::new(UpstreamState { target: t.clone(), permits, servers: Default::default() }))
-            })
-            .collect();
+        let state = |t: &UpstreamTarget| {
+            let permits = Arc::new(Semaphore::new((t.ceiling - t.reserved) as usize));
+            Arc::new(UpstreamState { target: t.clone(), permits, servers: Default::default() })
+        };
+        let mut upstreams: BTreeMap<_, _> = r.upstreams.iter().map(|(n, t)| (n.clone(), state(t))).collect();
+        let replica = r.replica.as_ref().map(state);
+        if let Some(rep) = &replica {
+            upstreams.insert(rep.target.name.clone(), rep.clone());
+        }
         let mut pools = BTreeMap::new();
         for (name, b) in &r.services {
-            let route = Route::ReadWrite;
-            let s = &b.settings;
-            let mgr = Manager {
-                upstream: upstreams[&b.upstream].clone(),
-                budget: b.clone(),
-                route,
-                application_name: format!("{}:{}:{}", r.config.proxy.application_name_prefix, name, route.as_str()),
-                template: RwLock::new(None),
-            };
-            let pool = managed::Pool::builder(mgr)
-                .max_size(b.share as usize)
-                .wait_timeout(Some(s.checkout_timeout))
-                .create_timeout(Some(s.connect_timeout + Duration::from_millis(100)))
-                .recycle_timeout(Some(s.connect_timeout + Duration::from_millis(100)))
-                .runtime(deadpool::Runtime::Tokio1)
-                .build()
-                .expect("runtime and timeouts are set");
-            let metrics = metrics.pool(name, route.as_str());
-            pools.insert((name.clone(), route), Arc::new(ServicePool { pool, route, metrics }));
+            for (route, share) in [(Route::ReadWrite, b.share), (Route::ReadOnly, b.ro_share)] {
+                if share == 0 {
+                    continue;
+                }
+                let s = &b.settings;
+                let initial = if replica.is_some() { RO_REPLICA } else { RO_FALLTHROUGH };
+                let mgr = Manager {
+                    upstream: upstreams[&b.upstream].clone(),
+                    budget: b.clone(),
+                    route,
+                    replica: replica.clone(),
+                    on_replica_down: r.config.read_only.on_replica_down,
+                    routes_to: AtomicU8::new(if route == Route::ReadOnly { initial } else { RO_DISABLED }),
+                    application_name: format!("{}:{}:{}", r.config.proxy.application_name_prefix, name, route.as_str()),
+                    template: RwLock::new(None),
+                };
+                let pool = managed::Pool::builder(mgr)
+                    .max_size(share as usize)
+                    .wait_timeout(Some(s.checkout_timeout))
+                    .create_timeout(Some(2 * s.connect_timeout + Duration::from_millis(100)))
+                    .recycle_timeout(Some(s.connect_timeout + Duration::from_millis(100)))
+                    .runtime(deadpool::Runtime::Tokio1)
+                    .build()
+                    .expect("runtime and timeouts are set");
+                let metrics = metrics.pool(name, route.as_str());
+                pools.insert((name.clone(), route), Arc::new(ServicePool { pool, route, metrics }));
+            }
         }
         Pools { upstreams, pools }
     }

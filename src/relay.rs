@@ -9,7 +9,9 @@ use crate::app::App;
 use crate::cancel::{ClientKey, ServerKey};
 use crate::config::PoolMode;
 use crate::error::ProxyError;
-use crate::pool::{PooledConn, ServicePool};
+use crate::pool::{PooledConn, Route, ServicePool};
+use crate::ro_filter::RoFilter;
+use std::net::SocketAddr;
 use crate::protocol::{self, Event, ProtocolError, Scanner, Severity};
 use crate::server::{ServerConn, ServerError};
 use bytes::{Buf, BytesMut};
@@ -63,6 +65,9 @@ pub struct Relay {
     mode: PoolMode,
     /// When the current transaction's first message was relayed.
     tx_started: Option<Instant>,
+    /// Read-only routes: the statement filter, and the client address for the audit log.
+    ro: Option<RoFilter>,
+    peer: SocketAddr,
 }
 
 /// What a server chunk contained that the proxy reports on.
@@ -80,8 +85,15 @@ enum Ev {
 }
 
 impl Relay {
-    pub fn new(app: Arc<App>, pool: Arc<ServicePool>, key: ClientKey, desired: BTreeMap<String, String>) -> Relay {
+    pub fn new(
+        app: Arc<App>,
+        pool: Arc<ServicePool>,
+        key: ClientKey,
+        desired: BTreeMap<String, String>,
+        peer: SocketAddr,
+    ) -> Relay {
         let mode = pool.budget().pool_mode();
+        let ro = (pool.route == Route::ReadOnly).then(|| RoFilter::new(&app.resolved.config.read_only.database));
         Relay {
             app,
             pool,
@@ -96,6 +108,8 @@ impl Relay {
             draining: false,
             mode,
             tx_started: None,
+            ro,
+            peer,
         }
     }
 
@@ -283,14 +297,29 @@ impl Relay {
 
     /// Scan and forward buffered client bytes; true when the client sent Terminate.
     async fn forward_client(&mut self) -> Result<bool, ProxyError> {
-        let st = &mut self.st;
-        let mut terminate_at = None;
-        let mut queries = 0u64;
         if self.tx_started.is_none() {
             self.tx_started = Some(Instant::now());
         }
+        // Read-only routes pass whole messages through the policy filter; others forward the bytes as read.
+        let (bytes, consumed) = match self.ro.as_mut() {
+            Some(f) => {
+                let mut violations = Vec::new();
+                let consumed = f.filter(&self.cbuf, &mut violations)?;
+                for v in violations {
+                    let b = self.pool.budget();
+                    self.app.metrics.ro_violations.with_label_values(&[&b.name, &f.route]).inc();
+                    warn!(kind = "read_only_violation", service = %b.name, route = %f.route, client = %self.peer,
+                        fingerprint = %v.fingerprint, reason = v.reason, "read-only route refused a statement");
+                }
+                (&f.out[..], consumed)
+            }
+            None => (&self.cbuf[..], self.cbuf.len()),
+        };
+        let st = &mut self.st;
+        let mut terminate_at = None;
+        let mut queries = 0u64;
         self.cscan.feed::<ProxyError>(
-            &self.cbuf,
+            bytes,
             |_| false,
             |ev| {
                 if let Event::Start { kind, at, .. } = ev {
@@ -317,18 +346,18 @@ impl Relay {
                 Ok(())
             },
         )?;
-        let end = terminate_at.unwrap_or(self.cbuf.len());
+        let end = terminate_at.unwrap_or(bytes.len());
         self.pool.metrics.queries.inc_by(queries);
         self.pool.metrics.bytes_from_client.inc_by(end as u64);
         let conn = self.server.as_mut().expect("attached");
-        if let Err(e) = conn.stream.write_all(&self.cbuf[..end]).await {
+        if let Err(e) = conn.stream.write_all(&bytes[..end]).await {
             conn.broken = true;
             return Err(ProxyError::Upstream {
                 upstream: self.pool.budget().upstream.clone(),
                 source: ServerError::Connect(e),
             });
         }
-        self.cbuf.clear();
+        self.cbuf.advance(consumed);
         Ok(terminate_at.is_some())
     }
 
@@ -400,7 +429,7 @@ impl Relay {
         }
         let st = self.st;
         let mut sscan = std::mem::take(&mut self.sscan);
-        let result = tokio::time::timeout(deadline, cleanup(&mut conn, st, &mut sscan, needs_reset)).await;
+        let result = tokio::time::timeout(deadline, cleanup(&mut conn, st, &mut sscan, needs_reset, self.ro.is_some())).await;
         match result {
             Ok(Ok(())) => {
                 debug!("server connection reset and returned");
@@ -465,7 +494,13 @@ fn scan_server(
 
 /// Bring a server abandoned mid-conversation back to idle: end COPY, close the extended batch, cancel
 /// what still runs, drain replies, roll back, and (session mode) reset session state.
-async fn cleanup(conn: &mut ServerConn, mut st: TxState, sscan: &mut Scanner, reset: bool) -> Result<(), ServerError> {
+async fn cleanup(
+    conn: &mut ServerConn,
+    mut st: TxState,
+    sscan: &mut Scanner,
+    reset: bool,
+    read_only: bool,
+) -> Result<(), ServerError> {
     let mut out = BytesMut::new();
     if st.copy_in {
         let at = protocol::begin(&mut out, b'f');
@@ -507,6 +542,9 @@ async fn cleanup(conn: &mut ServerConn, mut st: TxState, sscan: &mut Scanner, re
     if reset {
         conn.simple("DISCARD ALL", timeout).await?;
         conn.applied.clear();
+        if read_only {
+            crate::pool::enforce_read_only(conn, timeout).await?;
+        }
     }
     Ok(())
 }

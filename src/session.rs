@@ -34,7 +34,7 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
         }
         return;
     }
-    let mut relay = match tokio::time::timeout(LOGIN_TIMEOUT, login(&app, &mut sock, &startup)).await {
+    let mut relay = match tokio::time::timeout(LOGIN_TIMEOUT, login(&app, &mut sock, &startup, peer)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             app.metrics.clients_rejected.with_label_values(&[reject_reason(&e)]).inc();
@@ -72,7 +72,8 @@ fn reject_reason(e: &ProxyError) -> &'static str {
     match e {
         ProxyError::Auth(_) => "auth",
         ProxyError::UnknownService(_) => "unknown_service",
-        ProxyError::UnknownDatabase(_) => "unknown_database",
+        ProxyError::UnknownDatabase(_) | ProxyError::RouteDisabled { .. } => "unknown_database",
+        ProxyError::ReadOnly { .. } => "read_only",
         ProxyError::BadParameter(_) => "bad_parameter",
         ProxyError::ShuttingDown => "shutting_down",
         ProxyError::BudgetExhausted { .. } => "budget",
@@ -185,7 +186,7 @@ pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyEr
 }
 
 /// Authenticate, pick the pool, and greet the client like Postgres would.
-async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup) -> Result<Relay, ProxyError> {
+async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup, peer: SocketAddr) -> Result<Relay, ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
     app.users.authenticate(sock, startup.user(), &mut buf).await?;
     if app.shutdown.is_cancelled() {
@@ -194,14 +195,27 @@ async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup) -> Resul
     let service = service_for(app, startup)?;
     let budget = &app.resolved.services[&service];
     let upstream = &app.resolved.upstreams[&budget.upstream];
-    if startup.database() != upstream.database {
+    let ro_alias = &app.resolved.config.read_only.database;
+    let route = if !ro_alias.is_empty() && startup.database() == ro_alias {
+        Route::ReadOnly
+    } else if startup.database() == upstream.database {
+        Route::ReadWrite
+    } else {
         return Err(ProxyError::UnknownDatabase(startup.database().to_owned()));
-    }
+    };
     let desired = desired_settings(startup)?;
+    if route == Route::ReadOnly {
+        if let Some(k) = desired.keys().find(|k| k.to_ascii_lowercase().contains("transaction_read_only")) {
+            return Err(ProxyError::ReadOnly { route: ro_alias.clone(), what: format!("startup setting {k}") });
+        }
+    }
     let pool: Arc<ServicePool> =
-        app.pools.get(&service, Route::ReadWrite).cloned().ok_or(ProxyError::UnknownService(service.clone()))?;
+        app.pools.get(&service, route).cloned().ok_or_else(|| ProxyError::RouteDisabled {
+            service: service.clone(),
+            route: ro_alias.clone(),
+        })?;
     let key: ClientKey = app.cancels.issue();
-    let mut relay = Relay::new(app.clone(), pool.clone(), key, desired);
+    let mut relay = Relay::new(app.clone(), pool.clone(), key, desired, peer);
 
     // Session mode holds one server for the whole session; transaction mode shows the cached parameter set.
     let mut shown: HashMap<String, String> = if budget.pool_mode() == PoolMode::Session {

@@ -2,6 +2,7 @@
 
 use crate::app::App;
 use crate::config::PoolMode;
+use crate::pool::{routes_to_name, Route, RO_DISABLED};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -62,7 +63,7 @@ impl App {
                     PoolMode::Transaction => "transaction",
                 },
                 slice: b.slice,
-                share: b.share,
+                share: p.share(),
                 size: st.size as u32,
                 available: st.available as u32,
                 in_use: (st.size - st.available) as u32,
@@ -70,8 +71,8 @@ impl App {
                 checkout_timeouts: p.metrics.checkout_timeouts.get(),
                 transactions: p.metrics.transactions.get(),
                 queries: p.metrics.queries.get(),
-                ro_routes_to: None,
-                ro_dsn_configured: false,
+                ro_routes_to: (p.route == Route::ReadOnly).then(|| routes_to_name(p.pool.manager().routes_to())),
+                ro_dsn_configured: self.resolved.replica.is_some(),
             };
             let l = [row.service.as_str(), route];
             let m = &self.metrics;
@@ -79,6 +80,11 @@ impl App {
             m.pool_available.with_label_values(&l).set(row.available as i64);
             m.pool_waiting.with_label_values(&l).set(row.waiting as i64);
             m.pool_max.with_label_values(&l).set(row.share as i64);
+            if p.route == Route::ReadOnly {
+                m.ro_routes_to.with_label_values(&l).set(p.pool.manager().routes_to() as i64);
+            } else if self.pools.get(&row.service, Route::ReadOnly).is_none() {
+                m.ro_routes_to.with_label_values(&[row.service.as_str(), "ro"]).set(RO_DISABLED as i64);
+            }
             pools.push(row);
         }
         let upstreams = self
@@ -87,7 +93,7 @@ impl App {
             .values()
             .map(|u| {
                 let t = &u.target;
-                let slices = self.resolved.services.values().filter(|s| s.upstream == t.name).map(|s| s.slice).sum();
+                let slices = self.resolved.upstream_slices(&t.name);
                 let row = UpstreamRow {
                     upstream: t.name.clone(),
                     ceiling: t.ceiling,

@@ -1,0 +1,159 @@
+//! Read-only route filter: passes whole client messages through the [`readonly`](crate::readonly) policy.
+//!
+//! A refused Query or Parse is not dropped but rewritten into a `DO` block that raises SQLSTATE 25006, so
+//! Postgres itself answers in order and with the transaction semantics it always has (an open transaction
+//! becomes aborted); Binds of a rewritten statement lose their parameters to match. Message counts stay the
+//! same, so the relay's bookkeeping of outstanding replies is unchanged.
+
+use crate::protocol::{self, cstr, ProtocolError};
+use crate::readonly;
+use bytes::{BufMut, BytesMut};
+use std::collections::HashSet;
+
+/// A refused statement: its fingerprint (no constants) and why.
+pub struct Violation {
+    pub fingerprint: String,
+    pub reason: readonly::Reason,
+}
+
+pub struct RoFilter {
+    /// The route's alias database name, named in the error.
+    pub route: String,
+    /// Prepared statements that were rewritten, by name ("" is the unnamed one).
+    poisoned: HashSet<String>,
+    /// Filtered bytes ready to send to the server; reused across calls.
+    pub out: BytesMut,
+}
+
+impl RoFilter {
+    pub fn new(route: &str) -> RoFilter {
+        RoFilter { route: route.to_owned(), poisoned: HashSet::new(), out: BytesMut::with_capacity(16 * 1024) }
+    }
+
+    fn raise_sql(&self, reason: &str) -> String {
+        let msg = format!("pgbudget: read-only route \"{}\" refuses this statement", self.route);
+        format!(
+            "DO $pgbudget$BEGIN RAISE EXCEPTION USING ERRCODE = '25006', MESSAGE = {}, DETAIL = {}; END$pgbudget$",
+            protocol::quote_literal(&msg),
+            protocol::quote_literal(reason)
+        )
+    }
+
+    /// Filter the complete messages at the front of `input` into `self.out` (cleared first). Returns how many
+    /// input bytes were consumed; a trailing partial message is left for the next call.
+    pub fn filter(&mut self, input: &[u8], violations: &mut Vec<Violation>) -> Result<usize, ProtocolError> {
+        self.out.clear();
+        let mut pos = 0;
+        while input.len() - pos >= 5 {
+            let kind = input[pos];
+            let len = i32::from_be_bytes([input[pos + 1], input[pos + 2], input[pos + 3], input[pos + 4]]);
+            if len < 4 {
+                return Err(ProtocolError::Length { kind: kind as char, len: 0 });
+            }
+            let end = pos + 1 + len as usize;
+            if end > input.len() {
+                break;
+            }
+            let msg = &input[pos..end];
+            let mut body = &input[pos + 5..end];
+            match kind {
+                b'Q' => {
+                    let sql = cstr(&mut body)?;
+                    match readonly::check(sql) {
+                        Ok(()) => self.out.extend_from_slice(msg),
+                        Err(reason) => {
+                            violations.push(Violation { fingerprint: readonly::fingerprint(sql), reason });
+                            let replacement = self.raise_sql(reason);
+                            protocol::simple_query(&mut self.out, &replacement);
+                        }
+                    }
+                }
+                b'P' => {
+                    let name = cstr(&mut body)?;
+                    let sql = cstr(&mut body)?;
+                    match readonly::check(sql) {
+                        Ok(()) => {
+                            self.poisoned.remove(name);
+                            self.out.extend_from_slice(msg);
+                        }
+                        Err(reason) => {
+                            violations.push(Violation { fingerprint: readonly::fingerprint(sql), reason });
+                            let replacement = self.raise_sql(reason);
+                            let at = protocol::begin(&mut self.out, b'P');
+                            protocol::put_cstr(&mut self.out, name);
+                            protocol::put_cstr(&mut self.out, &replacement);
+                            self.out.put_i16(0);
+                            protocol::finish(&mut self.out, at);
+                            self.poisoned.insert(name.to_owned());
+                        }
+                    }
+                }
+                b'B' => {
+                    let portal = cstr(&mut body)?;
+                    let stmt = cstr(&mut body)?;
+                    if self.poisoned.contains(stmt) {
+                        let at = protocol::begin(&mut self.out, b'B');
+                        protocol::put_cstr(&mut self.out, portal);
+                        protocol::put_cstr(&mut self.out, stmt);
+                        self.out.put_i16(0); // parameter formats
+                        self.out.put_i16(0); // parameters
+                        self.out.put_i16(0); // result formats
+                        protocol::finish(&mut self.out, at);
+                    } else {
+                        self.out.extend_from_slice(msg);
+                    }
+                }
+                _ => self.out.extend_from_slice(msg),
+            }
+            pos = end;
+            if kind == b'X' {
+                break;
+            }
+        }
+        Ok(pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_query_is_rewritten_and_partial_tail_kept() {
+        let mut f = RoFilter::new("app_ro");
+        let mut input = BytesMut::new();
+        protocol::simple_query(&mut input, "select 1");
+        protocol::simple_query(&mut input, "SET default_transaction_read_only = off");
+        let full = input.len();
+        protocol::simple_query(&mut input, "select 2");
+        let cut = input.len() - 3;
+        let mut v = Vec::new();
+        let consumed = f.filter(&input[..cut], &mut v).unwrap();
+        assert_eq!(consumed, full);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].fingerprint, "set default_transaction_read_only = off");
+        let text = String::from_utf8_lossy(&f.out);
+        assert!(text.contains("select 1") && text.contains("ERRCODE = '25006'") && !text.contains("= off"));
+    }
+
+    #[test]
+    fn binds_of_a_rewritten_statement_lose_their_parameters() {
+        let mut f = RoFilter::new("ro");
+        let mut input = BytesMut::new();
+        let at = protocol::begin(&mut input, b'P');
+        protocol::put_cstr(&mut input, "s1");
+        protocol::put_cstr(&mut input, "select set_config($1, $2, false)");
+        input.put_i16(0);
+        protocol::finish(&mut input, at);
+        let at = protocol::begin(&mut input, b'B');
+        protocol::put_cstr(&mut input, "");
+        protocol::put_cstr(&mut input, "s1");
+        input.put_slice(&[0, 0, 0, 2, 0, 0, 0, 1, b'x', 0, 0, 0, 1, b'y', 0, 0]);
+        protocol::finish(&mut input, at);
+        let mut v = Vec::new();
+        assert_eq!(f.filter(&input, &mut v).unwrap(), input.len());
+        assert_eq!(v.len(), 1);
+        let bind_at = f.out.iter().rposition(|b| *b == b'B').unwrap();
+        assert_eq!(&f.out[bind_at..], &[b'B', 0, 0, 0, 14, 0, b's', b'1', 0, 0, 0, 0, 0, 0, 0][..]);
+    }
+}
