@@ -101,7 +101,9 @@ async fn pools(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "routes_to": app.resolved.ro_routing(),
         "ro_dsn_configured": app.resolved.replica.is_some(),
     });
-    Json(json!({ "pools": snap.pools, "budget": budget, "upstreams": ceiling_sum, "clients": snap.clients, "read_only": ro }))
+    Json(
+        json!({ "pools": snap.pools, "budget": budget, "upstreams": ceiling_sum, "clients": snap.clients, "read_only": ro }),
+    )
 }
 
 #[derive(Deserialize)]

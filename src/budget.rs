@@ -155,7 +155,10 @@ impl Resolved {
                 v.push("read_only.replica_url is set but read_only.database (the route's alias) is empty".into());
             }
             if !(1..=MAX_CEILING).contains(&ro.replica_ceiling) {
-                v.push(format!("read_only.replica_ceiling = {} is out of range (1 ..= {MAX_CEILING})", ro.replica_ceiling));
+                v.push(format!(
+                    "read_only.replica_ceiling = {} is out of range (1 ..= {MAX_CEILING})",
+                    ro.replica_ceiling
+                ));
             }
             match parse_upstream_url("replica", &ro.replica_url, env) {
                 Ok(mut t) => {
@@ -168,7 +171,10 @@ impl Resolved {
         if !ro.database.is_empty()
             && (ro.database == config.admin.console_database || upstreams.values().any(|u| u.database == ro.database))
         {
-            v.push(format!("read_only.database = {:?} must differ from every real database and the console", ro.database));
+            v.push(format!(
+                "read_only.database = {:?} must differ from every real database and the console",
+                ro.database
+            ));
         }
         let mut replica_sum = 0;
         for (name, s) in &config.services {
@@ -180,7 +186,10 @@ impl Resolved {
                 v.push(format!("{at}.slice = {} is below the floor of {}", s.slice, p.slice_floor));
             }
             if s.read_only_share > 0 && ro.database.is_empty() {
-                v.push(format!("{at}.read_only_share = {} needs [read_only] database = \"<alias>\"", s.read_only_share));
+                v.push(format!(
+                    "{at}.read_only_share = {} needs [read_only] database = \"<alias>\"",
+                    s.read_only_share
+                ));
             }
             if s.read_only_share >= s.slice.max(1) {
                 v.push(format!("{at}.read_only_share = {} leaves nothing of slice {}", s.read_only_share, s.slice));
@@ -347,7 +356,12 @@ impl Resolved {
             let sum: u32 = self.services.values().map(|s| s.settings.read_only_share).sum();
             let _ = writeln!(out, "replica {}:{}: read-only shares {} of ceiling {}", r.host, r.port, sum, r.ceiling);
         }
-        let _ = writeln!(out, "read-only route: {} (database alias {:?})", self.ro_routing(), self.config.read_only.database);
+        let _ = writeln!(
+            out,
+            "read-only route: {} (database alias {:?})",
+            self.ro_routing(),
+            self.config.read_only.database
+        );
         let _ = writeln!(out, "processes per slice: {}", self.processes);
         if let Some(s) = &self.sidecar_service {
             let _ = writeln!(out, "sidecar service: {s}");

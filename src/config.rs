@@ -138,7 +138,12 @@ pub struct ReadOnlySection {
 
 impl Default for ReadOnlySection {
     fn default() -> Self {
-        Self { database: String::new(), replica_url: String::new(), replica_ceiling: 97, on_replica_down: ReplicaDown::Fallthrough }
+        Self {
+            database: String::new(),
+            replica_url: String::new(),
+            replica_ceiling: 97,
+            on_replica_down: ReplicaDown::Fallthrough,
+        }
     }
 }
 

@@ -3,15 +3,15 @@
 
 use crate::budget::{Resolved, ServiceBudget, UpstreamTarget};
 use crate::config::ReplicaDown;
-use std::sync::atomic::{AtomicU8, Ordering};
-use tracing::warn;
 use crate::error::ProxyError;
 use crate::server::{ServerConn, ServerError};
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
+use tracing::warn;
 
 /// Whether a pool serves read-write or read-only clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -160,7 +160,10 @@ pub async fn enforce_read_only(conn: &mut ServerConn, timeout: Duration) -> Resu
         Some("on") | None => Ok(()),
         Some(other) => {
             conn.broken = true;
-            Err(ServerError::Postgres { code: "25006".into(), message: format!("read-only not in force ({RO_GUC} = {other})") })
+            Err(ServerError::Postgres {
+                code: "25006".into(),
+                message: format!("read-only not in force ({RO_GUC} = {other})"),
+            })
         }
     }
 }
@@ -193,7 +196,11 @@ impl ServicePool {
         match self.pool.get().await {
             Ok(c) => Ok(c),
             Err(PoolError::Timeout(TimeoutType::Wait)) | Err(PoolError::Backend(ServerError::CeilingReached(_))) => {
-                Err(ProxyError::BudgetExhausted { service: b.name.clone(), share: self.share(), waited: started.elapsed() })
+                Err(ProxyError::BudgetExhausted {
+                    service: b.name.clone(),
+                    share: self.share(),
+                    waited: started.elapsed(),
+                })
             }
             Err(PoolError::Timeout(_)) => {
                 Err(ProxyError::Upstream { upstream: up(), source: ServerError::Timeout(b.settings.connect_timeout) })

@@ -9,7 +9,8 @@
 //! `default_transaction_read_only = on` answers them with 25006 — the second line of defence.
 
 use sqlparser::ast::{
-    DiscardObject, Expr, ObjectName, Reset, ResetStatement, Set, Statement, TransactionAccessMode, TransactionMode, Value,
+    DiscardObject, Expr, ObjectName, Reset, ResetStatement, Set, Statement, TransactionAccessMode, TransactionMode,
+    Value,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -59,7 +60,8 @@ fn check_statement(s: &Statement) -> Result<(), Reason> {
                 Err("SET of a read-only setting to a value other than on")
             }
             Set::MultipleAssignments { assignments } => {
-                if assignments.iter().any(|a| is_guc(&last_ident(&a.name)) && !turns_on(std::slice::from_ref(&a.value))) {
+                if assignments.iter().any(|a| is_guc(&last_ident(&a.name)) && !turns_on(std::slice::from_ref(&a.value)))
+                {
                     Err("SET of a read-only setting to a value other than on")
                 } else {
                     Ok(())
@@ -119,9 +121,8 @@ fn check_tokens(toks: &[Token]) -> Result<(), Reason> {
             }
         }
         if let Some(text) = literal(t) {
-            let in_current_setting = i >= 2
-                && toks[i - 1] == Token::LParen
-                && word(&toks[i - 2]).is_some_and(|w| w == "current_setting");
+            let in_current_setting =
+                i >= 2 && toks[i - 1] == Token::LParen && word(&toks[i - 2]).is_some_and(|w| w == "current_setting");
             if mentions_guc(text) && !in_current_setting {
                 return Err("literal naming a read-only setting");
             }

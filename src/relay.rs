@@ -10,12 +10,12 @@ use crate::cancel::{ClientKey, ServerKey};
 use crate::config::PoolMode;
 use crate::error::ProxyError;
 use crate::pool::{PooledConn, Route, ServicePool};
-use crate::ro_filter::RoFilter;
-use std::net::SocketAddr;
 use crate::protocol::{self, Event, ProtocolError, Scanner, Severity};
+use crate::ro_filter::RoFilter;
 use crate::server::{ServerConn, ServerError};
 use bytes::{Buf, BytesMut};
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -429,7 +429,8 @@ impl Relay {
         }
         let st = self.st;
         let mut sscan = std::mem::take(&mut self.sscan);
-        let result = tokio::time::timeout(deadline, cleanup(&mut conn, st, &mut sscan, needs_reset, self.ro.is_some())).await;
+        let result =
+            tokio::time::timeout(deadline, cleanup(&mut conn, st, &mut sscan, needs_reset, self.ro.is_some())).await;
         match result {
             Ok(Ok(())) => {
                 debug!("server connection reset and returned");

@@ -209,11 +209,11 @@ async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup, peer: So
             return Err(ProxyError::ReadOnly { route: ro_alias.clone(), what: format!("startup setting {k}") });
         }
     }
-    let pool: Arc<ServicePool> =
-        app.pools.get(&service, route).cloned().ok_or_else(|| ProxyError::RouteDisabled {
-            service: service.clone(),
-            route: ro_alias.clone(),
-        })?;
+    let pool: Arc<ServicePool> = app
+        .pools
+        .get(&service, route)
+        .cloned()
+        .ok_or_else(|| ProxyError::RouteDisabled { service: service.clone(), route: ro_alias.clone() })?;
     let key: ClientKey = app.cancels.issue();
     let mut relay = Relay::new(app.clone(), pool.clone(), key, desired, peer);
 
