@@ -170,3 +170,42 @@ pub fn snapshot_line(
 pub fn parse_interval(s: &str) -> Option<Duration> {
     s.parse::<u64>().map(Duration::from_secs).ok().or_else(|| humantime_serde::re::humantime::parse_duration(s).ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::Resolved;
+    use crate::config::{Config, Env};
+
+    fn app() -> std::sync::Arc<App> {
+        let text = "[proxy]\nservice = \"web\"\n[admin]\npool_log_interval = \"1s\"\n\
+                    [upstreams.primary]\nurl = \"postgres://u:p@127.0.0.1:1/db\"\nceiling = 10\n\
+                    [services.web]\nslice = 3\n";
+        let env = Env::default();
+        App::new(Resolved::resolve(Config::parse(text).unwrap(), &env).unwrap(), &env)
+    }
+
+    #[tokio::test]
+    async fn snapshot_log_starts_once() {
+        let app = app();
+        app.start_snapshot_log();
+        app.start_snapshot_log();
+        assert_eq!(app.tasks.len(), 1);
+        app.shutdown.cancel();
+        app.tasks.close();
+        tokio::time::timeout(Duration::from_secs(2), app.tasks.wait()).await.expect("the task stops with the process");
+    }
+
+    #[test]
+    fn snapshot_line_reports_deltas() {
+        let app = app();
+        let mut snap = app.snapshot();
+        snap.pools[0].checkout_timeouts = 5;
+        let mut last = std::collections::HashMap::new();
+        let line = snapshot_line(&snap, &mut last, 2);
+        assert!(line.contains("pool=web/rw size=0 idle=0 waiting=0 share=3 timeouts=5"), "{line}");
+        assert!(line.ends_with("upstream=primary open=0 ceiling=10 clients=0 rejected=2"), "{line}");
+        snap.pools[0].checkout_timeouts = 7;
+        assert!(snapshot_line(&snap, &mut last, 0).contains("timeouts=2"));
+    }
+}
