@@ -215,6 +215,20 @@ impl Resolved {
                 r => r.min(total.saturating_sub(1)),
             };
             let share = total - ro_share;
+            check_duration(&mut v, &format!("{at}.notice_after"), s.notice_after, ms(0), h);
+            for (what, d) in [
+                ("idle_in_transaction_timeout", s.idle_in_transaction_timeout),
+                ("query_timeout", s.query_timeout),
+                ("client_idle_timeout", s.client_idle_timeout),
+            ] {
+                check_duration(&mut v, &format!("{at}.{what}"), d, ms(0), 24 * h);
+                if !d.is_zero() && d < ms(100) {
+                    v.push(format!("{at}.{what} = {} is below 100ms (use 0 to turn it off)", fmt_d(d)));
+                }
+            }
+            if let Some(a) = &s.admission {
+                check_admission(&mut v, &at, a, share, ro_share);
+            }
             services.insert(
                 name.clone(),
                 ServiceBudget {
@@ -367,6 +381,33 @@ impl Resolved {
             let _ = writeln!(out, "sidecar service: {s}");
         }
         out
+    }
+}
+
+/// `warn < shed < hard_reject <= 1`, a queue bound in range, and real headroom for an exempt class.
+fn check_admission(v: &mut Vec<String>, at: &str, a: &crate::config::AdmissionConfig, share: u32, ro_share: u32) {
+    let ordered = 0.0 < a.warn && a.warn < a.shed && a.shed < a.hard_reject && a.hard_reject <= 1.0;
+    if !ordered {
+        v.push(format!(
+            "{at}.admission: thresholds must satisfy 0 < warn < shed < hard_reject <= 1 (got warn = {}, shed = {}, hard_reject = {})",
+            a.warn, a.shed, a.hard_reject
+        ));
+    }
+    if a.max_waiting.is_some_and(|m| m > 100_000) {
+        v.push(format!("{at}.admission.max_waiting = {} is out of range (0 ..= 100000)", a.max_waiting.unwrap_or(0)));
+    }
+    let has_exempt = !a.exempt_application_names.is_empty() || !a.exempt_users.is_empty();
+    for (route, n) in [("read-write", share), ("read-only", ro_share)] {
+        if n == 0 || !ordered {
+            continue;
+        }
+        let line = crate::admission::hard_line(a.hard_reject, n);
+        if has_exempt && line >= n {
+            v.push(format!(
+                "{at}.admission: hard_reject = {} of the {route} share {n} leaves no headroom for the exempt class",
+                a.hard_reject
+            ));
+        }
     }
 }
 

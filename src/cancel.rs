@@ -5,6 +5,7 @@ use dashmap::DashMap;
 use rand::Rng;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::sync::Notify;
 
 /// The server backend a client is attached to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,6 +19,17 @@ pub struct ServerKey {
 struct Entry {
     secret: i32,
     server: Option<ServerKey>,
+    /// Set while the client waits in a pool queue: a cancel wakes it instead of a backend.
+    queued: Option<Arc<Notify>>,
+}
+
+/// What a valid CancelRequest reaches.
+#[derive(Debug, Clone)]
+pub enum CancelTarget {
+    /// The backend running the client's query.
+    Server(ServerKey),
+    /// The client is queued for a server: its wait is abandoned.
+    Queued(Arc<Notify>),
 }
 
 /// All live client keys of the process.
@@ -42,19 +54,23 @@ impl CancelRegistry {
             let pid = rng.gen_range(1..i32::MAX);
             let secret = rng.gen();
             if let dashmap::Entry::Vacant(v) = self.map.entry(pid) {
-                v.insert(Entry { secret, server: None });
+                v.insert(Entry { secret, server: None, queued: None });
                 return ClientKey { registry: self.clone(), pid, secret };
             }
         }
     }
 
-    /// The server to cancel for a client key, if the key is valid and the client holds a server.
-    pub fn lookup(&self, pid: i32, secret: i32) -> Option<ServerKey> {
+    /// What to cancel for a client key, if the key is valid and the client holds a server or waits for one.
+    pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
         let e = self.map.get(&pid)?;
         if e.secret != secret {
             return None;
         }
-        e.server
+        match (&e.server, &e.queued) {
+            (Some(s), _) => Some(CancelTarget::Server(*s)),
+            (None, Some(n)) => Some(CancelTarget::Queued(n.clone())),
+            (None, None) => None,
+        }
     }
 
     /// Client pid → server backend pid, for every client that holds a server now.
@@ -78,6 +94,13 @@ impl ClientKey {
             e.server = server;
         }
     }
+
+    /// Mark the client as queued (a fresh notifier per wait) or, with `None`, as no longer queued.
+    pub fn queued(&self, wake: Option<Arc<Notify>>) {
+        if let Some(mut e) = self.registry.map.get_mut(&self.pid) {
+            e.queued = wake;
+        }
+    }
 }
 
 impl Drop for ClientKey {
@@ -94,13 +117,17 @@ mod tests {
     fn lookup_needs_the_right_secret_and_an_attached_server() {
         let reg = Arc::new(CancelRegistry::default());
         let k = reg.issue();
-        assert_eq!(reg.lookup(k.pid, k.secret), None);
+        assert!(reg.lookup(k.pid, k.secret).is_none());
         let s = ServerKey { addr: "127.0.0.1:5432".parse().unwrap(), pid: 42, secret: 7 };
         k.attach(Some(s));
-        assert_eq!(reg.lookup(k.pid, k.secret), Some(s));
-        assert_eq!(reg.lookup(k.pid, k.secret.wrapping_add(1)), None);
+        assert!(matches!(reg.lookup(k.pid, k.secret), Some(CancelTarget::Server(x)) if x == s));
+        assert!(reg.lookup(k.pid, k.secret.wrapping_add(1)).is_none());
         k.attach(None);
-        assert_eq!(reg.lookup(k.pid, k.secret), None);
+        assert!(reg.lookup(k.pid, k.secret).is_none());
+        k.queued(Some(Arc::new(Notify::new())));
+        assert!(matches!(reg.lookup(k.pid, k.secret), Some(CancelTarget::Queued(_))));
+        k.queued(None);
+        assert!(reg.lookup(k.pid, k.secret).is_none());
         drop(k);
         assert!(reg.is_empty());
     }

@@ -202,7 +202,7 @@ pub enum PoolMode {
     Transaction,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct ServiceConfig {
     pub slice: u32,
     /// Part of the slice for the read-only route (0: the route is disabled for this service).
@@ -226,6 +226,52 @@ pub struct ServiceConfig {
     /// Deadline for rolling back / resetting a server connection at checkin.
     #[serde(default = "d_reset", with = "humantime_serde")]
     pub reset_timeout: Duration,
+    /// A client queued longer than this gets a NOTICE saying so (0: never).
+    #[serde(default = "d_notice", with = "humantime_serde")]
+    pub notice_after: Duration,
+    /// End a client that holds a server idle inside a transaction this long (0: off).
+    #[serde(default, with = "humantime_serde")]
+    pub idle_in_transaction_timeout: Duration,
+    /// `statement_timeout` sent to the server unless the client chose its own (0: off).
+    #[serde(default, with = "humantime_serde")]
+    pub query_timeout: Duration,
+    /// End a client that sends nothing while holding no open transaction this long (0: off).
+    #[serde(default, with = "humantime_serde")]
+    pub client_idle_timeout: Duration,
+    /// Graduated load shedding; absent: clients queue in arrival order up to `checkout_timeout`.
+    #[serde(default)]
+    pub admission: Option<AdmissionConfig>,
+}
+
+/// Graduated load shedding for one service, as fractions of its share (`warn < shed < hard_reject <= 1`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct AdmissionConfig {
+    /// At this utilisation the proxy logs a warning (once per 10 s per pool).
+    pub warn: f64,
+    /// From here the wait queue is bounded by `max_waiting`; later arrivals are refused at once.
+    pub shed: f64,
+    /// From here new checkouts are refused at once, except for the exempt class.
+    pub hard_reject: f64,
+    /// Queue bound at or above `shed` (default: the pool's share).
+    pub max_waiting: Option<u32>,
+    /// Clients with one of these `application_name`s may use the headroom above `hard_reject`.
+    pub exempt_application_names: Vec<String>,
+    /// Users who may use the headroom above `hard_reject`.
+    pub exempt_users: Vec<String>,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            warn: 0.70,
+            shed: 0.80,
+            hard_reject: 0.88,
+            max_waiting: None,
+            exempt_application_names: Vec::new(),
+            exempt_users: Vec::new(),
+        }
+    }
 }
 
 fn default_upstream() -> String {
@@ -251,6 +297,9 @@ fn d_check_delay() -> Duration {
 }
 fn d_reset() -> Duration {
     Duration::from_secs(5)
+}
+fn d_notice() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// Process environment values that shape budgets (read once, passed in so tests can vary them).

@@ -1,5 +1,6 @@
 //! The session-layer error type and the one exhaustive mapping to severity, SQLSTATE and client-safe text.
 
+use crate::admission::Refusal;
 use crate::auth::AuthError;
 use crate::protocol::{ProtocolError, Severity};
 use crate::server::ServerError;
@@ -18,6 +19,14 @@ pub enum ProxyError {
     UnknownDatabase(String),
     #[error("budget exhausted: service {service} share {share}, waited {waited:?}")]
     BudgetExhausted { service: String, share: u32, waited: Duration },
+    #[error("load shed: service {service} share {share}: {refusal:?}")]
+    Shed { service: String, share: u32, refusal: crate::admission::Refusal },
+    #[error("client cancelled while queued for a server")]
+    QueuedCancel,
+    #[error("idle in transaction for {0:?}")]
+    IdleInTransaction(Duration),
+    #[error("client idle for {0:?}")]
+    ClientIdle(Duration),
     #[error("upstream {upstream}: {source}")]
     Upstream { upstream: String, source: ServerError },
     #[error("server rejected session setting: {code} {message}")]
@@ -43,6 +52,10 @@ impl ProxyError {
             ProxyError::UnknownService(_) => "unknown_service",
             ProxyError::UnknownDatabase(_) => "unknown_database",
             ProxyError::BudgetExhausted { .. } => "budget_exhausted",
+            ProxyError::Shed { .. } => "load_shed",
+            ProxyError::QueuedCancel => "queued_cancel",
+            ProxyError::IdleInTransaction(_) => "idle_in_transaction_timeout",
+            ProxyError::ClientIdle(_) => "client_idle_timeout",
             ProxyError::Upstream { .. } => "upstream",
             ProxyError::ServerRejected { .. } => "server_rejected",
             ProxyError::ReadOnly { .. } => "read_only",
@@ -74,6 +87,34 @@ impl ProxyError {
                      no connection freed up within {} ms",
                     waited.as_millis()
                 ),
+            ),
+            ProxyError::Shed { service, share, refusal } => (
+                Error,
+                "53300",
+                match refusal {
+                    Refusal::Hard { holding, line } => format!(
+                        "pgbudget: service \"{service}\" holds {holding} of its {share} server connections, at its \
+                         load-shedding line of {line}; new work is refused until load drops"
+                    ),
+                    Refusal::QueueFull { waiting, max_waiting } => format!(
+                        "pgbudget: service \"{service}\" is near its share of {share} server connections and \
+                         {waiting} clients already wait (max_waiting {max_waiting}); refused without queueing"
+                    ),
+                },
+            ),
+            ProxyError::QueuedCancel => (Error, "57014", "canceling statement due to user request".into()),
+            ProxyError::IdleInTransaction(d) => (
+                Fatal,
+                "25P03",
+                format!(
+                    "terminating connection due to idle-in-transaction timeout (pgbudget: {} ms)",
+                    d.as_millis()
+                ),
+            ),
+            ProxyError::ClientIdle(d) => (
+                Fatal,
+                "57P05",
+                format!("terminating connection due to idle-session timeout (pgbudget: {} ms)", d.as_millis()),
             ),
             ProxyError::Upstream { upstream, source } => match source {
                 ServerError::Auth(_) => {
@@ -119,6 +160,15 @@ mod tests {
             ProxyError::UnknownDatabase("d".into()),
             ProxyError::BudgetExhausted { service: "w".into(), share: 3, waited: Duration::from_millis(5) },
             ProxyError::Upstream { upstream: "p".into(), source: ServerError::Closed },
+            ProxyError::Shed { service: "w".into(), share: 10, refusal: Refusal::Hard { holding: 9, line: 9 } },
+            ProxyError::Shed {
+                service: "w".into(),
+                share: 10,
+                refusal: Refusal::QueueFull { waiting: 3, max_waiting: 3 },
+            },
+            ProxyError::QueuedCancel,
+            ProxyError::IdleInTransaction(Duration::from_secs(1)),
+            ProxyError::ClientIdle(Duration::from_secs(1)),
             ProxyError::ServerRejected { code: "22023".into(), message: "bad value".into() },
             ProxyError::ReadOnly { route: "r".into(), what: "x".into() },
             ProxyError::RouteDisabled { service: "s".into(), route: "r".into() },

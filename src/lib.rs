@@ -4,7 +4,8 @@
 //! - `config`  — `budgets.toml` parsing; `budget` — invariants and per-process shares.
 //! - `app`     — shared state behind an `Arc`, the accept loop, background tasks, drain.
 //! - `session` — one client: startup, auth (`auth`), service choice, greeting.
-//! - `relay`   — the message pump; transaction-mode release; checkin cleanup.
+//! - `relay`   — the message pump; transaction-mode release; `reset` — checkin cleanup.
+//! - `checkout`, `admission` — who gets a server, who waits (and is told), who is refused.
 //! - `pool`    — deadpool pools of `server` connections under each upstream's ceiling.
 //! - `cancel`  — proxy-issued cancel keys mapped to the server backend in use.
 //! - `protocol`— framing by 5-byte header; the few messages the proxy builds.
@@ -12,10 +13,12 @@
 //! - `metrics`, `stats`, `journal`, `admin` — gauges, pool figures, error ring, admin HTTP.
 
 pub mod admin;
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod budget;
 pub mod cancel;
+pub mod checkout;
 pub mod config;
 pub mod console;
 pub mod error;
@@ -25,6 +28,7 @@ pub mod pool;
 pub mod protocol;
 pub mod readonly;
 pub mod relay;
+pub mod reset;
 pub mod ro_filter;
 pub mod server;
 pub mod session;

@@ -36,6 +36,7 @@ pub struct Metrics {
     queries: IntCounterVec,
     pub server_errors: IntCounterVec,
     pub ro_violations: IntCounterVec,
+    admission: IntCounterVec,
     bytes: IntCounterVec,
     checkout_wait: HistogramVec,
     tx_duration: HistogramVec,
@@ -146,6 +147,13 @@ impl Metrics {
                 "Statements a read-only route refused (write or bypass attempts)",
                 &["service", "route"],
             ),
+            admission: counter(
+                &r,
+                "pgbudget_admission_total",
+                "Admission decisions per checkout: admitted, queued, rejected_queue_full, rejected_hard, timed_out, \
+                 exempt, abandoned",
+                &["service", "decision"],
+            ),
             bytes: counter(
                 &r,
                 "pgbudget_bytes_total",
@@ -187,6 +195,11 @@ impl Metrics {
             checkout_wait: self.checkout_wait.with_label_values(&l),
             tx_duration: self.tx_duration.with_label_values(&l),
         }
+    }
+
+    /// `pgbudget_admission_total` handles of one service, in [`crate::admission::Decision::ALL`] order.
+    pub fn admission(&self, service: &str) -> [IntCounter; 7] {
+        crate::admission::Decision::ALL.map(|d| self.admission.with_label_values(&[service, d.as_str()]))
     }
 
     pub fn render(&self) -> String {

@@ -5,7 +5,7 @@ use crate::budget::{Resolved, ServiceBudget, UpstreamTarget};
 use crate::config::ReplicaDown;
 use crate::error::ProxyError;
 use crate::server::{ServerConn, ServerError};
-use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType};
+use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType, Timeouts};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
@@ -176,6 +176,7 @@ pub struct ServicePool {
     pub pool: Pool,
     pub route: Route,
     pub metrics: crate::metrics::PoolMetrics,
+    pub admission: crate::admission::Admission,
 }
 
 impl ServicePool {
@@ -190,10 +191,21 @@ impl ServicePool {
 
     /// Check out a server connection within the service's `checkout_timeout`.
     pub async fn checkout(&self) -> Result<PooledConn, ProxyError> {
+        self.checkout_within(self.budget().settings.checkout_timeout).await
+    }
+
+    /// Check out a server connection within `wait`; zero takes one only if it is idle or can be opened now.
+    pub async fn checkout_within(&self, wait: Duration) -> Result<PooledConn, ProxyError> {
         let started = Instant::now();
         let b = self.budget();
         let up = || b.upstream.clone();
-        match self.pool.get().await {
+        let s = &b.settings;
+        let timeouts = Timeouts {
+            wait: Some(wait),
+            create: Some(2 * s.connect_timeout + Duration::from_millis(100)),
+            recycle: Some(s.connect_timeout + Duration::from_millis(100)),
+        };
+        match self.pool.timeout_get(&timeouts).await {
             Ok(c) => Ok(c),
             Err(PoolError::Timeout(TimeoutType::Wait)) | Err(PoolError::Backend(ServerError::CeilingReached(_))) => {
                 Err(ProxyError::BudgetExhausted {
@@ -275,8 +287,13 @@ impl Pools {
                     .runtime(deadpool::Runtime::Tokio1)
                     .build()
                     .expect("runtime and timeouts are set");
+                let admission = crate::admission::Admission::new(
+                    b.settings.admission.clone(),
+                    share,
+                    metrics.admission(name),
+                );
                 let metrics = metrics.pool(name, route.as_str());
-                pools.insert((name.clone(), route), Arc::new(ServicePool { pool, route, metrics }));
+                pools.insert((name.clone(), route), Arc::new(ServicePool { pool, route, metrics, admission }));
             }
         }
         Pools { upstreams, pools }

@@ -5,7 +5,9 @@
 //! ReadyForQuery, COPY state, ParameterStatus and the client's Terminate. In transaction mode the server
 //! goes back to the pool at the first point where nothing is outstanding and the status is idle.
 
+use crate::admission::Hold;
 use crate::app::App;
+use crate::checkout::Waiter;
 use crate::cancel::{ClientKey, ServerKey};
 use crate::config::PoolMode;
 use crate::error::ProxyError;
@@ -22,20 +24,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-const BUF: usize = 16 * 1024;
+pub const BUF: usize = 16 * 1024;
 /// How long a client may take to finish a message batch we are rejecting.
 const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the relay knows about the server conversation.
 #[derive(Debug, Clone, Copy)]
-struct TxState {
+pub struct TxState {
     /// Replies (ReadyForQuery) still owed for Query/Sync/FunctionCall sent.
-    pending: u32,
+    pub pending: u32,
     /// Extended-protocol messages sent since the last Sync.
-    ext_open: bool,
+    pub ext_open: bool,
     /// Status byte of the last ReadyForQuery: I, T or E.
-    status: u8,
-    copy_in: bool,
+    pub status: u8,
+    pub copy_in: bool,
 }
 
 impl TxState {
@@ -68,11 +70,17 @@ pub struct Relay {
     /// Read-only routes: the statement filter, and the client address for the audit log.
     ro: Option<RoFilter>,
     peer: SocketAddr,
+    /// The admission place of the server held now.
+    hold: Option<Hold>,
+    /// Whether this client belongs to its service's exempt class.
+    pub exempt: bool,
+    /// Whether the client got its login greeting (NOTICEs may be sent).
+    pub greeted: bool,
 }
 
 /// What a server chunk contained that the proxy reports on.
 #[derive(Default)]
-struct Seen {
+pub struct Seen {
     idle_ready: u32,
     /// (SQLSTATE, message) of each ErrorResponse.
     errors: Vec<(String, String)>,
@@ -82,6 +90,8 @@ enum Ev {
     Client(std::io::Result<usize>),
     Server(std::io::Result<usize>),
     Shutdown,
+    /// The client stayed idle past a timeout: inside a transaction (true) or outside one.
+    Idle(bool),
 }
 
 impl Relay {
@@ -110,6 +120,9 @@ impl Relay {
             tx_started: None,
             ro,
             peer,
+            hold: None,
+            exempt: false,
+            greeted: false,
         }
     }
 
@@ -128,18 +141,27 @@ impl Relay {
     }
 
     /// Check out a server, bring its session settings in line with this client's, and record it for cancels.
-    pub async fn attach(&mut self) -> Result<(), ProxyError> {
+    pub async fn attach(&mut self, sock: &mut TcpStream) -> Result<(), ProxyError> {
         let started = Instant::now();
-        let checkout = self.pool.checkout().await;
+        let pool = self.pool.clone();
+        let waiter = Waiter {
+            sock,
+            cbuf: &mut self.cbuf,
+            key: &self.key,
+            exempt: self.exempt,
+            may_notice: self.greeted,
+        };
+        let checkout = crate::checkout::acquire(&pool, waiter).await;
         self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
-        let mut conn = match checkout {
+        let (mut conn, hold) = match checkout {
             Ok(c) => c,
             Err(e) => {
                 self.note_checkout_error(&e);
                 return Err(e);
             }
         };
-        if let Some(sql) = settings_sql(&conn, &self.desired) {
+        self.hold = Some(hold);
+        if let Some(sql) = crate::reset::settings_sql(&conn, &self.desired) {
             let timeout = self.pool.budget().settings.reset_timeout;
             if let Err(e) = conn.simple(&sql, timeout).await {
                 conn.broken = true;
@@ -165,6 +187,7 @@ impl Relay {
                 self.pool.metrics.checkout_timeouts.inc();
                 ("budget", None)
             }
+            ProxyError::Shed { .. } => ("load_shed", None),
             ProxyError::Upstream { .. } => ("connect", Some("connect")),
             ProxyError::ServerRejected { .. } => ("server_error", Some("server_error")),
             _ => return,
@@ -200,6 +223,22 @@ impl Relay {
             c.last_checkin = Instant::now();
             self.key.attach(None);
         }
+        self.hold = None;
+    }
+
+    /// The idle limit that applies now, if any: (timeout, inside a transaction).
+    fn idle_limit(&self) -> Option<(Duration, bool)> {
+        let s = &self.pool.budget().settings;
+        let st = &self.st;
+        if st.pending > 0 || st.copy_in || !self.cscan.at_boundary() || !self.cbuf.is_empty() {
+            return None;
+        }
+        let (d, in_tx) = if st.status == b'I' && !st.ext_open {
+            (s.client_idle_timeout, false)
+        } else {
+            (s.idle_in_transaction_timeout, true)
+        };
+        (!d.is_zero()).then_some((d, in_tx))
     }
 
     /// Pump messages until the client leaves, the proxy shuts down, or an error ends the session.
@@ -214,9 +253,11 @@ impl Relay {
                     return Ok(Outcome::ShuttingDown);
                 }
                 if self.cbuf.is_empty() {
+                    let idle = self.idle_limit();
                     let n = tokio::select! {
                         _ = &mut cancelled => return Ok(Outcome::ShuttingDown),
                         r = sock.read_buf(&mut self.cbuf) => r.map_err(ProxyError::ClientIo)?,
+                        _ = idle_sleep(idle) => return Err(ProxyError::ClientIdle(idle.map(|i| i.0).unwrap_or_default())),
                     };
                     if n == 0 {
                         return Ok(Outcome::ClientDone);
@@ -225,10 +266,12 @@ impl Relay {
                 if self.cscan.at_boundary() && self.cbuf[0] == b'X' {
                     return Ok(Outcome::ClientDone);
                 }
-                match self.attach().await {
+                match self.attach(sock).await {
                     Ok(()) => {}
                     Err(
                         e @ (ProxyError::BudgetExhausted { .. }
+                        | ProxyError::Shed { .. }
+                        | ProxyError::QueuedCancel
                         | ProxyError::Upstream { .. }
                         | ProxyError::ServerRejected { .. }),
                     ) => {
@@ -245,12 +288,14 @@ impl Relay {
                 }
                 continue;
             }
+            let idle = self.idle_limit();
             let ev = {
                 let conn = self.server.as_mut().expect("attached");
                 tokio::select! {
                     r = sock.read_buf(&mut self.cbuf) => Ev::Client(r),
                     r = conn.stream.read_buf(&mut self.sbuf) => Ev::Server(r),
                     _ = &mut cancelled, if !self.draining => Ev::Shutdown,
+                    _ = idle_sleep(idle) => Ev::Idle(idle.is_some_and(|i| i.1)),
                 }
             };
             match ev {
@@ -290,6 +335,10 @@ impl Relay {
                     if self.clean() {
                         return Ok(Outcome::ShuttingDown);
                     }
+                }
+                Ev::Idle(in_tx) => {
+                    let d = idle.map(|i| i.0).unwrap_or_default();
+                    return Err(if in_tx { ProxyError::IdleInTransaction(d) } else { ProxyError::ClientIdle(d) });
                 }
             }
         }
@@ -413,6 +462,8 @@ impl Relay {
     /// End of session: check the server in clean, or clean it up (cancel, drain, roll back, reset) within
     /// the reset deadline, or discard it. Never hands a dirty connection to the next client.
     pub async fn finish(&mut self) {
+        // Declared first so it is dropped last: the admission place is given back after the server.
+        let _hold = self.hold.take();
         let Some(mut conn) = self.server.take() else {
             return;
         };
@@ -430,7 +481,7 @@ impl Relay {
         let st = self.st;
         let mut sscan = std::mem::take(&mut self.sscan);
         let result =
-            tokio::time::timeout(deadline, cleanup(&mut conn, st, &mut sscan, needs_reset, self.ro.is_some())).await;
+            tokio::time::timeout(deadline, crate::reset::cleanup(&mut conn, st, &mut sscan, needs_reset, self.ro.is_some())).await;
         match result {
             Ok(Ok(())) => {
                 debug!("server connection reset and returned");
@@ -456,7 +507,7 @@ impl Relay {
 }
 
 /// Walk server bytes: count ReadyForQuery, record status, COPY-in start and ParameterStatus.
-fn scan_server(
+pub fn scan_server(
     sscan: &mut Scanner,
     st: &mut TxState,
     conn: &mut ServerConn,
@@ -493,75 +544,10 @@ fn scan_server(
     )
 }
 
-/// Bring a server abandoned mid-conversation back to idle: end COPY, close the extended batch, cancel
-/// what still runs, drain replies, roll back, and (session mode) reset session state.
-async fn cleanup(
-    conn: &mut ServerConn,
-    mut st: TxState,
-    sscan: &mut Scanner,
-    reset: bool,
-    read_only: bool,
-) -> Result<(), ServerError> {
-    let mut out = BytesMut::new();
-    if st.copy_in {
-        let at = protocol::begin(&mut out, b'f');
-        protocol::put_cstr(&mut out, "client disconnected");
-        protocol::finish(&mut out, at);
+/// Sleep for an idle limit, or forever when none applies (no timer is registered then).
+async fn idle_sleep(limit: Option<(Duration, bool)>) {
+    match limit {
+        Some((d, _)) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
-    if st.ext_open || !sscan.at_boundary() && st.pending == 0 {
-        out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-        st.pending += 1;
-    }
-    if !out.is_empty() {
-        conn.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
-    }
-    let mut buf = BytesMut::with_capacity(BUF);
-    let mut cancelled = false;
-    let started = Instant::now();
-    while st.pending > 0 {
-        let wait = if cancelled { Duration::from_secs(3600) } else { Duration::from_millis(200) };
-        match tokio::time::timeout(wait, conn.stream.read_buf(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(ServerError::Closed),
-            Ok(Ok(_)) => {
-                scan_server(sscan, &mut st, conn, &buf, &mut Seen::default())
-                    .map_err(|_| ServerError::Protocol(ProtocolError::Malformed("server stream")))?;
-                buf.clear();
-            }
-            Err(_) => {
-                crate::server::send_cancel(conn.addr, conn.pid, conn.secret, Duration::from_secs(2))
-                    .await
-                    .map_err(ServerError::Connect)?;
-                cancelled = true;
-                debug!(waited = ?started.elapsed(), "cancelled abandoned query");
-            }
-        }
-    }
-    let timeout = Duration::from_secs(5);
-    if st.status != b'I' {
-        conn.simple("ROLLBACK", timeout).await?;
-    }
-    if reset {
-        conn.simple("DISCARD ALL", timeout).await?;
-        conn.applied.clear();
-        if read_only {
-            crate::pool::enforce_read_only(conn, timeout).await?;
-        }
-    }
-    Ok(())
-}
-
-/// `SET`/`RESET` statements that turn the server's applied settings into the client's desired ones.
-fn settings_sql(conn: &ServerConn, desired: &BTreeMap<String, String>) -> Option<String> {
-    let mut sql = String::new();
-    for (k, v) in desired {
-        if conn.applied.get(k) != Some(v) {
-            sql.push_str(&format!("SET {k} = {};", protocol::quote_literal(v)));
-        }
-    }
-    for k in conn.applied.keys() {
-        if !desired.contains_key(k) {
-            sql.push_str(&format!("RESET {k};"));
-        }
-    }
-    (!sql.is_empty()).then_some(sql)
 }

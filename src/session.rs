@@ -1,7 +1,7 @@
 //! One client session: startup → authenticate → pick service → (check out per session or per transaction) → relay → checkin.
 
 use crate::app::{App, ClientInfo};
-use crate::cancel::ClientKey;
+use crate::cancel::{CancelTarget, ClientKey};
 use crate::config::{Mode, PoolMode, ServiceFrom};
 use crate::error::ProxyError;
 use crate::pool::{Route, ServicePool};
@@ -76,9 +76,13 @@ fn reject_reason(e: &ProxyError) -> &'static str {
         ProxyError::ReadOnly { .. } => "read_only",
         ProxyError::BadParameter(_) => "bad_parameter",
         ProxyError::ShuttingDown => "shutting_down",
-        ProxyError::BudgetExhausted { .. } => "budget",
+        ProxyError::BudgetExhausted { .. } | ProxyError::Shed { .. } => "budget",
         ProxyError::Upstream { .. } | ProxyError::ServerRejected { .. } => "upstream",
-        ProxyError::ClientProtocol(_) | ProxyError::ClientIo(_) => "protocol",
+        ProxyError::ClientProtocol(_)
+        | ProxyError::ClientIo(_)
+        | ProxyError::QueuedCancel
+        | ProxyError::IdleInTransaction(_)
+        | ProxyError::ClientIdle(_) => "protocol",
     }
 }
 
@@ -125,10 +129,16 @@ async fn read_startup(app: &App, sock: &mut TcpStream) -> Result<Option<Startup>
 
 async fn forward_cancel(app: &App, pid: i32, secret: i32) {
     match app.cancels.lookup(pid, secret) {
-        Some(k) => match crate::server::send_cancel(k.addr, k.pid, k.secret, Duration::from_secs(5)).await {
-            Ok(()) => info!(server_pid = k.pid, "cancel forwarded"),
-            Err(e) => warn!(kind = "cancel", cause = %e, "cancel could not be forwarded"),
-        },
+        Some(CancelTarget::Server(k)) => {
+            match crate::server::send_cancel(k.addr, k.pid, k.secret, Duration::from_secs(5)).await {
+                Ok(()) => info!(server_pid = k.pid, "cancel forwarded"),
+                Err(e) => warn!(kind = "cancel", cause = %e, "cancel could not be forwarded"),
+            }
+        }
+        Some(CancelTarget::Queued(wake)) => {
+            wake.notify_one();
+            info!("cancel request ended a queued client's wait");
+        }
         None => debug!("cancel request for an unknown or idle key ignored"),
     }
 }
@@ -214,12 +224,18 @@ async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup, peer: So
         .get(&service, route)
         .cloned()
         .ok_or_else(|| ProxyError::RouteDisabled { service: service.clone(), route: ro_alias.clone() })?;
+    let mut desired = desired;
+    let qt = budget.settings.query_timeout;
+    if !qt.is_zero() && !desired.keys().any(|k| k.eq_ignore_ascii_case("statement_timeout")) {
+        desired.insert("statement_timeout".into(), format!("{}ms", qt.as_millis()));
+    }
     let key: ClientKey = app.cancels.issue();
     let mut relay = Relay::new(app.clone(), pool.clone(), key, desired, peer);
+    relay.exempt = pool.admission.is_exempt(startup.get("application_name").unwrap_or(""), startup.user());
 
     // Session mode holds one server for the whole session; transaction mode shows the cached parameter set.
     let mut shown: HashMap<String, String> = if budget.pool_mode() == PoolMode::Session {
-        relay.attach().await?;
+        relay.attach(sock).await?;
         relay.server_params().cloned().unwrap_or_default()
     } else {
         let mut t = (*pool.template().await?).clone();
@@ -242,6 +258,7 @@ async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup, peer: So
     protocol::backend_key_data(&mut out, relay.key.pid, relay.key.secret);
     protocol::ready_for_query(&mut out, b'I');
     sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+    relay.greeted = true;
     Ok(relay)
 }
 

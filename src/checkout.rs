@@ -1,0 +1,107 @@
+//! Getting a server for one client: admission, an immediate try, then a queued wait (arrival order, bounded by
+//! `checkout_timeout`) that watches the client — a disconnect or CancelRequest leaves the queue at once — and
+//! tells it after `notice_after` how many clients are ahead. Every checkout counts exactly one decision.
+
+use crate::admission::{Decision, Hold};
+use crate::cancel::ClientKey;
+use crate::error::ProxyError;
+use crate::pool::{PooledConn, ServicePool};
+use crate::protocol::{self, Severity};
+use bytes::BytesMut;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// Client bytes buffered while queued beyond this are left in the socket until a server is found.
+const MAX_BUFFERED_WHILE_QUEUED: usize = 1 << 20;
+
+/// The client side of a checkout.
+pub struct Waiter<'a> {
+    pub sock: &'a mut TcpStream,
+    pub cbuf: &'a mut BytesMut,
+    pub key: &'a ClientKey,
+    pub exempt: bool,
+    /// Whether a NOTICE may be sent now (not before the client's login completed).
+    pub may_notice: bool,
+}
+
+/// Marks the client as queued for cancel requests until dropped.
+struct Queued<'a>(&'a ClientKey);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.queued(None);
+    }
+}
+
+/// Admit, then take a server now or wait for one in the pool's queue.
+pub async fn acquire(pool: &ServicePool, w: Waiter<'_>) -> Result<(PooledConn, Hold), ProxyError> {
+    let b = pool.budget();
+    let adm = &pool.admission;
+    let hold = adm
+        .admit(w.exempt, &b.name)
+        .map_err(|refusal| ProxyError::Shed { service: b.name.clone(), share: pool.share(), refusal })?;
+    let served = if hold.above_line { Decision::Exempt } else { Decision::Admitted };
+    match pool.checkout_within(Duration::ZERO).await {
+        Ok(c) => {
+            adm.record(served);
+            return Ok((c, hold));
+        }
+        Err(ProxyError::BudgetExhausted { .. }) => {}
+        Err(e) => return Err(e),
+    }
+
+    let started = Instant::now();
+    let ticket = adm.enqueue();
+    let wake = Arc::new(Notify::new());
+    w.key.queued(Some(wake.clone()));
+    let _queued = Queued(w.key);
+    let s = &b.settings;
+    let get = pool.checkout_within(s.checkout_timeout);
+    tokio::pin!(get);
+    let notice = tokio::time::sleep(s.notice_after);
+    tokio::pin!(notice);
+    let mut noticed = !w.may_notice || s.notice_after.is_zero();
+    loop {
+        tokio::select! {
+            r = &mut get => {
+                return match r {
+                    Ok(c) => {
+                        adm.record(if hold.above_line { Decision::Exempt } else { Decision::Queued });
+                        Ok((c, hold))
+                    }
+                    Err(ProxyError::BudgetExhausted { service, share, .. }) => {
+                        adm.record(Decision::TimedOut);
+                        Err(ProxyError::BudgetExhausted { service, share, waited: started.elapsed() })
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            _ = &mut notice, if !noticed => {
+                noticed = true;
+                let msg = format!(
+                    "pgbudget: queued for a server connection of service \"{}\" ({} ahead; share {}, waiting up to {} ms)",
+                    b.name,
+                    adm.ahead(&ticket),
+                    pool.share(),
+                    s.checkout_timeout.as_millis()
+                );
+                let mut out = BytesMut::new();
+                protocol::error_response(&mut out, Severity::Notice, "00000", &msg, None);
+                w.sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+            }
+            _ = wake.notified() => {
+                adm.record(Decision::Abandoned);
+                return Err(ProxyError::QueuedCancel);
+            }
+            r = w.sock.read_buf(w.cbuf), if w.cbuf.len() < MAX_BUFFERED_WHILE_QUEUED => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    adm.record(Decision::Abandoned);
+                    return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+        }
+    }
+}
