@@ -190,8 +190,15 @@ impl Admission {
         if now >= last + 10 && self.last_warn.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {
             let warn_at = self.cfg.as_ref().map_or(1.0, |c| c.warn);
-            warn!(kind = "admission", service, holding, share = self.share, hard_line = self.line, warn_at,
-                "pool utilisation at or above the warn threshold");
+            warn!(
+                kind = "admission",
+                service,
+                holding,
+                share = self.share,
+                hard_line = self.line,
+                warn_at,
+                "pool utilisation at or above the warn threshold"
+            );
         }
     }
 

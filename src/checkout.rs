@@ -40,9 +40,11 @@ impl Drop for Queued<'_> {
 pub async fn acquire(pool: &ServicePool, w: Waiter<'_>) -> Result<(PooledConn, Hold), ProxyError> {
     let b = pool.budget();
     let adm = &pool.admission;
-    let hold = adm
-        .admit(w.exempt, &b.name)
-        .map_err(|refusal| ProxyError::Shed { service: b.name.clone(), share: pool.share(), refusal })?;
+    let hold = adm.admit(w.exempt, &b.name).map_err(|refusal| ProxyError::Shed {
+        service: b.name.clone(),
+        share: pool.share(),
+        refusal,
+    })?;
     let served = if hold.above_line { Decision::Exempt } else { Decision::Admitted };
     match pool.checkout_within(Duration::ZERO).await {
         Ok(c) => {

@@ -106,10 +106,7 @@ impl ProxyError {
             ProxyError::IdleInTransaction(d) => (
                 Fatal,
                 "25P03",
-                format!(
-                    "terminating connection due to idle-in-transaction timeout (pgbudget: {} ms)",
-                    d.as_millis()
-                ),
+                format!("terminating connection due to idle-in-transaction timeout (pgbudget: {} ms)", d.as_millis()),
             ),
             ProxyError::ClientIdle(d) => (
                 Fatal,

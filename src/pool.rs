@@ -287,11 +287,8 @@ impl Pools {
                     .runtime(deadpool::Runtime::Tokio1)
                     .build()
                     .expect("runtime and timeouts are set");
-                let admission = crate::admission::Admission::new(
-                    b.settings.admission.clone(),
-                    share,
-                    metrics.admission(name),
-                );
+                let admission =
+                    crate::admission::Admission::new(b.settings.admission.clone(), share, metrics.admission(name));
                 let metrics = metrics.pool(name, route.as_str());
                 pools.insert((name.clone(), route), Arc::new(ServicePool { pool, route, metrics, admission }));
             }

@@ -7,8 +7,8 @@
 
 use crate::admission::Hold;
 use crate::app::App;
-use crate::checkout::Waiter;
 use crate::cancel::{ClientKey, ServerKey};
+use crate::checkout::Waiter;
 use crate::config::PoolMode;
 use crate::error::ProxyError;
 use crate::pool::{PooledConn, Route, ServicePool};
@@ -144,13 +144,8 @@ impl Relay {
     pub async fn attach(&mut self, sock: &mut TcpStream) -> Result<(), ProxyError> {
         let started = Instant::now();
         let pool = self.pool.clone();
-        let waiter = Waiter {
-            sock,
-            cbuf: &mut self.cbuf,
-            key: &self.key,
-            exempt: self.exempt,
-            may_notice: self.greeted,
-        };
+        let waiter =
+            Waiter { sock, cbuf: &mut self.cbuf, key: &self.key, exempt: self.exempt, may_notice: self.greeted };
         let checkout = crate::checkout::acquire(&pool, waiter).await;
         self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
         let (mut conn, hold) = match checkout {
@@ -480,8 +475,11 @@ impl Relay {
         }
         let st = self.st;
         let mut sscan = std::mem::take(&mut self.sscan);
-        let result =
-            tokio::time::timeout(deadline, crate::reset::cleanup(&mut conn, st, &mut sscan, needs_reset, self.ro.is_some())).await;
+        let result = tokio::time::timeout(
+            deadline,
+            crate::reset::cleanup(&mut conn, st, &mut sscan, needs_reset, self.ro.is_some()),
+        )
+        .await;
         match result {
             Ok(Ok(())) => {
                 debug!("server connection reset and returned");
