@@ -205,13 +205,10 @@ async fn client_timeouts_end_idle_clients_and_reuse_their_servers_clean() {
     assert_eq!(ended.unwrap().as_db_error().unwrap().code().code(), "57P05");
 }
 
-/// Per-request latencies and error codes of a client loop.
-async fn hammer(
-    conninfo: String,
-    sql: &'static str,
-    start: Instant,
-    until: Instant,
-) -> (Vec<Duration>, Vec<(String, Duration)>) {
+/// Per-request latencies of a client loop, and the error code and latency of each failure.
+type Tally = (Vec<Duration>, Vec<(String, Duration)>);
+
+async fn hammer(conninfo: String, sql: &'static str, start: Instant, until: Instant) -> Tally {
     let client = match connect(&conninfo).await {
         Ok(c) => c,
         Err(e) => return (vec![], vec![(e.code().map(|c| c.code().to_owned()).unwrap_or_default(), Duration::ZERO)]),
@@ -257,7 +254,7 @@ async fn a_storm_on_one_service_is_shed_while_another_keeps_its_share() {
         let until = start + Duration::from_secs(secs);
         (0..4).map(|_| tokio::spawn(hammer(calm.clone(), "select pg_sleep(0.005)", start, until))).collect::<Vec<_>>()
     };
-    let collect = |hs: Vec<tokio::task::JoinHandle<(Vec<Duration>, Vec<(String, Duration)>)>>| async move {
+    let collect = |hs: Vec<tokio::task::JoinHandle<Tally>>| async move {
         let (mut ok, mut failed) = (Vec::new(), Vec::new());
         for h in hs {
             let (o, f) = h.await.unwrap();
