@@ -49,12 +49,12 @@ async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
 
 /// Check one upstream with a short-lived connection that counts against its ceiling like any other.
 async fn check_upstream(app: &App, name: &str) -> Result<(), String> {
-    let up = &app.pools.upstreams[name];
+    let up = &app.pools().upstreams[name];
     let Ok(permit) = up.permits.clone().try_acquire_owned() else {
         // Every slot is in use, so the upstream is answering: saturated, not down.
         return Ok(());
     };
-    let label = format!("{}:health", app.resolved.config.proxy.application_name_prefix);
+    let label = format!("{}:health", app.resolved().config.proxy.application_name_prefix);
     let mut conn = ServerConn::connect(&up.target, &label, READY_TIMEOUT, permit).await.map_err(|e| e.to_string())?;
     conn.simple("SELECT 1", READY_TIMEOUT).await.map_err(|e| e.to_string())
 }
@@ -62,7 +62,7 @@ async fn check_upstream(app: &App, name: &str) -> Result<(), String> {
 async fn ready(State(app): State<Arc<App>>) -> Response {
     let mut failing = serde_json::Map::new();
     let mut checked = Vec::new();
-    for name in app.pools.upstreams.keys() {
+    for name in app.pools().upstreams.keys() {
         checked.push(name.clone());
         if let Err(e) = check_upstream(&app, name).await {
             failing.insert(format!("upstream:{name}"), json!(e));
@@ -91,15 +91,15 @@ async fn pools(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         })
         .collect();
     let budget: Vec<_> = app
-        .resolved
+        .resolved()
         .services
         .values()
         .map(|s| json!({ "service": s.name, "upstream": s.upstream, "slice": s.slice, "share": s.share, "ro_share": s.ro_share }))
         .collect();
     let ro = json!({
-        "database": app.resolved.config.read_only.database,
-        "routes_to": app.resolved.ro_routing(),
-        "ro_dsn_configured": app.resolved.replica.is_some(),
+        "database": app.resolved().config.read_only.database,
+        "routes_to": app.resolved().ro_routing(),
+        "ro_dsn_configured": app.resolved().replica.is_some(),
     });
     Json(
         json!({ "pools": snap.pools, "budget": budget, "upstreams": ceiling_sum, "clients": snap.clients, "read_only": ro }),
@@ -124,7 +124,7 @@ struct HealthQuery {
 async fn errors_health(State(app): State<Arc<App>>, Query(q): Query<HealthQuery>) -> Json<serde_json::Value> {
     let minutes = q.minutes.unwrap_or(15).clamp(1, 24 * 60);
     let pools: Vec<(String, String)> =
-        app.resolved.services.values().map(|s| (s.upstream.clone(), s.name.clone())).collect();
+        app.resolved().services.values().map(|s| (s.upstream.clone(), s.name.clone())).collect();
     let rows = app.journal.health(Duration::from_secs(minutes * 60), &pools);
     let healthy = rows.iter().all(|r| r.healthy);
     Json(

@@ -3,6 +3,7 @@
 //! for the NOTICE waiting clients get, and one counted decision per checkout.
 
 use crate::config::AdmissionConfig;
+use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -69,12 +70,25 @@ pub enum Refusal {
     QueueFull { waiting: u32, max_waiting: u32 },
 }
 
-/// One pool's admission state; cheap on the hot path (one compare-and-swap per checkout).
-pub struct Admission {
+/// The thresholds in force for one pool; a reload swaps them.
+struct Params {
     cfg: Option<AdmissionConfig>,
     share: u32,
     line: u32,
     max_waiting: u32,
+}
+
+impl Params {
+    fn new(cfg: Option<AdmissionConfig>, share: u32) -> Params {
+        let line = cfg.as_ref().map_or(share, |c| hard_line(c.hard_reject, share));
+        let max_waiting = cfg.as_ref().and_then(|c| c.max_waiting).unwrap_or(share);
+        Params { cfg, share: share.max(1), line, max_waiting }
+    }
+}
+
+/// One pool's admission state; cheap on the hot path (one compare-and-swap per checkout).
+pub struct Admission {
+    params: ArcSwap<Params>,
     holding: Arc<AtomicU32>,
     queue: Mutex<BTreeSet<u64>>,
     next_ticket: AtomicU64,
@@ -112,13 +126,8 @@ impl Drop for QueueTicket<'_> {
 impl Admission {
     /// `counters` are the `pgbudget_admission_total` handles in [`Decision::ALL`] order.
     pub fn new(cfg: Option<AdmissionConfig>, share: u32, counters: [IntCounter; 7]) -> Admission {
-        let line = cfg.as_ref().map_or(share, |c| hard_line(c.hard_reject, share));
-        let max_waiting = cfg.as_ref().and_then(|c| c.max_waiting).unwrap_or(share);
         Admission {
-            cfg,
-            share: share.max(1),
-            line,
-            max_waiting,
+            params: ArcSwap::from_pointee(Params::new(cfg, share)),
             holding: Arc::new(AtomicU32::new(0)),
             queue: Mutex::new(BTreeSet::new()),
             next_ticket: AtomicU64::new(0),
@@ -128,15 +137,20 @@ impl Admission {
         }
     }
 
+    /// Apply reloaded thresholds and share; places already held stay counted.
+    pub fn reconfigure(&self, cfg: Option<AdmissionConfig>, share: u32) {
+        self.params.store(Arc::new(Params::new(cfg, share)));
+    }
+
     /// Whether a client with this `application_name` and user belongs to the exempt class.
     pub fn is_exempt(&self, application_name: &str, user: &str) -> bool {
-        self.cfg.as_ref().is_some_and(|c| {
+        self.params.load().cfg.as_ref().is_some_and(|c| {
             c.exempt_application_names.iter().any(|a| a == application_name) || c.exempt_users.iter().any(|u| u == user)
         })
     }
 
     pub fn line(&self) -> u32 {
-        self.line
+        self.params.load().line
     }
 
     pub fn holding(&self) -> u32 {
@@ -157,45 +171,46 @@ impl Admission {
 
     /// Decide whether a checkout may proceed (to a server or to the queue); records refusals.
     pub fn admit(&self, exempt: bool, service: &str) -> Result<Hold, Refusal> {
+        let p = self.params.load();
         let mut h = self.holding.load(Ordering::Acquire);
         loop {
-            if let Some(c) = &self.cfg {
-                let u = h as f64 / self.share as f64;
-                if !exempt && h >= self.line {
+            if let Some(c) = &p.cfg {
+                let u = h as f64 / p.share as f64;
+                if !exempt && h >= p.line {
                     self.record(Decision::RejectedHard);
-                    return Err(Refusal::Hard { holding: h, line: self.line });
+                    return Err(Refusal::Hard { holding: h, line: p.line });
                 }
                 if !exempt && u >= c.shed {
                     let waiting = self.waiting();
-                    if waiting >= self.max_waiting {
+                    if waiting >= p.max_waiting {
                         self.record(Decision::RejectedQueueFull);
-                        return Err(Refusal::QueueFull { waiting, max_waiting: self.max_waiting });
+                        return Err(Refusal::QueueFull { waiting, max_waiting: p.max_waiting });
                     }
                 }
                 if u >= c.warn {
-                    self.warn(service, h);
+                    self.warn(&p, service, h);
                 }
             }
             match self.holding.compare_exchange_weak(h, h + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(Hold { holding: self.holding.clone(), above_line: exempt && h >= self.line }),
+                Ok(_) => return Ok(Hold { holding: self.holding.clone(), above_line: exempt && h >= p.line }),
                 Err(now) => h = now,
             }
         }
     }
 
     /// At most one warning per pool every 10 s while utilisation is at or above `warn`.
-    fn warn(&self, service: &str, holding: u32) {
+    fn warn(&self, p: &Params, service: &str, holding: u32) {
         let now = self.started.elapsed().as_secs() + 10;
         let last = self.last_warn.load(Ordering::Relaxed);
         if now >= last + 10 && self.last_warn.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
         {
-            let warn_at = self.cfg.as_ref().map_or(1.0, |c| c.warn);
+            let warn_at = p.cfg.as_ref().map_or(1.0, |c| c.warn);
             warn!(
                 kind = "admission",
                 service,
                 holding,
-                share = self.share,
-                hard_line = self.line,
+                share = p.share,
+                hard_line = p.line,
                 warn_at,
                 "pool utilisation at or above the warn threshold"
             );

@@ -7,6 +7,7 @@ use crate::config::Env;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::pool::Pools;
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,9 +21,12 @@ use tracing::{info, warn, Instrument};
 
 /// Everything a session or background task needs.
 pub struct App {
-    pub resolved: Resolved,
-    pub users: UserDb,
-    pub pools: Pools,
+    /// The configuration in force; a reload swaps it whole.
+    resolved: ArcSwap<Resolved>,
+    users: ArcSwap<UserDb>,
+    pools: ArcSwap<Pools>,
+    /// The process environment the configuration was resolved with (reloads use it again).
+    pub env: Env,
     pub metrics: Metrics,
     pub journal: Journal,
     pub cancels: Arc<CancelRegistry>,
@@ -35,6 +39,8 @@ pub struct App {
     pub snapshot_started: AtomicBool,
     /// Logged-in clients, for `SHOW CLIENTS`.
     pub clients: DashMap<u64, ClientInfo>,
+    /// The budgets.toml this process runs from (what `RELOAD` and SIGHUP re-read).
+    pub config_path: std::sync::OnceLock<std::path::PathBuf>,
 }
 
 /// What the console shows of a client session.
@@ -69,9 +75,10 @@ impl App {
         let metrics = Metrics::new();
         let pools = Pools::build(&resolved, &metrics);
         Arc::new(App {
-            resolved,
-            users,
-            pools,
+            resolved: ArcSwap::from_pointee(resolved),
+            users: ArcSwap::from_pointee(users),
+            pools: ArcSwap::from_pointee(pools),
+            env: env.clone(),
             metrics,
             journal: Journal::default(),
             cancels: Arc::new(CancelRegistry::default()),
@@ -81,7 +88,33 @@ impl App {
             started: Instant::now(),
             snapshot_started: AtomicBool::new(false),
             clients: DashMap::new(),
+            config_path: std::sync::OnceLock::new(),
         })
+    }
+
+    pub fn resolved(&self) -> Arc<Resolved> {
+        self.resolved.load_full()
+    }
+
+    pub fn users(&self) -> Arc<UserDb> {
+        self.users.load_full()
+    }
+
+    pub fn pools(&self) -> Arc<Pools> {
+        self.pools.load_full()
+    }
+
+    /// Reload from the file the process was started with.
+    pub fn reload(&self) -> Result<crate::reload::ReloadSummary, String> {
+        let path = self.config_path.get().ok_or("this process was not started from a configuration file")?;
+        self.reload_from(path)
+    }
+
+    /// Install a reloaded configuration (see `reload`); sessions already running keep what they hold.
+    pub(crate) fn install(&self, resolved: Resolved, users: UserDb, pools: Pools) {
+        self.pools.store(Arc::new(pools));
+        self.users.store(Arc::new(users));
+        self.resolved.store(Arc::new(resolved));
     }
 
     pub fn session_id(&self) -> u64 {
@@ -131,7 +164,7 @@ impl App {
             loop {
                 tokio::select! {
                     _ = app.shutdown.cancelled() => break,
-                    _ = tick.tick() => app.pools.pools.values().for_each(|p| p.reap()),
+                    _ = tick.tick() => app.pools().pools.values().for_each(|p| p.reap()),
                 }
             }
         });
@@ -141,11 +174,11 @@ impl App {
     pub async fn drain(&self) {
         self.shutdown.cancel();
         self.tasks.close();
-        let deadline = self.resolved.config.proxy.drain_timeout;
+        let deadline = self.resolved().config.proxy.drain_timeout;
         if tokio::time::timeout(deadline, self.tasks.wait()).await.is_err() {
             warn!(kind = "drain", remaining = self.tasks.len(), "drain deadline passed; closing remaining sessions");
         }
-        self.pools.close();
+        self.pools().close();
         info!("shutdown complete");
     }
 }

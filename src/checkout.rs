@@ -16,6 +16,8 @@ use tokio::sync::Notify;
 
 /// Client bytes buffered while queued beyond this are left in the socket until a server is found.
 const MAX_BUFFERED_WHILE_QUEUED: usize = 1 << 20;
+/// How long a paused pool holds a checkout beyond its `checkout_timeout` (a Postgres restart fits well within).
+const PAUSE_WAIT: Duration = Duration::from_secs(60);
 
 /// The client side of a checkout.
 pub struct Waiter<'a> {
@@ -37,7 +39,10 @@ impl Drop for Queued<'_> {
 }
 
 /// Admit, then take a server now or wait for one in the pool's queue.
-pub async fn acquire(pool: &ServicePool, w: Waiter<'_>) -> Result<(PooledConn, Hold), ProxyError> {
+pub async fn acquire(pool: &ServicePool, mut w: Waiter<'_>) -> Result<(PooledConn, Hold), ProxyError> {
+    if pool.control.is_paused() {
+        wait_resumed(pool, &mut w).await?;
+    }
     let b = pool.budget();
     let adm = &pool.admission;
     let hold = adm.admit(w.exempt, &b.name).map_err(|refusal| ProxyError::Shed {
@@ -106,4 +111,27 @@ pub async fn acquire(pool: &ServicePool, w: Waiter<'_>) -> Result<(PooledConn, H
             }
         }
     }
+}
+
+/// Hold a checkout while an operator has the pool paused, up to `checkout_timeout` plus `proxy.pause_timeout`.
+async fn wait_resumed(pool: &ServicePool, w: &mut Waiter<'_>) -> Result<(), ProxyError> {
+    let started = Instant::now();
+    let b = pool.budget();
+    let limit = b.settings.checkout_timeout + PAUSE_WAIT;
+    let mut rx = pool.control.subscribe();
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    while *rx.borrow_and_update() {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { break },
+            _ = &mut deadline => return Err(ProxyError::Paused { service: b.name.clone(), waited: started.elapsed() }),
+            r = w.sock.read_buf(w.cbuf), if w.cbuf.len() < MAX_BUFFERED_WHILE_QUEUED => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    pool.admission.record(Decision::Abandoned);
+                    return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+        }
+    }
+    Ok(())
 }

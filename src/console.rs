@@ -67,8 +67,8 @@ fn epoch(t: SystemTime) -> String {
 /// Serve an authenticated console session; `Err` ends the session with that error.
 pub async fn run(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup) -> Result<(), ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
-    app.users.authenticate(sock, startup.user(), &mut buf).await?;
-    if !app.resolved.config.admin.users.iter().any(|u| u == startup.user()) {
+    app.users().authenticate(sock, startup.user(), &mut buf).await?;
+    if !app.resolved().config.admin.users.iter().any(|u| u == startup.user()) {
         return Err(ProxyError::Auth(AuthError::Failed { user: startup.user().into(), reason: "not an admin user" }));
     }
     info!(user = startup.user(), "admin console login");
@@ -89,9 +89,13 @@ pub async fn run(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup) -> Res
     protocol::ready_for_query(&mut out, b'I');
     sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
     loop {
-        let kind = match tokio::time::timeout(IDLE_TIMEOUT, protocol::read_message(sock, &mut buf)).await {
-            Ok(r) => r?,
-            Err(_) => return Ok(()),
+        let read = tokio::time::timeout(IDLE_TIMEOUT, protocol::read_message(sock, &mut buf));
+        let kind = tokio::select! {
+            r = read => match r {
+                Ok(r) => r?,
+                Err(_) => return Ok(()),
+            },
+            _ = app.shutdown.cancelled() => return Err(ProxyError::ShuttingDown),
         };
         out.clear();
         match kind {
@@ -100,7 +104,7 @@ pub async fn run(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup) -> Res
                 let mut b = &buf[..];
                 let sql = protocol::cstr(&mut b)?.to_owned();
                 for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                    match command(app, stmt) {
+                    match command(app, stmt).await {
                         Ok(rows) => out.extend_from_slice(&rows),
                         Err(msg) => {
                             protocol::error_response(&mut out, Severity::Error, "42601", &msg, None);
@@ -129,10 +133,30 @@ pub async fn run(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup) -> Res
     }
 }
 
-fn command(app: &App, stmt: &str) -> Result<BytesMut, String> {
+/// An operator command's reply: just its CommandComplete tag.
+fn done(tag: &str) -> BytesMut {
+    let mut out = BytesMut::new();
+    let at = protocol::begin(&mut out, b'C');
+    protocol::put_cstr(&mut out, tag);
+    protocol::finish(&mut out, at);
+    out
+}
+
+async fn command(app: &Arc<App>, stmt: &str) -> Result<BytesMut, String> {
     let words: Vec<String> = stmt.split_whitespace().map(|w| w.to_ascii_lowercase()).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let target = |w: &[&str]| w.get(1).map(|s| s.trim_matches('"').to_owned());
     match words.as_slice() {
+        ["pause", ..] if words.len() <= 2 => app.pause(target(&words).as_deref()).await.map(|_| done("PAUSE")),
+        ["resume", ..] if words.len() <= 2 => app.resume(target(&words).as_deref()).map(|_| done("RESUME")),
+        ["reconnect", ..] if words.len() <= 2 => app.reconnect(target(&words).as_deref()).map(|_| done("RECONNECT")),
+        ["kill", ..] if words.len() <= 2 => app.kill(target(&words).as_deref()).map(|_| done("KILL")),
+        ["reload"] => app.reload().map(|_| done("RELOAD")),
+        ["shutdown"] => {
+            info!("SHUTDOWN requested from the admin console");
+            app.shutdown.cancel();
+            Ok(done("SHUTDOWN"))
+        }
         ["show", "pools"] => Ok(show_pools(app)),
         ["show", "stats"] => Ok(show_stats(app)),
         ["show", "clients"] => Ok(show_clients(app)),
@@ -145,7 +169,20 @@ fn command(app: &App, stmt: &str) -> Result<BytesMut, String> {
         }
         ["show", "help"] | ["help"] => {
             let mut r = Rows::new(&["command"]);
-            for c in ["SHOW POOLS", "SHOW STATS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW CONFIG", "SHOW VERSION"] {
+            for c in [
+                "SHOW POOLS",
+                "SHOW STATS",
+                "SHOW CLIENTS",
+                "SHOW SERVERS",
+                "SHOW CONFIG",
+                "SHOW VERSION",
+                "RELOAD",
+                "PAUSE [service]",
+                "RESUME [service]",
+                "RECONNECT [service]",
+                "KILL [service]",
+                "SHUTDOWN",
+            ] {
                 r.row(&[c.to_owned()]);
             }
             Ok(r.done("SHOW"))
@@ -173,7 +210,7 @@ fn show_pools(app: &App) -> BytesMut {
         "checkout_timeouts",
     ]);
     for p in snap.pools {
-        let t = &app.resolved.upstreams[&p.upstream];
+        let t = &app.resolved().upstreams[&p.upstream];
         let clients = app.clients.iter().filter(|c| c.service == p.service).count();
         r.row(&[
             t.database.clone(),
@@ -207,11 +244,11 @@ fn show_stats(app: &App) -> BytesMut {
         "total_wait_time",
         "checkout_timeouts",
     ]);
-    for p in app.pools.pools.values() {
+    for p in app.pools().pools.values() {
         let b = p.budget();
         let m = &p.metrics;
         r.row(&[
-            app.resolved.upstreams[&b.upstream].database.clone(),
+            app.resolved().upstreams[&b.upstream].database.clone(),
             b.name.clone(),
             p.route.as_str().to_owned(),
             m.transactions.get().to_string(),
@@ -260,7 +297,7 @@ fn show_clients(app: &App) -> BytesMut {
 fn show_servers(app: &App) -> BytesMut {
     let active: HashSet<i32> = app.cancels.attached().into_values().collect();
     let mut r = Rows::new(&["type", "upstream", "service", "route", "state", "addr", "port", "connect_time", "pid"]);
-    for (name, up) in &app.pools.upstreams {
+    for (name, up) in &app.pools().upstreams {
         for s in up.servers.iter() {
             r.row(&[
                 "S".into(),
@@ -279,7 +316,7 @@ fn show_servers(app: &App) -> BytesMut {
 }
 
 fn show_config(app: &App) -> BytesMut {
-    let c = &app.resolved.config;
+    let c = &app.resolved().config;
     let mut r = Rows::new(&["key", "value", "changeable"]);
     let mut kv = |k: &str, v: String| r.row(&[k.to_owned(), v, "no".into()]);
     kv("listen", c.proxy.listen.clone());
@@ -288,13 +325,13 @@ fn show_config(app: &App) -> BytesMut {
     kv("drain_timeout", format!("{:?}", c.proxy.drain_timeout));
     kv("admin_listen", c.admin.listen.clone());
     kv("pool_log_interval", format!("{:?}", c.admin.pool_log_interval));
-    for (name, u) in &app.resolved.upstreams {
+    for (name, u) in &app.resolved().upstreams {
         kv(
             &format!("upstream.{name}"),
             format!("{}:{}/{} ceiling={} reserved={}", u.host, u.port, u.database, u.ceiling, u.reserved),
         );
     }
-    for s in app.resolved.services.values() {
+    for s in app.resolved().services.values() {
         let t = &s.settings;
         kv(
             &format!("service.{}", s.name),

@@ -23,6 +23,10 @@ pub enum ProxyError {
     Shed { service: String, share: u32, refusal: crate::admission::Refusal },
     #[error("client cancelled while queued for a server")]
     QueuedCancel,
+    #[error("service {service} paused; waited {waited:?}")]
+    Paused { service: String, waited: Duration },
+    #[error("session ended by an operator's KILL")]
+    Killed,
     #[error("idle in transaction for {0:?}")]
     IdleInTransaction(Duration),
     #[error("client idle for {0:?}")]
@@ -54,6 +58,8 @@ impl ProxyError {
             ProxyError::BudgetExhausted { .. } => "budget_exhausted",
             ProxyError::Shed { .. } => "load_shed",
             ProxyError::QueuedCancel => "queued_cancel",
+            ProxyError::Paused { .. } => "paused",
+            ProxyError::Killed => "killed",
             ProxyError::IdleInTransaction(_) => "idle_in_transaction_timeout",
             ProxyError::ClientIdle(_) => "client_idle_timeout",
             ProxyError::Upstream { .. } => "upstream",
@@ -103,6 +109,17 @@ impl ProxyError {
                 },
             ),
             ProxyError::QueuedCancel => (Error, "57014", "canceling statement due to user request".into()),
+            ProxyError::Paused { service, waited } => (
+                Error,
+                "57P03",
+                format!(
+                    "pgbudget: service \"{service}\" is paused by an operator; no RESUME within {} ms",
+                    waited.as_millis()
+                ),
+            ),
+            ProxyError::Killed => {
+                (Fatal, "57P01", "terminating connection due to administrator command (pgbudget KILL)".into())
+            }
             ProxyError::IdleInTransaction(d) => (
                 Fatal,
                 "25P03",
@@ -164,6 +181,8 @@ mod tests {
                 refusal: Refusal::QueueFull { waiting: 3, max_waiting: 3 },
             },
             ProxyError::QueuedCancel,
+            ProxyError::Paused { service: "w".into(), waited: Duration::from_secs(1) },
+            ProxyError::Killed,
             ProxyError::IdleInTransaction(Duration::from_secs(1)),
             ProxyError::ClientIdle(Duration::from_secs(1)),
             ProxyError::ServerRejected { code: "22023".into(), message: "bad value".into() },

@@ -11,6 +11,7 @@
 //! - `protocol`— framing by 5-byte header; the few messages the proxy builds.
 //! - `error`   — the session error type and its one SQLSTATE mapping.
 //! - `metrics`, `stats`, `journal`, `admin` — gauges, pool figures, error ring, admin HTTP.
+//! - `console`, `control`, `reload` — the admin console, PAUSE/RESUME/RECONNECT/KILL, hot reload.
 
 pub mod admin;
 pub mod admission;
@@ -21,6 +22,7 @@ pub mod cancel;
 pub mod checkout;
 pub mod config;
 pub mod console;
+pub mod control;
 pub mod error;
 pub mod journal;
 pub mod metrics;
@@ -28,6 +30,7 @@ pub mod pool;
 pub mod protocol;
 pub mod readonly;
 pub mod relay;
+pub mod reload;
 pub mod reset;
 pub mod ro_filter;
 pub mod server;

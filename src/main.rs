@@ -99,12 +99,12 @@ fn main() -> ExitCode {
                 resolved.config.admin.listen = l;
             }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-            rt.block_on(run(resolved, env))
+            rt.block_on(run(resolved, env, config))
         }
     }
 }
 
-async fn run(resolved: Resolved, env: Env) -> ExitCode {
+async fn run(resolved: Resolved, env: Env, config_path: std::path::PathBuf) -> ExitCode {
     let addr = resolved.config.proxy.listen.clone();
     let listener = match tokio::net::TcpListener::bind(&addr).await {
         Ok(l) => l,
@@ -129,24 +129,34 @@ async fn run(resolved: Resolved, env: Env) -> ExitCode {
         }
     };
     let app = App::new(resolved, &env);
+    let _ = app.config_path.set(config_path);
     if let Some(l) = admin {
         tokio::spawn(pgbudget::admin::serve(app.clone(), l));
     }
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or(addr), "pgbudget listening");
     let server = tokio::spawn(app.clone().serve(listener));
-    let signal = wait_for_signal().await;
+    let signal = wait_for_signal(&app).await;
     info!(signal, "shutting down: draining sessions");
     app.drain().await;
     let _ = server.await;
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() -> &'static str {
+/// Serve SIGHUP (reload) until SIGTERM, SIGINT or the console's SHUTDOWN asks to stop.
+async fn wait_for_signal(app: &App) -> &'static str {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = app.shutdown.cancelled() => return "SHUTDOWN",
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                let _ = app.reload();
+            }
+        }
     }
 }

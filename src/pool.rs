@@ -5,9 +5,10 @@ use crate::budget::{Resolved, ServiceBudget, UpstreamTarget};
 use crate::config::ReplicaDown;
 use crate::error::ProxyError;
 use crate::server::{ServerConn, ServerError};
+use arc_swap::ArcSwap;
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType, Timeouts};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -48,7 +49,8 @@ impl UpstreamState {
 #[derive(Debug)]
 pub struct Manager {
     pub upstream: Arc<UpstreamState>,
-    pub budget: ServiceBudget,
+    /// Swapped by a reload; read with `load()` (no lock).
+    pub budget: ArcSwap<ServiceBudget>,
     pub application_name: String,
     pub route: Route,
     /// Read-only pools: the replica to try first, and what to do when it is down.
@@ -57,6 +59,8 @@ pub struct Manager {
     routes_to: AtomicU8,
     /// ParameterStatus set of the first connection made; what clients see in transaction mode.
     pub template: RwLock<Option<Arc<HashMap<String, String>>>>,
+    /// Bumped by `RECONNECT`: connections of older generations are not reused.
+    pub generation: AtomicU64,
 }
 
 impl managed::Manager for Manager {
@@ -75,7 +79,7 @@ impl managed::Manager for Manager {
                 }
                 Err(e) if self.on_replica_down == ReplicaDown::Refuse => return Err(e),
                 Err(e) => {
-                    warn!(kind = "replica", cause = %e, service = %self.budget.name, "replica unreachable; read-only route falls through to the primary with read-only enforced");
+                    warn!(kind = "replica", cause = %e, service = %self.budget.load().name, "replica unreachable; read-only route falls through to the primary with read-only enforced");
                     self.routes_to.store(RO_FALLTHROUGH, Ordering::Relaxed);
                 }
             }
@@ -85,13 +89,17 @@ impl managed::Manager for Manager {
     }
 
     async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<ServerError> {
-        let s = &self.budget.settings;
+        let b = self.budget.load();
+        let s = &b.settings;
         if self.route == Route::ReadOnly && conn.params.get(RO_GUC).is_some_and(|v| v != "on") {
             return Err(RecycleError::message("read-only no longer in force"));
         }
         let idle = conn.last_checkin.elapsed();
         if conn.broken {
             return Err(RecycleError::message("broken"));
+        }
+        if conn.generation < self.generation.load(Ordering::Acquire) {
+            return Err(RecycleError::message("retired by RECONNECT"));
         }
         if idle > s.server_idle_timeout || conn.created.elapsed() > s.server_lifetime {
             return Err(RecycleError::message("expired"));
@@ -112,9 +120,11 @@ impl Manager {
     async fn connect_via(&self, up: &Arc<UpstreamState>) -> Result<ServerConn, ServerError> {
         let permit =
             up.permits.clone().try_acquire_owned().map_err(|_| ServerError::CeilingReached(up.target.ceiling))?;
-        let s = &self.budget.settings;
+        let b = self.budget.load();
+        let s = &b.settings;
         let mut conn = ServerConn::connect(&up.target, &self.application_name, s.connect_timeout, permit).await?;
-        conn.register(&up.servers, &self.budget.name, self.route.as_str());
+        conn.register(&up.servers, &b.name, self.route.as_str());
+        conn.generation = self.generation.load(Ordering::Acquire);
         let mut t = self.template.write().unwrap_or_else(|e| e.into_inner());
         if t.is_none() {
             *t = Some(Arc::new(conn.params.clone()));
@@ -124,7 +134,7 @@ impl Manager {
 
     /// `SET SESSION default_transaction_read_only = on` and check the server reports it.
     async fn enforce_read_only(&self, mut conn: ServerConn) -> Result<ServerConn, ServerError> {
-        enforce_read_only(&mut conn, self.budget.settings.reset_timeout).await?;
+        enforce_read_only(&mut conn, self.budget.load().settings.reset_timeout).await?;
         let mut t = self.template.write().unwrap_or_else(|e| e.into_inner());
         if t.as_ref().is_some_and(|t| t.get(RO_GUC).is_some_and(|v| v != "on")) {
             *t = Some(Arc::new(conn.params.clone()));
@@ -177,6 +187,7 @@ pub struct ServicePool {
     pub route: Route,
     pub metrics: crate::metrics::PoolMetrics,
     pub admission: crate::admission::Admission,
+    pub control: crate::control::PoolControl,
 }
 
 impl ServicePool {
@@ -185,8 +196,9 @@ impl ServicePool {
         self.pool.status().max_size as u32
     }
 
-    pub fn budget(&self) -> &ServiceBudget {
-        &self.pool.manager().budget
+    /// The pool's current budget (a reload may swap it).
+    pub fn budget(&self) -> arc_swap::Guard<Arc<ServiceBudget>> {
+        self.pool.manager().budget.load()
     }
 
     /// Check out a server connection within the service's `checkout_timeout`.
@@ -236,11 +248,20 @@ impl ServicePool {
         Ok(t)
     }
 
-    /// Close idle connections past their idle timeout or lifetime (never one in use).
+    /// Close idle connections past their idle timeout or lifetime, or retired by `RECONNECT` (never one in use).
     pub fn reap(&self) {
         let s = &self.budget().settings;
         let (idle, life) = (s.server_idle_timeout, s.server_lifetime);
-        self.pool.retain(|c, _| !c.broken && c.last_checkin.elapsed() < idle && c.created.elapsed() < life);
+        let generation = self.pool.manager().generation.load(Ordering::Acquire);
+        self.pool.retain(|c, _| {
+            !c.broken && c.last_checkin.elapsed() < idle && c.created.elapsed() < life && c.generation >= generation
+        });
+    }
+
+    /// Server connections checked out by clients now.
+    pub fn in_use(&self) -> u32 {
+        let st = self.pool.status();
+        st.size.saturating_sub(st.available) as u32
     }
 }
 
@@ -257,27 +278,49 @@ impl Pools {
             Arc::new(UpstreamState { target: t.clone(), permits, servers: Default::default() })
         };
         let mut upstreams: BTreeMap<_, _> = r.upstreams.iter().map(|(n, t)| (n.clone(), state(t))).collect();
-        let replica = r.replica.as_ref().map(state);
-        if let Some(rep) = &replica {
-            upstreams.insert(rep.target.name.clone(), rep.clone());
+        if let Some(rep) = &r.replica {
+            upstreams.insert(rep.name.clone(), state(rep));
         }
-        let mut pools = BTreeMap::new();
+        let mut pools = Pools { upstreams, pools: BTreeMap::new() };
+        pools.fill(r, metrics, None);
+        pools
+    }
+
+    /// The pools for a reloaded configuration: same upstreams; a pool that exists in `old` for the same
+    /// service, route and upstream is kept with its connections (budget swapped, resized to the new share).
+    pub fn rebuild(old: &Pools, r: &Resolved, metrics: &crate::metrics::Metrics) -> Pools {
+        let mut pools = Pools { upstreams: old.upstreams.clone(), pools: BTreeMap::new() };
+        pools.fill(r, metrics, Some(old));
+        pools
+    }
+
+    fn fill(&mut self, r: &Resolved, metrics: &crate::metrics::Metrics, old: Option<&Pools>) {
+        let replica = r.replica.as_ref().and_then(|t| self.upstreams.get(&t.name).cloned());
         for (name, b) in &r.services {
             for (route, share) in [(Route::ReadWrite, b.share), (Route::ReadOnly, b.ro_share)] {
                 if share == 0 {
                     continue;
                 }
+                let key = (name.clone(), route);
+                if let Some(p) = old.and_then(|o| o.pools.get(&key)).filter(|p| p.budget().upstream == b.upstream) {
+                    p.pool.manager().budget.store(Arc::new(b.clone()));
+                    p.pool.resize(share as usize);
+                    p.admission.reconfigure(b.settings.admission.clone(), share);
+                    self.pools.insert(key, p.clone());
+                    continue;
+                }
                 let s = &b.settings;
                 let initial = if replica.is_some() { RO_REPLICA } else { RO_FALLTHROUGH };
                 let mgr = Manager {
-                    upstream: upstreams[&b.upstream].clone(),
-                    budget: b.clone(),
+                    upstream: self.upstreams[&b.upstream].clone(),
+                    budget: ArcSwap::from_pointee(b.clone()),
                     route,
                     replica: replica.clone(),
                     on_replica_down: r.config.read_only.on_replica_down,
                     routes_to: AtomicU8::new(if route == Route::ReadOnly { initial } else { RO_DISABLED }),
                     application_name: format!("{}:{}:{}", r.config.proxy.application_name_prefix, name, route.as_str()),
                     template: RwLock::new(None),
+                    generation: AtomicU64::new(0),
                 };
                 let pool = managed::Pool::builder(mgr)
                     .max_size(share as usize)
@@ -290,10 +333,10 @@ impl Pools {
                 let admission =
                     crate::admission::Admission::new(b.settings.admission.clone(), share, metrics.admission(name));
                 let metrics = metrics.pool(name, route.as_str());
-                pools.insert((name.clone(), route), Arc::new(ServicePool { pool, route, metrics, admission }));
+                let control = Default::default();
+                self.pools.insert(key, Arc::new(ServicePool { pool, route, metrics, admission, control }));
             }
         }
-        Pools { upstreams, pools }
     }
 
     pub fn get(&self, service: &str, route: Route) -> Option<&Arc<ServicePool>> {

@@ -92,6 +92,8 @@ enum Ev {
     Shutdown,
     /// The client stayed idle past a timeout: inside a transaction (true) or outside one.
     Idle(bool),
+    /// An operator's `KILL`.
+    Killed,
 }
 
 impl Relay {
@@ -103,7 +105,7 @@ impl Relay {
         peer: SocketAddr,
     ) -> Relay {
         let mode = pool.budget().pool_mode();
-        let ro = (pool.route == Route::ReadOnly).then(|| RoFilter::new(&app.resolved.config.read_only.database));
+        let ro = (pool.route == Route::ReadOnly).then(|| RoFilter::new(&app.resolved().config.read_only.database));
         Relay {
             app,
             pool,
@@ -242,6 +244,9 @@ impl Relay {
         let token = self.app.shutdown.clone();
         let cancelled = token.cancelled();
         tokio::pin!(cancelled);
+        let kill = self.pool.control.kill_token();
+        let killed = kill.cancelled();
+        tokio::pin!(killed);
         loop {
             if self.server.is_none() {
                 if self.draining || self.app.shutdown.is_cancelled() {
@@ -251,6 +256,7 @@ impl Relay {
                     let idle = self.idle_limit();
                     let n = tokio::select! {
                         _ = &mut cancelled => return Ok(Outcome::ShuttingDown),
+                        _ = &mut killed => return Err(ProxyError::Killed),
                         r = sock.read_buf(&mut self.cbuf) => r.map_err(ProxyError::ClientIo)?,
                         _ = idle_sleep(idle) => return Err(ProxyError::ClientIdle(idle.map(|i| i.0).unwrap_or_default())),
                     };
@@ -267,6 +273,7 @@ impl Relay {
                         e @ (ProxyError::BudgetExhausted { .. }
                         | ProxyError::Shed { .. }
                         | ProxyError::QueuedCancel
+                        | ProxyError::Paused { .. }
                         | ProxyError::Upstream { .. }
                         | ProxyError::ServerRejected { .. }),
                     ) => {
@@ -290,6 +297,7 @@ impl Relay {
                     r = sock.read_buf(&mut self.cbuf) => Ev::Client(r),
                     r = conn.stream.read_buf(&mut self.sbuf) => Ev::Server(r),
                     _ = &mut cancelled, if !self.draining => Ev::Shutdown,
+                    _ = &mut killed => Ev::Killed,
                     _ = idle_sleep(idle) => Ev::Idle(idle.is_some_and(|i| i.1)),
                 }
             };
@@ -330,6 +338,12 @@ impl Relay {
                     if self.clean() {
                         return Ok(Outcome::ShuttingDown);
                     }
+                }
+                Ev::Killed => {
+                    if let Some(c) = self.server.as_mut() {
+                        c.broken = true;
+                    }
+                    return Err(ProxyError::Killed);
                 }
                 Ev::Idle(in_tx) => {
                     let d = idle.map(|i| i.0).unwrap_or_default();

@@ -47,6 +47,8 @@ pub struct ServerConn {
     pub last_checkin: Instant,
     /// Set when the connection must not be reused.
     pub broken: bool,
+    /// The pool generation it was opened in; `RECONNECT` retires older generations.
+    pub generation: u64,
     _permit: OwnedSemaphorePermit,
     /// Entry in the upstream's server list (for `SHOW SERVERS`), removed on Drop.
     registration: Option<Registration>,
@@ -138,6 +140,7 @@ impl ServerConn {
             broken: true, // until the login completes
             _permit: permit,
             registration: None,
+            generation: 0,
         };
         let mut out = BytesMut::with_capacity(256);
         out.put_i32(0);

@@ -28,7 +28,7 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
         Ok(Err(e)) => return fail(&mut sock, e).await,
         Err(_) => return debug!("client sent no startup packet in time"),
     };
-    if startup.database() == app.resolved.config.admin.console_database {
+    if startup.database() == app.resolved().config.admin.console_database {
         if let Err(e) = crate::console::run(&app, &mut sock, &startup).await {
             fail(&mut sock, e).await;
         }
@@ -76,11 +76,12 @@ fn reject_reason(e: &ProxyError) -> &'static str {
         ProxyError::ReadOnly { .. } => "read_only",
         ProxyError::BadParameter(_) => "bad_parameter",
         ProxyError::ShuttingDown => "shutting_down",
-        ProxyError::BudgetExhausted { .. } | ProxyError::Shed { .. } => "budget",
+        ProxyError::BudgetExhausted { .. } | ProxyError::Shed { .. } | ProxyError::Paused { .. } => "budget",
         ProxyError::Upstream { .. } | ProxyError::ServerRejected { .. } => "upstream",
         ProxyError::ClientProtocol(_)
         | ProxyError::ClientIo(_)
         | ProxyError::QueuedCancel
+        | ProxyError::Killed
         | ProxyError::IdleInTransaction(_)
         | ProxyError::ClientIdle(_) => "protocol",
     }
@@ -145,12 +146,12 @@ async fn forward_cancel(app: &App, pid: i32, secret: i32) {
 
 /// Which service a client belongs to.
 fn service_for(app: &App, s: &Startup) -> Result<String, ProxyError> {
-    let r = &app.resolved;
+    let r = &app.resolved();
     let name = match r.config.proxy.mode {
         Mode::Sidecar => r.sidecar_service.clone().unwrap_or_default(),
         Mode::Shared => match r.config.proxy.service_from {
             ServiceFrom::ApplicationName => s.get("application_name").unwrap_or("").to_owned(),
-            ServiceFrom::User => app.users.get(s.user()).and_then(|u| u.service.clone()).unwrap_or_default(),
+            ServiceFrom::User => app.users().get(s.user()).and_then(|u| u.service.clone()).unwrap_or_default(),
         },
     };
     if r.services.contains_key(&name) {
@@ -198,14 +199,14 @@ pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyEr
 /// Authenticate, pick the pool, and greet the client like Postgres would.
 async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup, peer: SocketAddr) -> Result<Relay, ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
-    app.users.authenticate(sock, startup.user(), &mut buf).await?;
+    app.users().authenticate(sock, startup.user(), &mut buf).await?;
     if app.shutdown.is_cancelled() {
         return Err(ProxyError::ShuttingDown);
     }
     let service = service_for(app, startup)?;
-    let budget = &app.resolved.services[&service];
-    let upstream = &app.resolved.upstreams[&budget.upstream];
-    let ro_alias = &app.resolved.config.read_only.database;
+    let budget = &app.resolved().services[&service];
+    let upstream = &app.resolved().upstreams[&budget.upstream];
+    let ro_alias = &app.resolved().config.read_only.database;
     let route = if !ro_alias.is_empty() && startup.database() == ro_alias {
         Route::ReadOnly
     } else if startup.database() == upstream.database {
@@ -220,7 +221,7 @@ async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup, peer: So
         }
     }
     let pool: Arc<ServicePool> = app
-        .pools
+        .pools()
         .get(&service, route)
         .cloned()
         .ok_or_else(|| ProxyError::RouteDisabled { service: service.clone(), route: ro_alias.clone() })?;

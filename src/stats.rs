@@ -50,7 +50,7 @@ impl App {
     /// Read every pool's live figures (and refresh the gauges from them).
     pub fn snapshot(&self) -> Snapshot {
         let mut pools = Vec::new();
-        for p in self.pools.pools.values() {
+        for p in self.pools().pools.values() {
             let b = p.budget();
             let st = p.pool.status();
             let route = p.route.as_str();
@@ -72,7 +72,7 @@ impl App {
                 transactions: p.metrics.transactions.get(),
                 queries: p.metrics.queries.get(),
                 ro_routes_to: (p.route == Route::ReadOnly).then(|| routes_to_name(p.pool.manager().routes_to())),
-                ro_dsn_configured: self.resolved.replica.is_some(),
+                ro_dsn_configured: self.resolved().replica.is_some(),
             };
             let l = [row.service.as_str(), route];
             let m = &self.metrics;
@@ -82,18 +82,18 @@ impl App {
             m.pool_max.with_label_values(&l).set(row.share as i64);
             if p.route == Route::ReadOnly {
                 m.ro_routes_to.with_label_values(&l).set(p.pool.manager().routes_to() as i64);
-            } else if self.pools.get(&row.service, Route::ReadOnly).is_none() {
+            } else if self.pools().get(&row.service, Route::ReadOnly).is_none() {
                 m.ro_routes_to.with_label_values(&[row.service.as_str(), "ro"]).set(RO_DISABLED as i64);
             }
             pools.push(row);
         }
         let upstreams = self
-            .pools
+            .pools()
             .upstreams
             .values()
             .map(|u| {
                 let t = &u.target;
-                let slices = self.resolved.upstream_slices(&t.name);
+                let slices = self.resolved().upstream_slices(&t.name);
                 let row = UpstreamRow {
                     upstream: t.name.clone(),
                     ceiling: t.ceiling,
@@ -111,7 +111,7 @@ impl App {
 
     /// Start the periodic snapshot log once; later calls do nothing. Stops with the process.
     pub fn start_snapshot_log(self: &std::sync::Arc<Self>) {
-        let every = self.resolved.config.admin.pool_log_interval;
+        let every = self.resolved().config.admin.pool_log_interval;
         if every.is_zero() || self.snapshot_started.swap(true, Ordering::SeqCst) {
             return;
         }

@@ -1,0 +1,118 @@
+//! Operator controls, familiar from PgBouncer: `PAUSE` (finish running transactions, hold new checkouts, close
+//! the servers), `RESUME`, `RECONNECT` (replace server connections gracefully), `KILL` (end a service's clients
+//! and servers now, then hold new ones until `RESUME`) and `SHUTDOWN`.
+
+use crate::app::App;
+use crate::pool::ServicePool;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Per-pool operator state.
+pub struct PoolControl {
+    paused: watch::Sender<bool>,
+    /// Cancelled by `KILL`; replaced by a fresh token so later sessions are unaffected.
+    kill: Mutex<CancellationToken>,
+}
+
+impl Default for PoolControl {
+    fn default() -> Self {
+        Self { paused: watch::Sender::new(false), kill: Mutex::new(CancellationToken::new()) }
+    }
+}
+
+impl PoolControl {
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
+    }
+
+    fn set_paused(&self, on: bool) {
+        self.paused.send_replace(on);
+    }
+
+    /// The token a session watches to learn it was killed.
+    pub fn kill_token(&self) -> CancellationToken {
+        self.kill.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn kill_sessions(&self) {
+        let mut t = self.kill.lock().unwrap_or_else(|e| e.into_inner());
+        t.cancel();
+        *t = CancellationToken::new();
+    }
+}
+
+impl App {
+    /// The pools a command addresses: one service's (both routes) or all.
+    fn addressed(&self, service: Option<&str>) -> Result<Vec<Arc<ServicePool>>, String> {
+        let pools: Vec<_> = self
+            .pools()
+            .pools
+            .iter()
+            .filter(|((name, _), _)| service.is_none_or(|s| s == name))
+            .map(|(_, p)| p.clone())
+            .collect();
+        match service {
+            Some(s) if pools.is_empty() => Err(format!("no such service \"{s}\"")),
+            _ => Ok(pools),
+        }
+    }
+
+    /// Hold new checkouts, wait (up to `drain_timeout`) for running transactions to end, close idle servers.
+    pub async fn pause(&self, service: Option<&str>) -> Result<(), String> {
+        let pools = self.addressed(service)?;
+        pools.iter().for_each(|p| p.control.set_paused(true));
+        info!(service = service.unwrap_or("*"), "PAUSE: holding new checkouts");
+        let deadline = Instant::now() + self.resolved().config.proxy.drain_timeout;
+        loop {
+            let busy: u32 = pools.iter().map(|p| p.in_use()).sum();
+            if busy == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                warn!(kind = "pause", busy, "PAUSE: servers still in use at the deadline; staying paused");
+                return Err(format!("paused, but {busy} server connection(s) are still in use"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pools.iter().for_each(|p| {
+            p.pool.retain(|_, _| false);
+        });
+        info!(service = service.unwrap_or("*"), "PAUSE: complete, server connections closed");
+        Ok(())
+    }
+
+    pub fn resume(&self, service: Option<&str>) -> Result<(), String> {
+        self.addressed(service)?.iter().for_each(|p| p.control.set_paused(false));
+        info!(service = service.unwrap_or("*"), "RESUME");
+        Ok(())
+    }
+
+    /// Retire every server connection: idle ones close now, busy ones when their client releases them.
+    pub fn reconnect(&self, service: Option<&str>) -> Result<(), String> {
+        for p in self.addressed(service)? {
+            p.pool.manager().generation.fetch_add(1, Ordering::AcqRel);
+            p.reap();
+        }
+        info!(service = service.unwrap_or("*"), "RECONNECT: server connections will be replaced");
+        Ok(())
+    }
+
+    /// End the service's client sessions and their servers now; new checkouts wait for `RESUME`.
+    pub fn kill(&self, service: Option<&str>) -> Result<(), String> {
+        for p in self.addressed(service)? {
+            p.control.set_paused(true);
+            p.control.kill_sessions();
+            p.pool.retain(|_, _| false);
+        }
+        warn!(service = service.unwrap_or("*"), "KILL: sessions ended by operator; paused until RESUME");
+        Ok(())
+    }
+}

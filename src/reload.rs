@@ -1,0 +1,110 @@
+//! Hot reload (SIGHUP or console `RELOAD`): re-read budgets.toml, validate it fully, refuse changes that need a
+//! restart, then swap atomically. Kept pools keep their connections; a shrunk pool closes idle connections
+//! first and never drops a transaction in flight; an invalid file leaves the old configuration in force.
+
+use crate::app::App;
+use crate::auth::UserDb;
+use crate::budget::{Resolved, UpstreamTarget};
+use crate::config::Config;
+use crate::pool::Pools;
+use std::path::Path;
+use tracing::{info, warn};
+
+/// What a reload changed, for the log and the console.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+impl std::fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |v: &Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(",") };
+        write!(f, "added={} removed={} changed={}", list(&self.added), list(&self.removed), list(&self.changed))
+    }
+}
+
+fn same_target(a: &UpstreamTarget, b: &UpstreamTarget) -> bool {
+    (&a.host, a.port, &a.user, &a.password, &a.database, a.ceiling, a.reserved)
+        == (&b.host, b.port, &b.user, &b.password, &b.database, b.ceiling, b.reserved)
+}
+
+/// Every difference between `old` and `new` that a running process cannot take over.
+pub fn restart_needed(old: &Resolved, new: &Resolved) -> Vec<String> {
+    let (o, n) = (&old.config, &new.config);
+    let mut v = Vec::new();
+    let mut check = |what: &str, same: bool| {
+        if !same {
+            v.push(format!("{what} changed (needs a restart)"));
+        }
+    };
+    check("proxy.mode", o.proxy.mode == n.proxy.mode);
+    check("proxy.service_from", o.proxy.service_from == n.proxy.service_from);
+    check("proxy.application_name_prefix", o.proxy.application_name_prefix == n.proxy.application_name_prefix);
+    check("the sidecar service", old.sidecar_service == new.sidecar_service);
+    check("auth.method", o.auth.method == n.auth.method);
+    check("admin.console_database", o.admin.console_database == n.admin.console_database);
+    check("read_only.database", o.read_only.database == n.read_only.database);
+    check("read_only.on_replica_down", o.read_only.on_replica_down == n.read_only.on_replica_down);
+    check(
+        "read_only.replica_url or replica_ceiling",
+        match (&old.replica, &new.replica) {
+            (None, None) => true,
+            (Some(a), Some(b)) => same_target(a, b),
+            _ => false,
+        },
+    );
+    let names = |r: &Resolved| r.upstreams.keys().cloned().collect::<Vec<_>>();
+    if names(old) != names(new) {
+        v.push("the set of [upstreams] changed (needs a restart)".into());
+    } else {
+        for (name, a) in &old.upstreams {
+            check(&format!("upstreams.{name} (url, ceiling or reserved)"), same_target(a, &new.upstreams[name]));
+        }
+    }
+    v
+}
+
+impl App {
+    /// Re-read `path` and apply it, or explain why not (the old configuration then stays in force).
+    pub fn reload_from(&self, path: &Path) -> Result<ReloadSummary, String> {
+        let result = self.try_reload(path);
+        match &result {
+            Ok(s) => info!(kind = "reload", %s, "configuration reloaded"),
+            Err(e) => warn!(kind = "reload", cause = %e, "reload refused; the old configuration stays in force"),
+        }
+        result
+    }
+
+    fn try_reload(&self, path: &Path) -> Result<ReloadSummary, String> {
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        let old = self.resolved();
+        let mut new = Resolved::resolve(config, &self.env).map_err(|e| e.to_string())?;
+        // Listeners are bound once; what the command line chose stays.
+        new.config.proxy.listen = old.config.proxy.listen.clone();
+        new.config.admin.listen = old.config.admin.listen.clone();
+        let blocked = restart_needed(&old, &new);
+        if !blocked.is_empty() {
+            return Err(format!("{} change(s) need a restart: {}", blocked.len(), blocked.join("; ")));
+        }
+        let mut summary = ReloadSummary::default();
+        for (name, b) in &new.services {
+            match old.services.get(name) {
+                None => summary.added.push(name.clone()),
+                Some(a) if a.share != b.share || a.ro_share != b.ro_share || a.settings != b.settings => {
+                    summary.changed.push(name.clone())
+                }
+                Some(_) => {}
+            }
+        }
+        summary.removed = old.services.keys().filter(|k| !new.services.contains_key(*k)).cloned().collect();
+        let users = UserDb::build(&new, &self.env);
+        let pools = Pools::rebuild(&self.pools(), &new, &self.metrics);
+        for line in new.table().lines() {
+            info!("budget: {line}");
+        }
+        self.install(new, users, pools);
+        Ok(summary)
+    }
+}
