@@ -6,14 +6,16 @@ use crate::admission::{Decision, Hold};
 use crate::cancel::ClientKey;
 use crate::error::ProxyError;
 use crate::pool::{PooledConn, ServicePool};
-use crate::protocol::{self, Severity};
-use bytes::BytesMut;
+use crate::protocol::{self, ProtocolError, Severity};
+use bytes::{Buf, BytesMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+/// How long a client may take to finish a message batch we are rejecting.
+const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// Client bytes buffered while queued beyond this are left in the socket until a server is found.
 const MAX_BUFFERED_WHILE_QUEUED: usize = 1 << 20;
 /// How long a paused pool holds a checkout beyond its `checkout_timeout` (a Postgres restart fits well within).
@@ -135,3 +137,41 @@ async fn wait_resumed(pool: &ServicePool, w: &mut Waiter<'_>) -> Result<(), Prox
     }
     Ok(())
 }
+
+/// Answer a batch we cannot run (no server): ErrorResponse, then skip to its Query or Sync and say ReadyForQuery.
+/// Returns true if the client terminated meanwhile.
+pub async fn reject_batch(sock: &mut TcpStream, cbuf: &mut BytesMut, e: &ProxyError) -> Result<bool, ProxyError> {
+    let (_, code, msg) = e.to_client();
+    let mut out = BytesMut::new();
+    protocol::error_response(&mut out, Severity::Error, code, &msg, None);
+    sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+    loop {
+        while cbuf.len() >= 5 {
+            let kind = cbuf[0];
+            let len = i32::from_be_bytes([cbuf[1], cbuf[2], cbuf[3], cbuf[4]]);
+            if len < 4 {
+                return Err(ProtocolError::Length { kind: kind as char, len: 0 }.into());
+            }
+            if cbuf.len() < 1 + len as usize {
+                break;
+            }
+            cbuf.advance(1 + len as usize);
+            match kind {
+                b'Q' | b'S' => {
+                    out.clear();
+                    protocol::ready_for_query(&mut out, b'I');
+                    sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+                    return Ok(false);
+                }
+                b'X' => return Ok(true),
+                _ => {}
+            }
+        }
+        match tokio::time::timeout(REJECT_READ_TIMEOUT, sock.read_buf(cbuf)).await {
+            Ok(Ok(0)) | Err(_) => return Ok(true),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(ProxyError::ClientIo(e)),
+        }
+    }
+}
+

@@ -12,7 +12,7 @@ use crate::checkout::Waiter;
 use crate::config::PoolMode;
 use crate::error::ProxyError;
 use crate::pool::{PooledConn, Route, ServicePool};
-use crate::protocol::{self, Event, ProtocolError, Scanner, Severity};
+use crate::protocol::{self, Event, Scanner};
 use crate::ro_filter::RoFilter;
 use crate::server::{ServerConn, ServerError};
 use bytes::{Buf, BytesMut};
@@ -25,8 +25,6 @@ use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
 pub const BUF: usize = 16 * 1024;
-/// How long a client may take to finish a message batch we are rejecting.
-const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What the relay knows about the server conversation.
 #[derive(Debug, Clone, Copy)]
@@ -278,7 +276,7 @@ impl Relay {
                         | ProxyError::ServerRejected { .. }),
                     ) => {
                         warn!(kind = e.kind(), cause = %e, "checkout failed; query rejected");
-                        if self.reject_batch(sock, &e).await? {
+                        if crate::checkout::reject_batch(sock, &mut self.cbuf, &e).await? {
                             return Ok(Outcome::ClientDone);
                         }
                         continue;
@@ -429,43 +427,6 @@ impl Relay {
         sock.write_all(&self.sbuf).await.map_err(ProxyError::ClientIo)?;
         self.sbuf.clear();
         Ok(())
-    }
-
-    /// Answer a batch we cannot run (no server): ErrorResponse, then skip to its Query or Sync and say ReadyForQuery.
-    /// Returns true if the client terminated meanwhile.
-    async fn reject_batch(&mut self, sock: &mut TcpStream, e: &ProxyError) -> Result<bool, ProxyError> {
-        let (_, code, msg) = e.to_client();
-        let mut out = BytesMut::new();
-        protocol::error_response(&mut out, Severity::Error, code, &msg, None);
-        sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
-        loop {
-            while self.cbuf.len() >= 5 {
-                let kind = self.cbuf[0];
-                let len = i32::from_be_bytes([self.cbuf[1], self.cbuf[2], self.cbuf[3], self.cbuf[4]]);
-                if len < 4 {
-                    return Err(ProtocolError::Length { kind: kind as char, len: 0 }.into());
-                }
-                if self.cbuf.len() < 1 + len as usize {
-                    break;
-                }
-                self.cbuf.advance(1 + len as usize);
-                match kind {
-                    b'Q' | b'S' => {
-                        out.clear();
-                        protocol::ready_for_query(&mut out, b'I');
-                        sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
-                        return Ok(false);
-                    }
-                    b'X' => return Ok(true),
-                    _ => {}
-                }
-            }
-            match tokio::time::timeout(REJECT_READ_TIMEOUT, sock.read_buf(&mut self.cbuf)).await {
-                Ok(Ok(0)) | Err(_) => return Ok(true),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(ProxyError::ClientIo(e)),
-            }
-        }
     }
 
     /// End of session: check the server in clean, or clean it up (cancel, drain, roll back, reset) within
