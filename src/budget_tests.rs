@@ -117,3 +117,20 @@ fn plaintext_password_key_is_unknown() {
     let err = resolve(&text, &env(&[])).unwrap_err();
     assert!(err.to_string().contains("unknown key `auth.users"), "{err}");
 }
+
+#[test]
+fn admission_thresholds_and_exempt_headroom_are_checked() {
+    let bad_order = format!("{BASE}[services.web.admission]\nwarn = 0.9\nshed = 0.8\nhard_reject = 0.95\n");
+    let e = resolve(&bad_order, &env(&[])).unwrap_err();
+    assert!(e.violations.iter().any(|v| v.contains("warn < shed < hard_reject")), "{e}");
+    let no_headroom =
+        format!("{BASE}[services.web.admission]\nhard_reject = 1.0\nexempt_application_names = [\"ops\"]\n");
+    let e = resolve(&no_headroom, &env(&[])).unwrap_err();
+    assert!(e.violations.iter().any(|v| v.contains("no headroom for the exempt class")), "{e}");
+    let timeouts = BASE.replace("[services.web]\nslice = 15", "[services.web]\nslice = 15\nquery_timeout = \"5ms\"");
+    let e = resolve(&timeouts, &env(&[])).unwrap_err();
+    assert!(e.violations.iter().any(|v| v.contains("query_timeout = 5ms is below 100ms")), "{e}");
+    let ok = format!("{BASE}[services.web.admission]\nexempt_users = [\"ops\"]\n");
+    let r = resolve(&ok, &env(&[])).unwrap();
+    assert_eq!(r.services["web"].settings.admission.as_ref().unwrap().hard_reject, 0.88);
+}

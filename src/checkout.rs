@@ -174,4 +174,3 @@ pub async fn reject_batch(sock: &mut TcpStream, cbuf: &mut BytesMut, e: &ProxyEr
         }
     }
 }
-
