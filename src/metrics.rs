@@ -164,7 +164,10 @@ impl Metrics {
                 &r,
                 "pgbudget_checkout_wait_seconds",
                 "Time a client waited for a server connection",
-                vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+                vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ],
             ),
             tx_duration: histogram(
                 &r,
