@@ -153,6 +153,12 @@ impl Admission {
         self.params.load().line
     }
 
+    /// The hard-reject line, when graduated shedding is configured.
+    pub fn shed_line(&self) -> Option<u32> {
+        let p = self.params.load();
+        p.cfg.as_ref().map(|_| p.line)
+    }
+
     pub fn holding(&self) -> u32 {
         self.holding.load(Ordering::Acquire)
     }

@@ -208,6 +208,9 @@ fn show_pools(app: &App) -> BytesMut {
         "share",
         "slice",
         "checkout_timeouts",
+        "paused",
+        "shed_line",
+        "shed",
     ]);
     for p in snap.pools {
         let t = &app.resolved().upstreams[&p.upstream];
@@ -227,6 +230,9 @@ fn show_pools(app: &App) -> BytesMut {
             p.share.to_string(),
             p.slice.to_string(),
             p.checkout_timeouts.to_string(),
+            if p.paused { "yes" } else { "no" }.into(),
+            p.shed_line.map(|l| l.to_string()).unwrap_or_default(),
+            p.shed.to_string(),
         ]);
     }
     r.done("SHOW")

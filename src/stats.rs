@@ -28,6 +28,12 @@ pub struct PoolRow {
     /// Read-only routes only: `replica`, `primary_fallthrough` or `disabled`.
     pub ro_routes_to: Option<&'static str>,
     pub ro_dsn_configured: bool,
+    /// Checkouts held by an operator's PAUSE or KILL.
+    pub paused: bool,
+    /// Admission's hard-reject line (checkouts), when graduated shedding is configured.
+    pub shed_line: Option<u32>,
+    /// Checkouts refused by admission (hard line or full queue) since start.
+    pub shed: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -73,6 +79,10 @@ impl App {
                 queries: p.metrics.queries.get(),
                 ro_routes_to: (p.route == Route::ReadOnly).then(|| routes_to_name(p.pool.manager().routes_to())),
                 ro_dsn_configured: self.resolved().replica.is_some(),
+                paused: p.control.is_paused(),
+                shed_line: p.admission.shed_line(),
+                shed: p.admission.count(crate::admission::Decision::RejectedHard)
+                    + p.admission.count(crate::admission::Decision::RejectedQueueFull),
             };
             let l = [row.service.as_str(), route];
             let m = &self.metrics;

@@ -188,6 +188,9 @@ async fn reconnect_kill_and_shutdown_from_the_console() {
     console(&proxy, "KILL app").unwrap();
     let err = a.simple_query("select 1").await.unwrap_err();
     assert!(a.is_closed() || err.code().is_some_and(|c| c.code() == "57P01"), "{err}");
+    let pools = console(&proxy, "SHOW POOLS").unwrap();
+    let row: Vec<&str> = pools.lines().find(|l| l.contains("|app|rw|")).expect("app pool row").split('|').collect();
+    assert_eq!(row[14], "yes", "KILL leaves the pool paused: {pools}");
     let b = connect(&proxy.conninfo()).await.unwrap();
     let waiting = tokio::spawn(async move { b.simple_query("select 1").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
