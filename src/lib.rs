@@ -10,6 +10,7 @@
 //! - `protocol`— framing by 5-byte header; the few messages the proxy builds.
 //! - `error`   — the session error type and its one SQLSTATE mapping.
 //! - `metrics`, `stats`, `journal`, `admin` — gauges, pool figures, error ring, admin HTTP.
+//! - `lake`    — (feature `lake`) the embedded DuckLake telemetry warehouse: writer, reader, registry.
 
 pub mod admin;
 pub mod app;
@@ -20,6 +21,8 @@ pub mod config;
 pub mod console;
 pub mod error;
 pub mod journal;
+#[cfg(feature = "lake")]
+pub mod lake;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
