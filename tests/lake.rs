@@ -166,3 +166,134 @@ fn read_only_lake_cannot_write() {
     assert!(lake.reader().query("DELETE FROM lake.main.pool_snapshots", &[], 1).is_err());
     assert_eq!(count(&lake, "pool_snapshots"), 1);
 }
+
+/// Catalog connections the lake holds right now, as Postgres sees them.
+fn lake_backends(pg: &Pg) -> i64 {
+    let out = common::psql(
+        &pg.conninfo(),
+        &["-c", "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbudget:lake'"],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(-1)
+}
+
+#[test]
+fn postgres_catalog_caps_connections_and_survives_a_restart() {
+    let mut pg = Pg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LakeConfig { catalog: format!("postgres:{}", pg.conninfo()), buffer_rows: 500, ..file_config(dir.path()) };
+    let reg = prometheus::Registry::new();
+    let lake = Arc::new(Lake::open(&cfg, Registry::builtin(), &reg).unwrap());
+    assert!(lake.is_attached());
+
+    // Writer and reader busy at the same time while a monitor samples pg_stat_activity.
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = Arc::new(AtomicI64::new(0));
+    let samples = Arc::new(AtomicI64::new(0));
+    let monitor = {
+        let (stop, peak, samples, conninfo) = (stop.clone(), peak.clone(), samples.clone(), pg.conninfo());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let out = common::psql(
+                    &conninfo,
+                    &["-c", "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgbudget:lake'"],
+                );
+                let n: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0);
+                peak.fetch_max(n, Ordering::Relaxed);
+                samples.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let reader = {
+        let (lake, stop) = (lake.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut queries = 0;
+            while !stop.load(Ordering::Relaxed) {
+                lake.reader().query("SELECT count(*) AS n FROM lake.main.pool_snapshots", &[], 1).unwrap();
+                queries += 1;
+            }
+            queries
+        })
+    };
+    let w = lake.writer().unwrap();
+    let t0 = month_start(2026, 5, 0);
+    // 50-row flushes until the monitor has looked often enough (at least 600 rows).
+    let started = Instant::now();
+    let mut written = 0;
+    while written < 600 || (samples.load(Ordering::Relaxed) < 20 && started.elapsed() < Duration::from_secs(60)) {
+        for _ in 0..50 {
+            w.append(tables::POOL_SNAPSHOTS, pool_row(written, t0 + written));
+            written += 1;
+        }
+        w.flush().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let queries = reader.join().unwrap();
+    monitor.join().unwrap();
+    let (peak, samples) = (peak.load(Ordering::Relaxed), samples.load(Ordering::Relaxed));
+    eprintln!("pg catalog: peak {peak} lake connections over {samples} samples, {written} rows, {queries} reader queries");
+    assert!(samples >= 20, "the monitor sampled only {samples} times");
+    assert!((1..=2).contains(&peak), "lake catalog connections peaked at {peak} (cap 2)");
+    assert_eq!(count(&lake, "pool_snapshots"), written);
+
+    // Catalog down: appends still return at once; rows are kept up to the bound, the rest dropped and counted.
+    pg.stop();
+    let mut slowest = Duration::ZERO;
+    for i in 0..2000 {
+        let at = Instant::now();
+        w.append(tables::POOL_SNAPSHOTS, pool_row(10_000 + i, t0 + 10_000 + i));
+        slowest = slowest.max(at.elapsed());
+    }
+    let err = w.flush().unwrap_err();
+    eprintln!("flush while the catalog is down: kind={} {err}", err.kind());
+    assert!(slowest < Duration::from_millis(50), "an append took {slowest:?}");
+    let dropped = metric(&reg, "pgbudget_lake_rows_dropped_total", &[("table", "pool_snapshots")]);
+    let buffered = metric(&reg, "pgbudget_lake_buffered_rows", &[]);
+    assert!(dropped >= 1500.0, "dropped {dropped}");
+    assert!(buffered > 0.0 && buffered <= 500.0, "buffered {buffered}");
+    assert!(metric(&reg, "pgbudget_lake_flush_errors_total", &[]) >= 1.0);
+
+    let at = Instant::now();
+    assert!(lake.reader().query("SELECT count(*) FROM lake.main.pool_snapshots", &[], 1).is_err());
+    assert!(at.elapsed() < Duration::from_secs(10), "a reader query on a dead catalog took {:?}", at.elapsed());
+
+    // Catalog back: the reader re-attaches on use; the same writer's next flush lands the retained rows.
+    pg.restart();
+    assert_eq!(count(&lake, "pool_snapshots"), written);
+    let report = w.flush().unwrap();
+    assert_eq!(report.rows_written as f64, buffered);
+    assert_eq!(count(&lake, "pool_snapshots"), written + report.rows_written as i64);
+    assert!(lake_backends(&pg) <= 2);
+    lake.shutdown();
+}
+
+#[test]
+fn reattach_is_exclusive_with_running_flushes() {
+    // A DETACH under a running statement fails it (and, on a file catalog, the re-ATTACH too): re-attaching
+    // waits for every connection using the lake.
+    let dir = tempfile::tempdir().unwrap();
+    let lake = Arc::new(Lake::open(&file_config(dir.path()), Registry::builtin(), &prometheus::Registry::new()).unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (lake, stop) = (lake.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut flushes, mut rows) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                for _ in 0..20 {
+                    lake.writer().unwrap().append(tables::POOL_SNAPSHOTS, pool_row(rows, month_start(2026, 1, 0) + rows));
+                    rows += 1;
+                }
+                lake.writer().unwrap().flush().unwrap();
+                flushes += 1;
+            }
+            (flushes, rows)
+        })
+    };
+    for _ in 0..20 {
+        lake.reader().reattach().unwrap();
+        assert!(lake.is_attached());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (flushes, rows) = writer.join().unwrap();
+    assert!(flushes > 0);
+    assert_eq!(count(&lake, "pool_snapshots"), rows);
+}

@@ -3,16 +3,19 @@
 //!
 //! One in-memory DuckDB database per process holds the attached lake; the reader and the flush thread use
 //! their own connections to it (`try_clone`), so they share one catalog pool (Postgres: at most
-//! `pg_pool_max_connections`, acquire mode `wait`). Re-attaching is serialized here and counted in a
-//! generation, so two connections that fail together heal once.
+//! `pg_pool_max_connections`, acquire mode `wait`). Re-attaching is counted in a generation, so two
+//! connections that fail together heal once, and it is exclusive: every use of the lake holds a read
+//! guard ([`Catalog::using`]) and (re-)attaching takes the write side. A DETACH under another connection's
+//! running query would make that query fail and, for a file catalog, make the re-ATTACH fail with
+//! "Unique file handle conflict" until the query ends (seen in testing).
 
 use super::config::{CatalogKind, LakeConfig, S3Config};
 use super::registry::{Column, Registry, TableSpec};
 use super::LakeError;
 use duckdb::Connection;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use tracing::{info, warn};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use tracing::{debug, info, warn};
 
 /// The name the lake is attached under.
 pub const ALIAS: &str = "lake";
@@ -170,10 +173,46 @@ pub fn existing_columns(conn: &Connection, table: &str) -> Result<Vec<(String, S
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
 }
 
-fn rollback(conn: &Connection) {
-    if !conn.is_autocommit() {
-        let _ = conn.execute_batch("ROLLBACK");
+/// End whatever transaction `conn` is in. Unconditional: after a failed commit DuckDB can leave the
+/// connection in an aborted transaction ("please ROLLBACK") that `is_autocommit` does not show.
+pub fn rollback(conn: &Connection) {
+    if let Err(e) = conn.execute_batch("ROLLBACK") {
+        if !e.to_string().contains("no transaction is active") {
+            debug!(cause = %redact(&e.to_string()), "lake: rollback failed");
+        }
     }
+}
+
+/// Hide passwords in text that may quote a conninfo (DuckDB's connection errors do): `password=...` and the
+/// password of a `scheme://user:password@host` URL.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("password=") {
+        out.push_str(&rest[..i + "password=".len()]);
+        out.push_str("***");
+        let after = &rest[i + "password=".len()..];
+        let end = match after.strip_prefix('\'') {
+            Some(q) => q.find('\'').map_or(after.len(), |j| j + 2),
+            None => after.find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '&').unwrap_or(after.len()),
+        };
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    // scheme://user:secret@host
+    let mut s = out;
+    let mut from = 0;
+    while let Some(i) = s[from..].find("://").map(|i| i + from + 3) {
+        let tail = &s[i..];
+        let stop = tail.find(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == '/').unwrap_or(tail.len());
+        if let Some(at) = tail[..stop].rfind('@') {
+            if let Some(colon) = tail[..at].find(':') {
+                s.replace_range(i + colon + 1..i + at, "***");
+            }
+        }
+        from = i;
+    }
+    s
 }
 
 /// Create the table or add its missing columns. A concurrent creator (another process) makes the CREATE
@@ -213,8 +252,8 @@ pub struct Catalog {
     cfg: LakeConfig,
     registry: Arc<Registry>,
     attach_sql: String,
-    /// Serializes (re-)attaching; held only while attaching.
-    lock: Mutex<()>,
+    /// Read side: a connection is using the lake; write side: (re-)attaching.
+    lock: RwLock<()>,
     attached: AtomicBool,
     generation: AtomicU64,
 }
@@ -234,7 +273,7 @@ impl Catalog {
             cfg,
             registry,
             attach_sql,
-            lock: Mutex::new(()),
+            lock: RwLock::new(()),
             attached: AtomicBool::new(false),
             generation: AtomicU64::new(0),
         })
@@ -252,6 +291,11 @@ impl Catalog {
         self.attached.load(Ordering::Acquire)
     }
 
+    /// Hold while running statements against the lake; a re-attach waits for every holder.
+    pub fn using(&self) -> RwLockReadGuard<'_, ()> {
+        self.lock.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Bumped by every successful (re-)attach.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
@@ -261,7 +305,7 @@ impl Catalog {
     /// `detach_first` the old attachment is dropped first (a fresh catalog pool). Then CREATE / ADD COLUMN for
     /// every registered table (not in read-only mode). Returns the generation now in force.
     pub fn attach(&self, conn: &Connection, seen: u64, detach_first: bool) -> Result<u64, LakeError> {
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _exclusive = self.lock.write().unwrap_or_else(|e| e.into_inner());
         let now = self.generation();
         if now != seen && self.is_attached() {
             return Ok(now);
@@ -288,7 +332,7 @@ impl Catalog {
                 self.attached.store(false, Ordering::Release);
                 Err(match e {
                     e @ LakeError::Schema { .. } => e,
-                    e => LakeError::NotAttached(e.to_string()),
+                    e => LakeError::NotAttached(redact(&e.to_string())),
                 })
             }
         }
@@ -337,6 +381,15 @@ mod tests {
             "CREATE OR REPLACE TEMPORARY SECRET pgbudget_lake_s3 (TYPE s3, KEY_ID 'k', SECRET 's', REGION 'us-east-1', \
              URL_STYLE 'path', USE_SSL false, ENDPOINT '127.0.0.1:9000')"
         );
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("at \"host=h password=s3cr3t dbname=d\": refused; password='a b' x"),
+            "at \"host=h password=*** dbname=d\": refused; password=*** x"
+        );
+        assert_eq!(redact("postgres://u:pw@h:5432/db and s3://b/p"), "postgres://u:***@h:5432/db and s3://b/p");
     }
 
     #[test]

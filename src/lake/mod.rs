@@ -39,7 +39,7 @@ pub enum LakeError {
     ReadOnly,
     #[error("lake writer is shut down")]
     Closed,
-    #[error("duckdb: {0}")]
+    #[error("duckdb: {}", catalog::redact(&.0.to_string()))]
     DuckDb(#[from] duckdb::Error),
     #[error("lake metrics: {0}")]
     Metrics(#[from] prometheus::Error),

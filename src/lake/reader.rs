@@ -2,7 +2,7 @@
 //! ISO-8601 UTC strings) with a row limit. When a query fails and a cheap catalog probe fails too, it
 //! re-attaches (CREATE TABLE IF NOT EXISTS for every registered table) and runs the query once more.
 
-use super::catalog::{Catalog, ALIAS};
+use super::catalog::{rollback, Catalog, ALIAS};
 use super::registry::Value;
 use super::writer::param;
 use super::LakeError;
@@ -49,21 +49,25 @@ impl LakeReader {
         if !self.catalog.is_attached() {
             self.heal(&mut st)?;
         }
-        match run(&st.conn, &wrapped, params, limit) {
-            Ok(r) => Ok(r),
-            Err(e) if self.probe(&st.conn) => Err(e), // the catalog answers: the query itself is wrong
-            Err(e) => {
-                warn!(cause = %e, "lake reader: query failed and the catalog does not answer, re-attaching");
-                self.heal(&mut st)?;
-                run(&st.conn, &wrapped, params, limit)
+        let first = {
+            let _using = self.catalog.using();
+            match run(&st.conn, &wrapped, params, limit) {
+                Ok(r) => return Ok(r),
+                Err(e) if self.probe(&st.conn) => return Err(e), // the catalog answers: the query itself is wrong
+                Err(e) => e,
             }
-        }
+        };
+        warn!(cause = %first, "lake reader: query failed and the catalog does not answer, re-attaching");
+        self.heal(&mut st)?;
+        let _using = self.catalog.using();
+        run(&st.conn, &wrapped, params, limit)
     }
 
     /// Run `f` on the reader's connection under its lock: maintenance (`CHECKPOINT lake`) and tests. With a
     /// read-only lake, writes through it fail (the catalog is attached READ_ONLY).
     pub fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> Result<T, LakeError>) -> Result<T, LakeError> {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let _using = self.catalog.using();
         f(&st.conn)
     }
 
@@ -81,9 +85,7 @@ impl LakeReader {
 
     /// Does the catalog answer a metadata read?
     fn probe(&self, conn: &Connection) -> bool {
-        if !conn.is_autocommit() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
+        rollback(conn);
         conn.query_row("SELECT count(*) FROM duckdb_tables() WHERE database_name = ?", [ALIAS], |r| r.get::<_, i64>(0))
             .is_ok()
     }

@@ -3,7 +3,7 @@
 //! passed, or at shutdown. A failed flush keeps its rows (within `buffer_rows`) and re-attaches before the
 //! next attempt. Every dropped row is counted by table and reason, every flush error by kind.
 
-use super::catalog::{Catalog, ALIAS, SCHEMA};
+use super::catalog::{rollback, Catalog, ALIAS, SCHEMA};
 use super::registry::{ColumnType, Registry, Row, TableId, TableSpec, Value};
 use super::LakeError;
 use duckdb::types::{TimeUnit, ToSql, ToSqlOutput, ValueRef};
@@ -268,8 +268,8 @@ fn write_table(conn: &Connection, spec: &TableSpec, rows: &VecDeque<Row>) -> Res
         drop(app);
         conn.execute_batch("COMMIT")
     })();
-    if r.is_err() && !conn.is_autocommit() {
-        let _ = conn.execute_batch("ROLLBACK");
+    if r.is_err() {
+        rollback(conn);
     }
     Ok(r?)
 }
@@ -392,6 +392,8 @@ impl Flusher {
             self.needs_attach = false;
         }
         let registry = self.catalog.registry().clone();
+        let catalog = self.catalog.clone();
+        let _using = catalog.using();
         let mut first_err = None;
         for (i, spec) in registry.tables().iter().enumerate() {
             if self.pending[i].is_empty() {
