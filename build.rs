@@ -24,7 +24,8 @@ fn main() {
         }
         None => {
             let home = env::var_os("PGBUDGET_DUCKDB_HOME").filter(|v| !v.is_empty()).map(PathBuf::from).or_else(|| {
-                env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/pgbudget").join(format!("duckdb-{DUCKDB_VERSION}")))
+                env::var_os("HOME")
+                    .map(|h| PathBuf::from(h).join(".cache/pgbudget").join(format!("duckdb-{DUCKDB_VERSION}")))
             });
             match home {
                 Some(h) => (h.join("lib"), Some(h)),

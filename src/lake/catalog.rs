@@ -403,8 +403,8 @@ mod tests {
         );
         let retype = plan(&spec, &have(&[("ts", "TIMESTAMP"), ("a", "VARCHAR")])).unwrap_err().to_string();
         assert!(retype.contains("retyping is refused"), "{retype}");
-        let removed =
-            plan(&spec, &have(&[("ts", "TIMESTAMP"), ("a", "BIGINT"), ("b", "VARCHAR"), ("c", "INTEGER")])).unwrap_err();
+        let removed = plan(&spec, &have(&[("ts", "TIMESTAMP"), ("a", "BIGINT"), ("b", "VARCHAR"), ("c", "INTEGER")]))
+            .unwrap_err();
         assert!(removed.to_string().contains("never removed"), "{removed}");
     }
 }

@@ -165,7 +165,10 @@ impl LakeConfig {
             v.push("lake.flush_rows must be at least 1".into());
         }
         if self.buffer_rows < self.flush_rows {
-            v.push(format!("lake.buffer_rows ({}) must be at least flush_rows ({})", self.buffer_rows, self.flush_rows));
+            v.push(format!(
+                "lake.buffer_rows ({}) must be at least flush_rows ({})",
+                self.buffer_rows, self.flush_rows
+            ));
         }
         if self.flush_interval.is_zero() || self.retry_interval.is_zero() {
             v.push("lake.flush_interval and lake.retry_interval must be above 0".into());
@@ -213,7 +216,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_named() {
-        let (c, unknown) = parse("flush_row = 5\ncatalog = \"mysql:x\"\nbuffer_rows = 10\n[s3]\nkey_id=\"k\"\nsecret=\"s\"\n");
+        let (c, unknown) =
+            parse("flush_row = 5\ncatalog = \"mysql:x\"\nbuffer_rows = 10\n[s3]\nkey_id=\"k\"\nsecret=\"s\"\n");
         assert_eq!(unknown, vec!["flush_row".to_string()]);
         let v = c.unwrap().validate();
         assert!(v.iter().any(|e| e.contains("mysql")), "{v:?}");

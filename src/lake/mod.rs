@@ -92,11 +92,16 @@ impl Lake {
         let base = catalog::open_database(&cfg)?;
         let catalog = Arc::new(Catalog::new(cfg.clone(), Arc::new(registry))?);
         match catalog.attach(&base, 0, false) {
-            Ok(_) => info!(catalog = if cfg.catalog.is_empty() { "file" } else { "postgres" }, read_only = cfg.read_only, "lake attached"),
+            Ok(_) => info!(
+                catalog = if cfg.catalog.is_empty() { "file" } else { "postgres" },
+                read_only = cfg.read_only,
+                "lake attached"
+            ),
             Err(e @ LakeError::Schema { .. }) => return Err(e),
             Err(e) => warn!(cause = %e, "lake: catalog not reachable yet; rows are kept and the attach retried"),
         }
-        let writer = if cfg.read_only { None } else { Some(LakeWriter::start(base.try_clone()?, catalog.clone(), metrics)?) };
+        let writer =
+            if cfg.read_only { None } else { Some(LakeWriter::start(base.try_clone()?, catalog.clone(), metrics)?) };
         let reader = LakeReader::new(base, catalog.clone());
         Ok(Lake { catalog, writer, reader })
     }

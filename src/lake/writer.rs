@@ -16,8 +16,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
-/// Why a row did not reach the lake (the `reason` label).
-pub const DROP_REASONS: [&str; 5] = ["buffer_full", "retry_overflow", "invalid_row", "shutdown", "read_only"];
+/// Why a row did not reach the lake (the `reason` label), indexed by the `DROP_*` constants.
+pub const DROP_REASONS: [&str; 4] = ["buffer_full", "retry_overflow", "invalid_row", "shutdown"];
+/// The queue was full (the flush thread is behind or stuck in a slow flush).
+const DROP_FULL: usize = 0;
+/// Flushes kept failing and the retained rows passed `buffer_rows`: the oldest go.
+const DROP_OVERFLOW: usize = 1;
+/// Wrong arity or a value that does not fit its column.
+const DROP_INVALID: usize = 2;
+/// Appended after shutdown, or still buffered when the final flush failed.
+const DROP_SHUTDOWN: usize = 3;
 /// Kinds of flush errors (the `kind` label); see [`LakeError::kind`].
 pub const ERROR_KINDS: [&str; 6] = ["attach", "connection", "conflict", "schema", "duckdb", "other"];
 
@@ -141,6 +149,7 @@ impl LakeWriter {
         let pending = registry.tables().iter().map(|_| VecDeque::new()).collect();
         let mut flusher = Flusher {
             conn,
+            seen_generation: catalog.generation(),
             catalog,
             rx,
             ctl: ctl_rx,
@@ -148,7 +157,6 @@ impl LakeWriter {
             total: 0,
             retry_at: None,
             needs_attach: false,
-            seen_generation: 0,
             flush_rows: cfg.flush_rows,
             bound: cfg.buffer_rows,
             interval: cfg.flush_interval,
@@ -174,13 +182,13 @@ impl LakeWriter {
             return;
         };
         if !spec.accepts(&row) {
-            s.metrics.drop_row(table, 2);
+            s.metrics.drop_row(table, DROP_INVALID);
             return;
         }
         match s.tx.try_send(Msg::Row(table, row)) {
             Ok(()) => s.metrics.accepted[usize::from(table.0)].inc(),
-            Err(TrySendError::Full(_)) => s.metrics.drop_row(table, 0),
-            Err(TrySendError::Disconnected(_)) => s.metrics.drop_row(table, 3),
+            Err(TrySendError::Full(_)) => s.metrics.drop_row(table, DROP_FULL),
+            Err(TrySendError::Disconnected(_)) => s.metrics.drop_row(table, DROP_SHUTDOWN),
         }
     }
 
@@ -344,14 +352,18 @@ impl Flusher {
             let Some((j, _)) = self.pending.iter().enumerate().max_by_key(|(_, q)| q.len()) else { break };
             self.pending[j].pop_front();
             self.total -= 1;
-            m.drop_row(TableId(j as u16), 1);
+            m.drop_row(TableId(j as u16), DROP_OVERFLOW);
         }
     }
 
-    /// Move what is queued into `pending` (bounded by what is there now).
+    /// Move what is queued into `pending`, at most one queue's worth, so producers that outrun the flush
+    /// thread cannot keep it from flushing.
     fn drain(&mut self, m: &WriterMetrics) {
-        while let Ok(msg) = self.rx.try_recv() {
-            self.take(msg, m);
+        for _ in 0..self.bound {
+            match self.rx.try_recv() {
+                Ok(msg) => self.take(msg, m),
+                Err(_) => break,
+            }
         }
         m.buffered.set(self.total as i64);
     }
@@ -427,7 +439,7 @@ impl Flusher {
                 Err(_) => {
                     for (i, q) in self.pending.iter_mut().enumerate() {
                         if let Some(c) = m.dropped.get(i) {
-                            c[3].inc_by(q.len() as u64);
+                            c[DROP_SHUTDOWN].inc_by(q.len() as u64);
                         }
                         q.clear();
                     }

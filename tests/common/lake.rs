@@ -51,14 +51,23 @@ pub fn pool_row(i: i64, ts_micros: i64) -> Row {
     ]
 }
 
-/// Sum of a metric's samples whose labels include all of `labels`.
+/// Sum of a metric's samples whose labels include all of `labels` (`<histogram>_sum`: the histogram's sum).
 pub fn metric(reg: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut total = 0.0;
-    for fam in reg.gather().iter().filter(|f| f.get_name() == name) {
+    let (family, hist_sum) = match name.strip_suffix("_sum") {
+        Some(base) => (base, true),
+        None => (name, false),
+    };
+    for fam in reg.gather().iter().filter(|f| f.get_name() == family) {
         for m in fam.get_metric() {
-            let ok = labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.get_name() == *k && l.get_value() == *v));
+            let ok =
+                labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.get_name() == *k && l.get_value() == *v));
             if ok {
-                total += m.get_counter().get_value() + m.get_gauge().get_value();
+                total += if hist_sum {
+                    m.get_histogram().get_sample_sum()
+                } else {
+                    m.get_counter().get_value() + m.get_gauge().get_value()
+                };
             }
         }
     }
