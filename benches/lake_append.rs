@@ -6,25 +6,12 @@ use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion
 use pgbudget::lake::{tables, Lake, LakeConfig, Registry, Row, Value};
 use std::time::Duration;
 
+#[path = "../tests/common/lake.rs"]
+mod lake_common;
+
+/// A 16-column pool_snapshots row (the test helper's).
 fn row(i: i64) -> Row {
-    vec![
-        Value::Ts(1_767_225_600_000_000 + i),
-        "web".into(),
-        "rw".into(),
-        "primary".into(),
-        "transaction".into(),
-        Value::Int(15),
-        Value::Int(i % 15),
-        Value::Int(3),
-        Value::Int(12),
-        Value::Int(i % 7),
-        Value::Int(i),
-        Value::Int(i * 10),
-        Value::Int(i * 100),
-        Value::Int(40),
-        Value::Int(97),
-        Value::Int(60),
-    ]
+    lake_common::pool_row(i, lake_common::month_start(2026, 1, 0) + i)
 }
 
 /// `catalog = ""`: a file catalog in `dir`. Otherwise the given catalog string.
