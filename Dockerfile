@@ -1,10 +1,11 @@
 # pgbudget: multi-stage build, small runtime image. SIGTERM drains (finish transactions, Terminate servers, exit 0).
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY benches ./benches
-RUN cargo build --release --locked --bin pgbudget && strip target/release/pgbudget
+# Without the DuckLake telemetry warehouse (feature `lake` needs libduckdb.so from scripts/lake-deps; see LAKE_HOOKS.md).
+RUN cargo build --release --locked --no-default-features --bin pgbudget && strip target/release/pgbudget
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/* \

@@ -12,6 +12,7 @@
 //! - `error`   — the session error type and its one SQLSTATE mapping.
 //! - `metrics`, `stats`, `journal`, `admin` — gauges, pool figures, error ring, admin HTTP.
 //! - `console`, `control`, `reload` — the admin console, PAUSE/RESUME/RECONNECT/KILL, hot reload.
+//! - `lake`    — (feature `lake`) the embedded DuckLake telemetry warehouse: writer, reader, registry.
 
 pub mod admin;
 pub mod admission;
@@ -25,6 +26,8 @@ pub mod console;
 pub mod control;
 pub mod error;
 pub mod journal;
+#[cfg(feature = "lake")]
+pub mod lake;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

@@ -1,0 +1,452 @@
+//! The lake writer: `append` never fails and never blocks (a bounded queue and `try_send`); one flush thread
+//! writes batches through the DuckDB appender when `flush_rows` rows are buffered, `flush_interval` has
+//! passed, or at shutdown. A failed flush keeps its rows (within `buffer_rows`) and re-attaches before the
+//! next attempt. Every dropped row is counted by table and reason, every flush error by kind.
+
+use super::catalog::{rollback, Catalog, ALIAS, SCHEMA};
+use super::registry::{ColumnType, Registry, Row, TableId, TableSpec, Value};
+use super::LakeError;
+use duckdb::types::{TimeUnit, ToSql, ToSqlOutput, ValueRef};
+use duckdb::{appender_params_from_iter, Connection, InterruptHandle};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+use std::collections::VecDeque;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// Why a row did not reach the lake (the `reason` label), indexed by the `DROP_*` constants.
+pub const DROP_REASONS: [&str; 4] = ["buffer_full", "retry_overflow", "invalid_row", "shutdown"];
+/// The queue was full (the flush thread is behind or stuck in a slow flush).
+const DROP_FULL: usize = 0;
+/// Flushes kept failing and the retained rows passed `buffer_rows`: the oldest go.
+const DROP_OVERFLOW: usize = 1;
+/// Wrong arity or a value that does not fit its column.
+const DROP_INVALID: usize = 2;
+/// Appended after shutdown, or still buffered when the final flush failed.
+const DROP_SHUTDOWN: usize = 3;
+/// Kinds of flush errors (the `kind` label); see [`LakeError::kind`].
+pub const ERROR_KINDS: [&str; 6] = ["attach", "connection", "conflict", "schema", "duckdb", "other"];
+
+/// Counters, resolved per table once so `append` only does atomic adds.
+struct WriterMetrics {
+    accepted: Vec<IntCounter>,
+    /// `[table][reason]`, reasons in [`DROP_REASONS`] order.
+    dropped: Vec<[IntCounter; DROP_REASONS.len()]>,
+    written: Vec<IntCounter>,
+    errors: IntCounterVec,
+    flushes: IntCounter,
+    flush_seconds: Histogram,
+    buffered: IntGauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(r: &prometheus::Registry, c: T) -> Result<T, LakeError> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+impl WriterMetrics {
+    fn new(r: &prometheus::Registry, tables: &Registry) -> Result<WriterMetrics, LakeError> {
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, LakeError> {
+            register(r, IntCounterVec::new(Opts::new(name, help), labels)?)
+        };
+        let accepted = counter("pgbudget_lake_rows_appended_total", "Rows accepted into the lake buffer", &["table"])?;
+        let dropped = counter(
+            "pgbudget_lake_rows_dropped_total",
+            "Rows that never reached the lake, by table and reason",
+            &["table", "reason"],
+        )?;
+        let written = counter("pgbudget_lake_rows_written_total", "Rows committed to the lake", &["table"])?;
+        let errors = counter("pgbudget_lake_flush_errors_total", "Failed lake flushes, by kind", &["kind"])?;
+        for k in ERROR_KINDS {
+            errors.with_label_values(&[k]);
+        }
+        let names: Vec<&str> = tables.tables().iter().map(|t| t.name.as_ref()).collect();
+        Ok(WriterMetrics {
+            accepted: names.iter().map(|t| accepted.with_label_values(&[t])).collect(),
+            dropped: names.iter().map(|t| DROP_REASONS.map(|reason| dropped.with_label_values(&[t, reason]))).collect(),
+            written: names.iter().map(|t| written.with_label_values(&[t])).collect(),
+            errors,
+            flushes: register(r, IntCounter::new("pgbudget_lake_flushes_total", "Successful lake flushes")?)?,
+            flush_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new("pgbudget_lake_flush_seconds", "Time one lake flush took (all tables)")
+                        .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                )?,
+            )?,
+            buffered: register(r, IntGauge::new("pgbudget_lake_buffered_rows", "Rows held by the flush thread")?)?,
+        })
+    }
+
+    fn drop_row(&self, table: TableId, reason: usize) {
+        if let Some(c) = self.dropped.get(usize::from(table.0)) {
+            c[reason].inc();
+        }
+    }
+}
+
+enum Msg {
+    Row(TableId, Row),
+    /// Wakes the flush thread to look at its control channel.
+    Wake,
+}
+
+enum Ctl {
+    Flush(Sender<Result<FlushReport, LakeError>>),
+    Shutdown,
+}
+
+/// What one flush did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlushReport {
+    pub rows_written: u64,
+    pub tables: usize,
+    pub elapsed: Duration,
+}
+
+struct Shared {
+    tx: SyncSender<Msg>,
+    ctl: Sender<Ctl>,
+    registry: Arc<Registry>,
+    metrics: Arc<WriterMetrics>,
+    interrupt: Arc<InterruptHandle>,
+    thread: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
+    shutdown_timeout: Duration,
+}
+
+/// A cheap, cloneable handle; the flush thread stops (after a final flush) at [`LakeWriter::shutdown`] or
+/// when the last handle is dropped.
+#[derive(Clone)]
+pub struct LakeWriter {
+    shared: Arc<Shared>,
+}
+
+impl LakeWriter {
+    /// Start the flush thread on `conn` (a connection to the database `catalog` attaches to).
+    pub fn start(
+        conn: Connection,
+        catalog: Arc<Catalog>,
+        metrics: &prometheus::Registry,
+    ) -> Result<LakeWriter, LakeError> {
+        let cfg = catalog.config().clone();
+        let registry = catalog.registry().clone();
+        let (tx, rx) = mpsc::sync_channel(cfg.buffer_rows);
+        let (ctl, ctl_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        let interrupt = conn.interrupt_handle();
+        let m = Arc::new(WriterMetrics::new(metrics, &registry)?);
+        let shared = Arc::new(Shared {
+            tx,
+            ctl,
+            registry: registry.clone(),
+            metrics: m.clone(),
+            interrupt,
+            thread: Mutex::new(None),
+            shutdown_timeout: cfg.shutdown_timeout,
+        });
+        let pending = registry.tables().iter().map(|_| VecDeque::new()).collect();
+        let mut flusher = Flusher {
+            conn,
+            seen_generation: catalog.generation(),
+            catalog,
+            rx,
+            ctl: ctl_rx,
+            pending,
+            total: 0,
+            retry_at: None,
+            needs_attach: false,
+            flush_rows: cfg.flush_rows,
+            bound: cfg.buffer_rows,
+            interval: cfg.flush_interval,
+            retry: cfg.retry_interval,
+        };
+        let handle = std::thread::Builder::new().name("lake-flush".into()).spawn(move || {
+            flusher.run(&m);
+            // Dropping the queue's receiver here makes later appends count as dropped at shutdown.
+            drop(flusher);
+            let _ = done_tx.send(());
+        })?;
+        *shared.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some((handle, done_rx));
+        Ok(LakeWriter { shared })
+    }
+
+    /// Queue one row for `table`. Never blocks and never fails: a row that does not fit the table, or finds
+    /// the queue full, is dropped and counted.
+    #[inline]
+    pub fn append(&self, table: TableId, row: Row) {
+        let s = &*self.shared;
+        let Some(spec) = s.registry.get(table) else {
+            debug!(table = table.0, "lake: append to an unknown table id");
+            return;
+        };
+        if !spec.accepts(&row) {
+            s.metrics.drop_row(table, DROP_INVALID);
+            return;
+        }
+        match s.tx.try_send(Msg::Row(table, row)) {
+            Ok(()) => s.metrics.accepted[usize::from(table.0)].inc(),
+            Err(TrySendError::Full(_)) => s.metrics.drop_row(table, DROP_FULL),
+            Err(TrySendError::Disconnected(_)) => s.metrics.drop_row(table, DROP_SHUTDOWN),
+        }
+    }
+
+    /// Look a table up by name (resolve once, then [`append`](Self::append) by id).
+    pub fn table(&self, name: &str) -> Option<TableId> {
+        self.shared.registry.id(name)
+    }
+
+    /// Flush now and wait for the result (tests, admin). Rows of a failed flush are kept for the next one.
+    pub fn flush(&self) -> Result<FlushReport, LakeError> {
+        let (tx, rx) = mpsc::channel();
+        self.shared.ctl.send(Ctl::Flush(tx)).map_err(|_| LakeError::Closed)?;
+        let _ = self.shared.tx.try_send(Msg::Wake);
+        rx.recv().map_err(|_| LakeError::Closed)?
+    }
+
+    /// Final flush and stop, waiting at most `shutdown_timeout`; past it the running statement is interrupted.
+    /// Later appends are dropped (`reason="shutdown"`). Idempotent.
+    pub fn shutdown(&self) {
+        let Some((handle, done)) = self.shared.thread.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let _ = self.shared.ctl.send(Ctl::Shutdown);
+        let _ = self.shared.tx.try_send(Msg::Wake);
+        if done.recv_timeout(self.shared.shutdown_timeout).is_err() {
+            warn!(timeout = ?self.shared.shutdown_timeout, "lake: final flush did not finish in time, interrupting it");
+            self.shared.interrupt.interrupt();
+        }
+        let _ = handle.join();
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some((handle, done)) = self.thread.get_mut().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = self.ctl.send(Ctl::Shutdown);
+            let _ = self.tx.try_send(Msg::Wake);
+            if done.recv_timeout(self.shutdown_timeout).is_err() {
+                self.interrupt.interrupt();
+            }
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Borrowed cell for the appender: no copy of text values.
+struct Cell<'a>(&'a Value, ColumnType);
+
+impl ToSql for Cell<'_> {
+    fn to_sql(&self) -> duckdb::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match (self.0, self.1) {
+            (Value::Null, _) => ValueRef::Null,
+            (Value::Bool(b), _) => ValueRef::Boolean(*b),
+            (Value::Int(i), ColumnType::Integer) => ValueRef::Int(*i as i32), // range checked at append
+            (Value::Int(i), ColumnType::Double) => ValueRef::Double(*i as f64),
+            (Value::Int(i), _) => ValueRef::BigInt(*i),
+            (Value::Float(f), _) => ValueRef::Double(*f),
+            (Value::Text(s), _) => ValueRef::Text(s.as_bytes()),
+            (Value::Ts(us), _) => ValueRef::Timestamp(TimeUnit::Microsecond, *us),
+        }))
+    }
+}
+
+/// Bind a [`Value`] as a query parameter (its natural DuckDB type).
+pub(crate) fn param(v: &Value) -> impl ToSql + '_ {
+    let ty = match v {
+        Value::Float(_) => ColumnType::Double,
+        _ => ColumnType::BigInt,
+    };
+    Cell(v, ty)
+}
+
+/// Write `rows` into `spec`'s table in one transaction (one DuckLake snapshot). Naming the columns keeps
+/// working after another process added columns; on any error the transaction is rolled back, so a partly
+/// appended batch never lands.
+fn write_table(conn: &Connection, spec: &TableSpec, rows: &VecDeque<Row>) -> Result<(), LakeError> {
+    conn.execute_batch("BEGIN TRANSACTION")?;
+    let r = (|| {
+        let cols = spec.column_names();
+        let mut app = conn.appender_with_columns_to_catalog_and_db(&spec.name, ALIAS, SCHEMA, &cols)?;
+        for row in rows {
+            app.append_row(appender_params_from_iter(row.iter().zip(&spec.columns).map(|(v, c)| Cell(v, c.ty))))?;
+        }
+        app.flush()?;
+        drop(app);
+        conn.execute_batch("COMMIT")
+    })();
+    if r.is_err() {
+        rollback(conn);
+    }
+    Ok(r?)
+}
+
+struct Flusher {
+    conn: Connection,
+    catalog: Arc<Catalog>,
+    rx: Receiver<Msg>,
+    ctl: Receiver<Ctl>,
+    /// Rows drained from the queue, per table, oldest first.
+    pending: Vec<VecDeque<Row>>,
+    total: usize,
+    /// Set after a failed flush: no attempt before this instant (size trigger included).
+    retry_at: Option<Instant>,
+    needs_attach: bool,
+    seen_generation: u64,
+    flush_rows: usize,
+    bound: usize,
+    interval: Duration,
+    retry: Duration,
+}
+
+impl Flusher {
+    fn run(&mut self, m: &WriterMetrics) {
+        let mut next = Instant::now() + self.interval;
+        loop {
+            loop {
+                match self.ctl.try_recv() {
+                    Ok(Ctl::Flush(reply)) => {
+                        self.drain(m);
+                        let r = self.flush(m);
+                        next = Instant::now() + self.interval;
+                        let _ = reply.send(r);
+                    }
+                    Ok(Ctl::Shutdown) | Err(TryRecvError::Disconnected) => return self.finish(m),
+                    Err(TryRecvError::Empty) => break,
+                }
+            }
+            let now = Instant::now();
+            if self.total == 0 {
+                self.retry_at = None;
+            }
+            let due = self.retry_at.unwrap_or(next);
+            let by_size = self.retry_at.is_none() && self.total >= self.flush_rows;
+            if self.total > 0 && (by_size || now >= due) {
+                let _ = self.flush(m);
+                next = Instant::now() + self.interval;
+                continue;
+            }
+            if now >= due {
+                next = now + self.interval;
+                continue;
+            }
+            match self.rx.recv_timeout(due - now) {
+                Ok(msg) => {
+                    self.take(msg, m);
+                    self.drain(m);
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return self.finish(m),
+            }
+        }
+    }
+
+    fn take(&mut self, msg: Msg, m: &WriterMetrics) {
+        let Msg::Row(t, row) = msg else { return };
+        let i = usize::from(t.0);
+        self.pending[i].push_back(row);
+        self.total += 1;
+        // Over the bound only while flushes fail: keep the newest rows.
+        while self.total > self.bound {
+            let Some((j, _)) = self.pending.iter().enumerate().max_by_key(|(_, q)| q.len()) else { break };
+            self.pending[j].pop_front();
+            self.total -= 1;
+            m.drop_row(TableId(j as u16), DROP_OVERFLOW);
+        }
+    }
+
+    /// Move what is queued into `pending`, at most one queue's worth, so producers that outrun the flush
+    /// thread cannot keep it from flushing.
+    fn drain(&mut self, m: &WriterMetrics) {
+        for _ in 0..self.bound {
+            match self.rx.try_recv() {
+                Ok(msg) => self.take(msg, m),
+                Err(_) => break,
+            }
+        }
+        m.buffered.set(self.total as i64);
+    }
+
+    fn flush(&mut self, m: &WriterMetrics) -> Result<FlushReport, LakeError> {
+        let started = Instant::now();
+        let mut report = FlushReport::default();
+        let r = self.try_flush(m, &mut report);
+        report.elapsed = started.elapsed();
+        m.buffered.set(self.total as i64);
+        match r {
+            Ok(()) => {
+                self.retry_at = None;
+                if report.rows_written > 0 {
+                    m.flushes.inc();
+                    m.flush_seconds.observe(report.elapsed.as_secs_f64());
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                m.errors.with_label_values(&[e.kind()]).inc();
+                warn!(kind = e.kind(), cause = %e, buffered = self.total, "lake: flush failed, rows kept for the next attempt");
+                self.retry_at = Some(Instant::now() + self.retry);
+                Err(e)
+            }
+        }
+    }
+
+    fn try_flush(&mut self, m: &WriterMetrics, report: &mut FlushReport) -> Result<(), LakeError> {
+        if self.total == 0 {
+            return Ok(());
+        }
+        if self.needs_attach || !self.catalog.is_attached() {
+            // After an error: a fresh attachment (new catalog pool), unless another connection re-attached
+            // since this one last saw the lake work.
+            let detach = self.catalog.is_attached();
+            self.seen_generation = self.catalog.attach(&self.conn, self.seen_generation, detach)?;
+            self.needs_attach = false;
+        }
+        let registry = self.catalog.registry().clone();
+        let catalog = self.catalog.clone();
+        let _using = catalog.using();
+        let mut first_err = None;
+        for (i, spec) in registry.tables().iter().enumerate() {
+            if self.pending[i].is_empty() {
+                continue;
+            }
+            match write_table(&self.conn, spec, &self.pending[i]) {
+                Ok(()) => {
+                    self.seen_generation = self.seen_generation.max(self.catalog.generation());
+                    let n = self.pending[i].len();
+                    m.written[i].inc_by(n as u64);
+                    report.rows_written += n as u64;
+                    report.tables += 1;
+                    self.total -= n;
+                    self.pending[i].clear();
+                }
+                Err(e) => {
+                    self.needs_attach = true;
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    fn finish(&mut self, m: &WriterMetrics) {
+        self.drain(m);
+        if self.total > 0 {
+            self.retry_at = None;
+            match self.flush(m) {
+                Ok(r) => info!(rows = r.rows_written, "lake: final flush done"),
+                Err(_) => {
+                    for (i, q) in self.pending.iter_mut().enumerate() {
+                        if let Some(c) = m.dropped.get(i) {
+                            c[DROP_SHUTDOWN].inc_by(q.len() as u64);
+                        }
+                        q.clear();
+                    }
+                    self.total = 0;
+                }
+            }
+        }
+        m.buffered.set(0);
+    }
+}
