@@ -7,6 +7,7 @@ use crate::config::Env;
 use crate::journal::Journal;
 use crate::metrics::Metrics;
 use crate::pool::Pools;
+use crate::telemetry::Telemetry;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use std::net::SocketAddr;
@@ -29,6 +30,8 @@ pub struct App {
     pub env: Env,
     pub metrics: Metrics,
     pub journal: Journal,
+    /// Rows for the lake (a no-op when it is off).
+    pub telemetry: Telemetry,
     pub cancels: Arc<CancelRegistry>,
     /// Fired once to start a graceful shutdown.
     pub shutdown: CancellationToken,
@@ -71,8 +74,12 @@ impl Drop for ClientGuard {
 
 impl App {
     pub fn new(resolved: Resolved, env: &Env) -> Arc<App> {
+        Self::with_telemetry(resolved, env, Metrics::new(), Telemetry::default())
+    }
+
+    /// Build the app around metrics and a telemetry sink made beforehand (the lake registers its metrics).
+    pub fn with_telemetry(resolved: Resolved, env: &Env, metrics: Metrics, telemetry: Telemetry) -> Arc<App> {
         let users = UserDb::build(&resolved, env);
-        let metrics = Metrics::new();
         let pools = Pools::build(&resolved, &metrics);
         Arc::new(App {
             resolved: ArcSwap::from_pointee(resolved),
@@ -80,7 +87,8 @@ impl App {
             pools: ArcSwap::from_pointee(pools),
             env: env.clone(),
             metrics,
-            journal: Journal::default(),
+            journal: Journal::new(telemetry.clone()),
+            telemetry,
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -108,6 +116,18 @@ impl App {
     pub fn reload(&self) -> Result<crate::reload::ReloadSummary, String> {
         let path = self.config_path.get().ok_or("this process was not started from a configuration file")?;
         self.reload_from(path)
+    }
+
+    /// One `config_reloads` row: `startup`, `applied` or `refused`, a hash of the resolved table, the reason.
+    pub fn record_config(&self, outcome: &'static str, detail: &str, violations: u32) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.resolved().table().hash(&mut h);
+        let hash = format!("{:016x}", h.finish());
+        self.telemetry.emit(crate::telemetry::tables::CONFIG_RELOADS, || {
+            use crate::telemetry::Value;
+            vec![Value::now(), outcome.into(), hash.into(), violations.into(), detail.into()]
+        });
     }
 
     /// Install a reloaded configuration (see `reload`); sessions already running keep what they hold.
@@ -179,6 +199,11 @@ impl App {
             warn!(kind = "drain", remaining = self.tasks.len(), "drain deadline passed; closing remaining sessions");
         }
         self.pools().close();
+        #[cfg(feature = "lake")]
+        if let Some(lake) = self.telemetry.lake().cloned() {
+            // The final flush is bounded by `lake.shutdown_timeout`.
+            let _ = tokio::task::spawn_blocking(move || lake.shutdown()).await;
+        }
         info!("shutdown complete");
     }
 }

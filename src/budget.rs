@@ -307,6 +307,17 @@ impl Resolved {
                 v.push(format!("auth user {:?}: a SCRAM verifier cannot serve md5 authentication", u.name));
             }
         }
+        #[cfg(feature = "lake")]
+        if config.lake.enabled {
+            v.extend(config.lake.validate());
+            let lake_pg = config.lake.catalog.starts_with("postgres:");
+            if lake_pg && config.upstreams.values().all(|u| u.reserved < config.lake.pg_pool_max_connections) {
+                v.push(format!(
+                    "lake: a Postgres catalog opens up to {} connections; reserve them on its upstream (reserved = {})",
+                    config.lake.pg_pool_max_connections, config.lake.pg_pool_max_connections
+                ));
+            }
+        }
         if !v.is_empty() {
             return Err(ConfigError { violations: v });
         }

@@ -31,6 +31,10 @@ pub struct Config {
     pub admin: AdminSection,
     #[serde(default)]
     pub read_only: ReadOnlySection,
+    /// The embedded DuckLake telemetry warehouse (`[lake]`; needs the `lake` cargo feature).
+    #[cfg(feature = "lake")]
+    #[serde(default)]
+    pub lake: crate::lake::LakeConfig,
     pub upstreams: BTreeMap<String, Upstream>,
     pub services: BTreeMap<String, ServiceConfig>,
 }

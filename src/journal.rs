@@ -1,5 +1,6 @@
 //! The error journal: a bounded ring of recent server/upstream errors and a per-(upstream, service) health summary.
 
+use crate::telemetry::{tables, Telemetry, Value};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
@@ -35,6 +36,8 @@ pub struct HealthRow {
 #[derive(Default)]
 pub struct Journal {
     ring: Mutex<VecDeque<ErrorRecord>>,
+    /// Every recorded error also goes to the lake's `server_errors` table.
+    telemetry: Telemetry,
 }
 
 fn now() -> f64 {
@@ -50,6 +53,10 @@ pub fn kind_for_sqlstate(code: &str) -> &'static str {
 }
 
 impl Journal {
+    pub fn new(telemetry: Telemetry) -> Journal {
+        Journal { ring: Mutex::default(), telemetry }
+    }
+
     pub fn record(
         &self,
         service: &str,
@@ -59,6 +66,18 @@ impl Journal {
         sqlstate: &str,
         message: &str,
     ) {
+        self.telemetry.emit(tables::SERVER_ERRORS, || {
+            let cols: [Value; 7] = [
+                Value::now(),
+                service.into(),
+                route.into(),
+                upstream.into(),
+                kind.into(),
+                sqlstate.into(),
+                message.into(),
+            ];
+            cols.into()
+        });
         let rec = ErrorRecord {
             time: now(),
             service: service.to_owned(),

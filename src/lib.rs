@@ -39,3 +39,4 @@ pub mod ro_filter;
 pub mod server;
 pub mod session;
 pub mod stats;
+pub mod telemetry;

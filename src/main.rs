@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use pgbudget::app::App;
 use pgbudget::budget::Resolved;
 use pgbudget::config::{Config, Env};
+use pgbudget::telemetry::Telemetry;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing::{error, info};
@@ -128,8 +129,17 @@ async fn run(resolved: Resolved, env: Env, config_path: std::path::PathBuf) -> E
             }
         }
     };
-    let app = App::new(resolved, &env);
+    let metrics = pgbudget::metrics::Metrics::new();
+    let telemetry = match open_lake(&resolved, &metrics).await {
+        Ok(t) => t,
+        Err(e) => {
+            error!(kind = "lake", cause = %e, "refusing to start");
+            return ExitCode::from(2);
+        }
+    };
+    let app = App::with_telemetry(resolved, &env, metrics, telemetry);
     let _ = app.config_path.set(config_path);
+    app.record_config("startup", &app.resolved().table(), 0);
     if let Some(l) = admin {
         tokio::spawn(pgbudget::admin::serve(app.clone(), l));
     }
@@ -140,6 +150,28 @@ async fn run(resolved: Resolved, env: Env, config_path: std::path::PathBuf) -> E
     app.drain().await;
     let _ = server.await;
     ExitCode::SUCCESS
+}
+
+/// Open the lake when `[lake] enabled`: a configuration or extension problem stops the start, an unreachable
+/// catalog does not (rows are kept and the attach retried).
+#[cfg(feature = "lake")]
+async fn open_lake(r: &Resolved, metrics: &pgbudget::metrics::Metrics) -> Result<Telemetry, String> {
+    if !r.config.lake.enabled {
+        return Ok(Telemetry::default());
+    }
+    let (cfg, registry) = (r.config.lake.clone(), metrics.registry.clone());
+    let lake = tokio::task::spawn_blocking(move || {
+        pgbudget::lake::Lake::open(&cfg, pgbudget::lake::registry::Registry::builtin(), &registry)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    Ok(Telemetry::new(Some(std::sync::Arc::new(lake))))
+}
+
+#[cfg(not(feature = "lake"))]
+async fn open_lake(_: &Resolved, _: &pgbudget::metrics::Metrics) -> Result<Telemetry, String> {
+    Ok(Telemetry::default())
 }
 
 /// Serve SIGHUP (reload) until SIGTERM, SIGINT or the console's SHUTDOWN asks to stop.

@@ -71,8 +71,14 @@ impl App {
     pub fn reload_from(&self, path: &Path) -> Result<ReloadSummary, String> {
         let result = self.try_reload(path);
         match &result {
-            Ok(s) => info!(kind = "reload", %s, "configuration reloaded"),
-            Err(e) => warn!(kind = "reload", cause = %e, "reload refused; the old configuration stays in force"),
+            Ok(s) => {
+                info!(kind = "reload", %s, "configuration reloaded");
+                self.record_config("applied", &s.to_string(), 0);
+            }
+            Err(e) => {
+                warn!(kind = "reload", cause = %e, "reload refused; the old configuration stays in force");
+                self.record_config("refused", e, e.matches("\n  - ").count().max(1) as u32);
+            }
         }
         result
     }

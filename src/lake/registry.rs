@@ -3,7 +3,6 @@
 
 use super::LakeError;
 use std::borrow::Cow;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The DuckDB types a lake column may have (all nullable; evolution is additive only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,86 +44,7 @@ impl ColumnType {
     }
 }
 
-/// One cell of a row. Timestamps are microseconds since the Unix epoch, UTC.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    Null,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    Text(String),
-    Ts(i64),
-}
-
-/// One row, in the table's column order.
-pub type Row = Vec<Value>;
-
-impl Value {
-    /// The current time as a `ts` value.
-    pub fn now() -> Value {
-        Value::at(SystemTime::now())
-    }
-
-    /// A point in time as a `ts` value (times before 1970 are negative microseconds).
-    pub fn at(t: SystemTime) -> Value {
-        Value::Ts(match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-            Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
-        })
-    }
-}
-
-impl From<bool> for Value {
-    fn from(v: bool) -> Self {
-        Value::Bool(v)
-    }
-}
-impl From<i64> for Value {
-    fn from(v: i64) -> Self {
-        Value::Int(v)
-    }
-}
-impl From<i32> for Value {
-    fn from(v: i32) -> Self {
-        Value::Int(v.into())
-    }
-}
-impl From<u32> for Value {
-    fn from(v: u32) -> Self {
-        Value::Int(v.into())
-    }
-}
-impl From<u64> for Value {
-    /// Saturates at `i64::MAX` (counters never get there).
-    fn from(v: u64) -> Self {
-        Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
-    }
-}
-impl From<f64> for Value {
-    fn from(v: f64) -> Self {
-        Value::Float(v)
-    }
-}
-impl From<String> for Value {
-    fn from(v: String) -> Self {
-        Value::Text(v)
-    }
-}
-impl From<&str> for Value {
-    fn from(v: &str) -> Self {
-        Value::Text(v.to_owned())
-    }
-}
-impl From<SystemTime> for Value {
-    fn from(v: SystemTime) -> Self {
-        Value::at(v)
-    }
-}
-impl<T: Into<Value>> From<Option<T>> for Value {
-    fn from(v: Option<T>) -> Self {
-        v.map_or(Value::Null, Into::into)
-    }
-}
+pub use crate::telemetry::{tables, Row, TableId, Value};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Column {
@@ -154,22 +74,6 @@ impl TableSpec {
     pub fn accepts(&self, row: &[Value]) -> bool {
         row.len() == self.columns.len() && self.columns.iter().zip(row).all(|(c, v)| c.ty.accepts(v))
     }
-}
-
-/// Index of a table in its [`Registry`]; resolve once, append many times.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct TableId(pub u16);
-
-/// The built-in pgbudget tables, in [`Registry::builtin`] order.
-pub mod tables {
-    use super::TableId;
-    pub const POOL_SNAPSHOTS: TableId = TableId(0);
-    pub const ADMISSION_DECISIONS: TableId = TableId(1);
-    pub const CHECKOUT_TIMEOUTS: TableId = TableId(2);
-    pub const RO_VIOLATIONS: TableId = TableId(3);
-    pub const SERVER_ERRORS: TableId = TableId(4);
-    pub const CONFIG_RELOADS: TableId = TableId(5);
-    pub const CLIENT_SESSIONS: TableId = TableId(6);
 }
 
 /// Column names DuckLake rejects while data inlining is on (`ducklake_util.cpp`), plus its internal prefix.
