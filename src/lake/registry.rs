@@ -271,7 +271,7 @@ mod tests {
 
     #[test]
     fn timestamps_are_utc_micros() {
-        assert_eq!(Value::at(UNIX_EPOCH + std::time::Duration::from_millis(1500)), Value::Ts(1_500_000));
-        assert_eq!(Value::at(UNIX_EPOCH - std::time::Duration::from_secs(1)), Value::Ts(-1_000_000));
+        assert_eq!(Value::at(std::time::UNIX_EPOCH + std::time::Duration::from_millis(1500)), Value::Ts(1_500_000));
+        assert_eq!(Value::at(std::time::UNIX_EPOCH - std::time::Duration::from_secs(1)), Value::Ts(-1_000_000));
     }
 }
