@@ -18,8 +18,10 @@ use tracing::{info, warn};
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
+    let r = Router::new();
+    #[cfg(feature = "lake")]
+    let r = r.merge(crate::admin_lake::routes());
+    r.route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/pools", get(pools))

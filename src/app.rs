@@ -153,6 +153,7 @@ impl App {
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         self.spawn_reaper();
         self.start_snapshot_log();
+        self.start_lake_snapshots();
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => break,

@@ -2,12 +2,14 @@
 //! `checkout_timeout`) that watches the client — a disconnect or CancelRequest leaves the queue at once — and
 //! tells it after `notice_after` how many clients are ahead. Every checkout counts exactly one decision.
 
-use crate::admission::{Decision, Hold};
+use crate::admission::{Decision, Hold, Refusal};
 use crate::cancel::ClientKey;
 use crate::error::ProxyError;
 use crate::pool::{PooledConn, ServicePool};
 use crate::protocol::{self, ProtocolError, Severity};
+use crate::telemetry::{tables, Telemetry, Value};
 use bytes::{Buf, BytesMut};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,6 +31,40 @@ pub struct Waiter<'a> {
     pub exempt: bool,
     /// Whether a NOTICE may be sent now (not before the client's login completed).
     pub may_notice: bool,
+    pub who: Who<'a>,
+}
+
+/// The client, for `admission_decisions` rows.
+pub struct Who<'a> {
+    pub user: &'a str,
+    pub database: &'a str,
+    pub addr: SocketAddr,
+    pub telemetry: &'a Telemetry,
+}
+
+/// Count a decision and, unless it is the common "admitted at once", write it to the lake.
+fn decide(pool: &ServicePool, who: &Who<'_>, d: Decision, waited: Duration) {
+    pool.admission.record(d);
+    if d != Decision::Admitted {
+        lake_row(pool, who, d, waited);
+    }
+}
+
+fn lake_row(pool: &ServicePool, who: &Who<'_>, d: Decision, waited: Duration) {
+    let accepted = matches!(d, Decision::Queued | Decision::Exempt);
+    who.telemetry.emit(tables::ADMISSION_DECISIONS, || {
+        vec![
+            Value::now(),
+            pool.budget().name.as_str().into(),
+            pool.route.as_str().into(),
+            who.user.into(),
+            who.database.into(),
+            who.addr.to_string().into(),
+            accepted.into(),
+            d.as_str().into(),
+            (waited.as_secs_f64() * 1000.0).into(),
+        ]
+    });
 }
 
 /// Marks the client as queued for cancel requests until dropped.
@@ -47,15 +83,18 @@ pub async fn acquire(pool: &ServicePool, mut w: Waiter<'_>) -> Result<(PooledCon
     }
     let b = pool.budget();
     let adm = &pool.admission;
-    let hold = adm.admit(w.exempt, &b.name).map_err(|refusal| ProxyError::Shed {
-        service: b.name.clone(),
-        share: pool.share(),
-        refusal,
+    let hold = adm.admit(w.exempt, &b.name).map_err(|refusal| {
+        let d = match refusal {
+            Refusal::Hard { .. } => Decision::RejectedHard,
+            Refusal::QueueFull { .. } => Decision::RejectedQueueFull,
+        };
+        lake_row(pool, &w.who, d, Duration::ZERO); // admit() counted it
+        ProxyError::Shed { service: b.name.clone(), share: pool.share(), refusal }
     })?;
     let served = if hold.above_line { Decision::Exempt } else { Decision::Admitted };
     match pool.checkout_within(Duration::ZERO).await {
         Ok(c) => {
-            adm.record(served);
+            decide(pool, &w.who, served, Duration::ZERO);
             return Ok((c, hold));
         }
         Err(ProxyError::BudgetExhausted { .. }) => {}
@@ -78,11 +117,12 @@ pub async fn acquire(pool: &ServicePool, mut w: Waiter<'_>) -> Result<(PooledCon
             r = &mut get => {
                 return match r {
                     Ok(c) => {
-                        adm.record(if hold.above_line { Decision::Exempt } else { Decision::Queued });
+                        let d = if hold.above_line { Decision::Exempt } else { Decision::Queued };
+                        decide(pool, &w.who, d, started.elapsed());
                         Ok((c, hold))
                     }
                     Err(ProxyError::BudgetExhausted { service, share, .. }) => {
-                        adm.record(Decision::TimedOut);
+                        decide(pool, &w.who, Decision::TimedOut, started.elapsed());
                         Err(ProxyError::BudgetExhausted { service, share, waited: started.elapsed() })
                     }
                     Err(e) => Err(e),
@@ -102,12 +142,12 @@ pub async fn acquire(pool: &ServicePool, mut w: Waiter<'_>) -> Result<(PooledCon
                 w.sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
             }
             _ = wake.notified() => {
-                adm.record(Decision::Abandoned);
+                decide(pool, &w.who, Decision::Abandoned, started.elapsed());
                 return Err(ProxyError::QueuedCancel);
             }
             r = w.sock.read_buf(w.cbuf), if w.cbuf.len() < MAX_BUFFERED_WHILE_QUEUED => {
                 if !matches!(r, Ok(n) if n > 0) {
-                    adm.record(Decision::Abandoned);
+                    decide(pool, &w.who, Decision::Abandoned, started.elapsed());
                     return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
                 }
             }
@@ -129,7 +169,7 @@ async fn wait_resumed(pool: &ServicePool, w: &mut Waiter<'_>) -> Result<(), Prox
             _ = &mut deadline => return Err(ProxyError::Paused { service: b.name.clone(), waited: started.elapsed() }),
             r = w.sock.read_buf(w.cbuf), if w.cbuf.len() < MAX_BUFFERED_WHILE_QUEUED => {
                 if !matches!(r, Ok(n) if n > 0) {
-                    pool.admission.record(Decision::Abandoned);
+                    decide(pool, &w.who, Decision::Abandoned, started.elapsed());
                     return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
                 }
             }

@@ -104,6 +104,8 @@ pub struct AdminSection {
     pub pool_log_interval: Duration,
     /// Name of the console's virtual database.
     pub console_database: String,
+    /// Environment variable holding the bearer token of the lake HTTP API (`POST /lake/...`); unset: API off.
+    pub api_token_env: String,
 }
 
 impl Default for AdminSection {
@@ -113,6 +115,7 @@ impl Default for AdminSection {
             users: Vec::new(),
             pool_log_interval: Duration::from_secs(60),
             console_database: "pgbudget".into(),
+            api_token_env: "PGBUDGET_ADMIN_TOKEN".into(),
         }
     }
 }

@@ -15,6 +15,8 @@
 //! - `lake`    — (feature `lake`) the embedded DuckLake telemetry warehouse: writer, reader, registry.
 
 pub mod admin;
+#[cfg(feature = "lake")]
+pub mod admin_lake;
 pub mod admission;
 pub mod app;
 pub mod auth;

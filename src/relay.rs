@@ -8,13 +8,14 @@
 use crate::admission::Hold;
 use crate::app::App;
 use crate::cancel::{ClientKey, ServerKey};
-use crate::checkout::Waiter;
+use crate::checkout::{Waiter, Who};
 use crate::config::PoolMode;
 use crate::error::ProxyError;
 use crate::pool::{PooledConn, Route, ServicePool};
 use crate::protocol::{self, Event, Scanner};
 use crate::ro_filter::RoFilter;
 use crate::server::{ServerConn, ServerError};
+use crate::telemetry::{tables, Value};
 use bytes::{Buf, BytesMut};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -74,6 +75,20 @@ pub struct Relay {
     pub exempt: bool,
     /// Whether the client got its login greeting (NOTICEs may be sent).
     pub greeted: bool,
+    /// Who the client is, for telemetry rows.
+    pub user: String,
+    pub database: String,
+    /// This session's own counts (the pool metrics hold the totals).
+    pub counts: SessionCounts,
+}
+
+/// What one client session did, for its `client_sessions` row.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SessionCounts {
+    pub transactions: u64,
+    pub queries: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 /// What a server chunk contained that the proxy reports on.
@@ -123,6 +138,9 @@ impl Relay {
             hold: None,
             exempt: false,
             greeted: false,
+            user: String::new(),
+            database: String::new(),
+            counts: SessionCounts::default(),
         }
     }
 
@@ -144,8 +162,14 @@ impl Relay {
     pub async fn attach(&mut self, sock: &mut TcpStream) -> Result<(), ProxyError> {
         let started = Instant::now();
         let pool = self.pool.clone();
-        let waiter =
-            Waiter { sock, cbuf: &mut self.cbuf, key: &self.key, exempt: self.exempt, may_notice: self.greeted };
+        let waiter = Waiter {
+            sock,
+            cbuf: &mut self.cbuf,
+            key: &self.key,
+            exempt: self.exempt,
+            may_notice: self.greeted,
+            who: Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry },
+        };
         let checkout = crate::checkout::acquire(&pool, waiter).await;
         self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
         let (mut conn, hold) = match checkout {
@@ -178,8 +202,21 @@ impl Relay {
         let b = self.pool.budget();
         let route = self.pool.route.as_str();
         let (kind, label) = match e {
-            ProxyError::BudgetExhausted { .. } => {
+            ProxyError::BudgetExhausted { waited, share, .. } => {
                 self.pool.metrics.checkout_timeouts.inc();
+                let st = self.pool.pool.status();
+                self.app.telemetry.emit(tables::CHECKOUT_TIMEOUTS, || {
+                    vec![
+                        Value::now(),
+                        b.name.as_str().into(),
+                        route.into(),
+                        b.upstream.as_str().into(),
+                        (waited.as_secs_f64() * 1000.0).into(),
+                        (*share).into(),
+                        (st.size as u32).into(),
+                        (st.waiting as u32).into(),
+                    ]
+                });
                 ("budget", None)
             }
             ProxyError::Shed { .. } => ("load_shed", None),
@@ -199,6 +236,7 @@ impl Relay {
         let m = &self.pool.metrics;
         if seen.idle_ready > 0 {
             m.transactions.inc_by(seen.idle_ready as u64);
+            self.counts.transactions += seen.idle_ready as u64;
             if let Some(t) = self.tx_started.take() {
                 m.tx_duration.observe(t.elapsed().as_secs_f64());
             }
@@ -366,6 +404,16 @@ impl Relay {
                     self.app.metrics.ro_violations.with_label_values(&[&b.name, &f.route]).inc();
                     warn!(kind = "read_only_violation", service = %b.name, route = %f.route, client = %self.peer,
                         fingerprint = %v.fingerprint, reason = v.reason, "read-only route refused a statement");
+                    self.app.telemetry.emit(tables::RO_VIOLATIONS, || {
+                        vec![
+                            Value::now(),
+                            b.name.as_str().into(),
+                            f.route.as_str().into(),
+                            self.peer.to_string().into(),
+                            v.reason.into(),
+                            v.fingerprint.as_str().into(),
+                        ]
+                    });
                 }
                 (&f.out[..], consumed)
             }
@@ -405,6 +453,8 @@ impl Relay {
         let end = terminate_at.unwrap_or(bytes.len());
         self.pool.metrics.queries.inc_by(queries);
         self.pool.metrics.bytes_from_client.inc_by(end as u64);
+        self.counts.queries += queries;
+        self.counts.bytes_in += end as u64;
         let conn = self.server.as_mut().expect("attached");
         if let Err(e) = conn.stream.write_all(&bytes[..end]).await {
             conn.broken = true;
@@ -424,6 +474,7 @@ impl Relay {
         scan_server(&mut self.sscan, &mut self.st, conn, &self.sbuf, &mut seen)?;
         self.note_seen(&mut seen);
         self.pool.metrics.bytes_to_client.inc_by(self.sbuf.len() as u64);
+        self.counts.bytes_out += self.sbuf.len() as u64;
         sock.write_all(&self.sbuf).await.map_err(ProxyError::ClientIo)?;
         self.sbuf.clear();
         Ok(())

@@ -7,6 +7,7 @@ use crate::error::ProxyError;
 use crate::pool::{Route, ServicePool};
 use crate::protocol::{self, ProtocolError, Severity, Startup, StartupPacket};
 use crate::relay::{Outcome, Relay};
+use crate::telemetry::{tables, Value};
 use bytes::BytesMut;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -37,7 +38,25 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
     let mut relay = match tokio::time::timeout(LOGIN_TIMEOUT, login(&app, &mut sock, &startup, peer)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            app.metrics.clients_rejected.with_label_values(&[reject_reason(&e)]).inc();
+            let reason = reject_reason(&e);
+            app.metrics.clients_rejected.with_label_values(&[reason]).inc();
+            app.telemetry.emit(tables::ADMISSION_DECISIONS, || {
+                let service = match &e {
+                    ProxyError::BudgetExhausted { service, .. } | ProxyError::Shed { service, .. } => service.as_str(),
+                    _ => "",
+                };
+                vec![
+                    Value::now(),
+                    service.into(),
+                    "".into(),
+                    startup.user().into(),
+                    startup.database().into(),
+                    peer.to_string().into(),
+                    false.into(),
+                    reason.into(),
+                    Value::Null,
+                ]
+            });
             return fail(&mut sock, e).await;
         }
         Err(_) => return fail(&mut sock, ProxyError::ClientIo(std::io::ErrorKind::TimedOut.into())).await,
@@ -56,7 +75,14 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
     );
     tracing::Span::current().record("service", relay.pool.budget().name.as_str());
     debug!(user = startup.user(), "client logged in");
+    let started = (std::time::SystemTime::now(), std::time::Instant::now());
     let outcome = relay.run(&mut sock).await;
+    let end_reason = match &outcome {
+        Ok(Outcome::ClientDone) => "client_done",
+        Ok(Outcome::ShuttingDown) => "shutting_down",
+        Err(e) if e.is_disconnect() => "disconnect",
+        Err(e) => e.kind(),
+    };
     match outcome {
         Ok(Outcome::ClientDone) => debug!("client left"),
         Ok(Outcome::ShuttingDown) => {
@@ -65,6 +91,25 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
         Err(e) => fail(&mut sock, e).await,
     }
     relay.finish().await;
+    let c = relay.counts;
+    app.telemetry.emit(tables::CLIENT_SESSIONS, || {
+        vec![
+            Value::now(),
+            id.into(),
+            relay.pool.budget().name.as_str().into(),
+            startup.user().into(),
+            startup.database().into(),
+            startup.get("application_name").unwrap_or("").into(),
+            peer.to_string().into(),
+            started.0.into(),
+            (started.1.elapsed().as_secs_f64() * 1000.0).into(),
+            c.transactions.into(),
+            c.queries.into(),
+            c.bytes_in.into(),
+            c.bytes_out.into(),
+            end_reason.into(),
+        ]
+    });
 }
 
 /// The fixed metric label for a refused login.
@@ -233,6 +278,8 @@ async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup, peer: So
     let key: ClientKey = app.cancels.issue();
     let mut relay = Relay::new(app.clone(), pool.clone(), key, desired, peer);
     relay.exempt = pool.admission.is_exempt(startup.get("application_name").unwrap_or(""), startup.user());
+    relay.user = startup.user().to_owned();
+    relay.database = startup.database().to_owned();
 
     // Session mode holds one server for the whole session; transaction mode shows the cached parameter set.
     let mut shown: HashMap<String, String> = if budget.pool_mode() == PoolMode::Session {

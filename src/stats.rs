@@ -3,11 +3,15 @@
 use crate::app::App;
 use crate::config::PoolMode;
 use crate::pool::{routes_to_name, Route, RO_DISABLED};
+use crate::telemetry::{tables, Value};
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tracing::info;
+
+/// How often pool figures go to the lake (the history behind "when did this start?").
+pub const LAKE_SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolRow {
@@ -140,6 +144,50 @@ impl App {
                 info!(target: "pgbudget::snapshot", interval = ?every, "pool snapshot {}",
                     snapshot_line(&snap, &mut last_timeouts, rejected - last_rejected));
                 last_rejected = rejected;
+            }
+        });
+    }
+
+    /// Write every pool's figures to the lake's `pool_snapshots` every [`LAKE_SNAPSHOT_EVERY`], or at the
+    /// snapshot log's interval when that is shorter (lake on only).
+    pub fn start_lake_snapshots(self: &std::sync::Arc<Self>) {
+        if !self.telemetry.enabled() {
+            return;
+        }
+        let app = self.clone();
+        self.tasks.spawn(async move {
+            let log_every = app.resolved().config.admin.pool_log_interval;
+            let every = if log_every.is_zero() { LAKE_SNAPSHOT_EVERY } else { log_every.min(LAKE_SNAPSHOT_EVERY) };
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = app.shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let snap = app.snapshot();
+                for p in &snap.pools {
+                    let up = snap.upstreams.iter().find(|u| u.upstream == p.upstream);
+                    app.telemetry.emit(tables::POOL_SNAPSHOTS, || {
+                        vec![
+                            Value::now(),
+                            p.service.as_str().into(),
+                            p.route.into(),
+                            p.upstream.as_str().into(),
+                            p.pool_mode.into(),
+                            p.share.into(),
+                            p.size.into(),
+                            p.available.into(),
+                            p.in_use.into(),
+                            p.waiting.into(),
+                            p.checkout_timeouts.into(),
+                            p.transactions.into(),
+                            p.queries.into(),
+                            up.map(|u| u.open).into(),
+                            up.map(|u| u.ceiling).into(),
+                            snap.clients.into(),
+                        ]
+                    });
+                }
             }
         });
     }

@@ -1,0 +1,235 @@
+//! The lake's HTTP API on the admin listener, for operators and the services behind the proxy: `GET /lake/health`,
+//! `POST /lake/query` (one read-only, parameter-bound SELECT; JSON rows, ISO timestamps, row and time limits) and
+//! `POST /lake/{table}` (JSON rows checked against the registry; a bad row is refused naming its field, the good
+//! rows are kept). Both POSTs need `Authorization: Bearer <token>` from the `admin.api_token_env` variable.
+
+use crate::app::App;
+use crate::lake::registry::{ColumnType, TableSpec};
+use crate::telemetry::Value;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value as Jv};
+use sqlparser::tokenizer::{Token, Tokenizer};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A lake query that runs longer than this is answered 504.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most rows one `POST /lake/{table}` may carry.
+const MAX_ROWS_PER_POST: usize = 10_000;
+
+pub fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/lake/health", get(health))
+        .route("/lake/query", post(query))
+        .route("/lake/:table", post(append))
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+/// Refuse unless the request carries the configured bearer token (compared in constant time).
+fn authorize(app: &App, headers: &HeaderMap) -> Result<(), (StatusCode, String)> {
+    let var = app.resolved().config.admin.api_token_env.clone();
+    let Some(expected) = app.env.get(&var).map(str::to_owned) else {
+        return Err((StatusCode::FORBIDDEN, format!("the lake API is off: set {var} to a token")));
+    };
+    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given.is_some_and(|g| {
+        g.len() == expected.len() && g.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err((StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into()))
+    }
+}
+
+fn lake(app: &App) -> Result<Arc<crate::lake::Lake>, (StatusCode, String)> {
+    let off = || (StatusCode::NOT_FOUND, "the lake is not enabled ([lake] enabled)".to_owned());
+    app.telemetry.lake().cloned().ok_or_else(off)
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    match app.telemetry.lake() {
+        None => Json(json!({ "enabled": false })).into_response(),
+        Some(l) => Json(json!({
+            "enabled": true,
+            "attached": l.is_attached(),
+            "writer": l.writer().is_some(),
+            "tables": l.registry().tables().iter().map(|t| t.name.to_string()).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QueryBody {
+    sql: String,
+    #[serde(default)]
+    params: Vec<Jv>,
+    limit: Option<usize>,
+}
+
+/// Table functions and replacement scans that reach outside the lake (files, URLs, other databases) or
+/// change it (maintenance calls) are refused; the lake's own tables are read through `lake.<table>`.
+pub fn check_read_only_sql(sql: &str) -> Result<(), String> {
+    const DENIED_PREFIXES: [&str; 12] = [
+        "read_",
+        "ducklake_",
+        "glob",
+        "postgres_",
+        "sqlite_",
+        "parquet_",
+        "iceberg_",
+        "delta_",
+        "query",
+        "getenv",
+        "http",
+        "sniff_",
+    ];
+    let dialect = sqlparser::dialect::DuckDbDialect {};
+    let tokens = Tokenizer::new(&dialect, sql).tokenize().map_err(|e| format!("cannot tokenize: {e}"))?;
+    let toks: Vec<&Token> = tokens.iter().filter(|t| !matches!(t, Token::Whitespace(_))).collect();
+    for (i, t) in toks.iter().enumerate() {
+        match t {
+            Token::SemiColon if toks[i + 1..].iter().any(|t| !matches!(t, Token::SemiColon | Token::EOF)) => {
+                return Err("one statement only".into())
+            }
+            Token::Word(w) => {
+                let name = w.value.to_ascii_lowercase();
+                let called = matches!(toks.get(i + 1), Some(Token::LParen));
+                if called && DENIED_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                    return Err(format!("function {name}() is not allowed in lake queries"));
+                }
+                let from = matches!(name.as_str(), "from" | "join");
+                if from && matches!(toks.get(i + 1), Some(Token::SingleQuotedString(_) | Token::DoubleQuotedString(_)))
+                {
+                    return Err("reading files by name is not allowed in lake queries".into());
+                }
+                if i == 0 && !matches!(name.as_str(), "select" | "with" | "from" | "values" | "table") {
+                    return Err(format!("only queries are allowed (got {})", w.value));
+                }
+            }
+            _ if i == 0 && !matches!(t, Token::LParen) => return Err("only queries are allowed".into()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn json_param(v: &Jv) -> Result<Value, String> {
+    Ok(match v {
+        Jv::Null => Value::Null,
+        Jv::Bool(b) => Value::Bool(*b),
+        Jv::Number(n) => n.as_i64().map(Value::Int).or_else(|| n.as_f64().map(Value::Float)).ok_or("bad number")?,
+        Jv::String(s) => Value::Text(s.clone()),
+        other => return Err(format!("parameters are scalars, got {other}")),
+    })
+}
+
+async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: Json<QueryBody>) -> Response {
+    if let Err((status, msg)) = authorize(&app, &headers) {
+        return error(status, msg);
+    }
+    let lake = match lake(&app) {
+        Ok(l) => l,
+        Err((status, msg)) => return error(status, msg),
+    };
+    if let Err(e) = check_read_only_sql(&body.sql) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    let params: Result<Vec<Value>, String> = body.params.iter().map(json_param).collect();
+    let params = match params {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let (sql, limit) = (body.sql.clone(), body.limit.unwrap_or(1000));
+    let run = tokio::task::spawn_blocking(move || lake.reader().query(&sql, &params, limit));
+    match tokio::time::timeout(QUERY_TIMEOUT, run).await {
+        Err(_) => error(StatusCode::GATEWAY_TIMEOUT, format!("the query ran past {} s", QUERY_TIMEOUT.as_secs())),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("query task failed: {e}")),
+        Ok(Ok(Err(e))) => error(StatusCode::BAD_REQUEST, format!("lake query failed ({}): {e}", e.kind())),
+        Ok(Ok(Ok(r))) => Json(json!(r)).into_response(),
+    }
+}
+
+/// One JSON object as a row of `spec`; `Err((field, why))` names what is wrong.
+pub fn json_row(spec: &TableSpec, obj: &Jv) -> Result<Vec<Value>, (String, String)> {
+    let Jv::Object(map) = obj else {
+        return Err(("(row)".into(), "each row is a JSON object".into()));
+    };
+    if let Some(k) = map.keys().find(|k| !spec.columns.iter().any(|c| c.name == k.as_str())) {
+        return Err((k.clone(), format!("no column {k} in table {}", spec.name)));
+    }
+    let mut row = Vec::with_capacity(spec.columns.len());
+    for c in &spec.columns {
+        let v = map.get(c.name.as_ref()).unwrap_or(&Jv::Null);
+        let bad = |why: &str| Err((c.name.to_string(), format!("{why} for {} column {}", c.ty.sql(), c.name)));
+        let cell = match (c.ty, v) {
+            (ColumnType::Timestamp, Jv::Null) if c.name == "ts" => Value::now(),
+            (_, Jv::Null) => Value::Null,
+            (ColumnType::Timestamp, Jv::String(s)) => match humantime_serde::re::humantime::parse_rfc3339_weak(s) {
+                Ok(t) => Value::at(t),
+                Err(_) => return bad("expected an RFC 3339 time such as 2026-11-23T12:00:00Z"),
+            },
+            (ColumnType::BigInt | ColumnType::Integer, Jv::Number(n)) if n.as_i64().is_some() => {
+                Value::Int(n.as_i64().unwrap_or_default())
+            }
+            (ColumnType::Double, Jv::Number(n)) => Value::Float(n.as_f64().unwrap_or_default()),
+            (ColumnType::Boolean, Jv::Bool(b)) => Value::Bool(*b),
+            (ColumnType::Varchar, Jv::String(s)) => Value::Text(s.clone()),
+            _ => return bad(&format!("{v} is not a valid value")),
+        };
+        if !c.ty.accepts(&cell) {
+            return bad("out of range");
+        }
+        row.push(cell);
+    }
+    Ok(row)
+}
+
+async fn append(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(table): Path<String>,
+    body: Json<Jv>,
+) -> Response {
+    if let Err((status, msg)) = authorize(&app, &headers) {
+        return error(status, msg);
+    }
+    let lake = match lake(&app) {
+        Ok(l) => l,
+        Err((status, msg)) => return error(status, msg),
+    };
+    let (Some(writer), Some(id)) = (lake.writer(), lake.registry().id(&table)) else {
+        return error(StatusCode::NOT_FOUND, format!("no writable lake table {table}"));
+    };
+    let spec = lake.registry().get(id).expect("id from this registry");
+    let rows = match &body.0 {
+        Jv::Array(rows) => rows.as_slice(),
+        one => std::slice::from_ref(one),
+    };
+    if rows.len() > MAX_ROWS_PER_POST {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, format!("at most {MAX_ROWS_PER_POST} rows per request"));
+    }
+    let mut rejected = Vec::new();
+    let mut accepted = 0;
+    for (i, r) in rows.iter().enumerate() {
+        match json_row(spec, r) {
+            Ok(row) => {
+                writer.append(id, row);
+                accepted += 1;
+            }
+            Err((field, why)) => rejected.push(json!({ "row": i, "field": field, "error": why })),
+        }
+    }
+    let status = if rejected.is_empty() { StatusCode::OK } else { StatusCode::BAD_REQUEST };
+    (status, Json(json!({ "table": table, "accepted": accepted, "rejected": rejected }))).into_response()
+}
