@@ -1,4 +1,6 @@
-//! Command line: `run` the proxy, `check` a config, or make a SCRAM `verifier` for `budgets.toml`.
+//! Command line: `run` the proxy, `check` a config, make a SCRAM `verifier` for `budgets.toml`, or look into the
+//! telemetry `lake` (`timeline`, `query`, `maintain`; these read only the `[lake]` section and never connect to
+//! an upstream).
 
 use clap::{Parser, Subcommand};
 use pgbudget::app::App;
@@ -39,6 +41,37 @@ enum Cmd {
     },
     /// Read a password on stdin and print a SCRAM-SHA-256 verifier for `[[auth.users]] scram = ...`.
     Verifier,
+    /// The telemetry lake of `[lake]`: daily timeline, ad-hoc read-only SQL, maintenance.
+    Lake {
+        #[arg(long, short, global = true, env = "PGBUDGET_CONFIG", default_value = "budgets.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        cmd: LakeCmd,
+    },
+}
+
+#[derive(Subcommand)]
+#[cfg_attr(not(feature = "lake"), allow(dead_code))]
+enum LakeCmd {
+    /// Per service and UTC day (today last): checkout timeouts, 53300 rejections, read-only violations, server
+    /// errors (not query errors) and the peak utilisation of the share.
+    Timeline {
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=3660))]
+        days: u32,
+    },
+    /// Run one query against the lake attached READ_ONLY; tables are `lake.<table>` (or just `<table>`).
+    Query {
+        sql: String,
+        /// One JSON object per row instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Most rows printed (default and cap: `lake.max_rows`).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Flush inlined rows to Parquet, merge small files, expire snapshots older than `lake.expire_older_than`,
+    /// delete files unreferenced for `lake.cleanup_older_than`. Skipped while another process maintains the lake.
+    Maintain,
 }
 
 fn init_logs(format: &str) {
@@ -53,6 +86,14 @@ fn init_logs(format: &str) {
     } else {
         b.init();
     }
+}
+
+/// Logs of the one-shot commands: errors only unless RUST_LOG says otherwise (the outcome goes to stdout/stderr).
+#[cfg(feature = "lake")]
+fn init_cli_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 fn load(path: &std::path::Path, env: &Env) -> Result<Resolved, pgbudget::config::ConfigError> {
@@ -83,6 +124,7 @@ fn main() -> ExitCode {
             println!("{}", postgres_protocol::password::scram_sha_256(pw.trim_end_matches(['\r', '\n']).as_bytes()));
             ExitCode::SUCCESS
         }
+        Cmd::Lake { config, cmd } => lake_cmd(&config, cmd),
         Cmd::Run { config, listen, admin_listen, log_format } => {
             init_logs(&log_format);
             let mut resolved = match load(&config, &env) {
@@ -172,6 +214,80 @@ async fn open_lake(r: &Resolved, metrics: &pgbudget::metrics::Metrics) -> Result
 #[cfg(not(feature = "lake"))]
 async fn open_lake(_: &Resolved, _: &pgbudget::metrics::Metrics) -> Result<Telemetry, String> {
     Ok(Telemetry::default())
+}
+
+/// `pgbudget lake ...`: exit 0 on success, 1 when the lake or the query fails, 2 for configuration problems.
+#[cfg(feature = "lake")]
+fn lake_cmd(config: &std::path::Path, cmd: LakeCmd) -> ExitCode {
+    use pgbudget::lake::{maintain, timeline, Lake, LakeError, Registry};
+    init_cli_logs();
+    // Only `[lake]` matters here: the rest of the file is parsed (unknown keys refused) but not resolved, so an
+    // operator can read the lake where the budget itself would not start.
+    let mut cfg = match Config::load(config) {
+        Ok(c) => c.lake,
+        Err(e) => {
+            eprintln!("{}: {e}", config.display());
+            return ExitCode::from(2);
+        }
+    };
+    if !cfg.enabled {
+        eprintln!("{}: [lake] enabled = false: there is no lake to look at", config.display());
+        return ExitCode::from(2);
+    }
+    // Everything but maintenance attaches READ_ONLY: no writer, no table creation, writes refused.
+    cfg.read_only = !matches!(cmd, LakeCmd::Maintain);
+    let lake = match Lake::open(&cfg, Registry::builtin(), &prometheus::Registry::new()) {
+        Ok(l) => l,
+        Err(e @ (LakeError::Config(_) | LakeError::Schema { .. })) => {
+            eprintln!("{}: {e}", config.display());
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("lake: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if !lake.is_attached() {
+        if let Err(e) = lake.reader().reattach() {
+            eprintln!("lake: {e}");
+            return ExitCode::from(1);
+        }
+    }
+    let out = match cmd {
+        LakeCmd::Timeline { days } => timeline::timeline(lake.reader(), days).map(|t| timeline::format_timeline(&t)),
+        LakeCmd::Query { sql, json, limit } => {
+            // Bare table names resolve in the lake (lake.main), qualified ones as before.
+            let _ = lake.reader().with_conn(|c| Ok(c.execute_batch("USE lake")?));
+            lake.reader().query(&sql, &[], limit.unwrap_or(cfg.max_rows)).map(|r| {
+                if r.truncated {
+                    eprintln!("lake query: output cut at {} rows (--limit, lake.max_rows)", r.rows.len());
+                }
+                if json {
+                    timeline::format_json_lines(&r)
+                } else {
+                    timeline::format_result(&r)
+                }
+            })
+        }
+        LakeCmd::Maintain => maintain(&lake).map(|r| format!("lake maintenance: {r}\n")),
+    };
+    lake.shutdown();
+    match out {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("lake: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(not(feature = "lake"))]
+fn lake_cmd(_: &std::path::Path, _: LakeCmd) -> ExitCode {
+    eprintln!("pgbudget was built without the lake feature (rebuild with the default features)");
+    ExitCode::from(2)
 }
 
 /// Serve SIGHUP (reload) until SIGTERM, SIGINT or the console's SHUTDOWN asks to stop.

@@ -51,6 +51,17 @@ pub struct LakeConfig {
     pub max_rows: usize,
     /// S3-compatible object storage for `data_path = "s3://..."`.
     pub s3: Option<S3Config>,
+    /// How often the proxy runs lake maintenance (flush inlined rows, merge small files, expire snapshots,
+    /// delete unreferenced files); `0s` turns the scheduled job off (`pgbudget lake maintain` still works).
+    #[serde(with = "humantime_serde")]
+    pub maintenance_interval: Duration,
+    /// Maintenance expires snapshots older than this (time travel reaches back this far).
+    #[serde(with = "humantime_serde")]
+    pub expire_older_than: Duration,
+    /// Maintenance deletes files no snapshot references any more once they have been unreferenced this long
+    /// (a query still reading an old snapshot needs them meanwhile).
+    #[serde(with = "humantime_serde")]
+    pub cleanup_older_than: Duration,
 }
 
 impl Default for LakeConfig {
@@ -74,6 +85,9 @@ impl Default for LakeConfig {
             shutdown_timeout: Duration::from_secs(10),
             max_rows: 10_000,
             s3: None,
+            maintenance_interval: Duration::from_secs(24 * 3600),
+            expire_older_than: Duration::from_secs(7 * 24 * 3600),
+            cleanup_older_than: Duration::from_secs(2 * 24 * 3600),
         }
     }
 }
@@ -186,6 +200,14 @@ impl LakeConfig {
         if self.s3.is_some() && !self.data_path.starts_with("s3://") {
             v.push("lake.s3 is set but lake.data_path is not an s3:// path".into());
         }
+        if !self.maintenance_interval.is_zero() && self.maintenance_interval < Duration::from_secs(60) {
+            v.push("lake.maintenance_interval must be 0s (off) or at least 1m".into());
+        }
+        // Both become `now() - INTERVAL 'N seconds'`; a century is plenty and keeps the arithmetic in range.
+        const CENTURY: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+        if self.expire_older_than > CENTURY || self.cleanup_older_than > CENTURY {
+            v.push("lake.expire_older_than and lake.cleanup_older_than must be at most 100 years".into());
+        }
         if self.resolved_extension_dir().is_none() {
             v.push("lake.extension_dir is not set and PGBUDGET_DUCKDB_HOME is unknown: run scripts/lake-deps".into());
         }
@@ -212,6 +234,17 @@ mod tests {
         assert_eq!(c.catalog_kind(), Ok(CatalogKind::File(PathBuf::from("pgbudget-lake/meta.ducklake"))));
         assert_eq!(c.resolved_data_path(), "pgbudget-lake/data/");
         assert!(c.validate().is_empty(), "{:?}", c.validate());
+        assert_eq!(c.maintenance_interval, Duration::from_secs(86_400));
+        assert_eq!(c.expire_older_than, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.cleanup_older_than, Duration::from_secs(2 * 86_400));
+        let (m, _) = parse("maintenance_interval = \"0s\"\nexpire_older_than = \"0s\"\ncleanup_older_than = \"1h\"\n");
+        let m = m.unwrap();
+        assert!(m.maintenance_interval.is_zero() && m.expire_older_than.is_zero());
+        assert!(m.validate().is_empty(), "{:?}", m.validate());
+        let (bad, _) = parse("maintenance_interval = \"10s\"\nexpire_older_than = \"1000years\"\n");
+        let v = bad.unwrap().validate();
+        assert!(v.iter().any(|e| e.contains("maintenance_interval")), "{v:?}");
+        assert!(v.iter().any(|e| e.contains("100 years")), "{v:?}");
     }
 
     #[test]

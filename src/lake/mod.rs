@@ -5,17 +5,22 @@
 //! - `catalog`  — DuckDB setup (offline extensions), ATTACH, S3 secret, create/evolve tables, re-attach.
 //! - `writer`   — `LakeWriter::append` (never fails, never blocks) and the flush thread.
 //! - `reader`   — lock-guarded query connection returning JSON rows; heals on error.
+//! - `maintain` — flush inlined rows, merge files, expire snapshots, clean up (one process at a time).
+//! - `timeline` — per-service daily budget-trouble figures and the lake CLI's text tables.
 //!
 //! One in-memory DuckDB per process; the writer and the reader are two connections to it, so a Postgres
 //! catalog sees at most `pg_pool_max_connections` (2) connections from this process.
 
 pub mod catalog;
 pub mod config;
+pub mod maintain;
 pub mod reader;
 pub mod registry;
+pub mod timeline;
 pub mod writer;
 
 pub use config::LakeConfig;
+pub use maintain::{maintain, spawn_maintenance, MaintenanceReport};
 pub use reader::{LakeReader, QueryResult};
 pub use registry::{tables, ColumnType, Registry, Row, TableId, TableSpec, Value};
 pub use writer::{FlushReport, LakeWriter};

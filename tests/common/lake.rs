@@ -91,3 +91,97 @@ pub fn files_under(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Microseconds since the epoch of today's UTC midnight minus `days_ago` days.
+pub fn day_start(days_ago: i64) -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    (now.div_euclid(86_400) - days_ago) * 86_400_000_000
+}
+
+/// `YYYY-MM-DD` of a UTC timestamp in microseconds.
+pub fn ymd(micros: i64) -> String {
+    let z = micros.div_euclid(86_400_000_000) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    format!("{:04}-{m:02}-{d:02}", yoe + era * 400 + i64::from(m <= 2))
+}
+
+/// A budgets.toml whose upstream is never contacted (port 1) plus `lake` as the `[lake]` section body.
+pub fn budgets_toml(lake: &str) -> String {
+    format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nmode = \"sidecar\"\nservice = \"app\"\n\n\
+         [upstreams.primary]\nurl = \"postgres://u:p@127.0.0.1:1/db\"\nceiling = 20\nreserved = 2\n\n\
+         [services.app]\nslice = 5\n\n[lake]\n{lake}"
+    )
+}
+
+/// The `[lake]` lines for `cfg` (file catalog or Postgres, local or S3 data).
+pub fn lake_toml(cfg: &LakeConfig) -> String {
+    let mut s = format!(
+        "enabled = true\ndir = {:?}\ncatalog = {:?}\ndata_path = {:?}\nexpire_older_than = \"{}s\"\ncleanup_older_than = \"{}s\"\n",
+        cfg.dir.display().to_string(),
+        cfg.catalog,
+        cfg.data_path,
+        cfg.expire_older_than.as_secs(),
+        cfg.cleanup_older_than.as_secs(),
+    );
+    if let Some(s3) = &cfg.s3 {
+        s += &format!(
+            "[lake.s3]\nkey_id = {:?}\nsecret = {:?}\nregion = {:?}\nendpoint = {:?}\nurl_style = {:?}\nuse_ssl = {}\n",
+            s3.key_id, s3.secret, s3.region, s3.endpoint, s3.url_style, s3.use_ssl
+        );
+    }
+    s
+}
+
+/// Run the built `pgbudget` with `args`; (exit code, stdout, stderr).
+pub fn pgbudget(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgbudget"))
+        .args(args)
+        .env_remove("PGBUDGET_CONFIG")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("pgbudget runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Whether the Python modules the interoperability and S3 tests need import. When they do not, the test is
+/// skipped with a message, except in CI (`CI` set) or under scripts/test (`PGBUDGET_LAKE_PYTHON=1`, which
+/// installs them), where a missing module fails the test.
+pub fn python_has(modules: &str, install: &str) -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if ok {
+        return true;
+    }
+    let required = std::env::var_os("CI").is_some_and(|v| !v.is_empty())
+        || std::env::var("PGBUDGET_LAKE_PYTHON").is_ok_and(|v| v == "1");
+    assert!(!required, "python3 cannot import {modules}: run {install}");
+    eprintln!("SKIPPED: python3 cannot import {modules} (install with {install}; CI and scripts/test require it)");
+    false
+}
+
+/// Run a Python script with arguments; panics with its stderr when it fails. Returns stdout.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("python3").arg("-c").arg(script).args(args).output().expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

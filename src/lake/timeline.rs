@@ -1,0 +1,300 @@
+//! `pgbudget lake timeline`: per service and UTC day over the last N days, the events that say a budget was
+//! too tight — checkout timeouts, 53300 rejections, read-only violations, server errors — and the peak
+//! utilisation of the service's share. Also the plain aligned text tables the lake CLI prints.
+
+use super::reader::QueryResult;
+use super::registry::Value;
+use super::{LakeError, LakeReader};
+use serde_json::Value as Json;
+
+/// `admission_decisions.reason` values (with `accepted = false`) that reached the client as SQLSTATE 53300.
+pub const REJECTION_REASONS: [&str; 4] = ["rejected_hard", "rejected_queue_full", "timed_out", "budget"];
+
+/// Most days a timeline covers.
+pub const MAX_DAYS: u32 = 3660;
+
+/// The timeline query; its one parameter is the number of days. Days are UTC (`ts` columns are UTC
+/// timestamps), today last. Every service seen in the window gets a row for every day.
+pub const TIMELINE_SQL: &str = "\
+WITH win AS (
+    SELECT today - (n - 1) AS first_day, today + 1 AS end_day
+    FROM (SELECT CAST(timezone('UTC', now()) AS DATE) AS today, CAST(? AS INTEGER) AS n)
+),
+days AS (
+    SELECT CAST(unnest(range(CAST(first_day AS TIMESTAMP), CAST(end_day AS TIMESTAMP), INTERVAL 1 DAY)) AS DATE) AS day
+    FROM win
+),
+events AS (
+    SELECT service, CAST(ts AS DATE) AS day, count(*) AS timeouts, 0 AS rejections, 0 AS ro, 0 AS errors,
+           CAST(NULL AS DOUBLE) AS util
+    FROM lake.main.checkout_timeouts, win WHERE ts >= first_day AND ts < end_day GROUP BY ALL
+    UNION ALL
+    SELECT service, CAST(ts AS DATE), 0, count(*), 0, 0, NULL
+    FROM lake.main.admission_decisions, win
+    WHERE ts >= first_day AND ts < end_day AND accepted = false
+      AND reason IN ('rejected_hard', 'rejected_queue_full', 'timed_out', 'budget')
+    GROUP BY ALL
+    UNION ALL
+    SELECT service, CAST(ts AS DATE), 0, 0, count(*), 0, NULL
+    FROM lake.main.ro_violations, win WHERE ts >= first_day AND ts < end_day GROUP BY ALL
+    UNION ALL
+    SELECT service, CAST(ts AS DATE), 0, 0, 0, count(*), NULL
+    FROM lake.main.server_errors, win
+    WHERE ts >= first_day AND ts < end_day AND kind IS DISTINCT FROM 'query_error'
+    GROUP BY ALL
+    UNION ALL
+    SELECT service, CAST(ts AS DATE), 0, 0, 0, 0, max(CAST(in_use AS DOUBLE) / share)
+    FROM lake.main.pool_snapshots, win WHERE ts >= first_day AND ts < end_day AND share > 0 GROUP BY ALL
+),
+named AS (SELECT coalesce(service, '?') AS service, * EXCLUDE (service) FROM events),
+services AS (SELECT DISTINCT service FROM named)
+SELECT s.service, strftime(d.day, '%Y-%m-%d') AS day,
+       coalesce(sum(e.timeouts), 0) AS checkout_timeouts,
+       coalesce(sum(e.rejections), 0) AS rejections,
+       coalesce(sum(e.ro), 0) AS ro_violations,
+       coalesce(sum(e.errors), 0) AS server_errors,
+       max(e.util) AS peak_utilisation
+FROM services s CROSS JOIN days d
+LEFT JOIN named e ON e.service = s.service AND e.day = d.day
+GROUP BY s.service, d.day
+ORDER BY s.service, d.day";
+
+/// One service on one UTC day.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimelineRow {
+    pub service: String,
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    pub checkout_timeouts: i64,
+    /// 53300 rejections: admission refusals ([`REJECTION_REASONS`]).
+    pub rejections: i64,
+    pub ro_violations: i64,
+    /// `server_errors` rows except `query_error` (the client's own SQL failing).
+    pub server_errors: i64,
+    /// Highest `in_use / share` in the day's pool snapshots (`None`: no snapshot that day).
+    pub peak_utilisation: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timeline {
+    pub days: u32,
+    pub rows: Vec<TimelineRow>,
+    /// The reader's row limit (`lake.max_rows`) cut the timeline short.
+    pub truncated: bool,
+}
+
+/// Read the timeline of the last `days` UTC days (today included) through the lake reader.
+pub fn timeline(reader: &LakeReader, days: u32) -> Result<Timeline, LakeError> {
+    if days == 0 || days > MAX_DAYS {
+        return Err(LakeError::Config(format!("timeline days must be between 1 and {MAX_DAYS}, got {days}")));
+    }
+    let r = reader.query(TIMELINE_SQL, &[Value::Int(days.into())], usize::MAX)?;
+    let rows = r.rows.iter().map(row).collect::<Result<_, _>>()?;
+    Ok(Timeline { days, rows, truncated: r.truncated })
+}
+
+fn row(m: &serde_json::Map<String, Json>) -> Result<TimelineRow, LakeError> {
+    let bad = |c: &str| LakeError::Schema { table: "timeline".into(), reason: format!("unexpected value in {c}") };
+    let text = |c: &str| m.get(c).and_then(Json::as_str).map(str::to_owned).ok_or_else(|| bad(c));
+    let int = |c: &str| m.get(c).and_then(Json::as_i64).ok_or_else(|| bad(c));
+    Ok(TimelineRow {
+        service: text("service")?,
+        day: text("day")?,
+        checkout_timeouts: int("checkout_timeouts")?,
+        rejections: int("rejections")?,
+        ro_violations: int("ro_violations")?,
+        server_errors: int("server_errors")?,
+        peak_utilisation: m.get("peak_utilisation").and_then(Json::as_f64),
+    })
+}
+
+/// The timeline as text: a title line, then one aligned table, services apart by a blank line.
+pub fn format_timeline(t: &Timeline) -> String {
+    let header = ["service", "day (UTC)", "checkout_timeouts", "53300_rejections", "ro_violations", "server_errors"];
+    let mut headers: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    headers.push("peak_util".into());
+    let mut rows = Vec::with_capacity(t.rows.len());
+    let mut breaks = Vec::new();
+    for (i, r) in t.rows.iter().enumerate() {
+        if i > 0 && t.rows[i - 1].service != r.service {
+            breaks.push(i);
+        }
+        rows.push(vec![
+            r.service.clone(),
+            r.day.clone(),
+            r.checkout_timeouts.to_string(),
+            r.rejections.to_string(),
+            r.ro_violations.to_string(),
+            r.server_errors.to_string(),
+            r.peak_utilisation.map_or_else(|| "-".to_owned(), |u| format!("{:.0}%", u * 100.0)),
+        ]);
+    }
+    let mut out = format!("lake timeline: last {} UTC day(s), {} service(s)\n", t.days, {
+        let mut s: Vec<&str> = t.rows.iter().map(|r| r.service.as_str()).collect();
+        s.dedup();
+        s.len()
+    });
+    if t.rows.is_empty() {
+        out.push_str("no events in the window\n");
+        return out;
+    }
+    let right = [false, false, true, true, true, true, true];
+    out.push_str(&text_table(&headers, &rows, &right, &breaks));
+    if t.truncated {
+        out.push_str("(truncated: raise lake.max_rows or ask for fewer days)\n");
+    }
+    out
+}
+
+/// An aligned text table: header, dashes, rows; `right[i]` right-aligns column `i`; a blank line before each
+/// row index in `breaks`. Trailing spaces are trimmed.
+pub fn text_table(headers: &[String], rows: &[Vec<String>], right: &[bool], breaks: &[usize]) -> String {
+    let mut width: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, (c, w)) in cells.iter().zip(&width).enumerate() {
+            if i > 0 {
+                s.push_str("  ");
+            }
+            let pad = w.saturating_sub(c.chars().count());
+            if right.get(i).copied().unwrap_or(false) {
+                s.extend(std::iter::repeat_n(' ', pad));
+                s.push_str(c);
+            } else {
+                s.push_str(c);
+                s.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+        s
+    };
+    let mut out = line(headers);
+    out.push_str(&line(&width.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>()));
+    for (i, r) in rows.iter().enumerate() {
+        if breaks.contains(&i) {
+            out.push('\n');
+        }
+        out.push_str(&line(r));
+    }
+    out
+}
+
+/// A query result as an aligned table (numbers right-aligned, NULL as empty) with a row-count footer.
+pub fn format_result(r: &QueryResult) -> String {
+    let cell = |v: Option<&Json>| match v {
+        None | Some(Json::Null) => String::new(),
+        Some(Json::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
+    };
+    let rows: Vec<Vec<String>> = r.rows.iter().map(|m| r.columns.iter().map(|c| cell(m.get(c))).collect()).collect();
+    let right: Vec<bool> = r
+        .columns
+        .iter()
+        .map(|c| {
+            let mut vals = r.rows.iter().filter_map(|m| m.get(c)).filter(|v| !v.is_null()).peekable();
+            vals.peek().is_some() && vals.all(Json::is_number)
+        })
+        .collect();
+    let mut out = text_table(&r.columns, &rows, &right, &[]);
+    let n = r.rows.len();
+    out.push_str(&format!(
+        "({n} row{}{})\n",
+        if n == 1 { "" } else { "s" },
+        if r.truncated { ", truncated" } else { "" }
+    ));
+    out
+}
+
+/// A query result as JSON lines, one object per row (keys in column order).
+pub fn format_json_lines(r: &QueryResult) -> String {
+    let mut out = String::new();
+    for m in &r.rows {
+        let cells: Vec<String> = r
+            .columns
+            .iter()
+            .map(|c| {
+                let k = Json::String(c.clone()).to_string();
+                format!("{k}:{}", m.get(c).unwrap_or(&Json::Null))
+            })
+            .collect();
+        out.push('{');
+        out.push_str(&cells.join(","));
+        out.push_str("}\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn tr(service: &str, day: &str, counts: [i64; 4], util: Option<f64>) -> TimelineRow {
+        TimelineRow {
+            service: service.into(),
+            day: day.into(),
+            checkout_timeouts: counts[0],
+            rejections: counts[1],
+            ro_violations: counts[2],
+            server_errors: counts[3],
+            peak_utilisation: util,
+        }
+    }
+
+    #[test]
+    fn timeline_text() {
+        let t = Timeline {
+            days: 2,
+            rows: vec![
+                tr("api", "2026-01-01", [3, 0, 0, 12], Some(0.8)),
+                tr("api", "2026-01-02", [0, 0, 0, 0], None),
+                tr("billing", "2026-01-01", [0, 1, 2, 0], Some(1.0)),
+                tr("billing", "2026-01-02", [0, 0, 0, 0], Some(0.066)),
+            ],
+            truncated: false,
+        };
+        assert_eq!(
+            format_timeline(&t),
+            "lake timeline: last 2 UTC day(s), 2 service(s)\n\
+             service  day (UTC)   checkout_timeouts  53300_rejections  ro_violations  server_errors  peak_util\n\
+             -------  ----------  -----------------  ----------------  -------------  -------------  ---------\n\
+             api      2026-01-01                  3                 0              0             12        80%\n\
+             api      2026-01-02                  0                 0              0              0          -\n\
+             \n\
+             billing  2026-01-01                  0                 1              2              0       100%\n\
+             billing  2026-01-02                  0                 0              0              0         7%\n"
+        );
+        let empty = Timeline { days: 7, rows: vec![], truncated: false };
+        assert_eq!(
+            format_timeline(&empty),
+            "lake timeline: last 7 UTC day(s), 0 service(s)\nno events in the window\n"
+        );
+    }
+
+    #[test]
+    fn result_text_and_json_lines() {
+        let obj = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let r = QueryResult {
+            columns: vec!["service".into(), "n".into(), "note".into()],
+            rows: vec![
+                obj(json!({"service": "api", "n": 1234, "note": null})),
+                obj(json!({"service": "b", "n": 5, "note": "x y"})),
+            ],
+            truncated: false,
+        };
+        assert_eq!(
+            format_result(&r),
+            "service     n  note\n-------  ----  ----\napi      1234\nb           5  x y\n(2 rows)\n"
+        );
+        assert_eq!(
+            format_json_lines(&r),
+            "{\"service\":\"api\",\"n\":1234,\"note\":null}\n{\"service\":\"b\",\"n\":5,\"note\":\"x y\"}\n"
+        );
+    }
+}
