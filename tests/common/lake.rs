@@ -135,6 +135,9 @@ pub fn lake_toml(cfg: &LakeConfig) -> String {
             "[lake.s3]\nkey_id = {:?}\nsecret = {:?}\nregion = {:?}\nendpoint = {:?}\nurl_style = {:?}\nuse_ssl = {}\n",
             s3.key_id, s3.secret, s3.region, s3.endpoint, s3.url_style, s3.use_ssl
         );
+        if !s3.scope.is_empty() {
+            s += &format!("scope = {:?}\n", s3.scope);
+        }
     }
     s
 }
