@@ -154,6 +154,11 @@ impl App {
         self.spawn_reaper();
         self.start_snapshot_log();
         self.start_lake_snapshots();
+        #[cfg(feature = "lake")]
+        if let Some(lake) = self.telemetry.lake().filter(|l| l.writer().is_some()) {
+            let every = self.resolved().config.lake.maintenance_interval;
+            crate::lake::maintain::spawn_maintenance(lake.clone(), every, self.shutdown.clone(), &self.tasks);
+        }
         loop {
             let accepted = tokio::select! {
                 _ = self.shutdown.cancelled() => break,
