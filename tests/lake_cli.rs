@@ -5,7 +5,7 @@ mod common;
 #[path = "common/lake.rs"]
 mod lake_common;
 
-use lake_common::{budgets_toml, day_start, file_config, files_under, lake_toml, pgbudget, ymd};
+use lake_common::{budgets_toml, day_start, file_config, files_under, lake_toml, pgbudget, pgbudget_env, ymd};
 use pgbudget::lake::timeline::{format_timeline, Timeline, TimelineRow};
 use pgbudget::lake::{maintain, tables, Lake, LakeConfig, Registry, Row, TableId, Value};
 use std::time::{Duration, Instant};
@@ -191,6 +191,10 @@ fn timeline_query_and_maintain_through_the_cli() {
     assert_eq!(timeline, expected);
     assert!(timeline.contains(&format!("api      {}                 72", ymd(day_start(2)))), "{timeline}");
     assert!(timeline.contains(&format!("billing  {}                  0                 3", today)), "{timeline}");
+    // Days are UTC days whatever the local time zone (here UTC+14, a different date most of the day).
+    let (code, far_east, err) =
+        pgbudget_env(&["lake", "timeline", "--days", "7", "--config", config], &[("TZ", "Pacific/Kiritimati")]);
+    assert_eq!((code, far_east.as_str()), (0, expected.as_str()), "{err}");
     let (code, one_day, _) = pgbudget(&["lake", "timeline", "--days", "1", "--config", config]);
     assert_eq!(code, 0);
     assert_eq!(one_day.lines().filter(|l| l.contains(&today)).count(), 3, "{one_day}");

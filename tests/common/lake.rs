@@ -144,10 +144,16 @@ pub fn lake_toml(cfg: &LakeConfig) -> String {
 
 /// Run the built `pgbudget` with `args`; (exit code, stdout, stderr).
 pub fn pgbudget(args: &[&str]) -> (i32, String, String) {
+    pgbudget_env(args, &[])
+}
+
+/// [`pgbudget`] with extra environment variables.
+pub fn pgbudget_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgbudget"))
         .args(args)
         .env_remove("PGBUDGET_CONFIG")
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .output()
         .expect("pgbudget runs");
     (
