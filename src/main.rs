@@ -61,6 +61,7 @@ enum LakeCmd {
     },
     /// Run one query against the lake attached READ_ONLY; tables are `lake.<table>` (or just `<table>`).
     Query {
+        /// One query (SELECT, WITH ..., FROM ...); it runs as a subquery, so other statements are refused.
         sql: String,
         /// One JSON object per row instead of a table.
         #[arg(long)]
@@ -250,6 +251,9 @@ fn lake_cmd(config: &std::path::Path, cmd: LakeCmd) -> ExitCode {
     if !lake.is_attached() {
         if let Err(e) = lake.reader().reattach() {
             eprintln!("lake: {e}");
+            if e.to_string().contains("Conflicting lock") {
+                eprintln!("lake: the embedded file catalog admits one process: stop the pgbudget using it, or share a Postgres catalog (lake.catalog = \"postgres:...\")");
+            }
             return ExitCode::from(1);
         }
     }
