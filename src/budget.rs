@@ -311,10 +311,13 @@ impl Resolved {
         if config.lake.enabled {
             v.extend(config.lake.validate());
             let lake_pg = config.lake.catalog.starts_with("postgres:");
-            if lake_pg && config.upstreams.values().all(|u| u.reserved < config.lake.pg_pool_max_connections) {
+            // Reader and flush thread, plus the maintenance lock's short-lived connection.
+            let need = config.lake.pg_pool_max_connections + 1;
+            if lake_pg && config.upstreams.values().all(|u| u.reserved < need) {
                 v.push(format!(
-                    "lake: a Postgres catalog opens up to {} connections; reserve them on its upstream (reserved = {})",
-                    config.lake.pg_pool_max_connections, config.lake.pg_pool_max_connections
+                    "lake: a Postgres catalog opens up to {need} connections ({} pooled + 1 for maintenance); \
+                     reserve them on its upstream (reserved = {need})",
+                    config.lake.pg_pool_max_connections
                 ));
             }
         }
