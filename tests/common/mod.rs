@@ -10,8 +10,19 @@ use std::time::{Duration, Instant};
 
 pub const PG_PASSWORD: &str = "secret";
 
+static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A bindable loopback port below the kernel's ephemeral range (32768+), so no outgoing connection of a
+/// parallel test can take it between this check and the server's bind. Spread by process id.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let seed = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(13)) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn pg_bindir() -> PathBuf {
