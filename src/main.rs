@@ -204,7 +204,8 @@ async fn open_lake(r: &Resolved, metrics: &pgbudget::metrics::Metrics) -> Result
     }
     let (cfg, registry) = (r.config.lake.clone(), metrics.registry.clone());
     let lake = tokio::task::spawn_blocking(move || {
-        pgbudget::lake::Lake::open(&cfg, pgbudget::lake::registry::Registry::builtin(), &registry)
+        let tables = pgbudget::lake::registry::Registry::for_config(&cfg)?;
+        pgbudget::lake::Lake::open(&cfg, tables, &registry)
     })
     .await
     .map_err(|e| e.to_string())?
@@ -237,7 +238,14 @@ fn lake_cmd(config: &std::path::Path, cmd: LakeCmd) -> ExitCode {
     }
     // Everything but maintenance attaches READ_ONLY: no writer, no table creation, writes refused.
     cfg.read_only = !matches!(cmd, LakeCmd::Maintain);
-    let lake = match Lake::open(&cfg, Registry::builtin(), &prometheus::Registry::new()) {
+    let tables = match Registry::for_config(&cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("lake: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let lake = match Lake::open(&cfg, tables, &prometheus::Registry::new()) {
         Ok(l) => l,
         Err(e @ (LakeError::Config(_) | LakeError::Schema { .. })) => {
             eprintln!("{}: {e}", config.display());

@@ -55,7 +55,9 @@ async fn proxy_history_lands_in_the_lake_and_the_http_api_reads_it() {
         "[upstreams.primary]",
         &format!(
             "[admin]\nlisten = \"127.0.0.1:{port}\"\nusers = [\"postgres\"]\npool_log_interval = \"1s\"\n\n\
-             [lake]\nenabled = true\ndir = \"{}\"\nflush_interval = \"500ms\"\n\n[upstreams.primary]",
+             [lake]\nenabled = true\ndir = \"{}\"\nflush_interval = \"500ms\"\n\
+             [[lake.tables]]\nname = \"signups\"\ncolumns = [\"plan VARCHAR\", \"amount DOUBLE\", \"seats INTEGER\"]\n\n\
+             [upstreams.primary]",
             lake_dir.path().display()
         ),
     );
@@ -132,4 +134,27 @@ async fn proxy_history_lands_in_the_lake_and_the_http_api_reads_it() {
     assert_eq!(body["rejected"][1]["field"], "route");
     assert_eq!(wait_count(port, "select count(*) as n from lake.ro_violations where service = 'billing'", 1).await, 1);
     assert_eq!(post(port, "/lake/no_such_table", Some(TOKEN), json!({})).await.0, 404);
+
+    // A table a service declared in [[lake.tables]]: readable before the first write, then written through the API.
+    assert_eq!(count(port, "select count(*) as n from lake.signups").await, 0);
+    let rows = json!([
+        { "ts": "2026-11-20T08:30:00Z", "plan": "pro", "amount": 49.5, "seats": 3 },
+        { "plan": "free", "amount": 0, "seats": 1 },
+        { "plan": "pro", "seats": "three" },
+    ]);
+    let (status, body) = post(port, "/lake/signups", Some(TOKEN), rows).await;
+    assert_eq!(
+        (status, body["accepted"].as_i64(), body["rejected"][0]["field"].as_str()),
+        (400, Some(2), Some("seats"))
+    );
+    assert_eq!(wait_count(port, "select count(*) as n from lake.signups", 2).await, 2);
+    let (_, body) = post(
+        port,
+        "/lake/query",
+        Some(TOKEN),
+        json!({ "sql": "select ts, amount from lake.signups where plan = ?", "params": ["pro"] }),
+    )
+    .await;
+    assert_eq!(body["rows"][0]["amount"], 49.5, "{body}");
+    assert!(body["rows"][0]["ts"].as_str().is_some_and(|t| t.starts_with("2026-11-20T08:30:00")), "{body}");
 }

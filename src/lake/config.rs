@@ -62,6 +62,18 @@ pub struct LakeConfig {
     /// (a query still reading an old snapshot needs them meanwhile).
     #[serde(with = "humantime_serde")]
     pub cleanup_older_than: Duration,
+    /// Tables the services behind the proxy declare (written through `POST /lake/{table}`), under the same rules
+    /// as pgbudget's own: a leading `ts TIMESTAMP` is implied, columns are only ever added.
+    pub tables: Vec<ServiceTable>,
+}
+
+/// A service-declared table: `[[lake.tables]] name = "signups"  columns = ["plan VARCHAR", "amount DOUBLE"]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceTable {
+    pub name: String,
+    /// `"<name> <TYPE>"`, TYPE one of TIMESTAMP, BIGINT, INTEGER, DOUBLE, BOOLEAN, VARCHAR.
+    pub columns: Vec<String>,
 }
 
 impl Default for LakeConfig {
@@ -85,6 +97,7 @@ impl Default for LakeConfig {
             shutdown_timeout: Duration::from_secs(10),
             max_rows: 10_000,
             s3: None,
+            tables: Vec::new(),
             maintenance_interval: Duration::from_secs(24 * 3600),
             expire_older_than: Duration::from_secs(7 * 24 * 3600),
             cleanup_older_than: Duration::from_secs(2 * 24 * 3600),
@@ -208,6 +221,9 @@ impl LakeConfig {
         if self.expire_older_than > CENTURY || self.cleanup_older_than > CENTURY {
             v.push("lake.expire_older_than and lake.cleanup_older_than must be at most 100 years".into());
         }
+        if let Err(e) = crate::lake::registry::Registry::for_config(self) {
+            v.push(format!("lake.tables: {e}"));
+        }
         if self.resolved_extension_dir().is_none() {
             v.push("lake.extension_dir is not set and PGBUDGET_DUCKDB_HOME is unknown: run scripts/lake-deps".into());
         }
@@ -258,5 +274,24 @@ mod tests {
         assert!(v.iter().any(|e| e.contains("s3://")), "{v:?}");
         let pg = LakeConfig { catalog: "postgres: host=h dbname=d".into(), ..Default::default() };
         assert_eq!(pg.catalog_kind(), Ok(CatalogKind::Postgres("host=h dbname=d".into())));
+    }
+
+    #[test]
+    fn service_tables_are_checked() {
+        let mut cfg = LakeConfig::default();
+        cfg.tables.push(ServiceTable { name: "signups".into(), columns: vec!["plan VARCHAR".into()] });
+        assert!(crate::lake::registry::Registry::for_config(&cfg).is_ok());
+        for (name, col, why) in [
+            ("signups2", "plan TEXT", "has type TEXT"),
+            ("signups3", "plan", "is not"),
+            ("pool_snapshots", "x INTEGER", "twice"),
+            ("Bad-Name", "x INTEGER", "lower-case"),
+            ("signups4", "ts TIMESTAMP", "implied"),
+        ] {
+            let mut c = LakeConfig::default();
+            c.tables.push(ServiceTable { name: name.into(), columns: vec![col.into()] });
+            let e = crate::lake::registry::Registry::for_config(&c).unwrap_err().to_string();
+            assert!(e.contains(why), "{name} {col}: {e}");
+        }
     }
 }

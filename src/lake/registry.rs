@@ -17,6 +17,19 @@ pub enum ColumnType {
 }
 
 impl ColumnType {
+    /// Parse a type name as written in `[[lake.tables]]` (case-insensitive).
+    pub fn parse(s: &str) -> Option<ColumnType> {
+        Some(match s.to_ascii_uppercase().as_str() {
+            "TIMESTAMP" => ColumnType::Timestamp,
+            "BIGINT" => ColumnType::BigInt,
+            "INTEGER" => ColumnType::Integer,
+            "DOUBLE" => ColumnType::Double,
+            "BOOLEAN" => ColumnType::Boolean,
+            "VARCHAR" => ColumnType::Varchar,
+            _ => return None,
+        })
+    }
+
     /// The DuckDB type name, as written in DDL and as `duckdb_columns().data_type` reports it.
     pub fn sql(self) -> &'static str {
         match self {
@@ -216,6 +229,38 @@ impl Registry {
             ),
         ];
         Registry::new(tables).expect("the built-in registry is valid")
+    }
+
+    /// The built-in tables followed by the services' `[[lake.tables]]`; names, types and clashes are checked.
+    pub fn for_config(cfg: &crate::lake::LakeConfig) -> Result<Registry, LakeError> {
+        let mut tables = Registry::builtin().tables;
+        for t in &cfg.tables {
+            let mut cols = vec![Column { name: "ts".into(), ty: ColumnType::Timestamp }];
+            for c in &t.columns {
+                let mut words = c.split_whitespace();
+                let (Some(name), Some(ty), None) = (words.next(), words.next(), words.next()) else {
+                    return Err(LakeError::Registry(format!(
+                        "table {}: column {c:?} is not \"<name> <TYPE>\"",
+                        t.name
+                    )));
+                };
+                let ty = ColumnType::parse(ty).ok_or_else(|| {
+                    LakeError::Registry(format!(
+                        "table {}: column {name} has type {ty}; use TIMESTAMP, BIGINT, INTEGER, DOUBLE, BOOLEAN or VARCHAR",
+                        t.name
+                    ))
+                })?;
+                if name == "ts" {
+                    return Err(LakeError::Registry(format!(
+                        "table {}: `ts TIMESTAMP` is implied; do not list it",
+                        t.name
+                    )));
+                }
+                cols.push(Column { name: name.to_owned().into(), ty });
+            }
+            tables.push(TableSpec { name: t.name.clone().into(), columns: cols });
+        }
+        Registry::new(tables)
     }
 
     pub fn tables(&self) -> &[TableSpec] {
