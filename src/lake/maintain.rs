@@ -7,15 +7,17 @@
 //!   the flush thread waits for a free one instead of opening a third). Reader queries wait while it runs.
 //! - One process at a time: with a Postgres catalog shared by several processes, maintenance first takes
 //!   `pg_try_advisory_xact_lock(key)` ([`lock_key`]) in a transaction of its own on a short-lived plain-Postgres
-//!   attachment of the catalog database (one extra connection, `application_name = pgbudget:lake-maintenance`,
-//!   closed by DETACH at the end). Another holder means *skipped*, not failed. Being a transaction lock, it
-//!   goes away with the transaction or with the connection, so a crashed process cannot leave it behind. An
-//!   embedded file catalog needs no lock: DuckDB's file lock already keeps other processes out.
+//!   attachment of the catalog database ([`LockConn`]: one extra connection,
+//!   `application_name = pgbudget:lake-maintenance`, closed by DETACH at the end). Another holder means
+//!   *skipped*, not failed. Being a transaction lock, it goes away with the transaction or with the connection,
+//!   so a crashed process cannot leave it behind. An embedded file catalog needs no lock: DuckDB's file lock
+//!   already keeps other processes out.
 //! - `ducklake_expire_snapshots` without `older_than` is a silent no-op, so `older_than` is always passed;
 //!   `now() - INTERVAL` needs ICU, which the official libduckdb.so has built in.
 
-use super::catalog::{lit, rollback, ALIAS};
+use super::catalog::{lit, redact, rollback, ALIAS};
 use super::config::CatalogKind;
+use super::lock::{self, LockConn};
 use super::{Lake, LakeError};
 use duckdb::{Connection, InterruptHandle};
 use std::fmt;
@@ -64,16 +66,9 @@ impl fmt::Display for MaintenanceReport {
     }
 }
 
-/// The advisory-lock key of a lake: FNV-1a of `pgbudget:lake:maintenance:<metadata schema>` (advisory locks
-/// are per database, and two lakes in one database live in different schemas).
+/// The maintenance lock key of a lake: FNV-1a of `pgbudget:lake:maintenance:<metadata schema>` ([`lock::key`]).
 pub fn lock_key(metadata_schema: &str) -> i64 {
-    let schema = if metadata_schema.is_empty() { "public" } else { metadata_schema };
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in "pgbudget:lake:maintenance:".bytes().chain(schema.bytes()) {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h as i64
+    lock::key(lock::MAINTENANCE, metadata_schema)
 }
 
 /// The lakes (by catalog address) being maintained in this process: one run at a time per lake (the proxy's
@@ -144,15 +139,18 @@ pub fn maintain_with(lake: &Lake, cancel: &Cancel) -> Result<MaintenanceReport, 
         lake.reader().reattach()?;
     }
     // The lock transaction lives on its own connection to the same DuckDB, outside the reader's lock.
-    let lock = match cfg.catalog_kind().map_err(LakeError::Config)? {
+    let mut lock_conn = match cfg.catalog_kind().map_err(LakeError::Config)? {
         CatalogKind::File(_) => None,
         CatalogKind::Postgres(conninfo) => {
             let conn = lake.reader().with_conn(|c| Ok(c.try_clone()?))?;
-            match AdvisoryLock::take(conn, &conninfo, lock_key(&cfg.metadata_schema))? {
-                Some(l) => Some(l),
-                None => return Ok(skipped("another process holds the lake maintenance lock", started)),
-            }
+            Some(LockConn::new(conn, &conninfo, LOCK_ALIAS, LOCK_APPLICATION_NAME))
         }
+    };
+    let held = match lock_conn.as_mut().map(|l| l.try_lock(lock_key(&cfg.metadata_schema))) {
+        None => None,
+        Some(Ok(Some(held))) => Some(held),
+        Some(Ok(None)) => return Ok(skipped("another process holds the lake maintenance lock", started)),
+        Some(Err(e)) => return Err(LakeError::NotAttached(format!("maintenance lock: {}", redact(&e.to_string())))),
     };
     cancel.check()?;
     let name = lit(ALIAS);
@@ -182,7 +180,8 @@ pub fn maintain_with(lake: &Lake, cancel: &Cancel) -> Result<MaintenanceReport, 
         }
         r
     });
-    drop(lock);
+    drop(held); // ends the lock transaction ...
+    drop(lock_conn); // ... and detaches
     let mut rep = r?;
     rep.elapsed = started.elapsed();
     Ok(rep)
@@ -214,60 +213,6 @@ fn call(conn: &Connection, sql: &str, sum: &[&str]) -> Result<(u64, Vec<u64>), L
         }
     }
     Ok((n, sums))
-}
-
-/// `pg_try_advisory_xact_lock` held by an open transaction on a plain-Postgres attachment of the catalog database.
-struct AdvisoryLock {
-    conn: Connection,
-}
-
-impl AdvisoryLock {
-    /// `None`: another session holds the lock.
-    fn take(conn: Connection, conninfo: &str, key: i64) -> Result<Option<AdvisoryLock>, LakeError> {
-        let target = lock_conninfo(conninfo);
-        let r = (|| {
-            conn.execute_batch(&format!("DETACH DATABASE IF EXISTS {LOCK_ALIAS}"))?;
-            conn.execute_batch(&format!("ATTACH {} AS {LOCK_ALIAS} (TYPE postgres)", lit(&target)))?;
-            conn.execute_batch("BEGIN TRANSACTION")?;
-            let q = format!("SELECT pg_try_advisory_xact_lock({key}) AS ok");
-            let ok: bool =
-                conn.query_row(&format!("SELECT ok FROM postgres_query({}, {})", lit(LOCK_ALIAS), lit(&q)), [], |r| {
-                    r.get(0)
-                })?;
-            Ok::<_, duckdb::Error>(ok)
-        })();
-        let lock = AdvisoryLock { conn };
-        match r {
-            Ok(true) => Ok(Some(lock)),
-            Ok(false) => Ok(None),
-            Err(e) => {
-                drop(lock); // ends the transaction and detaches
-                Err(LakeError::NotAttached(format!("maintenance lock: {}", super::catalog::redact(&e.to_string()))))
-            }
-        }
-    }
-}
-
-impl Drop for AdvisoryLock {
-    /// End the transaction (releasing the lock) and close the Postgres connection (DETACH closes its pool).
-    fn drop(&mut self) {
-        rollback(&self.conn);
-        if let Err(e) = self.conn.execute_batch(&format!("DETACH DATABASE IF EXISTS {LOCK_ALIAS}")) {
-            warn!(cause = %super::catalog::redact(&e.to_string()), "lake maintenance: detach of the lock connection failed");
-        }
-    }
-}
-
-/// The catalog conninfo with this connection's own `application_name` (unless the conninfo sets one).
-fn lock_conninfo(conninfo: &str) -> String {
-    if conninfo.contains("application_name") {
-        conninfo.to_owned()
-    } else if conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://") {
-        let sep = if conninfo.contains('?') { '&' } else { '?' };
-        format!("{conninfo}{sep}application_name={}", LOCK_APPLICATION_NAME.replace(':', "%3A"))
-    } else {
-        format!("{conninfo} application_name='{LOCK_APPLICATION_NAME}'")
-    }
 }
 
 /// Run [`maintain`] every `interval` on a blocking thread and log the report; failures are logged, never
@@ -335,9 +280,9 @@ mod tests {
         assert_ne!(lock_key("public"), lock_key("lake2"));
         // Fixed forever: processes of different versions must agree on it.
         assert_eq!(lock_key("public"), -74_993_432_007_230_486);
-        assert_eq!(lock_conninfo("host=h dbname=d"), "host=h dbname=d application_name='pgbudget:lake-maintenance'");
-        assert_eq!(lock_conninfo("postgres://u@h/d"), "postgres://u@h/d?application_name=pgbudget%3Alake-maintenance");
-        assert_eq!(lock_conninfo("host=h application_name=x"), "host=h application_name=x");
+        let app = |c: &str| lock::conninfo_with_application_name(c, LOCK_APPLICATION_NAME);
+        assert_eq!(app("host=h dbname=d"), "host=h dbname=d application_name='pgbudget:lake-maintenance'");
+        assert_eq!(app("postgres://u@h/d"), "postgres://u@h/d?application_name=pgbudget%3Alake-maintenance");
     }
 
     #[test]

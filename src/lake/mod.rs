@@ -13,6 +13,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod lock;
 pub mod maintain;
 pub mod reader;
 pub mod registry;

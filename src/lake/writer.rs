@@ -2,14 +2,45 @@
 //! writes batches through the DuckDB appender when `flush_rows` rows are buffered, `flush_interval` has
 //! passed, or at shutdown. A failed flush keeps its rows (within `buffer_rows`) and re-attaches before the
 //! next attempt. Every dropped row is counted by table and reason, every flush error by kind.
+//!
+//! ## The flush lock (Postgres catalog)
+//! DuckLake 1.5.5 is not safe with several processes committing to one Postgres catalog at once: concurrent
+//! inserts overwrite each other's global min/max stats (later filtered queries prune live rows) and conflict
+//! checks can miss commits. So every flush holds a cross-process lock: `pg_advisory_xact_lock(`
+//! [`lock::flush_key`]`(metadata_schema))`, a key of its own (maintenance uses another one and is not held up
+//! by flushes). How:
+//! - Taken before the flush's first `BEGIN` and held until its last table is committed. Locking only around
+//!   `COMMIT` would not do: DuckLake's Postgres transaction is REPEATABLE READ and starts with the first
+//!   metadata read, so a snapshot taken before another process's commit would still merge stale stats.
+//! - Blocking, with a deadline: Postgres `lock_timeout` of [`FLUSH_LOCK_TIMEOUT`] (5 s, see
+//!   [`LakeWriter::set_flush_lock_timeout`]; at the final flush at most `shutdown_timeout`). Flushes take tens
+//!   of milliseconds, so waiting that long means another process is stuck or the catalog is slow. Past it the
+//!   flush fails like any failed flush (rows kept within `buffer_rows`, retried after `retry_interval`),
+//!   counted as kind `lock`. A DuckDB interrupt does not cut the wait short; the deadline does.
+//! - On a dedicated plain-Postgres attachment the flush thread keeps ([`LockConn`], alias
+//!   `pgbudget_flush_lock`, `application_name = pgbudget:lake-flush`): no connect and authentication per flush.
+//!   The pool closes the idle session after `pg_pool_idle_timeout_millis` (60 s) and the next flush opens it
+//!   again; after an error it is detached and attached afresh. Uncontended the lock costs one round trip for
+//!   `BEGIN; SET LOCAL lock_timeout; pg_advisory_xact_lock`, and one for the `ROLLBACK` that releases it.
+//! - Catalog connections per process: the lake pool (`pg_pool_max_connections`, 2: reader and flush thread),
+//!   this lock session (1) and, while maintenance runs, the maintenance lock session (1): 4 =
+//!   `pg_pool_max_connections + 2` to reserve on the catalog's upstream.
+//! - File catalogs take no lock: DuckDB's file lock admits one process.
+//! - Maintenance does not take the flush lock. Caveat: `ducklake_flush_inlined_data` rewrites the table's
+//!   global stats rows the way an insert does (seen on 1.5.5: new row versions, `file_size_bytes` grows),
+//!   so a maintenance run racing another process's flush can lose that flush's stats update;
+//!   `ducklake_merge_adjacent_files` leaves them alone.
 
-use super::catalog::{rollback, Catalog, ALIAS, SCHEMA};
+use super::catalog::{redact, rollback, Catalog, ALIAS, SCHEMA};
+use super::config::CatalogKind;
+use super::lock::{self, LockConn, LockError};
 use super::registry::{ColumnType, Registry, Row, TableId, TableSpec, Value};
 use super::LakeError;
 use duckdb::types::{TimeUnit, ToSql, ToSqlOutput, ValueRef};
 use duckdb::{appender_params_from_iter, Connection, InterruptHandle};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,8 +57,36 @@ const DROP_OVERFLOW: usize = 1;
 const DROP_INVALID: usize = 2;
 /// Appended after shutdown, or still buffered when the final flush failed.
 const DROP_SHUTDOWN: usize = 3;
-/// Kinds of flush errors (the `kind` label); see [`LakeError::kind`].
-pub const ERROR_KINDS: [&str; 6] = ["attach", "connection", "conflict", "schema", "duckdb", "other"];
+/// Kinds of flush errors (the `kind` label); see [`error_kind`].
+pub const ERROR_KINDS: [&str; 7] = ["attach", "connection", "conflict", "schema", "duckdb", "lock", "other"];
+/// How long a flush waits for the flush lock by default (Postgres catalog).
+pub const FLUSH_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Alias of the flush lock's plain-Postgres attachment.
+const FLUSH_LOCK_ALIAS: &str = "pgbudget_flush_lock";
+/// `application_name` of its connection.
+pub const FLUSH_LOCK_APPLICATION_NAME: &str = "pgbudget:lake-flush";
+/// How the error of a flush that did not get the flush lock in time begins.
+const LOCK_TIMEOUT_TEXT: &str = "flush lock not granted within";
+
+/// The `kind` label of a flush error: [`LakeError::kind`], or `lock` when the flush did not get the flush lock
+/// in time (another process held it past the deadline).
+pub fn error_kind(e: &LakeError) -> &'static str {
+    match e {
+        LakeError::Io(io)
+            if io.kind() == std::io::ErrorKind::TimedOut && io.to_string().starts_with(LOCK_TIMEOUT_TEXT) =>
+        {
+            "lock"
+        }
+        e => e.kind(),
+    }
+}
+
+fn lock_timeout_error(waited: Duration) -> LakeError {
+    LakeError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("{LOCK_TIMEOUT_TEXT} {waited:?}: another pgbudget process is committing to this lake"),
+    ))
+}
 
 /// Counters, resolved per table once so `append` only does atomic adds.
 struct WriterMetrics {
@@ -38,6 +97,7 @@ struct WriterMetrics {
     errors: IntCounterVec,
     flushes: IntCounter,
     flush_seconds: Histogram,
+    lock_wait_seconds: Histogram,
     buffered: IntGauge,
 }
 
@@ -76,6 +136,16 @@ impl WriterMetrics {
                         .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
                 )?,
             )?,
+            lock_wait_seconds: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "pgbudget_lake_flush_lock_wait_seconds",
+                        "Time flushes waited for the cross-process flush lock (Postgres catalog), timeouts included",
+                    )
+                    .buckets(vec![0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                )?,
+            )?,
             buffered: register(r, IntGauge::new("pgbudget_lake_buffered_rows", "Rows held by the flush thread")?)?,
         })
     }
@@ -103,7 +173,13 @@ enum Ctl {
 pub struct FlushReport {
     pub rows_written: u64,
     pub tables: usize,
+    /// The whole flush, lock wait included.
     pub elapsed: Duration,
+    /// Time spent getting the flush lock (zero with a file catalog or when nothing was buffered).
+    pub lock_wait: Duration,
+    /// From the first table's `BEGIN` to the end of the last table's `COMMIT` (`None`: nothing was written).
+    /// With a Postgres catalog the flush lock is held throughout.
+    pub commits: Option<(Instant, Instant)>,
 }
 
 struct Shared {
@@ -114,6 +190,8 @@ struct Shared {
     interrupt: Arc<InterruptHandle>,
     thread: Mutex<Option<(JoinHandle<()>, Receiver<()>)>>,
     shutdown_timeout: Duration,
+    /// The flush lock deadline in milliseconds, read at every flush.
+    lock_timeout_ms: Arc<AtomicU64>,
 }
 
 /// A cheap, cloneable handle; the flush thread stops (after a final flush) at [`LakeWriter::shutdown`] or
@@ -137,6 +215,13 @@ impl LakeWriter {
         let (done_tx, done_rx) = mpsc::channel();
         let interrupt = conn.interrupt_handle();
         let m = Arc::new(WriterMetrics::new(metrics, &registry)?);
+        let lock = match cfg.catalog_kind().map_err(LakeError::Config)? {
+            CatalogKind::File(_) => None,
+            CatalogKind::Postgres(conninfo) => {
+                Some(LockConn::new(conn.try_clone()?, &conninfo, FLUSH_LOCK_ALIAS, FLUSH_LOCK_APPLICATION_NAME))
+            }
+        };
+        let lock_timeout_ms = Arc::new(AtomicU64::new(FLUSH_LOCK_TIMEOUT.as_millis() as u64));
         let shared = Arc::new(Shared {
             tx,
             ctl,
@@ -145,6 +230,7 @@ impl LakeWriter {
             interrupt,
             thread: Mutex::new(None),
             shutdown_timeout: cfg.shutdown_timeout,
+            lock_timeout_ms: lock_timeout_ms.clone(),
         });
         let pending = registry.tables().iter().map(|_| VecDeque::new()).collect();
         let mut flusher = Flusher {
@@ -161,6 +247,11 @@ impl LakeWriter {
             bound: cfg.buffer_rows,
             interval: cfg.flush_interval,
             retry: cfg.retry_interval,
+            lock,
+            lock_key: lock::flush_key(&cfg.metadata_schema),
+            lock_timeout_ms,
+            final_cap: None,
+            shutdown_timeout: cfg.shutdown_timeout,
         };
         let handle = std::thread::Builder::new().name("lake-flush".into()).spawn(move || {
             flusher.run(&m);
@@ -203,6 +294,12 @@ impl LakeWriter {
         self.shared.ctl.send(Ctl::Flush(tx)).map_err(|_| LakeError::Closed)?;
         let _ = self.shared.tx.try_send(Msg::Wake);
         rx.recv().map_err(|_| LakeError::Closed)?
+    }
+
+    /// How long later flushes wait for the flush lock (Postgres catalog; default [`FLUSH_LOCK_TIMEOUT`], at
+    /// least 1 ms). Takes effect at the next flush.
+    pub fn set_flush_lock_timeout(&self, timeout: Duration) {
+        self.shared.lock_timeout_ms.store((timeout.as_millis() as u64).max(1), Ordering::Relaxed);
     }
 
     /// Final flush and stop, waiting at most `shutdown_timeout`; past it the running statement is interrupted.
@@ -298,6 +395,13 @@ struct Flusher {
     bound: usize,
     interval: Duration,
     retry: Duration,
+    /// The flush lock's connection (Postgres catalog only).
+    lock: Option<LockConn>,
+    lock_key: i64,
+    lock_timeout_ms: Arc<AtomicU64>,
+    /// Set for the final flush: its lock wait is capped by `shutdown_timeout`.
+    final_cap: Option<Duration>,
+    shutdown_timeout: Duration,
 }
 
 impl Flusher {
@@ -384,8 +488,8 @@ impl Flusher {
                 Ok(report)
             }
             Err(e) => {
-                m.errors.with_label_values(&[e.kind()]).inc();
-                warn!(kind = e.kind(), cause = %e, buffered = self.total, "lake: flush failed, rows kept for the next attempt");
+                m.errors.with_label_values(&[error_kind(&e)]).inc();
+                warn!(kind = error_kind(&e), cause = %e, buffered = self.total, "lake: flush failed, rows kept for the next attempt");
                 self.retry_at = Some(Instant::now() + self.retry);
                 Err(e)
             }
@@ -396,6 +500,27 @@ impl Flusher {
         if self.total == 0 {
             return Ok(());
         }
+        // The flush lock first, so that the whole DuckLake transaction (and a re-attach's DDL) runs under it.
+        let _held = match self.lock.as_mut() {
+            None => None,
+            Some(l) => {
+                let mut timeout = Duration::from_millis(self.lock_timeout_ms.load(Ordering::Relaxed));
+                if let Some(cap) = self.final_cap {
+                    timeout = timeout.min(cap);
+                }
+                let asked = Instant::now();
+                let r = l.lock(self.lock_key, timeout);
+                report.lock_wait = asked.elapsed();
+                m.lock_wait_seconds.observe(report.lock_wait.as_secs_f64());
+                match r {
+                    Ok(held) => Some(held),
+                    Err(LockError::Timeout(t)) => return Err(lock_timeout_error(t)),
+                    Err(LockError::Failed(e)) => {
+                        return Err(LakeError::NotAttached(format!("flush lock: {}", redact(&e.to_string()))))
+                    }
+                }
+            }
+        };
         if self.needs_attach || !self.catalog.is_attached() {
             // After an error: a fresh attachment (new catalog pool), unless another connection re-attached
             // since this one last saw the lake work.
@@ -411,7 +536,10 @@ impl Flusher {
             if self.pending[i].is_empty() {
                 continue;
             }
-            match write_table(&self.conn, spec, &self.pending[i]) {
+            let begin = Instant::now();
+            let r = write_table(&self.conn, spec, &self.pending[i]);
+            report.commits = Some((report.commits.map_or(begin, |(b, _)| b), Instant::now()));
+            match r {
                 Ok(()) => {
                     self.seen_generation = self.seen_generation.max(self.catalog.generation());
                     let n = self.pending[i].len();
@@ -434,6 +562,7 @@ impl Flusher {
         self.drain(m);
         if self.total > 0 {
             self.retry_at = None;
+            self.final_cap = Some(self.shutdown_timeout);
             match self.flush(m) {
                 Ok(r) => info!(rows = r.rows_written, "lake: final flush done"),
                 Err(_) => {
