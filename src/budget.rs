@@ -311,11 +311,11 @@ impl Resolved {
         if config.lake.enabled {
             v.extend(config.lake.validate());
             let lake_pg = config.lake.catalog.starts_with("postgres:");
-            // Reader and flush thread, plus the maintenance lock's short-lived connection.
-            let need = config.lake.pg_pool_max_connections + 1;
+            // Reader and flush thread, the flush lock's session, and maintenance's short-lived lock session.
+            let need = config.lake.pg_pool_max_connections + 2;
             if lake_pg && config.upstreams.values().all(|u| u.reserved < need) {
                 v.push(format!(
-                    "lake: a Postgres catalog opens up to {need} connections ({} pooled + 1 for maintenance); \
+                    "lake: a Postgres catalog opens up to {need} connections ({} pooled + the flush and maintenance lock sessions); \
                      reserve them on its upstream (reserved = {need})",
                     config.lake.pg_pool_max_connections
                 ));

@@ -41,14 +41,7 @@ pub fn qualified(table: &str) -> String {
 
 /// Add `application_name` to a conninfo that does not set one (key=value form or URL form).
 pub fn with_application_name(conninfo: &str) -> String {
-    if conninfo.contains("application_name") {
-        conninfo.to_owned()
-    } else if conninfo.starts_with("postgres://") || conninfo.starts_with("postgresql://") {
-        let sep = if conninfo.contains('?') { '&' } else { '?' };
-        format!("{conninfo}{sep}application_name={}", APPLICATION_NAME.replace(':', "%3A"))
-    } else {
-        format!("{conninfo} application_name='{APPLICATION_NAME}'")
-    }
+    super::lock::conninfo_with_application_name(conninfo, APPLICATION_NAME)
 }
 
 /// The ATTACH statement for this config. `IF NOT EXISTS` makes a repeated attach a no-op; the same DATA_PATH

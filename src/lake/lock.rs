@@ -174,6 +174,26 @@ pub struct Held<'a> {
     lock: &'a mut LockConn,
 }
 
+impl Held<'_> {
+    /// Also take `key` in the same transaction, waiting at most `timeout`; it is released with the transaction.
+    pub fn and_lock(&mut self, key: i64, timeout: Duration) -> Result<(), LockError> {
+        let ms = timeout.as_millis().clamp(1, u128::from(u32::MAX >> 1));
+        let l = &self.lock;
+        let set = format!("SET LOCAL lock_timeout = {ms}");
+        let r = l
+            .conn
+            .execute_batch(&format!("CALL postgres_execute({}, {})", lit(l.alias), lit(&set)))
+            .and_then(|_| l.select_bool(&format!("SELECT pg_advisory_xact_lock({key}) IS NOT NULL AS ok")));
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("lock timeout") => {
+                Err(LockError::Timeout(Duration::from_millis(ms as u64)))
+            }
+            Err(e) => Err(LockError::Failed(e)),
+        }
+    }
+}
+
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         rollback(&self.lock.conn);

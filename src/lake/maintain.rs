@@ -119,6 +119,9 @@ impl Cancel {
     }
 }
 
+/// How long maintenance waits for running flushes (other processes' and this one's) to let go of the flush lock.
+const FLUSH_LOCK_WAIT: Duration = Duration::from_secs(30);
+
 /// Run maintenance once (blocking: call it from `spawn_blocking` in async code).
 pub fn maintain(lake: &Lake) -> Result<MaintenanceReport, LakeError> {
     maintain_with(lake, &Cancel::default())
@@ -146,12 +149,25 @@ pub fn maintain_with(lake: &Lake, cancel: &Cancel) -> Result<MaintenanceReport, 
             Some(LockConn::new(conn, &conninfo, LOCK_ALIAS, LOCK_APPLICATION_NAME))
         }
     };
-    let held = match lock_conn.as_mut().map(|l| l.try_lock(lock_key(&cfg.metadata_schema))) {
+    let mut held = match lock_conn.as_mut().map(|l| l.try_lock(lock_key(&cfg.metadata_schema))) {
         None => None,
         Some(Ok(Some(held))) => Some(held),
         Some(Ok(None)) => return Ok(skipped("another process holds the lake maintenance lock", started)),
         Some(Err(e)) => return Err(LakeError::NotAttached(format!("maintenance lock: {}", redact(&e.to_string())))),
     };
+    // Maintenance rewrites the catalog's table statistics (flush_inlined_data) like a flush does: it must not
+    // commit while any process flushes, so it also holds the flush lock for the pass.
+    if let Some(h) = held.as_mut() {
+        match h.and_lock(lock::flush_key(&cfg.metadata_schema), FLUSH_LOCK_WAIT) {
+            Ok(()) => {}
+            Err(lock::LockError::Timeout(_)) => {
+                return Ok(skipped("flushes held the lake flush lock past the wait", started))
+            }
+            Err(lock::LockError::Failed(e)) => {
+                return Err(LakeError::NotAttached(format!("flush lock: {}", redact(&e.to_string()))))
+            }
+        }
+    }
     cancel.check()?;
     let name = lit(ALIAS);
     let older = |d: Duration| format!("older_than => now() - INTERVAL '{} seconds'", d.as_secs());

@@ -8,8 +8,9 @@
 //! - `maintain` — flush inlined rows, merge files, expire snapshots, clean up (one process at a time).
 //! - `timeline` — per-service daily budget-trouble figures and the lake CLI's text tables.
 //!
-//! One in-memory DuckDB per process; the writer and the reader are two connections to it, so a Postgres
-//! catalog sees at most `pg_pool_max_connections` (2) connections from this process.
+//! One in-memory DuckDB per process; the writer and the reader are two connections to it (at most
+//! `pg_pool_max_connections`, 2, catalog connections), plus the flush-lock session the flush thread keeps and,
+//! during maintenance, a short-lived maintenance-lock session: 4 catalog connections at most per process.
 
 pub mod catalog;
 pub mod config;
