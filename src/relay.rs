@@ -25,6 +25,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+mod report;
+
 pub const BUF: usize = 16 * 1024;
 
 /// What the relay knows about the server conversation.
@@ -196,58 +198,6 @@ impl Relay {
         self.sscan = Scanner::default();
         self.server = Some(conn);
         Ok(())
-    }
-
-    fn note_checkout_error(&self, e: &ProxyError) {
-        let b = self.pool.budget();
-        let route = self.pool.route.as_str();
-        let (kind, label) = match e {
-            ProxyError::BudgetExhausted { waited, share, .. } => {
-                self.pool.metrics.checkout_timeouts.inc();
-                let st = self.pool.pool.status();
-                self.app.telemetry.emit(tables::CHECKOUT_TIMEOUTS, || {
-                    vec![
-                        Value::now(),
-                        b.name.as_str().into(),
-                        route.into(),
-                        b.upstream.as_str().into(),
-                        (waited.as_secs_f64() * 1000.0).into(),
-                        (*share).into(),
-                        (st.size as u32).into(),
-                        (st.waiting as u32).into(),
-                    ]
-                });
-                ("budget", None)
-            }
-            ProxyError::Shed { .. } => ("load_shed", None),
-            ProxyError::Upstream { .. } => ("connect", Some("connect")),
-            ProxyError::ServerRejected { .. } => ("server_error", Some("server_error")),
-            _ => return,
-        };
-        if let Some(l) = label {
-            self.app.metrics.server_errors.with_label_values(&[&b.name, route, l]).inc();
-        }
-        let (_, code, msg) = e.to_client();
-        self.app.journal.record(&b.name, route, &b.upstream, kind, code, &msg);
-    }
-
-    /// Count what a server chunk completed and journal the errors it carried.
-    fn note_seen(&mut self, seen: &mut Seen) {
-        let m = &self.pool.metrics;
-        if seen.idle_ready > 0 {
-            m.transactions.inc_by(seen.idle_ready as u64);
-            self.counts.transactions += seen.idle_ready as u64;
-            if let Some(t) = self.tx_started.take() {
-                m.tx_duration.observe(t.elapsed().as_secs_f64());
-            }
-        }
-        let b = self.pool.budget();
-        let route = self.pool.route.as_str();
-        for (code, message) in seen.errors.drain(..) {
-            let kind = crate::journal::kind_for_sqlstate(&code);
-            self.app.metrics.server_errors.with_label_values(&[&b.name, route, kind]).inc();
-            self.app.journal.record(&b.name, route, &b.upstream, kind, &code, &message);
-        }
     }
 
     /// Return a clean server to the pool.

@@ -26,18 +26,16 @@
 //!   this lock session (1) and, while maintenance runs, the maintenance lock session (1): 4 =
 //!   `pg_pool_max_connections + 2` to reserve on the catalog's upstream.
 //! - File catalogs take no lock: DuckDB's file lock admits one process.
-//! - Maintenance does not take the flush lock. Caveat: `ducklake_flush_inlined_data` rewrites the table's
-//!   global stats rows the way an insert does (seen on 1.5.5: new row versions, `file_size_bytes` grows),
-//!   so a maintenance run racing another process's flush can lose that flush's stats update;
-//!   `ducklake_merge_adjacent_files` leaves them alone.
+//! - Maintenance holds this flush lock too, for its whole pass: `ducklake_flush_inlined_data` rewrites the
+//!   table's global stats rows the way an insert does (seen on 1.5.5: new row versions, `file_size_bytes`
+//!   grows), so a pass racing a flush could lose that flush's stats update.
 
-use super::catalog::{redact, rollback, Catalog, ALIAS, SCHEMA};
+use super::catalog::{redact, Catalog};
 use super::config::CatalogKind;
 use super::lock::{self, LockConn, LockError};
-use super::registry::{ColumnType, Registry, Row, TableId, TableSpec, Value};
+use super::registry::{Registry, Row, TableId};
 use super::LakeError;
-use duckdb::types::{TimeUnit, ToSql, ToSqlOutput, ValueRef};
-use duckdb::{appender_params_from_iter, Connection, InterruptHandle};
+use duckdb::{Connection, InterruptHandle};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,6 +44,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
+
+mod rows;
+pub(crate) use rows::param;
+use rows::write_table;
 
 /// Why a row did not reach the lake (the `reason` label), indexed by the `DROP_*` constants.
 pub const DROP_REASONS: [&str; 4] = ["buffer_full", "retry_overflow", "invalid_row", "shutdown"];
@@ -329,54 +331,6 @@ impl Drop for Shared {
             let _ = handle.join();
         }
     }
-}
-
-/// Borrowed cell for the appender: no copy of text values.
-struct Cell<'a>(&'a Value, ColumnType);
-
-impl ToSql for Cell<'_> {
-    fn to_sql(&self) -> duckdb::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(match (self.0, self.1) {
-            (Value::Null, _) => ValueRef::Null,
-            (Value::Bool(b), _) => ValueRef::Boolean(*b),
-            (Value::Int(i), ColumnType::Integer) => ValueRef::Int(*i as i32), // range checked at append
-            (Value::Int(i), ColumnType::Double) => ValueRef::Double(*i as f64),
-            (Value::Int(i), _) => ValueRef::BigInt(*i),
-            (Value::Float(f), _) => ValueRef::Double(*f),
-            (Value::Text(s), _) => ValueRef::Text(s.as_bytes()),
-            (Value::Ts(us), _) => ValueRef::Timestamp(TimeUnit::Microsecond, *us),
-        }))
-    }
-}
-
-/// Bind a [`Value`] as a query parameter (its natural DuckDB type).
-pub(crate) fn param(v: &Value) -> impl ToSql + '_ {
-    let ty = match v {
-        Value::Float(_) => ColumnType::Double,
-        _ => ColumnType::BigInt,
-    };
-    Cell(v, ty)
-}
-
-/// Write `rows` into `spec`'s table in one transaction (one DuckLake snapshot). Naming the columns keeps
-/// working after another process added columns; on any error the transaction is rolled back, so a partly
-/// appended batch never lands.
-fn write_table(conn: &Connection, spec: &TableSpec, rows: &VecDeque<Row>) -> Result<(), LakeError> {
-    conn.execute_batch("BEGIN TRANSACTION")?;
-    let r = (|| {
-        let cols = spec.column_names();
-        let mut app = conn.appender_with_columns_to_catalog_and_db(&spec.name, ALIAS, SCHEMA, &cols)?;
-        for row in rows {
-            app.append_row(appender_params_from_iter(row.iter().zip(&spec.columns).map(|(v, c)| Cell(v, c.ty))))?;
-        }
-        app.flush()?;
-        drop(app);
-        conn.execute_batch("COMMIT")
-    })();
-    if r.is_err() {
-        rollback(conn);
-    }
-    Ok(r?)
 }
 
 struct Flusher {
