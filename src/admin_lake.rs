@@ -15,10 +15,7 @@ use serde::Deserialize;
 use serde_json::{json, Value as Jv};
 use sqlparser::tokenizer::{Token, Tokenizer};
 use std::sync::Arc;
-use std::time::Duration;
 
-/// A lake query that runs longer than this is answered 504.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most rows one `POST /lake/{table}` may carry.
 const MAX_ROWS_PER_POST: usize = 10_000;
 
@@ -151,9 +148,18 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: Json<Query
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let (sql, limit) = (body.sql.clone(), body.limit.unwrap_or(1000));
-    let run = tokio::task::spawn_blocking(move || lake.reader().query(&sql, &params, limit));
-    match tokio::time::timeout(QUERY_TIMEOUT, run).await {
-        Err(_) => error(StatusCode::GATEWAY_TIMEOUT, format!("the query ran past {} s", QUERY_TIMEOUT.as_secs())),
+    let reader = lake.clone();
+    let deadline = app.resolved().config.lake.query_timeout;
+    let run = tokio::task::spawn_blocking(move || reader.reader().query(&sql, &params, limit));
+    match tokio::time::timeout(deadline, run).await {
+        Err(_) => {
+            // The statement is interrupted so it stops holding the reader (and a catalog connection).
+            lake.reader().interrupt();
+            error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("the query ran past {} ms and was stopped", deadline.as_millis()),
+            )
+        }
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("query task failed: {e}")),
         Ok(Ok(Err(e))) => error(StatusCode::BAD_REQUEST, format!("lake query failed ({}): {e}", e.kind())),
         Ok(Ok(Ok(r))) => Json(json!(r)).into_response(),

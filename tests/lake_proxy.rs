@@ -55,7 +55,7 @@ async fn proxy_history_lands_in_the_lake_and_the_http_api_reads_it() {
         "[upstreams.primary]",
         &format!(
             "[admin]\nlisten = \"127.0.0.1:{port}\"\nusers = [\"postgres\"]\npool_log_interval = \"1s\"\n\n\
-             [lake]\nenabled = true\ndir = \"{}\"\nflush_interval = \"500ms\"\n\
+             [lake]\nenabled = true\ndir = \"{}\"\nflush_interval = \"500ms\"\nquery_timeout = \"1s\"\n\
              [[lake.tables]]\nname = \"signups\"\ncolumns = [\"plan VARCHAR\", \"amount DOUBLE\", \"seats INTEGER\"]\n\n\
              [upstreams.primary]",
             lake_dir.path().display()
@@ -120,6 +120,21 @@ async fn proxy_history_lands_in_the_lake_and_the_http_api_reads_it() {
         assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
     }
     assert!(count(port, "select count(*) as n from lake.pool_snapshots").await >= 2, "nothing was deleted");
+
+    // A runaway query is stopped at lake.query_timeout and the reader is free again at once.
+    let t = Instant::now();
+    let (status, body) = post(
+        port,
+        "/lake/query",
+        Some(TOKEN),
+        json!({ "sql": "select sum(i * i) as n from range(1000000000000) t(i)" }),
+    )
+    .await;
+    assert_eq!(status, 504, "{body}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let t = Instant::now();
+    assert!(count(port, "select count(*) as n from lake.pool_snapshots").await >= 2);
+    assert!(t.elapsed() < Duration::from_secs(2), "the reader was released: {:?}", t.elapsed());
 
     // Services append JSON rows: good rows are kept, a bad one is named.
     let rows = json!([

@@ -49,6 +49,9 @@ pub struct LakeConfig {
     pub shutdown_timeout: Duration,
     /// Most rows a reader query returns.
     pub max_rows: usize,
+    /// `POST /lake/query` stops (interrupts) a query that runs longer than this.
+    #[serde(with = "humantime_serde")]
+    pub query_timeout: Duration,
     /// S3-compatible object storage for `data_path = "s3://..."`.
     pub s3: Option<S3Config>,
     /// How often the proxy runs lake maintenance (flush inlined rows, merge small files, expire snapshots,
@@ -98,6 +101,7 @@ impl Default for LakeConfig {
             max_rows: 10_000,
             s3: None,
             tables: Vec::new(),
+            query_timeout: Duration::from_secs(10),
             maintenance_interval: Duration::from_secs(24 * 3600),
             expire_older_than: Duration::from_secs(7 * 24 * 3600),
             cleanup_older_than: Duration::from_secs(2 * 24 * 3600),
@@ -206,6 +210,9 @@ impl LakeConfig {
         }
         if self.threads == 0 {
             v.push("lake.threads must be at least 1".into());
+        }
+        if self.query_timeout < Duration::from_millis(100) || self.query_timeout > Duration::from_secs(3600) {
+            v.push("lake.query_timeout must be between 100ms and 1h".into());
         }
         if self.max_rows == 0 {
             v.push("lake.max_rows must be at least 1".into());

@@ -29,6 +29,8 @@ struct State {
 
 pub struct LakeReader {
     state: Mutex<State>,
+    /// Stops the statement running on the reader's connection (a query past its deadline).
+    interrupt: Arc<duckdb::InterruptHandle>,
     catalog: Arc<Catalog>,
     max_rows: usize,
 }
@@ -36,7 +38,14 @@ pub struct LakeReader {
 impl LakeReader {
     pub fn new(conn: Connection, catalog: Arc<Catalog>) -> LakeReader {
         let max_rows = catalog.config().max_rows;
-        LakeReader { state: Mutex::new(State { conn, seen: catalog.generation() }), catalog, max_rows }
+        let interrupt = conn.interrupt_handle();
+        LakeReader { state: Mutex::new(State { conn, seen: catalog.generation() }), interrupt, catalog, max_rows }
+    }
+
+    /// Interrupt what runs on the reader's connection now (it fails with an interrupt error and lets go of
+    /// the lock); a no-op when nothing runs.
+    pub fn interrupt(&self) {
+        self.interrupt.interrupt();
     }
 
     /// Run one SELECT (`?` placeholders bound to `params`) and return at most `limit` rows (capped by
