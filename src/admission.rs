@@ -18,7 +18,8 @@ pub fn hard_line(hard_reject: f64, share: u32) -> u32 {
     ((x - 1e-9).ceil().max(1.0) as u32).min(share)
 }
 
-/// What admission decided for one checkout (the `decision` label of `pgbudget_admission_total`).
+/// What admission decided for one checkout (the `decision` label of `pgbudget_admission_total`); the
+/// discriminant is the index into [`Decision::ALL`] and the per-pool counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Got a server without waiting.
@@ -168,11 +169,11 @@ impl Admission {
     }
 
     pub fn record(&self, d: Decision) {
-        self.counters[Decision::ALL.iter().position(|x| *x == d).unwrap_or(0)].inc();
+        self.counters[d as usize].inc();
     }
 
     pub fn count(&self, d: Decision) -> u64 {
-        self.counters[Decision::ALL.iter().position(|x| *x == d).unwrap_or(0)].get()
+        self.counters[d as usize].get()
     }
 
     /// Decide whether a checkout may proceed (to a server or to the queue); records refusals.
@@ -252,6 +253,13 @@ mod tests {
             ..AdmissionConfig::default()
         };
         Admission::new(Some(cfg), share, counters())
+    }
+
+    #[test]
+    fn decisions_index_their_counters() {
+        for (i, d) in Decision::ALL.iter().enumerate() {
+            assert_eq!(*d as usize, i, "{d:?}");
+        }
     }
 
     #[test]

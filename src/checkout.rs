@@ -145,17 +145,24 @@ pub async fn acquire(pool: &ServicePool, mut w: Waiter<'_>) -> Result<(PooledCon
                 decide(pool, &w.who, Decision::Abandoned, started.elapsed());
                 return Err(ProxyError::QueuedCancel);
             }
-            r = w.sock.read_buf(w.cbuf), if w.cbuf.len() < MAX_BUFFERED_WHILE_QUEUED => {
-                if !matches!(r, Ok(n) if n > 0) {
-                    decide(pool, &w.who, Decision::Abandoned, started.elapsed());
-                    return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
-                }
+            open = still_there(w.sock, w.cbuf) => if !open {
+                decide(pool, &w.who, Decision::Abandoned, started.elapsed());
+                return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
             }
         }
     }
 }
 
-/// Hold a checkout while an operator has the pool paused, up to `checkout_timeout` plus `proxy.pause_timeout`.
+/// Buffer what a waiting client sends (up to [`MAX_BUFFERED_WHILE_QUEUED`]; past it only wait); false once it
+/// has gone (EOF or a socket error).
+async fn still_there(sock: &mut TcpStream, cbuf: &mut BytesMut) -> bool {
+    if cbuf.len() >= MAX_BUFFERED_WHILE_QUEUED {
+        std::future::pending::<()>().await;
+    }
+    matches!(sock.read_buf(cbuf).await, Ok(n) if n > 0)
+}
+
+/// Hold a checkout while an operator has the pool paused, up to `checkout_timeout` plus [`PAUSE_WAIT`].
 async fn wait_resumed(pool: &ServicePool, w: &mut Waiter<'_>) -> Result<(), ProxyError> {
     let started = Instant::now();
     let b = pool.budget();
@@ -167,11 +174,9 @@ async fn wait_resumed(pool: &ServicePool, w: &mut Waiter<'_>) -> Result<(), Prox
         tokio::select! {
             r = rx.changed() => if r.is_err() { break },
             _ = &mut deadline => return Err(ProxyError::Paused { service: b.name.clone(), waited: started.elapsed() }),
-            r = w.sock.read_buf(w.cbuf), if w.cbuf.len() < MAX_BUFFERED_WHILE_QUEUED => {
-                if !matches!(r, Ok(n) if n > 0) {
-                    decide(pool, &w.who, Decision::Abandoned, started.elapsed());
-                    return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
-                }
+            open = still_there(w.sock, w.cbuf) => if !open {
+                decide(pool, &w.who, Decision::Abandoned, started.elapsed());
+                return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
             }
         }
     }

@@ -212,8 +212,9 @@ fn show_pools(app: &App) -> BytesMut {
         "shed_line",
         "shed",
     ]);
+    let resolved = app.resolved();
     for p in snap.pools {
-        let t = &app.resolved().upstreams[&p.upstream];
+        let t = &resolved.upstreams[&p.upstream];
         let clients = app.clients.iter().filter(|c| c.service == p.service).count();
         r.row(&[
             t.database.clone(),
@@ -250,11 +251,12 @@ fn show_stats(app: &App) -> BytesMut {
         "total_wait_time",
         "checkout_timeouts",
     ]);
+    let resolved = app.resolved();
     for p in app.pools().pools.values() {
         let b = p.budget();
         let m = &p.metrics;
         r.row(&[
-            app.resolved().upstreams[&b.upstream].database.clone(),
+            resolved.upstreams[&b.upstream].database.clone(),
             b.name.clone(),
             p.route.as_str().to_owned(),
             m.transactions.get().to_string(),
@@ -322,7 +324,8 @@ fn show_servers(app: &App) -> BytesMut {
 }
 
 fn show_config(app: &App) -> BytesMut {
-    let c = &app.resolved().config;
+    let resolved = app.resolved();
+    let c = &resolved.config;
     let mut r = Rows::new(&["key", "value", "changeable"]);
     let mut kv = |k: &str, v: String| r.row(&[k.to_owned(), v, "no".into()]);
     kv("listen", c.proxy.listen.clone());
@@ -331,13 +334,13 @@ fn show_config(app: &App) -> BytesMut {
     kv("drain_timeout", format!("{:?}", c.proxy.drain_timeout));
     kv("admin_listen", c.admin.listen.clone());
     kv("pool_log_interval", format!("{:?}", c.admin.pool_log_interval));
-    for (name, u) in &app.resolved().upstreams {
+    for (name, u) in &resolved.upstreams {
         kv(
             &format!("upstream.{name}"),
             format!("{}:{}/{} ceiling={} reserved={}", u.host, u.port, u.database, u.ceiling, u.reserved),
         );
     }
-    for s in app.resolved().services.values() {
+    for s in resolved.services.values() {
         let t = &s.settings;
         kv(
             &format!("service.{}", s.name),

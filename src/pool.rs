@@ -178,6 +178,16 @@ pub async fn enforce_read_only(conn: &mut ServerConn, timeout: Duration) -> Resu
     }
 }
 
+/// Deadpool's deadlines for one checkout: wait up to `wait` for a free slot; opening a connection may take
+/// two connect attempts (replica, then primary), vetting an idle one a single ping.
+fn timeouts(s: &crate::config::ServiceConfig, wait: Duration) -> Timeouts {
+    Timeouts {
+        wait: Some(wait),
+        create: Some(2 * s.connect_timeout + Duration::from_millis(100)),
+        recycle: Some(s.connect_timeout + Duration::from_millis(100)),
+    }
+}
+
 pub type Pool = managed::Pool<Manager>;
 pub type PooledConn = managed::Object<Manager>;
 
@@ -211,13 +221,7 @@ impl ServicePool {
         let started = Instant::now();
         let b = self.budget();
         let up = || b.upstream.clone();
-        let s = &b.settings;
-        let timeouts = Timeouts {
-            wait: Some(wait),
-            create: Some(2 * s.connect_timeout + Duration::from_millis(100)),
-            recycle: Some(s.connect_timeout + Duration::from_millis(100)),
-        };
-        match self.pool.timeout_get(&timeouts).await {
+        match self.pool.timeout_get(&timeouts(&b.settings, wait)).await {
             Ok(c) => Ok(c),
             Err(PoolError::Timeout(TimeoutType::Wait)) | Err(PoolError::Backend(ServerError::CeilingReached(_))) => {
                 Err(ProxyError::BudgetExhausted {
@@ -324,9 +328,7 @@ impl Pools {
                 };
                 let pool = managed::Pool::builder(mgr)
                     .max_size(share as usize)
-                    .wait_timeout(Some(s.checkout_timeout))
-                    .create_timeout(Some(2 * s.connect_timeout + Duration::from_millis(100)))
-                    .recycle_timeout(Some(s.connect_timeout + Duration::from_millis(100)))
+                    .timeouts(timeouts(s, s.checkout_timeout))
                     .runtime(deadpool::Runtime::Tokio1)
                     .build()
                     .expect("runtime and timeouts are set");

@@ -1,6 +1,8 @@
 //! One client session: startup → authenticate → pick service → (check out per session or per transaction) → relay → checkin.
 
 use crate::app::{App, ClientInfo};
+use crate::auth::UserDb;
+use crate::budget::Resolved;
 use crate::cancel::{CancelTarget, ClientKey};
 use crate::config::{Mode, PoolMode, ServiceFrom};
 use crate::error::ProxyError;
@@ -190,13 +192,12 @@ async fn forward_cancel(app: &App, pid: i32, secret: i32) {
 }
 
 /// Which service a client belongs to.
-fn service_for(app: &App, s: &Startup) -> Result<String, ProxyError> {
-    let r = &app.resolved();
+fn service_for(r: &Resolved, users: &UserDb, s: &Startup) -> Result<String, ProxyError> {
     let name = match r.config.proxy.mode {
         Mode::Sidecar => r.sidecar_service.clone().unwrap_or_default(),
         Mode::Shared => match r.config.proxy.service_from {
             ServiceFrom::ApplicationName => s.get("application_name").unwrap_or("").to_owned(),
-            ServiceFrom::User => app.users().get(s.user()).and_then(|u| u.service.clone()).unwrap_or_default(),
+            ServiceFrom::User => users.get(s.user()).and_then(|u| u.service.clone()).unwrap_or_default(),
         },
     };
     if r.services.contains_key(&name) {
@@ -244,14 +245,16 @@ pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyEr
 /// Authenticate, pick the pool, and greet the client like Postgres would.
 async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup, peer: SocketAddr) -> Result<Relay, ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
-    app.users().authenticate(sock, startup.user(), &mut buf).await?;
+    // One configuration for the whole login, even if a reload lands meanwhile.
+    let (resolved, users) = (app.resolved(), app.users());
+    users.authenticate(sock, startup.user(), &mut buf).await?;
     if app.shutdown.is_cancelled() {
         return Err(ProxyError::ShuttingDown);
     }
-    let service = service_for(app, startup)?;
-    let budget = &app.resolved().services[&service];
-    let upstream = &app.resolved().upstreams[&budget.upstream];
-    let ro_alias = &app.resolved().config.read_only.database;
+    let service = service_for(&resolved, &users, startup)?;
+    let budget = &resolved.services[&service];
+    let upstream = &resolved.upstreams[&budget.upstream];
+    let ro_alias = &resolved.config.read_only.database;
     let route = if !ro_alias.is_empty() && startup.database() == ro_alias {
         Route::ReadOnly
     } else if startup.database() == upstream.database {

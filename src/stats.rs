@@ -59,8 +59,10 @@ pub struct Snapshot {
 impl App {
     /// Read every pool's live figures (and refresh the gauges from them).
     pub fn snapshot(&self) -> Snapshot {
+        // One configuration for the whole snapshot, even if a reload lands meanwhile.
+        let (all, resolved) = (self.pools(), self.resolved());
         let mut pools = Vec::new();
-        for p in self.pools().pools.values() {
+        for p in all.pools.values() {
             let b = p.budget();
             let st = p.pool.status();
             let route = p.route.as_str();
@@ -82,7 +84,7 @@ impl App {
                 transactions: p.metrics.transactions.get(),
                 queries: p.metrics.queries.get(),
                 ro_routes_to: (p.route == Route::ReadOnly).then(|| routes_to_name(p.pool.manager().routes_to())),
-                ro_dsn_configured: self.resolved().replica.is_some(),
+                ro_dsn_configured: resolved.replica.is_some(),
                 paused: p.control.is_paused(),
                 shed_line: p.admission.shed_line(),
                 shed: p.admission.count(crate::admission::Decision::RejectedHard)
@@ -96,18 +98,17 @@ impl App {
             m.pool_max.with_label_values(&l).set(row.share as i64);
             if p.route == Route::ReadOnly {
                 m.ro_routes_to.with_label_values(&l).set(p.pool.manager().routes_to() as i64);
-            } else if self.pools().get(&row.service, Route::ReadOnly).is_none() {
+            } else if all.get(&row.service, Route::ReadOnly).is_none() {
                 m.ro_routes_to.with_label_values(&[row.service.as_str(), "ro"]).set(RO_DISABLED as i64);
             }
             pools.push(row);
         }
-        let upstreams = self
-            .pools()
+        let upstreams = all
             .upstreams
             .values()
             .map(|u| {
                 let t = &u.target;
-                let slices = self.resolved().upstream_slices(&t.name);
+                let slices = resolved.upstream_slices(&t.name);
                 let row = UpstreamRow {
                     upstream: t.name.clone(),
                     ceiling: t.ceiling,
