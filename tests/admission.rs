@@ -8,27 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-fn with_admin(cfg: String) -> (String, u16) {
-    let port = free_port();
-    let cfg = cfg.replace(
-        "[upstreams.primary]",
-        &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\nusers = [\"postgres\"]\n\n[upstreams.primary]"),
-    );
-    (cfg, port)
-}
-
 async fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Gauge(v) => v,
-            _ => f64::NAN,
-        })
-        .unwrap_or_else(|| panic!("{name} {labels:?} missing"))
+    sample(&text, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} missing"))
 }
 
 /// A client whose notices arrive on a channel and whose connection task can be aborted (a hard disconnect).

@@ -6,38 +6,16 @@ mod common;
 use common::*;
 use std::time::{Duration, Instant};
 
-fn with_admin(pg: &Pg, services: &str) -> (String, u16) {
-    let port = free_port();
-    let cfg = config(pg, services).replace(
-        "[upstreams.primary]",
-        &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\nusers = [\"postgres\"]\n\n[upstreams.primary]"),
-    );
-    (cfg, port)
-}
-
 async fn get(port: u16, path: &str) -> (u16, String) {
     let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
-}
-
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
-    scrape.samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).map(
-        |s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        },
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_match_pg_stat_activity_under_load() {
     let pg = Pg::start();
     let admin = connect(&pg.conninfo()).await.unwrap();
-    let (cfg, port) = with_admin(&pg, "[services.app]\nslice = 4\ncheckout_timeout = \"200ms\"\n");
+    let (cfg, port) = with_admin(config(&pg, "[services.app]\nslice = 4\ncheckout_timeout = \"200ms\"\n"));
     let proxy = Proxy::start(&cfg);
     let mut holders = Vec::new();
     for _ in 0..3 {
@@ -86,7 +64,7 @@ async fn metrics_match_pg_stat_activity_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_follows_postgres_and_health_does_not() {
     let mut pg = Pg::start();
-    let (cfg, port) = with_admin(&pg, "[services.app]\nslice = 2\nconnect_timeout = \"1s\"\n");
+    let (cfg, port) = with_admin(config(&pg, "[services.app]\nslice = 2\nconnect_timeout = \"1s\"\n"));
     let _proxy = Proxy::start(&cfg);
     assert_eq!(get(port, "/ready").await.0, 200);
     pg.stop();
@@ -109,7 +87,7 @@ async fn ready_follows_postgres_and_health_does_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_lines_at_the_configured_interval() {
     let pg = Pg::start();
-    let (cfg, _) = with_admin(&pg, "[services.app]\nslice = 3\n");
+    let (cfg, _) = with_admin(config(&pg, "[services.app]\nslice = 3\n"));
     let proxy = Proxy::start_env(&cfg, &[("PGBUDGET_POOL_LOG_INTERVAL", "1")]);
     let c = connect(&proxy.conninfo()).await.unwrap();
     c.batch_execute("begin; select 1").await.unwrap();
@@ -128,7 +106,7 @@ async fn snapshot_lines_at_the_configured_interval() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_errors_reach_the_journal() {
     let pg = Pg::start();
-    let (cfg, port) = with_admin(&pg, "[services.app]\nslice = 2\n");
+    let (cfg, port) = with_admin(config(&pg, "[services.app]\nslice = 2\n"));
     let proxy = Proxy::start(&cfg);
     let c = connect(&proxy.conninfo()).await.unwrap();
     assert!(c.simple_query("select 1/0").await.is_err());
@@ -155,7 +133,7 @@ async fn server_errors_reach_the_journal() {
 #[test]
 fn admin_console_shows_pools_to_admins_only() {
     let pg = Pg::start();
-    let (cfg, _) = with_admin(&pg, "[services.app]\nslice = 2\n");
+    let (cfg, _) = with_admin(config(&pg, "[services.app]\nslice = 2\n"));
     let proxy = Proxy::start(&cfg);
     let _ = psql(&proxy.conninfo(), &["-c", "select 1"]);
     let console = proxy.conninfo().replace("dbname=postgres", "dbname=pgbudget");

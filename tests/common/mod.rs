@@ -283,6 +283,30 @@ pub async fn server_conns(admin: &tokio_postgres::Client, service: &str) -> i64 
         .get(0)
 }
 
+/// `cfg` with an `[admin]` section: the HTTP listener on a free port (returned) and the console for `postgres`.
+pub fn with_admin(cfg: String) -> (String, u16) {
+    let port = free_port();
+    let cfg = cfg.replace(
+        "[upstreams.primary]",
+        &format!("[admin]\nlisten = \"127.0.0.1:{port}\"\nusers = [\"postgres\"]\n\n[upstreams.primary]"),
+    );
+    (cfg, port)
+}
+
+/// The value of one sample in Prometheus text, parsed by a real Prometheus text parser.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    scrape.samples.iter().find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))).map(
+        |s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        },
+    )
+}
+
 pub fn psql(conninfo: &str, args: &[&str]) -> std::process::Output {
     Command::new("psql")
         .arg(conninfo)
