@@ -8,7 +8,7 @@ mod common;
 #[path = "common/lake.rs"]
 mod lake_common;
 
-use lake_common::{file_config, month_start, python, python_has};
+use lake_common::{file_config, month_start, python, require_python};
 use md5::{Digest, Md5};
 use pgbudget::lake::reader::iso_micros;
 use pgbudget::lake::{tables, Lake, LakeConfig, Registry, Row, TableId, Value};
@@ -264,9 +264,7 @@ fn check_with_python(cfg: &LakeConfig, target: &str, rows: &[(TableId, Row)]) {
 
 #[test]
 fn python_duckdb_reads_a_file_catalog_lake() {
-    if !python_has("duckdb", "scripts/lake-deps --python") {
-        return;
-    }
+    require_python("duckdb", "scripts/lake-deps --python");
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path());
     let rows = {
@@ -281,9 +279,7 @@ fn python_duckdb_reads_a_file_catalog_lake() {
 
 #[test]
 fn python_duckdb_reads_a_postgres_catalog_lake_while_pgbudget_writes() {
-    if !python_has("duckdb", "scripts/lake-deps --python") {
-        return;
-    }
+    require_python("duckdb", "scripts/lake-deps --python");
     let pg = common::Pg::start();
     let dir = tempfile::tempdir().unwrap();
     let cfg = LakeConfig { catalog: format!("postgres:{}", pg.conninfo()), ..config(dir.path()) };

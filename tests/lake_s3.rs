@@ -7,7 +7,7 @@ mod common;
 #[path = "common/lake.rs"]
 mod lake_common;
 
-use lake_common::{budgets_toml, file_config, lake_toml, month_start, pgbudget, pool_row, python, python_has};
+use lake_common::{budgets_toml, file_config, lake_toml, month_start, pgbudget, pool_row, python, require_python};
 use pgbudget::lake::config::S3Config;
 use pgbudget::lake::{maintain, tables, Lake, LakeConfig, Registry, Value};
 use serde_json::{json, Value as Json};
@@ -95,9 +95,7 @@ fn count_and_sum(lake: &Lake) -> Json {
 
 #[test]
 fn s3_data_path_against_moto() {
-    if !python_has("moto, boto3", "scripts/lake-deps --python") {
-        return;
-    }
+    require_python("moto, boto3", "scripts/lake-deps --python");
     let started = Instant::now();
     let moto = Moto::start();
     eprintln!("moto up in {:?}", started.elapsed());

@@ -163,23 +163,15 @@ pub fn pgbudget_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String
     )
 }
 
-/// Whether the Python modules the interoperability and S3 tests need import. When they do not, the test is
-/// skipped with a message, except in CI (`CI` set) or under scripts/test (`PGBUDGET_LAKE_PYTHON=1`, which
-/// installs them), where a missing module fails the test.
-pub fn python_has(modules: &str, install: &str) -> bool {
+/// The Python modules the interoperability and S3 tests need must import; a missing one fails the test with
+/// how to install it (never a silent skip).
+pub fn require_python(modules: &str, install: &str) {
     let ok = std::process::Command::new("python3")
         .args(["-c", &format!("import {modules}")])
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    if ok {
-        return true;
-    }
-    let required = std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-        || std::env::var("PGBUDGET_LAKE_PYTHON").is_ok_and(|v| v == "1");
-    assert!(!required, "python3 cannot import {modules}: run {install}");
-    eprintln!("SKIPPED: python3 cannot import {modules} (install with {install}; CI and scripts/test require it)");
-    false
+    assert!(ok, "python3 cannot import {modules}: install them with `{install}` (scripts/test does this)");
 }
 
 /// Run a Python script with arguments; panics with its stderr when it fails. Returns stdout.
