@@ -233,3 +233,35 @@ fn flush_commits_of_two_writers_never_overlap() {
     a.shutdown();
     b.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_waits_for_the_flush_lock() {
+    let pg = Pg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (lake, _reg) = open(&pg, dir.path());
+    append(&lake, 0..5); // few enough rows to be inlined: maintenance has some to move to Parquet
+    lake.writer().unwrap().flush().unwrap();
+
+    // A flush is in progress elsewhere: maintenance must not commit until it is over.
+    let other = common::connect(&pg.conninfo()).await.unwrap();
+    let key = flush_key("");
+    other.execute("SELECT pg_advisory_lock($1)", &[&key]).await.unwrap();
+    let l = lake.clone();
+    let pass = tokio::task::spawn_blocking(move || pgbudget::lake::maintain(&l));
+    let queued = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+                  WHERE l.locktype = 'advisory' AND NOT l.granted AND a.application_name = 'pgbudget:lake-maintenance'";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while other.query_one(queued, &[]).await.unwrap().get::<_, i64>(0) < 1 {
+        assert!(Instant::now() < deadline, "maintenance never queued for the flush lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pass.is_finished(), "maintenance ran while a flush held the lock");
+    assert_eq!(landed(&lake), (5, 5, 10), "the data is unchanged meanwhile");
+
+    other.execute("SELECT pg_advisory_unlock($1)", &[&key]).await.unwrap();
+    let rep = tokio::time::timeout(Duration::from_secs(10), pass).await.unwrap().unwrap().unwrap();
+    assert_eq!((rep.skipped.clone(), rep.rows_flushed), (None, 5), "{rep}");
+    assert_eq!(landed(&lake), (5, 5, 10));
+    lake.shutdown();
+}
