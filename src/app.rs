@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
@@ -44,6 +45,67 @@ pub struct App {
     pub clients: DashMap<u64, ClientInfo>,
     /// The budgets.toml this process runs from (what `RELOAD` and SIGHUP re-read).
     pub config_path: std::sync::OnceLock<std::path::PathBuf>,
+    /// Slots for clients that have connected but not finished logging in (`proxy.max_pending_logins`).
+    pub login_slots: LoginSlots,
+}
+
+/// A bounded number of clients between accept and the end of authentication, so unauthenticated
+/// connections cannot pile up without limit; sized once at startup (changing it needs a restart).
+pub struct LoginSlots {
+    sem: Arc<Semaphore>,
+    max: u32,
+    gauge: prometheus::IntGauge,
+    /// When a refusal was last logged (ms since `epoch`), so a flood logs one line per 10 s.
+    last_warn_ms: AtomicU64,
+    epoch: Instant,
+}
+
+/// One client's login slot; freed (and the `pgbudget_clients_logging_in` gauge lowered) on Drop.
+pub struct LoginPermit {
+    _permit: OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl Drop for LoginPermit {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+impl LoginSlots {
+    pub fn new(max: u32, gauge: prometheus::IntGauge) -> LoginSlots {
+        LoginSlots {
+            sem: Arc::new(Semaphore::new(max as usize)),
+            max,
+            gauge,
+            last_warn_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// A free slot, or `None` when `max` clients are logging in already. Never waits.
+    pub fn try_acquire(&self) -> Option<LoginPermit> {
+        let permit = self.sem.clone().try_acquire_owned().ok()?;
+        self.gauge.inc();
+        Some(LoginPermit { _permit: permit, gauge: self.gauge.clone() })
+    }
+
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
+    /// Slots in use right now.
+    pub fn in_use(&self) -> usize {
+        self.max as usize - self.sem.available_permits()
+    }
+
+    /// True at most once per 10 s: whether a refusal should be logged.
+    pub fn should_warn(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64 + 10_000;
+        let last = self.last_warn_ms.load(Ordering::Relaxed);
+        now >= last + 10_000
+            && self.last_warn_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
 }
 
 /// What the console shows of a client session.
@@ -81,6 +143,7 @@ impl App {
     pub fn with_telemetry(resolved: Resolved, env: &Env, metrics: Metrics, telemetry: Telemetry) -> Arc<App> {
         let users = UserDb::build(&resolved, env);
         let pools = Pools::build(&resolved, &metrics);
+        let login_slots = LoginSlots::new(resolved.config.proxy.max_pending_logins, metrics.clients_logging_in.clone());
         Arc::new(App {
             resolved: ArcSwap::from_pointee(resolved),
             users: ArcSwap::from_pointee(users),
@@ -97,6 +160,7 @@ impl App {
             snapshot_started: AtomicBool::new(false),
             clients: DashMap::new(),
             config_path: std::sync::OnceLock::new(),
+            login_slots,
         })
     }
 
@@ -211,5 +275,32 @@ impl App {
             let _ = tokio::task::spawn_blocking(move || lake.shutdown()).await;
         }
         info!("shutdown complete");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn login_slots_are_bounded_and_freed_on_drop() {
+        let gauge = prometheus::IntGauge::new("t_logging_in", "t").unwrap();
+        let slots = LoginSlots::new(2, gauge.clone());
+        let a = slots.try_acquire().expect("first slot");
+        let b = slots.try_acquire().expect("second slot");
+        assert!(slots.try_acquire().is_none(), "a third client must be refused");
+        assert_eq!((gauge.get(), slots.in_use()), (2, 2));
+        drop(a);
+        assert_eq!((gauge.get(), slots.in_use()), (1, 1));
+        let c = slots.try_acquire().expect("a freed slot is reusable");
+        drop((b, c));
+        assert_eq!((gauge.get(), slots.in_use(), slots.max()), (0, 0, 2));
+    }
+
+    #[test]
+    fn refusals_warn_at_most_every_ten_seconds() {
+        let slots = LoginSlots::new(1, prometheus::IntGauge::new("t_warn", "t").unwrap());
+        assert!(slots.should_warn());
+        assert!(!slots.should_warn());
     }
 }

@@ -180,8 +180,12 @@ impl UserDb {
                 return Err(AuthError::Failed { user: user.into(), reason: "no md5-capable secret" });
             }
         };
+        // Config load refuses a malformed secret; should one get here anyway, it fails like a wrong password.
+        let Some(inner) = stored.strip_prefix("md5").filter(|_| is_md5_secret(&stored)) else {
+            return Err(AuthError::Failed { user: user.into(), reason: "malformed md5 secret" });
+        };
         let mut h = md5::Md5::new();
-        h.update(&stored.as_bytes()[3..]);
+        h.update(inner.as_bytes());
         h.update(salt);
         let expected = format!("md5{:x}", h.finalize());
         if constant_eq(expected.as_bytes(), got.as_bytes()) {
@@ -216,7 +220,7 @@ impl UserDb {
         sock.write_all(&out).await.map_err(ProtocolError::from)?;
 
         // SASLInitialResponse: mechanism, length, client-first-message.
-        let kind = protocol::read_message(sock, buf).await?;
+        let kind = protocol::read_client_message(sock, buf).await?;
         if kind != b'p' {
             return Err(ProtocolError::Unexpected { expected: "SASLInitialResponse", got: kind as char }.into());
         }
@@ -242,7 +246,7 @@ impl UserDb {
         sock.write_all(&out).await.map_err(ProtocolError::from)?;
 
         // SASLResponse: client-final-message.
-        let kind = protocol::read_message(sock, buf).await?;
+        let kind = protocol::read_client_message(sock, buf).await?;
         if kind != b'p' {
             return Err(ProtocolError::Unexpected { expected: "SASLResponse", got: kind as char }.into());
         }
@@ -276,6 +280,11 @@ impl UserDb {
     }
 }
 
+/// Whether `s` is an md5 secret as Postgres stores one: `md5` followed by 32 lowercase hex digits.
+pub fn is_md5_secret(s: &str) -> bool {
+    s.strip_prefix("md5").is_some_and(|h| h.len() == 32 && h.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
+}
+
 /// A plaintext secret from the environment; its verifier (random salt) is derived here, once.
 fn plain(password: &str) -> Secret {
     let mut salt = vec![0u8; 16];
@@ -303,7 +312,7 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn read_password<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut BytesMut) -> Result<String, AuthError> {
-    let kind = protocol::read_message(sock, buf).await?;
+    let kind = protocol::read_client_message(sock, buf).await?;
     if kind != b'p' {
         return Err(ProtocolError::Unexpected { expected: "PasswordMessage", got: kind as char }.into());
     }
@@ -323,6 +332,70 @@ mod tests {
         assert_eq!(again.stored_key, parsed.stored_key);
         assert_eq!(again.server_key, parsed.server_key);
         assert!(ScramVerifier::parse("SCRAM-SHA-256$x:y$z").is_none());
+    }
+
+    fn md5_db(secret: &str) -> UserDb {
+        let user = User { name: "app".into(), secret: Some(Secret::Md5(secret.into())), service: None };
+        UserDb { method: AuthMethod::Md5, users: HashMap::from([("app".into(), user)]), mock_key: [7; 32] }
+    }
+
+    /// Run an md5 login for `app` over an in-memory pipe; the client answers with `password`.
+    async fn md5_login(db: &UserDb, password: &str) -> Result<(), AuthError> {
+        use tokio::io::AsyncReadExt;
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let proxy = async move {
+            let mut buf = BytesMut::new();
+            db.authenticate(&mut server, "app", &mut buf).await
+        };
+        let client = async move {
+            let mut req = [0u8; 13]; // 'R', length 12, code 5, salt
+            client.read_exact(&mut req).await.unwrap();
+            assert_eq!(&req[..9], &[b'R', 0, 0, 0, 12, 0, 0, 0, 5]);
+            let salt = [req[9], req[10], req[11], req[12]];
+            let answer = postgres_protocol::authentication::md5_hash(b"app", password.as_bytes(), salt);
+            let mut out = BytesMut::new();
+            let at = protocol::begin(&mut out, b'p');
+            protocol::put_cstr(&mut out, &answer);
+            protocol::finish(&mut out, at);
+            client.write_all(&out).await.unwrap();
+        };
+        tokio::join!(proxy, client).0
+    }
+
+    #[tokio::test]
+    async fn md5_login_checks_the_stored_secret() {
+        let secret = format!("md5{:x}", md5::Md5::digest("s3cretapp"));
+        assert!(is_md5_secret(&secret));
+        let db = md5_db(&secret);
+        md5_login(&db, "s3cret").await.expect("right password");
+        let e = md5_login(&db, "wrong").await.unwrap_err();
+        assert!(matches!(e, AuthError::Failed { reason: "wrong password", .. }), "{e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_malformed_md5_secret_fails_the_login_without_panicking() {
+        let good = format!("md5{:x}", md5::Md5::digest("s3cretapp"));
+        let bads = ["", "md", "md5", "md5abc", "xyz"].map(String::from);
+        for bad in bads.into_iter().chain([good.to_uppercase(), good[..34].to_owned(), format!("{good}0")]) {
+            assert!(!is_md5_secret(&bad), "{bad:?}");
+            let e = md5_login(&md5_db(&bad), "s3cret").await.unwrap_err();
+            assert!(matches!(e, AuthError::Failed { reason: "malformed md5 secret", .. }), "{bad:?}: {e:?}");
+            // The client sees the same text as for a wrong password.
+            let e = crate::error::ProxyError::Auth(e);
+            let (_, code, msg) = e.to_client();
+            assert_eq!((code, msg.as_str()), ("28P01", "password authentication failed for user \"app\""));
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_password_messages_are_refused_unread() {
+        let db = md5_db(&format!("md5{:x}", md5::Md5::digest("s3cretapp")));
+        let (mut client, mut server) = tokio::io::duplex(64);
+        client.write_all(&[b'p', 0, 0x10, 0, 0]).await.unwrap(); // declares 1 MiB
+        let mut buf = BytesMut::new();
+        let e = db.authenticate(&mut server, "app", &mut buf).await.unwrap_err();
+        assert!(matches!(e, AuthError::Protocol(ProtocolError::Length { .. })), "{e:?}");
+        assert_eq!(buf.capacity(), 0);
     }
 
     #[test]

@@ -104,6 +104,9 @@ impl Resolved {
             v.push(format!("proxy.share_floor = {} is out of range (1 ..= 1000)", p.share_floor));
         }
         check_duration(&mut v, "proxy.drain_timeout", p.drain_timeout, Duration::ZERO, Duration::from_secs(3600));
+        if p.max_pending_logins < 1 {
+            v.push(format!("proxy.max_pending_logins = {} must be at least 1", p.max_pending_logins));
+        }
         let a = &config.admin;
         if !a.listen.is_empty() && a.listen.parse::<std::net::SocketAddr>().is_err() {
             v.push(format!("admin.listen = {:?} is not an address:port (or \"\" to disable)", a.listen));
@@ -301,6 +304,14 @@ impl Resolved {
             if let Some(s) = &u.scram {
                 if crate::auth::ScramVerifier::parse(s).is_none() {
                     v.push(format!("auth user {:?}: scram is not a SCRAM-SHA-256 verifier", u.name));
+                }
+            }
+            if let Some(m) = &u.md5 {
+                if !crate::auth::is_md5_secret(m) {
+                    v.push(format!(
+                        "auth user {:?}: md5 is not an md5 secret (\"md5\" followed by 32 lowercase hex digits)",
+                        u.name
+                    ));
                 }
             }
             if config.auth.method == AuthMethod::Md5 && u.scram.is_some() {

@@ -134,3 +134,20 @@ fn admission_thresholds_and_exempt_headroom_are_checked() {
     let r = resolve(&ok, &env(&[])).unwrap();
     assert_eq!(r.services["web"].settings.admission.as_ref().unwrap().hard_reject, 0.88);
 }
+
+#[test]
+fn malformed_md5_secrets_and_pending_logins_are_refused() {
+    let good = "md5".to_owned() + &"0123456789abcdef".repeat(2);
+    let users = |md5: &str| {
+        BASE.replace("[proxy]\n", "[proxy]\nmax_pending_logins = 0\n").replace(
+            "[upstreams.primary]",
+            &format!("[auth]\nmethod = \"md5\"\n[[auth.users]]\nname = \"app\"\nmd5 = \"{md5}\"\n[upstreams.primary]"),
+        )
+    };
+    let err = resolve(&users("md"), &env(&[])).unwrap_err();
+    assert!(err.violations.iter().any(|v| v.contains("auth user \"app\": md5 is not an md5 secret")), "{err}");
+    assert!(err.violations.iter().any(|v| v.contains("proxy.max_pending_logins = 0")), "{err}");
+    let ok = users(&good).replace("max_pending_logins = 0", "max_pending_logins = 1");
+    assert_eq!(resolve(&ok, &env(&[])).unwrap().config.proxy.max_pending_logins, 1);
+    assert_eq!(resolve(BASE, &env(&[])).unwrap().config.proxy.max_pending_logins, 256);
+}

@@ -1,10 +1,17 @@
 //! Cancel keys: each client gets a proxy-issued BackendKeyData that maps to whichever server backend
 //! it holds right now, so a CancelRequest reaches exactly that backend and never another client's.
+//!
+//! A cancel is looked up while the client holds the server but reaches Postgres a little later. So that it
+//! can never land on the next client's query, every forwarded cancel is an [`InFlight`] guard on the
+//! checkout it was looked up in; the relay detaches a server only after the checkout's cancels are done
+//! (Postgres has signalled the backend, which ignores a cancel that arrives while it is idle).
 
 use dashmap::DashMap;
 use rand::Rng;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Notify;
 
 /// The server backend a client is attached to.
@@ -15,19 +22,58 @@ pub struct ServerKey {
     pub secret: i32,
 }
 
+/// Cancels in flight for one checkout.
+#[derive(Debug, Default)]
+pub struct Flights {
+    count: AtomicU32,
+    done: Notify,
+}
+
+impl Flights {
+    /// Wait until no cancel for this checkout is in flight; false if `limit` passed first.
+    pub async fn settle(&self, limit: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.done.notified();
+                if self.count.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+/// One forwarded cancel; the checkout it belongs to is held until this is dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Flights>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.done.notify_waiters();
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Entry {
     secret: i32,
-    server: Option<ServerKey>,
+    server: Option<(ServerKey, Arc<Flights>)>,
     /// Set while the client waits in a pool queue: a cancel wakes it instead of a backend.
     queued: Option<Arc<Notify>>,
 }
 
 /// What a valid CancelRequest reaches.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum CancelTarget {
-    /// The backend running the client's query.
-    Server(ServerKey),
+    /// The backend running the client's query; the guard holds that checkout until the cancel is sent.
+    Server(ServerKey, InFlight),
     /// The client is queued for a server: its wait is abandoned.
     Queued(Arc<Notify>),
 }
@@ -67,7 +113,11 @@ impl CancelRegistry {
             return None;
         }
         match (&e.server, &e.queued) {
-            (Some(s), _) => Some(CancelTarget::Server(*s)),
+            (Some((s, f)), _) => {
+                // Counted under the entry's lock, so a detach after this sees the flight.
+                f.count.fetch_add(1, Ordering::AcqRel);
+                Some(CancelTarget::Server(*s, InFlight(f.clone())))
+            }
             (None, Some(n)) => Some(CancelTarget::Queued(n.clone())),
             (None, None) => None,
         }
@@ -75,7 +125,7 @@ impl CancelRegistry {
 
     /// Client pid → server backend pid, for every client that holds a server now.
     pub fn attached(&self) -> std::collections::HashMap<i32, i32> {
-        self.map.iter().filter_map(|e| e.server.map(|s| (*e.key(), s.pid))).collect()
+        self.map.iter().filter_map(|e| e.server.as_ref().map(|(s, _)| (*e.key(), s.pid))).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -88,11 +138,18 @@ impl CancelRegistry {
 }
 
 impl ClientKey {
-    /// Record which server this client holds (or `None` when it holds none).
-    pub fn attach(&self, server: Option<ServerKey>) {
+    /// Record which server this client holds from now on.
+    pub fn attach(&self, server: ServerKey) {
         if let Some(mut e) = self.registry.map.get_mut(&self.pid) {
-            e.server = server;
+            e.server = Some((server, Arc::default()));
         }
+    }
+
+    /// The client gives its server up: no new cancel can reach it; returns the cancels still in flight for
+    /// it, which the caller lets settle before the server goes to anyone else.
+    pub fn detach(&self) -> Option<Arc<Flights>> {
+        let mut e = self.registry.map.get_mut(&self.pid)?;
+        e.server.take().map(|(_, f)| f).filter(|f| f.in_flight() > 0)
     }
 
     /// Mark the client as queued (a fresh notifier per wait) or, with `None`, as no longer queued.
@@ -119,10 +176,10 @@ mod tests {
         let k = reg.issue();
         assert!(reg.lookup(k.pid, k.secret).is_none());
         let s = ServerKey { addr: "127.0.0.1:5432".parse().unwrap(), pid: 42, secret: 7 };
-        k.attach(Some(s));
-        assert!(matches!(reg.lookup(k.pid, k.secret), Some(CancelTarget::Server(x)) if x == s));
+        k.attach(s);
+        assert!(matches!(reg.lookup(k.pid, k.secret), Some(CancelTarget::Server(x, _)) if x == s));
         assert!(reg.lookup(k.pid, k.secret.wrapping_add(1)).is_none());
-        k.attach(None);
+        assert!(k.detach().is_none(), "no cancel in flight");
         assert!(reg.lookup(k.pid, k.secret).is_none());
         k.queued(Some(Arc::new(Notify::new())));
         assert!(matches!(reg.lookup(k.pid, k.secret), Some(CancelTarget::Queued(_))));
@@ -130,5 +187,24 @@ mod tests {
         assert!(reg.lookup(k.pid, k.secret).is_none());
         drop(k);
         assert!(reg.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn detach_waits_for_a_cancel_looked_up_before_it() {
+        let reg = Arc::new(CancelRegistry::default());
+        let k = reg.issue();
+        k.attach(ServerKey { addr: "127.0.0.1:5432".parse().unwrap(), pid: 42, secret: 7 });
+        let Some(CancelTarget::Server(_, flight)) = reg.lookup(k.pid, k.secret) else { panic!("attached") };
+        let flights = k.detach().expect("one cancel in flight");
+        assert!(reg.lookup(k.pid, k.secret).is_none(), "no new cancel after detach");
+        // Not settled while the cancel is still being sent; settled once it is done.
+        assert!(!flights.settle(Duration::from_millis(50)).await);
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            drop(flight);
+        });
+        assert!(flights.settle(Duration::from_secs(5)).await);
+        sender.await.unwrap();
+        assert_eq!(flights.in_flight(), 0);
     }
 }

@@ -12,20 +12,19 @@ use bytes::{Buf, BytesMut};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 /// How long a client may take to finish a message batch we are rejecting.
 const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// Client bytes buffered while queued beyond this are left in the socket until a server is found.
-const MAX_BUFFERED_WHILE_QUEUED: usize = 1 << 20;
+const MAX_BUFFERED_WHILE_QUEUED: usize = crate::relay::pump::BUF;
 /// How long a paused pool holds a checkout beyond its `checkout_timeout` (a Postgres restart fits well within).
 const PAUSE_WAIT: Duration = Duration::from_secs(60);
 
 /// The client side of a checkout.
-pub struct Waiter<'a> {
-    pub sock: &'a mut TcpStream,
+pub struct Waiter<'a, C> {
+    pub sock: &'a mut C,
     pub cbuf: &'a mut BytesMut,
     pub key: &'a ClientKey,
     pub exempt: bool,
@@ -77,7 +76,10 @@ impl Drop for Queued<'_> {
 }
 
 /// Admit, then take a server now or wait for one in the pool's queue.
-pub async fn acquire(pool: &ServicePool, mut w: Waiter<'_>) -> Result<(PooledConn, Hold), ProxyError> {
+pub async fn acquire<C: AsyncRead + AsyncWrite + Unpin>(
+    pool: &ServicePool,
+    mut w: Waiter<'_, C>,
+) -> Result<(PooledConn, Hold), ProxyError> {
     if pool.control.is_paused() {
         wait_resumed(pool, &mut w).await?;
     }
@@ -155,7 +157,7 @@ pub async fn acquire(pool: &ServicePool, mut w: Waiter<'_>) -> Result<(PooledCon
 
 /// Buffer what a waiting client sends (up to [`MAX_BUFFERED_WHILE_QUEUED`]; past it only wait); false once it
 /// has gone (EOF or a socket error).
-async fn still_there(sock: &mut TcpStream, cbuf: &mut BytesMut) -> bool {
+async fn still_there<C: AsyncRead + Unpin>(sock: &mut C, cbuf: &mut BytesMut) -> bool {
     if cbuf.len() >= MAX_BUFFERED_WHILE_QUEUED {
         std::future::pending::<()>().await;
     }
@@ -163,7 +165,10 @@ async fn still_there(sock: &mut TcpStream, cbuf: &mut BytesMut) -> bool {
 }
 
 /// Hold a checkout while an operator has the pool paused, up to `checkout_timeout` plus [`PAUSE_WAIT`].
-async fn wait_resumed(pool: &ServicePool, w: &mut Waiter<'_>) -> Result<(), ProxyError> {
+async fn wait_resumed<C: AsyncRead + AsyncWrite + Unpin>(
+    pool: &ServicePool,
+    w: &mut Waiter<'_, C>,
+) -> Result<(), ProxyError> {
     let started = Instant::now();
     let b = pool.budget();
     let limit = b.settings.checkout_timeout + PAUSE_WAIT;
@@ -185,31 +190,49 @@ async fn wait_resumed(pool: &ServicePool, w: &mut Waiter<'_>) -> Result<(), Prox
 
 /// Answer a batch we cannot run (no server): ErrorResponse, then skip to its Query or Sync and say ReadyForQuery.
 /// Returns true if the client terminated meanwhile.
-pub async fn reject_batch(sock: &mut TcpStream, cbuf: &mut BytesMut, e: &ProxyError) -> Result<bool, ProxyError> {
+pub async fn reject_batch<C: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut C,
+    cbuf: &mut BytesMut,
+    e: &ProxyError,
+) -> Result<bool, ProxyError> {
     let (_, code, msg) = e.to_client();
     let mut out = BytesMut::new();
     protocol::error_response(&mut out, Severity::Error, code, &msg, None);
     sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+    // Bodies are skipped as they arrive, never buffered whole.
+    let mut skip = 0usize;
+    let mut ends_batch = None;
     loop {
-        while cbuf.len() >= 5 {
-            let kind = cbuf[0];
-            let len = i32::from_be_bytes([cbuf[1], cbuf[2], cbuf[3], cbuf[4]]);
-            if len < 4 {
-                return Err(ProtocolError::Length { kind: kind as char, len: 0 }.into());
+        loop {
+            if skip > 0 {
+                let n = skip.min(cbuf.len());
+                cbuf.advance(n);
+                skip -= n;
+                if skip > 0 {
+                    break;
+                }
             }
-            if cbuf.len() < 1 + len as usize {
+            if let Some(kind) = ends_batch.take() {
+                if kind == b'X' {
+                    return Ok(true);
+                }
+                out.clear();
+                protocol::ready_for_query(&mut out, b'I');
+                sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+                return Ok(false);
+            }
+            if cbuf.len() < 5 {
                 break;
             }
-            cbuf.advance(1 + len as usize);
-            match kind {
-                b'Q' | b'S' => {
-                    out.clear();
-                    protocol::ready_for_query(&mut out, b'I');
-                    sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
-                    return Ok(false);
-                }
-                b'X' => return Ok(true),
-                _ => {}
+            let kind = cbuf[0];
+            let len = i32::from_be_bytes([cbuf[1], cbuf[2], cbuf[3], cbuf[4]]);
+            if len < 4 || crate::relay::frame::client_limit(kind).is_none() {
+                return Err(ProtocolError::Length { kind: kind as char, len: len.max(0) as usize }.into());
+            }
+            cbuf.advance(5);
+            skip = len as usize - 4;
+            if matches!(kind, b'Q' | b'S' | b'X') {
+                ends_batch = Some(kind);
             }
         }
         match tokio::time::timeout(REJECT_READ_TIMEOUT, sock.read_buf(cbuf)).await {

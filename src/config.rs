@@ -73,6 +73,11 @@ pub struct ProxySection {
     pub drain_timeout: Duration,
     /// Prefix of `application_name` on server connections: `<prefix>:<service>:<route>`.
     pub application_name_prefix: String,
+    /// Clients that may be between accept and the end of authentication at once; more get FATAL 53300 unread.
+    pub max_pending_logins: u32,
+    /// Largest client message the proxy reads whole after login (read-only routes' statements); over it the
+    /// client gets FATAL 54000. Other messages stream through whatever their size.
+    pub max_query_size: usize,
 }
 
 impl Default for ProxySection {
@@ -87,6 +92,8 @@ impl Default for ProxySection {
             share_floor: 4,
             drain_timeout: Duration::from_secs(30),
             application_name_prefix: "pgbudget".into(),
+            max_pending_logins: 256,
+            max_query_size: 1 << 20,
         }
     }
 }
@@ -185,7 +192,7 @@ pub struct UserConfig {
     pub password_env: Option<String>,
     /// A SCRAM-SHA-256 verifier as stored by Postgres (`SCRAM-SHA-256$<iter>:<salt>$<stored>:<server>`).
     pub scram: Option<String>,
-    /// An md5 secret as stored by Postgres (`md5` + md5(password || user)).
+    /// An md5 secret as stored by Postgres (`md5` + 32 lowercase hex digits of md5(password || user)).
     pub md5: Option<String>,
     /// Shared mode with `service_from = "user"`: the service this user belongs to.
     pub service: Option<String>,

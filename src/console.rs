@@ -1,7 +1,7 @@
 //! The admin console: a virtual database (`psql -d pgbudget`) answering PgBouncer-style `SHOW` commands,
 //! open only to the users listed in `admin.users`. Simple query protocol only.
 
-use crate::app::App;
+use crate::app::{App, LoginPermit};
 use crate::auth::AuthError;
 use crate::error::ProxyError;
 use crate::protocol::{self, Severity, Startup};
@@ -64,10 +64,20 @@ fn epoch(t: SystemTime) -> String {
     t.duration_since(UNIX_EPOCH).map(|d| d.as_secs().to_string()).unwrap_or_default()
 }
 
-/// Serve an authenticated console session; `Err` ends the session with that error.
-pub async fn run(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup) -> Result<(), ProxyError> {
+/// Serve an authenticated console session; `Err` ends the session with that error. The client's login
+/// slot is held (and the exchange bounded by the login timeout) until its user has authenticated.
+pub async fn run(
+    app: &Arc<App>,
+    sock: &mut TcpStream,
+    startup: &Startup,
+    login_slot: LoginPermit,
+) -> Result<(), ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
-    app.users().authenticate(sock, startup.user(), &mut buf).await?;
+    let users = app.users();
+    let auth = tokio::time::timeout(crate::session::LOGIN_TIMEOUT, users.authenticate(sock, startup.user(), &mut buf));
+    let auth = auth.await;
+    drop(login_slot);
+    auth.map_err(|_| ProxyError::ClientIo(std::io::ErrorKind::TimedOut.into()))??;
     if !app.resolved().config.admin.users.iter().any(|u| u == startup.user()) {
         return Err(ProxyError::Auth(AuthError::Failed { user: startup.user().into(), reason: "not an admin user" }));
     }

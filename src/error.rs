@@ -6,6 +6,40 @@ use crate::protocol::{ProtocolError, Severity};
 use crate::server::ServerError;
 use std::time::Duration;
 
+/// The SQLSTATEs the proxy itself emits (names as in Postgres's errcodes.txt).
+pub mod sqlstate {
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+    pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: &str = "25P03";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    pub const QUERY_CANCELED: &str = "57014";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const CRASH_SHUTDOWN: &str = "57P02";
+    pub const CANNOT_CONNECT_NOW: &str = "57P03";
+    pub const DATABASE_DROPPED: &str = "57P04";
+    pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+
+    /// Upstream login/checkout errors a client should see with the server's own SQLSTATE (operator
+    /// intervention class 57P and the server's own "too many connections"), so it can tell a restart
+    /// or a full server from an unreachable one.
+    pub fn passes_through(code: &str) -> bool {
+        [
+            TOO_MANY_CONNECTIONS,
+            ADMIN_SHUTDOWN,
+            CRASH_SHUTDOWN,
+            CANNOT_CONNECT_NOW,
+            DATABASE_DROPPED,
+            IDLE_SESSION_TIMEOUT,
+        ]
+        .contains(&code)
+    }
+}
+
 /// Everything that can end or interrupt a client session.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -45,6 +79,12 @@ pub enum ProxyError {
     ShuttingDown,
     #[error("client i/o: {0}")]
     ClientIo(std::io::Error),
+    #[error("too many clients logging in (max_pending_logins {0})")]
+    TooManyLogins(u32),
+    #[error("client message {kind:?} of {len} bytes is over max_query_size {max}")]
+    MessageTooLarge { kind: char, len: usize, max: usize },
+    #[error("server refused the client's startup setting: {code} {message}")]
+    SettingRejected { code: String, message: String },
 }
 
 /// Stable label for logs (and later metrics) — fixed cardinality, never client input.
@@ -69,25 +109,43 @@ impl ProxyError {
             ProxyError::BadParameter(_) => "bad_parameter",
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::ClientIo(_) => "client_io",
+            ProxyError::TooManyLogins(_) => "too_many_logins",
+            ProxyError::MessageTooLarge { .. } => "message_too_large",
+            ProxyError::SettingRejected { .. } => "setting_rejected",
         }
     }
 
     /// Severity, SQLSTATE and the message a client may see.
     pub fn to_client(&self) -> (Severity, &str, String) {
+        use sqlstate::*;
         use Severity::*;
         match self {
-            ProxyError::ClientProtocol(e) => (Fatal, "08P01", format!("invalid frontend message: {e}")),
-            ProxyError::Auth(AuthError::Protocol(_)) => (Fatal, "08P01", "invalid authentication exchange".into()),
+            ProxyError::ClientProtocol(ProtocolError::Version { major, minor }) => (
+                Fatal,
+                FEATURE_NOT_SUPPORTED,
+                format!(
+                    "unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.{}",
+                    crate::protocol::NEWEST_MINOR
+                ),
+            ),
+            ProxyError::ClientProtocol(e) => (Fatal, PROTOCOL_VIOLATION, format!("invalid frontend message: {e}")),
+            ProxyError::Auth(AuthError::Protocol(_)) => {
+                (Fatal, PROTOCOL_VIOLATION, "invalid authentication exchange".into())
+            }
             ProxyError::Auth(AuthError::Failed { user, .. }) => {
-                (Fatal, "28P01", format!("password authentication failed for user \"{user}\""))
+                (Fatal, INVALID_PASSWORD, format!("password authentication failed for user \"{user}\""))
             }
-            ProxyError::UnknownService(s) => {
-                (Fatal, "3D000", format!("no budget for service \"{s}\": declare it under [services] in budgets.toml"))
+            ProxyError::UnknownService(s) => (
+                Fatal,
+                INVALID_CATALOG_NAME,
+                format!("no budget for service \"{s}\": declare it under [services] in budgets.toml"),
+            ),
+            ProxyError::UnknownDatabase(d) => {
+                (Fatal, INVALID_CATALOG_NAME, format!("database \"{d}\" is not served by pgbudget"))
             }
-            ProxyError::UnknownDatabase(d) => (Fatal, "3D000", format!("database \"{d}\" is not served by pgbudget")),
             ProxyError::BudgetExhausted { service, share, waited } => (
                 Error,
-                "53300",
+                TOO_MANY_CONNECTIONS,
                 format!(
                     "pgbudget: service \"{service}\" is using all {share} of its server connections; \
                      no connection freed up within {} ms",
@@ -96,7 +154,7 @@ impl ProxyError {
             ),
             ProxyError::Shed { service, share, refusal } => (
                 Error,
-                "53300",
+                TOO_MANY_CONNECTIONS,
                 match refusal {
                     Refusal::Hard { holding, line } => format!(
                         "pgbudget: service \"{service}\" holds {holding} of its {share} server connections, at its \
@@ -108,46 +166,64 @@ impl ProxyError {
                     ),
                 },
             ),
-            ProxyError::QueuedCancel => (Error, "57014", "canceling statement due to user request".into()),
+            ProxyError::QueuedCancel => (Error, QUERY_CANCELED, "canceling statement due to user request".into()),
             ProxyError::Paused { service, waited } => (
                 Error,
-                "57P03",
+                CANNOT_CONNECT_NOW,
                 format!(
                     "pgbudget: service \"{service}\" is paused by an operator; no RESUME within {} ms",
                     waited.as_millis()
                 ),
             ),
             ProxyError::Killed => {
-                (Fatal, "57P01", "terminating connection due to administrator command (pgbudget KILL)".into())
+                (Fatal, ADMIN_SHUTDOWN, "terminating connection due to administrator command (pgbudget KILL)".into())
             }
             ProxyError::IdleInTransaction(d) => (
                 Fatal,
-                "25P03",
+                IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
                 format!("terminating connection due to idle-in-transaction timeout (pgbudget: {} ms)", d.as_millis()),
             ),
             ProxyError::ClientIdle(d) => (
                 Fatal,
-                "57P05",
+                IDLE_SESSION_TIMEOUT,
                 format!("terminating connection due to idle-session timeout (pgbudget: {} ms)", d.as_millis()),
             ),
             ProxyError::Upstream { upstream, source } => match source {
-                ServerError::Auth(_) => {
-                    (Fatal, "08006", format!("pgbudget could not log in to upstream \"{upstream}\": {source}"))
+                ServerError::Auth(_) => (
+                    Fatal,
+                    CONNECTION_FAILURE,
+                    format!("pgbudget could not log in to upstream \"{upstream}\": {source}"),
+                ),
+                ServerError::Postgres { code, message } if sqlstate::passes_through(code) => {
+                    (Error, code.as_str(), format!("pgbudget: upstream \"{upstream}\": {message}"))
                 }
-                _ => (Error, "08006", format!("pgbudget cannot reach upstream \"{upstream}\": {source}")),
+                _ => (Error, CONNECTION_FAILURE, format!("pgbudget cannot reach upstream \"{upstream}\": {source}")),
             },
             ProxyError::ServerRejected { code, message } => (Error, code.as_str(), message.clone()),
             ProxyError::ReadOnly { route, what } => {
-                (Fatal, "25006", format!("pgbudget: read-only route \"{route}\" refuses {what}"))
+                (Fatal, READ_ONLY_SQL_TRANSACTION, format!("pgbudget: read-only route \"{route}\" refuses {what}"))
             }
             ProxyError::RouteDisabled { service, route } => (
                 Fatal,
-                "3D000",
+                INVALID_CATALOG_NAME,
                 format!("read-only route \"{route}\" is disabled for service \"{service}\" (read_only_share = 0)"),
             ),
-            ProxyError::BadParameter(p) => (Fatal, "08P01", format!("unsupported startup parameter \"{p}\"")),
-            ProxyError::ShuttingDown => (Fatal, "57P01", "pgbudget is shutting down".into()),
-            ProxyError::ClientIo(e) => (Fatal, "08006", format!("client connection failed: {e}")),
+            ProxyError::BadParameter(p) => {
+                (Fatal, PROTOCOL_VIOLATION, format!("unsupported startup parameter \"{p}\""))
+            }
+            ProxyError::ShuttingDown => (Fatal, ADMIN_SHUTDOWN, "pgbudget is shutting down".into()),
+            ProxyError::ClientIo(e) => (Fatal, CONNECTION_FAILURE, format!("client connection failed: {e}")),
+            ProxyError::TooManyLogins(max) => (
+                Fatal,
+                TOO_MANY_CONNECTIONS,
+                format!("pgbudget: too many clients are logging in (max_pending_logins {max})"),
+            ),
+            ProxyError::MessageTooLarge { kind, len, max } => (
+                Fatal,
+                PROGRAM_LIMIT_EXCEEDED,
+                format!("pgbudget: message of type '{kind}' is {len} bytes, over max_query_size ({max} bytes)"),
+            ),
+            ProxyError::SettingRejected { code, message } => (Fatal, code.as_str(), message.clone()),
         }
     }
 
@@ -191,6 +267,14 @@ mod tests {
             ProxyError::BadParameter("p".into()),
             ProxyError::ShuttingDown,
             ProxyError::ClientIo(std::io::Error::other("x")),
+            ProxyError::TooManyLogins(256),
+            ProxyError::MessageTooLarge { kind: 'Q', len: 2 << 20, max: 1 << 20 },
+            ProxyError::SettingRejected { code: "22023".into(), message: "invalid value".into() },
+            ProxyError::ClientProtocol(ProtocolError::Version { major: 4, minor: 0 }),
+            ProxyError::Upstream {
+                upstream: "p".into(),
+                source: ServerError::Postgres { code: "57P03".into(), message: "starting up".into() },
+            },
         ];
         for e in errs {
             let (_, code, msg) = e.to_client();
@@ -201,5 +285,42 @@ mod tests {
         let (_, code, msg) = e.to_client();
         assert_eq!(code, "53300");
         assert!(msg.contains("worker") && msg.contains("38") && msg.contains("5000 ms"), "{msg}");
+    }
+
+    fn upstream_postgres(code: &str) -> (Severity, String, String) {
+        let e = ProxyError::Upstream {
+            upstream: "primary".into(),
+            source: ServerError::Postgres { code: code.into(), message: "the database system is starting up".into() },
+        };
+        let (sev, code, msg) = e.to_client();
+        (sev, code.to_owned(), msg)
+    }
+
+    #[test]
+    fn upstream_operator_and_capacity_errors_keep_their_sqlstate() {
+        for code in ["57P01", "57P02", "57P03", "57P04", "57P05", "53300"] {
+            let (sev, got, msg) = upstream_postgres(code);
+            assert_eq!((sev, got.as_str()), (Severity::Error, code));
+            assert_eq!(msg, "pgbudget: upstream \"primary\": the database system is starting up");
+        }
+        for code in ["57P00", "57014", "42P01", "53200", "XX000", ""] {
+            let (_, got, msg) = upstream_postgres(code);
+            assert_eq!(got, sqlstate::CONNECTION_FAILURE, "{code}");
+            assert!(msg.starts_with("pgbudget cannot reach upstream \"primary\""), "{msg}");
+        }
+        let auth = ProxyError::Upstream { upstream: "primary".into(), source: ServerError::Auth("no".into()) };
+        assert_eq!(auth.to_client().1, sqlstate::CONNECTION_FAILURE);
+    }
+
+    #[test]
+    fn protocol_version_and_pending_logins_codes() {
+        let (sev, code, msg) = ProxyError::ClientProtocol(ProtocolError::Version { major: 2, minor: 0 }).to_client();
+        assert_eq!((sev, code), (Severity::Fatal, "0A000"));
+        assert_eq!(msg, "unsupported frontend protocol 2.0: server supports 3.0 to 3.0");
+        let (sev, code, msg) = ProxyError::TooManyLogins(7).to_client();
+        assert_eq!((sev, code), (Severity::Fatal, "53300"));
+        assert_eq!(msg, "pgbudget: too many clients are logging in (max_pending_logins 7)");
+        let (_, code, _) = ProxyError::ClientProtocol(ProtocolError::StartupLength(1 << 20)).to_client();
+        assert_eq!(code, "08P01");
     }
 }

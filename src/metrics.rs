@@ -7,7 +7,7 @@ use prometheus::{
 };
 
 /// Why a client connection was refused or ended at login (fixed set, never client text).
-pub const REJECT_REASONS: [&str; 9] = [
+pub const REJECT_REASONS: [&str; 10] = [
     "auth",
     "unknown_service",
     "unknown_database",
@@ -17,6 +17,7 @@ pub const REJECT_REASONS: [&str; 9] = [
     "budget",
     "upstream",
     "protocol",
+    "pending_logins",
 ];
 
 pub struct Metrics {
@@ -31,6 +32,8 @@ pub struct Metrics {
     pub clients_accepted: IntCounter,
     pub clients_rejected: IntCounterVec,
     pub clients_active: IntGauge,
+    /// Clients between accept and the end of authentication (login slots in use).
+    pub clients_logging_in: IntGauge,
     checkout_timeouts: IntCounterVec,
     transactions: IntCounterVec,
     queries: IntCounterVec,
@@ -119,6 +122,15 @@ impl Metrics {
             ),
             clients_active: {
                 let g = IntGauge::new("pgbudget_clients_active", "Client sessions currently open").expect("valid");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            clients_logging_in: {
+                let g = IntGauge::new(
+                    "pgbudget_clients_logging_in",
+                    "Clients connected but not yet logged in (bounded by proxy.max_pending_logins)",
+                )
+                .expect("valid");
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },

@@ -13,10 +13,15 @@ pub const PROTOCOL_V3: i32 = 196_608;
 pub const SSL_REQUEST: i32 = 80_877_103;
 pub const GSSENC_REQUEST: i32 = 80_877_104;
 pub const CANCEL_REQUEST: i32 = 80_877_102;
-/// Largest startup packet we accept (Postgres uses 10000 too).
-pub const MAX_STARTUP_LEN: usize = 10_000;
-/// Largest single message we buffer whole when we must decode it (auth exchanges, ParameterStatus).
+/// Newest 3.x minor version the proxy speaks; a client asking for more is told so (NegotiateProtocolVersion).
+pub const NEWEST_MINOR: i32 = 0;
+/// Largest declared length (length word included) of any client message before authentication completes,
+/// the startup packet included. Nothing an unauthenticated client sends may cost more memory than this.
+pub const MAX_PREAUTH_LEN: usize = 8192;
+/// Largest single server message (or post-login console message) we buffer whole when we must decode it.
 pub const MAX_DECODED_LEN: usize = 1 << 20;
+/// Most bytes one incremental read asks for, so a buffer grows only as bytes actually arrive.
+const READ_CHUNK: usize = 1024;
 
 /// Errors while framing or decoding protocol messages.
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +45,15 @@ pub enum ProtocolError {
 pub enum StartupPacket {
     Ssl,
     GssEnc,
-    Cancel { pid: i32, secret: i32 },
-    Startup(Startup),
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    /// A StartupMessage of protocol 3.`minor` (any minor; the session goes on in 3.0).
+    Startup {
+        startup: Startup,
+        minor: i32,
+    },
 }
 
 /// A decoded StartupMessage: its parameters in the order given.
@@ -63,15 +75,31 @@ impl Startup {
     }
 }
 
-/// Read one startup-layout packet (no type byte).
+/// Read one startup-layout packet (no type byte) from a client.
 pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPacket, ProtocolError> {
-    let len = r.read_i32().await? as usize;
-    if !(8..=MAX_STARTUP_LEN).contains(&len) {
+    let mut body = BytesMut::new();
+    read_startup_into(r, &mut body).await
+}
+
+/// [`read_startup`] into a caller's buffer (cleared first), which grows only as the packet's bytes
+/// arrive, never by the declared length; a declared length over [`MAX_PREAUTH_LEN`] is refused unread.
+pub async fn read_startup_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    body: &mut BytesMut,
+) -> Result<StartupPacket, ProtocolError> {
+    let len = r.read_i32().await?;
+    let len = usize::try_from(len).unwrap_or(0);
+    if !(8..=MAX_PREAUTH_LEN).contains(&len) {
         return Err(ProtocolError::StartupLength(len));
     }
-    let mut body = vec![0u8; len - 4];
-    r.read_exact(&mut body).await?;
-    let mut b = &body[..];
+    body.clear();
+    read_incremental(r, body, len - 4).await?;
+    parse_startup(body)
+}
+
+/// Decode a startup-layout packet body (after the length word).
+fn parse_startup(body: &[u8]) -> Result<StartupPacket, ProtocolError> {
+    let mut b = body;
     let code = b.get_i32();
     match code {
         SSL_REQUEST => Ok(StartupPacket::Ssl),
@@ -82,7 +110,7 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPack
             Ok(StartupPacket::Cancel { pid, secret })
         }
         CANCEL_REQUEST => Err(ProtocolError::Malformed("CancelRequest")),
-        PROTOCOL_V3 => {
+        v if v >> 16 == 3 => {
             let mut params = BTreeMap::new();
             let mut parts = b.split(|c| *c == 0);
             while let Some(k) = parts.next() {
@@ -92,7 +120,7 @@ pub async fn read_startup<R: AsyncRead + Unpin>(r: &mut R) -> Result<StartupPack
                 let v = parts.next().ok_or(ProtocolError::Malformed("StartupMessage"))?;
                 params.insert(utf8(k)?, utf8(v)?);
             }
-            Ok(StartupPacket::Startup(Startup { params }))
+            Ok(StartupPacket::Startup { startup: Startup { params }, minor: v & 0xffff })
         }
         v => Err(ProtocolError::Version { major: v >> 16, minor: v & 0xffff }),
     }
@@ -102,17 +130,68 @@ fn utf8(b: &[u8]) -> Result<String, ProtocolError> {
     String::from_utf8(b.to_vec()).map_err(|_| ProtocolError::Malformed("StartupMessage"))
 }
 
-/// Read one whole typed message into `buf` (cleared first); returns its type byte.
-/// Used only off the hot path (authentication, server startup, reset).
+/// Append exactly `n` bytes from `r` to `buf`, reading at most [`READ_CHUNK`] at a time, so the buffer
+/// grows with the bytes that arrived rather than with what a peer declared it would send.
+async fn read_incremental<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, n: usize) -> std::io::Result<()> {
+    let target = buf.len() + n;
+    while buf.len() < target {
+        let want = (target - buf.len()).min(READ_CHUNK);
+        buf.reserve(want);
+        if (&mut *r).take(want as u64).read_buf(buf).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(())
+}
+
+/// The NegotiateProtocolVersion a client must get before anything else, if it asked for a minor version
+/// newer than [`NEWEST_MINOR`] or sent `_pq_.` protocol options (none of which the proxy knows).
+pub fn negotiation(startup: &Startup, minor: i32) -> Option<BytesMut> {
+    let unknown: Vec<&str> = startup.params.keys().map(String::as_str).filter(|k| k.starts_with("_pq_.")).collect();
+    if minor <= NEWEST_MINOR && unknown.is_empty() {
+        return None;
+    }
+    let mut out = BytesMut::new();
+    negotiate_protocol_version(&mut out, NEWEST_MINOR, &unknown);
+    Some(out)
+}
+
+/// NegotiateProtocolVersion: the newest minor version supported, then the protocol options not recognised.
+pub fn negotiate_protocol_version(out: &mut BytesMut, newest_minor: i32, unrecognized: &[&str]) {
+    let at = begin(out, b'v');
+    out.put_i32(newest_minor);
+    out.put_i32(unrecognized.len() as i32);
+    for o in unrecognized {
+        put_cstr(out, o);
+    }
+    finish(out, at);
+}
+
+/// Read one whole typed message from a server into `buf` (cleared first); returns its type byte.
+/// Used only off the hot path (server startup, reset, the logged-in console); bodies up to
+/// [`MAX_DECODED_LEN`], buffered as they arrive.
 pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> Result<u8, ProtocolError> {
+    read_message_capped(r, buf, MAX_DECODED_LEN).await
+}
+
+/// Read one whole typed message from a client that has not authenticated yet (password, SASL):
+/// a declared length over [`MAX_PREAUTH_LEN`] is refused unread; the body is buffered as it arrives.
+pub async fn read_client_message<R: AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut) -> Result<u8, ProtocolError> {
+    read_message_capped(r, buf, MAX_PREAUTH_LEN).await
+}
+
+async fn read_message_capped<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    cap: usize,
+) -> Result<u8, ProtocolError> {
     let kind = r.read_u8().await?;
-    let len = r.read_i32().await?;
-    if len < 4 || len as usize > MAX_DECODED_LEN {
-        return Err(ProtocolError::Length { kind: kind as char, len: len.max(0) as usize });
+    let len = usize::try_from(r.read_i32().await?).unwrap_or(0);
+    if len < 4 || len > cap {
+        return Err(ProtocolError::Length { kind: kind as char, len });
     }
     buf.clear();
-    buf.resize(len as usize - 4, 0);
-    r.read_exact(&mut buf[..]).await?;
+    read_incremental(r, buf, len - 4).await?;
     Ok(kind)
 }
 
@@ -408,5 +487,156 @@ mod tests {
     #[test]
     fn quoting() {
         assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    fn startup_bytes(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = BytesMut::new();
+        body.put_i32(version);
+        for (k, v) in params {
+            put_cstr(&mut body, k);
+            put_cstr(&mut body, v);
+        }
+        body.put_u8(0);
+        let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Capacity a buffer may reach while reading a message that never arrives in full.
+    const SMALL: usize = 4 * READ_CHUNK;
+
+    #[tokio::test]
+    async fn a_declared_megabyte_allocates_nothing_before_it_arrives() {
+        // Startup packet declaring 1 MiB: refused from the length word alone.
+        let mut r: &[u8] = &[0, 0x10, 0, 4, 0, 3, 0, 0, b'u'];
+        let mut buf = BytesMut::new();
+        let e = read_startup_into(&mut r, &mut buf).await.unwrap_err();
+        assert!(matches!(e, ProtocolError::StartupLength(n) if n == (1 << 20) + 4), "{e:?}");
+        assert_eq!(buf.capacity(), 0);
+        // A client message (password, SASL) declaring 1 MiB: refused from its 5-byte header.
+        let mut r: &[u8] = &[b'p', 0, 0x10, 0, 0, b'x', b'y'];
+        let e = read_client_message(&mut r, &mut buf).await.unwrap_err();
+        assert!(matches!(e, ProtocolError::Length { kind: 'p', len } if len == 1 << 20), "{e:?}");
+        assert_eq!(buf.capacity(), 0);
+        // A server message under the 1 MiB cap whose body never comes: the buffer holds what arrived.
+        let mut r: &[u8] = &[b'D', 0, 0x0f, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+        let e = read_message(&mut r, &mut buf).await.unwrap_err();
+        assert!(matches!(&e, ProtocolError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof), "{e:?}");
+        assert_eq!(&buf[..], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert!(buf.capacity() <= SMALL, "capacity {} for 10 bytes received", buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn buffers_grow_with_the_bytes_that_arrive() {
+        // 1000 bytes of a declared 8000-byte startup packet, then the client goes quiet.
+        let (mut tx, mut rx) = tokio::io::duplex(64);
+        let feed = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            tx.write_all(&8000i32.to_be_bytes()).await.unwrap();
+            tx.write_all(&PROTOCOL_V3.to_be_bytes()).await.unwrap();
+            tx.write_all(&[b'a'; 992]).await.unwrap();
+            tx
+        });
+        let mut buf = BytesMut::new();
+        let read = tokio::time::timeout(std::time::Duration::from_millis(200), read_startup_into(&mut rx, &mut buf));
+        assert!(read.await.is_err(), "the packet is incomplete");
+        let _tx = feed.await.unwrap();
+        assert_eq!(buf.len(), 996);
+        assert!(buf.capacity() <= 2 * READ_CHUNK, "capacity {} for 996 of 7996 bytes", buf.capacity());
+    }
+
+    #[tokio::test]
+    async fn startup_split_byte_by_byte() {
+        let bytes = startup_bytes(PROTOCOL_V3, &[("user", "app"), ("database", "railway"), ("TimeZone", "UTC")]);
+        // A one-byte pipe hands the reader every byte separately.
+        let (mut tx, mut rx) = tokio::io::duplex(1);
+        let feed = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for b in bytes {
+                tx.write_all(&[b]).await.unwrap();
+            }
+        });
+        let p = read_startup(&mut rx).await.unwrap();
+        feed.await.unwrap();
+        let StartupPacket::Startup { startup, minor } = p else { panic!("{p:?}") };
+        assert_eq!(minor, 0);
+        assert_eq!((startup.user(), startup.database(), startup.get("TimeZone")), ("app", "railway", Some("UTC")));
+        assert!(negotiation(&startup, minor).is_none(), "3.0 without _pq_ options needs no negotiation");
+    }
+
+    #[tokio::test]
+    async fn preauth_cap_is_8192_bytes() {
+        let filler = |total: usize| {
+            // user, value; the value pads the packet to exactly `total` bytes.
+            let base = startup_bytes(PROTOCOL_V3, &[("user", "")]).len();
+            "x".repeat(total - base)
+        };
+        let at_cap = startup_bytes(PROTOCOL_V3, &[("user", &filler(MAX_PREAUTH_LEN))]);
+        assert_eq!(at_cap.len(), MAX_PREAUTH_LEN);
+        let p = read_startup(&mut &at_cap[..]).await.unwrap();
+        assert!(matches!(p, StartupPacket::Startup { .. }), "{p:?}");
+        let over = startup_bytes(PROTOCOL_V3, &[("user", &filler(MAX_PREAUTH_LEN + 1))]);
+        let e = read_startup(&mut &over[..]).await.unwrap_err();
+        assert!(matches!(e, ProtocolError::StartupLength(MAX_PREAUTH_LEN_PLUS_ONE)), "{e:?}");
+        for bad in [0i32, 7, -1, i32::MIN] {
+            let e = read_startup(&mut &bad.to_be_bytes()[..]).await.unwrap_err();
+            assert!(matches!(e, ProtocolError::StartupLength(_)), "{bad}: {e:?}");
+        }
+
+        let message = |len: usize| {
+            let mut m = vec![b'p'];
+            m.extend_from_slice(&(len as i32).to_be_bytes());
+            m.resize(len + 1, b'z');
+            m
+        };
+        let mut buf = BytesMut::new();
+        let m = message(MAX_PREAUTH_LEN);
+        assert_eq!(read_client_message(&mut &m[..], &mut buf).await.unwrap(), b'p');
+        assert_eq!(buf.len(), MAX_PREAUTH_LEN - 4);
+        let m = message(MAX_PREAUTH_LEN + 1);
+        let e = read_client_message(&mut &m[..], &mut buf).await.unwrap_err();
+        assert!(matches!(e, ProtocolError::Length { len: MAX_PREAUTH_LEN_PLUS_ONE, .. }), "{e:?}");
+        // Servers may send more than a client before login.
+        assert_eq!(read_message(&mut &m[..], &mut buf).await.unwrap(), b'p');
+        let e = read_client_message(&mut &[b'p', 0, 0, 0, 3][..], &mut buf).await.unwrap_err();
+        assert!(matches!(e, ProtocolError::Length { len: 3, .. }), "{e:?}");
+    }
+    const MAX_PREAUTH_LEN_PLUS_ONE: usize = MAX_PREAUTH_LEN + 1;
+
+    #[tokio::test]
+    async fn protocol_3_2_is_negotiated_down_to_3_0() {
+        let bytes = startup_bytes(PROTOCOL_V3 + 2, &[("user", "app")]);
+        let p = read_startup(&mut &bytes[..]).await.unwrap();
+        let StartupPacket::Startup { startup, minor } = p else { panic!("{p:?}") };
+        assert_eq!((minor, startup.user()), (2, "app"));
+        let msg = negotiation(&startup, minor).expect("3.2 needs NegotiateProtocolVersion");
+        assert_eq!(&msg[..], &[b'v', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // Any major version but 3 is refused.
+        for v in [2 << 16, 4 << 16, (1234 << 16) | 1] {
+            let bytes = startup_bytes(v, &[("user", "app")]);
+            let e = read_startup(&mut &bytes[..]).await.unwrap_err();
+            assert!(matches!(e, ProtocolError::Version { major, .. } if major == v >> 16), "{e:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn pq_options_are_listed_as_unrecognized() {
+        let bytes = startup_bytes(
+            PROTOCOL_V3,
+            &[("user", "app"), ("_pq_.test_protocol_negotiation", "x"), ("_pq_.a", "1"), ("TimeZone", "UTC")],
+        );
+        let StartupPacket::Startup { startup, minor } = read_startup(&mut &bytes[..]).await.unwrap() else {
+            panic!("not a startup message")
+        };
+        let msg = negotiation(&startup, minor).expect("_pq_ options need NegotiateProtocolVersion");
+        let mut want = vec![b'v'];
+        let names = b"_pq_.a\0_pq_.test_protocol_negotiation\0";
+        want.extend_from_slice(&((4 + 4 + 4 + names.len()) as i32).to_be_bytes());
+        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 2]);
+        want.extend_from_slice(names);
+        assert_eq!(&msg[..], &want[..]);
+        // With 3.1 and an option, both are reported in one message.
+        let msg = negotiation(&startup, 1).unwrap();
+        assert_eq!(&msg[5..13], &[0, 0, 0, 0, 0, 0, 0, 2]);
     }
 }

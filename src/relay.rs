@@ -1,9 +1,7 @@
-//! The message pump between one client and its (current) server connection.
-//!
-//! Bytes are forwarded in the chunks they were read in; a [`Scanner`] per direction walks message
-//! headers to track what the proxy acts on: outstanding Query/Sync replies, the transaction status in
-//! ReadyForQuery, COPY state, ParameterStatus and the client's Terminate. In transaction mode the server
-//! goes back to the pool at the first point where nothing is outstanding and the status is idle.
+//! One client's conversation with its (current) server: check out, bring the server to the client's settings,
+//! pump bytes ([`pump`]) while the transaction-state machine ([`txstate`]) follows the server, and give the
+//! server back — in transaction mode at the first clean idle boundary, otherwise at the session's end,
+//! cleaned up ([`crate::reset`]) or discarded when its state cannot be proven.
 
 use crate::admission::Hold;
 use crate::app::App;
@@ -12,38 +10,26 @@ use crate::checkout::{Waiter, Who};
 use crate::config::PoolMode;
 use crate::error::ProxyError;
 use crate::pool::{PooledConn, Route, ServicePool};
-use crate::protocol::{self, Event, Scanner};
+use crate::protocol::ProtocolError;
 use crate::ro_filter::RoFilter;
-use crate::server::{ServerConn, ServerError};
+use crate::server::ServerError;
 use crate::telemetry::{tables, Value};
-use bytes::{Buf, BytesMut};
+use pump::{Event, Pump, PumpError};
 use std::collections::{BTreeMap, HashMap};
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
+pub mod frame;
+pub mod pump;
 mod report;
+pub mod txstate;
 
-pub const BUF: usize = 16 * 1024;
-
-/// What the relay knows about the server conversation.
-#[derive(Debug, Clone, Copy)]
-pub struct TxState {
-    /// Replies (ReadyForQuery) still owed for Query/Sync/FunctionCall sent.
-    pub pending: u32,
-    /// Extended-protocol messages sent since the last Sync.
-    pub ext_open: bool,
-    /// Status byte of the last ReadyForQuery: I, T or E.
-    pub status: u8,
-    pub copy_in: bool,
-}
-
-impl TxState {
-    const IDLE: TxState = TxState { pending: 0, ext_open: false, status: b'I', copy_in: false };
-}
+/// How long a detaching client waits for a cancel it sent to reach Postgres before its server is discarded.
+const CANCEL_SETTLE: Duration = Duration::from_secs(6);
 
 /// Why the relay stopped.
 #[derive(Debug)]
@@ -59,17 +45,11 @@ pub struct Relay {
     pub key: ClientKey,
     pub desired: BTreeMap<String, String>,
     server: Option<PooledConn>,
-    st: TxState,
-    cscan: Scanner,
-    sscan: Scanner,
-    cbuf: BytesMut,
-    sbuf: BytesMut,
+    pump: Pump,
     draining: bool,
     mode: PoolMode,
     /// When the current transaction's first message was relayed.
     tx_started: Option<Instant>,
-    /// Read-only routes: the statement filter, and the client address for the audit log.
-    ro: Option<RoFilter>,
     peer: SocketAddr,
     /// The admission place of the server held now.
     hold: Option<Hold>,
@@ -93,22 +73,12 @@ pub struct SessionCounts {
     pub bytes_out: u64,
 }
 
-/// What a server chunk contained that the proxy reports on.
-#[derive(Default)]
-pub struct Seen {
-    idle_ready: u32,
-    /// (SQLSTATE, message) of each ErrorResponse.
-    errors: Vec<(String, String)>,
-}
-
-enum Ev {
-    Client(std::io::Result<usize>),
-    Server(std::io::Result<usize>),
+/// What woke the relay.
+enum Wake {
+    Pump(Result<Event, PumpError>),
     Shutdown,
-    /// The client stayed idle past a timeout: inside a transaction (true) or outside one.
-    Idle(bool),
-    /// An operator's `KILL`.
     Killed,
+    IdleCheck,
 }
 
 impl Relay {
@@ -120,22 +90,19 @@ impl Relay {
         peer: SocketAddr,
     ) -> Relay {
         let mode = pool.budget().pool_mode();
-        let ro = (pool.route == Route::ReadOnly).then(|| RoFilter::new(&app.resolved().config.read_only.database));
+        let resolved = app.resolved();
+        let ro = (pool.route == Route::ReadOnly).then(|| RoFilter::new(&resolved.config.read_only.database));
+        let pump = Pump::new(ro, resolved.config.proxy.max_query_size);
         Relay {
             app,
             pool,
             key,
             desired,
             server: None,
-            st: TxState::IDLE,
-            cscan: Scanner::default(),
-            sscan: Scanner::default(),
-            cbuf: BytesMut::with_capacity(BUF),
-            sbuf: BytesMut::with_capacity(BUF),
+            pump,
             draining: false,
             mode,
             tx_started: None,
-            ro,
             peer,
             hold: None,
             exempt: false,
@@ -150,23 +117,13 @@ impl Relay {
         self.server.as_ref().map(|c| &c.params)
     }
 
-    fn clean(&self) -> bool {
-        let s = &self.st;
-        s.pending == 0
-            && !s.ext_open
-            && !s.copy_in
-            && s.status == b'I'
-            && self.cscan.at_boundary()
-            && self.sscan.at_boundary()
-    }
-
     /// Check out a server, bring its session settings in line with this client's, and record it for cancels.
-    pub async fn attach(&mut self, sock: &mut TcpStream) -> Result<(), ProxyError> {
+    pub async fn attach<C: AsyncRead + AsyncWrite + Unpin>(&mut self, sock: &mut C) -> Result<(), ProxyError> {
         let started = Instant::now();
         let pool = self.pool.clone();
         let waiter = Waiter {
             sock,
-            cbuf: &mut self.cbuf,
+            cbuf: &mut self.pump.cin,
             key: &self.key,
             exempt: self.exempt,
             may_notice: self.greeted,
@@ -181,11 +138,11 @@ impl Relay {
                 return Err(e);
             }
         };
-        self.hold = Some(hold);
-        if let Some(sql) = crate::reset::settings_sql(&conn, &self.desired) {
+        let (set, reset) = crate::reset::settings_diff(&conn.applied, &self.desired);
+        if !set.is_empty() || !reset.is_empty() {
             let timeout = self.pool.budget().settings.reset_timeout;
-            if let Err(e) = conn.simple(&sql, timeout).await {
-                conn.broken = true;
+            if let Err(e) = conn.apply_settings(&set, &reset, timeout).await {
+                // A refused value leaves the server as it was (and usable): the client's setting is at fault.
                 return Err(match e {
                     ServerError::Postgres { code, message } => ProxyError::ServerRejected { code, message },
                     source => ProxyError::Upstream { upstream: self.pool.budget().upstream.clone(), source },
@@ -193,18 +150,33 @@ impl Relay {
             }
             conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         }
-        self.key.attach(Some(ServerKey { addr: conn.addr, pid: conn.pid, secret: conn.secret }));
-        self.st = TxState::IDLE;
-        self.sscan = Scanner::default();
+        self.key.attach(ServerKey { addr: conn.addr, pid: conn.pid, secret: conn.secret });
+        self.hold = Some(hold);
+        self.pump.attach();
         self.server = Some(conn);
         Ok(())
     }
 
-    /// Return a clean server to the pool.
-    fn release(&mut self) {
-        if let Some(mut c) = self.server.take() {
+    /// Give the server up: no cancel can reach it any more, and one already sent has arrived. Returns it
+    /// (to be dropped back into the pool) or `None` when a cancel did not settle (then it was discarded).
+    async fn detach(&mut self) -> Option<PooledConn> {
+        let conn = self.server.take()?;
+        if let Some(flights) = self.key.detach() {
+            if !flights.settle(CANCEL_SETTLE).await {
+                warn!(kind = "cancel", "a cancel for this server did not settle; server connection discarded");
+                let mut conn = conn;
+                conn.broken = true;
+                drop(PooledConn::take(conn));
+                return None;
+            }
+        }
+        Some(conn)
+    }
+
+    /// Return a clean server to the pool (transaction mode, at an idle boundary).
+    async fn release(&mut self) {
+        if let Some(mut c) = self.detach().await {
             c.last_checkin = Instant::now();
-            self.key.attach(None);
         }
         self.hold = None;
     }
@@ -212,46 +184,62 @@ impl Relay {
     /// The idle limit that applies now, if any: (timeout, inside a transaction).
     fn idle_limit(&self) -> Option<(Duration, bool)> {
         let s = &self.pool.budget().settings;
-        let st = &self.st;
-        if st.pending > 0 || st.copy_in || !self.cscan.at_boundary() || !self.cbuf.is_empty() {
+        let tx = &self.pump.tx;
+        if self.server.is_some() && !tx.settled() {
             return None;
         }
-        let (d, in_tx) = if st.status == b'I' && !st.ext_open {
-            (s.client_idle_timeout, false)
-        } else {
-            (s.idle_in_transaction_timeout, true)
-        };
+        let in_tx = self.server.is_some() && tx.in_transaction();
+        let d = if in_tx { s.idle_in_transaction_timeout } else { s.client_idle_timeout };
         (!d.is_zero()).then_some((d, in_tx))
     }
 
     /// Pump messages until the client leaves, the proxy shuts down, or an error ends the session.
-    pub async fn run(&mut self, sock: &mut TcpStream) -> Result<Outcome, ProxyError> {
-        // One shutdown waiter for the whole session, not one registration per loop turn.
+    pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(&mut self, sock: &mut C) -> Result<Outcome, ProxyError> {
         let token = self.app.shutdown.clone();
         let cancelled = token.cancelled();
         tokio::pin!(cancelled);
         let kill = self.pool.control.kill_token();
         let killed = kill.cancelled();
         tokio::pin!(killed);
+        let idle_timer = tokio::time::sleep(Duration::from_secs(86_400));
+        tokio::pin!(idle_timer);
+        self.pump.last_activity = Some(Instant::now());
         loop {
+            // Arm the idle timer from the last activity; it is re-checked when it fires.
+            let limit = self.idle_limit();
+            if let Some((d, _)) = limit {
+                let at = self.pump.last_activity.unwrap_or_else(Instant::now) + d;
+                if idle_timer.deadline() != at.into() {
+                    idle_timer.as_mut().reset(at.into());
+                }
+            }
             if self.server.is_none() {
                 if self.draining || self.app.shutdown.is_cancelled() {
                     return Ok(Outcome::ShuttingDown);
                 }
-                if self.cbuf.is_empty() {
-                    let idle = self.idle_limit();
-                    let n = tokio::select! {
+                self.flush_client(sock).await?;
+                if self.pump.next_client_kind().is_none() && !self.pump.client_eof() {
+                    self.pump.shrink();
+                    let wake = tokio::select! {
                         _ = &mut cancelled => return Ok(Outcome::ShuttingDown),
                         _ = &mut killed => return Err(ProxyError::Killed),
-                        r = sock.read_buf(&mut self.cbuf) => r.map_err(ProxyError::ClientIo)?,
-                        _ = idle_sleep(idle) => return Err(ProxyError::ClientIdle(idle.map(|i| i.0).unwrap_or_default())),
+                        r = poll_fn(|cx| self.pump.poll_client_header(cx, sock)) => r.map(|()| Event::Report),
+                        _ = &mut idle_timer, if limit.is_some() => {
+                            if self.idle_expired(limit) {
+                                return Err(ProxyError::ClientIdle(limit.map(|l| l.0).unwrap_or_default()));
+                            }
+                            continue;
+                        }
                     };
-                    if n == 0 {
-                        return Ok(Outcome::ClientDone);
-                    }
+                    wake.map_err(|e| self.pump_error(e))?;
                 }
-                if self.cscan.at_boundary() && self.cbuf[0] == b'X' {
-                    return Ok(Outcome::ClientDone);
+                match self.pump.next_client_kind() {
+                    None => return Ok(Outcome::ClientDone), // EOF, at most a partial header left
+                    Some(b'X') => return Ok(Outcome::ClientDone),
+                    Some(k) if crate::relay::frame::client_limit(k).is_none() => {
+                        return Err(self.pump_error(PumpError::BadType(k as char)));
+                    }
+                    Some(_) => {}
                 }
                 match self.attach(sock).await {
                     Ok(()) => {}
@@ -260,202 +248,200 @@ impl Relay {
                         | ProxyError::Shed { .. }
                         | ProxyError::QueuedCancel
                         | ProxyError::Paused { .. }
-                        | ProxyError::Upstream { .. }
-                        | ProxyError::ServerRejected { .. }),
+                        | ProxyError::Upstream { .. }),
                     ) => {
                         warn!(kind = e.kind(), cause = %e, "checkout failed; query rejected");
-                        if crate::checkout::reject_batch(sock, &mut self.cbuf, &e).await? {
+                        if crate::checkout::reject_batch(sock, &mut self.pump.cin, &e).await? {
                             return Ok(Outcome::ClientDone);
                         }
                         continue;
                     }
+                    Err(ProxyError::ServerRejected { code, message }) => {
+                        // The client's own startup setting was refused: like Postgres, end the session with it.
+                        return Err(ProxyError::SettingRejected { code, message });
+                    }
                     Err(e) => return Err(e),
                 }
-                if self.forward_client().await? {
-                    return Ok(Outcome::ClientDone);
+                if self.tx_started.is_none() {
+                    self.tx_started = Some(Instant::now());
                 }
-                continue;
             }
-            let idle = self.idle_limit();
-            let ev = {
+            self.pump.stop_at_idle = self.mode == PoolMode::Transaction || self.draining;
+            let wake = {
                 let conn = self.server.as_mut().expect("attached");
+                let pump = &mut self.pump;
                 tokio::select! {
-                    r = sock.read_buf(&mut self.cbuf) => Ev::Client(r),
-                    r = conn.stream.read_buf(&mut self.sbuf) => Ev::Server(r),
-                    _ = &mut cancelled, if !self.draining => Ev::Shutdown,
-                    _ = &mut killed => Ev::Killed,
-                    _ = idle_sleep(idle) => Ev::Idle(idle.is_some_and(|i| i.1)),
+                    r = poll_fn(|cx| pump.poll_pump(cx, sock, &mut conn.stream)) => Wake::Pump(r),
+                    _ = &mut cancelled, if !self.draining => Wake::Shutdown,
+                    _ = &mut killed => Wake::Killed,
+                    _ = &mut idle_timer, if limit.is_some() => Wake::IdleCheck,
                 }
             };
-            match ev {
-                Ev::Client(r) => {
-                    if r.map_err(ProxyError::ClientIo)? == 0 || self.forward_client().await? {
-                        return Ok(Outcome::ClientDone);
+            self.take_counts();
+            match wake {
+                Wake::Pump(Ok(Event::Report)) => self.report(),
+                Wake::Pump(Ok(Event::Idle)) => {
+                    self.report();
+                    if self.draining {
+                        return Ok(Outcome::ShuttingDown);
                     }
+                    self.release().await;
                 }
-                Ev::Server(r) => {
-                    let n = r.unwrap_or(0);
-                    if n == 0 {
-                        if let Some(c) = self.server.as_mut() {
-                            c.broken = true;
-                        }
-                        let b = self.pool.budget();
-                        let route = self.pool.route.as_str();
-                        self.app.metrics.server_errors.with_label_values(&[&b.name, route, "server_error"]).inc();
-                        let msg = "server closed the connection during a session";
-                        self.app.journal.record(&b.name, route, &b.upstream, "server_error", "08006", msg);
-                        return Err(ProxyError::Upstream {
-                            upstream: self.pool.budget().upstream.clone(),
-                            source: ServerError::Closed,
-                        });
-                    }
-                    self.forward_server(sock).await?;
-                    if self.clean() {
-                        if self.draining {
-                            return Ok(Outcome::ShuttingDown);
-                        }
-                        if self.mode == PoolMode::Transaction {
-                            self.release();
-                        }
-                    }
+                Wake::Pump(Ok(Event::ClientClosed | Event::Terminate)) => {
+                    self.report();
+                    return Ok(Outcome::ClientDone);
                 }
-                Ev::Shutdown => {
+                Wake::Pump(Ok(Event::ServerClosed)) => {
+                    self.report();
+                    return Err(self.server_lost(ServerError::Closed));
+                }
+                Wake::Pump(Err(e)) => {
+                    self.report();
+                    return Err(self.pump_error(e));
+                }
+                Wake::Shutdown => {
                     self.draining = true;
-                    if self.clean() {
+                    if self.pump.releasable() {
                         return Ok(Outcome::ShuttingDown);
                     }
                 }
-                Ev::Killed => {
+                Wake::Killed => {
                     if let Some(c) = self.server.as_mut() {
                         c.broken = true;
                     }
                     return Err(ProxyError::Killed);
                 }
-                Ev::Idle(in_tx) => {
-                    let d = idle.map(|i| i.0).unwrap_or_default();
-                    return Err(if in_tx { ProxyError::IdleInTransaction(d) } else { ProxyError::ClientIdle(d) });
-                }
-            }
-        }
-    }
-
-    /// Scan and forward buffered client bytes; true when the client sent Terminate.
-    async fn forward_client(&mut self) -> Result<bool, ProxyError> {
-        if self.tx_started.is_none() {
-            self.tx_started = Some(Instant::now());
-        }
-        // Read-only routes pass whole messages through the policy filter; others forward the bytes as read.
-        let (bytes, consumed) = match self.ro.as_mut() {
-            Some(f) => {
-                let mut violations = Vec::new();
-                let consumed = f.filter(&self.cbuf, &mut violations)?;
-                for v in violations {
-                    let b = self.pool.budget();
-                    self.app.metrics.ro_violations.with_label_values(&[&b.name, &f.route]).inc();
-                    warn!(kind = "read_only_violation", service = %b.name, route = %f.route, client = %self.peer,
-                        fingerprint = %v.fingerprint, reason = v.reason, "read-only route refused a statement");
-                    self.app.telemetry.emit(tables::RO_VIOLATIONS, || {
-                        vec![
-                            Value::now(),
-                            b.name.as_str().into(),
-                            f.route.as_str().into(),
-                            self.peer.to_string().into(),
-                            v.reason.into(),
-                            v.fingerprint.as_str().into(),
-                        ]
-                    });
-                }
-                (&f.out[..], consumed)
-            }
-            None => (&self.cbuf[..], self.cbuf.len()),
-        };
-        let st = &mut self.st;
-        let mut terminate_at = None;
-        let mut queries = 0u64;
-        self.cscan.feed::<ProxyError>(
-            bytes,
-            |_| false,
-            |ev| {
-                if let Event::Start { kind, at, .. } = ev {
-                    match kind {
-                        b'Q' => {
-                            st.pending += 1;
-                            queries += 1;
-                        }
-                        b'F' => st.pending += 1,
-                        b'S' => {
-                            st.pending += 1;
-                            st.ext_open = false;
-                        }
-                        b'E' => {
-                            st.ext_open = true;
-                            queries += 1;
-                        }
-                        b'P' | b'B' | b'D' | b'C' | b'H' => st.ext_open = true,
-                        b'c' | b'f' => st.copy_in = false,
-                        b'X' => terminate_at = Some(at.saturating_sub(5)),
-                        _ => {}
+                Wake::IdleCheck => {
+                    if self.idle_expired(limit) {
+                        let (d, in_tx) = limit.unwrap_or_default();
+                        return Err(if in_tx { ProxyError::IdleInTransaction(d) } else { ProxyError::ClientIdle(d) });
                     }
                 }
-                Ok(())
-            },
-        )?;
-        let end = terminate_at.unwrap_or(bytes.len());
-        self.pool.metrics.queries.inc_by(queries);
-        self.pool.metrics.bytes_from_client.inc_by(end as u64);
-        self.counts.queries += queries;
-        self.counts.bytes_in += end as u64;
-        let conn = self.server.as_mut().expect("attached");
-        if let Err(e) = conn.stream.write_all(&bytes[..end]).await {
-            conn.broken = true;
-            return Err(ProxyError::Upstream {
-                upstream: self.pool.budget().upstream.clone(),
-                source: ServerError::Connect(e),
-            });
+            }
         }
-        self.cbuf.advance(consumed);
-        Ok(terminate_at.is_some())
     }
 
-    /// Scan and forward buffered server bytes to the client.
-    async fn forward_server(&mut self, sock: &mut TcpStream) -> Result<(), ProxyError> {
-        let conn = self.server.as_mut().expect("attached");
-        let mut seen = Seen::default();
-        scan_server(&mut self.sscan, &mut self.st, conn, &self.sbuf, &mut seen)?;
-        self.note_seen(&mut seen);
-        self.pool.metrics.bytes_to_client.inc_by(self.sbuf.len() as u64);
-        self.counts.bytes_out += self.sbuf.len() as u64;
-        sock.write_all(&self.sbuf).await.map_err(ProxyError::ClientIo)?;
-        self.sbuf.clear();
+    /// Whether the idle limit has really passed since the last activity (the timer may be stale).
+    fn idle_expired(&self, limit: Option<(Duration, bool)>) -> bool {
+        match (limit, self.pump.last_activity) {
+            (Some((d, _)), Some(at)) => at.elapsed() >= d && self.idle_limit().is_some(),
+            _ => false,
+        }
+    }
+
+    /// Write what the server sent and the client has not taken yet (no server is held meanwhile).
+    async fn flush_client<C: AsyncWrite + Unpin>(&mut self, sock: &mut C) -> Result<(), ProxyError> {
+        if self.pump.unflushed().is_empty() {
+            return Ok(());
+        }
+        sock.write_all(self.pump.unflushed()).await.map_err(ProxyError::ClientIo)?;
+        let n = self.pump.unflushed().len();
+        self.pump.consume_unflushed(n);
         Ok(())
     }
 
+    /// The server went away under the client.
+    fn server_lost(&mut self, source: ServerError) -> ProxyError {
+        if let Some(c) = self.server.as_mut() {
+            c.broken = true;
+        }
+        let b = self.pool.budget();
+        let route = self.pool.route.as_str();
+        self.app.metrics.server_errors.with_label_values(&[&b.name, route, "server_error"]).inc();
+        let msg = "server closed the connection during a session";
+        self.app.journal.record(&b.name, route, &b.upstream, "server_error", "08006", msg);
+        ProxyError::Upstream { upstream: b.upstream.clone(), source }
+    }
+
+    fn pump_error(&mut self, e: PumpError) -> ProxyError {
+        match e {
+            PumpError::ClientIo(e) => ProxyError::ClientIo(e),
+            PumpError::ServerIo(e) => self.server_lost(ServerError::Io(e)),
+            PumpError::Server(e) => {
+                warn!(kind = "server_protocol", cause = %e, "server stream unreadable");
+                self.server_lost(ServerError::Protocol(ProtocolError::Malformed("server message")))
+            }
+            PumpError::BadType(k) => {
+                ProxyError::ClientProtocol(ProtocolError::Unexpected { expected: "frontend message", got: k })
+            }
+            PumpError::BadLength { kind, len } => {
+                ProxyError::ClientProtocol(ProtocolError::Length { kind, len: len.max(0) as usize })
+            }
+            PumpError::TooLarge { kind, len, max } => ProxyError::MessageTooLarge { kind, len, max },
+            PumpError::Filter(e) => ProxyError::ClientProtocol(e),
+        }
+    }
+
+    /// Move the pump's session counts into the session and the pool metrics.
+    fn take_counts(&mut self) {
+        let p = &mut self.pump;
+        let m = &self.pool.metrics;
+        if p.queries > 0 {
+            m.queries.inc_by(p.queries);
+            self.counts.queries += p.queries;
+        }
+        m.bytes_from_client.inc_by(p.bytes_in);
+        m.bytes_to_client.inc_by(p.bytes_out);
+        self.counts.bytes_in += p.bytes_in;
+        self.counts.bytes_out += p.bytes_out;
+        (p.queries, p.bytes_in, p.bytes_out) = (0, 0, 0);
+    }
+
+    /// Report what the pump saw: transactions, server errors, settings, read-only refusals.
+    fn report(&mut self) {
+        let mut seen = std::mem::take(&mut self.pump.seen);
+        if let Some(c) = self.server.as_mut() {
+            for (k, v) in seen.params.drain(..) {
+                c.params.insert(k, v);
+            }
+        }
+        self.note_seen(&mut seen);
+        if !self.pump.violations.is_empty() {
+            self.note_violations();
+        }
+    }
+
+    fn note_violations(&mut self) {
+        let b = self.pool.budget();
+        let route = self.pump.ro.as_ref().map(|f| f.route.clone()).unwrap_or_default();
+        for v in self.pump.violations.drain(..) {
+            self.app.metrics.ro_violations.with_label_values(&[&b.name, &route]).inc();
+            warn!(kind = "read_only_violation", service = %b.name, route = %route, client = %self.peer,
+                fingerprint = %v.fingerprint, reason = v.reason, "read-only route refused a statement");
+            self.app.telemetry.emit(tables::RO_VIOLATIONS, || {
+                vec![
+                    Value::now(),
+                    b.name.as_str().into(),
+                    route.as_str().into(),
+                    self.peer.to_string().into(),
+                    v.reason.into(),
+                    v.fingerprint.as_str().into(),
+                ]
+            });
+        }
+    }
+
     /// End of session: check the server in clean, or clean it up (cancel, drain, roll back, reset) within
-    /// the reset deadline, or discard it. Never hands a dirty connection to the next client.
+    /// the reset deadline, or discard it. Never hands a connection in an unproven state to the next client.
     pub async fn finish(&mut self) {
         // Declared first so it is dropped last: the admission place is given back after the server.
         let _hold = self.hold.take();
-        let Some(mut conn) = self.server.take() else {
+        let Some(mut conn) = self.detach().await else {
             return;
         };
-        self.key.attach(None);
         if conn.broken {
             drop(PooledConn::take(conn));
             return;
         }
         let deadline = self.pool.budget().settings.reset_timeout;
         let needs_reset = self.mode == PoolMode::Session;
-        if self.clean() && !needs_reset {
+        if self.pump.releasable() && !needs_reset {
             conn.last_checkin = Instant::now();
             return;
         }
-        let st = self.st;
-        let mut sscan = std::mem::take(&mut self.sscan);
-        let result = tokio::time::timeout(
-            deadline,
-            crate::reset::cleanup(&mut conn, st, &mut sscan, needs_reset, self.ro.is_some()),
-        )
-        .await;
+        let ro = self.pump.ro.is_some();
+        let result =
+            tokio::time::timeout(deadline, crate::reset::cleanup(&mut conn, &mut self.pump, needs_reset, ro)).await;
         match result {
             Ok(Ok(())) => {
                 debug!("server connection reset and returned");
@@ -479,49 +465,5 @@ impl Relay {
         }
     }
 }
-
-/// Walk server bytes: count ReadyForQuery, record status, COPY-in start and ParameterStatus.
-pub fn scan_server(
-    sscan: &mut Scanner,
-    st: &mut TxState,
-    conn: &mut ServerConn,
-    bytes: &[u8],
-    seen: &mut Seen,
-) -> Result<(), ProxyError> {
-    sscan.feed::<ProxyError>(
-        bytes,
-        |k| k == b'Z' || k == b'S' || k == b'E',
-        |ev| {
-            match ev {
-                Event::Start { kind: b'G' | b'W', .. } => st.copy_in = true,
-                Event::Body { kind: b'Z', body } => {
-                    st.pending = st.pending.saturating_sub(1);
-                    st.status = body.first().copied().unwrap_or(b'I');
-                    st.copy_in = false;
-                    if st.status == b'I' {
-                        seen.idle_ready += 1;
-                    }
-                }
-                Event::Body { kind: b'E', body } => {
-                    let (_, code, message) = protocol::parse_error_fields(body);
-                    seen.errors.push((code, message));
-                }
-                Event::Body { kind: b'S', body } => {
-                    if let Ok((k, v)) = protocol::parse_parameter_status(body) {
-                        conn.params.insert(k, v);
-                    }
-                }
-                _ => {}
-            }
-            Ok(())
-        },
-    )
-}
-
-/// Sleep for an idle limit, or forever when none applies (no timer is registered then).
-async fn idle_sleep(limit: Option<(Duration, bool)>) {
-    match limit {
-        Some((d, _)) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
-}
+#[cfg(test)]
+mod pump_tests;

@@ -43,6 +43,7 @@ pub fn restart_needed(old: &Resolved, new: &Resolved) -> Vec<String> {
     check("proxy.service_from", o.proxy.service_from == n.proxy.service_from);
     check("proxy.application_name_prefix", o.proxy.application_name_prefix == n.proxy.application_name_prefix);
     check("the sidecar service", old.sidecar_service == new.sidecar_service);
+    check("proxy.max_pending_logins", o.proxy.max_pending_logins == n.proxy.max_pending_logins);
     check("auth.method", o.auth.method == n.auth.method);
     check("admin.console_database", o.admin.console_database == n.admin.console_database);
     check("read_only.database", o.read_only.database == n.read_only.database);

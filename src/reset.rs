@@ -1,47 +1,58 @@
-//! Server-side cleanup: bring a connection a client abandoned back to idle (end COPY, close the batch, cancel,
-//! drain, roll back, reset), and the SET/RESET statements that match a server's settings to a client's.
+//! Server-side cleanup: bring a connection a client abandoned back to idle (finish what was framed, end COPY,
+//! close the batch, cancel, drain, roll back, reset), and the settings diff that matches a server to a client.
 
-use crate::protocol::{self, ProtocolError, Scanner};
-use crate::relay::{scan_server, Seen, TxState, BUF};
+use crate::relay::pump::{Pump, BUF};
 use crate::server::{ServerConn, ServerError};
 use bytes::BytesMut;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
-/// Bring a server abandoned mid-conversation back to idle: end COPY, close the extended batch, cancel
-/// what still runs, drain replies, roll back, and (session mode) reset session state.
-pub async fn cleanup(
-    conn: &mut ServerConn,
-    mut st: TxState,
-    sscan: &mut Scanner,
-    reset: bool,
-    read_only: bool,
-) -> Result<(), ServerError> {
-    let mut out = BytesMut::new();
-    if st.copy_in {
-        let at = protocol::begin(&mut out, b'f');
-        protocol::put_cstr(&mut out, "client disconnected");
-        protocol::finish(&mut out, at);
+/// How long an abandoned statement may run before it is cancelled.
+const CANCEL_AFTER: Duration = Duration::from_millis(200);
+
+/// Why a connection cannot be cleaned up and must be closed.
+fn unprovable(what: &'static str) -> ServerError {
+    ServerError::Protocol(crate::protocol::ProtocolError::Malformed(what))
+}
+
+/// Bring a server abandoned mid-conversation back to idle: send what was framed, end COPY, close the extended
+/// batch, cancel what still runs, drain replies, roll back, and (session mode) reset session state. A server
+/// whose state the relay cannot prove is refused (the caller discards it).
+pub async fn cleanup(conn: &mut ServerConn, pump: &mut Pump, reset: bool, read_only: bool) -> Result<(), ServerError> {
+    if pump.mid_message() {
+        return Err(unprovable("client left in the middle of a message"));
     }
-    if st.ext_open || !sscan.at_boundary() && st.pending == 0 {
+    let mut out = BytesMut::from(pump.unsent());
+    if pump.tx.copy_in() {
+        let at = crate::protocol::begin(&mut out, b'f');
+        crate::protocol::put_cstr(&mut out, "client disconnected");
+        crate::protocol::finish(&mut out, at);
+        pump.tx.client(b'f', None);
         out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-        st.pending += 1;
+        pump.tx.client(b'S', None);
+    } else if pump.tx.needs_sync() || (pump.tx.outstanding() > 0 && pump.tx.waits_for_client()) {
+        out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        pump.tx.client(b'S', None);
     }
+    pump.discard_unsent();
     if !out.is_empty() {
-        conn.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
+        conn.stream.write_all(&out).await.map_err(ServerError::Io)?;
     }
     let mut buf = BytesMut::with_capacity(BUF);
     let mut cancelled = false;
     let started = Instant::now();
-    while st.pending > 0 {
-        let wait = if cancelled { Duration::from_secs(3600) } else { Duration::from_millis(200) };
+    while !pump.tx.settled() {
+        if pump.tx.uncertain() || pump.tx.fatal() {
+            return Err(unprovable("server state cannot be proven idle"));
+        }
+        let wait = if cancelled { Duration::from_secs(3600) } else { CANCEL_AFTER };
         match tokio::time::timeout(wait, conn.stream.read_buf(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Err(ServerError::Closed),
+            Ok(Ok(0)) => return Err(ServerError::Closed),
+            Ok(Err(e)) => return Err(ServerError::Io(e)),
             Ok(Ok(_)) => {
-                scan_server(sscan, &mut st, conn, &buf, &mut Seen::default())
-                    .map_err(|_| ServerError::Protocol(ProtocolError::Malformed("server stream")))?;
+                pump.absorb_server(&buf).map_err(|_| unprovable("server stream"))?;
                 buf.clear();
             }
             Err(_) => {
@@ -53,8 +64,11 @@ pub async fn cleanup(
             }
         }
     }
+    if !pump.server_at_boundary() {
+        return Err(unprovable("server stopped in the middle of a message"));
+    }
     let timeout = Duration::from_secs(5);
-    if st.status != b'I' {
+    if pump.tx.status() != b'I' {
         conn.simple("ROLLBACK", timeout).await?;
     }
     if reset {
@@ -67,18 +81,30 @@ pub async fn cleanup(
     Ok(())
 }
 
-/// `SET`/`RESET` statements that turn the server's applied settings into the client's desired ones.
-pub fn settings_sql(conn: &ServerConn, desired: &BTreeMap<String, String>) -> Option<String> {
-    let mut sql = String::new();
-    for (k, v) in desired {
-        if conn.applied.get(k) != Some(v) {
-            sql.push_str(&format!("SET {k} = {};", protocol::quote_literal(v)));
-        }
+/// What to change on a server so its proxy-applied settings equal the client's: (set, reset).
+pub fn settings_diff(
+    applied: &HashMap<String, String>,
+    desired: &BTreeMap<String, String>,
+) -> (Vec<(String, String)>, Vec<String>) {
+    let set = desired.iter().filter(|(k, v)| applied.get(*k) != Some(v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let reset = applied.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+    (set, reset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_sets_changed_and_resets_dropped() {
+        let applied: HashMap<String, String> =
+            [("TimeZone", "UTC"), ("search_path", "a")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let desired: BTreeMap<String, String> =
+            [("TimeZone", "UTC"), ("DateStyle", "ISO")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let (set, reset) = settings_diff(&applied, &desired);
+        assert_eq!(set, vec![("DateStyle".to_string(), "ISO".to_string())]);
+        assert_eq!(reset, vec!["search_path"]);
+        let (set, reset) = settings_diff(&desired.clone().into_iter().collect(), &desired);
+        assert!(set.is_empty() && reset.is_empty());
     }
-    for k in conn.applied.keys() {
-        if !desired.contains_key(k) {
-            sql.push_str(&format!("RESET {k};"));
-        }
-    }
-    (!sql.is_empty()).then_some(sql)
 }

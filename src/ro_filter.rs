@@ -27,7 +27,7 @@ pub struct RoFilter {
 
 impl RoFilter {
     pub fn new(route: &str) -> RoFilter {
-        RoFilter { route: route.to_owned(), poisoned: HashSet::new(), out: BytesMut::with_capacity(16 * 1024) }
+        RoFilter { route: route.to_owned(), poisoned: HashSet::new(), out: BytesMut::new() }
     }
 
     fn raise_sql(&self, reason: &str) -> String {
@@ -39,78 +39,93 @@ impl RoFilter {
         )
     }
 
-    /// Filter the complete messages at the front of `input` into `self.out` (cleared first). Returns how many
-    /// input bytes were consumed; a trailing partial message is left for the next call.
+    /// Filter one whole Query, Parse or Bind message (`msg`, header included) into `out`; refused
+    /// statements are rewritten, other messages are copied unchanged.
+    pub fn message(
+        &mut self,
+        msg: &[u8],
+        out: &mut BytesMut,
+        violations: &mut Vec<Violation>,
+    ) -> Result<(), ProtocolError> {
+        let kind = msg[0];
+        let mut body = &msg[5..];
+        match kind {
+            b'Q' => {
+                let sql = cstr(&mut body)?;
+                match readonly::check(sql) {
+                    Ok(()) => out.extend_from_slice(msg),
+                    Err(reason) => {
+                        violations.push(Violation { fingerprint: readonly::fingerprint(sql), reason });
+                        let replacement = self.raise_sql(reason);
+                        protocol::simple_query(out, &replacement);
+                    }
+                }
+            }
+            b'P' => {
+                let name = cstr(&mut body)?;
+                let sql = cstr(&mut body)?;
+                match readonly::check(sql) {
+                    Ok(()) => {
+                        self.poisoned.remove(name);
+                        out.extend_from_slice(msg);
+                    }
+                    Err(reason) => {
+                        violations.push(Violation { fingerprint: readonly::fingerprint(sql), reason });
+                        let replacement = self.raise_sql(reason);
+                        let at = protocol::begin(out, b'P');
+                        protocol::put_cstr(out, name);
+                        protocol::put_cstr(out, &replacement);
+                        out.put_i16(0);
+                        protocol::finish(out, at);
+                        self.poisoned.insert(name.to_owned());
+                    }
+                }
+            }
+            b'B' => {
+                let portal = cstr(&mut body)?;
+                let stmt = cstr(&mut body)?;
+                if self.poisoned.contains(stmt) {
+                    let at = protocol::begin(out, b'B');
+                    protocol::put_cstr(out, portal);
+                    protocol::put_cstr(out, stmt);
+                    out.put_i16(0); // parameter formats
+                    out.put_i16(0); // parameters
+                    out.put_i16(0); // result formats
+                    protocol::finish(out, at);
+                } else {
+                    out.extend_from_slice(msg);
+                }
+            }
+            _ => out.extend_from_slice(msg),
+        }
+        Ok(())
+    }
+
+    /// Filter every whole message in `input` into `self.out` (cleared first); a trailing partial message is
+    /// left out. Returns the bytes consumed (tests and tools; the pump filters message by message).
     pub fn filter(&mut self, input: &[u8], violations: &mut Vec<Violation>) -> Result<usize, ProtocolError> {
-        self.out.clear();
+        let mut out = std::mem::take(&mut self.out);
+        out.clear();
         let mut pos = 0;
-        while input.len() - pos >= 5 {
-            let kind = input[pos];
+        let r = loop {
+            if input.len() - pos < 5 {
+                break Ok(pos);
+            }
             let len = i32::from_be_bytes([input[pos + 1], input[pos + 2], input[pos + 3], input[pos + 4]]);
             if len < 4 {
-                return Err(ProtocolError::Length { kind: kind as char, len: 0 });
+                break Err(ProtocolError::Length { kind: input[pos] as char, len: 0 });
             }
             let end = pos + 1 + len as usize;
             if end > input.len() {
-                break;
+                break Ok(pos);
             }
-            let msg = &input[pos..end];
-            let mut body = &input[pos + 5..end];
-            match kind {
-                b'Q' => {
-                    let sql = cstr(&mut body)?;
-                    match readonly::check(sql) {
-                        Ok(()) => self.out.extend_from_slice(msg),
-                        Err(reason) => {
-                            violations.push(Violation { fingerprint: readonly::fingerprint(sql), reason });
-                            let replacement = self.raise_sql(reason);
-                            protocol::simple_query(&mut self.out, &replacement);
-                        }
-                    }
-                }
-                b'P' => {
-                    let name = cstr(&mut body)?;
-                    let sql = cstr(&mut body)?;
-                    match readonly::check(sql) {
-                        Ok(()) => {
-                            self.poisoned.remove(name);
-                            self.out.extend_from_slice(msg);
-                        }
-                        Err(reason) => {
-                            violations.push(Violation { fingerprint: readonly::fingerprint(sql), reason });
-                            let replacement = self.raise_sql(reason);
-                            let at = protocol::begin(&mut self.out, b'P');
-                            protocol::put_cstr(&mut self.out, name);
-                            protocol::put_cstr(&mut self.out, &replacement);
-                            self.out.put_i16(0);
-                            protocol::finish(&mut self.out, at);
-                            self.poisoned.insert(name.to_owned());
-                        }
-                    }
-                }
-                b'B' => {
-                    let portal = cstr(&mut body)?;
-                    let stmt = cstr(&mut body)?;
-                    if self.poisoned.contains(stmt) {
-                        let at = protocol::begin(&mut self.out, b'B');
-                        protocol::put_cstr(&mut self.out, portal);
-                        protocol::put_cstr(&mut self.out, stmt);
-                        self.out.put_i16(0); // parameter formats
-                        self.out.put_i16(0); // parameters
-                        self.out.put_i16(0); // result formats
-                        protocol::finish(&mut self.out, at);
-                    } else {
-                        self.out.extend_from_slice(msg);
-                    }
-                }
-                _ => self.out.extend_from_slice(msg),
+            if let Err(e) = self.message(&input[pos..end], &mut out, violations) {
+                break Err(e);
             }
             pos = end;
-            if kind == b'X' {
-                break;
-            }
-        }
-        Ok(pos)
+        };
+        self.out = out;
+        r
     }
 }
 

@@ -29,6 +29,8 @@ pub enum ServerError {
     Postgres { code: String, message: String },
     #[error("server closed the connection")]
     Closed,
+    #[error("server connection failed during a session: {0}")]
+    Io(std::io::Error),
     #[error("upstream ceiling of {0} connections reached")]
     CeilingReached(u32),
 }
@@ -284,6 +286,65 @@ impl ServerConn {
         self.drain_until_ready().await
     }
 
+    /// Bring session settings to the given values with `set_config($1, $2, false)` bound as parameters, and
+    /// `RESET` the listed names, in one extended batch. Values are never spliced into SQL, so no setting of
+    /// `standard_conforming_strings` (or anything else a client left behind) can turn a value into a
+    /// statement; names are allow-listed identifiers. On a server error nothing is applied (the batch is
+    /// one implicit transaction) and the connection stays usable.
+    pub async fn apply_settings(
+        &mut self,
+        set: &[(String, String)],
+        reset: &[String],
+        timeout: Duration,
+    ) -> Result<(), ServerError> {
+        let mut out = BytesMut::with_capacity(256);
+        if !set.is_empty() {
+            let at = protocol::begin(&mut out, b'P');
+            protocol::put_cstr(&mut out, "");
+            protocol::put_cstr(&mut out, "SELECT pg_catalog.set_config($1, $2, false)");
+            out.put_i16(0);
+            protocol::finish(&mut out, at);
+            for (k, v) in set {
+                let at = protocol::begin(&mut out, b'B');
+                out.put_slice(&[0, 0]); // portal "", statement ""
+                out.put_i16(0); // text parameters
+                out.put_i16(2);
+                for p in [k.as_str(), v.as_str()] {
+                    out.put_i32(p.len() as i32);
+                    out.put_slice(p.as_bytes());
+                }
+                out.put_i16(0);
+                protocol::finish(&mut out, at);
+                out.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+            }
+        }
+        for k in reset {
+            if !is_setting_name(k) {
+                return Err(ServerError::Postgres {
+                    code: "22023".into(),
+                    message: format!("invalid setting name {k:?}"),
+                });
+            }
+            let at = protocol::begin(&mut out, b'P');
+            protocol::put_cstr(&mut out, "");
+            protocol::put_cstr(&mut out, &format!("RESET {k}"));
+            out.put_i16(0);
+            protocol::finish(&mut out, at);
+            out.extend_from_slice(&[b'B', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]);
+            out.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+        }
+        out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        let fut = async {
+            self.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
+            self.drain_until_ready().await
+        };
+        let r = tokio::time::timeout(timeout, fut).await.unwrap_or(Err(ServerError::Timeout(timeout)));
+        if !matches!(r, Ok(()) | Err(ServerError::Postgres { .. })) {
+            self.broken = true;
+        }
+        r
+    }
+
     /// Read and discard messages until ReadyForQuery with status `I` (after our own statement).
     pub async fn drain_until_ready(&mut self) -> Result<(), ServerError> {
         let mut buf = BytesMut::with_capacity(256);
@@ -327,6 +388,13 @@ impl ServerConn {
     pub async fn ping(&mut self, timeout: Duration) -> Result<(), ServerError> {
         self.simple("", timeout).await
     }
+}
+
+/// A setting name the proxy may put into SQL: an identifier or `prefix.name`, ASCII only.
+pub fn is_setting_name(k: &str) -> bool {
+    k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && k.len() <= 63
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
 }
 
 fn password_message(out: &mut BytesMut, pw: &[u8]) {

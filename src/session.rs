@@ -19,25 +19,39 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
-const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Startup parameters the proxy handles itself instead of replaying on server connections.
 const LOCAL_PARAMS: [&str; 4] = ["user", "database", "application_name", "options"];
 
 /// Serve one client socket to the end; never panics the process, always logs why it ended.
 pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) {
-    let startup = match tokio::time::timeout(LOGIN_TIMEOUT, read_startup(&app, &mut sock)).await {
-        Ok(Ok(Some(s))) => s,
-        Ok(Ok(None)) => return, // cancel request or probe, handled
-        Ok(Err(e)) => return fail(&mut sock, e).await,
+    // A login slot before a single byte is read; held until the client is logged in (or gone).
+    let Some(permit) = app.login_slots.try_acquire() else {
+        return refuse_pending_login(&app, &mut sock).await;
+    };
+    let startup = match tokio::time::timeout(LOGIN_TIMEOUT, read_startup(&mut sock)).await {
+        Ok(Ok(First::Startup(s))) => s,
+        Ok(Ok(First::Cancel { pid, secret })) => {
+            drop(permit);
+            return forward_cancel(&app, pid, secret).await;
+        }
+        Ok(Ok(First::Gone)) => return, // a probe that closed before sending a startup packet
+        Ok(Err(e)) => {
+            drop(permit);
+            return fail(&mut sock, e).await;
+        }
         Err(_) => return debug!("client sent no startup packet in time"),
     };
     if startup.database() == app.resolved().config.admin.console_database {
-        if let Err(e) = crate::console::run(&app, &mut sock, &startup).await {
+        // The console frees the slot once its user has authenticated.
+        if let Err(e) = crate::console::run(&app, &mut sock, &startup, permit).await {
             fail(&mut sock, e).await;
         }
         return;
     }
-    let mut relay = match tokio::time::timeout(LOGIN_TIMEOUT, login(&app, &mut sock, &startup, peer)).await {
+    // The slot is given back once the client has authenticated (before any wait for a server).
+    let logged_in = tokio::time::timeout(LOGIN_TIMEOUT, login(&app, &mut sock, &startup, peer, permit)).await;
+    let mut relay = match logged_in {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             let reason = reject_reason(&e);
@@ -121,11 +135,13 @@ fn reject_reason(e: &ProxyError) -> &'static str {
         ProxyError::UnknownService(_) => "unknown_service",
         ProxyError::UnknownDatabase(_) | ProxyError::RouteDisabled { .. } => "unknown_database",
         ProxyError::ReadOnly { .. } => "read_only",
-        ProxyError::BadParameter(_) => "bad_parameter",
+        ProxyError::BadParameter(_) | ProxyError::SettingRejected { .. } => "bad_parameter",
         ProxyError::ShuttingDown => "shutting_down",
+        ProxyError::TooManyLogins(_) => "pending_logins",
         ProxyError::BudgetExhausted { .. } | ProxyError::Shed { .. } | ProxyError::Paused { .. } => "budget",
         ProxyError::Upstream { .. } | ProxyError::ServerRejected { .. } => "upstream",
         ProxyError::ClientProtocol(_)
+        | ProxyError::MessageTooLarge { .. }
         | ProxyError::ClientIo(_)
         | ProxyError::QueuedCancel
         | ProxyError::Killed
@@ -157,31 +173,65 @@ async fn write_error(sock: &mut TcpStream, e: &ProxyError) -> std::io::Result<()
     sock.flush().await
 }
 
-/// Read startup packets until a StartupMessage; answers SSL/GSS requests with 'N' and serves cancels.
-async fn read_startup(app: &App, sock: &mut TcpStream) -> Result<Option<Startup>, ProxyError> {
+/// What a client's first packets amounted to.
+enum First {
+    Startup(Startup),
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    /// Closed before sending a startup packet (a port probe).
+    Gone,
+}
+
+/// Read startup packets until a StartupMessage or CancelRequest; answers SSL/GSS requests with 'N',
+/// and a 3.x StartupMessage asking for a newer minor version or `_pq_.` options with
+/// NegotiateProtocolVersion (the session then goes on in 3.0).
+async fn read_startup(sock: &mut TcpStream) -> Result<First, ProxyError> {
+    let mut buf = BytesMut::new();
     loop {
-        match protocol::read_startup(sock).await {
+        match protocol::read_startup_into(sock, &mut buf).await {
             Ok(StartupPacket::Ssl) | Ok(StartupPacket::GssEnc) => {
                 sock.write_all(b"N").await.map_err(ProxyError::ClientIo)?
             }
-            Ok(StartupPacket::Cancel { pid, secret }) => {
-                forward_cancel(app, pid, secret).await;
-                return Ok(None);
+            Ok(StartupPacket::Cancel { pid, secret }) => return Ok(First::Cancel { pid, secret }),
+            Ok(StartupPacket::Startup { startup, minor }) => {
+                if let Some(msg) = protocol::negotiation(&startup, minor) {
+                    sock.write_all(&msg).await.map_err(ProxyError::ClientIo)?;
+                }
+                return Ok(First::Startup(startup));
             }
-            Ok(StartupPacket::Startup(s)) => return Ok(Some(s)),
-            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(First::Gone),
             Err(e) => return Err(e.into()),
         }
     }
 }
 
+/// No login slot free: count it, tell the client without reading anything it sent, and close.
+async fn refuse_pending_login(app: &App, sock: &mut TcpStream) {
+    let e = ProxyError::TooManyLogins(app.login_slots.max());
+    app.metrics.clients_rejected.with_label_values(&[reject_reason(&e)]).inc();
+    if app.login_slots.should_warn() {
+        warn!(kind = e.kind(), max_pending_logins = app.login_slots.max(), "refusing clients: too many logging in");
+    } else {
+        debug!(kind = e.kind(), "client refused: too many logging in");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        write_error(sock, &e).await?;
+        sock.shutdown().await
+    })
+    .await;
+}
+
 async fn forward_cancel(app: &App, pid: i32, secret: i32) {
     match app.cancels.lookup(pid, secret) {
-        Some(CancelTarget::Server(k)) => {
+        Some(CancelTarget::Server(k, in_flight)) => {
+            // `in_flight` holds the client's checkout until Postgres has taken the cancel.
             match crate::server::send_cancel(k.addr, k.pid, k.secret, Duration::from_secs(5)).await {
                 Ok(()) => info!(server_pid = k.pid, "cancel forwarded"),
                 Err(e) => warn!(kind = "cancel", cause = %e, "cancel could not be forwarded"),
             }
+            drop(in_flight);
         }
         Some(CancelTarget::Queued(wake)) => {
             wake.notify_one();
@@ -243,11 +293,18 @@ pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyEr
 }
 
 /// Authenticate, pick the pool, and greet the client like Postgres would.
-async fn login(app: &Arc<App>, sock: &mut TcpStream, startup: &Startup, peer: SocketAddr) -> Result<Relay, ProxyError> {
+async fn login(
+    app: &Arc<App>,
+    sock: &mut TcpStream,
+    startup: &Startup,
+    peer: SocketAddr,
+    slot: crate::app::LoginPermit,
+) -> Result<Relay, ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
     // One configuration for the whole login, even if a reload lands meanwhile.
     let (resolved, users) = (app.resolved(), app.users());
     users.authenticate(sock, startup.user(), &mut buf).await?;
+    drop(slot);
     if app.shutdown.is_cancelled() {
         return Err(ProxyError::ShuttingDown);
     }

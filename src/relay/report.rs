@@ -1,7 +1,8 @@
 //! What the relay reports: checkout failures and server errors to the metrics, the error journal and the lake,
 //! and completed transactions to the pool and session counters.
 
-use super::{Relay, Seen};
+use super::pump::Seen;
+use super::Relay;
 use crate::error::ProxyError;
 use crate::telemetry::{tables, Value};
 

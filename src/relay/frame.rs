@@ -1,0 +1,203 @@
+//! Framing for the pump: which client messages are valid and how long they may be, and an incremental
+//! scanner over server bytes that reports each message once, with its first body byte and a bounded
+//! prefix of the bodies the proxy reads (ReadyForQuery, ParameterStatus, ErrorResponse).
+
+/// Largest message Postgres accepts from a client (`PQ_LARGE_MESSAGE_LIMIT`).
+pub const LARGE_MESSAGE: usize = (1 << 30) - 1;
+/// Limit for small control messages (`PQ_SMALL_MESSAGE_LIMIT`).
+pub const SMALL_MESSAGE: usize = 10_000;
+/// Most of a server message body the proxy keeps to decode (an ErrorResponse's fields come first).
+pub const SERVER_CAPTURE: usize = 8 * 1024;
+
+/// The body length limit of a frontend message type after login, or `None` for a type no client may send.
+pub fn client_limit(kind: u8) -> Option<usize> {
+    match kind {
+        b'B' | b'P' | b'Q' | b'F' | b'd' | b'f' => Some(LARGE_MESSAGE),
+        b'C' | b'D' | b'E' | b'H' | b'S' | b'X' | b'c' => Some(SMALL_MESSAGE),
+        _ => None,
+    }
+}
+
+/// One complete server message.
+pub struct ServerMsg<'a> {
+    pub kind: u8,
+    /// First body byte (ReadyForQuery's status).
+    pub first: Option<u8>,
+    /// The captured body prefix (empty unless the type is captured).
+    pub body: &'a [u8],
+    /// The body was longer than the capture.
+    pub truncated: bool,
+}
+
+/// Errors of the server byte stream.
+#[derive(Debug, thiserror::Error)]
+#[error("server sent a message of type {kind:?} with invalid length {len}")]
+pub struct BadServerFrame {
+    pub kind: char,
+    pub len: i32,
+}
+
+/// Incremental scanner over server bytes; never copies a body it does not capture.
+#[derive(Debug, Default)]
+pub struct ServerScanner {
+    header: [u8; 5],
+    header_len: usize,
+    remaining: usize,
+    kind: u8,
+    first: Option<u8>,
+    in_body: bool,
+    capture: Vec<u8>,
+    truncated: bool,
+}
+
+fn captured(kind: u8) -> bool {
+    matches!(kind, b'E' | b'S' | b'Z')
+}
+
+impl ServerScanner {
+    /// At a message boundary.
+    pub fn at_boundary(&self) -> bool {
+        self.header_len == 0 && !self.in_body
+    }
+
+    /// Walk `chunk`, calling `on` once per completed message.
+    pub fn feed(&mut self, mut chunk: &[u8], mut on: impl FnMut(ServerMsg<'_>)) -> Result<(), BadServerFrame> {
+        while !chunk.is_empty() || (self.in_body && self.remaining == 0) {
+            if self.in_body {
+                let n = self.remaining.min(chunk.len());
+                if n > 0 {
+                    if self.first.is_none() {
+                        self.first = Some(chunk[0]);
+                    }
+                    if captured(self.kind) {
+                        let room = SERVER_CAPTURE - self.capture.len();
+                        self.capture.extend_from_slice(&chunk[..n.min(room)]);
+                        self.truncated |= n > room;
+                    }
+                    self.remaining -= n;
+                    chunk = &chunk[n..];
+                }
+                if self.remaining == 0 {
+                    self.in_body = false;
+                    on(ServerMsg {
+                        kind: self.kind,
+                        first: self.first,
+                        body: &self.capture,
+                        truncated: self.truncated,
+                    });
+                }
+                continue;
+            }
+            let n = (5 - self.header_len).min(chunk.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&chunk[..n]);
+            self.header_len += n;
+            chunk = &chunk[n..];
+            if self.header_len < 5 {
+                break;
+            }
+            self.header_len = 0;
+            self.kind = self.header[0];
+            let len = i32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
+            if len < 4 {
+                return Err(BadServerFrame { kind: self.kind as char, len });
+            }
+            self.remaining = len as usize - 4;
+            self.first = None;
+            self.capture.clear();
+            self.truncated = false;
+            self.in_body = true;
+        }
+        Ok(())
+    }
+}
+
+/// Fields of an ErrorResponse/NoticeResponse body prefix: (severity, SQLSTATE, message); missing fields are empty.
+pub fn error_fields(body: &[u8]) -> (&str, &str, &str) {
+    let (mut sev, mut code, mut msg) = ("", "", "");
+    let mut b = body;
+    while let Some((&tag, rest)) = b.split_first() {
+        if tag == 0 {
+            break;
+        }
+        let Some(end) = rest.iter().position(|c| *c == 0) else { break };
+        let v = std::str::from_utf8(&rest[..end]).unwrap_or("");
+        match tag {
+            b'V' => sev = v,
+            b'S' if sev.is_empty() => sev = v,
+            b'C' => code = v,
+            b'M' => msg = v,
+            _ => {}
+        }
+        b = &rest[end + 1..];
+    }
+    (sev, code, msg)
+}
+
+/// Whether an ErrorResponse severity ends the connection.
+pub fn is_fatal(severity: &str) -> bool {
+    severity == "FATAL" || severity == "PANIC"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol;
+    use bytes::BytesMut;
+
+    fn collect(chunks: &[&[u8]]) -> Vec<(u8, Option<u8>, Vec<u8>)> {
+        let mut s = ServerScanner::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, |m| out.push((m.kind, m.first, m.body.to_vec()))).unwrap();
+        }
+        assert!(s.at_boundary());
+        out
+    }
+
+    #[test]
+    fn any_split_gives_the_same_messages() {
+        let mut b = BytesMut::new();
+        protocol::simple_query(&mut b, "x");
+        protocol::ready_for_query(&mut b, b'T');
+        b.extend_from_slice(&[b'1', 0, 0, 0, 4]);
+        protocol::error_response(&mut b, protocol::Severity::Error, "42601", "syntax", None);
+        protocol::ready_for_query(&mut b, b'I');
+        let whole = collect(&[&b]);
+        assert_eq!(whole.len(), 5);
+        assert_eq!(whole[1], (b'Z', Some(b'T'), vec![b'T']));
+        assert_eq!(whole[2], (b'1', None, vec![]));
+        assert_eq!(error_fields(&whole[3].2), ("ERROR", "42601", "syntax"));
+        for i in 1..b.len() {
+            for j in i..b.len() {
+                assert_eq!(collect(&[&b[..i], &b[i..j], &b[j..]]), whole, "{i} {j}");
+            }
+        }
+    }
+
+    #[test]
+    fn huge_error_is_truncated_not_refused() {
+        let mut b = BytesMut::new();
+        let long = "x".repeat(3 << 20);
+        protocol::error_response(&mut b, protocol::Severity::Error, "P0001", &long, None);
+        let mut s = ServerScanner::default();
+        let mut seen = None;
+        for c in b.chunks(16 * 1024) {
+            s.feed(c, |m| seen = Some((m.body.len(), m.truncated, error_fields(m.body).1.to_owned()))).unwrap();
+        }
+        assert_eq!(seen, Some((SERVER_CAPTURE, true, "P0001".to_owned())));
+    }
+
+    #[test]
+    fn bad_length_is_an_error() {
+        let mut s = ServerScanner::default();
+        assert!(s.feed(&[b'Z', 0, 0, 0, 3], |_| {}).is_err());
+    }
+
+    #[test]
+    fn client_types() {
+        assert_eq!(client_limit(b'Q'), Some(LARGE_MESSAGE));
+        assert_eq!(client_limit(b'S'), Some(SMALL_MESSAGE));
+        assert_eq!(client_limit(b'p'), None);
+        assert_eq!(client_limit(0), None);
+    }
+}

@@ -1,0 +1,193 @@
+//! In-process tests of the pump over tokio duplex pipes: a scripted server stands in for Postgres.
+
+use super::pump::{Event, Pump, PumpError};
+use crate::protocol;
+use bytes::BytesMut;
+use std::future::poll_fn;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+fn query(sql: &str) -> BytesMut {
+    let mut b = BytesMut::new();
+    protocol::simple_query(&mut b, sql);
+    b
+}
+
+/// Read one whole message from a pipe: (type, body).
+async fn read_msg(s: &mut DuplexStream) -> Option<(u8, Vec<u8>)> {
+    let mut h = [0u8; 5];
+    s.read_exact(&mut h).await.ok()?;
+    let len = i32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    s.read_exact(&mut body).await.ok()?;
+    Some((h[0], body))
+}
+
+/// A server like Postgres in one respect: it answers each Query (a DataRow of `row` bytes, CommandComplete,
+/// ReadyForQuery) and writes the whole reply before it reads the next message.
+async fn blocking_server(mut s: DuplexStream, row: usize) {
+    while let Some((kind, _)) = read_msg(&mut s).await {
+        if kind != b'Q' {
+            continue;
+        }
+        let mut out = BytesMut::new();
+        let at = protocol::begin(&mut out, b'D');
+        out.extend_from_slice(&vec![b'r'; row]);
+        protocol::finish(&mut out, at);
+        let at = protocol::begin(&mut out, b'C');
+        protocol::put_cstr(&mut out, "SELECT 1");
+        protocol::finish(&mut out, at);
+        protocol::ready_for_query(&mut out, b'I');
+        if s.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn pump_until(pump: &mut Pump, client: &mut DuplexStream, server: &mut DuplexStream) -> Result<Event, PumpError> {
+    loop {
+        match poll_fn(|cx| pump.poll_pump(cx, client, server)).await? {
+            Event::Report => {
+                pump.seen = Default::default();
+            }
+            ev => return Ok(ev),
+        }
+    }
+}
+
+#[tokio::test]
+async fn pipelined_burst_with_a_concurrent_reader_never_deadlocks() {
+    // Small pipes: the burst (20 MB each way) is far larger than every buffer on the path.
+    let (mut app_side, mut client) = tokio::io::duplex(64 * 1024);
+    let (mut server, pg_side) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(blocking_server(pg_side, 100_000));
+    let (mut app_read, mut app_write) = tokio::io::split(app_side_take(&mut app_side));
+    let writer = tokio::spawn(async move {
+        let big = query(&format!("select '{}'", "x".repeat(100_000)));
+        for _ in 0..200 {
+            app_write.write_all(&big).await.unwrap();
+        }
+        app_write
+    });
+    let reader = tokio::spawn(async move {
+        let mut ready = 0;
+        let mut sc = crate::relay::frame::ServerScanner::default();
+        let mut buf = vec![0u8; 64 * 1024];
+        while ready < 200 {
+            let n = app_read.read(&mut buf).await.unwrap();
+            assert!(n > 0, "pipe closed after {ready} replies");
+            sc.feed(&buf[..n], |m| ready += u32::from(m.kind == b'Z')).unwrap();
+        }
+        ready
+    });
+    let mut pump = Pump::new(None, 1 << 20);
+    pump.attach();
+    let pumping = async {
+        loop {
+            let ev = pump_until(&mut pump, &mut client, &mut server).await;
+            if !matches!(ev, Ok(Event::Idle)) {
+                return ev;
+            }
+        }
+    };
+    let done = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::select! {
+            r = reader => r.unwrap(),
+            ev = pumping => panic!("pump stopped: {ev:?}"),
+        }
+    })
+    .await
+    .expect("200 pipelined replies within 20 s");
+    assert_eq!(done, 200);
+    writer.await.unwrap();
+}
+
+/// Move the app's end of a duplex out of its slot (split needs ownership).
+fn app_side_take(s: &mut DuplexStream) -> DuplexStream {
+    std::mem::replace(s, tokio::io::duplex(1).0)
+}
+
+#[tokio::test]
+async fn a_partial_header_stays_with_the_client_and_the_server_is_releasable() {
+    let (mut app, mut client) = tokio::io::duplex(64 * 1024);
+    let (mut server, mut pg) = tokio::io::duplex(64 * 1024);
+    let mut bytes = query("select 1");
+    let q_len = bytes.len();
+    bytes.extend_from_slice(&[b'P', 0, 0]);
+    app.write_all(&bytes).await.unwrap();
+    let mut pump = Pump::new(None, 1 << 20);
+    pump.attach();
+    pump.stop_at_idle = true;
+    let pg_task = tokio::spawn(async move {
+        let mut got = vec![0u8; q_len];
+        pg.read_exact(&mut got).await.unwrap();
+        let mut out = BytesMut::new();
+        protocol::ready_for_query(&mut out, b'I');
+        pg.write_all(&out).await.unwrap();
+        // Nothing more may arrive: the 3 header bytes are the client's, not this server's.
+        let mut more = [0u8; 1];
+        let r = tokio::time::timeout(Duration::from_millis(200), pg.read(&mut more)).await;
+        assert!(r.is_err(), "the server received bytes of a header: {r:?}");
+        got
+    });
+    let ev = pump_until(&mut pump, &mut client, &mut server).await.unwrap();
+    assert_eq!(ev, Event::Idle);
+    assert!(pump.releasable() && !pump.mid_message());
+    assert_eq!(&pump.cin[..], &[b'P', 0, 0]);
+    assert_eq!(pg_task.await.unwrap(), &bytes[..q_len]);
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_body_leaves_the_server_mid_message() {
+    let (mut app, mut client) = tokio::io::duplex(64 * 1024);
+    let (mut server, _pg) = tokio::io::duplex(64 * 1024);
+    app.write_all(&[b'Q', 0, 0, 0, 104]).await.unwrap();
+    app.write_all(&[b'x'; 10]).await.unwrap();
+    drop(app);
+    let mut pump = Pump::new(None, 1 << 20);
+    pump.attach();
+    let ev = pump_until(&mut pump, &mut client, &mut server).await.unwrap();
+    assert_eq!(ev, Event::ClientClosed);
+    assert!(pump.mid_message() && !pump.releasable());
+}
+
+#[tokio::test]
+async fn terminate_is_not_forwarded() {
+    let (mut app, mut client) = tokio::io::duplex(1024);
+    let (mut server, mut pg) = tokio::io::duplex(1024);
+    app.write_all(&protocol::TERMINATE).await.unwrap();
+    let mut pump = Pump::new(None, 1 << 20);
+    pump.attach();
+    assert_eq!(pump_until(&mut pump, &mut client, &mut server).await.unwrap(), Event::Terminate);
+    let mut b = [0u8; 1];
+    assert!(tokio::time::timeout(Duration::from_millis(50), pg.read(&mut b)).await.is_err());
+}
+
+#[tokio::test]
+async fn held_messages_are_capped_without_allocating_the_declared_length() {
+    let (mut app, mut client) = tokio::io::duplex(64 * 1024);
+    let (mut server, _pg) = tokio::io::duplex(1024);
+    // A Query declaring 300 MiB on a read-only route (Queries are read whole there).
+    app.write_all(&[b'Q', 0x12, 0xC0, 0, 0]).await.unwrap();
+    app.write_all(&[b'x'; 4096]).await.unwrap();
+    let mut pump = Pump::new(Some(crate::ro_filter::RoFilter::new("app_ro")), 1 << 20);
+    pump.attach();
+    let r = pump_until(&mut pump, &mut client, &mut server).await;
+    assert!(matches!(r, Err(PumpError::TooLarge { kind: 'Q', max: 1048576, .. })), "{r:?}");
+    assert!(pump.cin.capacity() <= 64 * 1024, "capacity {}", pump.cin.capacity());
+}
+
+#[tokio::test]
+async fn invalid_message_types_and_lengths_are_refused_before_forwarding() {
+    for bad in [&[b'Z', 0, 0, 0, 4][..], &[b'Q', 0, 0, 0, 3], &[b'Q', 0xff, 0xff, 0xff, 0xff], &[b'S', 0, 1, 0, 0]] {
+        let (mut app, mut client) = tokio::io::duplex(1024);
+        let (mut server, mut pg) = tokio::io::duplex(1024);
+        app.write_all(bad).await.unwrap();
+        let mut pump = Pump::new(None, 1 << 20);
+        pump.attach();
+        let r = pump_until(&mut pump, &mut client, &mut server).await;
+        assert!(matches!(r, Err(PumpError::BadType(_) | PumpError::BadLength { .. })), "{bad:?}: {r:?}");
+        let mut b = [0u8; 1];
+        assert!(tokio::time::timeout(Duration::from_millis(20), pg.read(&mut b)).await.is_err(), "{bad:?} forwarded");
+    }
+}

@@ -1,0 +1,361 @@
+//! The transaction-state machine: what a server connection still owes, by Postgres's own rules.
+//!
+//! Every client message that makes the server answer is queued in the order it was forwarded; server
+//! messages complete the head of the queue the way `postgres.c` processes input: one message at a time,
+//! an error in an extended-protocol message (Parse/Bind/Describe/Close/Execute) makes the server skip
+//! everything up to the next Sync (Query and FunctionCall included), Sync and Flush sent during COPY FROM
+//! STDIN are swallowed by the copy, CopyData/CopyDone/CopyFail outside a copy are ignored. A server is
+//! at a clean boundary ([`TxState::idle`]) only when nothing is owed, no extended batch is open and the
+//! last ReadyForQuery said idle. When the stream does something the model cannot follow, it says so
+//! ([`TxState::uncertain`]) and the connection must never be handed to another client.
+
+use std::collections::VecDeque;
+
+/// A client message the server will answer (or that delimits a COPY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Msg {
+    Parse,
+    Bind,
+    Close,
+    DescribeStatement,
+    DescribePortal,
+    Execute,
+    Sync,
+    Query,
+    FunctionCall,
+    CopyDone,
+    CopyFail,
+}
+
+impl Msg {
+    fn extended(self) -> bool {
+        matches!(
+            self,
+            Msg::Parse | Msg::Bind | Msg::Close | Msg::DescribeStatement | Msg::DescribePortal | Msg::Execute
+        )
+    }
+}
+
+/// Most client messages one connection may have in flight; past it the relay stops reading the client.
+pub const MAX_OUTSTANDING: usize = 65_536;
+
+/// What the server owes and which state it is in, as far as its output shows.
+#[derive(Debug, Clone)]
+pub struct TxState {
+    queue: VecDeque<Msg>,
+    /// The server skips input until Sync (an extended message failed).
+    ignoring: bool,
+    /// The Query or Execute whose COPY FROM STDIN is running.
+    copy_in: Option<Msg>,
+    copy_out: bool,
+    /// An extended batch was started and no ReadyForQuery has closed it.
+    ext_open: bool,
+    /// Status byte of the last ReadyForQuery: I, T or E.
+    status: u8,
+    /// The model lost track; the connection can serve this client but nobody after it.
+    uncertain: bool,
+    /// The server sent FATAL or PANIC: it is closing the connection.
+    fatal: bool,
+}
+
+impl Default for TxState {
+    fn default() -> Self {
+        TxState {
+            queue: VecDeque::new(),
+            ignoring: false,
+            copy_in: None,
+            copy_out: false,
+            ext_open: false,
+            status: b'I',
+            uncertain: false,
+            fatal: false,
+        }
+    }
+}
+
+impl TxState {
+    /// Nothing owed, no batch open, not in a transaction block: the server can go to another client.
+    pub fn idle(&self) -> bool {
+        self.settled() && self.status == b'I'
+    }
+
+    /// Nothing owed and no batch open (the status may still be a transaction block).
+    pub fn settled(&self) -> bool {
+        self.queue.is_empty()
+            && !self.ext_open
+            && !self.ignoring
+            && self.copy_in.is_none()
+            && !self.copy_out
+            && !self.uncertain
+            && !self.fatal
+    }
+
+    /// The server is waiting for the client inside a transaction block or an open extended batch.
+    pub fn in_transaction(&self) -> bool {
+        self.status != b'I' || self.ext_open
+    }
+
+    /// Status of the last ReadyForQuery.
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    pub fn uncertain(&self) -> bool {
+        self.uncertain
+    }
+
+    pub fn fatal(&self) -> bool {
+        self.fatal
+    }
+
+    /// Client messages the server has not finished answering.
+    pub fn outstanding(&self) -> usize {
+        self.queue.len() + usize::from(self.copy_in.is_some())
+    }
+
+    /// A COPY FROM STDIN is running: the server waits for CopyData.
+    pub fn copy_in(&self) -> bool {
+        self.copy_in.is_some()
+    }
+
+    /// An extended batch (or a skip to Sync) is open: it needs a Sync to end.
+    pub fn needs_sync(&self) -> bool {
+        self.ext_open || self.ignoring
+    }
+
+    /// The server will wait for more input before it answers anything still owed (it buffers
+    /// extended-protocol replies until Sync or Flush).
+    pub fn waits_for_client(&self) -> bool {
+        self.copy_in.is_some() || self.queue.iter().all(|m| m.extended() || matches!(m, Msg::CopyDone | Msg::CopyFail))
+    }
+
+    /// Forward of one client message. `first` is the first body byte (Describe and Close carry 'S' or 'P').
+    pub fn client(&mut self, kind: u8, first: Option<u8>) {
+        let m = match kind {
+            b'P' => Msg::Parse,
+            b'B' => Msg::Bind,
+            b'C' => Msg::Close,
+            b'D' if first == Some(b'S') => Msg::DescribeStatement,
+            b'D' => Msg::DescribePortal,
+            b'E' => Msg::Execute,
+            b'S' => Msg::Sync,
+            b'Q' => Msg::Query,
+            b'F' => Msg::FunctionCall,
+            b'c' => Msg::CopyDone,
+            b'f' => Msg::CopyFail,
+            // Flush, CopyData and anything else get no reply of their own.
+            _ => return,
+        };
+        if m.extended() {
+            self.ext_open = true;
+        }
+        self.queue.push_back(m);
+        self.normalize();
+    }
+
+    /// Pop what the server consumes without answering, given the state it is in now.
+    fn normalize(&mut self) {
+        while let Some(&head) = self.queue.front() {
+            let skipped = if self.copy_in.is_some() {
+                head == Msg::Sync
+            } else if self.ignoring {
+                head != Msg::Sync
+            } else {
+                matches!(head, Msg::CopyDone | Msg::CopyFail)
+            };
+            if !skipped {
+                break;
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    fn lost(&mut self) {
+        self.uncertain = true;
+    }
+
+    /// One server message. `first` is its first body byte (the status of ReadyForQuery); `fatal` tells
+    /// whether an ErrorResponse had severity FATAL or PANIC.
+    pub fn server(&mut self, kind: u8, first: Option<u8>, fatal: bool) {
+        if self.uncertain {
+            return;
+        }
+        match kind {
+            // Asynchronous: NoticeResponse, ParameterStatus, NotificationResponse.
+            b'N' | b'S' | b'A' => return,
+            b'E' if fatal => {
+                self.fatal = true;
+                return;
+            }
+            b'E' => self.error(),
+            b'G' => match self.queue.pop_front() {
+                Some(owner @ (Msg::Query | Msg::Execute)) if self.copy_in.is_none() => self.copy_in = Some(owner),
+                _ => self.lost(),
+            },
+            b'C' if self.copy_in.is_some() => {
+                // COPY FROM STDIN completed: the CopyDone at the head ended it.
+                if self.queue.pop_front() != Some(Msg::CopyDone) {
+                    return self.lost();
+                }
+                self.end_copy_in(false);
+            }
+            b'Z' => match self.queue.pop_front() {
+                Some(Msg::Query | Msg::FunctionCall | Msg::Sync) if !self.copy_out => {
+                    self.status = first.unwrap_or(b'I');
+                    self.ext_open = false;
+                    self.ignoring = false;
+                }
+                _ => self.lost(),
+            },
+            _ => self.reply(kind),
+        }
+        self.normalize();
+    }
+
+    /// A reply that belongs to the message at the head of the queue.
+    fn reply(&mut self, kind: u8) {
+        let Some(&head) = self.queue.front() else {
+            return self.lost();
+        };
+        let done = match (kind, head) {
+            (b'1', Msg::Parse) | (b'2', Msg::Bind) | (b'3', Msg::Close) => true,
+            (b't', Msg::DescribeStatement) => false,
+            (b'T' | b'n', Msg::DescribeStatement | Msg::DescribePortal) => true,
+            (b'T' | b'D' | b'I', Msg::Query) => false,
+            (b'D', Msg::Execute) => false,
+            (b'C', Msg::Query) if self.copy_out => {
+                self.copy_out = false;
+                false
+            }
+            (b'C', Msg::Query) => false,
+            (b'C' | b'I' | b's', Msg::Execute) => {
+                self.copy_out = false;
+                true
+            }
+            (b'H', Msg::Query | Msg::Execute) => {
+                self.copy_out = true;
+                false
+            }
+            (b'd' | b'c', Msg::Query | Msg::Execute) if self.copy_out => false,
+            (b'V', Msg::FunctionCall) => false,
+            _ => return self.lost(),
+        };
+        if done {
+            self.queue.pop_front();
+        }
+    }
+
+    /// A non-fatal ErrorResponse.
+    fn error(&mut self) {
+        if self.copy_in.is_some() {
+            // The copy failed: by a CopyFail or bad data (the CopyDone/CopyFail is dropped either way), or by
+            // a non-copy message read inside the copy, or by bad data before it: those two look the same.
+            match self.queue.front() {
+                Some(Msg::CopyDone | Msg::CopyFail) => {
+                    self.queue.pop_front();
+                }
+                Some(_) => return self.lost(),
+                None => {}
+            }
+            return self.end_copy_in(true);
+        }
+        self.copy_out = false;
+        match self.queue.front() {
+            Some(&m) if m.extended() => {
+                self.queue.pop_front();
+                self.ignoring = true;
+            }
+            Some(Msg::Query | Msg::FunctionCall | Msg::Sync) => {}
+            _ => self.lost(),
+        }
+    }
+
+    fn end_copy_in(&mut self, failed: bool) {
+        match self.copy_in.take() {
+            // A simple Query goes on to its ReadyForQuery (or its next statement).
+            Some(Msg::Query) => self.queue.push_front(Msg::Query),
+            // An Execute is done; after an error the server skips to Sync.
+            _ => self.ignoring |= failed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(client: &[u8], server: &[(u8, u8)]) -> TxState {
+        let mut t = TxState::default();
+        for &k in client {
+            t.client(k, Some(b'S'));
+        }
+        for &(k, b) in server {
+            t.server(k, Some(b), false);
+        }
+        t
+    }
+
+    #[test]
+    fn simple_query_round_trip() {
+        let t = run(b"Q", &[(b'T', 0), (b'D', 0), (b'C', 0), (b'Z', b'I')]);
+        assert!(t.idle());
+        let t = run(b"Q", &[(b'C', 0), (b'Z', b'T')]);
+        assert!(t.settled() && !t.idle() && t.in_transaction());
+    }
+
+    #[test]
+    fn parse_error_skips_query_until_sync() {
+        // Parse("bad"), Query, Sync: the server skips the Query and answers the Sync only.
+        let t = run(b"PQS", &[(b'E', 0), (b'Z', b'I')]);
+        assert!(t.idle(), "{t:?}");
+    }
+
+    #[test]
+    fn extended_batch_needs_its_sync() {
+        let t = run(b"PBE", &[(b'1', 0), (b'2', 0), (b'C', 0)]);
+        assert!(!t.idle() && t.needs_sync());
+        let t = run(b"PBES", &[(b'1', 0), (b'2', 0), (b'C', 0), (b'Z', b'I')]);
+        assert!(t.idle());
+    }
+
+    #[test]
+    fn sync_inside_copy_in_is_swallowed() {
+        // Execute of COPY FROM STDIN, Sync, data..., CopyDone, Sync: one ReadyForQuery in all.
+        let t = run(b"PBESdcS", &[(b'1', 0), (b'2', 0), (b'G', 0), (b'C', 0), (b'Z', b'I')]);
+        assert!(t.idle(), "{t:?}");
+    }
+
+    #[test]
+    fn copy_fail_in_simple_query_then_ready() {
+        let t = run(b"Qdf", &[(b'G', 0), (b'E', 0), (b'Z', b'I')]);
+        assert!(t.idle(), "{t:?}");
+        // CopyDone sent after the copy already failed on bad data is ignored at top level.
+        let t = run(b"Qd", &[(b'G', 0), (b'E', 0), (b'Z', b'I')]);
+        let mut t2 = t.clone();
+        t2.client(b'c', None);
+        assert!(t.idle() && t2.idle());
+    }
+
+    #[test]
+    fn copy_out_and_functioncall() {
+        let t = run(b"Q", &[(b'H', 0), (b'd', 0), (b'c', 0), (b'C', 0), (b'Z', b'I')]);
+        assert!(t.idle(), "{t:?}");
+        let t = run(b"F", &[(b'V', 0), (b'Z', b'I')]);
+        assert!(t.idle());
+    }
+
+    #[test]
+    fn unexpected_reply_is_uncertain() {
+        let t = run(b"", &[(b'Z', b'I')]);
+        assert!(t.uncertain() && !t.idle());
+        let t = run(b"P", &[(b'2', 0)]);
+        assert!(t.uncertain());
+    }
+
+    #[test]
+    fn fatal_error_ends_it() {
+        let mut t = TxState::default();
+        t.server(b'E', None, true);
+        assert!(t.fatal() && !t.idle());
+    }
+}
