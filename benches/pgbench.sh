@@ -219,7 +219,12 @@ wait_tcp "$PGBUDGET_PORT" pgbudget "$PGBUDGET_PID"
 
 # ---------------------------------------------------------------- PgBouncer
 PGBOUNCER_PORT=$(free_port)
-printf '"%s" "%s"\n' "$PGUSER_NAME" "$PASSWORD" >"$TMP/userlist.txt"
+# The server's own SCRAM verifier, not the plaintext: with a plaintext entry PgBouncer derives a verifier
+# (4096 PBKDF2 rounds) on every login, which pgbudget never does, and the CPU comparison would charge that
+# to PgBouncer. With the verifier it authenticates clients and passes SCRAM through to the server.
+VERIFIER=$("$PGBIN/psql" -X -A -t -p "$PG_PORT" -c "select rolpassword from pg_authid where rolname = '$PGUSER_NAME'") ||
+    die "cannot read the SCRAM verifier of $PGUSER_NAME"
+printf '"%s" "%s"\n' "$PGUSER_NAME" "$VERIFIER" >"$TMP/userlist.txt"
 cat >"$TMP/pgbouncer.ini" <<EOF
 [databases]
 postgres = host=127.0.0.1 port=$PG_PORT dbname=postgres

@@ -142,10 +142,24 @@ fn main() -> ExitCode {
             if let Some(l) = admin_listen {
                 resolved.config.admin.listen = l;
             }
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let rt = runtime(std::env::var("PGBUDGET_WORKER_THREADS").ok().as_deref());
             rt.block_on(run(resolved, env, config))
         }
     }
+}
+
+/// The runtime: one event-loop thread by default (PgBouncer's shape: a client, its server and the pool meet
+/// on one thread, with no cross-thread wakeups); `PGBUDGET_WORKER_THREADS=N` (N > 1) runs N worker threads.
+fn runtime(threads: Option<&str>) -> tokio::runtime::Runtime {
+    let n = threads.and_then(|t| t.parse::<usize>().ok()).unwrap_or(1);
+    let mut b = if n > 1 {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(n);
+        b
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    b.enable_all().build().expect("tokio runtime")
 }
 
 async fn run(resolved: Resolved, env: Env, config_path: std::path::PathBuf) -> ExitCode {

@@ -152,14 +152,16 @@ pub fn negotiation(startup: &Startup, minor: i32) -> Option<BytesMut> {
         return None;
     }
     let mut out = BytesMut::new();
-    negotiate_protocol_version(&mut out, NEWEST_MINOR, &unknown);
+    // Like Postgres (and as libpq 17+ checks), the field carries the whole version number 3.0, not the bare minor.
+    negotiate_protocol_version(&mut out, PROTOCOL_V3 | NEWEST_MINOR, &unknown);
     Some(out)
 }
 
-/// NegotiateProtocolVersion: the newest minor version supported, then the protocol options not recognised.
-pub fn negotiate_protocol_version(out: &mut BytesMut, newest_minor: i32, unrecognized: &[&str]) {
+/// NegotiateProtocolVersion: the newest version supported (major << 16 | minor), then the protocol options
+/// not recognised.
+pub fn negotiate_protocol_version(out: &mut BytesMut, newest: i32, unrecognized: &[&str]) {
     let at = begin(out, b'v');
-    out.put_i32(newest_minor);
+    out.put_i32(newest);
     out.put_i32(unrecognized.len() as i32);
     for o in unrecognized {
         put_cstr(out, o);
@@ -610,7 +612,7 @@ mod tests {
         let StartupPacket::Startup { startup, minor } = p else { panic!("{p:?}") };
         assert_eq!((minor, startup.user()), (2, "app"));
         let msg = negotiation(&startup, minor).expect("3.2 needs NegotiateProtocolVersion");
-        assert_eq!(&msg[..], &[b'v', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&msg[..], &[b'v', 0, 0, 0, 12, 0, 3, 0, 0, 0, 0, 0, 0]);
         // Any major version but 3 is refused.
         for v in [2 << 16, 4 << 16, (1234 << 16) | 1] {
             let bytes = startup_bytes(v, &[("user", "app")]);
@@ -632,11 +634,11 @@ mod tests {
         let mut want = vec![b'v'];
         let names = b"_pq_.a\0_pq_.test_protocol_negotiation\0";
         want.extend_from_slice(&((4 + 4 + 4 + names.len()) as i32).to_be_bytes());
-        want.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 2]);
+        want.extend_from_slice(&[0, 3, 0, 0, 0, 0, 0, 2]);
         want.extend_from_slice(names);
         assert_eq!(&msg[..], &want[..]);
         // With 3.1 and an option, both are reported in one message.
         let msg = negotiation(&startup, 1).unwrap();
-        assert_eq!(&msg[5..13], &[0, 0, 0, 0, 0, 0, 0, 2]);
+        assert_eq!(&msg[5..13], &[0, 3, 0, 0, 0, 0, 0, 2]);
     }
 }

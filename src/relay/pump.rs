@@ -166,6 +166,26 @@ impl Pump {
         }
     }
 
+    /// Frame `bytes` as if the client had sent them, without any I/O (fuzzing and tests): appends to the
+    /// input, frames what it can, and returns the framed bytes, then forgets them as sent.
+    pub fn frame_bytes(&mut self, bytes: &[u8]) -> Result<(Vec<u8>, Option<Event>), PumpError> {
+        self.cin.extend_from_slice(bytes);
+        let mut framed = Vec::new();
+        loop {
+            let (moved, ev) = self.frame_client()?;
+            framed.extend_from_slice(&self.c2s);
+            self.c2s.clear();
+            if ev.is_some() || !moved {
+                return Ok((framed, ev));
+            }
+        }
+    }
+
+    /// Feed server bytes without I/O (fuzzing and tests).
+    pub fn scan_bytes(&mut self, bytes: &[u8]) -> Result<(), PumpError> {
+        self.absorb_server(bytes)
+    }
+
     /// The client has at least one whole header buffered: the type byte of the next message.
     pub fn next_client_kind(&self) -> Option<u8> {
         (self.cin.len() >= 5 && self.body_left == 0).then(|| self.cin[0])

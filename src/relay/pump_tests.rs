@@ -191,3 +191,96 @@ async fn invalid_message_types_and_lengths_are_refused_before_forwarding() {
         assert!(tokio::time::timeout(Duration::from_millis(20), pg.read(&mut b)).await.is_err(), "{bad:?} forwarded");
     }
 }
+
+mod props {
+    use super::super::pump::Pump;
+    use crate::protocol;
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+
+    /// A valid frontend message of a pass-through or held type.
+    fn message() -> impl Strategy<Value = Vec<u8>> {
+        let kinds = prop::sample::select(vec![b'Q', b'P', b'B', b'E', b'S', b'H', b'd', b'c', b'F', b'C', b'D']);
+        (kinds, prop::collection::vec(any::<u8>(), 0..300)).prop_map(|(k, mut body)| {
+            if k == b'D' || k == b'C' {
+                body.insert(0, b'S');
+            }
+            if k == b'c' || k == b'S' || k == b'H' {
+                body.clear();
+            }
+            let mut b = BytesMut::new();
+            let at = protocol::begin(&mut b, k);
+            b.extend_from_slice(&body);
+            protocol::finish(&mut b, at);
+            b.to_vec()
+        })
+    }
+
+    /// Offsets at which a header is incomplete (inside bytes 1..5 of a message).
+    fn inside_header(msgs: &[Vec<u8>], at: usize) -> bool {
+        let mut pos = 0;
+        for m in msgs {
+            if at > pos && at < pos + 5 {
+                return true;
+            }
+            pos += m.len();
+        }
+        false
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Whatever the split, valid messages come out byte for byte, and a server never gets part of a header.
+        #[test]
+        fn framing_is_lossless_and_never_splits_a_header(
+            msgs in prop::collection::vec(message(), 1..20),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let all: Vec<u8> = msgs.concat();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c.index(all.len() + 1)).collect();
+            points.push(all.len());
+            points.sort_unstable();
+            let mut pump = Pump::new(None, 1 << 20);
+            let (mut out, mut prev) = (Vec::new(), 0);
+            for p in points {
+                let (framed, ev) = pump.frame_bytes(&all[prev..p]).unwrap();
+                prop_assert!(ev.is_none());
+                out.extend_from_slice(&framed);
+                prop_assert!(!inside_header(&msgs, out.len()), "forwarded part of a header at {}", out.len());
+                prev = p;
+            }
+            prop_assert_eq!(out, all);
+        }
+
+        /// Arbitrary bytes: framing answers (bytes or an error), never panics, and never emits more than it got.
+        #[test]
+        fn arbitrary_client_bytes_never_panic(chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 1..16), ro in any::<bool>()) {
+            let filter = ro.then(|| crate::ro_filter::RoFilter::new("ro"));
+            let mut pump = Pump::new(filter, 4096);
+            let mut fed = 0usize;
+            let mut emitted = 0usize;
+            for c in &chunks {
+                fed += c.len();
+                match pump.frame_bytes(c) {
+                    Ok((framed, _)) => emitted += framed.len(),
+                    Err(_) => break,
+                }
+                if !ro {
+                    prop_assert!(emitted <= fed);
+                }
+            }
+        }
+
+        /// Arbitrary server bytes never panic the scanner or the transaction-state machine.
+        #[test]
+        fn arbitrary_server_bytes_never_panic(client in prop::collection::vec(any::<u8>(), 0..32), server in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut pump = Pump::new(None, 1 << 20);
+            for k in client {
+                pump.tx.client(k, Some(b'S'));
+            }
+            let _ = pump.scan_bytes(&server);
+            let _ = (pump.tx.idle(), pump.tx.outstanding());
+        }
+    }
+}
