@@ -177,8 +177,8 @@ impl App {
     }
 
     /// Reload from the file the process was started with.
-    pub fn reload(&self) -> Result<crate::reload::ReloadSummary, String> {
-        let path = self.config_path.get().ok_or("this process was not started from a configuration file")?;
+    pub fn reload(&self) -> Result<crate::reload::ReloadSummary, crate::reload::ReloadError> {
+        let path = self.config_path.get().ok_or(crate::reload::ReloadError::NoConfigFile)?;
         self.reload_from(path)
     }
 

@@ -4,6 +4,7 @@
 
 use crate::admission::{Decision, Hold, Refusal};
 use crate::cancel::ClientKey;
+use crate::error::sqlstate::SUCCESSFUL_COMPLETION;
 use crate::error::ProxyError;
 use crate::pool::{PooledConn, ServicePool};
 use crate::protocol::{self, ProtocolError, Severity};
@@ -21,6 +22,8 @@ const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_BUFFERED_WHILE_QUEUED: usize = crate::relay::pump::BUF;
 /// How long a paused pool holds a checkout beyond its `checkout_timeout` (a Postgres restart fits well within).
 const PAUSE_WAIT: Duration = Duration::from_secs(60);
+/// A queued checkout blocked by the upstream ceiling tries again at least this often.
+const CEILING_RECHECK: Duration = Duration::from_millis(100);
 
 /// The client side of a checkout.
 pub struct Waiter<'a, C> {
@@ -99,7 +102,7 @@ pub async fn acquire<C: AsyncRead + AsyncWrite + Unpin>(
             decide(pool, &w.who, served, Duration::ZERO);
             return Ok((c, hold));
         }
-        Err(ProxyError::BudgetExhausted { .. }) => {}
+        Err(ProxyError::BudgetExhausted { .. } | ProxyError::CeilingReached { .. }) => {}
         Err(e) => return Err(e),
     }
 
@@ -109,7 +112,7 @@ pub async fn acquire<C: AsyncRead + AsyncWrite + Unpin>(
     w.key.queued(Some(wake.clone()));
     let _queued = Queued(w.key);
     let s = &b.settings;
-    let get = pool.checkout_within(s.checkout_timeout);
+    let get = checkout_by(pool, started + s.checkout_timeout);
     tokio::pin!(get);
     let notice = tokio::time::sleep(s.notice_after);
     tokio::pin!(notice);
@@ -127,6 +130,11 @@ pub async fn acquire<C: AsyncRead + AsyncWrite + Unpin>(
                         decide(pool, &w.who, Decision::TimedOut, started.elapsed());
                         Err(ProxyError::BudgetExhausted { service, share, waited: started.elapsed() })
                     }
+                    Err(ProxyError::CeilingReached { upstream, ceiling, service, holding, share, .. }) => {
+                        decide(pool, &w.who, Decision::TimedOut, started.elapsed());
+                        let waited = started.elapsed();
+                        Err(ProxyError::CeilingReached { upstream, ceiling, service, holding, share, waited })
+                    }
                     Err(e) => Err(e),
                 };
             }
@@ -140,7 +148,7 @@ pub async fn acquire<C: AsyncRead + AsyncWrite + Unpin>(
                     s.checkout_timeout.as_millis()
                 );
                 let mut out = BytesMut::new();
-                protocol::error_response(&mut out, Severity::Notice, "00000", &msg, None);
+                protocol::error_response(&mut out, Severity::Notice, SUCCESSFUL_COMPLETION, &msg, None);
                 w.sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
             }
             _ = wake.notified() => {
@@ -151,6 +159,22 @@ pub async fn acquire<C: AsyncRead + AsyncWrite + Unpin>(
                 decide(pool, &w.who, Decision::Abandoned, started.elapsed());
                 return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
             }
+        }
+    }
+}
+
+/// Check out a server by `deadline`. An upstream at its ceiling is waited out as well (another service's
+/// connection may close meanwhile); at the deadline the last failure is reported: the pool's own wait
+/// (`BudgetExhausted`) or the ceiling (`CeilingReached`).
+async fn checkout_by(pool: &ServicePool, deadline: Instant) -> Result<PooledConn, ProxyError> {
+    loop {
+        let r = pool.checkout_within(deadline.saturating_duration_since(Instant::now())).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match r {
+            Err(ProxyError::CeilingReached { ref upstream, .. }) if !left.is_zero() => {
+                pool.ceiling_freed(upstream, left.min(CEILING_RECHECK)).await
+            }
+            r => return r,
         }
     }
 }
@@ -240,5 +264,65 @@ pub async fn reject_batch<C: AsyncRead + AsyncWrite + Unpin>(
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(ProxyError::ClientIo(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::App;
+    use crate::budget::Resolved;
+    use crate::config::{Config, Env};
+    use crate::pool::Route;
+
+    /// One service (share 3) on an upstream with a ceiling of 10 that nothing listens on.
+    fn app() -> Arc<App> {
+        let text = "[proxy]\nservice = \"web\"\n\
+                    [upstreams.primary]\nurl = \"postgres://u:p@127.0.0.1:1/db\"\nceiling = 10\n\
+                    [services.web]\nslice = 3\n";
+        let env = Env::default();
+        App::new(Resolved::resolve(Config::parse(text).unwrap(), &env).unwrap(), &env)
+    }
+
+    /// Take every connection slot under the upstream's ceiling (as other services' connections would).
+    fn fill_ceiling(app: &App) -> tokio::sync::OwnedSemaphorePermit {
+        let up = app.pools().upstreams["primary"].clone();
+        let n = up.permits.available_permits() as u32;
+        up.permits.clone().try_acquire_many_owned(n).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_ceiling_is_its_own_error_not_the_service_budget() {
+        let app = app();
+        let pool = app.pools().get("web", Route::ReadWrite).unwrap().clone();
+        let _others = fill_ceiling(&app);
+        match pool.checkout_within(Duration::ZERO).await {
+            Err(ProxyError::CeilingReached { upstream, ceiling, service, holding, share, .. }) => {
+                assert_eq!((upstream.as_str(), ceiling, service.as_str(), holding, share), ("primary", 10, "web", 0, 3))
+            }
+            other => panic!("expected CeilingReached, got {:?}", other.map(|_| ())),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_queued_checkout_waits_out_the_ceiling_until_its_deadline() {
+        let app = app();
+        let pool = app.pools().get("web", Route::ReadWrite).unwrap().clone();
+        let others = fill_ceiling(&app);
+        let t = Instant::now();
+        let r = checkout_by(&pool, t + Duration::from_millis(300)).await;
+        assert!(matches!(r, Err(ProxyError::CeilingReached { .. })), "{:?}", r.map(|_| ()));
+        assert!(t.elapsed() >= Duration::from_millis(300), "gave up early: {:?}", t.elapsed());
+
+        // A slot freed during the wait is tried at once (here the connect itself then fails: nothing listens).
+        let t = Instant::now();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(others);
+        });
+        let r = checkout_by(&pool, t + Duration::from_secs(5)).await;
+        assert!(matches!(r, Err(ProxyError::Upstream { .. })), "{:?}", r.map(|_| ()));
+        assert!(t.elapsed() < Duration::from_secs(2), "the freed slot was not noticed: {:?}", t.elapsed());
+        release.await.unwrap();
     }
 }

@@ -3,8 +3,10 @@
 
 use crate::app::{App, LoginPermit};
 use crate::auth::AuthError;
+use crate::control::ControlError;
 use crate::error::ProxyError;
-use crate::protocol::{self, Severity, Startup};
+use crate::protocol::{self, Startup};
+use crate::reload::ReloadError;
 use bytes::{BufMut, BytesMut};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,6 +16,26 @@ use tokio::net::TcpStream;
 use tracing::info;
 
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A console command that failed; the client gets an ERROR and the session goes on
+/// (severity and SQLSTATE: `error::console_error_to_client`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    #[error("unsupported admin console command \"{0}\"; try SHOW HELP")]
+    UnknownCommand(String),
+    #[error("the admin console takes simple queries only")]
+    ExtendedProtocol,
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Reload(#[from] ReloadError),
+}
+
+/// Append the ErrorResponse for a failed command.
+fn error_response(out: &mut BytesMut, e: &ConsoleError) {
+    let (severity, code, msg) = crate::error::console_error_to_client(e);
+    protocol::error_response(out, severity, code, &msg, None);
+}
 
 /// A result set under construction: text columns only.
 struct Rows {
@@ -116,8 +138,8 @@ pub async fn run(
                 for stmt in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
                     match command(app, stmt).await {
                         Ok(rows) => out.extend_from_slice(&rows),
-                        Err(msg) => {
-                            protocol::error_response(&mut out, Severity::Error, "42601", &msg, None);
+                        Err(e) => {
+                            error_response(&mut out, &e);
                             break;
                         }
                     }
@@ -128,13 +150,7 @@ pub async fn run(
                 protocol::ready_for_query(&mut out, b'I');
             }
             b'S' => {
-                protocol::error_response(
-                    &mut out,
-                    Severity::Error,
-                    "0A000",
-                    "the admin console takes simple queries only",
-                    None,
-                );
+                error_response(&mut out, &ConsoleError::ExtendedProtocol);
                 protocol::ready_for_query(&mut out, b'I');
             }
             _ => continue, // extended-protocol messages before Sync are skipped; Sync answers
@@ -152,16 +168,31 @@ fn done(tag: &str) -> BytesMut {
     out
 }
 
-async fn command(app: &Arc<App>, stmt: &str) -> Result<BytesMut, String> {
+async fn command(app: &Arc<App>, stmt: &str) -> Result<BytesMut, ConsoleError> {
     let words: Vec<String> = stmt.split_whitespace().map(|w| w.to_ascii_lowercase()).collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
     let target = |w: &[&str]| w.get(1).map(|s| s.trim_matches('"').to_owned());
     match words.as_slice() {
-        ["pause", ..] if words.len() <= 2 => app.pause(target(&words).as_deref()).await.map(|_| done("PAUSE")),
-        ["resume", ..] if words.len() <= 2 => app.resume(target(&words).as_deref()).map(|_| done("RESUME")),
-        ["reconnect", ..] if words.len() <= 2 => app.reconnect(target(&words).as_deref()).map(|_| done("RECONNECT")),
-        ["kill", ..] if words.len() <= 2 => app.kill(target(&words).as_deref()).map(|_| done("KILL")),
-        ["reload"] => app.reload().map(|_| done("RELOAD")),
+        ["pause", ..] if words.len() <= 2 => {
+            app.pause(target(&words).as_deref()).await?;
+            Ok(done("PAUSE"))
+        }
+        ["resume", ..] if words.len() <= 2 => {
+            app.resume(target(&words).as_deref())?;
+            Ok(done("RESUME"))
+        }
+        ["reconnect", ..] if words.len() <= 2 => {
+            app.reconnect(target(&words).as_deref())?;
+            Ok(done("RECONNECT"))
+        }
+        ["kill", ..] if words.len() <= 2 => {
+            app.kill(target(&words).as_deref())?;
+            Ok(done("KILL"))
+        }
+        ["reload"] => {
+            app.reload()?;
+            Ok(done("RELOAD"))
+        }
         ["shutdown"] => {
             info!("SHUTDOWN requested from the admin console");
             app.shutdown.cancel();
@@ -197,7 +228,7 @@ async fn command(app: &Arc<App>, stmt: &str) -> Result<BytesMut, String> {
             }
             Ok(r.done("SHOW"))
         }
-        _ => Err(format!("unsupported admin console command \"{stmt}\"; try SHOW HELP")),
+        _ => Err(ConsoleError::UnknownCommand(stmt.to_owned())),
     }
 }
 

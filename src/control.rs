@@ -11,6 +11,16 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// Why an operator command could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no such service \"{0}\"")]
+    UnknownService(String),
+    /// The pool stays paused; the servers still in use close when their clients release them.
+    #[error("paused, but {busy} server connection(s) are still in use")]
+    PauseTimedOut { busy: u32 },
+}
+
 /// Per-pool operator state.
 pub struct PoolControl {
     paused: watch::Sender<bool>,
@@ -51,7 +61,7 @@ impl PoolControl {
 
 impl App {
     /// The pools a command addresses: one service's (both routes) or all.
-    fn addressed(&self, service: Option<&str>) -> Result<Vec<Arc<ServicePool>>, String> {
+    fn addressed(&self, service: Option<&str>) -> Result<Vec<Arc<ServicePool>>, ControlError> {
         let pools: Vec<_> = self
             .pools()
             .pools
@@ -60,13 +70,13 @@ impl App {
             .map(|(_, p)| p.clone())
             .collect();
         match service {
-            Some(s) if pools.is_empty() => Err(format!("no such service \"{s}\"")),
+            Some(s) if pools.is_empty() => Err(ControlError::UnknownService(s.to_owned())),
             _ => Ok(pools),
         }
     }
 
     /// Hold new checkouts, wait (up to `drain_timeout`) for running transactions to end, close idle servers.
-    pub async fn pause(&self, service: Option<&str>) -> Result<(), String> {
+    pub async fn pause(&self, service: Option<&str>) -> Result<(), ControlError> {
         let pools = self.addressed(service)?;
         pools.iter().for_each(|p| p.control.set_paused(true));
         info!(service = service.unwrap_or("*"), "PAUSE: holding new checkouts");
@@ -78,7 +88,7 @@ impl App {
             }
             if Instant::now() >= deadline {
                 warn!(kind = "pause", busy, "PAUSE: servers still in use at the deadline; staying paused");
-                return Err(format!("paused, but {busy} server connection(s) are still in use"));
+                return Err(ControlError::PauseTimedOut { busy });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -89,14 +99,14 @@ impl App {
         Ok(())
     }
 
-    pub fn resume(&self, service: Option<&str>) -> Result<(), String> {
+    pub fn resume(&self, service: Option<&str>) -> Result<(), ControlError> {
         self.addressed(service)?.iter().for_each(|p| p.control.set_paused(false));
         info!(service = service.unwrap_or("*"), "RESUME");
         Ok(())
     }
 
     /// Retire every server connection: idle ones close now, busy ones when their client releases them.
-    pub fn reconnect(&self, service: Option<&str>) -> Result<(), String> {
+    pub fn reconnect(&self, service: Option<&str>) -> Result<(), ControlError> {
         for p in self.addressed(service)? {
             p.pool.manager().generation.fetch_add(1, Ordering::AcqRel);
             p.reap();
@@ -106,7 +116,7 @@ impl App {
     }
 
     /// End the service's client sessions and their servers now; new checkouts wait for `RESUME`.
-    pub fn kill(&self, service: Option<&str>) -> Result<(), String> {
+    pub fn kill(&self, service: Option<&str>) -> Result<(), ControlError> {
         for p in self.addressed(service)? {
             p.control.set_paused(true);
             p.control.kill_sessions();

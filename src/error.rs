@@ -2,27 +2,40 @@
 
 use crate::admission::Refusal;
 use crate::auth::AuthError;
+use crate::console::ConsoleError;
+use crate::control::ControlError;
 use crate::protocol::{ProtocolError, Severity};
+use crate::reload::ReloadError;
 use crate::server::ServerError;
 use std::time::Duration;
 
-/// The SQLSTATEs the proxy itself emits (names as in Postgres's errcodes.txt).
+/// The SQLSTATEs the proxy itself emits or looks for (names as in Postgres's errcodes.txt).
 pub mod sqlstate {
+    pub const SUCCESSFUL_COMPLETION: &str = "00000";
     pub const PROTOCOL_VIOLATION: &str = "08P01";
     pub const CONNECTION_FAILURE: &str = "08006";
     pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
-    pub const INVALID_PASSWORD: &str = "28P01";
-    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
     pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
     pub const IDLE_IN_TRANSACTION_SESSION_TIMEOUT: &str = "25P03";
+    pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const UNDEFINED_OBJECT: &str = "42704";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const PROGRAM_LIMIT_EXCEEDED: &str = "54000";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    pub const OBJECT_IN_USE: &str = "55006";
     pub const QUERY_CANCELED: &str = "57014";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
     pub const CRASH_SHUTDOWN: &str = "57P02";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";
     pub const DATABASE_DROPPED: &str = "57P04";
     pub const IDLE_SESSION_TIMEOUT: &str = "57P05";
+    pub const IO_ERROR: &str = "58030";
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
 
     /// Upstream login/checkout errors a client should see with the server's own SQLSTATE (operator
     /// intervention class 57P and the server's own "too many connections"), so it can tell a restart
@@ -53,6 +66,12 @@ pub enum ProxyError {
     UnknownDatabase(String),
     #[error("budget exhausted: service {service} share {share}, waited {waited:?}")]
     BudgetExhausted { service: String, share: u32, waited: Duration },
+    /// The upstream's ceiling (less `reserved`) is in use by all services together, though this service
+    /// is below its share.
+    #[error(
+        "upstream {upstream} at ceiling {ceiling}: service {service} holds {holding} of {share}, waited {waited:?}"
+    )]
+    CeilingReached { upstream: String, ceiling: u32, service: String, holding: u32, share: u32, waited: Duration },
     #[error("load shed: service {service} share {share}: {refusal:?}")]
     Shed { service: String, share: u32, refusal: crate::admission::Refusal },
     #[error("client cancelled while queued for a server")]
@@ -96,6 +115,7 @@ impl ProxyError {
             ProxyError::UnknownService(_) => "unknown_service",
             ProxyError::UnknownDatabase(_) => "unknown_database",
             ProxyError::BudgetExhausted { .. } => "budget_exhausted",
+            ProxyError::CeilingReached { .. } => "ceiling_reached",
             ProxyError::Shed { .. } => "load_shed",
             ProxyError::QueuedCancel => "queued_cancel",
             ProxyError::Paused { .. } => "paused",
@@ -148,6 +168,16 @@ impl ProxyError {
                 TOO_MANY_CONNECTIONS,
                 format!(
                     "pgbudget: service \"{service}\" is using all {share} of its server connections; \
+                     no connection freed up within {} ms",
+                    waited.as_millis()
+                ),
+            ),
+            ProxyError::CeilingReached { upstream, ceiling, service, holding, share, waited } => (
+                Error,
+                TOO_MANY_CONNECTIONS,
+                format!(
+                    "pgbudget: upstream \"{upstream}\" is at its ceiling of {ceiling} connections \
+                     (service \"{service}\" holds {holding} of its share of {share}); \
                      no connection freed up within {} ms",
                     waited.as_millis()
                 ),
@@ -237,6 +267,23 @@ impl ProxyError {
     }
 }
 
+/// Severity, SQLSTATE and message for an admin console command that failed; the console session goes on.
+pub fn console_error_to_client(e: &ConsoleError) -> (Severity, &'static str, String) {
+    use sqlstate::*;
+    let code = match e {
+        ConsoleError::UnknownCommand(_) => SYNTAX_ERROR,
+        ConsoleError::ExtendedProtocol => FEATURE_NOT_SUPPORTED,
+        ConsoleError::Control(ControlError::UnknownService(_)) => UNDEFINED_OBJECT,
+        ConsoleError::Control(ControlError::PauseTimedOut { .. }) => OBJECT_IN_USE,
+        ConsoleError::Reload(ReloadError::NoConfigFile | ReloadError::RestartNeeded { .. }) => {
+            OBJECT_NOT_IN_PREREQUISITE_STATE
+        }
+        ConsoleError::Reload(ReloadError::Invalid { .. }) => CONFIG_FILE_ERROR,
+        ConsoleError::Reload(ReloadError::Io { .. }) => IO_ERROR,
+    };
+    (Severity::Error, code, e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +296,14 @@ mod tests {
             ProxyError::UnknownService("s".into()),
             ProxyError::UnknownDatabase("d".into()),
             ProxyError::BudgetExhausted { service: "w".into(), share: 3, waited: Duration::from_millis(5) },
+            ProxyError::CeilingReached {
+                upstream: "p".into(),
+                ceiling: 10,
+                service: "w".into(),
+                holding: 1,
+                share: 3,
+                waited: Duration::ZERO,
+            },
             ProxyError::Upstream { upstream: "p".into(), source: ServerError::Closed },
             ProxyError::Shed { service: "w".into(), share: 10, refusal: Refusal::Hard { holding: 9, line: 9 } },
             ProxyError::Shed {
@@ -285,6 +340,82 @@ mod tests {
         let (_, code, msg) = e.to_client();
         assert_eq!(code, "53300");
         assert!(msg.contains("worker") && msg.contains("38") && msg.contains("5000 ms"), "{msg}");
+    }
+
+    #[test]
+    fn ceiling_reached_names_the_upstream_not_the_service_budget() {
+        let e = ProxyError::CeilingReached {
+            upstream: "primary".into(),
+            ceiling: 97,
+            service: "worker".into(),
+            holding: 12,
+            share: 38,
+            waited: Duration::from_secs(5),
+        };
+        let (sev, code, msg) = e.to_client();
+        assert_eq!((sev, code, e.kind()), (Severity::Error, sqlstate::TOO_MANY_CONNECTIONS, "ceiling_reached"));
+        assert_eq!(
+            msg,
+            "pgbudget: upstream \"primary\" is at its ceiling of 97 connections (service \"worker\" holds 12 of its \
+             share of 38); no connection freed up within 5000 ms"
+        );
+        let budget = ProxyError::BudgetExhausted { service: "worker".into(), share: 38, waited: Duration::ZERO };
+        assert_ne!(budget.kind(), e.kind());
+        assert!(!msg.contains("is using all"), "{msg}");
+    }
+
+    #[test]
+    fn console_errors_are_errors_with_their_own_sqlstate() {
+        let cases: Vec<(ConsoleError, &str, &str)> = vec![
+            (
+                ConsoleError::UnknownCommand("DROP TABLE x".into()),
+                sqlstate::SYNTAX_ERROR,
+                "unsupported admin console command \"DROP TABLE x\"; try SHOW HELP",
+            ),
+            (
+                ConsoleError::ExtendedProtocol,
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "the admin console takes simple queries only",
+            ),
+            (
+                ControlError::UnknownService("nope".into()).into(),
+                sqlstate::UNDEFINED_OBJECT,
+                "no such service \"nope\"",
+            ),
+            (
+                ControlError::PauseTimedOut { busy: 2 }.into(),
+                sqlstate::OBJECT_IN_USE,
+                "paused, but 2 server connection(s) are still in use",
+            ),
+            (
+                ReloadError::NoConfigFile.into(),
+                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "this process was not started from a configuration file",
+            ),
+            (
+                ReloadError::RestartNeeded { reasons: vec!["auth.method changed (needs a restart)".into()] }.into(),
+                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "1 change(s) need a restart: auth.method changed (needs a restart)",
+            ),
+            (
+                ReloadError::from(crate::config::ConfigError { violations: vec!["a".into(), "b".into()] }).into(),
+                sqlstate::CONFIG_FILE_ERROR,
+                "invalid configuration (2 problem(s)):\n  - a\n  - b",
+            ),
+            (
+                ReloadError::Io { path: "/x/budgets.toml".into(), source: std::io::ErrorKind::NotFound.into() }.into(),
+                sqlstate::IO_ERROR,
+                "cannot read /x/budgets.toml: entity not found",
+            ),
+        ];
+        for (e, want_code, want_msg) in cases {
+            let (sev, code, msg) = console_error_to_client(&e);
+            assert_eq!((sev, code, msg.as_str()), (Severity::Error, want_code, want_msg), "{e:?}");
+        }
+        // The refusal text is the one the config loader prints at startup.
+        let v = vec!["slices sum to 100".to_owned()];
+        let startup = crate::config::ConfigError { violations: v.clone() }.to_string();
+        assert_eq!(ReloadError::Invalid { violations: v }.to_string(), startup);
     }
 
     fn upstream_postgres(code: &str) -> (Severity, String, String) {

@@ -118,8 +118,10 @@ impl managed::Manager for Manager {
 impl Manager {
     /// Open a server connection to `up`, holding one of its ceiling permits.
     async fn connect_via(&self, up: &Arc<UpstreamState>) -> Result<ServerConn, ServerError> {
-        let permit =
-            up.permits.clone().try_acquire_owned().map_err(|_| ServerError::CeilingReached(up.target.ceiling))?;
+        let permit = up.permits.clone().try_acquire_owned().map_err(|_| ServerError::CeilingReached {
+            upstream: up.target.name.clone(),
+            ceiling: up.target.ceiling,
+        })?;
         let b = self.budget.load();
         let s = &b.settings;
         let mut conn = ServerConn::connect(&up.target, &self.application_name, s.connect_timeout, permit).await?;
@@ -171,7 +173,7 @@ pub async fn enforce_read_only(conn: &mut ServerConn, timeout: Duration) -> Resu
         Some(other) => {
             conn.broken = true;
             Err(ServerError::Postgres {
-                code: "25006".into(),
+                code: crate::error::sqlstate::READ_ONLY_SQL_TRANSACTION.into(),
                 message: format!("read-only not in force ({RO_GUC} = {other})"),
             })
         }
@@ -223,9 +225,17 @@ impl ServicePool {
         let up = || b.upstream.clone();
         match self.pool.timeout_get(&timeouts(&b.settings, wait)).await {
             Ok(c) => Ok(c),
-            Err(PoolError::Timeout(TimeoutType::Wait)) | Err(PoolError::Backend(ServerError::CeilingReached(_))) => {
-                Err(ProxyError::BudgetExhausted {
+            Err(PoolError::Timeout(TimeoutType::Wait)) => Err(ProxyError::BudgetExhausted {
+                service: b.name.clone(),
+                share: self.share(),
+                waited: started.elapsed(),
+            }),
+            Err(PoolError::Backend(ServerError::CeilingReached { upstream, ceiling })) => {
+                Err(ProxyError::CeilingReached {
+                    upstream,
+                    ceiling,
                     service: b.name.clone(),
+                    holding: self.pool.status().size as u32,
                     share: self.share(),
                     waited: started.elapsed(),
                 })
@@ -238,6 +248,18 @@ impl ServicePool {
             Err(PoolError::NoRuntimeSpecified) | Err(PoolError::PostCreateHook(_)) => {
                 Err(ProxyError::Upstream { upstream: up(), source: ServerError::Closed })
             }
+        }
+    }
+
+    /// Wait up to `max` for a connection under `upstream`'s ceiling to close (nothing is taken: the next
+    /// checkout competes for it like any other).
+    pub async fn ceiling_freed(&self, upstream: &str, max: Duration) {
+        let m = self.pool.manager();
+        match std::iter::once(&m.upstream).chain(&m.replica).find(|u| u.target.name == upstream) {
+            Some(up) => {
+                let _ = tokio::time::timeout(max, up.permits.acquire()).await;
+            }
+            None => tokio::time::sleep(max).await,
         }
     }
 

@@ -245,6 +245,7 @@ impl Relay {
                     Ok(()) => {}
                     Err(
                         e @ (ProxyError::BudgetExhausted { .. }
+                        | ProxyError::CeilingReached { .. }
                         | ProxyError::Shed { .. }
                         | ProxyError::QueuedCancel
                         | ProxyError::Paused { .. }
@@ -349,7 +350,7 @@ impl Relay {
         let route = self.pool.route.as_str();
         self.app.metrics.server_errors.with_label_values(&[&b.name, route, "server_error"]).inc();
         let msg = "server closed the connection during a session";
-        self.app.journal.record(&b.name, route, &b.upstream, "server_error", "08006", msg);
+        self.app.journal.record(&b.name, route, &b.upstream, "server_error", crate::error::sqlstate::CONNECTION_FAILURE, msg);
         ProxyError::Upstream { upstream: b.upstream.clone(), source }
     }
 

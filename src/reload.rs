@@ -5,10 +5,49 @@
 use crate::app::App;
 use crate::auth::UserDb;
 use crate::budget::{Resolved, UpstreamTarget};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::pool::Pools;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tracing::{info, warn};
+
+/// Why a reload was refused; the old configuration then stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this process was not started from a configuration file")]
+    NoConfigFile,
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file breaks the budget rules (every violation is named).
+    #[error(
+        "invalid configuration ({} problem(s)):{}",
+        violations.len(),
+        violations.iter().map(|v| format!("\n  - {v}")).collect::<String>()
+    )]
+    Invalid { violations: Vec<String> },
+    /// Valid, but it changes what only a restart can take over.
+    #[error("{} change(s) need a restart: {}", reasons.len(), reasons.join("; "))]
+    RestartNeeded { reasons: Vec<String> },
+}
+
+impl From<ConfigError> for ReloadError {
+    fn from(e: ConfigError) -> Self {
+        ReloadError::Invalid { violations: e.violations }
+    }
+}
+
+impl ReloadError {
+    /// How many problems the refusal names (the `violations` column of `config_reloads`).
+    pub fn violations(&self) -> u32 {
+        match self {
+            ReloadError::Invalid { violations: v } | ReloadError::RestartNeeded { reasons: v } => v.len().max(1) as u32,
+            ReloadError::NoConfigFile | ReloadError::Io { .. } => 1,
+        }
+    }
+}
 
 /// What a reload changed, for the log and the console.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -69,7 +108,7 @@ pub fn restart_needed(old: &Resolved, new: &Resolved) -> Vec<String> {
 
 impl App {
     /// Re-read `path` and apply it, or explain why not (the old configuration then stays in force).
-    pub fn reload_from(&self, path: &Path) -> Result<ReloadSummary, String> {
+    pub fn reload_from(&self, path: &Path) -> Result<ReloadSummary, ReloadError> {
         let result = self.try_reload(path);
         match &result {
             Ok(s) => {
@@ -78,22 +117,23 @@ impl App {
             }
             Err(e) => {
                 warn!(kind = "reload", cause = %e, "reload refused; the old configuration stays in force");
-                self.record_config("refused", e, e.matches("\n  - ").count().max(1) as u32);
+                self.record_config("refused", &e.to_string(), e.violations());
             }
         }
         result
     }
 
-    fn try_reload(&self, path: &Path) -> Result<ReloadSummary, String> {
-        let config = Config::load(path).map_err(|e| e.to_string())?;
+    fn try_reload(&self, path: &Path) -> Result<ReloadSummary, ReloadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ReloadError::Io { path: path.to_owned(), source })?;
+        let config = Config::parse(&text)?;
         let old = self.resolved();
-        let mut new = Resolved::resolve(config, &self.env).map_err(|e| e.to_string())?;
+        let mut new = Resolved::resolve(config, &self.env)?;
         // Listeners are bound once; what the command line chose stays.
         new.config.proxy.listen = old.config.proxy.listen.clone();
         new.config.admin.listen = old.config.admin.listen.clone();
         let blocked = restart_needed(&old, &new);
         if !blocked.is_empty() {
-            return Err(format!("{} change(s) need a restart: {}", blocked.len(), blocked.join("; ")));
+            return Err(ReloadError::RestartNeeded { reasons: blocked });
         }
         let mut summary = ReloadSummary::default();
         for (name, b) in &new.services {

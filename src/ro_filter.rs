@@ -33,7 +33,8 @@ impl RoFilter {
     fn raise_sql(&self, reason: &str) -> String {
         let msg = format!("pgbudget: read-only route \"{}\" refuses this statement", self.route);
         format!(
-            "DO $pgbudget$BEGIN RAISE EXCEPTION USING ERRCODE = '25006', MESSAGE = {}, DETAIL = {}; END$pgbudget$",
+            "DO $pgbudget$BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}, DETAIL = {}; END$pgbudget$",
+            crate::error::sqlstate::READ_ONLY_SQL_TRANSACTION,
             protocol::quote_literal(&msg),
             protocol::quote_literal(reason)
         )

@@ -2,6 +2,9 @@
 //! and say goodbye with a Terminate whenever it is dropped.
 
 use crate::budget::UpstreamTarget;
+use crate::error::sqlstate::{
+    ACTIVE_SQL_TRANSACTION, INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PARAMETER_VALUE, INVALID_PASSWORD,
+};
 use crate::protocol::{self, ProtocolError};
 use bytes::{Buf, BufMut, BytesMut};
 use dashmap::DashMap;
@@ -31,8 +34,8 @@ pub enum ServerError {
     Closed,
     #[error("server connection failed during a session: {0}")]
     Io(std::io::Error),
-    #[error("upstream ceiling of {0} connections reached")]
-    CeilingReached(u32),
+    #[error("upstream {upstream} is at its ceiling of {ceiling} connections")]
+    CeilingReached { upstream: String, ceiling: u32 },
 }
 
 /// A logged-in server connection. Counts against the upstream ceiling while it lives.
@@ -237,7 +240,7 @@ impl ServerConn {
                 }
                 b'E' => {
                     let (_, code, message) = protocol::parse_error_fields(&buf);
-                    return Err(if code == "28P01" || code == "28000" {
+                    return Err(if [INVALID_PASSWORD, INVALID_AUTHORIZATION_SPECIFICATION].contains(&code.as_str()) {
                         ServerError::Auth(message)
                     } else {
                         ServerError::Postgres { code, message }
@@ -321,7 +324,7 @@ impl ServerConn {
         for k in reset {
             if !is_setting_name(k) {
                 return Err(ServerError::Postgres {
-                    code: "22023".into(),
+                    code: INVALID_PARAMETER_VALUE.into(),
                     message: format!("invalid setting name {k:?}"),
                 });
             }
@@ -368,7 +371,7 @@ impl ServerConn {
                         Some(e) => Err(e),
                         None if buf.first() == Some(&b'I') => Ok(()),
                         None => Err(ServerError::Postgres {
-                            code: "25001".into(),
+                            code: ACTIVE_SQL_TRANSACTION.into(),
                             message: "still in a transaction".into(),
                         }),
                     };

@@ -58,7 +58,9 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
             app.metrics.clients_rejected.with_label_values(&[reason]).inc();
             app.telemetry.emit(tables::ADMISSION_DECISIONS, || {
                 let service = match &e {
-                    ProxyError::BudgetExhausted { service, .. } | ProxyError::Shed { service, .. } => service.as_str(),
+                    ProxyError::BudgetExhausted { service, .. }
+                    | ProxyError::CeilingReached { service, .. }
+                    | ProxyError::Shed { service, .. } => service.as_str(),
                     _ => "",
                 };
                 vec![
@@ -138,7 +140,10 @@ fn reject_reason(e: &ProxyError) -> &'static str {
         ProxyError::BadParameter(_) | ProxyError::SettingRejected { .. } => "bad_parameter",
         ProxyError::ShuttingDown => "shutting_down",
         ProxyError::TooManyLogins(_) => "pending_logins",
-        ProxyError::BudgetExhausted { .. } | ProxyError::Shed { .. } | ProxyError::Paused { .. } => "budget",
+        ProxyError::BudgetExhausted { .. }
+        | ProxyError::CeilingReached { .. }
+        | ProxyError::Shed { .. }
+        | ProxyError::Paused { .. } => "budget",
         ProxyError::Upstream { .. } | ProxyError::ServerRejected { .. } => "upstream",
         ProxyError::ClientProtocol(_)
         | ProxyError::MessageTooLarge { .. }

@@ -29,6 +29,10 @@ impl Relay {
                 });
                 ("budget", None)
             }
+            ProxyError::CeilingReached { .. } => {
+                self.pool.metrics.checkout_timeouts.inc();
+                ("ceiling", None)
+            }
             ProxyError::Shed { .. } => ("load_shed", None),
             ProxyError::Upstream { .. } => ("connect", Some("connect")),
             ProxyError::ServerRejected { .. } => ("server_error", Some("server_error")),
