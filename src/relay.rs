@@ -28,6 +28,8 @@ pub mod pump;
 mod report;
 pub mod txstate;
 
+/// How long a client idles without a server before its buffers are given back.
+const SHRINK_AFTER: Duration = Duration::from_secs(1);
 /// How long a detaching client waits for a cancel it sent to reach Postgres before its server is discarded.
 const CANCEL_SETTLE: Duration = Duration::from_secs(6);
 
@@ -62,6 +64,8 @@ pub struct Relay {
     pub database: String,
     /// This session's own counts (the pool metrics hold the totals).
     pub counts: SessionCounts,
+    /// (client_idle_timeout, idle_in_transaction_timeout) as of the last checkout.
+    idle_timeouts: (Duration, Duration),
 }
 
 /// What one client session did, for its `client_sessions` row.
@@ -110,6 +114,7 @@ impl Relay {
             user: String::new(),
             database: String::new(),
             counts: SessionCounts::default(),
+            idle_timeouts: (Duration::ZERO, Duration::ZERO),
         }
     }
 
@@ -151,6 +156,7 @@ impl Relay {
             conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         }
         self.key.attach(ServerKey { addr: conn.addr, pid: conn.pid, secret: conn.secret });
+        self.load_settings();
         self.hold = Some(hold);
         self.pump.attach();
         self.server = Some(conn);
@@ -181,15 +187,22 @@ impl Relay {
         self.hold = None;
     }
 
+    /// Read the settings the relay loop consults (once per checkout, not per message: a reload applies from
+    /// the next checkout on).
+    fn load_settings(&mut self) {
+        let s = &self.pool.budget().settings;
+        self.idle_timeouts = (s.client_idle_timeout, s.idle_in_transaction_timeout);
+        self.pump.track_activity = !s.client_idle_timeout.is_zero() || !s.idle_in_transaction_timeout.is_zero();
+    }
+
     /// The idle limit that applies now, if any: (timeout, inside a transaction).
     fn idle_limit(&self) -> Option<(Duration, bool)> {
-        let s = &self.pool.budget().settings;
         let tx = &self.pump.tx;
         if self.server.is_some() && !tx.settled() {
             return None;
         }
         let in_tx = self.server.is_some() && tx.in_transaction();
-        let d = if in_tx { s.idle_in_transaction_timeout } else { s.client_idle_timeout };
+        let d = if in_tx { self.idle_timeouts.1 } else { self.idle_timeouts.0 };
         (!d.is_zero()).then_some((d, in_tx))
     }
 
@@ -203,6 +216,11 @@ impl Relay {
         tokio::pin!(killed);
         let idle_timer = tokio::time::sleep(Duration::from_secs(86_400));
         tokio::pin!(idle_timer);
+        // Buffers go back only after the client has idled a while without a server, so a busy client does
+        // not free and re-allocate them every transaction.
+        let shrink_timer = tokio::time::sleep(Duration::from_secs(86_400));
+        tokio::pin!(shrink_timer);
+        self.load_settings();
         self.pump.last_activity = Some(Instant::now());
         loop {
             // Arm the idle timer from the last activity; it is re-checked when it fires.
@@ -219,11 +237,18 @@ impl Relay {
                 }
                 self.flush_client(sock).await?;
                 if self.pump.next_client_kind().is_none() && !self.pump.client_eof() {
-                    self.pump.shrink();
+                    let shrink = self.pump.holds_buffers();
+                    if shrink {
+                        shrink_timer.as_mut().reset((Instant::now() + SHRINK_AFTER).into());
+                    }
                     let wake = tokio::select! {
                         _ = &mut cancelled => return Ok(Outcome::ShuttingDown),
                         _ = &mut killed => return Err(ProxyError::Killed),
                         r = poll_fn(|cx| self.pump.poll_client_header(cx, sock)) => r.map(|()| Event::Report),
+                        _ = &mut shrink_timer, if shrink => {
+                            self.pump.shrink();
+                            continue;
+                        }
                         _ = &mut idle_timer, if limit.is_some() => {
                             if self.idle_expired(limit) {
                                 return Err(ProxyError::ClientIdle(limit.map(|l| l.0).unwrap_or_default()));

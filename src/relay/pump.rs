@@ -102,8 +102,10 @@ pub struct Pump {
     /// Report `Event::Idle` at a clean boundary.
     pub stop_at_idle: bool,
     client_eof: bool,
-    /// Last byte read from either side (idle timeouts are measured from it).
+    /// Last byte read from either side (idle timeouts are measured from it), kept only when `track_activity`
+    /// (a clock read per read is not free).
     pub last_activity: Option<Instant>,
+    pub track_activity: bool,
     /// Read-only routes: the statement filter and what it refused.
     pub ro: Option<RoFilter>,
     pub violations: Vec<Violation>,
@@ -155,6 +157,11 @@ impl Pump {
 
     pub fn client_eof(&self) -> bool {
         self.client_eof
+    }
+
+    /// Whether any buffer holds memory [`Pump::shrink`] could give back.
+    pub fn holds_buffers(&self) -> bool {
+        [&self.cin, &self.c2s, &self.s2c].iter().any(|b| b.is_empty() && b.capacity() > 0)
     }
 
     /// Give buffer memory back while the client is idle.
@@ -293,7 +300,11 @@ impl Pump {
                     }
                     Poll::Ready(Ok(n)) => {
                         self.bytes_in += n as u64;
+                        if self.track_activity {
+                            if self.track_activity {
                         self.last_activity = Some(Instant::now());
+                    }
+                        }
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ClientIo(e))),
@@ -327,7 +338,11 @@ impl Pump {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Event::ServerClosed)),
                     Poll::Ready(Ok(n)) => {
                         self.bytes_out += n as u64;
+                        if self.track_activity {
+                            if self.track_activity {
                         self.last_activity = Some(Instant::now());
+                    }
+                        }
                         self.scan_server(from)?;
                         progress = true;
                     }
@@ -384,7 +399,9 @@ impl Pump {
                 Poll::Ready(Ok(0)) => self.client_eof = true,
                 Poll::Ready(Ok(n)) => {
                     self.bytes_in += n as u64;
-                    self.last_activity = Some(Instant::now());
+                    if self.track_activity {
+                        self.last_activity = Some(Instant::now());
+                    }
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ClientIo(e))),
                 Poll::Pending => return Poll::Pending,
