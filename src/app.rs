@@ -1,12 +1,12 @@
 //! Process-wide shared state (passed as `Arc<App>`, no globals), the accept loop, background tasks and shutdown.
 
-use crate::auth::UserDb;
-use crate::budget::Resolved;
-use crate::cancel::CancelRegistry;
+use crate::budget::pool::Pools;
+use crate::client::auth::UserDb;
+use crate::client::cancel::CancelRegistry;
+use crate::config::resolve::Resolved;
 use crate::config::Env;
-use crate::journal::Journal;
-use crate::metrics::Metrics;
-use crate::pool::Pools;
+use crate::telemetry::journal::Journal;
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::Telemetry;
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
@@ -177,8 +177,8 @@ impl App {
     }
 
     /// Reload from the file the process was started with.
-    pub fn reload(&self) -> Result<crate::reload::ReloadSummary, crate::reload::ReloadError> {
-        let path = self.config_path.get().ok_or(crate::reload::ReloadError::NoConfigFile)?;
+    pub fn reload(&self) -> Result<crate::config::reload::ReloadSummary, crate::config::reload::ReloadError> {
+        let path = self.config_path.get().ok_or(crate::config::reload::ReloadError::NoConfigFile)?;
         self.reload_from(path)
     }
 
@@ -233,7 +233,7 @@ impl App {
                     crate::server::tune_socket(&sock);
                     let id = self.session_id();
                     let span = tracing::info_span!("session", id, client = %peer, service = tracing::field::Empty);
-                    self.tasks.spawn(crate::session::run(self.clone(), sock, peer, id).instrument(span));
+                    self.tasks.spawn(crate::client::session::run(self.clone(), sock, peer, id).instrument(span));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

@@ -1,11 +1,11 @@
 //! The session-layer error type and the one exhaustive mapping to severity, SQLSTATE and client-safe text.
 
-use crate::admission::Refusal;
-use crate::auth::AuthError;
-use crate::console::ConsoleError;
-use crate::control::ControlError;
+use crate::admin::console::ConsoleError;
+use crate::admin::control::ControlError;
+use crate::budget::admission::Refusal;
+use crate::client::auth::AuthError;
+use crate::config::reload::ReloadError;
 use crate::protocol::{ProtocolError, Severity};
-use crate::reload::ReloadError;
 use crate::server::ServerError;
 use std::time::Duration;
 
@@ -73,7 +73,7 @@ pub enum ProxyError {
     )]
     CeilingReached { upstream: String, ceiling: u32, service: String, holding: u32, share: u32, waited: Duration },
     #[error("load shed: service {service} share {share}: {refusal:?}")]
-    Shed { service: String, share: u32, refusal: crate::admission::Refusal },
+    Shed { service: String, share: u32, refusal: crate::budget::admission::Refusal },
     #[error("client cancelled while queued for a server")]
     QueuedCancel,
     #[error("service {service} paused; waited {waited:?}")]

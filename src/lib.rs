@@ -1,44 +1,26 @@
 //! pgbudget: a Postgres connection-budget proxy.
 //!
-//! Layout (data flows top to bottom):
-//! - `config`  — `budgets.toml` parsing; `budget` — invariants and per-process shares.
-//! - `app`     — shared state behind an `Arc`, the accept loop, background tasks, drain.
-//! - `session` — one client: startup, auth (`auth`), service choice, greeting.
-//! - `relay`   — the message pump; transaction-mode release; `reset` — checkin cleanup.
-//! - `checkout`, `admission` — who gets a server, who waits (and is told), who is refused.
-//! - `pool`    — deadpool pools of `server` connections under each upstream's ceiling.
-//! - `cancel`  — proxy-issued cancel keys mapped to the server backend in use.
-//! - `protocol`— framing by 5-byte header; the few messages the proxy builds.
-//! - `error`   — the session error type and its one SQLSTATE mapping.
-//! - `metrics`, `stats`, `journal`, `admin` — gauges, pool figures, error ring, admin HTTP.
-//! - `console`, `control`, `reload` — the admin console, PAUSE/RESUME/RECONNECT/KILL, hot reload.
-//! - `lake`    — (feature `lake`) the embedded DuckLake telemetry warehouse: writer, reader, registry.
+//! Data flow, top to bottom: a client connects (`app` accepts it) and `client::session` reads its startup
+//! packet, authenticates it (`client::auth`) and picks its service from the budgets (`config`). For each
+//! checkout, `budget` admits it, queues it in arrival order and hands it a `server` connection from its
+//! service's pool, bounded by the service's share and the upstream's ceiling. `relay` pumps bytes both ways
+//! while its transaction-state machine follows the server; at a clean boundary the server goes back to the
+//! pool, otherwise `server::reset` cleans it up or it is closed. Read-only routes pass client statements
+//! through `read_only`. `client::cancel` routes cancel requests to the server a client holds. Everything
+//! is counted by `telemetry` (Prometheus, the error journal, rows for the DuckLake warehouse in `lake`) and
+//! operated through `admin` (HTTP, console, PAUSE/RESUME, stats). `protocol` frames the wire format and
+//! `error` maps every error to one SQLSTATE.
 
 pub mod admin;
-#[cfg(feature = "lake")]
-pub mod admin_lake;
-pub mod admission;
 pub mod app;
-pub mod auth;
 pub mod budget;
-pub mod cancel;
-pub mod checkout;
+pub mod client;
 pub mod config;
-pub mod console;
-pub mod control;
 pub mod error;
-pub mod journal;
 #[cfg(feature = "lake")]
 pub mod lake;
-pub mod metrics;
-pub mod pool;
 pub mod protocol;
-pub mod readonly;
+pub mod read_only;
 pub mod relay;
-pub mod reload;
-pub mod reset;
-pub mod ro_filter;
 pub mod server;
-pub mod session;
-pub mod stats;
 pub mod telemetry;

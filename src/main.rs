@@ -4,7 +4,7 @@
 
 use clap::{Parser, Subcommand};
 use pgbudget::app::App;
-use pgbudget::budget::Resolved;
+use pgbudget::config::resolve::Resolved;
 use pgbudget::config::{Config, Env};
 use pgbudget::telemetry::Telemetry;
 use std::path::PathBuf;
@@ -186,7 +186,7 @@ async fn run(resolved: Resolved, env: Env, config_path: std::path::PathBuf) -> E
             }
         }
     };
-    let metrics = pgbudget::metrics::Metrics::new();
+    let metrics = pgbudget::telemetry::metrics::Metrics::new();
     let telemetry = match open_lake(&resolved, &metrics).await {
         Ok(t) => t,
         Err(e) => {
@@ -198,7 +198,7 @@ async fn run(resolved: Resolved, env: Env, config_path: std::path::PathBuf) -> E
     let _ = app.config_path.set(config_path);
     app.record_config("startup", &app.resolved().table(), 0);
     if let Some(l) = admin {
-        tokio::spawn(pgbudget::admin::serve(app.clone(), l));
+        tokio::spawn(pgbudget::admin::http::serve(app.clone(), l));
     }
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or(addr), "pgbudget listening");
     let server = tokio::spawn(app.clone().serve(listener));
@@ -212,7 +212,7 @@ async fn run(resolved: Resolved, env: Env, config_path: std::path::PathBuf) -> E
 /// Open the lake when `[lake] enabled`: a configuration or extension problem stops the start, an unreachable
 /// catalog does not (rows are kept and the attach retried).
 #[cfg(feature = "lake")]
-async fn open_lake(r: &Resolved, metrics: &pgbudget::metrics::Metrics) -> Result<Telemetry, String> {
+async fn open_lake(r: &Resolved, metrics: &pgbudget::telemetry::metrics::Metrics) -> Result<Telemetry, String> {
     if !r.config.lake.enabled {
         return Ok(Telemetry::default());
     }
@@ -228,7 +228,7 @@ async fn open_lake(r: &Resolved, metrics: &pgbudget::metrics::Metrics) -> Result
 }
 
 #[cfg(not(feature = "lake"))]
-async fn open_lake(_: &Resolved, _: &pgbudget::metrics::Metrics) -> Result<Telemetry, String> {
+async fn open_lake(_: &Resolved, _: &pgbudget::telemetry::metrics::Metrics) -> Result<Telemetry, String> {
     Ok(Telemetry::default())
 }
 

@@ -1,17 +1,17 @@
 //! One client's conversation with its (current) server: check out, bring the server to the client's settings,
 //! pump bytes ([`pump`]) while the transaction-state machine ([`txstate`]) follows the server, and give the
 //! server back — in transaction mode at the first clean idle boundary, otherwise at the session's end,
-//! cleaned up ([`crate::reset`]) or discarded when its state cannot be proven.
+//! cleaned up ([`crate::server::reset`]) or discarded when its state cannot be proven.
 
-use crate::admission::Hold;
 use crate::app::App;
-use crate::cancel::{ClientKey, ServerKey};
-use crate::checkout::{Waiter, Who};
+use crate::budget::admission::Hold;
+use crate::budget::checkout::{Waiter, Who};
+use crate::budget::pool::{PooledConn, Route, ServicePool};
+use crate::client::cancel::{ClientKey, ServerKey};
 use crate::config::PoolMode;
 use crate::error::ProxyError;
-use crate::pool::{PooledConn, Route, ServicePool};
 use crate::protocol::ProtocolError;
-use crate::ro_filter::RoFilter;
+use crate::read_only::filter::RoFilter;
 use crate::server::ServerError;
 use crate::telemetry::{tables, Value};
 use pump::{Event, Pump, PumpError};
@@ -134,7 +134,7 @@ impl Relay {
             may_notice: self.greeted,
             who: Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry },
         };
-        let checkout = crate::checkout::acquire(&pool, waiter).await;
+        let checkout = crate::budget::checkout::acquire(&pool, waiter).await;
         self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
         let (mut conn, hold) = match checkout {
             Ok(c) => c,
@@ -143,7 +143,7 @@ impl Relay {
                 return Err(e);
             }
         };
-        let (set, reset) = crate::reset::settings_diff(&conn.applied, &self.desired);
+        let (set, reset) = crate::server::reset::settings_diff(&conn.applied, &self.desired);
         if !set.is_empty() || !reset.is_empty() {
             let timeout = self.pool.budget().settings.reset_timeout;
             if let Err(e) = conn.apply_settings(&set, &reset, timeout).await {
@@ -277,7 +277,7 @@ impl Relay {
                         | ProxyError::Upstream { .. }),
                     ) => {
                         warn!(kind = e.kind(), cause = %e, "checkout failed; query rejected");
-                        if crate::checkout::reject_batch(sock, &mut self.pump.cin, &e).await? {
+                        if crate::budget::checkout::reject_batch(sock, &mut self.pump.cin, &e).await? {
                             return Ok(Outcome::ClientDone);
                         }
                         continue;
@@ -375,7 +375,14 @@ impl Relay {
         let route = self.pool.route.as_str();
         self.app.metrics.server_errors.with_label_values(&[&b.name, route, "server_error"]).inc();
         let msg = "server closed the connection during a session";
-        self.app.journal.record(&b.name, route, &b.upstream, "server_error", crate::error::sqlstate::CONNECTION_FAILURE, msg);
+        self.app.journal.record(
+            &b.name,
+            route,
+            &b.upstream,
+            "server_error",
+            crate::error::sqlstate::CONNECTION_FAILURE,
+            msg,
+        );
         ProxyError::Upstream { upstream: b.upstream.clone(), source }
     }
 
@@ -467,7 +474,8 @@ impl Relay {
         }
         let ro = self.pump.ro.is_some();
         let result =
-            tokio::time::timeout(deadline, crate::reset::cleanup(&mut conn, &mut self.pump, needs_reset, ro)).await;
+            tokio::time::timeout(deadline, crate::server::reset::cleanup(&mut conn, &mut self.pump, needs_reset, ro))
+                .await;
         match result {
             Ok(Ok(())) => {
                 debug!("server connection reset and returned");

@@ -503,7 +503,9 @@ async fn short_md5_secret_is_refused_at_startup_not_at_login() {
     // The valid user's configuration alone starts and serves md5 logins.
     let ok = cfg(&pg, "", TXN1).replace(
         "[upstreams.primary]",
-        &format!("[auth]\nmethod = \"md5\"\n\n[[auth.users]]\nname = \"postgres\"\nmd5 = \"{good}\"\n\n[upstreams.primary]"),
+        &format!(
+            "[auth]\nmethod = \"md5\"\n\n[[auth.users]]\nname = \"postgres\"\nmd5 = \"{good}\"\n\n[upstreams.primary]"
+        ),
     );
     let proxy = Proxy::start(&ok);
     normal_client_works(&proxy.conninfo(), Duration::from_secs(5)).await;

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use pgbudget::readonly::KNOWN_BYPASSES;
+use pgbudget::read_only::policy::KNOWN_BYPASSES;
 use tokio_postgres::types::Type;
 
 const SERVICES: &str = "[services.app]\nslice = 6\nread_only_share = 2\ncheckout_timeout = \"2s\"\n";

@@ -15,7 +15,7 @@
 
 use super::frame::{self, ServerScanner};
 use super::txstate::{TxState, MAX_OUTSTANDING};
-use crate::ro_filter::{RoFilter, Violation};
+use crate::read_only::filter::{RoFilter, Violation};
 use bytes::{Buf, BytesMut};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -301,9 +301,7 @@ impl Pump {
                     Poll::Ready(Ok(n)) => {
                         self.bytes_in += n as u64;
                         if self.track_activity {
-                            if self.track_activity {
-                        self.last_activity = Some(Instant::now());
-                    }
+                            self.last_activity = Some(Instant::now());
                         }
                         progress = true;
                     }
@@ -339,9 +337,7 @@ impl Pump {
                     Poll::Ready(Ok(n)) => {
                         self.bytes_out += n as u64;
                         if self.track_activity {
-                            if self.track_activity {
-                        self.last_activity = Some(Instant::now());
-                    }
+                            self.last_activity = Some(Instant::now());
                         }
                         self.scan_server(from)?;
                         progress = true;

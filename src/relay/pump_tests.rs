@@ -170,7 +170,7 @@ async fn held_messages_are_capped_without_allocating_the_declared_length() {
     // A Query declaring 300 MiB on a read-only route (Queries are read whole there).
     app.write_all(&[b'Q', 0x12, 0xC0, 0, 0]).await.unwrap();
     app.write_all(&[b'x'; 4096]).await.unwrap();
-    let mut pump = Pump::new(Some(crate::ro_filter::RoFilter::new("app_ro")), 1 << 20);
+    let mut pump = Pump::new(Some(crate::read_only::filter::RoFilter::new("app_ro")), 1 << 20);
     pump.attach();
     let r = pump_until(&mut pump, &mut client, &mut server).await;
     assert!(matches!(r, Err(PumpError::TooLarge { kind: 'Q', max: 1048576, .. })), "{r:?}");
@@ -256,7 +256,7 @@ mod props {
         /// Arbitrary bytes: framing answers (bytes or an error), never panics, and never emits more than it got.
         #[test]
         fn arbitrary_client_bytes_never_panic(chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 1..16), ro in any::<bool>()) {
-            let filter = ro.then(|| crate::ro_filter::RoFilter::new("ro"));
+            let filter = ro.then(|| crate::read_only::filter::RoFilter::new("ro"));
             let mut pump = Pump::new(filter, 4096);
             let mut fed = 0usize;
             let mut emitted = 0usize;

@@ -58,7 +58,7 @@ impl Relay {
         let b = self.pool.budget();
         let route = self.pool.route.as_str();
         for (code, message) in seen.errors.drain(..) {
-            let kind = crate::journal::kind_for_sqlstate(&code);
+            let kind = crate::telemetry::journal::kind_for_sqlstate(&code);
             self.app.metrics.server_errors.with_label_values(&[&b.name, route, kind]).inc();
             self.app.journal.record(&b.name, route, &b.upstream, kind, &code, &message);
         }

@@ -1,12 +1,12 @@
 //! The admin console: a virtual database (`psql -d pgbudget`) answering PgBouncer-style `SHOW` commands,
 //! open only to the users listed in `admin.users`. Simple query protocol only.
 
+use crate::admin::control::ControlError;
 use crate::app::{App, LoginPermit};
-use crate::auth::AuthError;
-use crate::control::ControlError;
+use crate::client::auth::AuthError;
+use crate::config::reload::ReloadError;
 use crate::error::ProxyError;
 use crate::protocol::{self, Startup};
-use crate::reload::ReloadError;
 use bytes::{BufMut, BytesMut};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -96,7 +96,8 @@ pub async fn run(
 ) -> Result<(), ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
     let users = app.users();
-    let auth = tokio::time::timeout(crate::session::LOGIN_TIMEOUT, users.authenticate(sock, startup.user(), &mut buf));
+    let auth =
+        tokio::time::timeout(crate::client::session::LOGIN_TIMEOUT, users.authenticate(sock, startup.user(), &mut buf));
     let auth = auth.await;
     drop(login_slot);
     auth.map_err(|_| ProxyError::ClientIo(std::io::ErrorKind::TimedOut.into()))??;

@@ -3,7 +3,7 @@
 //! An unknown user runs the same exchange against a made-up secret, so the reply never tells an
 //! unknown user from a wrong password.
 
-use crate::budget::Resolved;
+use crate::config::resolve::Resolved;
 use crate::config::AuthMethod;
 use crate::protocol::{self, cstr, ProtocolError};
 use base64::engine::general_purpose::STANDARD as B64;

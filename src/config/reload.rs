@@ -3,10 +3,10 @@
 //! first and never drops a transaction in flight; an invalid file leaves the old configuration in force.
 
 use crate::app::App;
-use crate::auth::UserDb;
-use crate::budget::{Resolved, UpstreamTarget};
+use crate::budget::pool::Pools;
+use crate::client::auth::UserDb;
+use crate::config::resolve::{Resolved, UpstreamTarget};
 use crate::config::{Config, ConfigError};
-use crate::pool::Pools;
 use std::path::{Path, PathBuf};
 use tracing::{info, warn};
 

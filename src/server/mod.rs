@@ -1,7 +1,10 @@
 //! One server connection: connect and log in to Postgres, run the proxy's own statements, check liveness,
 //! and say goodbye with a Terminate whenever it is dropped.
+//! `reset` brings a connection a client abandoned back to a clean idle state.
 
-use crate::budget::UpstreamTarget;
+pub mod reset;
+
+use crate::config::resolve::UpstreamTarget;
 use crate::error::sqlstate::{
     ACTIVE_SQL_TRANSACTION, INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PARAMETER_VALUE, INVALID_PASSWORD,
 };

@@ -1,7 +1,7 @@
 //! Per-service server pools: a deadpool `Manager` over raw server connections, bounded by the service's share
 //! and by the upstream ceiling (a semaphore whose permits live inside each connection).
 
-use crate::budget::{Resolved, ServiceBudget, UpstreamTarget};
+use crate::config::resolve::{Resolved, ServiceBudget, UpstreamTarget};
 use crate::config::ReplicaDown;
 use crate::error::ProxyError;
 use crate::server::{ServerConn, ServerError};
@@ -197,9 +197,9 @@ pub type PooledConn = managed::Object<Manager>;
 pub struct ServicePool {
     pub pool: Pool,
     pub route: Route,
-    pub metrics: crate::metrics::PoolMetrics,
-    pub admission: crate::admission::Admission,
-    pub control: crate::control::PoolControl,
+    pub metrics: crate::telemetry::metrics::PoolMetrics,
+    pub admission: crate::budget::admission::Admission,
+    pub control: crate::admin::control::PoolControl,
 }
 
 impl ServicePool {
@@ -298,7 +298,7 @@ pub struct Pools {
 }
 
 impl Pools {
-    pub fn build(r: &Resolved, metrics: &crate::metrics::Metrics) -> Pools {
+    pub fn build(r: &Resolved, metrics: &crate::telemetry::metrics::Metrics) -> Pools {
         let state = |t: &UpstreamTarget| {
             let permits = Arc::new(Semaphore::new((t.ceiling - t.reserved) as usize));
             Arc::new(UpstreamState { target: t.clone(), permits, servers: Default::default() })
@@ -314,13 +314,13 @@ impl Pools {
 
     /// The pools for a reloaded configuration: same upstreams; a pool that exists in `old` for the same
     /// service, route and upstream is kept with its connections (budget swapped, resized to the new share).
-    pub fn rebuild(old: &Pools, r: &Resolved, metrics: &crate::metrics::Metrics) -> Pools {
+    pub fn rebuild(old: &Pools, r: &Resolved, metrics: &crate::telemetry::metrics::Metrics) -> Pools {
         let mut pools = Pools { upstreams: old.upstreams.clone(), pools: BTreeMap::new() };
         pools.fill(r, metrics, Some(old));
         pools
     }
 
-    fn fill(&mut self, r: &Resolved, metrics: &crate::metrics::Metrics, old: Option<&Pools>) {
+    fn fill(&mut self, r: &Resolved, metrics: &crate::telemetry::metrics::Metrics, old: Option<&Pools>) {
         let replica = r.replica.as_ref().and_then(|t| self.upstreams.get(&t.name).cloned());
         for (name, b) in &r.services {
             for (route, share) in [(Route::ReadWrite, b.share), (Route::ReadOnly, b.ro_share)] {
@@ -354,8 +354,11 @@ impl Pools {
                     .runtime(deadpool::Runtime::Tokio1)
                     .build()
                     .expect("runtime and timeouts are set");
-                let admission =
-                    crate::admission::Admission::new(b.settings.admission.clone(), share, metrics.admission(name));
+                let admission = crate::budget::admission::Admission::new(
+                    b.settings.admission.clone(),
+                    share,
+                    metrics.admission(name),
+                );
                 let metrics = metrics.pool(name, route.as_str());
                 let control = Default::default();
                 self.pools.insert(key, Arc::new(ServicePool { pool, route, metrics, admission, control }));

@@ -1,4 +1,10 @@
 //! `budgets.toml`: strict parsing (unknown keys collected via serde_ignored), env expansion, and the startup invariants (every violation is reported, not just the first).
+//!
+//! Submodules: `resolve` turns the parsed file into per-process shares and upstream targets (the budget
+//! invariants); `reload` re-reads and swaps it in at run time.
+
+pub mod reload;
+pub mod resolve;
 
 use serde::Deserialize;
 use std::collections::BTreeMap;

@@ -115,7 +115,7 @@ impl Resolved {
             v.push(format!("admin.listen = {:?} is not an address:port (or \"\" to disable)", a.listen));
         }
         if let Some(raw) = env.get("PGBUDGET_POOL_LOG_INTERVAL") {
-            if crate::stats::parse_interval(raw).is_none() {
+            if crate::admin::stats::parse_interval(raw).is_none() {
                 v.push(format!("PGBUDGET_POOL_LOG_INTERVAL = {raw:?} is not a duration (e.g. 60s) or seconds"));
             }
         }
@@ -305,12 +305,12 @@ impl Resolved {
                 }
             }
             if let Some(s) = &u.scram {
-                if crate::auth::ScramVerifier::parse(s).is_none() {
+                if crate::client::auth::ScramVerifier::parse(s).is_none() {
                     v.push(format!("auth user {:?}: scram is not a SCRAM-SHA-256 verifier", u.name));
                 }
             }
             if let Some(m) = &u.md5 {
-                if !crate::auth::is_md5_secret(m) {
+                if !crate::client::auth::is_md5_secret(m) {
                     v.push(format!(
                         "auth user {:?}: md5 is not an md5 secret (\"md5\" followed by 32 lowercase hex digits)",
                         u.name
@@ -339,7 +339,7 @@ impl Resolved {
             return Err(ConfigError { violations: v });
         }
         let mut config = config;
-        if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::stats::parse_interval) {
+        if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::admin::stats::parse_interval) {
             config.admin.pool_log_interval = d;
         }
         Ok(Resolved { config, upstreams, services, replica, sidecar_service, processes })
@@ -429,7 +429,7 @@ fn check_admission(v: &mut Vec<String>, at: &str, a: &crate::config::AdmissionCo
         if n == 0 || !ordered {
             continue;
         }
-        let line = crate::admission::hard_line(a.hard_reject, n);
+        let line = crate::budget::admission::hard_line(a.hard_reject, n);
         if has_exempt && line >= n {
             v.push(format!(
                 "{at}.admission: hard_reject = {} of the {route} share {n} leaves no headroom for the exempt class",
@@ -444,5 +444,5 @@ fn valid_name(s: &str) -> bool {
 }
 
 #[cfg(test)]
-#[path = "budget_tests.rs"]
+#[path = "resolve_tests.rs"]
 mod tests;

@@ -212,9 +212,9 @@ impl Metrics {
         }
     }
 
-    /// `pgbudget_admission_total` handles of one service, in [`crate::admission::Decision::ALL`] order.
+    /// `pgbudget_admission_total` handles of one service, in [`crate::budget::admission::Decision::ALL`] order.
     pub fn admission(&self, service: &str) -> [IntCounter; 7] {
-        crate::admission::Decision::ALL.map(|d| self.admission.with_label_values(&[service, d.as_str()]))
+        crate::budget::admission::Decision::ALL.map(|d| self.admission.with_label_values(&[service, d.as_str()]))
     }
 
     pub fn render(&self) -> String {

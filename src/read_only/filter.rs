@@ -1,4 +1,4 @@
-//! Read-only route filter: passes whole client messages through the [`readonly`](crate::readonly) policy.
+//! Read-only route filter: passes whole client messages through the [`readonly`](crate::read_only::policy) policy.
 //!
 //! A refused Query or Parse is not dropped but rewritten into a `DO` block that raises SQLSTATE 25006, so
 //! Postgres itself answers in order and with the transaction semantics it always has (an open transaction
@@ -6,14 +6,14 @@
 //! same, so the relay's bookkeeping of outstanding replies is unchanged.
 
 use crate::protocol::{self, cstr, ProtocolError};
-use crate::readonly;
+use crate::read_only::policy;
 use bytes::{BufMut, BytesMut};
 use std::collections::HashSet;
 
 /// A refused statement: its fingerprint (no constants) and why.
 pub struct Violation {
     pub fingerprint: String,
-    pub reason: readonly::Reason,
+    pub reason: policy::Reason,
 }
 
 pub struct RoFilter {
@@ -53,10 +53,10 @@ impl RoFilter {
         match kind {
             b'Q' => {
                 let sql = cstr(&mut body)?;
-                match readonly::check(sql) {
+                match policy::check(sql) {
                     Ok(()) => out.extend_from_slice(msg),
                     Err(reason) => {
-                        violations.push(Violation { fingerprint: readonly::fingerprint(sql), reason });
+                        violations.push(Violation { fingerprint: policy::fingerprint(sql), reason });
                         let replacement = self.raise_sql(reason);
                         protocol::simple_query(out, &replacement);
                     }
@@ -65,13 +65,13 @@ impl RoFilter {
             b'P' => {
                 let name = cstr(&mut body)?;
                 let sql = cstr(&mut body)?;
-                match readonly::check(sql) {
+                match policy::check(sql) {
                     Ok(()) => {
                         self.poisoned.remove(name);
                         out.extend_from_slice(msg);
                     }
                     Err(reason) => {
-                        violations.push(Violation { fingerprint: readonly::fingerprint(sql), reason });
+                        violations.push(Violation { fingerprint: policy::fingerprint(sql), reason });
                         let replacement = self.raise_sql(reason);
                         let at = protocol::begin(out, b'P');
                         protocol::put_cstr(out, name);

@@ -1,8 +1,8 @@
 //! Pool statistics read from live state: one source for the gauges, `/pools`, `SHOW POOLS` and the snapshot log.
 
 use crate::app::App;
+use crate::budget::pool::{routes_to_name, Route, RO_DISABLED};
 use crate::config::PoolMode;
-use crate::pool::{routes_to_name, Route, RO_DISABLED};
 use crate::telemetry::{tables, Value};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -87,8 +87,8 @@ impl App {
                 ro_dsn_configured: resolved.replica.is_some(),
                 paused: p.control.is_paused(),
                 shed_line: p.admission.shed_line(),
-                shed: p.admission.count(crate::admission::Decision::RejectedHard)
-                    + p.admission.count(crate::admission::Decision::RejectedQueueFull),
+                shed: p.admission.count(crate::budget::admission::Decision::RejectedHard)
+                    + p.admission.count(crate::budget::admission::Decision::RejectedQueueFull),
             };
             let l = [row.service.as_str(), route];
             let m = &self.metrics;
@@ -194,7 +194,10 @@ impl App {
     }
 
     fn rejected_total(&self) -> u64 {
-        crate::metrics::REJECT_REASONS.iter().map(|r| self.metrics.clients_rejected.with_label_values(&[r]).get()).sum()
+        crate::telemetry::metrics::REJECT_REASONS
+            .iter()
+            .map(|r| self.metrics.clients_rejected.with_label_values(&[r]).get())
+            .sum()
     }
 }
 
@@ -233,7 +236,7 @@ pub fn parse_interval(s: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::Resolved;
+    use crate::config::resolve::Resolved;
     use crate::config::{Config, Env};
 
     fn app() -> std::sync::Arc<App> {

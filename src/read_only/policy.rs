@@ -232,5 +232,5 @@ pub const KNOWN_BYPASSES: &[&str] = &[
 ];
 
 #[cfg(test)]
-#[path = "readonly_tests.rs"]
+#[path = "policy_tests.rs"]
 mod tests;

@@ -3,7 +3,7 @@
 //! and servers now, then hold new ones until `RESUME`) and `SHUTDOWN`.
 
 use crate::app::App;
-use crate::pool::ServicePool;
+use crate::budget::pool::ServicePool;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

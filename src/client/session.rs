@@ -1,12 +1,12 @@
 //! One client session: startup → authenticate → pick service → (check out per session or per transaction) → relay → checkin.
 
 use crate::app::{App, ClientInfo};
-use crate::auth::UserDb;
-use crate::budget::Resolved;
-use crate::cancel::{CancelTarget, ClientKey};
+use crate::budget::pool::{Route, ServicePool};
+use crate::client::auth::UserDb;
+use crate::client::cancel::{CancelTarget, ClientKey};
+use crate::config::resolve::Resolved;
 use crate::config::{Mode, PoolMode, ServiceFrom};
 use crate::error::ProxyError;
-use crate::pool::{Route, ServicePool};
 use crate::protocol::{self, ProtocolError, Severity, Startup, StartupPacket};
 use crate::relay::{Outcome, Relay};
 use crate::telemetry::{tables, Value};
@@ -44,7 +44,7 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
     };
     if startup.database() == app.resolved().config.admin.console_database {
         // The console frees the slot once its user has authenticated.
-        if let Err(e) = crate::console::run(&app, &mut sock, &startup, permit).await {
+        if let Err(e) = crate::admin::console::run(&app, &mut sock, &startup, permit).await {
             fail(&mut sock, e).await;
         }
         return;

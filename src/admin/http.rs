@@ -20,7 +20,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 pub fn router(app: Arc<App>) -> Router {
     let r = Router::new();
     #[cfg(feature = "lake")]
-    let r = r.merge(crate::admin_lake::routes());
+    let r = r.merge(crate::admin::lake_api::routes());
     r.route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -114,7 +114,7 @@ struct ErrorsQuery {
 }
 
 async fn errors(State(app): State<Arc<App>>, Query(q): Query<ErrorsQuery>) -> Json<serde_json::Value> {
-    let recent = app.journal.recent(q.limit.unwrap_or(100).min(crate::journal::CAPACITY));
+    let recent = app.journal.recent(q.limit.unwrap_or(100).min(crate::telemetry::journal::CAPACITY));
     Json(json!({ "errors": recent }))
 }
 
@@ -130,6 +130,6 @@ async fn errors_health(State(app): State<Arc<App>>, Query(q): Query<HealthQuery>
     let rows = app.journal.health(Duration::from_secs(minutes * 60), &pools);
     let healthy = rows.iter().all(|r| r.healthy);
     Json(
-        json!({ "window_minutes": minutes, "healthy": healthy, "threshold": crate::journal::UNHEALTHY_AT, "pools": rows }),
+        json!({ "window_minutes": minutes, "healthy": healthy, "threshold": crate::telemetry::journal::UNHEALTHY_AT, "pools": rows }),
     )
 }

@@ -2,11 +2,11 @@
 //! `checkout_timeout`) that watches the client — a disconnect or CancelRequest leaves the queue at once — and
 //! tells it after `notice_after` how many clients are ahead. Every checkout counts exactly one decision.
 
-use crate::admission::{Decision, Hold, Refusal};
-use crate::cancel::ClientKey;
+use crate::budget::admission::{Decision, Hold, Refusal};
+use crate::budget::pool::{PooledConn, ServicePool};
+use crate::client::cancel::ClientKey;
 use crate::error::sqlstate::SUCCESSFUL_COMPLETION;
 use crate::error::ProxyError;
-use crate::pool::{PooledConn, ServicePool};
 use crate::protocol::{self, ProtocolError, Severity};
 use crate::telemetry::{tables, Telemetry, Value};
 use bytes::{Buf, BytesMut};
@@ -271,9 +271,9 @@ pub async fn reject_batch<C: AsyncRead + AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use crate::app::App;
-    use crate::budget::Resolved;
+    use crate::budget::pool::Route;
+    use crate::config::resolve::Resolved;
     use crate::config::{Config, Env};
-    use crate::pool::Route;
 
     /// One service (share 3) on an upstream with a ceiling of 10 that nothing listens on.
     fn app() -> Arc<App> {
