@@ -1,8 +1,11 @@
-//! Criterion benchmarks of the hot path: walking relayed bytes by 5-byte headers without decoding bodies.
+//! Criterion benchmarks of the hot path: scanning server bytes and framing client messages by their 5-byte
+//! headers without decoding bodies.
 
 use bytes::{BufMut, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use pgbudget::protocol::{self, Event, ProtocolError, Scanner};
+use pgbudget::protocol;
+use pgbudget::relay::frame::ServerScanner;
+use pgbudget::relay::pump::Pump;
 
 /// A server reply like a 100-row SELECT: RowDescription, DataRows, CommandComplete, ReadyForQuery.
 fn select_reply(rows: usize) -> BytesMut {
@@ -29,40 +32,32 @@ fn select_reply(rows: usize) -> BytesMut {
 
 fn scan(c: &mut Criterion) {
     let reply = select_reply(100);
-    let mut g = c.benchmark_group("scanner");
+    let mut g = c.benchmark_group("server_scanner");
     g.throughput(Throughput::Bytes(reply.len() as u64));
     g.bench_function("select_100_rows_whole_chunk", |b| {
-        let mut s = Scanner::default();
+        let mut s = ServerScanner::default();
         b.iter(|| {
             let mut z = 0u32;
-            s.feed::<ProtocolError>(
-                black_box(&reply),
-                |k| k == b'Z' || k == b'S',
-                |e| {
-                    if let Event::Body { kind: b'Z', .. } = e {
-                        z += 1;
-                    }
-                    Ok(())
-                },
-            )
-            .unwrap();
+            s.feed(black_box(&reply), |m| z += u32::from(m.kind == b'Z')).unwrap();
             black_box(z)
         })
     });
     g.bench_function("select_100_rows_in_1460_byte_segments", |b| {
-        let mut s = Scanner::default();
+        let mut s = ServerScanner::default();
         b.iter(|| {
             for chunk in reply.chunks(1460) {
-                s.feed::<ProtocolError>(black_box(chunk), |k| k == b'Z', |_| Ok(())).unwrap();
+                s.feed(black_box(chunk), |_| {}).unwrap();
             }
         })
     });
+    g.finish();
     let mut small = BytesMut::new();
     protocol::simple_query(&mut small, "select abalance from pgbench_accounts where aid = 42");
+    let mut g = c.benchmark_group("client_framing");
     g.throughput(Throughput::Elements(1));
     g.bench_function("one_query_message", |b| {
-        let mut s = Scanner::default();
-        b.iter(|| s.feed::<ProtocolError>(black_box(&small), |_| false, |_| Ok(())).unwrap())
+        let mut p = Pump::new(None, 1 << 20);
+        b.iter(|| black_box(p.frame_bytes(black_box(&small)).unwrap()))
     });
     g.finish();
 }

@@ -8,7 +8,7 @@ use crate::config::resolve::UpstreamTarget;
 use crate::error::sqlstate::{
     ACTIVE_SQL_TRANSACTION, INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PARAMETER_VALUE, INVALID_PASSWORD,
 };
-use crate::protocol::{self, ProtocolError};
+use crate::protocol::{self, backend, ProtocolError};
 use bytes::{Buf, BufMut, BytesMut};
 use dashmap::DashMap;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
@@ -233,16 +233,12 @@ impl ServerConn {
                     }
                 }
                 b'S' => {
-                    let (k, v) = protocol::parse_parameter_status(&buf)?;
+                    let (k, v) = backend::parameter_status(&buf)?;
                     self.params.insert(k, v);
                 }
-                b'K' if buf.len() >= 8 => {
-                    let mut b = &buf[..];
-                    self.pid = b.get_i32();
-                    self.secret = b.get_i32();
-                }
+                b'K' => (self.pid, self.secret) = backend::backend_key_data(&buf)?,
                 b'E' => {
-                    let (_, code, message) = protocol::parse_error_fields(&buf);
+                    let backend::ErrorFields { code, message, .. } = backend::error_fields(&buf)?;
                     return Err(if [INVALID_PASSWORD, INVALID_AUTHORIZATION_SPECIFICATION].contains(&code.as_str()) {
                         ServerError::Auth(message)
                     } else {
@@ -362,11 +358,11 @@ impl ServerConn {
             })?;
             match kind {
                 b'S' => {
-                    let (k, v) = protocol::parse_parameter_status(&buf)?;
+                    let (k, v) = backend::parameter_status(&buf)?;
                     self.params.insert(k, v);
                 }
                 b'E' => {
-                    let (_, code, message) = protocol::parse_error_fields(&buf);
+                    let backend::ErrorFields { code, message, .. } = backend::error_fields(&buf)?;
                     err = Some(ServerError::Postgres { code, message });
                 }
                 b'Z' => {
