@@ -198,7 +198,7 @@ impl Relay {
     /// The idle limit that applies now, if any: (timeout, inside a transaction).
     fn idle_limit(&self) -> Option<(Duration, bool)> {
         let tx = &self.pump.tx;
-        if self.server.is_some() && !tx.settled() {
+        if self.server.is_some() && (!tx.awaits_client() || !self.pump.unsent().is_empty()) {
             return None;
         }
         let in_tx = self.server.is_some() && tx.in_transaction();
@@ -224,9 +224,15 @@ impl Relay {
         self.pump.last_activity = Some(Instant::now());
         loop {
             // Arm the idle timer from the last activity; it is re-checked when it fires.
+            // While the server is busy no limit applies, but the state may change inside the pump (a client that
+            // stops in the middle of a batch): then the timer re-checks at the shortest configured timeout.
             let limit = self.idle_limit();
-            if let Some((d, _)) = limit {
-                let at = self.pump.last_activity.unwrap_or_else(Instant::now) + d;
+            let timed = self.pump.track_activity;
+            if timed {
+                let at = match limit {
+                    Some((d, _)) => self.pump.last_activity.unwrap_or_else(Instant::now) + d,
+                    None => Instant::now() + self.shortest_idle_timeout(),
+                };
                 if idle_timer.deadline() != at.into() {
                     idle_timer.as_mut().reset(at.into());
                 }
@@ -249,9 +255,9 @@ impl Relay {
                             self.pump.shrink();
                             continue;
                         }
-                        _ = &mut idle_timer, if limit.is_some() => {
-                            if self.idle_expired(limit) {
-                                return Err(ProxyError::ClientIdle(limit.map(|l| l.0).unwrap_or_default()));
+                        _ = &mut idle_timer, if timed => {
+                            if let Some(e) = self.idle_expired() {
+                                return Err(e);
                             }
                             continue;
                         }
@@ -300,7 +306,7 @@ impl Relay {
                     r = poll_fn(|cx| pump.poll_pump(cx, sock, &mut conn.stream)) => Wake::Pump(r),
                     _ = &mut cancelled, if !self.draining => Wake::Shutdown,
                     _ = &mut killed => Wake::Killed,
-                    _ = &mut idle_timer, if limit.is_some() => Wake::IdleCheck,
+                    _ = &mut idle_timer, if timed => Wake::IdleCheck,
                 }
             };
             self.take_counts();
@@ -338,21 +344,27 @@ impl Relay {
                     return Err(ProxyError::Killed);
                 }
                 Wake::IdleCheck => {
-                    if self.idle_expired(limit) {
-                        let (d, in_tx) = limit.unwrap_or_default();
-                        return Err(if in_tx { ProxyError::IdleInTransaction(d) } else { ProxyError::ClientIdle(d) });
+                    if let Some(e) = self.idle_expired() {
+                        return Err(e);
                     }
                 }
             }
         }
     }
 
-    /// Whether the idle limit has really passed since the last activity (the timer may be stale).
-    fn idle_expired(&self, limit: Option<(Duration, bool)>) -> bool {
-        match (limit, self.pump.last_activity) {
-            (Some((d, _)), Some(at)) => at.elapsed() >= d && self.idle_limit().is_some(),
-            _ => false,
+    /// The idle error to end the session with, if the limit that applies now has passed since the last
+    /// activity (the timer may be stale or a periodic re-check).
+    fn idle_expired(&self) -> Option<ProxyError> {
+        let (d, in_tx) = self.idle_limit()?;
+        if self.pump.last_activity?.elapsed() < d {
+            return None;
         }
+        Some(if in_tx { ProxyError::IdleInTransaction(d) } else { ProxyError::ClientIdle(d) })
+    }
+
+    fn shortest_idle_timeout(&self) -> Duration {
+        let (a, b) = self.idle_timeouts;
+        [a, b].into_iter().filter(|d| !d.is_zero()).min().unwrap_or(Duration::from_secs(3600))
     }
 
     /// Write what the server sent and the client has not taken yet (no server is held meanwhile).

@@ -220,6 +220,37 @@ async fn parse_error_then_query_then_sync_idle_client_gets_57p05() {
     assert!(t.elapsed() < Duration::from_secs(4), "57P05 only after {:?}", t.elapsed());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_stalled_mid_batch_or_mid_copy_is_idle_in_transaction() {
+    // Only idle_in_transaction_timeout is set: a client that stops after Parse/Bind without Sync, or in the
+    // middle of COPY FROM STDIN, holds a server that waits for it; it gets FATAL 25P03 and the server is reused.
+    let pg = Pg::start();
+    let setup = connect(&pg.conninfo()).await.unwrap();
+    setup.batch_execute("create table stall(x int)").await.unwrap();
+    let proxy = Proxy::start(&cfg(&pg, "", &format!("{TXN1}idle_in_transaction_timeout = \"1s\"\n")));
+    for stall in [[raw::parse("", "select 1"), raw::bind("")].concat(), raw::query("copy stall from stdin")] {
+        let mut a = login(proxy.port, "postgres").await;
+        a.s.write_all(&stall).await.unwrap();
+        let t = Instant::now();
+        let got = loop {
+            match read_msg(&mut a.s, Duration::from_secs(5)).await {
+                Ok(Some((b'E', body))) => break Ok(error_fields(&body)),
+                Ok(Some(_)) => continue,
+                other => break Err(format!("{other:?}")),
+            }
+        };
+        let e = got.unwrap_or_else(|e| panic!("no FATAL 25P03 for a stalled client: {e}"));
+        assert_eq!((e.severity.as_str(), e.code.as_str()), ("FATAL", "25P03"), "{e:?}");
+        assert!(t.elapsed() < Duration::from_secs(4), "25P03 only after {:?}", t.elapsed());
+        // Slice 1: the next client gets that server, clean.
+        let c = connect(&proxy.conninfo()).await.unwrap();
+        let r = timeout(Duration::from_secs(5), c.simple_query("select 1")).await;
+        assert!(matches!(r, Ok(Ok(_))), "the stalled client's server was not given back: {r:?}");
+    }
+    let n: i64 = setup.query_one("select count(*) from stall", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0, "the abandoned COPY must not have committed rows");
+}
+
 /// Connect, send a startup and read AuthenticationSASL: the proxy now holds a login for this socket.
 async fn in_sasl(port: u16) -> Result<TcpStream, String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;

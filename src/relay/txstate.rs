@@ -25,6 +25,8 @@ enum Msg {
     FunctionCall,
     CopyDone,
     CopyFail,
+    /// One or more CopyData in a row (consecutive ones share an entry, so the queue stays short).
+    CopyData,
 }
 
 impl Msg {
@@ -54,6 +56,11 @@ pub struct TxState {
     status: u8,
     /// The model lost track; the connection can serve this client but nobody after it.
     uncertain: bool,
+    /// In the running COPY FROM STDIN: CopyData has been read, and a Sync after it was taken as swallowed by
+    /// the copy. If the copy then fails, whether the server read that Sync depends on when the error was
+    /// raised (a bad row fails at once, a constraint at the end), which its output does not show.
+    copy_read_data: bool,
+    copy_sync_after_data: bool,
     /// The server sent FATAL or PANIC: it is closing the connection.
     fatal: bool,
 }
@@ -68,6 +75,8 @@ impl Default for TxState {
             ext_open: false,
             status: b'I',
             uncertain: false,
+            copy_read_data: false,
+            copy_sync_after_data: false,
             fatal: false,
         }
     }
@@ -90,9 +99,20 @@ impl TxState {
             && !self.fatal
     }
 
-    /// The server is waiting for the client inside a transaction block or an open extended batch.
+    /// The server is inside a transaction block, an open extended batch or a COPY: what an idle client
+    /// holds there is "idle in transaction".
     pub fn in_transaction(&self) -> bool {
-        self.status != b'I' || self.ext_open
+        self.status != b'I' || self.ext_open || self.ignoring || self.copy_in.is_some() || !self.queue.is_empty()
+    }
+
+    /// Nothing is running on the server: it waits for the client (for data in a COPY FROM STDIN, or for the
+    /// rest of an extended batch whose Parse/Bind/Describe/Close complete at once). An Execute, Query,
+    /// FunctionCall or Sync still owed means the server is busy, and the client is not idle.
+    pub fn awaits_client(&self) -> bool {
+        !self.uncertain
+            && !self.fatal
+            && (self.copy_in.is_some()
+                || self.queue.iter().all(|m| !matches!(m, Msg::Execute | Msg::Query | Msg::FunctionCall | Msg::Sync)))
     }
 
     /// Status of the last ReadyForQuery.
@@ -126,7 +146,8 @@ impl TxState {
     /// The server will wait for more input before it answers anything still owed (it buffers
     /// extended-protocol replies until Sync or Flush).
     pub fn waits_for_client(&self) -> bool {
-        self.copy_in.is_some() || self.queue.iter().all(|m| m.extended() || matches!(m, Msg::CopyDone | Msg::CopyFail))
+        self.copy_in.is_some()
+            || self.queue.iter().all(|m| m.extended() || matches!(m, Msg::CopyDone | Msg::CopyFail | Msg::CopyData))
     }
 
     /// Forward of one client message. `first` is the first body byte (Describe and Close carry 'S' or 'P').
@@ -143,7 +164,9 @@ impl TxState {
             b'F' => Msg::FunctionCall,
             b'c' => Msg::CopyDone,
             b'f' => Msg::CopyFail,
-            // Flush, CopyData and anything else get no reply of their own.
+            b'd' if self.queue.back() == Some(&Msg::CopyData) => return,
+            b'd' => Msg::CopyData,
+            // Flush and anything else get no reply of their own.
             _ => return,
         };
         if m.extended() {
@@ -157,11 +180,21 @@ impl TxState {
     fn normalize(&mut self) {
         while let Some(&head) = self.queue.front() {
             let skipped = if self.copy_in.is_some() {
-                head == Msg::Sync
+                match head {
+                    Msg::CopyData => {
+                        self.copy_read_data = true;
+                        true
+                    }
+                    Msg::Sync => {
+                        self.copy_sync_after_data |= self.copy_read_data;
+                        true
+                    }
+                    _ => false,
+                }
             } else if self.ignoring {
                 head != Msg::Sync
             } else {
-                matches!(head, Msg::CopyDone | Msg::CopyFail)
+                matches!(head, Msg::CopyDone | Msg::CopyFail | Msg::CopyData)
             };
             if !skipped {
                 break;
@@ -189,7 +222,11 @@ impl TxState {
             }
             b'E' => self.error(),
             b'G' => match self.queue.pop_front() {
-                Some(owner @ (Msg::Query | Msg::Execute)) if self.copy_in.is_none() => self.copy_in = Some(owner),
+                Some(owner @ (Msg::Query | Msg::Execute)) if self.copy_in.is_none() => {
+                    self.copy_in = Some(owner);
+                    self.copy_read_data = false;
+                    self.copy_sync_after_data = false;
+                }
                 _ => self.lost(),
             },
             b'C' if self.copy_in.is_some() => {
@@ -202,7 +239,8 @@ impl TxState {
             b'Z' => match self.queue.pop_front() {
                 Some(Msg::Query | Msg::FunctionCall | Msg::Sync) if !self.copy_out => {
                     self.status = first.unwrap_or(b'I');
-                    self.ext_open = false;
+                    // Extended messages sent after this Query or Sync open the next batch.
+                    self.ext_open = self.queue.iter().any(|m| m.extended());
                     self.ignoring = false;
                 }
                 _ => self.lost(),
@@ -248,6 +286,9 @@ impl TxState {
     /// A non-fatal ErrorResponse.
     fn error(&mut self) {
         if self.copy_in.is_some() {
+            if self.copy_sync_after_data {
+                return self.lost();
+            }
             // The copy failed: by a CopyFail or bad data (the CopyDone/CopyFail is dropped either way), or by
             // a non-copy message read inside the copy, or by bad data before it: those two look the same.
             match self.queue.front() {
@@ -350,6 +391,41 @@ mod tests {
         assert!(t.uncertain() && !t.idle());
         let t = run(b"P", &[(b'2', 0)]);
         assert!(t.uncertain());
+    }
+
+    #[test]
+    fn a_client_that_stops_mid_batch_or_mid_copy_is_idle_in_transaction() {
+        let t = run(b"PB", &[]);
+        assert!(t.awaits_client() && t.in_transaction() && !t.settled());
+        let t = run(b"PBE", &[]);
+        assert!(!t.awaits_client(), "an Execute may still run");
+        let t = run(b"Q", &[(b'G', 0)]);
+        assert!(t.awaits_client() && t.in_transaction());
+        let t = run(b"Q", &[(b'C', 0), (b'Z', b'I')]);
+        assert!(t.awaits_client() && !t.in_transaction());
+    }
+
+    #[test]
+    fn a_sync_after_copy_data_in_a_failing_copy_cannot_be_placed() {
+        // Bad data fails at once (the Sync is then read normally); a duplicate key fails at CopyDone (the Sync
+        // was swallowed): Postgres's output is the same up to there, so the model must give up.
+        let t = run(b"QdSc", &[(b'G', 0), (b'E', 0), (b'Z', b'I')]);
+        assert!(t.uncertain() && !t.idle());
+        // A Sync before any CopyData is always swallowed (libpq's Execute, Sync, then data).
+        let t = run(b"PBESdcS", &[(b'1', 0), (b'2', 0), (b'G', 0), (b'E', 0), (b'Z', b'I')]);
+        assert!(t.idle() && !t.uncertain(), "{t:?}");
+        // And a copy that succeeds swallowed every Sync before its CopyDone.
+        let t = run(b"QdSdc", &[(b'G', 0), (b'C', 0), (b'Z', b'I')]);
+        assert!(t.idle(), "{t:?}");
+    }
+
+    #[test]
+    fn extended_messages_after_a_sync_keep_the_batch_open() {
+        // Bind/Execute/Sync, then Bind/Execute/Flush: the first ReadyForQuery does not end the second batch.
+        let t = run(b"BESBEH", &[(b'2', 0), (b'D', 0), (b'C', 0), (b'Z', b'I'), (b'2', 0), (b'D', 0), (b'C', 0)]);
+        assert!(!t.idle() && t.needs_sync() && t.in_transaction(), "{t:?}");
+        let t = run(b"QBEH", &[(b'C', 0), (b'Z', b'I'), (b'2', 0), (b'C', 0)]);
+        assert!(!t.idle() && t.needs_sync(), "{t:?}");
     }
 
     #[test]
