@@ -13,7 +13,7 @@ use crate::error::ProxyError;
 use crate::protocol::ProtocolError;
 use crate::read_only::filter::RoFilter;
 use crate::server::ServerError;
-use crate::telemetry::{tables, Value};
+
 use pump::{Event, Pump, PumpError};
 use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
@@ -272,7 +272,8 @@ impl Relay {
                     }
                     Some(_) => {}
                 }
-                match self.attach(sock).await {
+                // Boxed: a checkout's state lives only while it runs, not in every idle session.
+                match Box::pin(self.attach(sock)).await {
                     Ok(()) => {}
                     Err(
                         e @ (ProxyError::BudgetExhausted { .. }
@@ -283,7 +284,7 @@ impl Relay {
                         | ProxyError::Upstream { .. }),
                     ) => {
                         warn!(kind = e.kind(), cause = %e, "checkout failed; query rejected");
-                        if crate::budget::checkout::reject_batch(sock, &mut self.pump.cin, &e).await? {
+                        if Box::pin(crate::budget::checkout::reject_batch(sock, &mut self.pump.cin, &e)).await? {
                             return Ok(Outcome::ClientDone);
                         }
                         continue;
@@ -414,55 +415,6 @@ impl Relay {
             }
             PumpError::TooLarge { kind, len, max } => ProxyError::MessageTooLarge { kind, len, max },
             PumpError::Filter(e) => ProxyError::ClientProtocol(e),
-        }
-    }
-
-    /// Move the pump's session counts into the session and the pool metrics.
-    fn take_counts(&mut self) {
-        let p = &mut self.pump;
-        let m = &self.pool.metrics;
-        if p.queries > 0 {
-            m.queries.inc_by(p.queries);
-            self.counts.queries += p.queries;
-        }
-        m.bytes_from_client.inc_by(p.bytes_in);
-        m.bytes_to_client.inc_by(p.bytes_out);
-        self.counts.bytes_in += p.bytes_in;
-        self.counts.bytes_out += p.bytes_out;
-        (p.queries, p.bytes_in, p.bytes_out) = (0, 0, 0);
-    }
-
-    /// Report what the pump saw: transactions, server errors, settings, read-only refusals.
-    fn report(&mut self) {
-        let mut seen = std::mem::take(&mut self.pump.seen);
-        if let Some(c) = self.server.as_mut() {
-            for (k, v) in seen.params.drain(..) {
-                c.params.insert(k, v);
-            }
-        }
-        self.note_seen(&mut seen);
-        if !self.pump.violations.is_empty() {
-            self.note_violations();
-        }
-    }
-
-    fn note_violations(&mut self) {
-        let b = self.pool.budget();
-        let route = self.pump.ro.as_ref().map(|f| f.route.clone()).unwrap_or_default();
-        for v in self.pump.violations.drain(..) {
-            self.app.metrics.ro_violations.with_label_values(&[&b.name, &route]).inc();
-            warn!(kind = "read_only_violation", service = %b.name, route = %route, client = %self.peer,
-                fingerprint = %v.fingerprint, reason = v.reason, "read-only route refused a statement");
-            self.app.telemetry.emit(tables::RO_VIOLATIONS, || {
-                vec![
-                    Value::now(),
-                    b.name.as_str().into(),
-                    route.as_str().into(),
-                    self.peer.to_string().into(),
-                    v.reason.into(),
-                    v.fingerprint.as_str().into(),
-                ]
-            });
         }
     }
 

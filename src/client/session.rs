@@ -50,7 +50,8 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
         return;
     }
     // The slot is given back once the client has authenticated (before any wait for a server).
-    let logged_in = tokio::time::timeout(LOGIN_TIMEOUT, login(&app, &mut sock, &startup, peer, permit)).await;
+    // Boxed: the login's state (auth exchange, first checkout) is not kept in every idle session's task.
+    let logged_in = tokio::time::timeout(LOGIN_TIMEOUT, Box::pin(login(&app, &mut sock, &startup, peer, permit))).await;
     let mut relay = match logged_in {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -108,7 +109,7 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
         }
         Err(e) => fail(&mut sock, e).await,
     }
-    relay.finish().await;
+    Box::pin(relay.finish()).await;
     let c = relay.counts;
     app.telemetry.emit(tables::CLIENT_SESSIONS, || {
         vec![

@@ -5,6 +5,7 @@ use super::pump::Seen;
 use super::Relay;
 use crate::error::ProxyError;
 use crate::telemetry::{tables, Value};
+use tracing::warn;
 
 impl Relay {
     /// Count and journal a failed checkout (and write timeouts to the lake).
@@ -61,6 +62,55 @@ impl Relay {
             let kind = crate::telemetry::journal::kind_for_sqlstate(&code);
             self.app.metrics.server_errors.with_label_values(&[&b.name, route, kind]).inc();
             self.app.journal.record(&b.name, route, &b.upstream, kind, &code, &message);
+        }
+    }
+
+    /// Move the pump's session counts into the session and the pool metrics.
+    pub(super) fn take_counts(&mut self) {
+        let p = &mut self.pump;
+        let m = &self.pool.metrics;
+        if p.queries > 0 {
+            m.queries.inc_by(p.queries);
+            self.counts.queries += p.queries;
+        }
+        m.bytes_from_client.inc_by(p.bytes_in);
+        m.bytes_to_client.inc_by(p.bytes_out);
+        self.counts.bytes_in += p.bytes_in;
+        self.counts.bytes_out += p.bytes_out;
+        (p.queries, p.bytes_in, p.bytes_out) = (0, 0, 0);
+    }
+
+    /// Report what the pump saw: transactions, server errors, settings, read-only refusals.
+    pub(super) fn report(&mut self) {
+        let mut seen = std::mem::take(&mut self.pump.seen);
+        if let Some(c) = self.server.as_mut() {
+            for (k, v) in seen.params.drain(..) {
+                c.params.insert(k, v);
+            }
+        }
+        self.note_seen(&mut seen);
+        if !self.pump.violations.is_empty() {
+            self.note_violations();
+        }
+    }
+
+    fn note_violations(&mut self) {
+        let b = self.pool.budget();
+        let route = self.pump.ro.as_ref().map(|f| f.route.clone()).unwrap_or_default();
+        for v in self.pump.violations.drain(..) {
+            self.app.metrics.ro_violations.with_label_values(&[&b.name, &route]).inc();
+            warn!(kind = "read_only_violation", service = %b.name, route = %route, client = %self.peer,
+                fingerprint = %v.fingerprint, reason = v.reason, "read-only route refused a statement");
+            self.app.telemetry.emit(tables::RO_VIOLATIONS, || {
+                vec![
+                    Value::now(),
+                    b.name.as_str().into(),
+                    route.as_str().into(),
+                    self.peer.to_string().into(),
+                    v.reason.into(),
+                    v.fingerprint.as_str().into(),
+                ]
+            });
         }
     }
 }
