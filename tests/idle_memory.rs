@@ -42,7 +42,7 @@ async fn rss_per_idle_client() {
     let pg = Pg::start();
     let services = "[services.app]\nslice = 4\npool_mode = \"transaction\"\n";
     let cfg = config(&pg, services)
-        .replace("[upstreams.primary]", &format!("[auth]\nmethod = \"trust\"\n\n[upstreams.primary]"))
+        .replace("[upstreams.primary]", "[auth]\nmethod = \"trust\"\n\n[upstreams.primary]")
         .replace("drain_timeout = \"10s\"\n", &format!("drain_timeout = \"10s\"\nmax_pending_logins = {}\n", n + 10));
     let proxy = Proxy::start(&cfg);
     // Warm up: one client runs a query (pool, template, buffers), then everything settles.
