@@ -27,6 +27,7 @@ pub mod frame;
 pub mod pump;
 mod report;
 pub mod txstate;
+pub mod waiting;
 
 /// How long a client idles without a server before its buffers are given back.
 const SHRINK_AFTER: Duration = Duration::from_secs(1);
@@ -126,9 +127,9 @@ impl Relay {
     pub async fn attach<C: AsyncRead + AsyncWrite + Unpin>(&mut self, sock: &mut C) -> Result<(), ProxyError> {
         let started = Instant::now();
         let pool = self.pool.clone();
+        let mut client = waiting::ClientWatch { sock, cin: &mut self.pump.cin };
         let waiter = Waiter {
-            sock,
-            cbuf: &mut self.pump.cin,
+            client: &mut client,
             key: &self.key,
             exempt: self.exempt,
             may_notice: self.greeted,
@@ -284,7 +285,7 @@ impl Relay {
                         | ProxyError::Upstream { .. }),
                     ) => {
                         warn!(kind = e.kind(), cause = %e, "checkout failed; query rejected");
-                        if Box::pin(crate::budget::checkout::reject_batch(sock, &mut self.pump.cin, &e)).await? {
+                        if Box::pin(waiting::reject_batch(sock, &mut self.pump.cin, &e)).await? {
                             return Ok(Outcome::ClientDone);
                         }
                         continue;

@@ -1,34 +1,35 @@
 //! Getting a server for one client: admission, an immediate try, then a queued wait (arrival order, bounded by
 //! `checkout_timeout`) that watches the client — a disconnect or CancelRequest leaves the queue at once — and
 //! tells it after `notice_after` how many clients are ahead. Every checkout counts exactly one decision.
+//! Checkout does no client I/O of its own: the client side is a [`Watch`] the caller provides.
 
 use crate::budget::admission::{Decision, Hold, Refusal};
 use crate::budget::pool::{PooledConn, ServicePool};
 use crate::client::cancel::ClientKey;
-use crate::error::sqlstate::SUCCESSFUL_COMPLETION;
 use crate::error::ProxyError;
-use crate::protocol::{self, ProtocolError, Severity};
 use crate::telemetry::{tables, Telemetry, Value};
-use bytes::{Buf, BytesMut};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
-/// How long a client may take to finish a message batch we are rejecting.
-const REJECT_READ_TIMEOUT: Duration = Duration::from_secs(15);
-/// Client bytes buffered while queued beyond this are left in the socket until a server is found.
-const MAX_BUFFERED_WHILE_QUEUED: usize = crate::relay::pump::BUF;
 /// How long a paused pool holds a checkout beyond its `checkout_timeout` (a Postgres restart fits well within).
 const PAUSE_WAIT: Duration = Duration::from_secs(60);
 /// A queued checkout blocked by the upstream ceiling tries again at least this often.
 const CEILING_RECHECK: Duration = Duration::from_millis(100);
 
+/// The client while it waits, provided by the client's side of the proxy.
+pub trait Watch {
+    /// Resolves once the client has gone (closed or failed); what it sends meanwhile is kept for later.
+    fn gone(&mut self) -> impl Future<Output = ()>;
+    /// Tell the waiting client something (a NOTICE).
+    fn notice(&mut self, text: &str) -> impl Future<Output = Result<(), ProxyError>>;
+}
+
 /// The client side of a checkout.
-pub struct Waiter<'a, C> {
-    pub sock: &'a mut C,
-    pub cbuf: &'a mut BytesMut,
+pub struct Waiter<'a, W> {
+    pub client: &'a mut W,
     pub key: &'a ClientKey,
     pub exempt: bool,
     /// Whether a NOTICE may be sent now (not before the client's login completed).
@@ -79,10 +80,7 @@ impl Drop for Queued<'_> {
 }
 
 /// Admit, then take a server now or wait for one in the pool's queue.
-pub async fn acquire<C: AsyncRead + AsyncWrite + Unpin>(
-    pool: &ServicePool,
-    mut w: Waiter<'_, C>,
-) -> Result<(PooledConn, Hold), ProxyError> {
+pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Result<(PooledConn, Hold), ProxyError> {
     if pool.control.is_paused() {
         wait_resumed(pool, &mut w).await?;
     }
@@ -147,15 +145,13 @@ pub async fn acquire<C: AsyncRead + AsyncWrite + Unpin>(
                     pool.share(),
                     s.checkout_timeout.as_millis()
                 );
-                let mut out = BytesMut::new();
-                protocol::error_response(&mut out, Severity::Notice, SUCCESSFUL_COMPLETION, &msg, None);
-                w.sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
+                w.client.notice(&msg).await?;
             }
             _ = wake.notified() => {
                 decide(pool, &w.who, Decision::Abandoned, started.elapsed());
                 return Err(ProxyError::QueuedCancel);
             }
-            open = still_there(w.sock, w.cbuf) => if !open {
+            () = w.client.gone() => {
                 decide(pool, &w.who, Decision::Abandoned, started.elapsed());
                 return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
             }
@@ -179,20 +175,8 @@ async fn checkout_by(pool: &ServicePool, deadline: Instant) -> Result<PooledConn
     }
 }
 
-/// Buffer what a waiting client sends (up to [`MAX_BUFFERED_WHILE_QUEUED`]; past it only wait); false once it
-/// has gone (EOF or a socket error).
-async fn still_there<C: AsyncRead + Unpin>(sock: &mut C, cbuf: &mut BytesMut) -> bool {
-    if cbuf.len() >= MAX_BUFFERED_WHILE_QUEUED {
-        std::future::pending::<()>().await;
-    }
-    matches!(sock.read_buf(cbuf).await, Ok(n) if n > 0)
-}
-
 /// Hold a checkout while an operator has the pool paused, up to `checkout_timeout` plus [`PAUSE_WAIT`].
-async fn wait_resumed<C: AsyncRead + AsyncWrite + Unpin>(
-    pool: &ServicePool,
-    w: &mut Waiter<'_, C>,
-) -> Result<(), ProxyError> {
+async fn wait_resumed<W: Watch>(pool: &ServicePool, w: &mut Waiter<'_, W>) -> Result<(), ProxyError> {
     let started = Instant::now();
     let b = pool.budget();
     let limit = b.settings.checkout_timeout + PAUSE_WAIT;
@@ -203,68 +187,13 @@ async fn wait_resumed<C: AsyncRead + AsyncWrite + Unpin>(
         tokio::select! {
             r = rx.changed() => if r.is_err() { break },
             _ = &mut deadline => return Err(ProxyError::Paused { service: b.name.clone(), waited: started.elapsed() }),
-            open = still_there(w.sock, w.cbuf) => if !open {
+            () = w.client.gone() => {
                 decide(pool, &w.who, Decision::Abandoned, started.elapsed());
                 return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
             }
         }
     }
     Ok(())
-}
-
-/// Answer a batch we cannot run (no server): ErrorResponse, then skip to its Query or Sync and say ReadyForQuery.
-/// Returns true if the client terminated meanwhile.
-pub async fn reject_batch<C: AsyncRead + AsyncWrite + Unpin>(
-    sock: &mut C,
-    cbuf: &mut BytesMut,
-    e: &ProxyError,
-) -> Result<bool, ProxyError> {
-    let (_, code, msg) = e.to_client();
-    let mut out = BytesMut::new();
-    protocol::error_response(&mut out, Severity::Error, code, &msg, None);
-    sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
-    // Bodies are skipped as they arrive, never buffered whole.
-    let mut skip = 0usize;
-    let mut ends_batch = None;
-    loop {
-        loop {
-            if skip > 0 {
-                let n = skip.min(cbuf.len());
-                cbuf.advance(n);
-                skip -= n;
-                if skip > 0 {
-                    break;
-                }
-            }
-            if let Some(kind) = ends_batch.take() {
-                if kind == b'X' {
-                    return Ok(true);
-                }
-                out.clear();
-                protocol::ready_for_query(&mut out, b'I');
-                sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
-                return Ok(false);
-            }
-            if cbuf.len() < 5 {
-                break;
-            }
-            let kind = cbuf[0];
-            let len = i32::from_be_bytes([cbuf[1], cbuf[2], cbuf[3], cbuf[4]]);
-            if len < 4 || crate::relay::frame::client_limit(kind).is_none() {
-                return Err(ProtocolError::Length { kind: kind as char, len: len.max(0) as usize }.into());
-            }
-            cbuf.advance(5);
-            skip = len as usize - 4;
-            if matches!(kind, b'Q' | b'S' | b'X') {
-                ends_batch = Some(kind);
-            }
-        }
-        match tokio::time::timeout(REJECT_READ_TIMEOUT, sock.read_buf(cbuf)).await {
-            Ok(Ok(0)) | Err(_) => return Ok(true),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(ProxyError::ClientIo(e)),
-        }
-    }
 }
 
 #[cfg(test)]
