@@ -1,7 +1,7 @@
 //! One client's conversation with its (current) server: check out, bring the server to the client's settings,
 //! pump bytes ([`pump`]) while the transaction-state machine ([`txstate`]) follows the server, and give the
 //! server back — in transaction mode at the first clean idle boundary, otherwise at the session's end,
-//! cleaned up ([`crate::server::reset`]) or discarded when its state cannot be proven.
+//! cleaned up ([`crate::relay::reset`]) or discarded when its state cannot be proven.
 
 use crate::app::App;
 use crate::budget::admission::Hold;
@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 pub mod frame;
 pub mod pump;
 mod report;
+pub mod reset;
 pub mod txstate;
 pub mod waiting;
 
@@ -144,7 +145,7 @@ impl Relay {
                 return Err(e);
             }
         };
-        let (set, reset) = crate::server::reset::settings_diff(&conn.applied, &self.desired);
+        let (set, reset) = crate::relay::reset::settings_diff(&conn.applied, &self.desired);
         if !set.is_empty() || !reset.is_empty() {
             let timeout = self.pool.budget().settings.reset_timeout;
             if let Err(e) = conn.apply_settings(&set, &reset, timeout).await {
@@ -394,7 +395,7 @@ impl Relay {
             route,
             &b.upstream,
             "server_error",
-            crate::error::sqlstate::CONNECTION_FAILURE,
+            crate::protocol::sqlstate::CONNECTION_FAILURE,
             msg,
         );
         ProxyError::Upstream { upstream: b.upstream.clone(), source }
@@ -439,7 +440,7 @@ impl Relay {
         }
         let ro = self.pump.ro.is_some();
         let result =
-            tokio::time::timeout(deadline, crate::server::reset::cleanup(&mut conn, &mut self.pump, needs_reset, ro))
+            tokio::time::timeout(deadline, crate::relay::reset::cleanup(&mut conn, &mut self.pump, needs_reset, ro))
                 .await;
         match result {
             Ok(Ok(())) => {

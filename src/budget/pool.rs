@@ -151,7 +151,7 @@ impl Manager {
 }
 
 /// The setting read-only routes force on every server connection.
-pub const RO_GUC: &str = "default_transaction_read_only";
+pub const RO_GUC: &str = crate::server::READ_ONLY_SETTING;
 pub const RO_REPLICA: u8 = 1;
 pub const RO_FALLTHROUGH: u8 = 2;
 pub const RO_DISABLED: u8 = 3;
@@ -166,18 +166,7 @@ pub fn routes_to_name(v: u8) -> &'static str {
 
 /// Force and verify read-only on a server connection (also after any reset).
 pub async fn enforce_read_only(conn: &mut ServerConn, timeout: Duration) -> Result<(), ServerError> {
-    conn.simple("SET SESSION default_transaction_read_only = on", timeout).await?;
-    // Postgres 14+ reports this setting; older servers accept the SET without a report.
-    match conn.params.get(RO_GUC).map(String::as_str) {
-        Some("on") | None => Ok(()),
-        Some(other) => {
-            conn.broken = true;
-            Err(ServerError::Postgres {
-                code: crate::error::sqlstate::READ_ONLY_SQL_TRANSACTION.into(),
-                message: format!("read-only not in force ({RO_GUC} = {other})"),
-            })
-        }
-    }
+    conn.enforce_read_only(timeout).await
 }
 
 /// Deadpool's deadlines for one checkout: wait up to `wait` for a free slot; opening a connection may take

@@ -6,6 +6,7 @@
 //! server bytes incrementally (`relay::frame`), decoding only a bounded prefix of the bodies it acts on.
 
 pub mod backend;
+pub mod sqlstate;
 pub mod startup;
 
 pub use startup::{negotiate_protocol_version, negotiation, read_startup, read_startup_into, Startup, StartupPacket};

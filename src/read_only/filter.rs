@@ -34,7 +34,7 @@ impl RoFilter {
         let msg = format!("pgbudget: read-only route \"{}\" refuses this statement", self.route);
         format!(
             "DO $pgbudget$BEGIN RAISE EXCEPTION USING ERRCODE = '{}', MESSAGE = {}, DETAIL = {}; END$pgbudget$",
-            crate::error::sqlstate::READ_ONLY_SQL_TRANSACTION,
+            crate::protocol::sqlstate::READ_ONLY_SQL_TRANSACTION,
             protocol::quote_literal(&msg),
             protocol::quote_literal(reason)
         )

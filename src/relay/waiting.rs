@@ -3,8 +3,8 @@
 //! get a server with the error and a ReadyForQuery.
 
 use crate::budget::checkout::Watch;
-use crate::error::sqlstate::SUCCESSFUL_COMPLETION;
 use crate::error::ProxyError;
+use crate::protocol::sqlstate::SUCCESSFUL_COMPLETION;
 use crate::protocol::{self, ProtocolError, Severity};
 use bytes::{Buf, BytesMut};
 use std::time::Duration;

@@ -1,11 +1,8 @@
 //! One server connection: connect and log in to Postgres, run the proxy's own statements, check liveness,
 //! and say goodbye with a Terminate whenever it is dropped.
-//! `reset` brings a connection a client abandoned back to a clean idle state.
-
-pub mod reset;
 
 use crate::config::resolve::UpstreamTarget;
-use crate::error::sqlstate::{
+use crate::protocol::sqlstate::{
     ACTIVE_SQL_TRANSACTION, INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PARAMETER_VALUE, INVALID_PASSWORD,
 };
 use crate::protocol::{self, backend, ProtocolError};
@@ -386,11 +383,30 @@ impl ServerConn {
         matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
+    /// `SET SESSION default_transaction_read_only = on`, then check the server reports it (Postgres 14+ does;
+    /// older servers accept the SET without a report). A connection that says otherwise is marked broken.
+    pub async fn enforce_read_only(&mut self, timeout: Duration) -> Result<(), ServerError> {
+        self.simple("SET SESSION default_transaction_read_only = on", timeout).await?;
+        match self.params.get(READ_ONLY_SETTING).map(String::as_str) {
+            Some("on") | None => Ok(()),
+            Some(other) => {
+                self.broken = true;
+                Err(ServerError::Postgres {
+                    code: crate::protocol::sqlstate::READ_ONLY_SQL_TRANSACTION.into(),
+                    message: format!("read-only not in force ({READ_ONLY_SETTING} = {other})"),
+                })
+            }
+        }
+    }
+
     /// Cheap round trip: an empty query.
     pub async fn ping(&mut self, timeout: Duration) -> Result<(), ServerError> {
         self.simple("", timeout).await
     }
 }
+
+/// The setting read-only routes force on every server connection.
+pub const READ_ONLY_SETTING: &str = "default_transaction_read_only";
 
 /// A setting name the proxy may put into SQL: an identifier or `prefix.name`, ASCII only.
 pub fn is_setting_name(k: &str) -> bool {

@@ -75,7 +75,7 @@ pub async fn cleanup(conn: &mut ServerConn, pump: &mut Pump, reset: bool, read_o
         conn.simple("DISCARD ALL", timeout).await?;
         conn.applied.clear();
         if read_only {
-            crate::budget::pool::enforce_read_only(conn, timeout).await?;
+            conn.enforce_read_only(timeout).await?;
         }
     }
     Ok(())
