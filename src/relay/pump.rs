@@ -316,19 +316,7 @@ impl Pump {
                 return Poll::Ready(Ok(ev));
             }
             // c2s → server.
-            if !self.c2s.is_empty() {
-                match Pin::new(&mut *server).poll_write(cx, &self.c2s) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(PumpError::ServerIo(std::io::ErrorKind::WriteZero.into())))
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        self.c2s.advance(n);
-                        progress = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ServerIo(e))),
-                    Poll::Pending => {}
-                }
-            }
+            progress |= poll_send(cx, server, &mut self.c2s).map_err(PumpError::ServerIo)?;
             // Server → s2c, scanned as it arrives.
             if self.s2c.len() < BUF {
                 let from = self.s2c.len();
@@ -347,19 +335,7 @@ impl Pump {
                 }
             }
             // s2c → client.
-            if !self.s2c.is_empty() {
-                match Pin::new(&mut *client).poll_write(cx, &self.s2c) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(PumpError::ClientIo(std::io::ErrorKind::WriteZero.into())))
-                    }
-                    Poll::Ready(Ok(n)) => {
-                        self.s2c.advance(n);
-                        progress = true;
-                    }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ClientIo(e))),
-                    Poll::Pending => {}
-                }
-            }
+            progress |= poll_send(cx, client, &mut self.s2c).map_err(PumpError::ClientIo)?;
             if self.stop_at_idle && self.releasable() {
                 return Poll::Ready(Ok(Event::Idle));
             }
@@ -403,6 +379,22 @@ impl Pump {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+}
+
+/// Write what `buf` holds, as much as the destination takes now; true when some of it went.
+fn poll_send<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, buf: &mut BytesMut) -> std::io::Result<bool> {
+    if buf.is_empty() {
+        return Ok(false);
+    }
+    match Pin::new(w).poll_write(cx, buf) {
+        Poll::Ready(Ok(0)) => Err(std::io::ErrorKind::WriteZero.into()),
+        Poll::Ready(Ok(n)) => {
+            buf.advance(n);
+            Ok(true)
+        }
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok(false),
     }
 }
 
