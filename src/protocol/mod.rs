@@ -57,7 +57,14 @@ pub(crate) async fn read_incremental<R: AsyncRead + Unpin>(
     let target = buf.len() + n;
     while buf.len() < target {
         let want = (target - buf.len()).min(READ_CHUNK);
-        buf.reserve(want);
+        if buf.capacity() - buf.len() < want {
+            // Grow by doubling but never past the message's own end: `BytesMut::reserve` may double beyond
+            // it (a reused buffer of odd capacity reached twice MAX_PREAUTH_LEN; found by the auth fuzz target).
+            let cap = (buf.capacity() * 2).max(buf.len() + want).min(target.max(buf.len() + want));
+            let mut grown = BytesMut::with_capacity(cap);
+            grown.extend_from_slice(buf);
+            *buf = grown;
+        }
         if (&mut *r).take(want as u64).read_buf(buf).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }

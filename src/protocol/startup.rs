@@ -315,4 +315,24 @@ mod tests {
         let Ok(StartupPacket::Startup { startup, .. }) = read_startup(&mut &pkt[..]).await else { panic!("valid") };
         assert_eq!(startup.get("options"), Some(""));
     }
+
+    #[tokio::test]
+    async fn a_reused_buffer_never_grows_past_the_preauth_cap() {
+        // Found by fuzzing: an odd capacity left by a first packet used to double to 16144 bytes.
+        let mut input = Vec::new();
+        input.extend_from_slice(&1013i32.to_be_bytes());
+        input.extend_from_slice(&SSL_REQUEST.to_be_bytes());
+        input.extend_from_slice(&[0u8; 1005]);
+        let body_len = 8192 - 8;
+        input.extend_from_slice(&8192i32.to_be_bytes());
+        input.extend_from_slice(&PROTOCOL_V3.to_be_bytes());
+        input.extend_from_slice(b"user\0");
+        input.extend_from_slice(&vec![b'u'; body_len - 5 - 2]);
+        input.extend_from_slice(&[0, 0]);
+        let mut r = &input[..];
+        let mut buf = BytesMut::new();
+        let _ = read_startup_into(&mut r, &mut buf).await;
+        let _ = read_startup_into(&mut r, &mut buf).await;
+        assert!(buf.capacity() <= MAX_PREAUTH_LEN, "capacity {}", buf.capacity());
+    }
 }
