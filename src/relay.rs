@@ -32,6 +32,8 @@ pub mod waiting;
 
 /// How long a client idles without a server before its buffers are given back.
 const SHRINK_AFTER: Duration = Duration::from_secs(1);
+/// How long a client that holds no server may leave its replies unread before the session is ended.
+const CLIENT_WRITE_STALL: Duration = Duration::from_secs(60);
 /// How long a detaching client waits for a cancel it sent to reach Postgres before its server is discarded.
 const CANCEL_SETTLE: Duration = Duration::from_secs(6);
 
@@ -172,9 +174,7 @@ impl Relay {
         if let Some(flights) = self.key.detach() {
             if !flights.settle(CANCEL_SETTLE).await {
                 warn!(kind = "cancel", "a cancel for this server did not settle; server connection discarded");
-                let mut conn = conn;
-                conn.broken = true;
-                drop(PooledConn::take(conn));
+                discard(conn);
                 return None;
             }
         }
@@ -370,12 +370,17 @@ impl Relay {
         [a, b].into_iter().filter(|d| !d.is_zero()).min().unwrap_or(Duration::from_secs(3600))
     }
 
-    /// Write what the server sent and the client has not taken yet (no server is held meanwhile).
+    /// Write what the server sent and the client has not taken yet (no server is held meanwhile), within
+    /// [`CLIENT_WRITE_STALL`]: a client that stops reading is ended, not waited on forever.
     async fn flush_client<C: AsyncWrite + Unpin>(&mut self, sock: &mut C) -> Result<(), ProxyError> {
         if self.pump.unflushed().is_empty() {
             return Ok(());
         }
-        sock.write_all(self.pump.unflushed()).await.map_err(ProxyError::ClientIo)?;
+        let write = sock.write_all(self.pump.unflushed());
+        match tokio::time::timeout(CLIENT_WRITE_STALL, write).await {
+            Ok(r) => r.map_err(ProxyError::ClientIo)?,
+            Err(_) => return Err(ProxyError::ClientIo(std::io::ErrorKind::TimedOut.into())),
+        }
         let n = self.pump.unflushed().len();
         self.pump.consume_unflushed(n);
         Ok(())
@@ -429,8 +434,7 @@ impl Relay {
             return;
         };
         if conn.broken {
-            drop(PooledConn::take(conn));
-            return;
+            return discard(conn);
         }
         let deadline = self.pool.budget().settings.reset_timeout;
         let needs_reset = self.mode == PoolMode::Session;
@@ -449,8 +453,7 @@ impl Relay {
             }
             Ok(Err(e)) => {
                 warn!(kind = "server_reset", cause = %e, "server connection discarded after failed reset");
-                conn.broken = true;
-                drop(PooledConn::take(conn));
+                discard(conn);
             }
             Err(_) => {
                 warn!(
@@ -459,11 +462,17 @@ impl Relay {
                     ?deadline,
                     "server connection discarded: reset timed out"
                 );
-                conn.broken = true;
-                drop(PooledConn::take(conn));
+                discard(conn);
             }
         }
     }
 }
+
+/// Close a server connection instead of returning it to the pool.
+fn discard(mut conn: PooledConn) {
+    conn.broken = true;
+    drop(PooledConn::take(conn));
+}
+
 #[cfg(test)]
 mod pump_tests;

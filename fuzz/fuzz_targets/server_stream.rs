@@ -1,7 +1,7 @@
 //! Server bytes through the pump's scanner and the transaction-state machine.
 //!
 //! Input: byte 0 is `n`, then `n` (kind, first body byte) pairs given to `tx.client`, then one byte of
-//! chunk size (+ 1), then the server stream, fed to `scan_bytes` in chunks of that size. Must never
+//! chunk size (+ 1), then the server stream, fed to `absorb_server` in chunks of that size. Must never
 //! panic; the state's own queries must agree with each other after every chunk.
 #![no_main]
 
@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     check(&pump, pairs, (false, false));
     let mut sticky = (pump.tx.uncertain(), pump.tx.fatal());
     for c in server.chunks(chunk) {
-        if pump.scan_bytes(c).is_err() {
+        if pump.absorb_server(c).is_err() {
             break;
         }
         check(&pump, pairs, sticky);
@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
 fn check(pump: &Pump, sent: usize, (was_uncertain, was_fatal): (bool, bool)) {
     let tx = &pump.tx;
     let (idle, settled) = (tx.idle(), tx.settled());
-    let _ = (tx.in_transaction(), tx.waits_for_client());
+    let _ = (tx.in_transaction(), tx.awaits_client());
     if idle {
         assert!(settled && tx.status() == b'I', "idle but not settled in status I");
     }

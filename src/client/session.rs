@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -379,11 +379,6 @@ async fn login(
 /// Compare setting values loosely (`utf-8` = `UTF8`).
 fn norm(v: &str) -> String {
     v.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_lowercase()
-}
-
-/// Read more client bytes into `buf`; 0 means the client closed.
-pub async fn read_client(sock: &mut TcpStream, buf: &mut BytesMut) -> Result<usize, ProxyError> {
-    sock.read_buf(buf).await.map_err(ProxyError::ClientIo)
 }
 
 #[cfg(test)]

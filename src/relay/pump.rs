@@ -188,11 +188,6 @@ impl Pump {
         }
     }
 
-    /// Feed server bytes without I/O (fuzzing and tests).
-    pub fn scan_bytes(&mut self, bytes: &[u8]) -> Result<(), PumpError> {
-        self.absorb_server(bytes)
-    }
-
     /// The client has at least one whole header buffered: the type byte of the next message.
     pub fn next_client_kind(&self) -> Option<u8> {
         (self.cin.len() >= 5 && self.body_left == 0).then(|| self.cin[0])
@@ -267,7 +262,7 @@ impl Pump {
         scan(&mut self.sscan, &mut self.tx, &mut self.seen, &self.s2c[from..])
     }
 
-    /// Scan server bytes that go to nobody (cleanup after the client left).
+    /// Scan server bytes that go to nobody (cleanup after the client left; fuzzing and tests).
     pub fn absorb_server(&mut self, bytes: &[u8]) -> Result<(), PumpError> {
         let mut seen = Seen::default();
         scan(&mut self.sscan, &mut self.tx, &mut seen, bytes)

@@ -279,7 +279,7 @@ mod props {
             for k in client {
                 pump.tx.client(k, Some(b'S'));
             }
-            let _ = pump.scan_bytes(&server);
+            let _ = pump.absorb_server(&server);
             let _ = (pump.tx.idle(), pump.tx.outstanding());
         }
     }

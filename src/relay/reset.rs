@@ -32,7 +32,7 @@ pub async fn cleanup(conn: &mut ServerConn, pump: &mut Pump, reset: bool, read_o
         pump.tx.client(b'f', None);
         out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         pump.tx.client(b'S', None);
-    } else if pump.tx.needs_sync() || (pump.tx.outstanding() > 0 && pump.tx.waits_for_client()) {
+    } else if pump.tx.needs_sync() {
         out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         pump.tx.client(b'S', None);
     }

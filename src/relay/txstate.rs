@@ -138,16 +138,10 @@ impl TxState {
         self.copy_in.is_some()
     }
 
-    /// An extended batch (or a skip to Sync) is open: it needs a Sync to end.
+    /// An extended batch (or a skip to Sync) is open: it needs a Sync to end. Every extended message still
+    /// owed keeps the batch open, so this also covers a batch the server is still answering.
     pub fn needs_sync(&self) -> bool {
         self.ext_open || self.ignoring
-    }
-
-    /// The server will wait for more input before it answers anything still owed (it buffers
-    /// extended-protocol replies until Sync or Flush).
-    pub fn waits_for_client(&self) -> bool {
-        self.copy_in.is_some()
-            || self.queue.iter().all(|m| m.extended() || matches!(m, Msg::CopyDone | Msg::CopyFail | Msg::CopyData))
     }
 
     /// Forward of one client message. `first` is the first body byte (Describe and Close carry 'S' or 'P').

@@ -267,22 +267,23 @@ impl ServerConn {
     /// Run one simple-protocol statement and consume its whole reply up to ReadyForQuery.
     /// Returns the server's error, if any, after the reply has been drained.
     pub async fn simple(&mut self, sql: &str, timeout: Duration) -> Result<(), ServerError> {
-        let r = tokio::time::timeout(timeout, self.simple_inner(sql)).await;
-        let r = r.unwrap_or(Err(ServerError::Timeout(timeout)));
-        if matches!(
-            r,
-            Err(ServerError::Timeout(_) | ServerError::Closed | ServerError::Protocol(_) | ServerError::Connect(_))
-        ) {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        protocol::simple_query(&mut out, sql);
+        self.round_trip(&out, timeout).await
+    }
+
+    /// Send the proxy's own messages and read the reply up to ReadyForQuery within `timeout`. Anything but
+    /// the server's own error (a timeout, a closed or garbled stream) leaves the connection broken.
+    async fn round_trip(&mut self, out: &[u8], timeout: Duration) -> Result<(), ServerError> {
+        let fut = async {
+            self.stream.write_all(out).await.map_err(|_| ServerError::Closed)?;
+            self.drain_until_ready().await
+        };
+        let r = tokio::time::timeout(timeout, fut).await.unwrap_or(Err(ServerError::Timeout(timeout)));
+        if !matches!(r, Ok(()) | Err(ServerError::Postgres { .. })) {
             self.broken = true;
         }
         r
-    }
-
-    async fn simple_inner(&mut self, sql: &str) -> Result<(), ServerError> {
-        let mut out = BytesMut::with_capacity(sql.len() + 8);
-        protocol::simple_query(&mut out, sql);
-        self.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
-        self.drain_until_ready().await
     }
 
     /// Bring session settings to the given values with `set_config($1, $2, false)` bound as parameters, and
@@ -333,19 +334,11 @@ impl ServerConn {
             out.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
         }
         out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
-        let fut = async {
-            self.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
-            self.drain_until_ready().await
-        };
-        let r = tokio::time::timeout(timeout, fut).await.unwrap_or(Err(ServerError::Timeout(timeout)));
-        if !matches!(r, Ok(()) | Err(ServerError::Postgres { .. })) {
-            self.broken = true;
-        }
-        r
+        self.round_trip(&out, timeout).await
     }
 
     /// Read and discard messages until ReadyForQuery with status `I` (after our own statement).
-    pub async fn drain_until_ready(&mut self) -> Result<(), ServerError> {
+    async fn drain_until_ready(&mut self) -> Result<(), ServerError> {
         let mut buf = BytesMut::with_capacity(256);
         let mut err = None;
         loop {
