@@ -62,6 +62,18 @@ pub enum ProxyError {
     MessageTooLarge { kind: char, len: usize, max: usize },
     #[error("server refused the client's startup setting: {code} {message}")]
     SettingRejected { code: String, message: String },
+    /// Transaction mode, `pin = "refuse"`: a statement that would pin the server to the client.
+    #[error("pin refused: {statement} (service {service})")]
+    PinRefused { statement: &'static str, service: String },
+    #[error("prepared statement {0:?} already exists")]
+    StatementExists(String),
+    #[error("prepared statement {0:?} does not exist")]
+    StatementMissing(String),
+    #[error("over {0} prepared statements in one session")]
+    TooManyStatements(usize),
+    /// A client pinned to its server idled past `pin_idle_timeout`.
+    #[error("pinned client idle for {0:?}")]
+    PinIdle(Duration),
 }
 
 /// Stable label for logs (and later metrics) — fixed cardinality, never client input.
@@ -90,6 +102,11 @@ impl ProxyError {
             ProxyError::TooManyLogins(_) => "too_many_logins",
             ProxyError::MessageTooLarge { .. } => "message_too_large",
             ProxyError::SettingRejected { .. } => "setting_rejected",
+            ProxyError::PinRefused { .. } => "pin_refused",
+            ProxyError::StatementExists(_) => "statement_exists",
+            ProxyError::StatementMissing(_) => "statement_missing",
+            ProxyError::TooManyStatements(_) => "too_many_statements",
+            ProxyError::PinIdle(_) => "pin_idle_timeout",
         }
     }
 
@@ -212,6 +229,35 @@ impl ProxyError {
                 format!("pgbudget: message of type '{kind}' is {len} bytes, over max_query_size ({max} bytes)"),
             ),
             ProxyError::SettingRejected { code, message } => (Fatal, code.as_str(), message.clone()),
+            ProxyError::PinRefused { statement, service } => (
+                Error,
+                FEATURE_NOT_SUPPORTED,
+                format!(
+                    "pgbudget: {statement} keeps state in one server connection, which transaction pooling \
+                     cannot share; service \"{service}\" has pin = \"refuse\" (set pin = \"allow\" to pin the \
+                     connection to this client instead)"
+                ),
+            ),
+            ProxyError::StatementExists(name) => {
+                (Error, DUPLICATE_PSTATEMENT, format!("prepared statement \"{name}\" already exists"))
+            }
+            ProxyError::StatementMissing(name) => {
+                (Error, INVALID_SQL_STATEMENT_NAME, format!("prepared statement \"{name}\" does not exist"))
+            }
+            ProxyError::TooManyStatements(max) => (
+                Error,
+                CONFIGURATION_LIMIT_EXCEEDED,
+                format!("pgbudget: a session may keep at most {max} prepared statements; close some first"),
+            ),
+            ProxyError::PinIdle(d) => (
+                Fatal,
+                IDLE_SESSION_TIMEOUT,
+                format!(
+                    "terminating connection: idle for {} ms while pinned to a server connection (pgbudget \
+                     pin_idle_timeout)",
+                    d.as_millis()
+                ),
+            ),
         }
     }
 
@@ -283,6 +329,11 @@ mod tests {
             ProxyError::TooManyLogins(256),
             ProxyError::MessageTooLarge { kind: 'Q', len: 2 << 20, max: 1 << 20 },
             ProxyError::SettingRejected { code: "22023".into(), message: "invalid value".into() },
+            ProxyError::PinRefused { statement: "LISTEN", service: "w".into() },
+            ProxyError::StatementExists("s".into()),
+            ProxyError::StatementMissing("s".into()),
+            ProxyError::TooManyStatements(10),
+            ProxyError::PinIdle(Duration::from_secs(1)),
             ProxyError::ClientProtocol(ProtocolError::Version { major: 4, minor: 0 }),
             ProxyError::Upstream {
                 upstream: "p".into(),

@@ -8,13 +8,13 @@ use crate::budget::admission::Hold;
 use crate::budget::checkout::{Waiter, Who};
 use crate::budget::pool::{PooledConn, Route, ServicePool};
 use crate::client::cancel::{ClientKey, ServerKey};
-use crate::config::PoolMode;
+use crate::config::{PinPolicy, PoolMode};
 use crate::error::ProxyError;
 use crate::protocol::ProtocolError;
 use crate::read_only::filter::RoFilter;
 use crate::server::ServerError;
 
-use pump::{Event, Pump, PumpError};
+use pump::{Event, Pump, PumpError, TxnStatements};
 use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
+pub mod classify;
 pub mod frame;
 pub mod pump;
 mod report;
@@ -68,8 +69,18 @@ pub struct Relay {
     pub database: String,
     /// This session's own counts (the pool metrics hold the totals).
     pub counts: SessionCounts,
-    /// (client_idle_timeout, idle_in_transaction_timeout) as of the last checkout.
-    idle_timeouts: (Duration, Duration),
+    /// (client_idle_timeout, idle_in_transaction_timeout, pin_idle_timeout) as of the last checkout.
+    idle_timeouts: (Duration, Duration, Duration),
+    /// Transaction mode: why the server is pinned to this client now ([`crate::server::PIN_REASONS`]).
+    pub pins: Vec<&'static str>,
+}
+
+/// Which idle limit applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    Client,
+    InTransaction,
+    Pinned,
 }
 
 /// What one client session did, for its `client_sessions` row.
@@ -100,7 +111,23 @@ impl Relay {
         let mode = pool.budget().pool_mode();
         let resolved = app.resolved();
         let ro = (pool.route == Route::ReadOnly).then(|| RoFilter::new(&resolved.config.read_only.database));
-        let pump = Pump::new(ro, resolved.config.proxy.max_query_size);
+        let mut pump = Pump::new(ro, resolved.config.proxy.max_query_size);
+        if mode == PoolMode::Transaction {
+            let b = pool.budget();
+            let m = &pool.metrics;
+            pump.stmts = Some(TxnStatements {
+                registry: pool.statements.clone(),
+                client: Default::default(),
+                server: Default::default(),
+                max_per_server: b.settings.max_prepared_statements,
+                search_path: desired.get("search_path").cloned().unwrap_or_default(),
+                refuse_pins: b.settings.pin == PinPolicy::Refuse,
+                service: b.name.clone(),
+                hits: m.prepared_hits.clone(),
+                misses: m.prepared_misses.clone(),
+                evictions: m.prepared_evictions.clone(),
+            });
+        }
         Relay {
             app,
             pool,
@@ -118,8 +145,14 @@ impl Relay {
             user: String::new(),
             database: String::new(),
             counts: SessionCounts::default(),
-            idle_timeouts: (Duration::ZERO, Duration::ZERO),
+            idle_timeouts: (Duration::ZERO, Duration::ZERO, Duration::ZERO),
+            pins: Vec::new(),
         }
+    }
+
+    /// The backend pid of the server held now.
+    pub fn server_pid(&self) -> Option<i32> {
+        self.server.as_ref().map(|c| c.pid)
     }
 
     pub fn server_params(&self) -> Option<&HashMap<String, String>> {
@@ -163,14 +196,76 @@ impl Relay {
         self.load_settings();
         self.hold = Some(hold);
         self.pump.attach();
+        self.pump.backslash_quotes = conn.params.get("standard_conforming_strings").is_some_and(|v| v == "off");
+        if let Some(s) = self.pump.stmts.as_mut() {
+            std::mem::swap(&mut s.server, &mut conn.statements);
+            s.server.begin();
+            s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
+        }
         self.server = Some(conn);
         Ok(())
+    }
+
+    /// Read the server's session state after the client changed it (transaction mode, at an idle boundary):
+    /// the settings become the client's (and the server's known state), its protocol statements are
+    /// re-listed, and state only this backend holds pins it to the client. Returns whether it is pinned.
+    async fn probe_session(&mut self) -> Result<bool, ProxyError> {
+        self.pump.probe_due = false;
+        let timeout = self.pool.budget().settings.reset_timeout;
+        let Some(conn) = self.server.as_mut() else { return Ok(false) };
+        let probe = match conn.probe(timeout).await {
+            Ok(p) => p,
+            Err(source) => {
+                conn.broken = true;
+                return Err(ProxyError::Upstream { upstream: self.pool.budget().upstream.clone(), source });
+            }
+        };
+        let ro = self.pool.route == Route::ReadOnly;
+        let settings: BTreeMap<String, String> = probe
+            .settings
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .filter(|(k, _)| !(ro && k == crate::server::READ_ONLY_SETTING))
+            .collect();
+        conn.applied = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        self.desired = settings;
+        if let Some(s) = self.pump.stmts.as_mut() {
+            s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
+            s.server.resync(probe.statements.iter().map(String::as_str));
+        }
+        let mut pins = probe.pins;
+        if self.pump.loaded {
+            pins.push("load");
+        }
+        for (i, reason) in crate::server::PIN_REASONS.iter().enumerate() {
+            if pins.contains(reason) && !self.pins.contains(reason) {
+                self.pool.metrics.pinned[i].inc();
+                debug!(reason, "server pinned to its client");
+            }
+        }
+        if !pins.is_empty() && self.pool.budget().settings.pin == PinPolicy::Refuse {
+            warn!(kind = "pin", reasons = ?pins, "state the statement scan did not see pins a server under pin = refuse");
+        }
+        let was_pinned = !self.pins.is_empty();
+        self.pins = pins;
+        self.pump.pinned = !self.pins.is_empty();
+        if self.pump.pinned != was_pinned {
+            self.load_settings();
+            if self.pump.last_activity.is_none() {
+                self.pump.last_activity = Some(Instant::now());
+            }
+        }
+        Ok(self.pump.pinned)
     }
 
     /// Give the server up: no cancel can reach it any more, and one already sent has arrived. Returns it
     /// (to be dropped back into the pool) or `None` when a cancel did not settle (then it was discarded).
     async fn detach(&mut self) -> Option<PooledConn> {
-        let conn = self.server.take()?;
+        let mut conn = self.server.take()?;
+        if let Some(s) = self.pump.stmts.as_mut() {
+            std::mem::swap(&mut s.server, &mut conn.statements);
+            s.server.clear();
+        }
         if let Some(flights) = self.key.detach() {
             if !flights.settle(CANCEL_SETTLE).await {
                 warn!(kind = "cancel", "a cancel for this server did not settle; server connection discarded");
@@ -193,19 +288,27 @@ impl Relay {
     /// the next checkout on).
     fn load_settings(&mut self) {
         let s = &self.pool.budget().settings;
-        self.idle_timeouts = (s.client_idle_timeout, s.idle_in_transaction_timeout);
-        self.pump.track_activity = !s.client_idle_timeout.is_zero() || !s.idle_in_transaction_timeout.is_zero();
+        let pin = if self.pins.is_empty() { Duration::ZERO } else { s.pin_idle_timeout };
+        self.idle_timeouts = (s.client_idle_timeout, s.idle_in_transaction_timeout, pin);
+        self.pump.track_activity =
+            !s.client_idle_timeout.is_zero() || !s.idle_in_transaction_timeout.is_zero() || !pin.is_zero();
     }
 
-    /// The idle limit that applies now, if any: (timeout, inside a transaction).
-    fn idle_limit(&self) -> Option<(Duration, bool)> {
+    /// The idle limit that applies now, if any.
+    fn idle_limit(&self) -> Option<(Duration, Idle)> {
         let tx = &self.pump.tx;
         if self.server.is_some() && (!tx.awaits_client() || !self.pump.unsent().is_empty()) {
             return None;
         }
-        let in_tx = self.server.is_some() && tx.in_transaction();
-        let d = if in_tx { self.idle_timeouts.1 } else { self.idle_timeouts.0 };
-        (!d.is_zero()).then_some((d, in_tx))
+        let (client, in_tx, pinned) = self.idle_timeouts;
+        if self.server.is_some() && tx.in_transaction() {
+            return (!in_tx.is_zero()).then_some((in_tx, Idle::InTransaction));
+        }
+        if self.server.is_some() && !self.pins.is_empty() && !pinned.is_zero() && (client.is_zero() || pinned < client)
+        {
+            return Some((pinned, Idle::Pinned));
+        }
+        (!client.is_zero()).then_some((client, Idle::Client))
     }
 
     /// Pump messages until the client leaves, the proxy shuts down, or an error ends the session.
@@ -244,7 +347,16 @@ impl Relay {
                     return Ok(Outcome::ShuttingDown);
                 }
                 self.flush_client(sock).await?;
-                if self.pump.next_client_kind().is_none() && !self.pump.client_eof() {
+                // A batch of Parses only is answered without a server; to tell, its Sync must be here.
+                let mut want = 5;
+                if self.pump.next_client_kind() == Some(b'P') {
+                    match self.pump.answer_parses() {
+                        Some(true) => continue,
+                        Some(false) => {}
+                        None => want = self.pump.cin.len() + 1,
+                    }
+                }
+                if (self.pump.next_client_kind().is_none() || want > 5) && !self.pump.client_eof() {
                     let shrink = self.pump.holds_buffers();
                     if shrink {
                         shrink_timer.as_mut().reset((Instant::now() + SHRINK_AFTER).into());
@@ -252,7 +364,7 @@ impl Relay {
                     let wake = tokio::select! {
                         _ = &mut cancelled => return Ok(Outcome::ShuttingDown),
                         _ = &mut killed => return Err(ProxyError::Killed),
-                        r = poll_fn(|cx| self.pump.poll_client_header(cx, sock)) => r.map(|()| Event::Report),
+                        r = poll_fn(|cx| self.pump.poll_client_fill(cx, sock, want)) => r.map(|()| Event::Report),
                         _ = &mut shrink_timer, if shrink => {
                             self.pump.shrink();
                             continue;
@@ -265,6 +377,7 @@ impl Relay {
                         }
                     };
                     wake.map_err(|e| self.pump_error(e))?;
+                    continue; // look at what arrived again
                 }
                 match self.pump.next_client_kind() {
                     None => return Ok(Outcome::ClientDone), // EOF, at most a partial header left
@@ -320,6 +433,9 @@ impl Relay {
                     if self.draining {
                         return Ok(Outcome::ShuttingDown);
                     }
+                    if self.pump.probe_due && self.mode == PoolMode::Transaction && self.probe_session().await? {
+                        continue; // pinned: the server stays with this client
+                    }
                     self.release().await;
                 }
                 Wake::Pump(Ok(Event::ClientClosed | Event::Terminate)) => {
@@ -336,6 +452,7 @@ impl Relay {
                 }
                 Wake::Shutdown => {
                     self.draining = true;
+                    self.pump.pinned = false; // a pinned client too is ended at its next idle boundary
                     if self.pump.releasable() {
                         return Ok(Outcome::ShuttingDown);
                     }
@@ -358,16 +475,20 @@ impl Relay {
     /// The idle error to end the session with, if the limit that applies now has passed since the last
     /// activity (the timer may be stale or a periodic re-check).
     fn idle_expired(&self) -> Option<ProxyError> {
-        let (d, in_tx) = self.idle_limit()?;
+        let (d, kind) = self.idle_limit()?;
         if self.pump.last_activity?.elapsed() < d {
             return None;
         }
-        Some(if in_tx { ProxyError::IdleInTransaction(d) } else { ProxyError::ClientIdle(d) })
+        Some(match kind {
+            Idle::InTransaction => ProxyError::IdleInTransaction(d),
+            Idle::Pinned => ProxyError::PinIdle(d),
+            Idle::Client => ProxyError::ClientIdle(d),
+        })
     }
 
     fn shortest_idle_timeout(&self) -> Duration {
-        let (a, b) = self.idle_timeouts;
-        [a, b].into_iter().filter(|d| !d.is_zero()).min().unwrap_or(Duration::from_secs(3600))
+        let (a, b, c) = self.idle_timeouts;
+        [a, b, c].into_iter().filter(|d| !d.is_zero()).min().unwrap_or(Duration::from_secs(3600))
     }
 
     /// Write what the server sent and the client has not taken yet (no server is held meanwhile), within
@@ -430,14 +551,22 @@ impl Relay {
     pub async fn finish(&mut self) {
         // Declared first so it is dropped last: the admission place is given back after the server.
         let _hold = self.hold.take();
+        let txn = self.mode == PoolMode::Transaction;
+        if txn && self.pump.probe_due && self.pump.releasable() && !self.pump.loaded {
+            if let Err(e) = self.probe_session().await {
+                debug!(cause = %e, "probe at session end failed");
+            }
+        }
         let Some(mut conn) = self.detach().await else {
             return;
         };
-        if conn.broken {
+        if conn.broken || self.pump.loaded {
             return discard(conn);
         }
         let deadline = self.pool.budget().settings.reset_timeout;
-        let needs_reset = self.mode == PoolMode::Session;
+        // Session mode always resets; transaction mode when the server holds the client's backend-only state
+        // or a change the probe could not read.
+        let needs_reset = !txn || !self.pins.is_empty() || self.pump.probe_due;
         if self.pump.releasable() && !needs_reset {
             conn.last_checkin = Instant::now();
             return;

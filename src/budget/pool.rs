@@ -189,6 +189,8 @@ pub struct ServicePool {
     pub metrics: crate::telemetry::metrics::PoolMetrics,
     pub admission: crate::budget::admission::Admission,
     pub control: crate::admin::control::PoolControl,
+    /// Named statements of this pool's clients (transaction mode).
+    pub statements: Arc<crate::server::statements::Registry>,
 }
 
 impl ServicePool {
@@ -350,7 +352,8 @@ impl Pools {
                 );
                 let metrics = metrics.pool(name, route.as_str());
                 let control = Default::default();
-                self.pools.insert(key, Arc::new(ServicePool { pool, route, metrics, admission, control }));
+                let statements = Default::default();
+                self.pools.insert(key, Arc::new(ServicePool { pool, route, metrics, admission, control, statements }));
             }
         }
     }

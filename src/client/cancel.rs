@@ -138,6 +138,34 @@ impl CancelRegistry {
 }
 
 impl ClientKey {
+    /// Take `pid` as this key's pid (session mode hands the client its server's real pid, so
+    /// `pg_backend_pid()`, NotificationResponse and `pg_terminate_backend` agree with what it was told).
+    /// Keeps the old pid when another client's key already has this one.
+    pub fn take_pid(&mut self, pid: i32) -> bool {
+        if pid == self.pid {
+            return true;
+        }
+        // Never two shard locks at once (both pids may live in one shard).
+        let Some((_, entry)) = self.registry.map.remove(&self.pid) else { return false };
+        let back = match self.registry.map.entry(pid) {
+            dashmap::Entry::Vacant(v) => {
+                v.insert(entry);
+                None
+            }
+            dashmap::Entry::Occupied(_) => Some(entry),
+        };
+        match back {
+            None => {
+                self.pid = pid;
+                true
+            }
+            Some(entry) => {
+                self.registry.map.insert(self.pid, entry);
+                false
+            }
+        }
+    }
+
     /// Record which server this client holds from now on.
     pub fn attach(&self, server: ServerKey) {
         if let Some(mut e) = self.registry.map.get_mut(&self.pid) {
@@ -187,6 +215,23 @@ mod tests {
         assert!(reg.lookup(k.pid, k.secret).is_none());
         drop(k);
         assert!(reg.is_empty());
+    }
+
+    #[test]
+    fn a_key_takes_its_servers_pid_unless_another_client_has_it() {
+        let reg = Arc::new(CancelRegistry::default());
+        let mut a = reg.issue();
+        let mut b = reg.issue();
+        let s = ServerKey { addr: "127.0.0.1:5432".parse().unwrap(), pid: 4242, secret: 7 };
+        a.attach(s);
+        assert!(a.take_pid(4242));
+        assert_eq!(a.pid, 4242);
+        assert!(matches!(reg.lookup(4242, a.secret), Some(CancelTarget::Server(x, _)) if x == s));
+        let before = b.pid;
+        assert!(!b.take_pid(4242), "taken");
+        assert_eq!(b.pid, before);
+        drop(a);
+        assert_eq!(reg.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]

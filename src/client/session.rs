@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 pub(crate) const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Startup parameters the proxy handles itself instead of replaying on server connections.
-const LOCAL_PARAMS: [&str; 4] = ["user", "database", "application_name", "options"];
+const LOCAL_PARAMS: [&str; 3] = ["user", "database", "options"];
 
 /// Serve one client socket to the end; never panics the process, always logs why it ended.
 pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) {
@@ -152,7 +152,12 @@ fn reject_reason(e: &ProxyError) -> &'static str {
         | ProxyError::QueuedCancel
         | ProxyError::Killed
         | ProxyError::IdleInTransaction(_)
-        | ProxyError::ClientIdle(_) => "protocol",
+        | ProxyError::ClientIdle(_)
+        | ProxyError::PinRefused { .. }
+        | ProxyError::StatementExists(_)
+        | ProxyError::StatementMissing(_)
+        | ProxyError::TooManyStatements(_)
+        | ProxyError::PinIdle(_) => "protocol",
     }
 }
 
@@ -273,7 +278,7 @@ pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyEr
         if LOCAL_PARAMS.contains(&k.as_str()) || k.starts_with("_pq_.") {
             continue;
         }
-        out.insert(k.clone(), v.clone());
+        out.insert(k.to_ascii_lowercase(), v.clone());
     }
     if let Some(opts) = s.get("options") {
         let mut words = opts.split_whitespace();
@@ -285,7 +290,7 @@ pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyEr
                 other => return Err(ProxyError::BadParameter(format!("options={other}"))),
             };
             let (k, v) = kv.split_once('=').ok_or_else(|| ProxyError::BadParameter(format!("options={kv}")))?;
-            out.insert(k.replace('-', "_"), v.to_owned());
+            out.insert(k.replace('-', "_").to_ascii_lowercase(), v.to_owned());
         }
     }
     for k in out.keys() {
@@ -325,7 +330,19 @@ async fn login(
     } else {
         return Err(ProxyError::UnknownDatabase(startup.database().to_owned()));
     };
-    let desired = desired_settings(startup)?;
+    let mut desired = desired_settings(startup)?;
+    // A client's own application_name is replayed; with none set, its server keeps pgbudget's label unless
+    // `server_application_name = "client"` asks for exact fidelity (then it is empty, as direct).
+    match resolved.config.proxy.server_application_name {
+        crate::config::AppNamePolicy::Client => {
+            desired.entry("application_name".into()).or_default();
+        }
+        crate::config::AppNamePolicy::Label => {
+            if desired.get("application_name").is_some_and(|v| v.is_empty()) {
+                desired.remove("application_name");
+            }
+        }
+    }
     if route == Route::ReadOnly {
         if let Some(k) = desired.keys().find(|k| k.to_ascii_lowercase().contains("transaction_read_only")) {
             return Err(ProxyError::ReadOnly { route: ro_alias.clone(), what: format!("startup setting {k}") });
@@ -336,7 +353,6 @@ async fn login(
         .get(&service, route)
         .cloned()
         .ok_or_else(|| ProxyError::RouteDisabled { service: service.clone(), route: ro_alias.clone() })?;
-    let mut desired = desired;
     let qt = budget.settings.query_timeout;
     if !qt.is_zero() && !desired.keys().any(|k| k.eq_ignore_ascii_case("statement_timeout")) {
         desired.insert("statement_timeout".into(), format!("{}ms", qt.as_millis()));
@@ -350,6 +366,9 @@ async fn login(
     // Session mode holds one server for the whole session; transaction mode shows the cached parameter set.
     let mut shown: HashMap<String, String> = if budget.pool_mode() == PoolMode::Session {
         relay.attach(sock).await?;
+        if let Some(pid) = relay.server_pid() {
+            relay.key.take_pid(pid);
+        }
         relay.server_params().cloned().unwrap_or_default()
     } else {
         let mut t = (*pool.template().await?).clone();
@@ -396,7 +415,7 @@ mod tests {
         let d = desired_settings(&s).unwrap();
         assert_eq!(d.get("search_path").map(String::as_str), Some("app"));
         assert_eq!(d.get("statement_timeout").map(String::as_str), Some("5s"));
-        assert_eq!(d.get("DateStyle").map(String::as_str), Some("ISO"));
+        assert_eq!(d.get("datestyle").map(String::as_str), Some("ISO"));
         assert!(!d.contains_key("user"));
     }
 

@@ -79,6 +79,9 @@ pub struct ProxySection {
     pub drain_timeout: Duration,
     /// Prefix of `application_name` on server connections: `<prefix>:<service>:<route>`.
     pub application_name_prefix: String,
+    /// What `application_name` a client's server shows while the client holds it: `label` (the client's own
+    /// when it set one, pgbudget's label otherwise) or `client` (exactly the client's, empty when unset).
+    pub server_application_name: AppNamePolicy,
     /// Clients that may be between accept and the end of authentication at once; more get FATAL 53300 unread.
     pub max_pending_logins: u32,
     /// Largest client message the proxy reads whole after login (read-only routes' statements); over it the
@@ -98,6 +101,7 @@ impl Default for ProxySection {
             share_floor: 4,
             drain_timeout: Duration::from_secs(30),
             application_name_prefix: "pgbudget".into(),
+            server_application_name: AppNamePolicy::Label,
             max_pending_logins: 256,
             max_query_size: 1 << 20,
         }
@@ -261,6 +265,39 @@ pub struct ServiceConfig {
     /// Graduated load shedding; absent: clients queue in arrival order up to `checkout_timeout`.
     #[serde(default)]
     pub admission: Option<AdmissionConfig>,
+    /// Transaction mode: serve statements that keep state in one server connection (LISTEN, temp tables,
+    /// session advisory locks, WITH HOLD cursors, SQL PREPARE, LOAD) by pinning it to the client, or refuse them.
+    #[serde(default)]
+    pub pin: PinPolicy,
+    /// End a pinned client that idles this long outside a transaction (0: off).
+    #[serde(default = "d_pin_idle", with = "humantime_serde")]
+    pub pin_idle_timeout: Duration,
+    /// Transaction mode: named prepared statements each server keeps (least recently used closed first;
+    /// 0: statement names pass through unmapped).
+    #[serde(default = "d_prepared")]
+    pub max_prepared_statements: usize,
+}
+
+/// Which `application_name` a server shows while a client holds it.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AppNamePolicy {
+    /// The client's own when it set one; pgbudget's `<prefix>:<service>:<route>` label when it did not.
+    #[default]
+    Label,
+    /// Exactly the client's (empty when it set none), as on a direct connection.
+    Client,
+}
+
+/// What transaction mode does with statements that keep state in one server connection.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PinPolicy {
+    /// Pin the server to the client until the state is gone or the client leaves.
+    #[default]
+    Allow,
+    /// Refuse the statement with 0A000.
+    Refuse,
 }
 
 /// Graduated load shedding for one service, as fractions of its share (`warn < shed < hard_reject <= 1`).
@@ -317,6 +354,12 @@ fn d_check_delay() -> Duration {
 }
 fn d_reset() -> Duration {
     Duration::from_secs(5)
+}
+fn d_pin_idle() -> Duration {
+    Duration::from_secs(300)
+}
+fn d_prepared() -> usize {
+    200
 }
 fn d_notice() -> Duration {
     Duration::from_secs(1)

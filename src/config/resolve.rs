@@ -226,6 +226,7 @@ impl Resolved {
                 ("idle_in_transaction_timeout", s.idle_in_transaction_timeout),
                 ("query_timeout", s.query_timeout),
                 ("client_idle_timeout", s.client_idle_timeout),
+                ("pin_idle_timeout", s.pin_idle_timeout),
             ] {
                 check_duration(&mut v, &format!("{at}.{what}"), d, ms(0), 24 * h);
                 if !d.is_zero() && d < ms(100) {
@@ -234,6 +235,9 @@ impl Resolved {
             }
             if let Some(a) = &s.admission {
                 check_admission(&mut v, &at, a, share, ro_share);
+            }
+            if s.max_prepared_statements > 100_000 {
+                v.push(format!("{at}.max_prepared_statements = {} is over 100000", s.max_prepared_statements));
             }
             services.insert(
                 name.clone(),

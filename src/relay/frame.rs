@@ -1,6 +1,9 @@
 //! Framing for the pump: which client messages are valid and how long they may be, and an incremental
 //! scanner over server bytes that reports each message once, with its first body byte and a bounded
-//! prefix of the bodies the proxy reads (ReadyForQuery, ParameterStatus, ErrorResponse).
+//! prefix of the bodies the proxy reads (ReadyForQuery, ParameterStatus, ErrorResponse), copying it on message by
+//! message with the edits the relay asks for.
+
+use bytes::BytesMut;
 
 /// Largest message Postgres accepts from a client (`PQ_LARGE_MESSAGE_LIMIT`).
 pub const LARGE_MESSAGE: usize = (1 << 30) - 1;
@@ -48,6 +51,8 @@ pub struct ServerScanner {
     in_body: bool,
     capture: Vec<u8>,
     truncated: bool,
+    /// The body of the current message is copied out (`feed_into`).
+    copy_body: bool,
 }
 
 fn captured(kind: u8) -> bool {
@@ -61,7 +66,34 @@ impl ServerScanner {
     }
 
     /// Walk `chunk`, calling `on` once per completed message.
-    pub fn feed(&mut self, mut chunk: &[u8], mut on: impl FnMut(ServerMsg<'_>)) -> Result<(), BadServerFrame> {
+    pub fn feed(&mut self, chunk: &[u8], mut on: impl FnMut(ServerMsg<'_>)) -> Result<(), BadServerFrame> {
+        self.walk(chunk, None, |ev, _| {
+            if let Scan::Message(m) = ev {
+                on(m);
+            }
+            false
+        })
+    }
+
+    /// Walk `chunk` and copy it to `out` message by message as `on` decides: at each header, `on` gets
+    /// [`Scan::Header`] and writes what should stand for it (the header as is, another one, a replacement
+    /// message, or nothing), returning whether the body is copied; at each end it gets [`Scan::Message`].
+    pub fn feed_into(
+        &mut self,
+        chunk: &[u8],
+        out: &mut BytesMut,
+        on: impl FnMut(Scan<'_>, &mut BytesMut) -> bool,
+    ) -> Result<(), BadServerFrame> {
+        self.walk(chunk, Some(out), on)
+    }
+
+    fn walk(
+        &mut self,
+        mut chunk: &[u8],
+        mut out: Option<&mut BytesMut>,
+        mut on: impl FnMut(Scan<'_>, &mut BytesMut) -> bool,
+    ) -> Result<(), BadServerFrame> {
+        let mut none = BytesMut::new();
         while !chunk.is_empty() || (self.in_body && self.remaining == 0) {
             if self.in_body {
                 let n = self.remaining.min(chunk.len());
@@ -74,17 +106,23 @@ impl ServerScanner {
                         self.capture.extend_from_slice(&chunk[..n.min(room)]);
                         self.truncated |= n > room;
                     }
+                    if self.copy_body {
+                        if let Some(o) = out.as_deref_mut() {
+                            o.extend_from_slice(&chunk[..n]);
+                        }
+                    }
                     self.remaining -= n;
                     chunk = &chunk[n..];
                 }
                 if self.remaining == 0 {
                     self.in_body = false;
-                    on(ServerMsg {
+                    let m = ServerMsg {
                         kind: self.kind,
                         first: self.first,
                         body: &self.capture,
                         truncated: self.truncated,
-                    });
+                    };
+                    on(Scan::Message(m), out.as_deref_mut().unwrap_or(&mut none));
                 }
                 continue;
             }
@@ -106,9 +144,18 @@ impl ServerScanner {
             self.capture.clear();
             self.truncated = false;
             self.in_body = true;
+            self.copy_body = on(Scan::Header(self.header), out.as_deref_mut().unwrap_or(&mut none));
         }
         Ok(())
     }
+}
+
+/// What [`ServerScanner::feed_into`] reports.
+pub enum Scan<'a> {
+    /// A message's 5-byte header has arrived.
+    Header([u8; 5]),
+    /// A message is complete.
+    Message(ServerMsg<'a>),
 }
 
 /// Fields of an ErrorResponse/NoticeResponse body prefix: (severity, SQLSTATE, message); missing fields are empty.

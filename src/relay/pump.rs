@@ -13,10 +13,11 @@
 //! whole (Describe, Terminate, and Query/Parse/Bind on read-only routes) are held up to
 //! `max_query_size`; nothing is allocated by a length the client declared.
 
-use super::frame::{self, ServerScanner};
+use super::frame::{self, Scan, ServerScanner};
 use super::txstate::{TxState, MAX_OUTSTANDING};
 use crate::read_only::filter::{RoFilter, Violation};
 use bytes::{Buf, BytesMut};
+use rewrite::{Action, Actions};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -29,6 +30,14 @@ pub const BUF: usize = 16 * 1024;
 const FIRST_READ: usize = 512;
 /// Error records kept per report (more are counted, not kept).
 const MAX_ERRORS: usize = 16;
+/// Transaction mode reads a Query, Parse or Bind up to this size whole (to see what it does and rename
+/// statements); a larger one streams, and the server is probed after it.
+const HOLD_MAX: usize = 64 * 1024;
+/// Most of a streamed Bind's head held to find its portal and statement names.
+const BIND_HEAD: usize = 4096;
+
+pub mod rewrite;
+pub use rewrite::TxnStatements;
 
 /// Errors of the pump.
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +99,24 @@ pub struct Pump {
     pub cin: BytesMut,
     /// Framed client bytes for the server.
     c2s: BytesMut,
-    /// Server bytes for the client (already scanned).
+    /// Server bytes read and not yet scanned.
+    sin: BytesMut,
+    /// Server bytes for the client (scanned, edited).
     s2c: BytesMut,
+    /// Output of the read-only filter, reused.
+    scratch: BytesMut,
+    /// What the proxy does with the replies to its tagged messages (transaction mode).
+    actions: Actions,
+    /// Transaction mode: the client's named statements and the attached server's.
+    pub stmts: Option<TxnStatements>,
+    /// Something ran that may have changed session state: probe the server before handing it on.
+    pub probe_due: bool,
+    /// The server holds state only it has: it stays with this client (transaction mode).
+    pub pinned: bool,
+    /// `LOAD` ran: the server can never be proven clean again.
+    pub loaded: bool,
+    /// The server's `standard_conforming_strings` is off (backslashes escape in plain strings).
+    pub backslash_quotes: bool,
     /// Body bytes of the current pass-through client message still to come.
     body_left: usize,
     /// Bytes `cin` must hold to complete a held message.
@@ -125,6 +150,8 @@ impl Pump {
     pub fn attach(&mut self) {
         self.tx = TxState::default();
         self.sscan = ServerScanner::default();
+        self.actions.clear();
+        self.sin.clear();
     }
 
     /// Part of a client message has reached the server: it cannot be handed on.
@@ -134,7 +161,13 @@ impl Pump {
 
     /// The server may go back to the pool now: nothing owed, nothing half-sent either way.
     pub fn releasable(&self) -> bool {
-        self.tx.idle() && self.c2s.is_empty() && self.body_left == 0 && self.sscan.at_boundary()
+        self.tx.idle() && self.c2s.is_empty() && self.body_left == 0 && self.sscan.at_boundary() && self.sin.is_empty()
+    }
+
+    /// At a clean boundary where the relay wants the server back: released, or probed (pinned clients keep
+    /// theirs until a statement may have ended the pin).
+    fn stops_here(&self) -> bool {
+        self.stop_at_idle && (!self.pinned || self.probe_due) && self.releasable()
     }
 
     /// Framed client bytes not yet written to the server.
@@ -161,12 +194,12 @@ impl Pump {
 
     /// Whether any buffer holds memory [`Pump::shrink`] could give back.
     pub fn holds_buffers(&self) -> bool {
-        [&self.cin, &self.c2s, &self.s2c].iter().any(|b| b.is_empty() && b.capacity() > 0)
+        [&self.cin, &self.c2s, &self.sin, &self.s2c, &self.scratch].iter().any(|b| b.is_empty() && b.capacity() > 0)
     }
 
     /// Give buffer memory back while the client is idle.
     pub fn shrink(&mut self) {
-        for b in [&mut self.cin, &mut self.c2s, &mut self.s2c] {
+        for b in [&mut self.cin, &mut self.c2s, &mut self.sin, &mut self.s2c, &mut self.scratch] {
             if b.is_empty() && b.capacity() > 0 {
                 *b = BytesMut::new();
             }
@@ -218,15 +251,55 @@ impl Pump {
                 return Err(PumpError::BadLength { kind: kind as char, len: len as i64 });
             }
             let body = len as usize - 4;
-            let held = matches!(kind, b'D' | b'X') || (self.ro.is_some() && matches!(kind, b'Q' | b'P' | b'B'));
+            let txn = self.stmts.is_some();
+            let ro = self.ro.is_some() && matches!(kind, b'Q' | b'P' | b'B');
+            let held = matches!(kind, b'D' | b'X')
+                || ro
+                || (txn
+                    && match kind {
+                        b'C' => true,
+                        b'Q' | b'B' => body <= HOLD_MAX,
+                        // A Parse is read whole to rename it, unless it is large and unnamed.
+                        b'P' if body > HOLD_MAX => {
+                            if self.cin.len() < 6 {
+                                self.need = 6;
+                                return Ok((moved, None));
+                            }
+                            self.cin[5] != 0
+                        }
+                        b'P' => true,
+                        _ => false,
+                    });
             if !held {
+                self.need = 0;
                 if matches!(kind, b'Q' | b'E' | b'F') {
                     self.queries += 1;
                 }
-                self.c2s.extend_from_slice(&self.cin[..5]);
-                self.cin.advance(5);
-                self.body_left = body;
-                self.tx.client(kind, None);
+                let mut head = 0;
+                if txn && matches!(kind, b'Q' | b'P') {
+                    self.probe_due = true; // too large to read: whatever it did is read off the server
+                } else if txn && kind == b'B' {
+                    let want = 5 + body.min(BIND_HEAD);
+                    if self.cin.len() < want {
+                        self.need = want;
+                        return Ok((moved, None));
+                    }
+                    self.need = 0;
+                    let cin = std::mem::take(&mut self.cin);
+                    let r = self.bind_head(&cin[5..want], body);
+                    self.cin = cin;
+                    head = r?.unwrap_or(0);
+                }
+                if head > 0 {
+                    self.cin.advance(5 + head);
+                    self.body_left = body - head;
+                } else {
+                    self.c2s.extend_from_slice(&self.cin[..5]);
+                    self.cin.advance(5);
+                    self.body_left = body;
+                    self.tx.client(kind, None);
+                    rewrite::settle(&mut self.tx, &mut self.actions, self.stmts.as_mut());
+                }
                 moved = true;
                 continue;
             }
@@ -243,29 +316,78 @@ impl Pump {
                 self.cin.advance(total);
                 return Ok((moved, Some(Event::Terminate)));
             }
-            let first = self.cin.get(5).copied();
-            match (&mut self.ro, kind) {
-                (Some(f), b'Q' | b'P' | b'B') => f.message(&self.cin[..total], &mut self.c2s, &mut self.violations)?,
-                _ => self.c2s.extend_from_slice(&self.cin[..total]),
-            }
             if kind == b'Q' {
                 self.queries += 1;
             }
+            let cin = std::mem::take(&mut self.cin);
+            let r = self.forward_held(&cin[..total], ro, txn);
+            self.cin = cin;
+            r?;
             self.cin.advance(total);
-            self.tx.client(kind, first);
             moved = true;
         }
     }
 
-    /// Scan server bytes just read (the tail of `s2c` from `from`).
-    fn scan_server(&mut self, from: usize) -> Result<(), PumpError> {
-        scan(&mut self.sscan, &mut self.tx, &mut self.seen, &self.s2c[from..])
+    /// Forward one whole client message: through the read-only filter, then transaction mode's edits.
+    fn forward_held(&mut self, msg: &[u8], ro: bool, txn: bool) -> Result<(), PumpError> {
+        if ro {
+            let mut out = std::mem::take(&mut self.scratch);
+            out.clear();
+            let f = self.ro.as_mut().expect("read-only route");
+            let r = f.message(msg, &mut out, &mut self.violations).map_err(PumpError::from);
+            let r = r.and_then(|()| {
+                if txn {
+                    self.forward_txn(&out)
+                } else {
+                    self.forward_plain(&out);
+                    Ok(())
+                }
+            });
+            self.scratch = out;
+            return r;
+        }
+        if txn {
+            return self.forward_txn(msg);
+        }
+        self.forward_plain(msg);
+        Ok(())
+    }
+
+    fn forward_plain(&mut self, msg: &[u8]) {
+        self.c2s.extend_from_slice(msg);
+        self.tx.client(msg[0], msg.get(5).copied());
+    }
+
+    /// Scan the server bytes just read into `sin`, moving them (edited) to `s2c`.
+    fn scan_server(&mut self) -> Result<(), PumpError> {
+        let sin = std::mem::take(&mut self.sin);
+        let mut out = std::mem::take(&mut self.s2c);
+        let r = scan(self.parts(), &sin, &mut out);
+        self.s2c = out;
+        self.sin = sin;
+        self.sin.clear();
+        r
+    }
+
+    fn parts(&mut self) -> Parts<'_> {
+        Parts {
+            sscan: &mut self.sscan,
+            tx: &mut self.tx,
+            seen: &mut self.seen,
+            actions: &mut self.actions,
+            stmts: self.stmts.as_mut(),
+            probe_due: &mut self.probe_due,
+            backslash_quotes: &mut self.backslash_quotes,
+        }
     }
 
     /// Scan server bytes that go to nobody (cleanup after the client left; fuzzing and tests).
     pub fn absorb_server(&mut self, bytes: &[u8]) -> Result<(), PumpError> {
-        let mut seen = Seen::default();
-        scan(&mut self.sscan, &mut self.tx, &mut seen, bytes)
+        let seen = std::mem::take(&mut self.seen);
+        let mut out = BytesMut::new();
+        let r = scan(self.parts(), bytes, &mut out);
+        self.seen = seen;
+        r
     }
 
     /// Forget framed bytes that were handed to the server outside the pump.
@@ -312,17 +434,16 @@ impl Pump {
             }
             // c2s → server.
             progress |= poll_send(cx, server, &mut self.c2s).map_err(PumpError::ServerIo)?;
-            // Server → s2c, scanned as it arrives.
+            // Server → sin → s2c, scanned (and edited) as it arrives.
             if self.s2c.len() < BUF {
-                let from = self.s2c.len();
-                match poll_read_into(cx, server, &mut self.s2c) {
+                match poll_read_into(cx, server, &mut self.sin) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Event::ServerClosed)),
                     Poll::Ready(Ok(n)) => {
                         self.bytes_out += n as u64;
                         if self.track_activity {
                             self.last_activity = Some(Instant::now());
                         }
-                        self.scan_server(from)?;
+                        self.scan_server()?;
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ServerIo(e))),
@@ -331,7 +452,7 @@ impl Pump {
             }
             // s2c → client.
             progress |= poll_send(cx, client, &mut self.s2c).map_err(PumpError::ClientIo)?;
-            if self.stop_at_idle && self.releasable() {
+            if self.stops_here() {
                 return Poll::Ready(Ok(Event::Idle));
             }
             if !self.seen.is_empty() {
@@ -358,8 +479,18 @@ impl Pump {
         cx: &mut Context<'_>,
         client: &mut C,
     ) -> Poll<Result<(), PumpError>> {
+        self.poll_client_fill(cx, client, 5)
+    }
+
+    /// Read the client while no server is attached until `cin` holds `want` bytes (or EOF).
+    pub fn poll_client_fill<C: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+        want: usize,
+    ) -> Poll<Result<(), PumpError>> {
         loop {
-            if self.client_eof || self.cin.len() >= 5 {
+            if self.client_eof || self.cin.len() >= want {
                 return Poll::Ready(Ok(()));
             }
             match poll_read_some(cx, client, &mut self.cin) {
@@ -393,37 +524,90 @@ fn poll_send<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, buf: &mut B
     }
 }
 
-/// Walk server bytes: the transaction state follows every message; errors, idle ReadyForQuery and
+/// The pump's parts the server scan works on.
+struct Parts<'a> {
+    sscan: &'a mut ServerScanner,
+    tx: &'a mut TxState,
+    seen: &'a mut Seen,
+    actions: &'a mut Actions,
+    stmts: Option<&'a mut TxnStatements>,
+    probe_due: &'a mut bool,
+    backslash_quotes: &'a mut bool,
+}
+
+/// Walk server bytes into `out`: the transaction state follows every message; replies to the proxy's own
+/// tagged messages are swallowed, renamed or replaced at their header; errors, idle ReadyForQuery and
 /// ParameterStatus are noted for the report.
-fn scan(sscan: &mut ServerScanner, tx: &mut TxState, seen: &mut Seen, bytes: &[u8]) -> Result<(), PumpError> {
-    sscan.feed(bytes, |m| {
-        let mut fatal = false;
-        match m.kind {
-            b'Z' => {
-                seen.ready += 1;
-                if m.first == Some(b'I') {
-                    seen.idle_ready += 1;
+fn scan(p: Parts<'_>, bytes: &[u8], out: &mut BytesMut) -> Result<(), PumpError> {
+    let Parts { sscan, tx, seen, actions, mut stmts, probe_due, backslash_quotes } = p;
+    let mut replaced = false;
+    sscan.feed_into(bytes, out, |ev, out| match ev {
+        Scan::Header(h) => {
+            replaced = false;
+            let kind = h[0];
+            if !matches!(kind, b'N' | b'S' | b'A') {
+                match (actions.head(tx), kind) {
+                    (Some(Action::Swallow { .. }), b'1' | b'3') => return false,
+                    (Some(Action::Parse { stand_in: true, .. }), b'3') => {
+                        out.extend_from_slice(&[b'1', h[1], h[2], h[3], h[4]]);
+                        return true;
+                    }
+                    (Some(Action::Refuse(e)), b'E') => {
+                        out.extend_from_slice(e);
+                        replaced = true;
+                        return false;
+                    }
+                    _ => {}
                 }
             }
-            b'E' => {
-                let (sev, code, msg) = frame::error_fields(m.body);
-                fatal = frame::is_fatal(sev);
-                if seen.errors.len() < MAX_ERRORS {
-                    seen.errors.push((code.to_owned(), msg.to_owned()));
-                }
-            }
-            b'S' if !m.truncated => {
-                let mut parts = m.body.split(|c| *c == 0);
-                if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
-                    if seen.params.len() < 64 {
-                        seen.params
-                            .push((String::from_utf8_lossy(k).into_owned(), String::from_utf8_lossy(v).into_owned()));
+            out.extend_from_slice(&h);
+            true
+        }
+        Scan::Message(m) => {
+            let mut fatal = false;
+            match m.kind {
+                b'Z' => {
+                    seen.ready += 1;
+                    if m.first == Some(b'I') {
+                        seen.idle_ready += 1;
                     }
                 }
+                b'E' => {
+                    let (sev, code, msg) = frame::error_fields(m.body);
+                    fatal = frame::is_fatal(sev);
+                    if !replaced && seen.errors.len() < MAX_ERRORS {
+                        seen.errors.push((code.to_owned(), msg.to_owned()));
+                    }
+                    if code == crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED
+                        && msg.starts_with("cached plan must not change result type")
+                    {
+                        if let (Some(Action::Bind(stmt)), Some(s)) = (actions.head(tx), stmts.as_deref_mut()) {
+                            s.registry.retire(stmt);
+                            s.server.remove(stmt.id);
+                        }
+                    }
+                }
+                b'S' if !m.truncated => {
+                    *probe_due = true;
+                    let mut parts = m.body.split(|c| *c == 0);
+                    if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+                        if k == b"standard_conforming_strings" {
+                            *backslash_quotes = v == b"off";
+                        }
+                        if seen.params.len() < 64 {
+                            seen.params.push((
+                                String::from_utf8_lossy(k).into_owned(),
+                                String::from_utf8_lossy(v).into_owned(),
+                            ));
+                        }
+                    }
+                }
+                _ => {}
             }
-            _ => {}
+            tx.server(m.kind, m.first, fatal);
+            rewrite::settle(tx, actions, stmts.as_deref_mut());
+            false
         }
-        tx.server(m.kind, m.first, fatal);
     })?;
     Ok(())
 }

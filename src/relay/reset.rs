@@ -74,6 +74,7 @@ pub async fn cleanup(conn: &mut ServerConn, pump: &mut Pump, reset: bool, read_o
     if reset {
         conn.simple("DISCARD ALL", timeout).await?;
         conn.applied.clear();
+        conn.statements.clear();
         if read_only {
             conn.enforce_read_only(timeout).await?;
         }
@@ -86,8 +87,18 @@ pub fn settings_diff(
     applied: &HashMap<String, String>,
     desired: &BTreeMap<String, String>,
 ) -> (Vec<(String, String)>, Vec<String>) {
-    let set = desired.iter().filter(|(k, v)| applied.get(*k) != Some(v)).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let reset = applied.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+    let mut set: Vec<(String, String)> =
+        desired.iter().filter(|(k, v)| applied.get(*k) != Some(v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut reset: Vec<String> = applied.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
+    // Who the session is decides what it may set: the session user first, the role last; resets of either
+    // come before any other reset.
+    let rank = |k: &str| match k {
+        "session_authorization" => 0,
+        "role" => 2,
+        _ => 1,
+    };
+    set.sort_by_key(|(k, _)| rank(k));
+    reset.sort_by_key(|k| if k == "role" || k == "session_authorization" { 0 } else { 1 });
     (set, reset)
 }
 

@@ -44,7 +44,10 @@ pub const MAX_OUTSTANDING: usize = 65_536;
 /// What the server owes and which state it is in, as far as its output shows.
 #[derive(Debug, Clone)]
 pub struct TxState {
-    queue: VecDeque<Msg>,
+    /// Owed replies, each with the relay's tag (0: none) for messages whose replies it edits.
+    queue: VecDeque<(Msg, u32)>,
+    /// Tagged messages the server has finished with since the last [`TxState::take_finished`]: (tag, ok).
+    finished: Vec<(u32, bool)>,
     /// The server skips input until Sync (an extended message failed).
     ignoring: bool,
     /// The Query or Execute whose COPY FROM STDIN is running.
@@ -69,6 +72,7 @@ impl Default for TxState {
     fn default() -> Self {
         TxState {
             queue: VecDeque::new(),
+            finished: Vec::new(),
             ignoring: false,
             copy_in: None,
             copy_out: false,
@@ -112,7 +116,10 @@ impl TxState {
         !self.uncertain
             && !self.fatal
             && (self.copy_in.is_some()
-                || self.queue.iter().all(|m| !matches!(m, Msg::Execute | Msg::Query | Msg::FunctionCall | Msg::Sync)))
+                || self
+                    .queue
+                    .iter()
+                    .all(|(m, _)| !matches!(m, Msg::Execute | Msg::Query | Msg::FunctionCall | Msg::Sync)))
     }
 
     /// Status of the last ReadyForQuery.
@@ -146,6 +153,36 @@ impl TxState {
 
     /// Forward of one client message. `first` is the first body byte (Describe and Close carry 'S' or 'P').
     pub fn client(&mut self, kind: u8, first: Option<u8>) {
+        self.client_tagged(kind, first, 0)
+    }
+
+    /// The tag of the message the next server reply belongs to (0: none or untagged).
+    pub fn head_tag(&self) -> u32 {
+        self.queue.front().map_or(0, |&(_, t)| t)
+    }
+
+    /// Tagged messages finished since the last call, in order: (tag, answered without error).
+    pub fn take_finished(&mut self) -> std::vec::Drain<'_, (u32, bool)> {
+        self.finished.drain(..)
+    }
+
+    /// Whether tagged messages finished since the last [`TxState::take_finished`].
+    pub fn has_finished(&self) -> bool {
+        !self.finished.is_empty()
+    }
+
+    /// Pop the head, noting a tagged one as finished.
+    fn pop(&mut self, ok: bool) -> Option<Msg> {
+        let (m, tag) = self.queue.pop_front()?;
+        if tag != 0 {
+            self.finished.push((tag, ok));
+        }
+        Some(m)
+    }
+
+    /// Like [`TxState::client`], with a tag the relay gets back from [`TxState::head_tag`] while the server
+    /// answers it and from [`TxState::take_finished`] once it has.
+    pub fn client_tagged(&mut self, kind: u8, first: Option<u8>, tag: u32) {
         let m = match kind {
             b'P' => Msg::Parse,
             b'B' => Msg::Bind,
@@ -158,7 +195,7 @@ impl TxState {
             b'F' => Msg::FunctionCall,
             b'c' => Msg::CopyDone,
             b'f' => Msg::CopyFail,
-            b'd' if self.queue.back() == Some(&Msg::CopyData) => return,
+            b'd' if self.queue.back().map(|e| e.0) == Some(Msg::CopyData) => return,
             b'd' => Msg::CopyData,
             // Flush and anything else get no reply of their own.
             _ => return,
@@ -166,13 +203,13 @@ impl TxState {
         if m.extended() {
             self.ext_open = true;
         }
-        self.queue.push_back(m);
+        self.queue.push_back((m, tag));
         self.normalize();
     }
 
     /// Pop what the server consumes without answering, given the state it is in now.
     fn normalize(&mut self) {
-        while let Some(&head) = self.queue.front() {
+        while let Some(&(head, _)) = self.queue.front() {
             let skipped = if self.copy_in.is_some() {
                 match head {
                     Msg::CopyData => {
@@ -193,7 +230,7 @@ impl TxState {
             if !skipped {
                 break;
             }
-            self.queue.pop_front();
+            self.pop(false);
         }
     }
 
@@ -215,7 +252,7 @@ impl TxState {
                 return;
             }
             b'E' => self.error(),
-            b'G' => match self.queue.pop_front() {
+            b'G' => match self.pop(true) {
                 Some(owner @ (Msg::Query | Msg::Execute)) if self.copy_in.is_none() => {
                     self.copy_in = Some(owner);
                     self.copy_read_data = false;
@@ -225,16 +262,16 @@ impl TxState {
             },
             b'C' if self.copy_in.is_some() => {
                 // COPY FROM STDIN completed: the CopyDone at the head ended it.
-                if self.queue.pop_front() != Some(Msg::CopyDone) {
+                if self.pop(true) != Some(Msg::CopyDone) {
                     return self.lost();
                 }
                 self.end_copy_in(false);
             }
-            b'Z' => match self.queue.pop_front() {
+            b'Z' => match self.pop(true) {
                 Some(Msg::Query | Msg::FunctionCall | Msg::Sync) if !self.copy_out => {
                     self.status = first.unwrap_or(b'I');
                     // Extended messages sent after this Query or Sync open the next batch.
-                    self.ext_open = self.queue.iter().any(|m| m.extended());
+                    self.ext_open = self.queue.iter().any(|(m, _)| m.extended());
                     self.ignoring = false;
                 }
                 _ => self.lost(),
@@ -246,7 +283,7 @@ impl TxState {
 
     /// A reply that belongs to the message at the head of the queue.
     fn reply(&mut self, kind: u8) {
-        let Some(&head) = self.queue.front() else {
+        let Some(&(head, _)) = self.queue.front() else {
             return self.lost();
         };
         let done = match (kind, head) {
@@ -273,7 +310,7 @@ impl TxState {
             _ => return self.lost(),
         };
         if done {
-            self.queue.pop_front();
+            self.pop(true);
         }
     }
 
@@ -285,9 +322,9 @@ impl TxState {
             }
             // The copy failed: by a CopyFail or bad data (the CopyDone/CopyFail is dropped either way), or by
             // a non-copy message read inside the copy, or by bad data before it: those two look the same.
-            match self.queue.front() {
+            match self.queue.front().map(|e| e.0) {
                 Some(Msg::CopyDone | Msg::CopyFail) => {
-                    self.queue.pop_front();
+                    self.pop(false);
                 }
                 Some(_) => return self.lost(),
                 None => {}
@@ -295,9 +332,9 @@ impl TxState {
             return self.end_copy_in(true);
         }
         self.copy_out = false;
-        match self.queue.front() {
-            Some(&m) if m.extended() => {
-                self.queue.pop_front();
+        match self.queue.front().map(|e| e.0) {
+            Some(m) if m.extended() => {
+                self.pop(false);
                 self.ignoring = true;
             }
             Some(Msg::Query | Msg::FunctionCall | Msg::Sync) => {}
@@ -308,7 +345,7 @@ impl TxState {
     fn end_copy_in(&mut self, failed: bool) {
         match self.copy_in.take() {
             // A simple Query goes on to its ReadyForQuery (or its next statement).
-            Some(Msg::Query) => self.queue.push_front(Msg::Query),
+            Some(Msg::Query) => self.queue.push_front((Msg::Query, 0)),
             // An Execute is done; after an error the server skips to Sync.
             _ => self.ignoring |= failed,
         }

@@ -17,6 +17,11 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+mod probe;
+pub mod statements;
+
+pub use probe::{SessionProbe, PIN_REASONS};
+
 /// Errors of the server side.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -44,8 +49,13 @@ pub struct ServerConn {
     pub addr: SocketAddr,
     /// Parameters the server reported (ParameterStatus), kept current by the relay.
     pub params: HashMap<String, String>,
-    /// Settings the proxy SET on this connection since its last reset.
+    /// Session settings in force on this connection since its last reset (set by the proxy or by clients,
+    /// as the last probe read them).
     pub applied: HashMap<String, String>,
+    /// Named statements of the pool prepared here.
+    pub statements: statements::ServerStatements,
+    /// The user the connection logged in as (its default `session_authorization`).
+    pub login_user: String,
     pub pid: i32,
     pub secret: i32,
     pub created: Instant,
@@ -138,6 +148,8 @@ impl ServerConn {
             addr,
             params: HashMap::new(),
             applied: HashMap::new(),
+            statements: Default::default(),
+            login_user: target.user.clone(),
             pid: 0,
             secret: 0,
             created: Instant::now(),

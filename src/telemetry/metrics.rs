@@ -43,6 +43,8 @@ pub struct Metrics {
     bytes: IntCounterVec,
     checkout_wait: HistogramVec,
     tx_duration: HistogramVec,
+    prepared: IntCounterVec,
+    pinned: IntCounterVec,
 }
 
 /// Counter handles for one (service, route), resolved at pool build.
@@ -55,6 +57,12 @@ pub struct PoolMetrics {
     pub bytes_to_client: IntCounter,
     pub checkout_wait: Histogram,
     pub tx_duration: Histogram,
+    /// Named statements: found on the server, prepared on it, closed to make room.
+    pub prepared_hits: IntCounter,
+    pub prepared_misses: IntCounter,
+    pub prepared_evictions: IntCounter,
+    /// Pins by reason, in [`crate::server::PIN_REASONS`] order.
+    pub pinned: Vec<IntCounter>,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -187,6 +195,19 @@ impl Metrics {
                 "Time from a transaction's first message to its idle ReadyForQuery",
                 vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0],
             ),
+            prepared: counter(
+                &r,
+                "pgbudget_prepared_statements_total",
+                "Named statements of transaction-mode clients: hit (already on the server), miss (prepared on it), \
+                 eviction (closed to make room under max_prepared_statements)",
+                &["service", "route", "result"],
+            ),
+            pinned: counter(
+                &r,
+                "pgbudget_pinned_total",
+                "Clients whose server was pinned to them in transaction mode, by the state that pinned it",
+                &["service", "reason"],
+            ),
             registry: r,
         };
         for reason in REJECT_REASONS {
@@ -209,6 +230,10 @@ impl Metrics {
             bytes_to_client: self.bytes.with_label_values(&[service, route, "server_to_client"]),
             checkout_wait: self.checkout_wait.with_label_values(&l),
             tx_duration: self.tx_duration.with_label_values(&l),
+            prepared_hits: self.prepared.with_label_values(&[service, route, "hit"]),
+            prepared_misses: self.prepared.with_label_values(&[service, route, "miss"]),
+            prepared_evictions: self.prepared.with_label_values(&[service, route, "eviction"]),
+            pinned: crate::server::PIN_REASONS.iter().map(|r| self.pinned.with_label_values(&[service, r])).collect(),
         }
     }
 

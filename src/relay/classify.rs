@@ -1,0 +1,510 @@
+//! What a statement may do to its server's session, read off its text without allocating: whether it may
+//! change settings, create state that lives only in the backend (and so pins the server to the client),
+//! or end such state. The scan only decides whether the relay asks the server afterwards
+//! ([`crate::server::ServerConn::probe`] is the exact answer), so it errs towards "maybe": strings and
+//! comments are skipped the way Postgres lexes them, and text it cannot read with certainty says
+//! [`UNKNOWN`].
+
+/// Effects a statement may have (a bit set).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Effects(pub u16);
+
+/// May change session settings (`SET`, `RESET`, `set_config`, `SET ROLE`, `DISCARD ALL`...).
+pub const SETTINGS: u16 = 1;
+/// `LISTEN`.
+pub const LISTEN: u16 = 1 << 1;
+/// Temporary tables (`CREATE TEMP`, `SELECT INTO TEMP`, `pg_temp.`).
+pub const TEMP: u16 = 1 << 2;
+/// Session-level advisory locks.
+pub const ADVISORY: u16 = 1 << 3;
+/// Cursors (`DECLARE`; only `WITH HOLD` ones outlive the transaction).
+pub const CURSOR: u16 = 1 << 4;
+/// SQL-level `PREPARE`.
+pub const PREPARE: u16 = 1 << 5;
+/// `LOAD` of a library: it stays in the backend for good.
+pub const LOAD: u16 = 1 << 6;
+/// May end backend-only state (`UNLISTEN`, `DISCARD`, `CLOSE`, `DEALLOCATE`, `DROP`, advisory unlocks).
+pub const UNPIN: u16 = 1 << 7;
+/// `DEALLOCATE ALL` or `DISCARD ALL`: every prepared statement of the session is gone.
+pub const DEALLOCATE_ALL: u16 = 1 << 8;
+/// The text could not be read with certainty (unterminated quote, Unicode escapes, backslashes).
+pub const UNKNOWN: u16 = 1 << 9;
+
+/// Effects that create state only the backend holds.
+pub const PINS: u16 = LISTEN | TEMP | ADVISORY | CURSOR | PREPARE | LOAD;
+
+impl Effects {
+    pub fn has(self, bits: u16) -> bool {
+        self.0 & bits != 0
+    }
+
+    /// Whether the relay must look at the server (settings or backend state) before handing it on.
+    pub fn needs_probe(self) -> bool {
+        self.0 != 0
+    }
+
+    /// The statement keyword that creates backend-only state, for messages (`LISTEN`, `CREATE TEMP`...).
+    pub fn pin_statement(self) -> Option<&'static str> {
+        [
+            (LISTEN, "LISTEN"),
+            (TEMP, "CREATE TEMP"),
+            (ADVISORY, "pg_advisory_lock"),
+            (CURSOR, "DECLARE CURSOR"),
+            (PREPARE, "PREPARE"),
+            (LOAD, "LOAD"),
+        ]
+        .into_iter()
+        .find(|(b, _)| self.has(*b))
+        .map(|(_, s)| s)
+    }
+}
+
+fn is_word_byte(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+fn eq(a: &[u8], b: &str) -> bool {
+    a.eq_ignore_ascii_case(b.as_bytes())
+}
+
+/// Effects of a function or object name seen anywhere in the text.
+fn name_effect(w: &[u8]) -> u16 {
+    if w.len() < 7 || w.len() > 27 {
+        return 0;
+    }
+    if eq(w, "set_config") {
+        SETTINGS
+    } else if eq(w, "pg_temp") {
+        TEMP
+    } else if w[..3].eq_ignore_ascii_case(b"pg_") {
+        let lower: &[u8] = &w[3..];
+        let is = |s: &str| eq(lower, s);
+        if is("advisory_lock")
+            || is("advisory_lock_shared")
+            || is("try_advisory_lock")
+            || is("try_advisory_lock_shared")
+        {
+            ADVISORY
+        } else if is("advisory_unlock") || is("advisory_unlock_shared") || is("advisory_unlock_all") {
+            UNPIN
+        } else {
+            0
+        }
+    } else {
+        0
+    }
+}
+
+/// Effects of a word inside a dollar-quoted body (function bodies, `DO` blocks): strings are not told apart
+/// there, so dynamic SQL (`EXECUTE 'SET ...'`) is seen too.
+fn body_effect(w: &[u8]) -> u16 {
+    if eq(w, "set") || eq(w, "reset") {
+        SETTINGS
+    } else if eq(w, "listen") {
+        LISTEN
+    } else if eq(w, "temp") || eq(w, "temporary") {
+        TEMP
+    } else if eq(w, "prepare") {
+        PREPARE
+    } else if eq(w, "load") {
+        LOAD
+    } else {
+        name_effect(w)
+    }
+}
+
+/// Where a statement's leading keywords have got to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lead {
+    /// No word yet in this statement.
+    Start,
+    Set,
+    Discard,
+    Deallocate,
+    Create,
+    /// Past the words that decide.
+    Done,
+}
+
+/// The first words of each statement decide most effects.
+struct Statements {
+    lead: Lead,
+    /// Words seen in this statement.
+    words: u8,
+    prev_into: bool,
+    effects: u16,
+    /// This statement creates a temporary table; `on_commit` follows `ON COMMIT DROP` (0..=3 words matched):
+    /// a table dropped at commit never outlives the transaction.
+    temp: bool,
+    on_commit: u8,
+}
+
+impl Statements {
+    fn word(&mut self, w: &[u8]) {
+        self.effects |= name_effect(w);
+        self.words = self.words.saturating_add(1);
+        let temp = eq(w, "temp") || eq(w, "temporary");
+        if self.prev_into && temp {
+            self.temp = true;
+        }
+        self.on_commit = match (self.on_commit, w) {
+            (_, w) if eq(w, "on") => 1,
+            (1, w) if eq(w, "commit") => 2,
+            (2, w) if eq(w, "drop") => 3,
+            (3, _) => 3,
+            _ => 0,
+        };
+        self.prev_into = eq(w, "into");
+        self.lead = match self.lead {
+            Lead::Start => {
+                if eq(w, "set") {
+                    Lead::Set
+                } else if eq(w, "discard") {
+                    Lead::Discard
+                } else if eq(w, "deallocate") {
+                    Lead::Deallocate
+                } else if eq(w, "create") {
+                    Lead::Create
+                } else {
+                    self.effects |= if eq(w, "reset") {
+                        SETTINGS
+                    } else if eq(w, "listen") {
+                        LISTEN
+                    } else if eq(w, "unlisten") || eq(w, "close") || eq(w, "drop") {
+                        UNPIN
+                    } else if eq(w, "declare") {
+                        CURSOR
+                    } else if eq(w, "prepare") {
+                        PREPARE
+                    } else if eq(w, "load") {
+                        LOAD
+                    } else {
+                        0
+                    };
+                    Lead::Done
+                }
+            }
+            Lead::Set => {
+                // SET LOCAL, SET TRANSACTION and SET CONSTRAINTS last only as long as the transaction.
+                if !(eq(w, "local") || eq(w, "transaction") || eq(w, "constraints")) {
+                    self.effects |= SETTINGS;
+                }
+                Lead::Done
+            }
+            Lead::Discard => {
+                self.effects |= UNPIN;
+                if eq(w, "all") {
+                    self.effects |= SETTINGS | DEALLOCATE_ALL;
+                }
+                Lead::Done
+            }
+            Lead::Deallocate => {
+                self.effects |= UNPIN;
+                if eq(w, "prepare") {
+                    Lead::Deallocate
+                } else {
+                    if eq(w, "all") {
+                        self.effects |= DEALLOCATE_ALL;
+                    }
+                    Lead::Done
+                }
+            }
+            Lead::Create if temp => {
+                self.temp = true;
+                Lead::Done
+            }
+            Lead::Create if ["global", "local", "or", "replace", "unlogged"].iter().any(|k| eq(w, k)) => Lead::Create,
+            _ => Lead::Done,
+        };
+    }
+
+    /// Text that cannot be read further: what was seen, and that it is unknown.
+    fn unknown(&mut self) -> Effects {
+        self.end();
+        Effects(self.effects | UNKNOWN)
+    }
+
+    /// A `;` or the end: the next word starts a statement.
+    fn end(&mut self) {
+        if self.lead == Lead::Deallocate {
+            self.effects |= UNPIN;
+        }
+        if self.temp && self.on_commit < 3 {
+            self.effects |= TEMP;
+        }
+        self.lead = Lead::Start;
+        self.words = 0;
+        self.prev_into = false;
+        self.temp = false;
+        self.on_commit = 0;
+    }
+}
+
+/// Scan statement text (one simple Query or one Parse). `backslash_quotes` is the server's
+/// `standard_conforming_strings = off`, where `\` escapes in plain strings too.
+pub fn classify(sql: &[u8], backslash_quotes: bool) -> Effects {
+    let mut st = Statements { lead: Lead::Start, words: 0, prev_into: false, effects: 0, temp: false, on_commit: 0 };
+    let mut i = 0;
+    let n = sql.len();
+    while i < n {
+        let c = sql[i];
+        match c {
+            b';' => {
+                st.end();
+                i += 1;
+            }
+            b'-' if sql.get(i + 1) == Some(&b'-') => {
+                i = sql[i..].iter().position(|&b| b == b'\n').map_or(n, |p| i + p + 1);
+            }
+            b'/' if sql.get(i + 1) == Some(&b'*') => {
+                let mut depth = 0usize;
+                let mut j = i;
+                loop {
+                    if j + 1 >= n {
+                        return st.unknown();
+                    }
+                    match (sql[j], sql[j + 1]) {
+                        (b'/', b'*') => {
+                            depth += 1;
+                            j += 2;
+                        }
+                        (b'*', b'/') => {
+                            depth -= 1;
+                            j += 2;
+                            if depth == 0 {
+                                break;
+                            }
+                        }
+                        _ => j += 1,
+                    }
+                }
+                i = j;
+            }
+            b'\'' => {
+                // E'...' strings (the E was read as a word just before) and, with
+                // standard_conforming_strings off, plain ones take backslash escapes.
+                let e_prefix = i > 0 && sql[i - 1].eq_ignore_ascii_case(&b'e') && (i < 2 || !is_word_byte(sql[i - 2]));
+                let escapes = backslash_quotes || e_prefix;
+                match skip_string(sql, i + 1, escapes) {
+                    Some((end, saw_backslash)) => {
+                        if saw_backslash && !escapes {
+                            // Which way the server reads it depends on a setting the client may have changed.
+                            st.effects |= UNKNOWN;
+                        }
+                        i = end;
+                    }
+                    None => return Effects(st.effects | UNKNOWN),
+                }
+            }
+            b'"' => {
+                let start = i + 1;
+                let mut j = start;
+                loop {
+                    match sql.get(j) {
+                        None => return Effects(st.effects | UNKNOWN),
+                        Some(b'"') if sql.get(j + 1) == Some(&b'"') => j += 2,
+                        Some(b'"') => break,
+                        Some(_) => j += 1,
+                    }
+                }
+                st.effects |= name_effect(&sql[start..j]);
+                st.words = st.words.saturating_add(1);
+                if st.lead == Lead::Start {
+                    st.lead = Lead::Done;
+                }
+                i = j + 1;
+            }
+            b'$' => match dollar_tag(sql, i) {
+                Some(tag_end) => {
+                    let tag = &sql[i..tag_end];
+                    let body = tag_end;
+                    let Some(close) = find(&sql[body..], tag) else {
+                        return st.unknown();
+                    };
+                    st.effects |= words_effect(&sql[body..body + close]);
+                    i = body + close + tag.len();
+                }
+                None => i += 1, // a parameter ($1)
+            },
+            c if is_word_byte(c) => {
+                let start = i;
+                while i < n && is_word_byte(sql[i]) {
+                    i += 1;
+                }
+                let w = &sql[start..i];
+                // U&'...' and U&"..." take Unicode escapes that could spell anything.
+                if w.eq_ignore_ascii_case(b"u") && sql.get(i) == Some(&b'&') {
+                    return st.unknown();
+                }
+                st.word(w);
+            }
+            _ => i += 1,
+        }
+    }
+    st.end();
+    Effects(st.effects)
+}
+
+/// Past a quoted string whose opening quote is just before `i`: (index after it, saw a backslash).
+fn skip_string(sql: &[u8], mut i: usize, escapes: bool) -> Option<(usize, bool)> {
+    let mut backslash = false;
+    while i < sql.len() {
+        match sql[i] {
+            b'\\' => {
+                backslash = true;
+                i += if escapes { 2 } else { 1 };
+            }
+            b'\'' if sql.get(i + 1) == Some(&b'\'') => i += 2,
+            b'\'' => return Some((i + 1, backslash)),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// A dollar-quote opening tag at `i` (`$$` or `$name$`, not after a word character): the index after it.
+fn dollar_tag(sql: &[u8], i: usize) -> Option<usize> {
+    if i > 0 && is_word_byte(sql[i - 1]) {
+        return None;
+    }
+    let mut j = i + 1;
+    if sql.get(j).is_some_and(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    while let Some(&c) = sql.get(j) {
+        if c == b'$' {
+            return Some(j + 1);
+        }
+        if !(c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80) {
+            return None;
+        }
+        j += 1;
+    }
+    None
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Effects of every word in a dollar-quoted body.
+fn words_effect(body: &[u8]) -> u16 {
+    let mut effects = 0;
+    let mut i = 0;
+    while i < body.len() {
+        if is_word_byte(body[i]) && body[i] != b'$' {
+            let start = i;
+            while i < body.len() && is_word_byte(body[i]) && body[i] != b'$' {
+                i += 1;
+            }
+            effects |= body_effect(&body[start..i]);
+        } else {
+            i += 1;
+        }
+    }
+    effects
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fx(sql: &str) -> u16 {
+        classify(sql.as_bytes(), false).0
+    }
+
+    #[test]
+    fn plain_statements_have_no_effect() {
+        for s in [
+            "SELECT 1",
+            "select abalance from pgbench_accounts where aid = $1",
+            "UPDATE t SET x = 1 WHERE id = $2",
+            "INSERT INTO t VALUES ('SET search_path = x')",
+            "BEGIN; SET LOCAL search_path = a; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE; COMMIT",
+            "SELECT temp FROM weather -- LISTEN x",
+            "/* SET x /* nested */ = 1 */ SELECT 1",
+            "SELECT $1::text, 'it''s'",
+            "SELECT E'a\\'b; SET x = 1'",
+            "SELECT pg_advisory_xact_lock(1)",
+            "NOTIFY chan, 'x'",
+        ] {
+            assert_eq!(fx(s), 0, "{s}");
+        }
+    }
+
+    #[test]
+    fn settings_changes_are_seen() {
+        for s in [
+            "SET search_path = a",
+            "set session statement_timeout to 5",
+            "SET ROLE app",
+            "SET SESSION AUTHORIZATION bob",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "SET TIME ZONE 'UTC'",
+            "RESET ALL",
+            "select 1; SET x.y = 1",
+            "SELECT pg_catalog.set_config('search_path', 'a', false)",
+            "SELECT \"set_config\"('a', 'b', false)",
+            "DO $$BEGIN PERFORM set_config('a','b',false); END$$",
+            "DO $body$ BEGIN EXECUTE 'SET search_path = x'; END $body$",
+            "/**/SET/**/search_path=x",
+        ] {
+            assert!(fx(s) & SETTINGS != 0, "{s}");
+        }
+    }
+
+    #[test]
+    fn pins_and_unpins() {
+        assert_eq!(fx("LISTEN chan"), LISTEN);
+        assert_eq!(fx("CREATE TEMP TABLE t (x int)"), TEMP);
+        assert_eq!(fx("create global temporary table t (x int)"), TEMP);
+        assert_eq!(fx("CREATE TABLE pg_temp.t (x int)"), TEMP);
+        assert_eq!(fx("SELECT * INTO TEMP t FROM x"), TEMP);
+        assert_eq!(fx("SELECT pg_advisory_lock(1)"), ADVISORY);
+        assert_eq!(fx("select pg_catalog.pg_try_advisory_lock_shared(1, 2)"), ADVISORY);
+        assert_eq!(fx("DECLARE c CURSOR WITH HOLD FOR SELECT 1"), CURSOR);
+        assert_eq!(fx("PREPARE p AS SELECT 1"), PREPARE);
+        assert_eq!(fx("LOAD 'auto_explain'"), LOAD);
+        assert_eq!(fx("UNLISTEN *"), UNPIN);
+        assert_eq!(fx("DISCARD TEMP"), UNPIN);
+        assert_eq!(fx("DISCARD ALL"), UNPIN | SETTINGS | DEALLOCATE_ALL);
+        assert_eq!(fx("DEALLOCATE ALL"), UNPIN | DEALLOCATE_ALL);
+        assert_eq!(fx("DEALLOCATE PREPARE ALL"), UNPIN | DEALLOCATE_ALL);
+        assert_eq!(fx("DEALLOCATE p"), UNPIN);
+        assert_eq!(fx("SELECT pg_advisory_unlock_all()"), UNPIN);
+        assert_eq!(fx("CLOSE c"), UNPIN);
+        assert_eq!(fx("DROP TABLE t"), UNPIN);
+        assert_eq!(fx("CREATE TABLE t (temp int)"), 0);
+        assert_eq!(fx("CREATE TEMP TABLE t (x int) ON COMMIT DROP"), 0, "dropped at commit");
+        assert_eq!(fx("CREATE TEMP TABLE t (x int) ON COMMIT DELETE ROWS; SELECT 1"), TEMP);
+    }
+
+    #[test]
+    fn unreadable_text_is_unknown() {
+        for s in [
+            "SELECT 'a\\''; SET search_path = evil; --'",
+            "SELECT date'a\\'; SET search_path = evil; --'",
+            "SELECT U&\"\\0073et_config\"()",
+            "SELECT 'open",
+            "/* open",
+        ] {
+            assert!(fx(s) & UNKNOWN != 0, "{s}");
+        }
+        // With standard_conforming_strings off the same text is read the server's way.
+        assert!(classify(b"SELECT 'a\\''; SET search_path = evil; --'", true).has(SETTINGS));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_are_scanned_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            let _ = classify(&bytes, false);
+            let _ = classify(&bytes, true);
+        }
+
+        #[test]
+        fn a_set_after_any_harmless_prefix_is_seen(prefix in "[a-z0-9 ,()=]{0,40}") {
+            let sql = format!("SELECT {prefix}; SET search_path = x");
+            proptest::prop_assert!(classify(sql.as_bytes(), false).has(SETTINGS));
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! Transaction mode's edits of the conversation, in both directions and in order.
+//!
+//! Client side: named statements are renamed to the pool's statements (and prepared on the current server
+//! first when it lacks them); a client Close of a statement or a Parse the server already has becomes a
+//! Close of a name nobody has, whose CloseComplete arrives exactly where the client's reply is due; a
+//! statement that must be refused is replaced by one that fails at once, whose error is replaced by the
+//! proxy's. Every such message is tagged in the [`TxState`], so the server side knows, at each reply's
+//! header, whether it is the proxy's to swallow, to rename or to replace — and errors, skips to Sync and
+//! transaction aborts happen on the server exactly as they would have for the client's own messages.
+
+use super::{Pump, PumpError};
+use crate::error::ProxyError;
+use crate::protocol::{self, Severity};
+use crate::relay::classify::{self, Effects};
+use crate::relay::txstate::TxState;
+use crate::server::statements::{ClientStatements, Registry, ServerStatements, Stmt, MAX_PER_CLIENT, NOBODY, PREFIX};
+use bytes::{BufMut, Bytes, BytesMut};
+use prometheus::IntCounter;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// A statement name that never exists: a stand-in Parse of it fails without touching the unnamed statement.
+const REFUSED: &str = "pgbudget__refused";
+/// Text that fails in Parse and Query alike, before anything runs.
+const FAILS: &str = ")";
+
+/// Transaction mode's statement state of one client.
+pub struct TxnStatements {
+    pub registry: Arc<Registry>,
+    pub client: ClientStatements,
+    /// The attached server's statements (moved in at checkout, back at release).
+    pub server: ServerStatements,
+    /// `max_prepared_statements` (0: names pass through unmapped).
+    pub max_per_server: usize,
+    /// The client's `search_path` (part of a statement's identity).
+    pub search_path: String,
+    /// `pin = "refuse"`, and the service to name in the refusal.
+    pub refuse_pins: bool,
+    pub service: String,
+    pub hits: IntCounter,
+    pub misses: IntCounter,
+    pub evictions: IntCounter,
+}
+
+impl TxnStatements {
+    /// Record `id` as prepared on the server (a miss); returns the statement to close to make room.
+    fn take_slot(&mut self, id: u64) -> Option<u64> {
+        self.misses.inc();
+        let victim = self.server.insert(id, self.max_per_server);
+        if victim.is_some() {
+            self.evictions.inc();
+        }
+        victim
+    }
+}
+
+/// What the proxy does with the reply to a tagged message.
+pub enum Action {
+    /// A Parse or Close the proxy injected: its ParseComplete/CloseComplete is swallowed (an error goes to
+    /// the client, as its own next message's). `prepared`: the statement to forget if the Parse fails.
+    Swallow { prepared: Option<u64> },
+    /// A client's Parse of a named statement. `stand_in`: the server already had it, so a Close of nobody
+    /// was sent and its CloseComplete becomes the client's ParseComplete.
+    Parse { id: u64, name: String, stand_in: bool },
+    /// A stand-in that fails: the server's error is replaced by this one.
+    Refuse(Bytes),
+    /// A Bind of the pool's statement (a "cached plan must not change result type" retires it).
+    Bind(Arc<Stmt>),
+}
+
+/// Tagged actions in the order of their messages.
+#[derive(Default)]
+pub struct Actions {
+    queue: VecDeque<(u32, Action)>,
+    next: u32,
+}
+
+impl Actions {
+    fn push(&mut self, action: Action) -> u32 {
+        self.next = self.next.wrapping_add(1).max(1);
+        self.queue.push_back((self.next, action));
+        self.next
+    }
+
+    /// The action of the message the next reply belongs to.
+    pub fn head(&self, tx: &TxState) -> Option<&Action> {
+        let tag = tx.head_tag();
+        match self.queue.front() {
+            Some((t, a)) if tag != 0 && *t == tag => Some(a),
+            _ => None,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.queue.clear();
+    }
+}
+
+/// Settle what the server finished: a Parse that failed or was skipped created nothing.
+pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnStatements>) {
+    if !tx.has_finished() {
+        return;
+    }
+    let mut stmts = stmts;
+    for (tag, ok) in tx.take_finished() {
+        while let Some((t, action)) = actions.queue.pop_front() {
+            if t != tag {
+                continue; // its message was dropped from the model (it cannot be answered any more)
+            }
+            if let (false, Some(s)) = (ok, stmts.as_deref_mut()) {
+                match action {
+                    Action::Swallow { prepared: Some(id) } => s.server.remove(id),
+                    Action::Parse { id, name, stand_in } => {
+                        s.client.forget(&name, id);
+                        if !stand_in {
+                            s.server.remove(id);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            break;
+        }
+    }
+}
+
+/// Where a client message's C strings end: (first, rest).
+fn split_cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = b.iter().position(|c| *c == 0)?;
+    Some((&b[..end], &b[end + 1..]))
+}
+
+fn name_str(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn error_bytes(e: &ProxyError) -> Bytes {
+    let (_, code, msg) = e.to_client();
+    let mut b = BytesMut::with_capacity(msg.len() + 32);
+    protocol::error_response(&mut b, Severity::Error, code, &msg, None);
+    b.freeze()
+}
+
+fn put_parse(out: &mut BytesMut, name: &str, tail: &[u8]) {
+    let at = protocol::begin(out, b'P');
+    protocol::put_cstr(out, name);
+    out.put_slice(tail);
+    protocol::finish(out, at);
+}
+
+fn put_close(out: &mut BytesMut, name: &str) {
+    let at = protocol::begin(out, b'C');
+    out.put_u8(b'S');
+    protocol::put_cstr(out, name);
+    protocol::finish(out, at);
+}
+
+impl Pump {
+    /// Note a statement's effects; `Some(refusal)` when it must not run.
+    fn note_effects(&mut self, fx: Effects) -> Option<ProxyError> {
+        let stmts = self.stmts.as_mut()?;
+        if stmts.refuse_pins && fx.has(classify::PINS) {
+            let statement = fx.pin_statement().unwrap_or("this statement");
+            return Some(ProxyError::PinRefused { statement, service: stmts.service.clone() });
+        }
+        if fx.needs_probe() {
+            self.probe_due = true;
+        }
+        if fx.has(classify::LOAD) {
+            self.loaded = true;
+        }
+        if fx.has(classify::DEALLOCATE_ALL) {
+            stmts.client.clear();
+            stmts.server.clear();
+        }
+        None
+    }
+
+    /// Queue one message for the server and tell the model, settling what that skipped.
+    fn send(&mut self, msg: &[u8], tag: u32) {
+        self.c2s.extend_from_slice(msg);
+        self.tx.client_tagged(msg[0], msg.get(5).copied(), tag);
+        settle(&mut self.tx, &mut self.actions, self.stmts.as_mut());
+    }
+
+    /// Send a message that fails at once in place of the client's, with `e` as the error the client sees.
+    fn refuse(&mut self, kind: u8, unnamed: bool, e: &ProxyError) {
+        let mut out = BytesMut::with_capacity(32);
+        if kind == b'Q' {
+            protocol::simple_query(&mut out, FAILS);
+        } else {
+            let at = protocol::begin(&mut out, b'P');
+            protocol::put_cstr(&mut out, if unnamed { "" } else { REFUSED });
+            protocol::put_cstr(&mut out, FAILS);
+            out.put_i16(0);
+            protocol::finish(&mut out, at);
+        }
+        let tag = self.actions.push(Action::Refuse(error_bytes(e)));
+        self.send(&out, tag);
+    }
+
+    /// Make sure the attached server has `stmt`, preparing it (and closing the least recently used one)
+    /// ahead of the client's message if not.
+    fn ensure(&mut self, stmt: &Stmt) {
+        let Some(s) = self.stmts.as_mut() else { return };
+        if s.server.touch(stmt.id) {
+            s.hits.inc();
+            return;
+        }
+        let victim = s.take_slot(stmt.id);
+        self.close_victim(victim);
+        let mut out = BytesMut::with_capacity(stmt.tail.len() + 64);
+        put_parse(&mut out, &stmt.name, &stmt.tail);
+        let tag = self.actions.push(Action::Swallow { prepared: Some(stmt.id) });
+        self.send(&out, tag);
+    }
+
+    /// Close an evicted statement on the server ahead of what needed its slot (its reply is swallowed).
+    fn close_victim(&mut self, victim: Option<u64>) {
+        let Some(v) = victim else { return };
+        let mut out = BytesMut::with_capacity(32);
+        put_close(&mut out, &format!("{}{v}", PREFIX));
+        let tag = self.actions.push(Action::Swallow { prepared: None });
+        self.send(&out, tag);
+    }
+
+    /// The pool statement a client name maps to, re-keyed if the server retired the old one.
+    fn lookup(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
+        let s = self.stmts.as_mut()?;
+        let key = std::str::from_utf8(name).ok()?;
+        let stmt = s.client.get(key)?.clone();
+        if !stmt.is_stale() {
+            return Some(stmt);
+        }
+        let fresh = s.registry.intern(&stmt.tail, &s.search_path);
+        s.client.insert(key.to_owned(), fresh.clone());
+        Some(fresh)
+    }
+
+    /// Whether statement names are mapped now (transaction mode with `max_prepared_statements` > 0).
+    fn mapping(&self) -> bool {
+        self.stmts.as_ref().is_some_and(|s| s.max_per_server > 0)
+    }
+
+    /// One whole client message in transaction mode (Query, Parse, Bind, Describe, Close).
+    pub(super) fn forward_txn(&mut self, msg: &[u8]) -> Result<(), PumpError> {
+        let kind = msg[0];
+        let body = &msg[5..];
+        match kind {
+            b'Q' => {
+                let text = split_cstr(body).map_or(body, |(t, _)| t);
+                if let Some(e) = self.note_effects(classify::classify(text, self.backslash_quotes)) {
+                    self.refuse(b'Q', true, &e);
+                    return Ok(());
+                }
+                self.send(msg, 0);
+            }
+            b'P' => {
+                let bad = || PumpError::Filter(protocol::ProtocolError::Malformed("Parse"));
+                let (name, tail) = split_cstr(body).ok_or_else(bad)?;
+                let text = split_cstr(tail).ok_or_else(bad)?.0;
+                if let Some(e) = self.note_effects(classify::classify(text, self.backslash_quotes)) {
+                    self.refuse(b'P', name.is_empty(), &e);
+                    return Ok(());
+                }
+                if name.is_empty() || !self.mapping() {
+                    self.send(msg, 0);
+                    return Ok(());
+                }
+                let key = name_str(name);
+                let s = self.stmts.as_ref().expect("mapping");
+                if s.client.get(&key).is_some() {
+                    self.refuse(b'P', false, &ProxyError::StatementExists(key));
+                    return Ok(());
+                }
+                if s.client.len() >= MAX_PER_CLIENT {
+                    self.refuse(b'P', false, &ProxyError::TooManyStatements(MAX_PER_CLIENT));
+                    return Ok(());
+                }
+                let s = self.stmts.as_mut().expect("mapping");
+                let stmt = s.registry.intern(tail, &s.search_path);
+                s.client.insert(key.clone(), stmt.clone());
+                let mut out = BytesMut::with_capacity(tail.len() + 32);
+                if s.server.touch(stmt.id) {
+                    s.hits.inc();
+                    put_close(&mut out, NOBODY);
+                    let tag = self.actions.push(Action::Parse { id: stmt.id, name: key, stand_in: true });
+                    self.send(&out, tag);
+                    return Ok(());
+                }
+                let victim = s.take_slot(stmt.id);
+                self.close_victim(victim);
+                put_parse(&mut out, &stmt.name, &stmt.tail);
+                let tag = self.actions.push(Action::Parse { id: stmt.id, name: key, stand_in: false });
+                self.send(&out, tag);
+            }
+            b'B' => {
+                let bad = || PumpError::Filter(protocol::ProtocolError::Malformed("Bind"));
+                let (portal, rest) = split_cstr(body).ok_or_else(bad)?;
+                let (name, rest) = split_cstr(rest).ok_or_else(bad)?;
+                match self.bind_target(name)? {
+                    None => self.send(msg, 0),
+                    Some(stmt) => {
+                        let mut out = BytesMut::with_capacity(msg.len() + 16);
+                        let at = protocol::begin(&mut out, b'B');
+                        out.put_slice(portal);
+                        out.put_u8(0);
+                        protocol::put_cstr(&mut out, &stmt.name);
+                        out.put_slice(rest);
+                        protocol::finish(&mut out, at);
+                        let tag = self.actions.push(Action::Bind(stmt));
+                        self.send(&out, tag);
+                    }
+                }
+            }
+            b'D' | b'C' if body.first() == Some(&b'S') && body.len() > 2 && self.mapping() => {
+                let name = split_cstr(&body[1..]).map_or(&body[1..], |(n, _)| n);
+                if kind == b'C' {
+                    let s = self.stmts.as_mut().expect("mapping");
+                    if std::str::from_utf8(name).ok().and_then(|n| s.client.remove(n)).is_some() {
+                        // The pool keeps the statement; the client's name is gone. Close of nobody answers in order.
+                        let mut out = BytesMut::with_capacity(32);
+                        put_close(&mut out, NOBODY);
+                        self.send(&out, 0);
+                    } else {
+                        self.send(msg, 0);
+                    }
+                    return Ok(());
+                }
+                match self.bind_target(name)? {
+                    None => self.send(msg, 0),
+                    Some(stmt) => {
+                        let mut out = BytesMut::with_capacity(64);
+                        let at = protocol::begin(&mut out, b'D');
+                        out.put_u8(b'S');
+                        protocol::put_cstr(&mut out, &stmt.name);
+                        protocol::finish(&mut out, at);
+                        self.send(&out, 0);
+                    }
+                }
+            }
+            _ => self.send(msg, 0),
+        }
+        Ok(())
+    }
+
+    /// The pool statement a Bind or Describe names, prepared on the server first if needed; `None` to pass
+    /// the name through unchanged (the unnamed statement, an SQL-level one, or one that does not exist).
+    /// A name with the proxy's own prefix that the client did not prepare is refused (after a stand-in).
+    fn bind_target(&mut self, name: &[u8]) -> Result<Option<Arc<Stmt>>, PumpError> {
+        if name.is_empty() || !self.mapping() {
+            return Ok(None);
+        }
+        match self.lookup(name) {
+            Some(stmt) => {
+                self.ensure(&stmt);
+                Ok(Some(stmt))
+            }
+            None if name.starts_with(PREFIX.as_bytes()) => {
+                Err(PumpError::Filter(protocol::ProtocolError::Malformed("statement name reserved by pgbudget")))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The head of a Bind too large to hold: its portal and statement names are in `prefix` (the body's first
+    /// bytes). Queues what stands for them and returns how many body bytes that consumed, or `None` when the
+    /// Bind needs no rewrite (then it streams as is).
+    pub(super) fn bind_head(&mut self, prefix: &[u8], body_len: usize) -> Result<Option<usize>, PumpError> {
+        let bad = || PumpError::Filter(protocol::ProtocolError::Malformed("Bind names"));
+        let (portal, rest) = split_cstr(prefix).ok_or_else(bad)?;
+        let (name, _) = split_cstr(rest).ok_or_else(bad)?;
+        let consumed = portal.len() + name.len() + 2;
+        let Some(stmt) = self.bind_target(name)? else { return Ok(None) };
+        let len = body_len - consumed + portal.len() + stmt.name.len() + 2 + 4;
+        let len = i32::try_from(len).map_err(|_| bad())?;
+        let mut out = BytesMut::with_capacity(portal.len() + stmt.name.len() + 8);
+        out.put_u8(b'B');
+        out.put_i32(len);
+        out.put_slice(portal);
+        out.put_u8(0);
+        protocol::put_cstr(&mut out, &stmt.name);
+        let tag = self.actions.push(Action::Bind(stmt));
+        self.c2s.extend_from_slice(&out);
+        self.tx.client_tagged(b'B', None, tag);
+        settle(&mut self.tx, &mut self.actions, self.stmts.as_mut());
+        Ok(Some(consumed))
+    }
+
+    /// With no server held: a batch of named Parses and a Sync (libpq's `PQprepare`) is answered by the
+    /// proxy, without a server — the statements are prepared on whichever server first binds or describes
+    /// them (so a bad one fails there). Holding no server for it matters: a client that prepares while the
+    /// share is busy would otherwise wait for a server only to parse. `Some(true)`: answered (replies are
+    /// in the client buffer); `Some(false)`: not such a batch; `None`: more bytes are needed to tell.
+    pub fn answer_parses(&mut self) -> Option<bool> {
+        if !self.mapping() || self.cin.len() > 4 * HOLD_MAX_LOCAL {
+            return Some(false);
+        }
+        let mut pos = 0;
+        let mut count = 0;
+        loop {
+            let head = self.cin.get(pos..pos + 5)?;
+            let kind = head[0];
+            let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+            if len < 4 || len as usize > HOLD_MAX_LOCAL {
+                return Some(false);
+            }
+            let end = pos + 1 + len as usize;
+            match kind {
+                b'S' if len == 4 && count > 0 => {
+                    pos = end;
+                    break;
+                }
+                b'P' => {
+                    let msg = self.cin.get(pos..end)?;
+                    let Some((name, tail)) = split_cstr(&msg[5..]) else { return Some(false) };
+                    let Some((text, _)) = split_cstr(tail) else { return Some(false) };
+                    let s = self.stmts.as_ref().expect("mapping");
+                    let taken = std::str::from_utf8(name).map_or(true, |n| s.client.get(n).is_some());
+                    if name.is_empty()
+                        || taken
+                        || s.client.len() + count >= MAX_PER_CLIENT
+                        || classify::classify(text, self.backslash_quotes).needs_probe()
+                    {
+                        return Some(false);
+                    }
+                    count += 1;
+                    pos = end;
+                }
+                _ => return Some(false),
+            }
+        }
+        let batch = self.cin.split_to(pos);
+        let s = self.stmts.as_mut().expect("mapping");
+        let mut at = 0;
+        while at < batch.len() && batch[at] == b'P' {
+            let len = i32::from_be_bytes([batch[at + 1], batch[at + 2], batch[at + 3], batch[at + 4]]) as usize;
+            if let Some((name, tail)) = split_cstr(&batch[at + 5..at + 1 + len]) {
+                let stmt = s.registry.intern(tail, &s.search_path);
+                s.client.insert(name_str(name), stmt);
+                self.s2c.extend_from_slice(&[b'1', 0, 0, 0, 4]);
+            }
+            at += 1 + len;
+        }
+        protocol::ready_for_query(&mut self.s2c, b'I');
+        Some(true)
+    }
+}
+
+/// Largest Parse [`Pump::answer_parses`] reads (others go to a server).
+const HOLD_MAX_LOCAL: usize = 64 * 1024;

@@ -1,0 +1,166 @@
+//! The probe: one round trip that reads what a session holds — settings set in it, role, and state only
+//! this backend has (LISTEN, temp tables, advisory locks, holdable cursors, SQL-level prepared statements) —
+//! so the relay can follow a client's session state and pin the server while such state exists.
+
+use super::{backend, ServerConn, ServerError};
+use crate::protocol::{self, ProtocolError};
+use bytes::{Buf, BytesMut};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// One row per fact: kind (`s` setting, `r` role, `p` pin reason, `q` protocol statement), name, value.
+/// Every operator is schema-qualified and every object `pg_catalog.`, so no `search_path` a client set can
+/// change what the probe reads. The probe runs with `statement_timeout` off (a client's own tiny timeout
+/// must not cancel it), so that one setting is read first, in a statement of its own.
+const PROBE_SQL: &str = "\
+SELECT 's', name, setting FROM pg_catalog.pg_settings WHERE name OPERATOR(pg_catalog.=) 'statement_timeout' \
+  AND source OPERATOR(pg_catalog.=) 'session'; \
+BEGIN; SET LOCAL statement_timeout = 0; \
+SELECT 's', name, setting FROM pg_catalog.pg_settings WHERE source OPERATOR(pg_catalog.=) 'session' \
+  AND name OPERATOR(pg_catalog.<>) 'statement_timeout' \
+UNION ALL SELECT 'r', 'role', pg_catalog.current_setting('role') \
+UNION ALL SELECT 'r', 'session_authorization', pg_catalog.current_setting('session_authorization') \
+UNION ALL SELECT 'p', 'listen', NULL WHERE EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) \
+UNION ALL SELECT 'p', 'temp_table', NULL WHERE EXISTS \
+  (SELECT FROM pg_catalog.pg_class WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+UNION ALL SELECT 'p', 'advisory_lock', NULL WHERE EXISTS (SELECT FROM pg_catalog.pg_locks \
+  WHERE locktype OPERATOR(pg_catalog.=) 'advisory' AND pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()) \
+UNION ALL SELECT 'p', 'cursor', NULL WHERE EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable) \
+UNION ALL SELECT 'p', 'sql_prepare', NULL WHERE EXISTS \
+  (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql) \
+UNION ALL SELECT 'q', name, NULL FROM pg_catalog.pg_prepared_statements WHERE NOT from_sql; \
+COMMIT";
+
+/// Tries of the probe when a client's own `statement_timeout` cancels its first, tiny statement.
+const PROBE_TRIES: usize = 3;
+
+/// Why a server is pinned to its client (the `reason` label of `pgbudget_pinned_total`).
+pub const PIN_REASONS: [&str; 6] = ["listen", "temp_table", "advisory_lock", "cursor", "sql_prepare", "load"];
+
+/// What the probe found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SessionProbe {
+    /// Settings set in the session (`SET`, `set_config(.., false)`, the proxy's own replay), plus `role` and
+    /// `session_authorization` when not at their defaults.
+    pub settings: Vec<(String, String)>,
+    /// Backend-only state present, as [`PIN_REASONS`] entries.
+    pub pins: Vec<&'static str>,
+    /// Names of protocol-level prepared statements.
+    pub statements: Vec<String>,
+}
+
+impl ServerConn {
+    /// Read the session's state (must be idle, outside a transaction).
+    pub async fn probe(&mut self, timeout: Duration) -> Result<SessionProbe, ServerError> {
+        let mut tries = 0;
+        let rows = loop {
+            tries += 1;
+            match self.rows(PROBE_SQL, timeout).await {
+                Err(ServerError::Postgres { code, .. })
+                    if code == crate::protocol::sqlstate::QUERY_CANCELED && tries < PROBE_TRIES => {}
+                Err(e @ ServerError::Postgres { .. }) => {
+                    // The server is idle or in the probe's failed transaction block: end that, then report.
+                    self.simple("ROLLBACK", timeout).await?;
+                    return Err(e);
+                }
+                r => break r?,
+            }
+        };
+        let mut p = SessionProbe::default();
+        for row in rows {
+            let [kind, name, value] = <[Option<String>; 3]>::try_from(row)
+                .map_err(|_| ServerError::Protocol(ProtocolError::Malformed("probe row")))?;
+            let (Some(kind), Some(name)) = (kind, name) else { continue };
+            match (kind.as_str(), value) {
+                ("s", Some(v)) => p.settings.push((name, v)),
+                ("r", Some(v)) => {
+                    let default = if name == "role" { "none" } else { self.login_user.as_str() };
+                    if v != default {
+                        p.settings.push((name, v));
+                    }
+                }
+                ("p", _) => {
+                    if let Some(r) = PIN_REASONS.iter().find(|r| **r == name) {
+                        p.pins.push(r);
+                    }
+                }
+                ("q", _) => p.statements.push(name),
+                _ => {}
+            }
+        }
+        Ok(p)
+    }
+
+    /// Run one simple-protocol query and return its rows as text (NULL as `None`), within `timeout`.
+    pub async fn rows(&mut self, sql: &str, timeout: Duration) -> Result<Vec<Vec<Option<String>>>, ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        protocol::simple_query(&mut out, sql);
+        let fut = async {
+            self.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
+            let mut buf = BytesMut::with_capacity(1024);
+            let mut rows = Vec::new();
+            let mut err = None;
+            loop {
+                let kind = protocol::read_message(&mut self.stream, &mut buf).await.map_err(|e| match e {
+                    ProtocolError::Io(_) => ServerError::Closed,
+                    e => ServerError::Protocol(e),
+                })?;
+                match kind {
+                    b'D' => rows.push(data_row(&buf)?),
+                    b'S' => {
+                        let (k, v) = backend::parameter_status(&buf)?;
+                        self.params.insert(k, v);
+                    }
+                    b'E' => {
+                        let backend::ErrorFields { code, message, .. } = backend::error_fields(&buf)?;
+                        err = Some(ServerError::Postgres { code, message });
+                    }
+                    b'Z' => {
+                        return match (err, buf.first()) {
+                            (Some(e), _) => Err(e),
+                            (None, Some(b'I')) => Ok(rows),
+                            (None, _) => Err(ServerError::Postgres {
+                                code: crate::protocol::sqlstate::ACTIVE_SQL_TRANSACTION.into(),
+                                message: "still in a transaction".into(),
+                            }),
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        };
+        let r = tokio::time::timeout(timeout, fut).await.unwrap_or(Err(ServerError::Timeout(timeout)));
+        if !matches!(r, Ok(_) | Err(ServerError::Postgres { .. })) {
+            self.broken = true;
+        }
+        r
+    }
+}
+
+/// The text columns of a DataRow body.
+fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerError> {
+    let bad = || ServerError::Protocol(ProtocolError::Malformed("DataRow"));
+    let mut b = body;
+    if b.len() < 2 {
+        return Err(bad());
+    }
+    let n = b.get_i16();
+    let mut cols = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if b.len() < 4 {
+            return Err(bad());
+        }
+        let len = b.get_i32();
+        if len < 0 {
+            cols.push(None);
+            continue;
+        }
+        let len = len as usize;
+        if b.len() < len {
+            return Err(bad());
+        }
+        cols.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
+        b.advance(len);
+    }
+    Ok(cols)
+}

@@ -1,0 +1,251 @@
+//! Named prepared statements in transaction mode: client statement names map to pool-wide statements keyed
+//! by their text, parameter types and `search_path` ([`Registry`], [`ClientStatements`]); each server
+//! remembers which of them it has prepared ([`ServerStatements`], an LRU of `max_prepared_statements`).
+
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+/// Prefix of the names the proxy gives statements on servers. A client name with this prefix that the
+/// client did not prepare itself is refused, so no client can run a statement it did not prepare.
+pub const PREFIX: &str = "pgbudget_";
+
+/// A statement name no statement ever has (closed to get a CloseComplete from the server in order).
+pub const NOBODY: &str = "pgbudget__none";
+/// Most statements one client session may keep prepared.
+pub const MAX_PER_CLIENT: usize = 10_000;
+
+/// One statement shared by every client of a pool that prepared the same text.
+#[derive(Debug)]
+pub struct Stmt {
+    pub id: u64,
+    /// The name on servers: `pgbudget_<id>`.
+    pub name: String,
+    /// The Parse body after the statement name: query text, NUL, parameter types.
+    pub tail: Bytes,
+    key: Bytes,
+    /// Postgres said "cached plan must not change result type": the next Parse gets a new statement.
+    stale: AtomicBool,
+}
+
+impl Stmt {
+    /// The statement text (without its NUL and types).
+    pub fn query(&self) -> &[u8] {
+        let end = self.tail.iter().position(|c| *c == 0).unwrap_or(self.tail.len());
+        &self.tail[..end]
+    }
+
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+}
+
+/// The pool's statements. Entries live while a client or a lookup holds them (weak here).
+#[derive(Debug, Default)]
+pub struct Registry {
+    map: Mutex<HashMap<Bytes, Weak<Stmt>>>,
+    next: AtomicU64,
+    /// Map size at which dead entries are swept next.
+    sweep_at: AtomicU64,
+}
+
+impl Registry {
+    /// The statement for a Parse body tail under `search_path`, shared with every other client that
+    /// prepared the same.
+    pub fn intern(&self, tail: &[u8], search_path: &str) -> Arc<Stmt> {
+        let mut key = Vec::with_capacity(tail.len() + search_path.len() + 1);
+        key.extend_from_slice(tail);
+        key.push(0);
+        key.extend_from_slice(search_path.as_bytes());
+        let key = Bytes::from(key);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(&key).and_then(Weak::upgrade) {
+            if !s.is_stale() {
+                return s;
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let stmt = Arc::new(Stmt {
+            id,
+            name: format!("{PREFIX}{id}"),
+            tail: Bytes::copy_from_slice(tail),
+            key: key.clone(),
+            stale: AtomicBool::new(false),
+        });
+        map.insert(key, Arc::downgrade(&stmt));
+        let sweep_at = self.sweep_at.load(Ordering::Relaxed).max(1024);
+        if map.len() as u64 >= sweep_at {
+            map.retain(|_, w| w.strong_count() > 0);
+            self.sweep_at.store((map.len() as u64 * 2).max(1024), Ordering::Relaxed);
+        }
+        stmt
+    }
+
+    /// Retire a statement whose plan the server refuses to reuse: clients re-prepare under a new name.
+    pub fn retire(&self, stmt: &Stmt) {
+        stmt.stale.store(true, Ordering::Relaxed);
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&stmt.key).is_some_and(|w| std::ptr::eq(w.as_ptr(), stmt)) {
+            map.remove(&stmt.key);
+        }
+    }
+
+    /// Live statements and how many client sessions use each, for `SHOW PREPARED`.
+    pub fn list(&self) -> Vec<(Arc<Stmt>, usize)> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(Arc<Stmt>, usize)> =
+            map.values().filter_map(Weak::upgrade).map(|s| (s.clone(), Arc::strong_count(&s) - 2)).collect();
+        v.sort_by_key(|(s, _)| s.id);
+        v
+    }
+}
+
+/// One client's statements: its names to the pool's statements.
+#[derive(Debug, Default)]
+pub struct ClientStatements {
+    map: HashMap<String, Arc<Stmt>>,
+}
+
+impl ClientStatements {
+    pub fn get(&self, name: &str) -> Option<&Arc<Stmt>> {
+        self.map.get(name)
+    }
+
+    pub fn insert(&mut self, name: String, stmt: Arc<Stmt>) {
+        self.map.insert(name, stmt);
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Arc<Stmt>> {
+        self.map.remove(name)
+    }
+
+    /// Forget `name` if it still maps to statement `id` (a Parse that failed).
+    pub fn forget(&mut self, name: &str, id: u64) {
+        if self.map.get(name).is_some_and(|s| s.id == id) {
+            self.map.remove(name);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// Which pool statements one server has prepared, least recently used first out.
+#[derive(Debug, Default)]
+pub struct ServerStatements {
+    /// Statement id → last use (a tick of this server's clock).
+    used: HashMap<u64, u64>,
+    tick: u64,
+    /// The tick the current checkout began at: statements used since are not evicted under it.
+    checkout_at: u64,
+}
+
+impl ServerStatements {
+    /// A new checkout begins.
+    pub fn begin(&mut self) {
+        self.tick += 1;
+        self.checkout_at = self.tick;
+    }
+
+    /// Whether statement `id` is prepared here; a hit also counts as use.
+    pub fn touch(&mut self, id: u64) -> bool {
+        self.tick += 1;
+        match self.used.get_mut(&id) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Record `id` as prepared; returns the statement to close first if that makes more than `max`
+    /// (never one used in the current checkout: a portal may still depend on it).
+    pub fn insert(&mut self, id: u64, max: usize) -> Option<u64> {
+        self.tick += 1;
+        self.used.insert(id, self.tick);
+        if self.used.len() <= max.max(1) {
+            return None;
+        }
+        let (&victim, &at) = self.used.iter().filter(|(&k, _)| k != id).min_by_key(|(_, &t)| t)?;
+        if at >= self.checkout_at {
+            return None;
+        }
+        self.used.remove(&victim);
+        Some(victim)
+    }
+
+    pub fn remove(&mut self, id: u64) {
+        self.used.remove(&id);
+    }
+
+    pub fn clear(&mut self) {
+        self.used.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.used.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.used.is_empty()
+    }
+
+    /// Replace what is known with the statement names the server itself lists.
+    pub fn resync<'a>(&mut self, names: impl Iterator<Item = &'a str>) {
+        let old = std::mem::take(&mut self.used);
+        for id in names.filter_map(id_of) {
+            self.used.insert(id, old.get(&id).copied().unwrap_or(0));
+        }
+    }
+}
+
+/// The statement id in a server-side name of ours.
+pub fn id_of(name: &str) -> Option<u64> {
+    name.strip_prefix(PREFIX)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_text_same_statement_until_retired() {
+        let r = Registry::default();
+        let a = r.intern(b"SELECT 1\0\0\0", "public");
+        let b = r.intern(b"SELECT 1\0\0\0", "public");
+        assert_eq!(a.id, b.id);
+        assert_eq!(a.query(), b"SELECT 1");
+        let c = r.intern(b"SELECT 1\0\0\0", "other");
+        assert_ne!(a.id, c.id, "search_path is part of the key");
+        r.retire(&a);
+        let d = r.intern(b"SELECT 1\0\0\0", "public");
+        assert_ne!(a.id, d.id);
+        assert_eq!(r.list().len(), 2);
+    }
+
+    #[test]
+    fn lru_spares_the_current_checkout() {
+        let mut s = ServerStatements::default();
+        s.begin();
+        assert_eq!(s.insert(1, 2), None);
+        assert_eq!(s.insert(2, 2), None);
+        assert_eq!(s.insert(3, 2), None, "all used in this checkout");
+        s.begin();
+        assert!(s.touch(1));
+        assert_eq!(s.insert(4, 2), Some(2));
+        assert!(!s.touch(2));
+        s.resync(["pgbudget_4", "pgbudget_9", "other"].into_iter());
+        assert!(s.touch(4) && s.touch(9) && !s.touch(1));
+    }
+}
