@@ -73,6 +73,10 @@ pub struct Relay {
     idle_timeouts: (Duration, Duration, Duration),
     /// Transaction mode: why the server is pinned to this client now ([`crate::server::PIN_REASONS`]).
     pub pins: Vec<&'static str>,
+    /// The same as bits, for `SHOW CLIENTS`.
+    pub pin_bits: Arc<std::sync::atomic::AtomicU8>,
+    /// Counts this client in its pool's pinned clients while pinned.
+    pin_count: Option<crate::budget::pool::PinCount>,
 }
 
 /// Which idle limit applies.
@@ -147,6 +151,8 @@ impl Relay {
             counts: SessionCounts::default(),
             idle_timeouts: (Duration::ZERO, Duration::ZERO, Duration::ZERO),
             pins: Vec::new(),
+            pin_bits: Default::default(),
+            pin_count: None,
         }
     }
 
@@ -249,6 +255,17 @@ impl Relay {
         let was_pinned = !self.pins.is_empty();
         self.pins = pins;
         self.pump.pinned = !self.pins.is_empty();
+        let bits = crate::server::PIN_REASONS
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| self.pins.contains(r))
+            .fold(0u8, |b, (i, _)| b | 1 << i);
+        self.pin_bits.store(bits, std::sync::atomic::Ordering::Relaxed);
+        if self.pump.pinned && self.pin_count.is_none() {
+            self.pin_count = Some(crate::budget::pool::PinCount::new(&self.pool.pinned));
+        } else if !self.pump.pinned {
+            self.pin_count = None;
+        }
         if self.pump.pinned != was_pinned {
             self.load_settings();
             if self.pump.last_activity.is_none() {
@@ -551,6 +568,7 @@ impl Relay {
     pub async fn finish(&mut self) {
         // Declared first so it is dropped last: the admission place is given back after the server.
         let _hold = self.hold.take();
+        let _pinned = self.pin_count.take();
         let txn = self.mode == PoolMode::Transaction;
         if txn && self.pump.probe_due && self.pump.releasable() && !self.pump.loaded {
             if let Err(e) = self.probe_session().await {

@@ -203,6 +203,7 @@ async fn command(app: &Arc<App>, stmt: &str) -> Result<BytesMut, ConsoleError> {
         ["show", "stats"] => Ok(show_stats(app)),
         ["show", "clients"] => Ok(show_clients(app)),
         ["show", "servers"] => Ok(show_servers(app)),
+        ["show", "prepared"] => Ok(show_prepared(app)),
         ["show", "config"] => Ok(show_config(app)),
         ["show", "version"] => {
             let mut r = Rows::new(&["version"]);
@@ -216,6 +217,7 @@ async fn command(app: &Arc<App>, stmt: &str) -> Result<BytesMut, ConsoleError> {
                 "SHOW STATS",
                 "SHOW CLIENTS",
                 "SHOW SERVERS",
+                "SHOW PREPARED",
                 "SHOW CONFIG",
                 "SHOW VERSION",
                 "RELOAD",
@@ -312,6 +314,30 @@ fn show_stats(app: &App) -> BytesMut {
     r.done("SHOW")
 }
 
+/// Named statements of transaction-mode clients, per pool: the server-side name, how many client sessions
+/// use it, the pool's hit/miss/eviction counts, and the statement with its constants taken out.
+fn show_prepared(app: &App) -> BytesMut {
+    let mut r = Rows::new(&["service", "route", "name", "clients", "hits", "misses", "evictions", "statement"]);
+    for p in app.pools().pools.values() {
+        let b = p.budget();
+        let m = &p.metrics;
+        for (stmt, clients) in p.statements.list() {
+            let text = String::from_utf8_lossy(stmt.query());
+            r.row(&[
+                b.name.clone(),
+                p.route.as_str().to_owned(),
+                stmt.name.clone(),
+                clients.to_string(),
+                m.prepared_hits.get().to_string(),
+                m.prepared_misses.get().to_string(),
+                m.prepared_evictions.get().to_string(),
+                crate::read_only::policy::fingerprint(&text),
+            ]);
+        }
+    }
+    r.done("SHOW")
+}
+
 fn show_clients(app: &App) -> BytesMut {
     let attached = app.cancels.attached();
     let mut r = Rows::new(&[
@@ -325,8 +351,16 @@ fn show_clients(app: &App) -> BytesMut {
         "connect_time",
         "application_name",
         "server_pid",
+        "pinned",
     ]);
     for c in app.clients.iter() {
+        let bits = c.pins.load(std::sync::atomic::Ordering::Relaxed);
+        let pinned: Vec<&str> = crate::server::PIN_REASONS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| bits & (1 << i) != 0)
+            .map(|(_, r)| *r)
+            .collect();
         let server = attached.get(&c.key_pid);
         r.row(&[
             "C".into(),
@@ -339,6 +373,7 @@ fn show_clients(app: &App) -> BytesMut {
             epoch(c.connected_at),
             c.application_name.clone(),
             server.map(|p| p.to_string()).unwrap_or_default(),
+            pinned.join(","),
         ]);
     }
     r.done("SHOW")

@@ -38,6 +38,10 @@ pub struct PoolRow {
     pub shed_line: Option<u32>,
     /// Checkouts refused by admission (hard line or full queue) since start.
     pub shed: u64,
+    /// Clients whose server is pinned to them (transaction mode).
+    pub pinned: u32,
+    /// Named statements the pool's clients share (transaction mode).
+    pub prepared_statements: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -89,6 +93,8 @@ impl App {
                 shed_line: p.admission.shed_line(),
                 shed: p.admission.count(crate::budget::admission::Decision::RejectedHard)
                     + p.admission.count(crate::budget::admission::Decision::RejectedQueueFull),
+                pinned: p.pinned.load(Ordering::Relaxed),
+                prepared_statements: p.statements.len(),
             };
             let l = [row.service.as_str(), route];
             let m = &self.metrics;
@@ -96,6 +102,7 @@ impl App {
             m.pool_available.with_label_values(&l).set(row.available as i64);
             m.pool_waiting.with_label_values(&l).set(row.waiting as i64);
             m.pool_max.with_label_values(&l).set(row.share as i64);
+            m.pool_pinned.with_label_values(&l).set(row.pinned as i64);
             if p.route == Route::ReadOnly {
                 m.ro_routes_to.with_label_values(&l).set(p.pool.manager().routes_to() as i64);
             } else if all.get(&row.service, Route::ReadOnly).is_none() {

@@ -8,7 +8,7 @@ use crate::server::{ServerConn, ServerError};
 use arc_swap::ArcSwap;
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType, Timeouts};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -191,6 +191,25 @@ pub struct ServicePool {
     pub control: crate::admin::control::PoolControl,
     /// Named statements of this pool's clients (transaction mode).
     pub statements: Arc<crate::server::statements::Registry>,
+    /// Clients whose server is pinned to them now.
+    pub pinned: Arc<AtomicU32>,
+}
+
+/// One pinned client, counted in its pool until dropped.
+#[derive(Debug)]
+pub struct PinCount(Arc<AtomicU32>);
+
+impl PinCount {
+    pub fn new(counter: &Arc<AtomicU32>) -> PinCount {
+        counter.fetch_add(1, Ordering::AcqRel);
+        PinCount(counter.clone())
+    }
+}
+
+impl Drop for PinCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl ServicePool {
@@ -352,8 +371,9 @@ impl Pools {
                 );
                 let metrics = metrics.pool(name, route.as_str());
                 let control = Default::default();
-                let statements = Default::default();
-                self.pools.insert(key, Arc::new(ServicePool { pool, route, metrics, admission, control, statements }));
+                let (statements, pinned) = Default::default();
+                let sp = ServicePool { pool, route, metrics, admission, control, statements, pinned };
+                self.pools.insert(key, Arc::new(sp));
             }
         }
     }

@@ -90,6 +90,7 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
             application_name: startup.get("application_name").unwrap_or("").to_owned(),
             connected_at: std::time::SystemTime::now(),
             key_pid: relay.key.pid,
+            pins: relay.pin_bits.clone(),
         },
     );
     tracing::Span::current().record("service", relay.pool.budget().name.as_str());

@@ -91,6 +91,15 @@ impl Registry {
         }
     }
 
+    /// Statements known (some may be unused, awaiting a sweep).
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Live statements and how many client sessions use each, for `SHOW PREPARED`.
     pub fn list(&self) -> Vec<(Arc<Stmt>, usize)> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());

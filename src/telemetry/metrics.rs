@@ -26,6 +26,7 @@ pub struct Metrics {
     pub pool_available: IntGaugeVec,
     pub pool_waiting: IntGaugeVec,
     pub pool_max: IntGaugeVec,
+    pub pool_pinned: IntGaugeVec,
     pub ro_routes_to: IntGaugeVec,
     pub upstream_open: IntGaugeVec,
     pub upstream_ceiling: IntGaugeVec,
@@ -98,6 +99,12 @@ impl Metrics {
             pool_available: gauge(&r, "pgbudget_pool_available", "Idle server connections in the pool", &sr),
             pool_waiting: gauge(&r, "pgbudget_pool_waiting", "Clients queued for a server connection", &sr),
             pool_max: gauge(&r, "pgbudget_pool_max", "The pool's share: most server connections it may open", &sr),
+            pool_pinned: gauge(
+                &r,
+                "pgbudget_pool_pinned",
+                "Clients whose server connection is pinned to them (transaction mode: LISTEN, temp tables, ...)",
+                &sr,
+            ),
             ro_routes_to: gauge(
                 &r,
                 "pgbudget_ro_routes_to",

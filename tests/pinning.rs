@@ -1,0 +1,86 @@
+//! Transaction mode's pins and named statements, as an operator sees them while they happen: `SHOW CLIENTS`
+//! names why a client is pinned, `/metrics` counts pins by reason and shows pinned clients per pool, `/pools`
+//! carries the same, and `SHOW PREPARED` lists the pool's statements without their constants.
+
+mod common;
+use common::*;
+
+async fn get(port: u16, path: &str) -> String {
+    reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.unwrap().text().await.unwrap()
+}
+
+fn console(proxy: &Proxy, cmd: &str) -> String {
+    let out = psql(&proxy.conninfo().replace("dbname=postgres", "dbname=pgbudget"), &["-A", "-F", "|", "-c", cmd]);
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listening_client_is_shown_pinned_until_it_unlistens() {
+    let pg = Pg::start();
+    let (cfg, port) = with_admin(config(&pg, "[services.app]\nslice = 2\ncheckout_timeout = \"500ms\"\n"));
+    let proxy = Proxy::start(&cfg);
+    let sr = [("service", "app"), ("route", "rw")];
+    let a = connect(&proxy.conninfo()).await.unwrap();
+    a.batch_execute("LISTEN chan").await.unwrap();
+    // While A is pinned: SHOW CLIENTS says why, the gauge and /pools count it, the counter counted one pin.
+    let clients = console(&proxy, "SHOW CLIENTS");
+    assert!(clients.lines().any(|l| l.ends_with("|listen")), "{clients}");
+    let text = get(port, "/metrics").await;
+    assert_eq!(sample(&text, "pgbudget_pool_pinned", &sr), Some(1.0), "pinned gauge while pinned");
+    assert_eq!(sample(&text, "pgbudget_pinned_total", &[("service", "app"), ("reason", "listen")]), Some(1.0));
+    assert_eq!(sample(&text, "pgbudget_pinned_total", &[("service", "app"), ("reason", "temp_table")]), Some(0.0));
+    let pools: serde_json::Value = serde_json::from_str(&get(port, "/pools").await).unwrap();
+    assert_eq!(pools["pools"][0]["pinned"], 1);
+    // The pinned server stays A's across transactions: one of two servers is left for everyone else.
+    let b = connect(&proxy.conninfo()).await.unwrap();
+    let held = connect(&proxy.conninfo()).await.unwrap();
+    held.batch_execute("BEGIN").await.unwrap();
+    let err = b.simple_query("select 1").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("53300"), "{err}");
+    held.batch_execute("COMMIT").await.unwrap();
+    // UNLISTEN * ends the pin: the gauge drops and the server goes back to the pool.
+    a.batch_execute("UNLISTEN *").await.unwrap();
+    let text = get(port, "/metrics").await;
+    assert_eq!(sample(&text, "pgbudget_pool_pinned", &sr), Some(0.0), "pinned gauge after UNLISTEN *");
+    let clients = console(&proxy, "SHOW CLIENTS");
+    assert!(!clients.contains("|listen"), "{clients}");
+    held.batch_execute("BEGIN").await.unwrap();
+    b.simple_query("select 1").await.expect("A's server is free again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_statements_are_shared_and_listed_without_constants() {
+    let pg = Pg::start();
+    let (cfg, port) = with_admin(config(&pg, "[services.app]\nslice = 2\n"));
+    let proxy = Proxy::start(&cfg);
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(connect(&proxy.conninfo()).await.unwrap());
+    }
+    // Statements stay prepared while their handles live (a dropped one is closed).
+    let mut kept = Vec::new();
+    for round in 0..5i32 {
+        for c in &clients {
+            // tokio-postgres prepares every statement under a name of its own (s0, s1, ...).
+            let st = c.prepare("select $1::int + 40 as x, 'secret-literal' as y").await.unwrap();
+            let row = c.query_one(&st, &[&round]).await.unwrap();
+            assert_eq!(row.get::<_, i32>(0), round + 40);
+            kept.push(st);
+        }
+    }
+    let listed = console(&proxy, "SHOW PREPARED");
+    let rows: Vec<&str> = listed.lines().filter(|l| l.starts_with("app|rw|pgbudget_")).collect();
+    assert_eq!(rows.len(), 1, "one pool statement for one text: {listed}");
+    assert!(rows[0].contains("|20|"), "used by the 20 live client statements: {listed}");
+    assert!(!listed.contains("secret-literal") && !listed.contains("40"), "constants are taken out: {listed}");
+    let text = get(port, "/metrics").await;
+    let n = |result| {
+        sample(&text, "pgbudget_prepared_statements_total", &[("service", "app"), ("route", "rw"), ("result", result)])
+            .unwrap()
+    };
+    // 20 prepares and 20 executes over 2 servers: the statement is prepared once per server at most.
+    assert!(n("miss") <= 2.0, "misses {}", n("miss"));
+    assert!(n("hit") >= 38.0, "hits {}", n("hit"));
+    assert_eq!(n("eviction"), 0.0);
+}
