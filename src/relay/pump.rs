@@ -390,6 +390,16 @@ impl Pump {
         r
     }
 
+    /// Scan server bytes as if read from the server and return what the client would get (fuzzing and tests).
+    pub fn feed_server(&mut self, bytes: &[u8]) -> Result<Vec<u8>, PumpError> {
+        let mut out = std::mem::take(&mut self.s2c);
+        let r = scan(self.parts(), bytes, &mut out);
+        let got = out.to_vec();
+        out.clear();
+        self.s2c = out;
+        r.map(|()| got)
+    }
+
     /// Forget framed bytes that were handed to the server outside the pump.
     pub fn discard_unsent(&mut self) {
         self.c2s.clear();
@@ -547,7 +557,7 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: &mut BytesMut) -> Result<(), PumpError>
             let kind = h[0];
             if !matches!(kind, b'N' | b'S' | b'A') {
                 match (actions.head(tx), kind) {
-                    (Some(Action::Swallow { .. }), b'1' | b'3') => return false,
+                    (Some(Action::Swallow { .. } | Action::Evict(_)), b'1' | b'3') => return false,
                     (Some(Action::Parse { stand_in: true, .. }), b'3') => {
                         out.extend_from_slice(&[b'1', h[1], h[2], h[3], h[4]]);
                         return true;

@@ -113,25 +113,36 @@ impl Registry {
 /// One client's statements: its names to the pool's statements.
 #[derive(Debug, Default)]
 pub struct ClientStatements {
-    map: HashMap<String, Arc<Stmt>>,
+    /// Name → statement and the generation of the Parse that named it.
+    map: HashMap<String, (Arc<Stmt>, u64)>,
+    next_gen: u64,
 }
 
 impl ClientStatements {
     pub fn get(&self, name: &str) -> Option<&Arc<Stmt>> {
-        self.map.get(name)
+        self.map.get(name).map(|(s, _)| s)
     }
 
-    pub fn insert(&mut self, name: String, stmt: Arc<Stmt>) {
-        self.map.insert(name, stmt);
+    /// Name a statement; returns the generation of this naming.
+    pub fn insert(&mut self, name: String, stmt: Arc<Stmt>) -> u64 {
+        self.next_gen += 1;
+        self.map.insert(name, (stmt, self.next_gen));
+        self.next_gen
     }
 
-    pub fn remove(&mut self, name: &str) -> Option<Arc<Stmt>> {
+    /// Put a naming back as it was (a Close that the server skipped: so was everything up to the next
+    /// Sync, including any later Parse of the same name, whose failure then forgets nothing).
+    pub fn restore(&mut self, name: String, stmt: Arc<Stmt>, gen: u64) {
+        self.map.insert(name, (stmt, gen));
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<(Arc<Stmt>, u64)> {
         self.map.remove(name)
     }
 
-    /// Forget `name` if it still maps to statement `id` (a Parse that failed).
-    pub fn forget(&mut self, name: &str, id: u64) {
-        if self.map.get(name).is_some_and(|s| s.id == id) {
+    /// Forget `name` if it is still the naming of generation `gen` (a Parse that failed).
+    pub fn forget(&mut self, name: &str, gen: u64) {
+        if self.map.get(name).is_some_and(|(_, g)| *g == gen) {
             self.map.remove(name);
         }
     }
@@ -152,8 +163,11 @@ impl ClientStatements {
 /// Which pool statements one server has prepared, least recently used first out.
 #[derive(Debug, Default)]
 pub struct ServerStatements {
-    /// Statement id → last use (a tick of this server's clock).
+    /// Statement id → last use (a tick of this server's clock): what the server has once the messages
+    /// already sent are answered as hoped.
     used: HashMap<u64, u64>,
+    /// What the server's answers have confirmed.
+    confirmed: HashMap<u64, u64>,
     tick: u64,
     /// The tick the current checkout began at: statements used since are not evicted under it.
     checkout_at: u64,
@@ -196,10 +210,37 @@ impl ServerStatements {
 
     pub fn remove(&mut self, id: u64) {
         self.used.remove(&id);
+        self.confirmed.remove(&id);
+    }
+
+    /// The server answered a Parse (`true`) or a Close (`false`) of `id`.
+    pub fn confirm(&mut self, id: u64, prepared: bool) {
+        if prepared {
+            self.confirmed.insert(id, self.tick);
+        } else {
+            self.confirmed.remove(&id);
+        }
+    }
+
+    /// A message failed or was skipped: what the server has is what it confirmed, then what the messages
+    /// still pending do (`(id, prepared)` in the order they were sent).
+    pub fn rebuild(&mut self, pending: impl Iterator<Item = (u64, bool)>) {
+        let old = std::mem::replace(&mut self.used, self.confirmed.clone());
+        for (id, t) in self.used.iter_mut() {
+            *t = old.get(id).copied().unwrap_or(*t);
+        }
+        for (id, prepared) in pending {
+            if prepared {
+                self.used.insert(id, self.tick);
+            } else {
+                self.used.remove(&id);
+            }
+        }
     }
 
     pub fn clear(&mut self) {
         self.used.clear();
+        self.confirmed.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -216,6 +257,7 @@ impl ServerStatements {
         for id in names.filter_map(id_of) {
             self.used.insert(id, old.get(&id).copied().unwrap_or(0));
         }
+        self.confirmed = self.used.clone();
     }
 }
 

@@ -43,6 +43,23 @@ pub struct TxnStatements {
 }
 
 impl TxnStatements {
+    /// Statement state with counters registered nowhere (tests, fuzzing, benchmarks).
+    pub fn detached(registry: Arc<Registry>, max_per_server: usize) -> TxnStatements {
+        let counter = |n: &str| IntCounter::new(n, n).expect("valid counter");
+        TxnStatements {
+            registry,
+            client: Default::default(),
+            server: Default::default(),
+            max_per_server,
+            search_path: String::new(),
+            refuse_pins: false,
+            service: "test".into(),
+            hits: counter("hits"),
+            misses: counter("misses"),
+            evictions: counter("evictions"),
+        }
+    }
+
     /// Record `id` as prepared on the server (a miss); returns the statement to close to make room.
     fn take_slot(&mut self, id: u64) -> Option<u64> {
         self.misses.inc();
@@ -59,13 +76,20 @@ pub enum Action {
     /// A Parse or Close the proxy injected: its ParseComplete/CloseComplete is swallowed (an error goes to
     /// the client, as its own next message's). `prepared`: the statement to forget if the Parse fails.
     Swallow { prepared: Option<u64> },
+    /// An injected Close of the least recently used statement: swallowed like [`Action::Swallow`]; skipped
+    /// after an error, the server still has it.
+    Evict(u64),
     /// A client's Parse of a named statement. `stand_in`: the server already had it, so a Close of nobody
     /// was sent and its CloseComplete becomes the client's ParseComplete.
-    Parse { id: u64, name: String, stand_in: bool },
+    Parse { id: u64, gen: u64, name: String, stand_in: bool },
     /// A stand-in that fails: the server's error is replaced by this one.
     Refuse(Bytes),
     /// A Bind of the pool's statement (a "cached plan must not change result type" retires it).
     Bind(Arc<Stmt>),
+    /// A client Close of its statement (answered by a Close of nobody): skipped after an error, the client
+    /// still has the statement.
+    /// `void`: the Parse that created it failed, so there is nothing to give back.
+    Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool },
 }
 
 /// Tagged actions in the order of their messages.
@@ -96,31 +120,58 @@ impl Actions {
     }
 }
 
-/// Settle what the server finished: a Parse that failed or was skipped created nothing.
+impl Action {
+    /// What this message does to the server's statements if it succeeds: (statement, prepared or closed).
+    fn server_effect(&self) -> Option<(u64, bool)> {
+        match self {
+            Action::Swallow { prepared: Some(id) } | Action::Parse { id, stand_in: false, .. } => Some((*id, true)),
+            Action::Evict(id) => Some((*id, false)),
+            _ => None,
+        }
+    }
+}
+
+/// Settle what the server finished: a Parse that failed or was skipped created nothing, a Close that was
+/// skipped closed nothing; the server's statements are then rebuilt from what it confirmed.
 pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnStatements>) {
     if !tx.has_finished() {
         return;
     }
     let mut stmts = stmts;
+    let mut failed = false;
     for (tag, ok) in tx.take_finished() {
         while let Some((t, action)) = actions.queue.pop_front() {
             if t != tag {
                 continue; // its message was dropped from the model (it cannot be answered any more)
             }
-            if let (false, Some(s)) = (ok, stmts.as_deref_mut()) {
-                match action {
-                    Action::Swallow { prepared: Some(id) } => s.server.remove(id),
-                    Action::Parse { id, name, stand_in } => {
-                        s.client.forget(&name, id);
-                        if !stand_in {
-                            s.server.remove(id);
+            let Some(s) = stmts.as_deref_mut() else { break };
+            if ok {
+                if let Some((id, prepared)) = action.server_effect() {
+                    s.server.confirm(id, prepared);
+                }
+                break;
+            }
+            failed = true;
+            match action {
+                Action::Parse { gen, name, .. } => {
+                    s.client.forget(&name, gen);
+                    // A Close of it sent after it closes nothing.
+                    for (_, a) in actions.queue.iter_mut() {
+                        if let Action::Close { gen: g, void, .. } = a {
+                            if *g == gen {
+                                *void = true;
+                            }
                         }
                     }
-                    _ => {}
                 }
+                Action::Close { name, stmt, gen, void: false } => s.client.restore(name, stmt, gen),
+                _ => {}
             }
             break;
         }
+    }
+    if let (true, Some(s)) = (failed, stmts) {
+        s.server.rebuild(actions.queue.iter().filter_map(|(_, a)| a.server_effect()));
     }
 }
 
@@ -220,7 +271,7 @@ impl Pump {
         let Some(v) = victim else { return };
         let mut out = BytesMut::with_capacity(32);
         put_close(&mut out, &format!("{}{v}", PREFIX));
-        let tag = self.actions.push(Action::Swallow { prepared: None });
+        let tag = self.actions.push(Action::Evict(v));
         self.send(&out, tag);
     }
 
@@ -233,6 +284,7 @@ impl Pump {
             return Some(stmt);
         }
         let fresh = s.registry.intern(&stmt.tail, &s.search_path);
+        // Re-keyed in place: the naming keeps its place (a pending Parse of it still refers to it).
         s.client.insert(key.to_owned(), fresh.clone());
         Some(fresh)
     }
@@ -279,19 +331,19 @@ impl Pump {
                 }
                 let s = self.stmts.as_mut().expect("mapping");
                 let stmt = s.registry.intern(tail, &s.search_path);
-                s.client.insert(key.clone(), stmt.clone());
+                let gen = s.client.insert(key.clone(), stmt.clone());
                 let mut out = BytesMut::with_capacity(tail.len() + 32);
                 if s.server.touch(stmt.id) {
                     s.hits.inc();
                     put_close(&mut out, NOBODY);
-                    let tag = self.actions.push(Action::Parse { id: stmt.id, name: key, stand_in: true });
+                    let tag = self.actions.push(Action::Parse { id: stmt.id, gen, name: key, stand_in: true });
                     self.send(&out, tag);
                     return Ok(());
                 }
                 let victim = s.take_slot(stmt.id);
                 self.close_victim(victim);
                 put_parse(&mut out, &stmt.name, &stmt.tail);
-                let tag = self.actions.push(Action::Parse { id: stmt.id, name: key, stand_in: false });
+                let tag = self.actions.push(Action::Parse { id: stmt.id, gen, name: key, stand_in: false });
                 self.send(&out, tag);
             }
             b'B' => {
@@ -317,11 +369,13 @@ impl Pump {
                 let name = split_cstr(&body[1..]).map_or(&body[1..], |(n, _)| n);
                 if kind == b'C' {
                     let s = self.stmts.as_mut().expect("mapping");
-                    if std::str::from_utf8(name).ok().and_then(|n| s.client.remove(n)).is_some() {
+                    let key = name_str(name);
+                    if let Some((stmt, gen)) = s.client.remove(&key) {
                         // The pool keeps the statement; the client's name is gone. Close of nobody answers in order.
                         let mut out = BytesMut::with_capacity(32);
                         put_close(&mut out, NOBODY);
-                        self.send(&out, 0);
+                        let tag = self.actions.push(Action::Close { name: key, stmt, gen, void: false });
+                        self.send(&out, tag);
                     } else {
                         self.send(msg, 0);
                     }
@@ -449,3 +503,6 @@ impl Pump {
 
 /// Largest Parse [`Pump::answer_parses`] reads (others go to a server).
 const HOLD_MAX_LOCAL: usize = 64 * 1024;
+
+#[cfg(test)]
+mod tests;
