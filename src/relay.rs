@@ -275,6 +275,13 @@ impl Relay {
         Ok(self.pump.pinned)
     }
 
+    /// Give back a server checked out only to learn what it reports (the login of a transaction-mode client).
+    pub async fn give_back(&mut self) {
+        if self.pump.releasable() {
+            self.release().await;
+        }
+    }
+
     /// Give the server up: no cancel can reach it any more, and one already sent has arrived. Returns it
     /// (to be dropped back into the pool) or `None` when a cancel did not settle (then it was discarded).
     async fn detach(&mut self) -> Option<PooledConn> {

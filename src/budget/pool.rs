@@ -193,6 +193,9 @@ pub struct ServicePool {
     pub statements: Arc<crate::server::statements::Registry>,
     /// Clients whose server is pinned to them now.
     pub pinned: Arc<AtomicU32>,
+    /// (reported setting, value a client asked for) → the value the server reports for it (`German` →
+    /// `German, DMY`), learned from a server once, for transaction-mode greetings.
+    pub reported: std::sync::Mutex<HashMap<(String, String), String>>,
 }
 
 /// One pinned client, counted in its pool until dropped.
@@ -372,7 +375,8 @@ impl Pools {
                 let metrics = metrics.pool(name, route.as_str());
                 let control = Default::default();
                 let (statements, pinned) = Default::default();
-                let sp = ServicePool { pool, route, metrics, admission, control, statements, pinned };
+                let reported = Default::default();
+                let sp = ServicePool { pool, route, metrics, admission, control, statements, pinned, reported };
                 self.pools.insert(key, Arc::new(sp));
             }
         }

@@ -20,6 +20,8 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 pub(crate) const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Spellings of reported settings learned per pool (past it, a client's own spelling is shown).
+const MAX_LEARNED: usize = 256;
 /// Startup parameters the proxy handles itself instead of replaying on server connections.
 const LOCAL_PARAMS: [&str; 3] = ["user", "database", "options"];
 
@@ -373,12 +375,36 @@ async fn login(
         relay.server_params().cloned().unwrap_or_default()
     } else {
         let mut t = (*pool.template().await?).clone();
-        for (k, v) in &relay.desired {
-            if let Some((_, cur)) = t.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(k)) {
-                if norm(cur) != norm(v) {
-                    *cur = v.clone();
+        // A reported setting the client asked for is shown as the server spells it; an unknown spelling is
+        // learned from a server once per pool.
+        let asked: Vec<(String, String)> = relay
+            .desired
+            .iter()
+            .filter(|(k, _)| k.as_str() != "application_name")
+            .filter_map(|(k, v)| {
+                let (name, cur) = t.iter().find(|(n, _)| n.eq_ignore_ascii_case(k))?;
+                (norm(cur) != norm(v)).then(|| (name.clone(), v.clone()))
+            })
+            .collect();
+        let known = |pool: &ServicePool, k: &(String, String)| {
+            pool.reported.lock().unwrap_or_else(|e| e.into_inner()).get(k).cloned()
+        };
+        let room = pool.reported.lock().unwrap_or_else(|e| e.into_inner()).len() < MAX_LEARNED;
+        if room && asked.iter().any(|k| known(&pool, k).is_none()) {
+            relay.attach(sock).await?;
+            if let Some(params) = relay.server_params() {
+                let mut learned = pool.reported.lock().unwrap_or_else(|e| e.into_inner());
+                for (name, v) in &asked {
+                    if let Some(now) = params.get(name) {
+                        learned.insert((name.clone(), v.clone()), now.clone());
+                    }
                 }
             }
+            relay.give_back().await;
+        }
+        for k in &asked {
+            let shown = known(&pool, k).unwrap_or_else(|| k.1.clone());
+            t.insert(k.0.clone(), shown);
         }
         t
     };

@@ -558,10 +558,6 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: &mut BytesMut) -> Result<(), PumpError>
             if !matches!(kind, b'N' | b'S' | b'A') {
                 match (actions.head(tx), kind) {
                     (Some(Action::Swallow { .. } | Action::Evict(_)), b'1' | b'3') => return false,
-                    (Some(Action::Parse { stand_in: true, .. }), b'3') => {
-                        out.extend_from_slice(&[b'1', h[1], h[2], h[3], h[4]]);
-                        return true;
-                    }
                     (Some(Action::Refuse(e)), b'E') => {
                         out.extend_from_slice(e);
                         replaced = true;
@@ -592,8 +588,9 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: &mut BytesMut) -> Result<(), PumpError>
                         && msg.starts_with("cached plan must not change result type")
                     {
                         if let (Some(Action::Bind(stmt)), Some(s)) = (actions.head(tx), stmts.as_deref_mut()) {
+                            // The server keeps the stale plan (and fails on it, as direct); new Parses of the
+                            // text get a fresh statement.
                             s.registry.retire(stmt);
-                            s.server.remove(stmt.id);
                         }
                     }
                 }

@@ -21,6 +21,8 @@ use std::sync::Arc;
 
 /// A statement name that never exists: a stand-in Parse of it fails without touching the unnamed statement.
 const REFUSED: &str = "pgbudget__refused";
+/// The name a client's Parse of a statement the server already has is checked under (and closed at once).
+const CHECK: &str = "pgbudget__check";
 /// Text that fails in Parse and Query alike, before anything runs.
 const FAILS: &str = ")";
 
@@ -79,8 +81,8 @@ pub enum Action {
     /// An injected Close of the least recently used statement: swallowed like [`Action::Swallow`]; skipped
     /// after an error, the server still has it.
     Evict(u64),
-    /// A client's Parse of a named statement. `stand_in`: the server already had it, so a Close of nobody
-    /// was sent and its CloseComplete becomes the client's ParseComplete.
+    /// A client's Parse of a named statement. `stand_in`: the server already had it, so the text was parsed
+    /// under a name closed right after, and that ParseComplete is the client's.
     Parse { id: u64, gen: u64, name: String, stand_in: bool },
     /// A stand-in that fails: the server's error is replaced by this one.
     Refuse(Bytes),
@@ -279,14 +281,9 @@ impl Pump {
     fn lookup(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
         let s = self.stmts.as_mut()?;
         let key = std::str::from_utf8(name).ok()?;
-        let stmt = s.client.get(key)?.clone();
-        if !stmt.is_stale() {
-            return Some(stmt);
-        }
-        let fresh = s.registry.intern(&stmt.tail, &s.search_path);
-        // Re-keyed in place: the naming keeps its place (a pending Parse of it still refers to it).
-        s.client.insert(key.to_owned(), fresh.clone());
-        Some(fresh)
+        // A retired statement stays the client's until it prepares the name again, as on a direct
+        // connection (where it keeps failing until then); only new Parses get a fresh one.
+        s.client.get(key).cloned()
     }
 
     /// Whether statement names are mapped now (transaction mode with `max_prepared_statements` > 0).
@@ -334,9 +331,15 @@ impl Pump {
                 let gen = s.client.insert(key.clone(), stmt.clone());
                 let mut out = BytesMut::with_capacity(tail.len() + 32);
                 if s.server.touch(stmt.id) {
+                    // The server has the statement; the text is still parsed (under a name closed at once), so a
+                    // Parse that would fail now (a dropped table) fails here, where the client expects it.
                     s.hits.inc();
-                    put_close(&mut out, NOBODY);
+                    put_parse(&mut out, CHECK, tail);
                     let tag = self.actions.push(Action::Parse { id: stmt.id, gen, name: key, stand_in: true });
+                    self.send(&out, tag);
+                    out.clear();
+                    put_close(&mut out, CHECK);
+                    let tag = self.actions.push(Action::Swallow { prepared: None });
                     self.send(&out, tag);
                     return Ok(());
                 }
@@ -368,6 +371,11 @@ impl Pump {
             b'D' | b'C' if body.first() == Some(&b'S') && body.len() > 2 && self.mapping() => {
                 let name = split_cstr(&body[1..]).map_or(&body[1..], |(n, _)| n);
                 if kind == b'C' {
+                    if name.starts_with(PREFIX.as_bytes()) && self.lookup(name).is_none() {
+                        return Err(PumpError::Filter(protocol::ProtocolError::Malformed(
+                            "statement name reserved by pgbudget",
+                        )));
+                    }
                     let s = self.stmts.as_mut().expect("mapping");
                     let key = name_str(name);
                     if let Some((stmt, gen)) = s.client.remove(&key) {
@@ -452,6 +460,7 @@ impl Pump {
         }
         let mut pos = 0;
         let mut count = 0;
+        let mut names = Vec::new();
         loop {
             let head = self.cin.get(pos..pos + 5)?;
             let kind = head[0];
@@ -470,7 +479,9 @@ impl Pump {
                     let Some((name, tail)) = split_cstr(&msg[5..]) else { return Some(false) };
                     let Some((text, _)) = split_cstr(tail) else { return Some(false) };
                     let s = self.stmts.as_ref().expect("mapping");
-                    let taken = std::str::from_utf8(name).map_or(true, |n| s.client.get(n).is_some());
+                    // A name the client has, or one this batch names twice (the server says 42P05 then).
+                    let taken = std::str::from_utf8(name).map_or(true, |n| s.client.get(n).is_some())
+                        || names.iter().any(|r: &std::ops::Range<usize>| self.cin[r.clone()] == *name);
                     if name.is_empty()
                         || taken
                         || s.client.len() + count >= MAX_PER_CLIENT
@@ -479,6 +490,7 @@ impl Pump {
                         return Some(false);
                     }
                     count += 1;
+                    names.push(pos + 5..pos + 5 + name.len());
                     pos = end;
                 }
                 _ => return Some(false),

@@ -1,0 +1,120 @@
+"""Driver-level fidelity checks run by tests/fidelity.rs: each SCENARIO runs the same steps through pgbudget
+(PROXY_DSN) and directly (DIRECT_DSN) and fails naming every figure that differs or is wrong.
+
+- session: asyncpg get_server_pid() == pg_backend_pid(), the pid of a self-notification == get_server_pid();
+  psycopg (libpq PQbackendPID) info.backend_pid == pg_backend_pid().
+- txn: asyncpg (default statement cache) fetches `select * from t` before and after a column type change and a
+  column addition (asyncpg re-prepares after InvalidCachedStatementError itself); inside a transaction it
+  cannot, and raises the same error as direct.
+- startup: psycopg with PGDATESTYLE and options=-c intervalstyle: the ParameterStatus values the driver got
+  at login and what SHOW says.
+"""
+
+import asyncio
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import DIRECT_DSN, PROXY_DSN, Failures, describe, run_async  # noqa: E402
+
+import asyncpg  # noqa: E402
+import psycopg  # noqa: E402
+
+SCENARIO = os.environ.get("SCENARIO", "")
+F = Failures(f"fidelity_{SCENARIO}")
+
+
+async def session_pids(dsn, where):
+    conn = await asyncpg.connect(dsn)
+    try:
+        pid = conn.get_server_pid()
+        backend = await conn.fetchval("select pg_backend_pid()")
+        F.check(pid == backend, where, f"asyncpg get_server_pid() {pid} != pg_backend_pid() {backend}")
+        got = asyncio.get_running_loop().create_future()
+        await conn.add_listener("fid_ch", lambda c, p, ch, payload: got.done() or got.set_result((p, payload)))
+        await conn.execute("notify fid_ch, 'hello'")
+        npid, payload = await asyncio.wait_for(got, 5)
+        F.check((npid, payload) == (pid, "hello"), where, f"notification {(npid, payload)} != {(pid, 'hello')}")
+    finally:
+        await conn.close()
+    with psycopg.connect(dsn, autocommit=True) as c:
+        backend = c.execute("select pg_backend_pid()").fetchone()[0]
+        F.check(c.info.backend_pid == backend, where, f"psycopg backend_pid {c.info.backend_pid} != {backend}")
+    return pid
+
+
+async def cached_statement(dsn, table, where):
+    """Outcomes of fetches around DDL done on another (direct) connection."""
+    admin = await asyncpg.connect(DIRECT_DSN)
+    conn = await asyncpg.connect(dsn)
+    out = []
+
+    async def fetch(tx=False):
+        try:
+            if tx:
+                async with conn.transaction():
+                    rows = await conn.fetch(f"select * from {table}")
+            else:
+                rows = await conn.fetch(f"select * from {table}")
+            out.append([tuple(r) for r in rows])
+        except Exception as e:  # noqa: BLE001
+            out.append(describe(e))
+
+    try:
+        await admin.execute(f"drop table if exists {table}; create table {table}(id int, v int)")
+        await admin.execute(f"insert into {table} values (1, 10)")
+        await fetch()
+        await admin.execute(f"alter table {table} alter column v type text using v::text")
+        await fetch()
+        await admin.execute(f"alter table {table} add column w int default 7")
+        await fetch()
+        await fetch()
+        await admin.execute(f"alter table {table} alter column w type bigint")
+        await fetch(tx=True)
+        await fetch(tx=True)
+    finally:
+        await conn.close()
+        await admin.close()
+    print(f"{where}: {out}")
+    return out
+
+
+def startup(dsn, datestyle, where):
+    os.environ["PGDATESTYLE"] = datestyle
+    try:
+        with psycopg.connect(dsn, autocommit=True, options="-c intervalstyle=iso_8601") as c:
+            ps = {k: c.info.parameter_status(k) for k in ("DateStyle", "IntervalStyle")}
+            ps = {k: v.decode() if isinstance(v, bytes) else v for k, v in ps.items()}
+            shown = c.execute(
+                "select current_setting('datestyle'), current_setting('intervalstyle'), "
+                "date '2024-03-05'::text, interval '1 day 2 hours'::text"
+            ).fetchone()
+            return {"parameter_status": ps, "show": list(shown)}
+    finally:
+        del os.environ["PGDATESTYLE"]
+
+
+async def main():
+    if SCENARIO == "session":
+        await session_pids(DIRECT_DSN, "direct")
+        pid = await session_pids(PROXY_DSN, "proxy")
+        summary = f"proxy pid {pid}"
+    elif SCENARIO == "txn":
+        direct = await cached_statement(DIRECT_DSN, "fid_direct", "direct")
+        proxy = await cached_statement(PROXY_DSN, "fid_proxy", "proxy")
+        for i, (d, p) in enumerate(zip(direct, proxy)):
+            F.check(d == p, f"fetch {i}", f"proxy {p!r} != direct {d!r}")
+        summary = f"{len(proxy)} fetches"
+    elif SCENARIO == "startup":
+        for ds in ("Postgres, MDY", "German"):
+            d, p = startup(DIRECT_DSN, ds, "direct"), startup(PROXY_DSN, ds, "proxy")
+            print(f"PGDATESTYLE={ds!r}: direct {d} proxy {p}")
+            for k in d:
+                F.check(d[k] == p[k], f"PGDATESTYLE={ds!r} {k}", f"proxy {p[k]!r} != direct {d[k]!r}")
+        summary = "2 datestyles"
+    else:
+        sys.exit(f"unknown SCENARIO {SCENARIO!r}")
+    return F.done(summary)
+
+
+run_async(main, f"fidelity_{SCENARIO}")
