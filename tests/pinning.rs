@@ -93,3 +93,45 @@ async fn named_statements_are_shared_and_listed_without_constants() {
     assert!(n("hit") >= 38.0, "hits {}", n("hit"));
     assert_eq!(n("eviction"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_that_leaves_leaves_nothing_behind() {
+    let pg = Pg::start();
+    let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\n"));
+    let a = connect(&proxy.conninfo()).await.unwrap();
+    a.batch_execute(
+        "LISTEN chan; CREATE TEMP TABLE t (x int); SELECT pg_advisory_lock(7); PREPARE p AS SELECT 1; \
+         BEGIN; DECLARE c CURSOR WITH HOLD FOR SELECT 1; COMMIT; SET search_path = left_by_a",
+    )
+    .await
+    .unwrap();
+    drop(a);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Two clients in open transactions hold both servers: whichever had A's state is one of them.
+    let mut seen = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let c = connect(&proxy.conninfo()).await.unwrap();
+        c.batch_execute("BEGIN").await.unwrap();
+        let row = c
+            .query_one(
+                "select (select count(*) from pg_listening_channels()), \
+                 (select count(*) from pg_class where relnamespace = pg_my_temp_schema()), \
+                 (select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()), \
+                 (select count(*) from pg_prepared_statements where from_sql), \
+                 (select count(*) from pg_cursors where is_holdable), \
+                 current_setting('search_path'), pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        let counts: Vec<i64> = (0..5).map(|i| row.get(i)).collect();
+        seen.push((counts, row.get::<_, String>(5), row.get::<_, i32>(6)));
+        held.push(c);
+    }
+    assert_ne!(seen[0].2, seen[1].2, "two different servers were checked");
+    for (counts, search_path, _) in &seen {
+        assert_eq!(counts, &vec![0; 5], "listen, temp, advisory, sql prepare, cursor left behind: {seen:?}");
+        assert_eq!(search_path, "\"$user\", public");
+    }
+}

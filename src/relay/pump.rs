@@ -13,11 +13,11 @@
 //! whole (Describe, Terminate, and Query/Parse/Bind on read-only routes) are held up to
 //! `max_query_size`; nothing is allocated by a length the client declared.
 
-use super::frame::{self, Scan, ServerScanner};
-use super::txstate::{TxState, MAX_OUTSTANDING};
+use super::frame::{self, ServerScanner};
+use super::txstate::TxState;
 use crate::read_only::filter::{RoFilter, Violation};
 use bytes::{Buf, BytesMut};
-use rewrite::{Action, Actions};
+use rewrite::Actions;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -36,7 +36,9 @@ const HOLD_MAX: usize = 64 * 1024;
 /// Most of a streamed Bind's head held to find its portal and statement names.
 const BIND_HEAD: usize = 4096;
 
+mod framing;
 pub mod rewrite;
+mod scan;
 pub use rewrite::TxnStatements;
 
 /// Errors of the pump.
@@ -226,180 +228,6 @@ impl Pump {
         (self.cin.len() >= 5 && self.body_left == 0).then(|| self.cin[0])
     }
 
-    /// Move framed client messages from `cin` to `c2s`. Returns `Some(Terminate)` when the client ends.
-    fn frame_client(&mut self) -> Result<(bool, Option<Event>), PumpError> {
-        let mut moved = false;
-        loop {
-            if self.body_left > 0 {
-                let n = self.body_left.min(self.cin.len()).min((BUF * 2).saturating_sub(self.c2s.len()));
-                if n == 0 {
-                    return Ok((moved, None));
-                }
-                self.c2s.extend_from_slice(&self.cin[..n]);
-                self.cin.advance(n);
-                self.body_left -= n;
-                moved = true;
-                continue;
-            }
-            if self.c2s.len() >= BUF || self.tx.outstanding() >= MAX_OUTSTANDING || self.cin.len() < 5 {
-                return Ok((moved, None));
-            }
-            let kind = self.cin[0];
-            let len = i32::from_be_bytes([self.cin[1], self.cin[2], self.cin[3], self.cin[4]]);
-            let limit = frame::client_limit(kind).ok_or(PumpError::BadType(kind as char))?;
-            if len < 4 || len as usize - 4 > limit {
-                return Err(PumpError::BadLength { kind: kind as char, len: len as i64 });
-            }
-            let body = len as usize - 4;
-            let txn = self.stmts.is_some();
-            let ro = self.ro.is_some() && matches!(kind, b'Q' | b'P' | b'B');
-            let held = matches!(kind, b'D' | b'X')
-                || ro
-                || (txn
-                    && match kind {
-                        b'C' => true,
-                        b'Q' | b'B' => body <= HOLD_MAX,
-                        // A Parse is read whole to rename it, unless it is large and unnamed.
-                        b'P' if body > HOLD_MAX => {
-                            if self.cin.len() < 6 {
-                                self.need = 6;
-                                return Ok((moved, None));
-                            }
-                            self.cin[5] != 0
-                        }
-                        b'P' => true,
-                        _ => false,
-                    });
-            if !held {
-                self.need = 0;
-                if matches!(kind, b'Q' | b'E' | b'F') {
-                    self.queries += 1;
-                }
-                let mut head = 0;
-                if txn && matches!(kind, b'Q' | b'P') {
-                    self.probe_due = true; // too large to read: whatever it did is read off the server
-                } else if txn && kind == b'B' {
-                    let want = 5 + body.min(BIND_HEAD);
-                    if self.cin.len() < want {
-                        self.need = want;
-                        return Ok((moved, None));
-                    }
-                    self.need = 0;
-                    let cin = std::mem::take(&mut self.cin);
-                    let r = self.bind_head(&cin[5..want], body);
-                    self.cin = cin;
-                    head = r?.unwrap_or(0);
-                }
-                if head > 0 {
-                    self.cin.advance(5 + head);
-                    self.body_left = body - head;
-                } else {
-                    self.c2s.extend_from_slice(&self.cin[..5]);
-                    self.cin.advance(5);
-                    self.body_left = body;
-                    self.tx.client(kind, None);
-                    rewrite::settle(&mut self.tx, &mut self.actions, self.stmts.as_mut());
-                }
-                moved = true;
-                continue;
-            }
-            if body > self.max_query_size {
-                return Err(PumpError::TooLarge { kind: kind as char, len: body, max: self.max_query_size });
-            }
-            let total = 5 + body;
-            if self.cin.len() < total {
-                self.need = total;
-                return Ok((moved, None));
-            }
-            self.need = 0;
-            if kind == b'X' {
-                self.cin.advance(total);
-                return Ok((moved, Some(Event::Terminate)));
-            }
-            if kind == b'Q' {
-                self.queries += 1;
-            }
-            let cin = std::mem::take(&mut self.cin);
-            let r = self.forward_held(&cin[..total], ro, txn);
-            self.cin = cin;
-            r?;
-            self.cin.advance(total);
-            moved = true;
-        }
-    }
-
-    /// Forward one whole client message: through the read-only filter, then transaction mode's edits.
-    fn forward_held(&mut self, msg: &[u8], ro: bool, txn: bool) -> Result<(), PumpError> {
-        if ro {
-            let mut out = std::mem::take(&mut self.scratch);
-            out.clear();
-            let f = self.ro.as_mut().expect("read-only route");
-            let r = f.message(msg, &mut out, &mut self.violations).map_err(PumpError::from);
-            let r = r.and_then(|()| {
-                if txn {
-                    self.forward_txn(&out)
-                } else {
-                    self.forward_plain(&out);
-                    Ok(())
-                }
-            });
-            self.scratch = out;
-            return r;
-        }
-        if txn {
-            return self.forward_txn(msg);
-        }
-        self.forward_plain(msg);
-        Ok(())
-    }
-
-    fn forward_plain(&mut self, msg: &[u8]) {
-        self.c2s.extend_from_slice(msg);
-        self.tx.client(msg[0], msg.get(5).copied());
-    }
-
-    /// Scan the server bytes just read into `sin`, moving them (edited) to `s2c`.
-    fn scan_server(&mut self) -> Result<(), PumpError> {
-        let sin = std::mem::take(&mut self.sin);
-        let mut out = std::mem::take(&mut self.s2c);
-        let r = scan(self.parts(), &sin, &mut out);
-        self.s2c = out;
-        self.sin = sin;
-        self.sin.clear();
-        r
-    }
-
-    fn parts(&mut self) -> Parts<'_> {
-        Parts {
-            sscan: &mut self.sscan,
-            tx: &mut self.tx,
-            seen: &mut self.seen,
-            actions: &mut self.actions,
-            stmts: self.stmts.as_mut(),
-            probe_due: &mut self.probe_due,
-            backslash_quotes: &mut self.backslash_quotes,
-        }
-    }
-
-    /// Scan server bytes that go to nobody (cleanup after the client left; fuzzing and tests).
-    pub fn absorb_server(&mut self, bytes: &[u8]) -> Result<(), PumpError> {
-        let seen = std::mem::take(&mut self.seen);
-        let mut out = BytesMut::new();
-        let r = scan(self.parts(), bytes, &mut out);
-        self.seen = seen;
-        r
-    }
-
-    /// Scan server bytes as if read from the server and return what the client would get (fuzzing and tests).
-    pub fn feed_server(&mut self, bytes: &[u8]) -> Result<Vec<u8>, PumpError> {
-        let mut out = std::mem::take(&mut self.s2c);
-        let r = scan(self.parts(), bytes, &mut out);
-        let got = out.to_vec();
-        out.clear();
-        self.s2c = out;
-        r.map(|()| got)
-    }
-
     /// Forget framed bytes that were handed to the server outside the pump.
     pub fn discard_unsent(&mut self) {
         self.c2s.clear();
@@ -532,91 +360,6 @@ fn poll_send<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, buf: &mut B
         Poll::Ready(Err(e)) => Err(e),
         Poll::Pending => Ok(false),
     }
-}
-
-/// The pump's parts the server scan works on.
-struct Parts<'a> {
-    sscan: &'a mut ServerScanner,
-    tx: &'a mut TxState,
-    seen: &'a mut Seen,
-    actions: &'a mut Actions,
-    stmts: Option<&'a mut TxnStatements>,
-    probe_due: &'a mut bool,
-    backslash_quotes: &'a mut bool,
-}
-
-/// Walk server bytes into `out`: the transaction state follows every message; replies to the proxy's own
-/// tagged messages are swallowed, renamed or replaced at their header; errors, idle ReadyForQuery and
-/// ParameterStatus are noted for the report.
-fn scan(p: Parts<'_>, bytes: &[u8], out: &mut BytesMut) -> Result<(), PumpError> {
-    let Parts { sscan, tx, seen, actions, mut stmts, probe_due, backslash_quotes } = p;
-    let mut replaced = false;
-    sscan.feed_into(bytes, out, |ev, out| match ev {
-        Scan::Header(h) => {
-            replaced = false;
-            let kind = h[0];
-            if !matches!(kind, b'N' | b'S' | b'A') {
-                match (actions.head(tx), kind) {
-                    (Some(Action::Swallow { .. } | Action::Evict(_)), b'1' | b'3') => return false,
-                    (Some(Action::Refuse(e)), b'E') => {
-                        out.extend_from_slice(e);
-                        replaced = true;
-                        return false;
-                    }
-                    _ => {}
-                }
-            }
-            out.extend_from_slice(&h);
-            true
-        }
-        Scan::Message(m) => {
-            let mut fatal = false;
-            match m.kind {
-                b'Z' => {
-                    seen.ready += 1;
-                    if m.first == Some(b'I') {
-                        seen.idle_ready += 1;
-                    }
-                }
-                b'E' => {
-                    let (sev, code, msg) = frame::error_fields(m.body);
-                    fatal = frame::is_fatal(sev);
-                    if !replaced && seen.errors.len() < MAX_ERRORS {
-                        seen.errors.push((code.to_owned(), msg.to_owned()));
-                    }
-                    if code == crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED
-                        && msg.starts_with("cached plan must not change result type")
-                    {
-                        if let (Some(Action::Bind(stmt)), Some(s)) = (actions.head(tx), stmts.as_deref_mut()) {
-                            // The server keeps the stale plan (and fails on it, as direct); new Parses of the
-                            // text get a fresh statement.
-                            s.registry.retire(stmt);
-                        }
-                    }
-                }
-                b'S' if !m.truncated => {
-                    *probe_due = true;
-                    let mut parts = m.body.split(|c| *c == 0);
-                    if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
-                        if k == b"standard_conforming_strings" {
-                            *backslash_quotes = v == b"off";
-                        }
-                        if seen.params.len() < 64 {
-                            seen.params.push((
-                                String::from_utf8_lossy(k).into_owned(),
-                                String::from_utf8_lossy(v).into_owned(),
-                            ));
-                        }
-                    }
-                }
-                _ => {}
-            }
-            tx.server(m.kind, m.first, fatal);
-            rewrite::settle(tx, actions, stmts.as_deref_mut());
-            false
-        }
-    })?;
-    Ok(())
 }
 
 /// Read into the spare capacity of `buf`, reserving one [`BUF`] chunk when it has little room (so a buffer

@@ -1,0 +1,137 @@
+//! Server bytes to client bytes: the transaction state follows every message, and the replies to the proxy's
+//! own tagged messages are swallowed or replaced at their header.
+
+use super::rewrite::{self, Action, Actions, TxnStatements};
+use super::{Pump, PumpError, Seen, MAX_ERRORS};
+use crate::relay::frame::{self, Scan, ServerScanner};
+use crate::relay::txstate::TxState;
+use bytes::BytesMut;
+
+impl Pump {
+    /// Scan the server bytes just read into `sin`, moving them (edited) to `s2c`.
+    pub(super) fn scan_server(&mut self) -> Result<(), PumpError> {
+        let sin = std::mem::take(&mut self.sin);
+        let mut out = std::mem::take(&mut self.s2c);
+        let r = scan(self.parts(), &sin, &mut out);
+        self.s2c = out;
+        self.sin = sin;
+        self.sin.clear();
+        r
+    }
+
+    fn parts(&mut self) -> Parts<'_> {
+        Parts {
+            sscan: &mut self.sscan,
+            tx: &mut self.tx,
+            seen: &mut self.seen,
+            actions: &mut self.actions,
+            stmts: self.stmts.as_mut(),
+            probe_due: &mut self.probe_due,
+            backslash_quotes: &mut self.backslash_quotes,
+        }
+    }
+
+    /// Scan server bytes that go to nobody (cleanup after the client left; fuzzing and tests).
+    pub fn absorb_server(&mut self, bytes: &[u8]) -> Result<(), PumpError> {
+        let seen = std::mem::take(&mut self.seen);
+        let mut out = BytesMut::new();
+        let r = scan(self.parts(), bytes, &mut out);
+        self.seen = seen;
+        r
+    }
+
+    /// Scan server bytes as if read from the server and return what the client would get (fuzzing and tests).
+    pub fn feed_server(&mut self, bytes: &[u8]) -> Result<Vec<u8>, PumpError> {
+        let mut out = std::mem::take(&mut self.s2c);
+        let r = scan(self.parts(), bytes, &mut out);
+        let got = out.to_vec();
+        out.clear();
+        self.s2c = out;
+        r.map(|()| got)
+    }
+}
+
+/// The pump's parts the server scan works on.
+struct Parts<'a> {
+    sscan: &'a mut ServerScanner,
+    tx: &'a mut TxState,
+    seen: &'a mut Seen,
+    actions: &'a mut Actions,
+    stmts: Option<&'a mut TxnStatements>,
+    probe_due: &'a mut bool,
+    backslash_quotes: &'a mut bool,
+}
+
+/// Walk server bytes into `out`: the transaction state follows every message; replies to the proxy's own
+/// tagged messages are swallowed, renamed or replaced at their header; errors, idle ReadyForQuery and
+/// ParameterStatus are noted for the report.
+fn scan(p: Parts<'_>, bytes: &[u8], out: &mut BytesMut) -> Result<(), PumpError> {
+    let Parts { sscan, tx, seen, actions, mut stmts, probe_due, backslash_quotes } = p;
+    let mut replaced = false;
+    sscan.feed_into(bytes, out, |ev, out| match ev {
+        Scan::Header(h) => {
+            replaced = false;
+            let kind = h[0];
+            if !matches!(kind, b'N' | b'S' | b'A') {
+                match (actions.head(tx), kind) {
+                    (Some(Action::Swallow { .. } | Action::Evict(_)), b'1' | b'3') => return false,
+                    (Some(Action::Refuse(e)), b'E') => {
+                        out.extend_from_slice(e);
+                        replaced = true;
+                        return false;
+                    }
+                    _ => {}
+                }
+            }
+            out.extend_from_slice(&h);
+            true
+        }
+        Scan::Message(m) => {
+            let mut fatal = false;
+            match m.kind {
+                b'Z' => {
+                    seen.ready += 1;
+                    if m.first == Some(b'I') {
+                        seen.idle_ready += 1;
+                    }
+                }
+                b'E' => {
+                    let (sev, code, msg) = frame::error_fields(m.body);
+                    fatal = frame::is_fatal(sev);
+                    if !replaced && seen.errors.len() < MAX_ERRORS {
+                        seen.errors.push((code.to_owned(), msg.to_owned()));
+                    }
+                    if code == crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED
+                        && msg.starts_with("cached plan must not change result type")
+                    {
+                        if let (Some(Action::Bind(stmt)), Some(s)) = (actions.head(tx), stmts.as_deref_mut()) {
+                            // The server keeps the stale plan (and fails on it, as direct); new Parses of the
+                            // text get a fresh statement.
+                            s.registry.retire(stmt);
+                        }
+                    }
+                }
+                b'S' if !m.truncated => {
+                    *probe_due = true;
+                    let mut parts = m.body.split(|c| *c == 0);
+                    if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+                        if k == b"standard_conforming_strings" {
+                            *backslash_quotes = v == b"off";
+                        }
+                        if seen.params.len() < 64 {
+                            seen.params.push((
+                                String::from_utf8_lossy(k).into_owned(),
+                                String::from_utf8_lossy(v).into_owned(),
+                            ));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            tx.server(m.kind, m.first, fatal);
+            rewrite::settle(tx, actions, stmts.as_deref_mut());
+            false
+        }
+    })?;
+    Ok(())
+}
