@@ -7,9 +7,11 @@
 # seconds per 1,000 transactions; raw per-run rows go to a CSV file.
 #
 # Knobs (environment): CLIENTS ("10 100 500"), ROUNDS (2), DURATION (15 s), POOL (20),
-# THREADS (2), MODE (simple|extended|prepared), SCRIPT (select-only|simple-update|tpcb-like),
-# SCALE (10), OUT (target/pgbench-results.csv), PGBUDGET_BIN (skip the cargo build),
-# PGBOUNCER_BIN (/usr/sbin/pgbouncer or PATH), KEEP_TMP=1 (leave the temp dir behind).
+# THREADS (2), MODE (simple|extended|prepared), MODE_DIRECT / MODE_PGBUDGET / MODE_PGBOUNCER (per-target
+# override of MODE), SCRIPT (select-only|simple-update|tpcb-like), SCRIPTS (space-separated list, default
+# SCRIPT), SCALE (10), OUT (target/pgbench-results.csv), PGBUDGET_BIN (skip the cargo build),
+# PGBOUNCER_BIN (/usr/sbin/pgbouncer or PATH), KEEP_GOING=1 (record a failed pgbench run and go on),
+# KEEP_TMP=1 (leave the temp dir behind). benches/pgbench_prepared.sh runs the prepared-statement comparison.
 # See benches/README.md.
 
 set -euo pipefail
@@ -22,6 +24,8 @@ POOL=${POOL:-20}
 THREADS=${THREADS:-2}
 MODE=${MODE:-simple}
 SCRIPT=${SCRIPT:-select-only}
+SCRIPTS=${SCRIPTS:-$SCRIPT}
+KEEP_GOING=${KEEP_GOING:-0}
 SCALE=${SCALE:-10}
 PASSWORD=secret
 PGUSER_NAME=postgres
@@ -47,10 +51,20 @@ for c in "${CLIENT_LIST[@]}"; do
     is_uint "$c" || die "CLIENTS must be positive integers (got '$c')"
     (( c <= 590 )) || die "client count $c exceeds what max_connections=600 allows for the direct target"
 done
-case $MODE in simple | extended | prepared) ;; *) die "MODE must be simple, extended or prepared (got '$MODE')" ;; esac
-if [[ $MODE == prepared ]]; then
-    log "warning: MODE=prepared uses named prepared statements; PgBouncer < 1.21 in transaction mode does not support them"
+# Query protocol per target: MODE unless MODE_<TARGET> overrides it (e.g. prepared for direct and pgbudget,
+# extended for PgBouncer 1.18, which cannot track named prepared statements in transaction mode).
+declare -A MODE_OF=([direct]=${MODE_DIRECT:-$MODE} [pgbudget]=${MODE_PGBUDGET:-$MODE} [pgbouncer]=${MODE_PGBOUNCER:-$MODE})
+for t in "${TARGETS[@]}"; do
+    case ${MODE_OF[$t]} in simple | extended | prepared) ;; *) die "query mode for $t must be simple, extended or prepared (got '${MODE_OF[$t]}')" ;; esac
+done
+if [[ ${MODE_OF[pgbouncer]} == prepared ]]; then
+    log "warning: PgBouncer runs with -M prepared (named prepared statements); PgBouncer < 1.21 in transaction mode does not support them"
 fi
+read -r -a SCRIPT_LIST <<<"$SCRIPTS"
+(( ${#SCRIPT_LIST[@]} > 0 )) || die "SCRIPTS is empty"
+for s in "${SCRIPT_LIST[@]}"; do
+    case $s in select-only | simple-update | tpcb-like) ;; *) die "scripts must be select-only, simple-update or tpcb-like (got '$s')" ;; esac
+done
 
 # ---------------------------------------------------------------- tools
 command -v python3 >/dev/null || die "python3 is required (free-port picking and the summary table)"
@@ -295,55 +309,64 @@ cpu_ticks() { # pid -> utime+stime in clock ticks (fields 14 and 15 of /proc/PID
 }
 
 mkdir -p -- "$(dirname -- "$OUT")"
-echo "round,position,clients,target,tps,transactions,proxy_cpu_s,proxy_cpu_s_per_1k_txn,duration_s,pool,mode,script,threads" >"$OUT"
+echo "round,position,clients,target,tps,transactions,proxy_cpu_s,proxy_cpu_s_per_1k_txn,duration_s,pool,mode,script,threads,failed_txns,aborted_clients,rc" >"$OUT"
 
 run_count=0
-total_runs=$(( ${#CLIENT_LIST[@]} * ROUNDS * ${#TARGETS[@]} ))
-for c in "${CLIENT_LIST[@]}"; do
-    threads=$THREADS
-    if (( threads > c )); then threads=$c; fi
-    for (( r = 0; r < ROUNDS; r++ )); do
-        for (( k = 0; k < ${#TARGETS[@]}; k++ )); do
-            t=${TARGETS[$(( (k + r) % ${#TARGETS[@]} ))]}
-            pid=${PID_OF[$t]}
-            run_count=$(( run_count + 1 ))
-            log "run $run_count/$total_runs: clients=$c round=$(( r + 1 )) target=$t"
-            if [[ -n $pid ]]; then
-                kill -0 "$pid" 2>/dev/null || die "$t (pid $pid) is no longer running"
-                before=$(cpu_ticks "$pid")
-            fi
-            rc=0
-            "$PGBIN/pgbench" -n -b "$SCRIPT" -M "$MODE" -c "$c" -j "$threads" -T "$DURATION" \
-                -p "${PORT_OF[$t]}" >"$TMP/run.out" 2>"$TMP/run.err" || rc=$?
-            cpu_s=""
-            if [[ -n $pid ]]; then
-                if kill -0 "$pid" 2>/dev/null; then
-                    after=$(cpu_ticks "$pid")
-                    cpu_s=$(awk -v a="$after" -v b="$before" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", (a - b) / hz }')
-                else
-                    log "$t (pid $pid) died during the run"
-                    if (( rc == 0 )); then rc=99; fi
+total_runs=$(( ${#SCRIPT_LIST[@]} * ${#CLIENT_LIST[@]} * ROUNDS * ${#TARGETS[@]} ))
+for SCRIPT in "${SCRIPT_LIST[@]}"; do
+    for c in "${CLIENT_LIST[@]}"; do
+        threads=$THREADS
+        if (( threads > c )); then threads=$c; fi
+        for (( r = 0; r < ROUNDS; r++ )); do
+            for (( k = 0; k < ${#TARGETS[@]}; k++ )); do
+                t=${TARGETS[$(( (k + r) % ${#TARGETS[@]} ))]}
+                pid=${PID_OF[$t]}
+                run_count=$(( run_count + 1 ))
+                mode=${MODE_OF[$t]}
+                log "run $run_count/$total_runs: script=$SCRIPT clients=$c round=$(( r + 1 )) target=$t mode=$mode"
+                if [[ -n $pid ]]; then
+                    kill -0 "$pid" 2>/dev/null || die "$t (pid $pid) is no longer running"
+                    before=$(cpu_ticks "$pid")
                 fi
-            fi
-            tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$TMP/run.out")
-            txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*$/\1/p' "$TMP/run.out")
-            if (( rc != 0 )) || [[ -z $tps || -z $txns ]]; then
-                printf '\n===== pgbench against %s (clients=%s, round %s) failed: exit %s =====\n' "$t" "$c" "$(( r + 1 ))" "$rc" >&2
-                echo "--- pgbench stdout ---" >&2
-                cat "$TMP/run.out" >&2
-                echo "--- pgbench stderr ---" >&2
-                cat "$TMP/run.err" >&2
-                die "pgbench run failed (target=$t clients=$c)"
-            fi
-            if grep -q . "$TMP/run.err"; then
-                log "pgbench stderr (non-fatal) for $t c=$c: $(head -n 5 "$TMP/run.err" | tr '\n' ' ')"
-            fi
-            per1k=""
-            if [[ -n $cpu_s ]]; then
-                per1k=$(awk -v s="$cpu_s" -v n="$txns" 'BEGIN { if (n > 0) printf "%.5f", s / (n / 1000); }')
-            fi
-            log "  tps=$tps txns=$txns${cpu_s:+ proxy_cpu=${cpu_s}s per1k=${per1k}s}"
-            echo "$(( r + 1 )),$(( k + 1 )),$c,$t,$tps,$txns,$cpu_s,$per1k,$DURATION,$POOL,$MODE,$SCRIPT,$threads" >>"$OUT"
+                rc=0
+                "$PGBIN/pgbench" -n -b "$SCRIPT" -M "$mode" -c "$c" -j "$threads" -T "$DURATION" \
+                    -p "${PORT_OF[$t]}" >"$TMP/run.out" 2>"$TMP/run.err" || rc=$?
+                cpu_s=""
+                if [[ -n $pid ]]; then
+                    if kill -0 "$pid" 2>/dev/null; then
+                        after=$(cpu_ticks "$pid")
+                        cpu_s=$(awk -v a="$after" -v b="$before" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", (a - b) / hz }')
+                    else
+                        log "$t (pid $pid) died during the run"
+                        if (( rc == 0 )); then rc=99; fi
+                    fi
+                fi
+                tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$TMP/run.out")
+                txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*$/\1/p' "$TMP/run.out")
+                failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*$/\1/p' "$TMP/run.out")
+                aborted=$(grep -c 'aborted' "$TMP/run.err" || true)
+                if (( rc != 0 )) || [[ -z $tps || -z $txns ]]; then
+                    printf '\n===== pgbench against %s (script=%s clients=%s, round %s) failed: exit %s =====\n' "$t" "$SCRIPT" "$c" "$(( r + 1 ))" "$rc" >&2
+                    echo "--- pgbench stdout ---" >&2
+                    cat "$TMP/run.out" >&2
+                    echo "--- pgbench stderr (first 40 lines) ---" >&2
+                    head -n 40 "$TMP/run.err" >&2
+                    if [[ $KEEP_GOING != 1 ]]; then
+                        die "pgbench run failed (target=$t clients=$c)"
+                    fi
+                    log "KEEP_GOING=1: recording the failed run (rc=$rc, stderr lines with 'aborted': $aborted) and going on"
+                    if (( rc == 0 )); then rc=98; fi
+                fi
+                if grep -q . "$TMP/run.err"; then
+                    log "pgbench stderr (non-fatal) for $t c=$c: $(head -n 5 "$TMP/run.err" | tr '\n' ' ')"
+                fi
+                per1k=""
+                if [[ -n $cpu_s && -n $txns ]]; then
+                    per1k=$(awk -v s="$cpu_s" -v n="$txns" 'BEGIN { if (n > 0) printf "%.5f", s / (n / 1000); }')
+                fi
+                log "  tps=$tps txns=$txns failed=${failed:-?}${cpu_s:+ proxy_cpu=${cpu_s}s per1k=${per1k}s}"
+                echo "$(( r + 1 )),$(( k + 1 )),$c,$t,$tps,$txns,$cpu_s,$per1k,$DURATION,$POOL,$mode,$SCRIPT,$threads,$failed,$aborted,$rc" >>"$OUT"
+            done
         done
     done
 done
@@ -357,8 +380,15 @@ from collections import defaultdict
 rows = list(csv.DictReader(open(sys.argv[1])))
 tps = defaultdict(list)
 cpu = defaultdict(list)
+mode = {}
+bad = defaultdict(int)
 for r in rows:
-    key = (int(r["clients"]), r["target"])
+    key = (r["script"], int(r["clients"]), r["target"])
+    mode[r["target"]] = r["mode"]
+    if r["rc"] != "0" or r["failed_txns"] not in ("", "0") or r["aborted_clients"] not in ("", "0"):
+        bad[key] += 1
+    if not r["tps"]:
+        continue
     tps[key].append(float(r["tps"]))
     if r["proxy_cpu_s_per_1k_txn"]:
         cpu[key].append(float(r["proxy_cpu_s_per_1k_txn"]))
@@ -366,17 +396,27 @@ for r in rows:
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
 
+def ratio(a, b):
+    return f"{a / b:.3f}" if b and a == a and b == b else "n/a"
+
 first = rows[0]
-print()
-print(f"pgbench -b {first['script']} -M {first['mode']}, {first['duration_s']} s per run, "
-      f"pool {first['pool']}, {max(int(r['round']) for r in rows)} round(s), median over rounds")
+modes = ", ".join(f"{t} -M {mode[t]}" for t in ("direct", "pgbudget", "pgbouncer") if t in mode)
 hdr = ("clients", "direct tps", "pgbudget tps", "pgbouncer tps", "budget/bouncer", "budget/direct",
-       "budget cpu s/1k", "bouncer cpu s/1k")
-fmt = "{:>7}  {:>11}  {:>12}  {:>13}  {:>14}  {:>13}  {:>15}  {:>16}"
-print(fmt.format(*hdr))
-for c in sorted({k[0] for k in tps}):
-    d, b, p = med(tps[(c, "direct")]), med(tps[(c, "pgbudget")]), med(tps[(c, "pgbouncer")])
-    print(fmt.format(c, f"{d:.0f}", f"{b:.0f}", f"{p:.0f}",
-                     f"{b / p:.3f}" if p else "n/a", f"{b / d:.3f}" if d else "n/a",
-                     f"{med(cpu[(c, 'pgbudget')]):.4f}", f"{med(cpu[(c, 'pgbouncer')]):.4f}"))
+       "budget cpu s/1k", "bouncer cpu s/1k", "cpu budget/bouncer")
+fmt = "{:>7}  {:>11}  {:>12}  {:>13}  {:>14}  {:>13}  {:>15}  {:>16}  {:>18}"
+for script in dict.fromkeys(r["script"] for r in rows):
+    print()
+    print(f"pgbench -b {script} ({modes}), {first['duration_s']} s per run, pool {first['pool']}, "
+          f"{max(int(r['round']) for r in rows)} round(s), median over rounds")
+    print(fmt.format(*hdr))
+    for c in sorted({k[1] for k in tps if k[0] == script}):
+        d, b, p = (med(tps[(script, c, t)]) for t in ("direct", "pgbudget", "pgbouncer"))
+        bc, pc = med(cpu[(script, c, "pgbudget")]), med(cpu[(script, c, "pgbouncer")])
+        print(fmt.format(c, f"{d:.0f}", f"{b:.0f}", f"{p:.0f}", ratio(b, p), ratio(b, d),
+                         f"{bc:.4f}", f"{pc:.4f}", ratio(bc, pc)))
+if bad:
+    print()
+    for (script, c, t), n in sorted(bad.items()):
+        print(f"warning: {n} run(s) with failed transactions, aborted clients or a non-zero exit: "
+              f"script={script} clients={c} target={t} (see the CSV)")
 PY

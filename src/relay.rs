@@ -132,6 +132,7 @@ impl Relay {
                 hits: m.prepared_hits.clone(),
                 misses: m.prepared_misses.clone(),
                 evictions: m.prepared_evictions.clone(),
+                bound: Vec::new(),
             });
         }
         Relay {
@@ -396,7 +397,10 @@ impl Relay {
                     if self.draining {
                         return Ok(Outcome::ShuttingDown);
                     }
-                    if self.pump.probe_due && self.mode == PoolMode::Transaction && self.probe_session().await? {
+                    if self.pump.probe_due
+                        && self.mode == PoolMode::Transaction
+                        && Box::pin(self.probe_session()).await?
+                    {
                         continue; // pinned: the server stays with this client
                     }
                     self.release().await;

@@ -368,7 +368,7 @@ async fn login(
 
     // Session mode holds one server for the whole session; transaction mode shows the cached parameter set.
     let mut shown: HashMap<String, String> = if budget.pool_mode() == PoolMode::Session {
-        relay.attach(sock).await?;
+        relay.attach(sock).await.map_err(setting_refused)?;
         if let Some(pid) = relay.server_pid() {
             relay.key.take_pid(pid);
         }
@@ -391,7 +391,7 @@ async fn login(
         };
         let room = pool.reported.lock().unwrap_or_else(|e| e.into_inner()).len() < MAX_LEARNED;
         if room && asked.iter().any(|k| known(&pool, k).is_none()) {
-            relay.attach(sock).await?;
+            relay.attach(sock).await.map_err(setting_refused)?;
             if let Some(params) = relay.server_params() {
                 let mut learned = pool.reported.lock().unwrap_or_else(|e| e.into_inner());
                 for (name, v) in &asked {
@@ -420,6 +420,14 @@ async fn login(
     sock.write_all(&out).await.map_err(ProxyError::ClientIo)?;
     relay.greeted = true;
     Ok(relay)
+}
+
+/// At login a startup setting the server refuses ends the login with the server's SQLSTATE (as direct).
+fn setting_refused(e: ProxyError) -> ProxyError {
+    match e {
+        ProxyError::ServerRejected { code, message } => ProxyError::SettingRejected { code, message },
+        e => e,
+    }
 }
 
 /// Compare setting values loosely (`utf-8` = `UTF8`).

@@ -80,7 +80,7 @@ impl Relay {
         let _pinned = self.pin_count.take();
         let txn = self.mode == PoolMode::Transaction;
         if txn && self.pump.probe_due && self.pump.releasable() && !self.pump.loaded {
-            if let Err(e) = self.probe_session().await {
+            if let Err(e) = Box::pin(self.probe_session()).await {
                 debug!(cause = %e, "probe at session end failed");
             }
         }

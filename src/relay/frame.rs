@@ -78,13 +78,14 @@ impl ServerScanner {
     /// Walk `chunk` and copy it to `out` message by message as `on` decides: at each header, `on` gets
     /// [`Scan::Header`] and writes what should stand for it (the header as is, another one, a replacement
     /// message, or nothing), returning whether the body is copied; at each end it gets [`Scan::Message`].
+    /// With `out` `None` nothing is copied (the bytes stay where they are) and `on`'s writes go nowhere.
     pub fn feed_into(
         &mut self,
         chunk: &[u8],
-        out: &mut BytesMut,
+        out: Option<&mut BytesMut>,
         on: impl FnMut(Scan<'_>, &mut BytesMut) -> bool,
     ) -> Result<(), BadServerFrame> {
-        self.walk(chunk, Some(out), on)
+        self.walk(chunk, out, on)
     }
 
     fn walk(

@@ -272,16 +272,24 @@ impl Pump {
             }
             // c2s → server.
             progress |= poll_send(cx, server, &mut self.c2s).map_err(PumpError::ServerIo)?;
-            // Server → sin → s2c, scanned (and edited) as it arrives.
+            // Server → s2c, scanned as it arrives; through sin (and edited) while replies to the proxy's own
+            // messages are owed.
             if self.s2c.len() < BUF {
-                match poll_read_into(cx, server, &mut self.sin) {
+                let edits = self.edits_pending();
+                let from = self.s2c.len();
+                let into = if edits { &mut self.sin } else { &mut self.s2c };
+                match poll_read_into(cx, server, into) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Event::ServerClosed)),
                     Poll::Ready(Ok(n)) => {
                         self.bytes_out += n as u64;
                         if self.track_activity {
                             self.last_activity = Some(Instant::now());
                         }
-                        self.scan_server()?;
+                        if edits {
+                            self.scan_server()?;
+                        } else {
+                            self.scan_in_place(from)?;
+                        }
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ServerIo(e))),

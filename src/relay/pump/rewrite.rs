@@ -42,6 +42,9 @@ pub struct TxnStatements {
     pub hits: IntCounter,
     pub misses: IntCounter,
     pub evictions: IntCounter,
+    /// Statements bound since the server last had nothing owed ("cached plan must not change result type"
+    /// retires them).
+    pub bound: Vec<Arc<Stmt>>,
 }
 
 impl TxnStatements {
@@ -59,6 +62,7 @@ impl TxnStatements {
             hits: counter("hits"),
             misses: counter("misses"),
             evictions: counter("evictions"),
+            bound: Vec::new(),
         }
     }
 
@@ -86,8 +90,6 @@ pub enum Action {
     Parse { id: u64, gen: u64, name: String, stand_in: bool },
     /// A stand-in that fails: the server's error is replaced by this one.
     Refuse(Bytes),
-    /// A Bind of the pool's statement (a "cached plan must not change result type" retires it).
-    Bind(Arc<Stmt>),
     /// A client Close of its statement (answered by a Close of nobody): skipped after an error, the client
     /// still has the statement.
     /// `void`: the Parse that created it failed, so there is nothing to give back.
@@ -119,6 +121,10 @@ impl Actions {
 
     pub fn clear(&mut self) {
         self.queue.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
     }
 }
 
@@ -286,6 +292,14 @@ impl Pump {
         s.client.get(key).cloned()
     }
 
+    fn note_bound(&mut self, stmt: Arc<Stmt>) {
+        if let Some(s) = self.stmts.as_mut() {
+            if s.bound.len() < 256 {
+                s.bound.push(stmt);
+            }
+        }
+    }
+
     /// Whether statement names are mapped now (transaction mode with `max_prepared_statements` > 0).
     fn mapping(&self) -> bool {
         self.stmts.as_ref().is_some_and(|s| s.max_per_server > 0)
@@ -356,15 +370,16 @@ impl Pump {
                 match self.bind_target(name)? {
                     None => self.send(msg, 0),
                     Some(stmt) => {
-                        let mut out = BytesMut::with_capacity(msg.len() + 16);
-                        let at = protocol::begin(&mut out, b'B');
-                        out.put_slice(portal);
-                        out.put_u8(0);
-                        protocol::put_cstr(&mut out, &stmt.name);
-                        out.put_slice(rest);
-                        protocol::finish(&mut out, at);
-                        let tag = self.actions.push(Action::Bind(stmt));
-                        self.send(&out, tag);
+                        // Built in place: no buffer per Bind.
+                        let at = protocol::begin(&mut self.c2s, b'B');
+                        self.c2s.put_slice(portal);
+                        self.c2s.put_u8(0);
+                        protocol::put_cstr(&mut self.c2s, &stmt.name);
+                        self.c2s.put_slice(rest);
+                        protocol::finish(&mut self.c2s, at);
+                        self.tx.client(b'B', None);
+                        settle(&mut self.tx, &mut self.actions, self.stmts.as_mut());
+                        self.note_bound(stmt);
                     }
                 }
             }
@@ -442,10 +457,10 @@ impl Pump {
         out.put_slice(portal);
         out.put_u8(0);
         protocol::put_cstr(&mut out, &stmt.name);
-        let tag = self.actions.push(Action::Bind(stmt));
         self.c2s.extend_from_slice(&out);
-        self.tx.client_tagged(b'B', None, tag);
+        self.tx.client(b'B', None);
         settle(&mut self.tx, &mut self.actions, self.stmts.as_mut());
+        self.note_bound(stmt);
         Ok(Some(consumed))
     }
 

@@ -8,14 +8,28 @@ use crate::relay::txstate::TxState;
 use bytes::BytesMut;
 
 impl Pump {
+    /// Whether server bytes may need edits: some reply still owed belongs to a message of the proxy's own.
+    /// Without, they are read straight into `s2c` and scanned where they are.
+    pub(super) fn edits_pending(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
     /// Scan the server bytes just read into `sin`, moving them (edited) to `s2c`.
     pub(super) fn scan_server(&mut self) -> Result<(), PumpError> {
         let sin = std::mem::take(&mut self.sin);
         let mut out = std::mem::take(&mut self.s2c);
-        let r = scan(self.parts(), &sin, &mut out);
+        let r = scan(self.parts(), &sin, Some(&mut out));
         self.s2c = out;
         self.sin = sin;
         self.sin.clear();
+        r
+    }
+
+    /// Scan the server bytes just read straight into `s2c` (from `from` on), where they stay.
+    pub(super) fn scan_in_place(&mut self, from: usize) -> Result<(), PumpError> {
+        let s2c = std::mem::take(&mut self.s2c);
+        let r = scan(self.parts(), &s2c[from..], None);
+        self.s2c = s2c;
         r
     }
 
@@ -35,7 +49,7 @@ impl Pump {
     pub fn absorb_server(&mut self, bytes: &[u8]) -> Result<(), PumpError> {
         let seen = std::mem::take(&mut self.seen);
         let mut out = BytesMut::new();
-        let r = scan(self.parts(), bytes, &mut out);
+        let r = scan(self.parts(), bytes, Some(&mut out));
         self.seen = seen;
         r
     }
@@ -43,7 +57,7 @@ impl Pump {
     /// Scan server bytes as if read from the server and return what the client would get (fuzzing and tests).
     pub fn feed_server(&mut self, bytes: &[u8]) -> Result<Vec<u8>, PumpError> {
         let mut out = std::mem::take(&mut self.s2c);
-        let r = scan(self.parts(), bytes, &mut out);
+        let r = scan(self.parts(), bytes, Some(&mut out));
         let got = out.to_vec();
         out.clear();
         self.s2c = out;
@@ -65,7 +79,8 @@ struct Parts<'a> {
 /// Walk server bytes into `out`: the transaction state follows every message; replies to the proxy's own
 /// tagged messages are swallowed, renamed or replaced at their header; errors, idle ReadyForQuery and
 /// ParameterStatus are noted for the report.
-fn scan(p: Parts<'_>, bytes: &[u8], out: &mut BytesMut) -> Result<(), PumpError> {
+fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), PumpError> {
+    let copy = out.is_some();
     let Parts { sscan, tx, seen, actions, mut stmts, probe_due, backslash_quotes } = p;
     let mut replaced = false;
     sscan.feed_into(bytes, out, |ev, out| match ev {
@@ -83,7 +98,9 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: &mut BytesMut) -> Result<(), PumpError>
                     _ => {}
                 }
             }
-            out.extend_from_slice(&h);
+            if copy {
+                out.extend_from_slice(&h);
+            }
             true
         }
         Scan::Message(m) => {
@@ -104,10 +121,13 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: &mut BytesMut) -> Result<(), PumpError>
                     if code == crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED
                         && msg.starts_with("cached plan must not change result type")
                     {
-                        if let (Some(Action::Bind(stmt)), Some(s)) = (actions.head(tx), stmts.as_deref_mut()) {
-                            // The server keeps the stale plan (and fails on it, as direct); new Parses of the
-                            // text get a fresh statement.
-                            s.registry.retire(stmt);
+                        // The server keeps the stale plan (and fails on it, as direct); new Parses of the text
+                        // get a fresh statement. Which Bind failed is not tracked: every statement bound since the
+                        // last ReadyForQuery is retired (a spare retirement only costs a fresh Parse).
+                        if let Some(s) = stmts.as_deref_mut() {
+                            for stmt in s.bound.drain(..) {
+                                s.registry.retire(&stmt);
+                            }
                         }
                     }
                 }
@@ -129,6 +149,11 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: &mut BytesMut) -> Result<(), PumpError>
                 _ => {}
             }
             tx.server(m.kind, m.first, fatal);
+            if m.kind == b'Z' && tx.outstanding() == 0 {
+                if let Some(s) = stmts.as_deref_mut() {
+                    s.bound.clear();
+                }
+            }
             rewrite::settle(tx, actions, stmts.as_deref_mut());
             false
         }
