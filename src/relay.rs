@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tracing::warn;
+use tracing::{debug, warn};
 
 mod checkin;
 pub mod classify;
@@ -45,6 +45,8 @@ const CANCEL_SETTLE: Duration = Duration::from_secs(6);
 pub enum Outcome {
     ClientDone,
     ShuttingDown,
+    /// The server ended the session with FATAL (passed to the client as is).
+    ServerEnded,
 }
 
 /// One client's relay state, kept across server checkouts.
@@ -133,6 +135,8 @@ impl Relay {
                 misses: m.prepared_misses.clone(),
                 evictions: m.prepared_evictions.clone(),
                 bound: Vec::new(),
+                unnamed: None,
+                unnamed_here: false,
             });
         }
         Relay {
@@ -206,9 +210,17 @@ impl Relay {
         self.hold = Some(hold);
         self.pump.attach();
         self.pump.backslash_quotes = conn.params.get("standard_conforming_strings").is_some_and(|v| v == "off");
+        // Notifications the server got while the proxy spoke to it belong to whoever listened: only a pinned
+        // client listens, so a fresh checkout drops what a previous holder left.
+        conn.notifications.clear();
+        if self.mode == PoolMode::Transaction {
+            conn.note_client(self.key.pid);
+            self.pump.servers = conn.server_list().cloned();
+        }
         if let Some(s) = self.pump.stmts.as_mut() {
             std::mem::swap(&mut s.server, &mut conn.statements);
             s.server.begin();
+            s.unnamed_here = false;
             s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
         }
         self.server = Some(conn);
@@ -411,7 +423,17 @@ impl Relay {
                 }
                 Wake::Pump(Ok(Event::ServerClosed)) => {
                     self.report();
-                    return Err(self.server_lost(ServerError::Closed));
+                    // What the server said before closing goes to the client first; if that was a FATAL
+                    // (terminated by an administrator, a crash), it is the client's answer, as on a direct
+                    // connection, and the proxy adds nothing.
+                    let fatal = self.pump.tx.fatal();
+                    let err = self.server_lost(ServerError::Closed);
+                    let _ = self.flush_client(sock).await;
+                    if fatal {
+                        debug!("server ended the session with FATAL; passed to the client");
+                        return Ok(Outcome::ServerEnded);
+                    }
+                    return Err(err);
                 }
                 Wake::Pump(Err(e)) => {
                     self.report();

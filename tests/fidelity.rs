@@ -554,3 +554,71 @@ fn txn_asyncpg_column_type_change_between_fetches_like_direct() {
     let out = script("txn", &pg, &proxy);
     assert!(out.contains("fidelity_txn: ok"), "{out}");
 }
+
+/// NotificationResponses name their sender by the pid its client was given, and none is lost while the
+/// listener's server is read by the proxy.
+#[test]
+fn txn_notifications_name_the_senders_client_pid() {
+    let pg = Pg::start();
+    let proxy = start(&pg, 3, TXN, "");
+    let out = script("notify", &pg, &proxy);
+    assert!(out.contains("fidelity_notify: ok"), "{out}");
+}
+
+/// The client's unnamed statement lives across its transactions although its server changes in between, and
+/// nothing the proxy or another client does on that server replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_unnamed_statement_survives_a_change_of_server_and_other_clients() {
+    let pg = Pg::start();
+    let proxy = start(&pg, 2, "", "");
+    let mut a = login_with(proxy.port, &[("DateStyle", "German")]).await;
+    let t = exchange(&mut a, &[parse("", "SELECT 40 + 2"), describe_stmt(""), sync()], 1).await;
+    assert_eq!(t.last().map(String::as_str), Some("Z:I"), "{t:?}");
+    // Other clients (with other settings, so the proxy replays settings on the servers) use both servers and
+    // their own unnamed statements.
+    for _ in 0..3 {
+        let mut b = login(proxy.port).await;
+        let t = exchange(&mut b, &[parse("", "SELECT 'b'"), bind(""), execute(), sync()], 1).await;
+        assert_eq!(t, s(&["1", "2", "D:b", "C:SELECT 1", "Z:I"]));
+    }
+    for _ in 0..3 {
+        let t = exchange(&mut a, &[bind(""), execute(), sync()], 1).await;
+        assert_eq!(t, s(&["2", "D:42", "C:SELECT 1", "Z:I"]), "A's unnamed statement");
+    }
+    // A simple Query drops the unnamed statement, as on a direct connection.
+    simple_col(&mut a, "select 1").await;
+    let t = exchange(&mut a, &[bind(""), execute(), sync()], 1).await;
+    assert_eq!(t.first().map(|e| e.starts_with("E:26000")), Some(true), "{t:?}");
+}
+
+/// A server that ends a running query with FATAL (an administrator's `pg_terminate_backend`) is heard by
+/// the client as it would be directly: the server's own 57P01, not a proxy error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_server_fatal_reaches_the_client_as_is() {
+    let pg = Pg::start();
+    let proxy = start(&pg, 2, "", "");
+    let admin = admin(&pg).await;
+    let c = connect(&proxy.conninfo()).await.unwrap();
+    let sleeper = tokio::spawn(async move { c.simple_query("select pg_sleep(20)").await.map(|_| ()) });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = admin
+            .query_one(
+                "select count(pg_terminate_backend(pid)) from pg_stat_activity where query = 'select pg_sleep(20)' \
+                 and pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the query never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = timeout(Duration::from_secs(5), sleeper).await.unwrap().unwrap().unwrap_err();
+    let db = err.as_db_error().unwrap_or_else(|| panic!("a server error, not {err}"));
+    assert_eq!((db.severity(), db.code().code()), ("FATAL", "57P01"), "{db:?}");
+    assert!(db.message().contains("administrator command"), "{}", db.message());
+}

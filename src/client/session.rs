@@ -102,11 +102,13 @@ pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) 
     let end_reason = match &outcome {
         Ok(Outcome::ClientDone) => "client_done",
         Ok(Outcome::ShuttingDown) => "shutting_down",
+        Ok(Outcome::ServerEnded) => "server_fatal",
         Err(e) if e.is_disconnect() => "disconnect",
         Err(e) => e.kind(),
     };
     match outcome {
         Ok(Outcome::ClientDone) => debug!("client left"),
+        Ok(Outcome::ServerEnded) => info!("server ended the session with FATAL"),
         Ok(Outcome::ShuttingDown) => {
             let _ = write_error(&mut sock, &ProxyError::ShuttingDown).await;
         }

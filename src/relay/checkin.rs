@@ -31,8 +31,13 @@ impl Relay {
             .filter(|(k, _)| !(ro && k == crate::server::READ_ONLY_SETTING))
             .collect();
         conn.applied = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if !conn.notifications.is_empty() {
+            self.pump.queue_for_client(&conn.notifications);
+            conn.notifications.clear();
+        }
         self.desired = settings;
         if let Some(s) = self.pump.stmts.as_mut() {
+            s.unnamed_here = false; // the probe, a simple Query, dropped the server's unnamed statement
             s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
             s.server.resync(probe.statements.iter().map(String::as_str));
         }
@@ -49,6 +54,7 @@ impl Relay {
         if !pins.is_empty() && self.pool.budget().settings.pin == PinPolicy::Refuse {
             warn!(kind = "pin", reasons = ?pins, "state the statement scan did not see pins a server under pin = refuse");
         }
+        self.pump.listening = pins.contains(&"listen");
         let was_pinned = !self.pins.is_empty();
         self.pins = pins;
         self.pump.pinned = !self.pins.is_empty();

@@ -56,7 +56,7 @@ pub struct ServerScanner {
 }
 
 fn captured(kind: u8) -> bool {
-    matches!(kind, b'E' | b'S' | b'Z')
+    matches!(kind, b'E' | b'S' | b'Z' | b'A')
 }
 
 impl ServerScanner {

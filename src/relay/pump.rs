@@ -119,6 +119,10 @@ pub struct Pump {
     pub loaded: bool,
     /// The server's `standard_conforming_strings` is off (backslashes escape in plain strings).
     pub backslash_quotes: bool,
+    /// Transaction mode: the client listens (or may have just started to), so NotificationResponses may
+    /// come; their sender's pid is rewritten to the cancel-key pid its client knows (`servers`).
+    pub listening: bool,
+    pub servers: Option<crate::server::ServerList>,
     /// Body bytes of the current pass-through client message still to come.
     body_left: usize,
     /// Bytes `cin` must hold to complete a held message.
@@ -184,6 +188,12 @@ impl Pump {
     /// Server bytes not yet written to the client.
     pub fn unflushed(&self) -> &[u8] {
         &self.s2c
+    }
+
+    /// Bytes for the client from outside the pump (notifications that arrived during the proxy's own
+    /// statements), queued at a message boundary.
+    pub fn queue_for_client(&mut self, bytes: &[u8]) {
+        self.s2c.extend_from_slice(bytes);
     }
 
     pub fn consume_unflushed(&mut self, n: usize) {

@@ -56,6 +56,9 @@ pub struct ServerConn {
     pub statements: statements::ServerStatements,
     /// The user the connection logged in as (its default `session_authorization`).
     pub login_user: String,
+    /// NotificationResponses that arrived during the proxy's own statements, for the client that holds the
+    /// connection (a LISTEN's notification must not be lost to a probe).
+    pub notifications: BytesMut,
     pub pid: i32,
     pub secret: i32,
     pub created: Instant,
@@ -77,6 +80,9 @@ pub struct ServerInfo {
     pub addr: SocketAddr,
     pub pid: i32,
     pub connected_at: std::time::SystemTime,
+    /// The cancel-key pid of the client that holds (or last held) it: what that client knows as its
+    /// backend's pid, so a NotificationResponse from this backend can name it.
+    pub client_pid: i32,
 }
 
 /// The live server connections of one upstream, keyed by backend pid.
@@ -150,6 +156,7 @@ impl ServerConn {
             applied: HashMap::new(),
             statements: Default::default(),
             login_user: target.user.clone(),
+            notifications: BytesMut::new(),
             pid: 0,
             secret: 0,
             created: Instant::now(),
@@ -271,9 +278,24 @@ impl ServerConn {
             addr: self.addr,
             pid: self.pid,
             connected_at: std::time::SystemTime::now(),
+            client_pid: 0,
         };
         list.insert(self.pid, info);
         self.registration = Some(Registration { list: list.clone(), pid: self.pid });
+    }
+
+    /// Record which client (by its cancel-key pid) holds this connection now.
+    pub fn note_client(&self, client_pid: i32) {
+        if let Some(r) = &self.registration {
+            if let Some(mut info) = r.list.get_mut(&r.pid) {
+                info.client_pid = client_pid;
+            }
+        }
+    }
+
+    /// The upstream's list of server connections this one is registered in.
+    pub fn server_list(&self) -> Option<&ServerList> {
+        self.registration.as_ref().map(|r| &r.list)
     }
 
     /// Run one simple-protocol statement and consume its whole reply up to ReadyForQuery.
@@ -309,16 +331,21 @@ impl ServerConn {
         reset: &[String],
         timeout: Duration,
     ) -> Result<(), ServerError> {
+        // Named statements of the proxy's own, closed in the same batch: the client's unnamed statement (which
+        // it may bind in its next transaction) is left alone.
         let mut out = BytesMut::with_capacity(256);
+        // One a failed batch left behind (its closing Close was skipped) goes first.
+        close_own(&mut out);
         if !set.is_empty() {
             let at = protocol::begin(&mut out, b'P');
-            protocol::put_cstr(&mut out, "");
+            protocol::put_cstr(&mut out, OWN_STATEMENT);
             protocol::put_cstr(&mut out, "SELECT pg_catalog.set_config($1, $2, false)");
             out.put_i16(0);
             protocol::finish(&mut out, at);
             for (k, v) in set {
                 let at = protocol::begin(&mut out, b'B');
-                out.put_slice(&[0, 0]); // portal "", statement ""
+                out.put_u8(0); // portal ""
+                protocol::put_cstr(&mut out, OWN_STATEMENT);
                 out.put_i16(0); // text parameters
                 out.put_i16(2);
                 for p in [k.as_str(), v.as_str()] {
@@ -329,6 +356,7 @@ impl ServerConn {
                 protocol::finish(&mut out, at);
                 out.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
             }
+            close_own(&mut out);
         }
         for k in reset {
             if !is_setting_name(k) {
@@ -338,12 +366,17 @@ impl ServerConn {
                 });
             }
             let at = protocol::begin(&mut out, b'P');
-            protocol::put_cstr(&mut out, "");
+            protocol::put_cstr(&mut out, OWN_STATEMENT);
             protocol::put_cstr(&mut out, &format!("RESET {k}"));
             out.put_i16(0);
             protocol::finish(&mut out, at);
-            out.extend_from_slice(&[b'B', 0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0]);
+            let at = protocol::begin(&mut out, b'B');
+            out.put_u8(0);
+            protocol::put_cstr(&mut out, OWN_STATEMENT);
+            out.put_slice(&[0, 0, 0, 0, 0, 0]);
+            protocol::finish(&mut out, at);
             out.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+            close_own(&mut out);
         }
         out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         self.round_trip(&out, timeout).await
@@ -367,6 +400,7 @@ impl ServerConn {
                     let backend::ErrorFields { code, message, .. } = backend::error_fields(&buf)?;
                     err = Some(ServerError::Postgres { code, message });
                 }
+                b'A' => self.keep_notification(&buf),
                 b'Z' => {
                     return match err {
                         Some(e) => Err(e),
@@ -379,6 +413,16 @@ impl ServerConn {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Keep a NotificationResponse body for the client (at most 1 MiB of them; more are dropped, as a client
+    /// that does not read its socket would lose them too).
+    pub(crate) fn keep_notification(&mut self, body: &[u8]) {
+        if self.notifications.len() + body.len() + 5 <= 1 << 20 {
+            self.notifications.put_u8(b'A');
+            self.notifications.put_i32(body.len() as i32 + 4);
+            self.notifications.put_slice(body);
         }
     }
 
@@ -408,6 +452,16 @@ impl ServerConn {
     pub async fn ping(&mut self, timeout: Duration) -> Result<(), ServerError> {
         self.simple("", timeout).await
     }
+}
+
+/// The statement name the proxy's own extended-protocol statements use (never the unnamed one).
+const OWN_STATEMENT: &str = "pgbudget__own";
+
+fn close_own(out: &mut BytesMut) {
+    let at = protocol::begin(out, b'C');
+    out.put_u8(b'S');
+    protocol::put_cstr(out, OWN_STATEMENT);
+    protocol::finish(out, at);
 }
 
 /// The setting read-only routes force on every server connection.

@@ -115,6 +115,7 @@ impl ServerConn {
                         let backend::ErrorFields { code, message, .. } = backend::error_fields(&buf)?;
                         err = Some(ServerError::Postgres { code, message });
                     }
+                    b'A' => self.keep_notification(&buf),
                     b'Z' => {
                         return match (err, buf.first()) {
                             (Some(e), _) => Err(e),

@@ -6,6 +6,8 @@
 - txn: asyncpg (default statement cache) fetches `select * from t` before and after a column type change and a
   column addition (asyncpg re-prepares after InvalidCachedStatementError itself); inside a transaction it
   cannot, and raises the same error as direct.
+- notify (transaction mode): a listener gets notifications whose pid is the sender's get_server_pid() (another
+  client's, and its own), also while other clients churn through the share.
 - startup: psycopg with PGDATESTYLE and options=-c intervalstyle: the ParameterStatus values the driver got
   at login and what SHOW says.
 """
@@ -94,6 +96,29 @@ def startup(dsn, datestyle, where):
         del os.environ["PGDATESTYLE"]
 
 
+async def notify_pids(dsn, where):
+    listener = await asyncpg.connect(dsn)
+    sender = await asyncpg.connect(dsn)
+    others = [await asyncpg.connect(dsn) for _ in range(3)]
+    got = asyncio.Queue()
+    try:
+        await listener.add_listener("fid_n", lambda c, p, ch, payload: got.put_nowait((p, payload)))
+        for i in range(5):
+            # Other clients take servers in between, so the sender's server changes hands.
+            await asyncio.gather(*(o.fetchval("select 1") for o in others))
+            await sender.execute(f"notify fid_n, 'from-sender-{i}'")
+            pid, payload = await asyncio.wait_for(got.get(), 5)
+            F.check((pid, payload) == (sender.get_server_pid(), f"from-sender-{i}"), where,
+                    f"notification {(pid, payload)} != {(sender.get_server_pid(), f'from-sender-{i}')}")
+        await listener.execute("notify fid_n, 'self'")
+        pid, payload = await asyncio.wait_for(got.get(), 5)
+        F.check((pid, payload) == (listener.get_server_pid(), "self"), where,
+                f"self notification {(pid, payload)} != {(listener.get_server_pid(), 'self')}")
+    finally:
+        for c in [listener, sender, *others]:
+            await c.close()
+
+
 async def main():
     if SCENARIO == "session":
         await session_pids(DIRECT_DSN, "direct")
@@ -105,6 +130,10 @@ async def main():
         for i, (d, p) in enumerate(zip(direct, proxy)):
             F.check(d == p, f"fetch {i}", f"proxy {p!r} != direct {d!r}")
         summary = f"{len(proxy)} fetches"
+    elif SCENARIO == "notify":
+        await notify_pids(DIRECT_DSN, "direct")
+        await notify_pids(PROXY_DSN, "proxy")
+        summary = "6 notifications each way"
     elif SCENARIO == "startup":
         for ds in ("Postgres, MDY", "German"):
             d, p = startup(DIRECT_DSN, ds, "direct"), startup(PROXY_DSN, ds, "proxy")

@@ -45,6 +45,10 @@ pub struct TxnStatements {
     /// Statements bound since the server last had nothing owed ("cached plan must not change result type"
     /// retires them).
     pub bound: Vec<Arc<Stmt>>,
+    /// The client's unnamed statement (Parse body after the name), which it may bind in a later transaction
+    /// on another server, and whether the attached server has it.
+    pub unnamed: Option<Bytes>,
+    pub unnamed_here: bool,
 }
 
 impl TxnStatements {
@@ -63,6 +67,8 @@ impl TxnStatements {
             misses: counter("misses"),
             evictions: counter("evictions"),
             bound: Vec::new(),
+            unnamed: None,
+            unnamed_here: false,
         }
     }
 
@@ -292,6 +298,21 @@ impl Pump {
         s.client.get(key).cloned()
     }
 
+    /// The client binds or describes its unnamed statement on a server that does not have it (it was parsed
+    /// in an earlier transaction, on whichever server that had): parse it here first.
+    fn ensure_unnamed(&mut self) {
+        let Some(s) = self.stmts.as_mut() else { return };
+        if s.unnamed_here {
+            return;
+        }
+        let Some(tail) = s.unnamed.clone() else { return };
+        s.unnamed_here = true;
+        let mut out = BytesMut::with_capacity(tail.len() + 8);
+        put_parse(&mut out, "", &tail);
+        let tag = self.actions.push(Action::Swallow { prepared: None });
+        self.send(&out, tag);
+    }
+
     fn note_bound(&mut self, stmt: Arc<Stmt>) {
         if let Some(s) = self.stmts.as_mut() {
             if s.bound.len() < 256 {
@@ -312,6 +333,10 @@ impl Pump {
         match kind {
             b'Q' => {
                 let text = split_cstr(body).map_or(body, |(t, _)| t);
+                // A simple Query drops the unnamed statement (refused or not).
+                if let Some(s) = self.stmts.as_mut() {
+                    s.unnamed = None;
+                }
                 if let Some(e) = self.note_effects(classify::classify(text, self.backslash_quotes)) {
                     self.refuse(b'Q', true, &e);
                     return Ok(());
@@ -325,6 +350,12 @@ impl Pump {
                 if let Some(e) = self.note_effects(classify::classify(text, self.backslash_quotes)) {
                     self.refuse(b'P', name.is_empty(), &e);
                     return Ok(());
+                }
+                if name.is_empty() {
+                    if let Some(s) = self.stmts.as_mut() {
+                        s.unnamed = Some(Bytes::copy_from_slice(tail));
+                        s.unnamed_here = true;
+                    }
                 }
                 if name.is_empty() || !self.mapping() {
                     self.send(msg, 0);
@@ -383,6 +414,16 @@ impl Pump {
                     }
                 }
             }
+            b'D' if body == b"S\0" => {
+                self.ensure_unnamed();
+                self.send(msg, 0);
+            }
+            b'C' if body == b"S\0" => {
+                if let Some(s) = self.stmts.as_mut() {
+                    s.unnamed = None;
+                }
+                self.send(msg, 0);
+            }
             b'D' | b'C' if body.first() == Some(&b'S') && body.len() > 2 && self.mapping() => {
                 let name = split_cstr(&body[1..]).map_or(&body[1..], |(n, _)| n);
                 if kind == b'C' {
@@ -425,7 +466,11 @@ impl Pump {
     /// the name through unchanged (the unnamed statement, an SQL-level one, or one that does not exist).
     /// A name with the proxy's own prefix that the client did not prepare is refused (after a stand-in).
     fn bind_target(&mut self, name: &[u8]) -> Result<Option<Arc<Stmt>>, PumpError> {
-        if name.is_empty() || !self.mapping() {
+        if name.is_empty() {
+            self.ensure_unnamed();
+            return Ok(None);
+        }
+        if !self.mapping() {
             return Ok(None);
         }
         match self.lookup(name) {

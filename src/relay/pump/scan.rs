@@ -11,7 +11,7 @@ impl Pump {
     /// Whether server bytes may need edits: some reply still owed belongs to a message of the proxy's own.
     /// Without, they are read straight into `s2c` and scanned where they are.
     pub(super) fn edits_pending(&self) -> bool {
-        !self.actions.is_empty()
+        !self.actions.is_empty() || ((self.listening || self.probe_due) && self.servers.is_some())
     }
 
     /// Scan the server bytes just read into `sin`, moving them (edited) to `s2c`.
@@ -42,6 +42,7 @@ impl Pump {
             stmts: self.stmts.as_mut(),
             probe_due: &mut self.probe_due,
             backslash_quotes: &mut self.backslash_quotes,
+            servers: self.servers.as_ref(),
         }
     }
 
@@ -74,6 +75,7 @@ struct Parts<'a> {
     stmts: Option<&'a mut TxnStatements>,
     probe_due: &'a mut bool,
     backslash_quotes: &'a mut bool,
+    servers: Option<&'a crate::server::ServerList>,
 }
 
 /// Walk server bytes into `out`: the transaction state follows every message; replies to the proxy's own
@@ -81,12 +83,18 @@ struct Parts<'a> {
 /// ParameterStatus are noted for the report.
 fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), PumpError> {
     let copy = out.is_some();
-    let Parts { sscan, tx, seen, actions, mut stmts, probe_due, backslash_quotes } = p;
+    let Parts { sscan, tx, seen, actions, mut stmts, probe_due, backslash_quotes, servers } = p;
+    let mut notification = false;
     let mut replaced = false;
     sscan.feed_into(bytes, out, |ev, out| match ev {
         Scan::Header(h) => {
             replaced = false;
             let kind = h[0];
+            // A notification is rebuilt at its end with the sender's pid as its client knows it.
+            notification = copy && kind == b'A' && servers.is_some();
+            if notification {
+                return false;
+            }
             if !matches!(kind, b'N' | b'S' | b'A') {
                 match (actions.head(tx), kind) {
                     (Some(Action::Swallow { .. } | Action::Evict(_)), b'1' | b'3') => return false,
@@ -129,6 +137,18 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
                                 s.registry.retire(&stmt);
                             }
                         }
+                    }
+                }
+                b'A' if notification => {
+                    let body = m.body;
+                    if body.len() >= 4 && !m.truncated {
+                        let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                        let known =
+                            servers.and_then(|l| l.get(&pid).map(|i| i.client_pid)).filter(|p| *p != 0).unwrap_or(pid);
+                        out.extend_from_slice(b"A");
+                        out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+                        out.extend_from_slice(&known.to_be_bytes());
+                        out.extend_from_slice(&body[4..]);
                     }
                 }
                 b'S' if !m.truncated => {
