@@ -123,7 +123,7 @@ impl Relay {
         if mode == PoolMode::Transaction {
             let b = pool.budget();
             let m = &pool.metrics;
-            pump.stmts = Some(TxnStatements {
+            pump.stmts = Some(Box::new(TxnStatements {
                 registry: pool.statements.clone(),
                 client: Default::default(),
                 server: Default::default(),
@@ -137,7 +137,7 @@ impl Relay {
                 bound: Vec::new(),
                 unnamed: None,
                 unnamed_here: false,
-            });
+            }));
         }
         Relay {
             app,

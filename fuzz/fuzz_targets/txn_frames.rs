@@ -48,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
     let cache = usize::from(flags & 3) + 1;
     let split = usize::from(flags >> 2) + 1;
     let mut pump = Pump::new(None, 4096);
-    pump.stmts = Some(TxnStatements::detached(Arc::new(Registry::default()), cache));
+    pump.stmts = Some(Box::new(TxnStatements::detached(Arc::new(Registry::default()), cache)));
     pump.attach();
     let (mut sent, mut at) = (Vec::new(), 0usize);
     let (mut got, mut got_at) = (Vec::new(), 0usize);

@@ -315,7 +315,7 @@ async fn login(
     startup: &Startup,
     peer: SocketAddr,
     slot: crate::app::LoginPermit,
-) -> Result<Relay, ProxyError> {
+) -> Result<Box<Relay>, ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
     // One configuration for the whole login, even if a reload lands meanwhile.
     let (resolved, users) = (app.resolved(), app.users());
@@ -363,7 +363,7 @@ async fn login(
         desired.insert("statement_timeout".into(), format!("{}ms", qt.as_millis()));
     }
     let key: ClientKey = app.cancels.issue();
-    let mut relay = Relay::new(app.clone(), pool.clone(), key, desired, peer);
+    let mut relay = Box::new(Relay::new(app.clone(), pool.clone(), key, desired, peer));
     relay.exempt = pool.admission.is_exempt(startup.get("application_name").unwrap_or(""), startup.user());
     relay.user = startup.user().to_owned();
     relay.database = startup.database().to_owned();

@@ -110,7 +110,7 @@ pub struct Pump {
     /// What the proxy does with the replies to its tagged messages (transaction mode).
     actions: Actions,
     /// Transaction mode: the client's named statements and the attached server's.
-    pub stmts: Option<TxnStatements>,
+    pub stmts: Option<Box<TxnStatements>>,
     /// Something ran that may have changed session state: probe the server before handing it on.
     pub probe_due: bool,
     /// The server holds state only it has: it stays with this client (transaction mode).

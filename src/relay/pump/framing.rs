@@ -80,7 +80,7 @@ impl Pump {
                     self.cin.advance(5);
                     self.body_left = body;
                     self.tx.client(kind, None);
-                    rewrite::settle(&mut self.tx, &mut self.actions, self.stmts.as_mut());
+                    rewrite::settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
                 }
                 moved = true;
                 continue;

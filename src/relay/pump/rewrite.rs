@@ -245,7 +245,7 @@ impl Pump {
     fn send(&mut self, msg: &[u8], tag: u32) {
         self.c2s.extend_from_slice(msg);
         self.tx.client_tagged(msg[0], msg.get(5).copied(), tag);
-        settle(&mut self.tx, &mut self.actions, self.stmts.as_mut());
+        settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
     }
 
     /// Send a message that fails at once in place of the client's, with `e` as the error the client sees.
@@ -409,7 +409,7 @@ impl Pump {
                         self.c2s.put_slice(rest);
                         protocol::finish(&mut self.c2s, at);
                         self.tx.client(b'B', None);
-                        settle(&mut self.tx, &mut self.actions, self.stmts.as_mut());
+                        settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
                         self.note_bound(stmt);
                     }
                 }
@@ -504,7 +504,7 @@ impl Pump {
         protocol::put_cstr(&mut out, &stmt.name);
         self.c2s.extend_from_slice(&out);
         self.tx.client(b'B', None);
-        settle(&mut self.tx, &mut self.actions, self.stmts.as_mut());
+        settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
         self.note_bound(stmt);
         Ok(Some(consumed))
     }

@@ -39,7 +39,7 @@ impl Pump {
             tx: &mut self.tx,
             seen: &mut self.seen,
             actions: &mut self.actions,
-            stmts: self.stmts.as_mut(),
+            stmts: self.stmts.as_deref_mut(),
             probe_due: &mut self.probe_due,
             backslash_quotes: &mut self.backslash_quotes,
             servers: self.servers.as_ref(),

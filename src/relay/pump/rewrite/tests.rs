@@ -181,7 +181,7 @@ proptest! {
         // Through the proxy: a fresh server (of `servers`) for every batch, each with its statement cache.
         let registry = Arc::new(Registry::default());
         let mut pump = Pump::new(None, 1 << 20);
-        pump.stmts = Some(TxnStatements::detached(registry, cache));
+        pump.stmts = Some(Box::new(TxnStatements::detached(registry, cache)));
         let mut pool: Vec<(Server, crate::server::statements::ServerStatements)> =
             (0..servers).map(|_| Default::default()).collect();
         for (i, batch) in batches.iter().enumerate() {
