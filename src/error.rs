@@ -71,6 +71,9 @@ pub enum ProxyError {
     StatementMissing(String),
     #[error("over {0} prepared statements in one session")]
     TooManyStatements(usize),
+    /// A statement whose result shape changed since the client prepared it (as Postgres's 0A000).
+    #[error("cached plan must not change result type")]
+    PlanChanged,
     /// A client pinned to its server idled past `pin_idle_timeout`.
     #[error("pinned client idle for {0:?}")]
     PinIdle(Duration),
@@ -107,6 +110,7 @@ impl ProxyError {
             ProxyError::StatementMissing(_) => "statement_missing",
             ProxyError::TooManyStatements(_) => "too_many_statements",
             ProxyError::PinIdle(_) => "pin_idle_timeout",
+            ProxyError::PlanChanged => "plan_changed",
         }
     }
 
@@ -249,6 +253,7 @@ impl ProxyError {
                 CONFIGURATION_LIMIT_EXCEEDED,
                 format!("pgbudget: a session may keep at most {max} prepared statements; close some first"),
             ),
+            ProxyError::PlanChanged => (Error, FEATURE_NOT_SUPPORTED, "cached plan must not change result type".into()),
             ProxyError::PinIdle(d) => (
                 Fatal,
                 IDLE_SESSION_TIMEOUT,
@@ -334,6 +339,7 @@ mod tests {
             ProxyError::StatementMissing("s".into()),
             ProxyError::TooManyStatements(10),
             ProxyError::PinIdle(Duration::from_secs(1)),
+            ProxyError::PlanChanged,
             ProxyError::ClientProtocol(ProtocolError::Version { major: 4, minor: 0 }),
             ProxyError::Upstream {
                 upstream: "p".into(),

@@ -137,6 +137,8 @@ impl Relay {
                 bound: Vec::new(),
                 unnamed: None,
                 unnamed_here: false,
+                holding: false,
+                checked: None,
             }));
         }
         Relay {
@@ -221,6 +223,7 @@ impl Relay {
             std::mem::swap(&mut s.server, &mut conn.statements);
             s.server.begin();
             s.unnamed_here = false;
+            s.checked = None;
             s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
         }
         self.server = Some(conn);

@@ -555,6 +555,15 @@ fn txn_asyncpg_column_type_change_between_fetches_like_direct() {
     assert!(out.contains("fidelity_txn: ok"), "{out}");
 }
 
+/// A statement re-prepared on another server after its table changed type fails as on a direct connection.
+#[test]
+fn txn_statement_whose_shape_changed_fails_on_any_server_like_direct() {
+    let pg = Pg::start();
+    let proxy = start(&pg, 6, TXN, "");
+    let out = script("reshape", &pg, &proxy);
+    assert!(out.contains("fidelity_reshape: ok"), "{out}");
+}
+
 /// NotificationResponses name their sender by the pid its client was given, and none is lost while the
 /// listener's server is read by the proxy.
 #[test]

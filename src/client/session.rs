@@ -162,7 +162,8 @@ fn reject_reason(e: &ProxyError) -> &'static str {
         | ProxyError::StatementExists(_)
         | ProxyError::StatementMissing(_)
         | ProxyError::TooManyStatements(_)
-        | ProxyError::PinIdle(_) => "protocol",
+        | ProxyError::PinIdle(_)
+        | ProxyError::PlanChanged => "protocol",
     }
 }
 

@@ -56,7 +56,7 @@ pub struct ServerScanner {
 }
 
 fn captured(kind: u8) -> bool {
-    matches!(kind, b'E' | b'S' | b'Z' | b'A')
+    matches!(kind, b'E' | b'S' | b'Z' | b'A' | b'T')
 }
 
 impl ServerScanner {

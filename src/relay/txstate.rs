@@ -122,6 +122,11 @@ impl TxState {
                     .all(|(m, _)| !matches!(m, Msg::Execute | Msg::Query | Msg::FunctionCall | Msg::Sync)))
     }
 
+    /// The server skips messages until the next Sync (an extended message failed).
+    pub fn skipping(&self) -> bool {
+        self.ignoring
+    }
+
     /// Status of the last ReadyForQuery.
     pub fn status(&self) -> u8 {
         self.status

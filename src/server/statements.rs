@@ -116,11 +116,44 @@ pub struct ClientStatements {
     /// Name → statement and the generation of the Parse that named it.
     map: HashMap<String, (Arc<Stmt>, u64)>,
     next_gen: u64,
+    /// Per naming (generation): the RowDescription body (empty: NoData) the client was last told; a server
+    /// that prepares the statement later must describe it the same, or the client would decode rows of
+    /// another shape.
+    shapes: HashMap<u64, Bytes>,
+    /// Namings whose statement changed shape under them: they fail (0A000) until prepared again.
+    broken: std::collections::HashSet<u64>,
 }
 
 impl ClientStatements {
     pub fn get(&self, name: &str) -> Option<&Arc<Stmt>> {
         self.map.get(name).map(|(s, _)| s)
+    }
+
+    /// The statement and the generation of `name`'s naming.
+    pub fn naming(&self, name: &str) -> Option<(Arc<Stmt>, u64)> {
+        self.map.get(name).cloned()
+    }
+
+    pub fn set_shape(&mut self, gen: u64, shape: Bytes) {
+        self.shapes.insert(gen, shape);
+    }
+
+    pub fn shape(&self, gen: u64) -> Option<&Bytes> {
+        self.shapes.get(&gen)
+    }
+
+    pub fn set_broken(&mut self, gen: u64) {
+        self.broken.insert(gen);
+    }
+
+    pub fn is_broken(&self, gen: u64) -> bool {
+        self.broken.contains(&gen)
+    }
+
+    /// A naming is gone for good: forget what was kept about it.
+    pub fn drop_gen(&mut self, gen: u64) {
+        self.shapes.remove(&gen);
+        self.broken.remove(&gen);
     }
 
     /// Name a statement; returns the generation of this naming.
@@ -145,10 +178,13 @@ impl ClientStatements {
         if self.map.get(name).is_some_and(|(_, g)| *g == gen) {
             self.map.remove(name);
         }
+        self.drop_gen(gen);
     }
 
     pub fn clear(&mut self) {
         self.map.clear();
+        self.shapes.clear();
+        self.broken.clear();
     }
 
     pub fn len(&self) -> usize {

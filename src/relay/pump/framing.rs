@@ -23,6 +23,10 @@ impl Pump {
                 moved = true;
                 continue;
             }
+            // Client messages wait while a shape check runs (one round trip after a re-prepare).
+            if self.stmts.as_ref().is_some_and(|s| s.holding) {
+                return Ok((moved, None));
+            }
             if self.c2s.len() >= BUF || self.tx.outstanding() >= MAX_OUTSTANDING || self.cin.len() < 5 {
                 return Ok((moved, None));
             }
@@ -104,14 +108,17 @@ impl Pump {
             let cin = std::mem::take(&mut self.cin);
             let r = self.forward_held(&cin[..total], ro, txn);
             self.cin = cin;
-            r?;
+            if !r? {
+                return Ok((true, None));
+            }
             self.cin.advance(total);
             moved = true;
         }
     }
 
     /// Forward one whole client message: through the read-only filter, then transaction mode's edits.
-    fn forward_held(&mut self, msg: &[u8], ro: bool, txn: bool) -> Result<(), PumpError> {
+    /// Returns whether the message was taken (a Bind may have to wait for a shape check, and is read again).
+    fn forward_held(&mut self, msg: &[u8], ro: bool, txn: bool) -> Result<bool, PumpError> {
         if ro {
             let mut out = std::mem::take(&mut self.scratch);
             out.clear();
@@ -122,7 +129,7 @@ impl Pump {
                     self.forward_txn(&out)
                 } else {
                     self.forward_plain(&out);
-                    Ok(())
+                    Ok(true)
                 }
             });
             self.scratch = out;
@@ -132,7 +139,7 @@ impl Pump {
             return self.forward_txn(msg);
         }
         self.forward_plain(msg);
-        Ok(())
+        Ok(true)
     }
 
     fn forward_plain(&mut self, msg: &[u8]) {

@@ -21,8 +21,6 @@ use std::sync::Arc;
 
 /// A statement name that never exists: a stand-in Parse of it fails without touching the unnamed statement.
 const REFUSED: &str = "pgbudget__refused";
-/// The name a client's Parse of a statement the server already has is checked under (and closed at once).
-const CHECK: &str = "pgbudget__check";
 /// Text that fails in Parse and Query alike, before anything runs.
 const FAILS: &str = ")";
 
@@ -49,6 +47,10 @@ pub struct TxnStatements {
     /// on another server, and whether the attached server has it.
     pub unnamed: Option<Bytes>,
     pub unnamed_here: bool,
+    /// A shape check is running: client messages wait for it.
+    pub holding: bool,
+    /// The statement last checked in this checkout.
+    pub checked: Option<u64>,
 }
 
 impl TxnStatements {
@@ -69,6 +71,8 @@ impl TxnStatements {
             bound: Vec::new(),
             unnamed: None,
             unnamed_here: false,
+            holding: false,
+            checked: None,
         }
     }
 
@@ -96,6 +100,11 @@ pub enum Action {
     Parse { id: u64, gen: u64, name: String, stand_in: bool },
     /// A stand-in that fails: the server's error is replaced by this one.
     Refuse(Bytes),
+    /// A client's Describe of a pool statement: its RowDescription is the statement's shape.
+    Describe { gen: u64 },
+    /// A Describe the proxy injected after re-preparing a statement on another server, whose replies are
+    /// swallowed and compared with the statement's shape; the client's Bind waits for it.
+    Check { gen: u64 },
     /// A client Close of its statement (answered by a Close of nobody): skipped after an error, the client
     /// still has the statement.
     /// `void`: the Parse that created it failed, so there is nothing to give back.
@@ -132,6 +141,10 @@ impl Actions {
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
+
+    fn contains_check(&self) -> bool {
+        self.queue.iter().any(|(_, a)| matches!(a, Action::Check { .. }))
+    }
 }
 
 impl Action {
@@ -159,9 +172,15 @@ pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnSta
                 continue; // its message was dropped from the model (it cannot be answered any more)
             }
             let Some(s) = stmts.as_deref_mut() else { break };
+            if matches!(action, Action::Check { .. }) {
+                s.holding = false; // compared at its RowDescription, or its Parse failed: the Bind goes on
+            }
             if ok {
                 if let Some((id, prepared)) = action.server_effect() {
                     s.server.confirm(id, prepared);
+                }
+                if let Action::Close { gen, .. } = action {
+                    s.client.drop_gen(gen);
                 }
                 break;
             }
@@ -203,6 +222,15 @@ fn error_bytes(e: &ProxyError) -> Bytes {
     let (_, code, msg) = e.to_client();
     let mut b = BytesMut::with_capacity(msg.len() + 32);
     protocol::error_response(&mut b, Severity::Error, code, &msg, None);
+    if matches!(e, ProxyError::PlanChanged) {
+        // Drivers tell a stale statement by the routine Postgres raises it in (asyncpg re-prepares on it).
+        b.truncate(b.len() - 1);
+        b.put_u8(b'R');
+        protocol::put_cstr(&mut b, "RevalidateCachedQuery");
+        b.put_u8(0);
+        let len = (b.len() - 1) as i32;
+        b[1..5].copy_from_slice(&len.to_be_bytes());
+    }
     b.freeze()
 }
 
@@ -293,9 +321,16 @@ impl Pump {
     fn lookup(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
         let s = self.stmts.as_mut()?;
         let key = std::str::from_utf8(name).ok()?;
-        // A retired statement stays the client's until it prepares the name again, as on a direct
-        // connection (where it keeps failing until then); only new Parses get a fresh one.
-        s.client.get(key).cloned()
+        let (stmt, gen) = s.client.naming(key)?;
+        if !stmt.is_stale() {
+            return Some(stmt);
+        }
+        // A server's plan for it went stale (its result type changed): the naming moves to a fresh statement
+        // of the same text, prepared anew on each server, and the shape check tells whether the client may
+        // still use it (a changed shape fails it, as on a direct connection).
+        let fresh = s.registry.intern(&stmt.tail, &s.search_path);
+        s.client.restore(key.to_owned(), fresh.clone(), gen);
+        Some(fresh)
     }
 
     /// The client binds or describes its unnamed statement on a server that does not have it (it was parsed
@@ -313,6 +348,41 @@ impl Pump {
         self.send(&out, tag);
     }
 
+    /// Before a Bind of `stmt` on a server that lacks it: when a client was told its shape, prepare it here and
+    /// describe it (swallowed) so a changed shape fails like Postgres's 0A000 instead of changing under the
+    /// client. Returns whether the Bind must wait for the answer.
+    fn start_check(&mut self, stmt: &Arc<Stmt>, gen: u64) -> bool {
+        let skipping = self.tx.skipping();
+        let Some(s) = self.stmts.as_deref_mut() else { return false };
+        // Not while the server skips to Sync (the Bind is skipped too), and once per statement and checkout
+        // (a check whose Parse failed lets the Bind go on, to fail the same way).
+        if s.holding
+            || skipping
+            || s.max_per_server == 0
+            || s.client.shape(gen).is_none()
+            || s.checked == Some(stmt.id)
+            || s.server.touch(stmt.id)
+        {
+            return false;
+        }
+        s.checked = Some(stmt.id);
+        self.ensure(stmt);
+        let mut out = BytesMut::with_capacity(stmt.name.len() + 8);
+        let at = protocol::begin(&mut out, b'D');
+        out.put_u8(b'S');
+        protocol::put_cstr(&mut out, &stmt.name);
+        protocol::finish(&mut out, at);
+        let tag = self.actions.push(Action::Check { gen });
+        self.send(&out, tag);
+        // The server holds its replies until a Flush (or Sync): the answer is needed now.
+        self.send(&[b'H', 0, 0, 0, 4], 0);
+        // A check the server skipped (an earlier error) settles at once: then nothing waits.
+        if let Some(s) = self.stmts.as_deref_mut() {
+            s.holding = self.actions.contains_check();
+        }
+        true
+    }
+
     fn note_bound(&mut self, stmt: Arc<Stmt>) {
         if let Some(s) = self.stmts.as_mut() {
             if s.bound.len() < 256 {
@@ -327,7 +397,7 @@ impl Pump {
     }
 
     /// One whole client message in transaction mode (Query, Parse, Bind, Describe, Close).
-    pub(super) fn forward_txn(&mut self, msg: &[u8]) -> Result<(), PumpError> {
+    pub(super) fn forward_txn(&mut self, msg: &[u8]) -> Result<bool, PumpError> {
         let kind = msg[0];
         let body = &msg[5..];
         match kind {
@@ -339,7 +409,7 @@ impl Pump {
                 }
                 if let Some(e) = self.note_effects(classify::classify(text, self.backslash_quotes)) {
                     self.refuse(b'Q', true, &e);
-                    return Ok(());
+                    return Ok(true);
                 }
                 self.send(msg, 0);
             }
@@ -349,7 +419,7 @@ impl Pump {
                 let text = split_cstr(tail).ok_or_else(bad)?.0;
                 if let Some(e) = self.note_effects(classify::classify(text, self.backslash_quotes)) {
                     self.refuse(b'P', name.is_empty(), &e);
-                    return Ok(());
+                    return Ok(true);
                 }
                 if name.is_empty() {
                     if let Some(s) = self.stmts.as_mut() {
@@ -359,34 +429,36 @@ impl Pump {
                 }
                 if name.is_empty() || !self.mapping() {
                     self.send(msg, 0);
-                    return Ok(());
+                    return Ok(true);
                 }
                 let key = name_str(name);
                 let s = self.stmts.as_ref().expect("mapping");
                 if s.client.get(&key).is_some() {
                     self.refuse(b'P', false, &ProxyError::StatementExists(key));
-                    return Ok(());
+                    return Ok(true);
                 }
                 if s.client.len() >= MAX_PER_CLIENT {
                     self.refuse(b'P', false, &ProxyError::TooManyStatements(MAX_PER_CLIENT));
-                    return Ok(());
+                    return Ok(true);
                 }
                 let s = self.stmts.as_mut().expect("mapping");
                 let stmt = s.registry.intern(tail, &s.search_path);
                 let gen = s.client.insert(key.clone(), stmt.clone());
                 let mut out = BytesMut::with_capacity(tail.len() + 32);
                 if s.server.touch(stmt.id) {
-                    // The server has the statement; the text is still parsed (under a name closed at once), so a
-                    // Parse that would fail now (a dropped table) fails here, where the client expects it.
+                    // The server has the statement: it is prepared again in place (closed, then parsed), so a
+                    // Parse that would fail now (a dropped table) fails here, where the client expects it, and
+                    // a plan gone stale since (its result type changed) is replaced by the one the client is
+                    // about to be described.
                     s.hits.inc();
-                    put_parse(&mut out, CHECK, tail);
-                    let tag = self.actions.push(Action::Parse { id: stmt.id, gen, name: key, stand_in: true });
+                    put_close(&mut out, &stmt.name);
+                    let tag = self.actions.push(Action::Evict(stmt.id));
                     self.send(&out, tag);
                     out.clear();
-                    put_close(&mut out, CHECK);
-                    let tag = self.actions.push(Action::Swallow { prepared: None });
+                    put_parse(&mut out, &stmt.name, tail);
+                    let tag = self.actions.push(Action::Parse { id: stmt.id, gen, name: key, stand_in: false });
                     self.send(&out, tag);
-                    return Ok(());
+                    return Ok(true);
                 }
                 let victim = s.take_slot(stmt.id);
                 self.close_victim(victim);
@@ -398,6 +470,24 @@ impl Pump {
                 let bad = || PumpError::Filter(protocol::ProtocolError::Malformed("Bind"));
                 let (portal, rest) = split_cstr(body).ok_or_else(bad)?;
                 let (name, rest) = split_cstr(rest).ok_or_else(bad)?;
+                let naming = self.stmts.as_ref().and_then(|s| s.client.naming(std::str::from_utf8(name).ok()?));
+                if let Some((old, gen)) = naming {
+                    let (broken, known) = self
+                        .stmts
+                        .as_ref()
+                        .map_or((false, false), |s| (s.client.is_broken(gen), s.client.shape(gen).is_some()));
+                    // A stale plan fails the client's statement as direct, unless the client was told a shape
+                    // that a fresh statement can be checked against (then only a changed one fails).
+                    if broken || (old.is_stale() && !known) {
+                        // As direct: a statement whose plan changed fails until the client prepares it again.
+                        self.refuse(b'P', false, &ProxyError::PlanChanged);
+                        return Ok(true);
+                    }
+                    let stmt = self.lookup(name).expect("named");
+                    if self.start_check(&stmt, gen) {
+                        return Ok(false); // the Bind waits for the check
+                    }
+                }
                 match self.bind_target(name)? {
                     None => self.send(msg, 0),
                     Some(stmt) => {
@@ -443,7 +533,23 @@ impl Pump {
                     } else {
                         self.send(msg, 0);
                     }
-                    return Ok(());
+                    return Ok(true);
+                }
+                let stale = self.stmts.as_ref().and_then(|s| s.client.get(std::str::from_utf8(name).ok()?).cloned());
+                if let Some(old) = stale.filter(|s| s.is_stale()) {
+                    // The server that holds the stale plan answers as it would direct (its parameters, then
+                    // 0A000); elsewhere the proxy's stand-in fails in its place.
+                    if self.stmts.as_deref_mut().is_some_and(|s| s.server.touch(old.id)) {
+                        let mut out = BytesMut::with_capacity(64);
+                        let at = protocol::begin(&mut out, b'D');
+                        out.put_u8(b'S');
+                        protocol::put_cstr(&mut out, &old.name);
+                        protocol::finish(&mut out, at);
+                        self.send(&out, 0);
+                    } else {
+                        self.refuse(b'P', false, &ProxyError::PlanChanged);
+                    }
+                    return Ok(true);
                 }
                 match self.bind_target(name)? {
                     None => self.send(msg, 0),
@@ -453,13 +559,16 @@ impl Pump {
                         out.put_u8(b'S');
                         protocol::put_cstr(&mut out, &stmt.name);
                         protocol::finish(&mut out, at);
-                        self.send(&out, 0);
+                        let gen = self.stmts.as_ref().and_then(|s| s.client.naming(std::str::from_utf8(name).ok()?));
+                        let tag = gen.map_or(0, |(_, gen)| self.actions.push(Action::Describe { gen }));
+                        self.note_bound(stmt.clone());
+                        self.send(&out, tag);
                     }
                 }
             }
             _ => self.send(msg, 0),
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The pool statement a Bind or Describe names, prepared on the server first if needed; `None` to pass

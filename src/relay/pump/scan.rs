@@ -98,6 +98,7 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
             if !matches!(kind, b'N' | b'S' | b'A') {
                 match (actions.head(tx), kind) {
                     (Some(Action::Swallow { .. } | Action::Evict(_)), b'1' | b'3') => return false,
+                    (Some(Action::Check { .. }), b't' | b'T' | b'n') => return false,
                     (Some(Action::Refuse(e)), b'E') => {
                         out.extend_from_slice(e);
                         replaced = true;
@@ -129,14 +130,32 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
                     if code == crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED
                         && msg.starts_with("cached plan must not change result type")
                     {
-                        // The server keeps the stale plan (and fails on it, as direct); new Parses of the text
-                        // get a fresh statement. Which Bind failed is not tracked: every statement bound since the
-                        // last ReadyForQuery is retired (a spare retirement only costs a fresh Parse).
+                        // That server's plan stays stale for good: the statement is retired, new Parses of the
+                        // text get a fresh one, and namings of it move to the fresh one (checked against the
+                        // shape each client was told). Binds are not tagged (that would cost every Bind a copy of
+                        // its replies): everything bound or described since the server was last idle is retired,
+                        // and a spare retirement only costs a fresh Parse.
                         if let Some(s) = stmts.as_deref_mut() {
                             for stmt in s.bound.drain(..) {
                                 s.registry.retire(&stmt);
                             }
                         }
+                    }
+                }
+                b'T' | b'n' => {
+                    let shape = if m.kind == b'n' { &[][..] } else { m.body };
+                    match (actions.head(tx), stmts.as_deref_mut()) {
+                        (Some(Action::Describe { gen }), Some(s)) if !m.truncated => {
+                            s.client.set_shape(*gen, bytes::Bytes::copy_from_slice(shape));
+                        }
+                        (Some(Action::Check { gen }), Some(s))
+                            if (m.truncated || s.client.shape(*gen).is_none_or(|k| k[..] != *shape)) =>
+                        {
+                            // Prepared afresh, it returns rows of another shape than the client was told:
+                            // like Postgres, the client's statement fails until it prepares it again.
+                            s.client.set_broken(*gen);
+                        }
+                        _ => {}
                     }
                 }
                 b'A' if notification => {
