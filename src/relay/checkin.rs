@@ -32,8 +32,13 @@ impl Relay {
             .collect();
         conn.applied = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if !conn.notifications.is_empty() {
-            self.pump.queue_for_client(&conn.notifications);
-            conn.notifications.clear();
+            let mut kept = std::mem::take(&mut conn.notifications);
+            if let Some(list) = conn.server_list() {
+                crate::relay::pump::name_senders(&mut kept, list);
+            }
+            self.pump.queue_for_client(&kept);
+            kept.clear();
+            conn.notifications = kept;
         }
         self.desired = settings;
         if let Some(s) = self.pump.stmts.as_mut() {

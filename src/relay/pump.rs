@@ -40,6 +40,7 @@ mod framing;
 pub mod rewrite;
 mod scan;
 pub use rewrite::TxnStatements;
+pub use scan::name_senders;
 
 /// Errors of the pump.
 #[derive(Debug, thiserror::Error)]

@@ -106,6 +106,11 @@ async def notify_pids(dsn, where):
     got = asyncio.Queue()
     try:
         await listener.add_listener("fid_n", lambda c, p, ch, payload: got.put_nowait((p, payload)))
+        # At once after LISTEN: it may arrive while the proxy still reads the listener's server.
+        await sender.execute("notify fid_n, 'at-once'")
+        pid, payload = await asyncio.wait_for(got.get(), 5)
+        F.check((pid, payload) == (sender.get_server_pid(), "at-once"), where,
+                f"notification {(pid, payload)} != {(sender.get_server_pid(), 'at-once')}")
         for i in range(5):
             # Other clients take servers in between, so the sender's server changes hands.
             await asyncio.gather(*(o.fetchval("select 1") for o in others))

@@ -66,6 +66,24 @@ impl Pump {
     }
 }
 
+/// The cancel-key pid a client knows for server backend `pid` (the pid itself when no client is known).
+fn client_pid(servers: &crate::server::ServerList, pid: i32) -> i32 {
+    servers.get(&pid).map(|i| i.client_pid).filter(|p| *p != 0).unwrap_or(pid)
+}
+
+/// Rewrite the sender pid of whole NotificationResponses in `bytes` to the pid its client knows.
+pub fn name_senders(bytes: &mut [u8], servers: &crate::server::ServerList) {
+    let mut at = 0;
+    while bytes.len() >= at + 9 {
+        let len = i32::from_be_bytes([bytes[at + 1], bytes[at + 2], bytes[at + 3], bytes[at + 4]]) as usize;
+        if bytes[at] == b'A' && len >= 8 {
+            let pid = i32::from_be_bytes([bytes[at + 5], bytes[at + 6], bytes[at + 7], bytes[at + 8]]);
+            bytes[at + 5..at + 9].copy_from_slice(&client_pid(servers, pid).to_be_bytes());
+        }
+        at += 1 + len;
+    }
+}
+
 /// The pump's parts the server scan works on.
 struct Parts<'a> {
     sscan: &'a mut ServerScanner,
@@ -162,8 +180,7 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
                     let body = m.body;
                     if body.len() >= 4 && !m.truncated {
                         let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                        let known =
-                            servers.and_then(|l| l.get(&pid).map(|i| i.client_pid)).filter(|p| *p != 0).unwrap_or(pid);
+                        let known = servers.map_or(pid, |l| client_pid(l, pid));
                         out.extend_from_slice(b"A");
                         out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
                         out.extend_from_slice(&known.to_be_bytes());
@@ -198,4 +215,35 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
         }
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_notifications_name_the_senders_client() {
+        let servers = crate::server::ServerList::default();
+        servers.insert(
+            42,
+            crate::server::ServerInfo {
+                service: "app".into(),
+                route: "rw",
+                addr: "127.0.0.1:5432".parse().unwrap(),
+                pid: 42,
+                connected_at: std::time::SystemTime::now(),
+                client_pid: 777,
+            },
+        );
+        let mut b = Vec::new();
+        for pid in [42i32, 43] {
+            let body: Vec<u8> = pid.to_be_bytes().iter().copied().chain(*b"ch\0hi\0").collect();
+            b.push(b'A');
+            b.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+            b.extend_from_slice(&body);
+        }
+        name_senders(&mut b, &servers);
+        assert_eq!(&b[5..9], &777i32.to_be_bytes(), "a known server names its client");
+        assert_eq!(&b[20..24], &43i32.to_be_bytes(), "an unknown one is left as is");
+    }
 }
