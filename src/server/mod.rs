@@ -309,9 +309,19 @@ impl ServerConn {
     /// Send the proxy's own messages and read the reply up to ReadyForQuery within `timeout`. Anything but
     /// the server's own error (a timeout, a closed or garbled stream) leaves the connection broken.
     async fn round_trip(&mut self, out: &[u8], timeout: Duration) -> Result<(), ServerError> {
+        self.round_trip_rows(out, timeout, None).await
+    }
+
+    /// [`ServerConn::round_trip`], keeping the DataRows (as text columns) in `rows` when given.
+    pub(crate) async fn round_trip_rows(
+        &mut self,
+        out: &[u8],
+        timeout: Duration,
+        rows: Option<&mut Vec<Vec<Option<String>>>>,
+    ) -> Result<(), ServerError> {
         let fut = async {
             self.stream.write_all(out).await.map_err(|_| ServerError::Closed)?;
-            self.drain_until_ready().await
+            self.drain_until_ready(rows).await
         };
         let r = tokio::time::timeout(timeout, fut).await.unwrap_or(Err(ServerError::Timeout(timeout)));
         if !matches!(r, Ok(()) | Err(ServerError::Postgres { .. })) {
@@ -382,8 +392,9 @@ impl ServerConn {
         self.round_trip(&out, timeout).await
     }
 
-    /// Read and discard messages until ReadyForQuery with status `I` (after our own statement).
-    async fn drain_until_ready(&mut self) -> Result<(), ServerError> {
+    /// Read messages until ReadyForQuery with status `I` (after our own statement), keeping DataRows in `rows`
+    /// when given and discarding the rest.
+    async fn drain_until_ready(&mut self, mut rows: Option<&mut Vec<Vec<Option<String>>>>) -> Result<(), ServerError> {
         let mut buf = BytesMut::with_capacity(256);
         let mut err = None;
         loop {
@@ -392,6 +403,11 @@ impl ServerConn {
                 e => ServerError::Protocol(e),
             })?;
             match kind {
+                b'D' => {
+                    if let Some(rows) = rows.as_deref_mut() {
+                        rows.push(probe::data_row(&buf)?);
+                    }
+                }
                 b'S' => {
                     let (k, v) = backend::parameter_status(&buf)?;
                     self.params.insert(k, v);
@@ -418,7 +434,7 @@ impl ServerConn {
 
     /// Keep a NotificationResponse body for the client (at most 1 MiB of them; more are dropped, as a client
     /// that does not read its socket would lose them too).
-    pub(crate) fn keep_notification(&mut self, body: &[u8]) {
+    fn keep_notification(&mut self, body: &[u8]) {
         if self.notifications.len() + body.len() + 5 <= 1 << 20 {
             self.notifications.put_u8(b'A');
             self.notifications.put_i32(body.len() as i32 + 4);

@@ -2,11 +2,10 @@
 //! this backend has (LISTEN, temp tables, advisory locks, holdable cursors, SQL-level prepared statements) —
 //! so the relay can follow a client's session state and pin the server while such state exists.
 
-use super::{backend, ServerConn, ServerError};
+use super::{ServerConn, ServerError};
 use crate::protocol::{self, ProtocolError};
 use bytes::{Buf, BytesMut};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 
 /// One row per fact: kind (`s` setting, `r` role, `p` pin reason, `q` protocol statement), name, value.
 /// Every operator is schema-qualified and every object `pg_catalog.`, so no `search_path` a client set can
@@ -95,51 +94,14 @@ impl ServerConn {
     pub async fn rows(&mut self, sql: &str, timeout: Duration) -> Result<Vec<Vec<Option<String>>>, ServerError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         protocol::simple_query(&mut out, sql);
-        let fut = async {
-            self.stream.write_all(&out).await.map_err(|_| ServerError::Closed)?;
-            let mut buf = BytesMut::with_capacity(1024);
-            let mut rows = Vec::new();
-            let mut err = None;
-            loop {
-                let kind = protocol::read_message(&mut self.stream, &mut buf).await.map_err(|e| match e {
-                    ProtocolError::Io(_) => ServerError::Closed,
-                    e => ServerError::Protocol(e),
-                })?;
-                match kind {
-                    b'D' => rows.push(data_row(&buf)?),
-                    b'S' => {
-                        let (k, v) = backend::parameter_status(&buf)?;
-                        self.params.insert(k, v);
-                    }
-                    b'E' => {
-                        let backend::ErrorFields { code, message, .. } = backend::error_fields(&buf)?;
-                        err = Some(ServerError::Postgres { code, message });
-                    }
-                    b'A' => self.keep_notification(&buf),
-                    b'Z' => {
-                        return match (err, buf.first()) {
-                            (Some(e), _) => Err(e),
-                            (None, Some(b'I')) => Ok(rows),
-                            (None, _) => Err(ServerError::Postgres {
-                                code: crate::protocol::sqlstate::ACTIVE_SQL_TRANSACTION.into(),
-                                message: "still in a transaction".into(),
-                            }),
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        };
-        let r = tokio::time::timeout(timeout, fut).await.unwrap_or(Err(ServerError::Timeout(timeout)));
-        if !matches!(r, Ok(_) | Err(ServerError::Postgres { .. })) {
-            self.broken = true;
-        }
-        r
+        let mut rows = Vec::new();
+        self.round_trip_rows(&out, timeout, Some(&mut rows)).await?;
+        Ok(rows)
     }
 }
 
 /// The text columns of a DataRow body.
-fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerError> {
+pub(super) fn data_row(body: &[u8]) -> Result<Vec<Option<String>>, ServerError> {
     let bad = || ServerError::Protocol(ProtocolError::Malformed("DataRow"));
     let mut b = body;
     if b.len() < 2 {

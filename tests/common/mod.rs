@@ -271,14 +271,15 @@ pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_pos
     Ok(client)
 }
 
-/// Number of server connections pgbudget holds for `service`: by its label, or by the names the test tools
-/// give themselves (a client's own application_name is replayed on its server while it holds it).
+/// Number of server connections pgbudget holds for `service`: by its label, or by the names the tests' clients
+/// give themselves (the service's name in shared mode, the tools' own, an exempt class's): a client's own
+/// application_name is replayed on its server while it holds it.
 pub async fn server_conns(admin: &tokio_postgres::Client, service: &str) -> i64 {
     admin
         .query_one(
             "select count(*) from pg_stat_activity where pid <> pg_backend_pid() \
-             and (application_name = $1 or application_name in ('pgbench', 'psql'))",
-            &[&format!("pgbudget:{service}:rw")],
+             and (application_name in ($1, $2) or application_name in ('pgbench', 'psql', 'ops'))",
+            &[&format!("pgbudget:{service}:rw"), &service],
         )
         .await
         .unwrap()
