@@ -95,9 +95,8 @@ pub enum Action {
     /// An injected Close of the least recently used statement: swallowed like [`Action::Swallow`]; skipped
     /// after an error, the server still has it.
     Evict(u64),
-    /// A client's Parse of a named statement. `stand_in`: the server already had it, so the text was parsed
-    /// under a name closed right after, and that ParseComplete is the client's.
-    Parse { id: u64, gen: u64, name: String, stand_in: bool },
+    /// A client's Parse of a named statement (naming generation `gen`), sent as a Parse of the pool's.
+    Parse { id: u64, gen: u64, name: String },
     /// A stand-in that fails: the server's error is replaced by this one.
     Refuse(Bytes),
     /// A client's Describe of a pool statement: its RowDescription is the statement's shape.
@@ -109,6 +108,22 @@ pub enum Action {
     /// still has the statement.
     /// `void`: the Parse that created it failed, so there is nothing to give back.
     Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool },
+}
+
+/// What a Bind or Describe of a statement name becomes ([`Pump::target`]).
+enum Target {
+    Raw,
+    Stmt(Arc<Stmt>, u64),
+    Answered,
+    Wait,
+}
+
+/// Which message names the statement: a Bind read whole, the head of a streamed one, or a Describe.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Use {
+    Bind,
+    BigBind,
+    Describe,
 }
 
 /// Tagged actions in the order of their messages.
@@ -151,7 +166,7 @@ impl Action {
     /// What this message does to the server's statements if it succeeds: (statement, prepared or closed).
     fn server_effect(&self) -> Option<(u64, bool)> {
         match self {
-            Action::Swallow { prepared: Some(id) } | Action::Parse { id, stand_in: false, .. } => Some((*id, true)),
+            Action::Swallow { prepared: Some(id) } | Action::Parse { id, .. } => Some((*id, true)),
             Action::Evict(id) => Some((*id, false)),
             _ => None,
         }
@@ -317,22 +332,6 @@ impl Pump {
         self.send(&out, tag);
     }
 
-    /// The pool statement a client name maps to, re-keyed if the server retired the old one.
-    fn lookup(&mut self, name: &[u8]) -> Option<Arc<Stmt>> {
-        let s = self.stmts.as_mut()?;
-        let key = std::str::from_utf8(name).ok()?;
-        let (stmt, gen) = s.client.naming(key)?;
-        if !stmt.is_stale() {
-            return Some(stmt);
-        }
-        // A server's plan for it went stale (its result type changed): the naming moves to a fresh statement
-        // of the same text, prepared anew on each server, and the shape check tells whether the client may
-        // still use it (a changed shape fails it, as on a direct connection).
-        let fresh = s.registry.intern(&stmt.tail, &s.search_path);
-        s.client.restore(key.to_owned(), fresh.clone(), gen);
-        Some(fresh)
-    }
-
     /// The client binds or describes its unnamed statement on a server that does not have it (it was parsed
     /// in an earlier transaction, on whichever server that had): parse it here first.
     fn ensure_unnamed(&mut self) {
@@ -367,13 +366,8 @@ impl Pump {
         }
         s.checked = Some(stmt.id);
         self.ensure(stmt);
-        let mut out = BytesMut::with_capacity(stmt.name.len() + 8);
-        let at = protocol::begin(&mut out, b'D');
-        out.put_u8(b'S');
-        protocol::put_cstr(&mut out, &stmt.name);
-        protocol::finish(&mut out, at);
         let tag = self.actions.push(Action::Check { gen });
-        self.send(&out, tag);
+        self.send_describe(&stmt.name, tag);
         // The server holds its replies until a Flush (or Sync): the answer is needed now.
         self.send(&[b'H', 0, 0, 0, 4], 0);
         // A check the server skipped (an earlier error) settles at once: then nothing waits.
@@ -455,42 +449,23 @@ impl Pump {
                     let tag = self.actions.push(Action::Evict(stmt.id));
                     self.send(&out, tag);
                     out.clear();
-                    put_parse(&mut out, &stmt.name, tail);
-                    let tag = self.actions.push(Action::Parse { id: stmt.id, gen, name: key, stand_in: false });
-                    self.send(&out, tag);
-                    return Ok(true);
+                } else {
+                    let victim = s.take_slot(stmt.id);
+                    self.close_victim(victim);
                 }
-                let victim = s.take_slot(stmt.id);
-                self.close_victim(victim);
-                put_parse(&mut out, &stmt.name, &stmt.tail);
-                let tag = self.actions.push(Action::Parse { id: stmt.id, gen, name: key, stand_in: false });
+                put_parse(&mut out, &stmt.name, tail);
+                let tag = self.actions.push(Action::Parse { id: stmt.id, gen, name: key });
                 self.send(&out, tag);
             }
             b'B' => {
                 let bad = || PumpError::Filter(protocol::ProtocolError::Malformed("Bind"));
                 let (portal, rest) = split_cstr(body).ok_or_else(bad)?;
                 let (name, rest) = split_cstr(rest).ok_or_else(bad)?;
-                let naming = self.stmts.as_ref().and_then(|s| s.client.naming(std::str::from_utf8(name).ok()?));
-                if let Some((old, gen)) = naming {
-                    let (broken, known) = self
-                        .stmts
-                        .as_ref()
-                        .map_or((false, false), |s| (s.client.is_broken(gen), s.client.shape(gen).is_some()));
-                    // A stale plan fails the client's statement as direct, unless the client was told a shape
-                    // that a fresh statement can be checked against (then only a changed one fails).
-                    if broken || (old.is_stale() && !known) {
-                        // As direct: a statement whose plan changed fails until the client prepares it again.
-                        self.refuse(b'P', false, &ProxyError::PlanChanged);
-                        return Ok(true);
-                    }
-                    let stmt = self.lookup(name).expect("named");
-                    if self.start_check(&stmt, gen) {
-                        return Ok(false); // the Bind waits for the check
-                    }
-                }
-                match self.bind_target(name)? {
-                    None => self.send(msg, 0),
-                    Some(stmt) => {
+                match self.target(name, Use::Bind)? {
+                    Target::Raw => self.send(msg, 0),
+                    Target::Answered => {}
+                    Target::Wait => return Ok(false), // the Bind waits for the shape check
+                    Target::Stmt(stmt, _) => {
                         // Built in place: no buffer per Bind.
                         let at = protocol::begin(&mut self.c2s, b'B');
                         self.c2s.put_slice(portal);
@@ -517,7 +492,8 @@ impl Pump {
             b'D' | b'C' if body.first() == Some(&b'S') && body.len() > 2 && self.mapping() => {
                 let name = split_cstr(&body[1..]).map_or(&body[1..], |(n, _)| n);
                 if kind == b'C' {
-                    if name.starts_with(PREFIX.as_bytes()) && self.lookup(name).is_none() {
+                    let own = self.stmts.as_ref().is_some_and(|s| s.client.get(&name_str(name)).is_some());
+                    if name.starts_with(PREFIX.as_bytes()) && !own {
                         return Err(PumpError::Filter(protocol::ProtocolError::Malformed(
                             "statement name reserved by pgbudget",
                         )));
@@ -535,34 +511,13 @@ impl Pump {
                     }
                     return Ok(true);
                 }
-                let stale = self.stmts.as_ref().and_then(|s| s.client.get(std::str::from_utf8(name).ok()?).cloned());
-                if let Some(old) = stale.filter(|s| s.is_stale()) {
-                    // The server that holds the stale plan answers as it would direct (its parameters, then
-                    // 0A000); elsewhere the proxy's stand-in fails in its place.
-                    if self.stmts.as_deref_mut().is_some_and(|s| s.server.touch(old.id)) {
-                        let mut out = BytesMut::with_capacity(64);
-                        let at = protocol::begin(&mut out, b'D');
-                        out.put_u8(b'S');
-                        protocol::put_cstr(&mut out, &old.name);
-                        protocol::finish(&mut out, at);
-                        self.send(&out, 0);
-                    } else {
-                        self.refuse(b'P', false, &ProxyError::PlanChanged);
-                    }
-                    return Ok(true);
-                }
-                match self.bind_target(name)? {
-                    None => self.send(msg, 0),
-                    Some(stmt) => {
-                        let mut out = BytesMut::with_capacity(64);
-                        let at = protocol::begin(&mut out, b'D');
-                        out.put_u8(b'S');
-                        protocol::put_cstr(&mut out, &stmt.name);
-                        protocol::finish(&mut out, at);
-                        let gen = self.stmts.as_ref().and_then(|s| s.client.naming(std::str::from_utf8(name).ok()?));
-                        let tag = gen.map_or(0, |(_, gen)| self.actions.push(Action::Describe { gen }));
-                        self.note_bound(stmt.clone());
-                        self.send(&out, tag);
+                match self.target(name, Use::Describe)? {
+                    Target::Raw => self.send(msg, 0),
+                    Target::Answered | Target::Wait => {}
+                    Target::Stmt(stmt, gen) => {
+                        let tag = self.actions.push(Action::Describe { gen });
+                        self.send_describe(&stmt.name, tag);
+                        self.note_bound(stmt);
                     }
                 }
             }
@@ -571,27 +526,73 @@ impl Pump {
         Ok(true)
     }
 
-    /// The pool statement a Bind or Describe names, prepared on the server first if needed; `None` to pass
-    /// the name through unchanged (the unnamed statement, an SQL-level one, or one that does not exist).
-    /// A name with the proxy's own prefix that the client did not prepare is refused (after a stand-in).
-    fn bind_target(&mut self, name: &[u8]) -> Result<Option<Arc<Stmt>>, PumpError> {
+    /// How a Bind or Describe naming `name` goes to the server: unchanged (the unnamed statement, an SQL-level
+    /// one, or one the server will say does not exist), renamed to the pool statement (prepared on this server
+    /// first if needed), already answered, or waiting for a shape check (a Bind). A name with the proxy's own
+    /// prefix that the client did not prepare ends the session.
+    fn target(&mut self, name: &[u8], used: Use) -> Result<Target, PumpError> {
         if name.is_empty() {
             self.ensure_unnamed();
-            return Ok(None);
+            return Ok(Target::Raw);
         }
         if !self.mapping() {
-            return Ok(None);
+            return Ok(Target::Raw);
         }
-        match self.lookup(name) {
-            Some(stmt) => {
-                self.ensure(&stmt);
-                Ok(Some(stmt))
+        let s = self.stmts.as_deref().expect("mapping");
+        let Some((old, gen)) = std::str::from_utf8(name).ok().and_then(|k| s.client.naming(k)) else {
+            if name.starts_with(PREFIX.as_bytes()) {
+                return Err(PumpError::Filter(protocol::ProtocolError::Malformed(
+                    "statement name reserved by pgbudget",
+                )));
             }
-            None if name.starts_with(PREFIX.as_bytes()) => {
-                Err(PumpError::Filter(protocol::ProtocolError::Malformed("statement name reserved by pgbudget")))
+            return Ok(Target::Raw);
+        };
+        let (broken, known) = (s.client.is_broken(gen), s.client.shape(gen).is_some());
+        match used {
+            // A stale plan fails the client's statement as direct, unless the client was told a shape that a
+            // fresh statement can be checked against (then only a changed one fails).
+            Use::Bind if broken || (old.is_stale() && !known) => {
+                self.refuse(b'P', false, &ProxyError::PlanChanged);
+                return Ok(Target::Answered);
             }
-            None => Ok(None),
+            // The server that holds the stale plan answers as it would direct (its parameters, then 0A000);
+            // elsewhere the proxy's stand-in fails in its place.
+            Use::Describe if old.is_stale() => {
+                if self.stmts.as_deref_mut().is_some_and(|s| s.server.touch(old.id)) {
+                    self.send_describe(&old.name, 0);
+                } else {
+                    self.refuse(b'P', false, &ProxyError::PlanChanged);
+                }
+                return Ok(Target::Answered);
+            }
+            _ => {}
         }
+        let stmt = if old.is_stale() {
+            // A server's plan for it went stale (its result type changed): the naming moves to a fresh
+            // statement of the same text, prepared anew on each server, and the shape check tells whether the
+            // client may still use it.
+            let s = self.stmts.as_deref_mut().expect("mapping");
+            let fresh = s.registry.intern(&old.tail, &s.search_path);
+            s.client.restore(name_str(name), fresh.clone(), gen);
+            fresh
+        } else {
+            old
+        };
+        if used == Use::Bind && self.start_check(&stmt, gen) {
+            return Ok(Target::Wait);
+        }
+        self.ensure(&stmt);
+        Ok(Target::Stmt(stmt, gen))
+    }
+
+    /// Queue a Describe of statement `name` (with `tag`).
+    fn send_describe(&mut self, name: &str, tag: u32) {
+        let mut out = BytesMut::with_capacity(name.len() + 8);
+        let at = protocol::begin(&mut out, b'D');
+        out.put_u8(b'S');
+        protocol::put_cstr(&mut out, name);
+        protocol::finish(&mut out, at);
+        self.send(&out, tag);
     }
 
     /// The head of a Bind too large to hold: its portal and statement names are in `prefix` (the body's first
@@ -602,16 +603,14 @@ impl Pump {
         let (portal, rest) = split_cstr(prefix).ok_or_else(bad)?;
         let (name, _) = split_cstr(rest).ok_or_else(bad)?;
         let consumed = portal.len() + name.len() + 2;
-        let Some(stmt) = self.bind_target(name)? else { return Ok(None) };
+        let Target::Stmt(stmt, _) = self.target(name, Use::BigBind)? else { return Ok(None) };
         let len = body_len - consumed + portal.len() + stmt.name.len() + 2 + 4;
         let len = i32::try_from(len).map_err(|_| bad())?;
-        let mut out = BytesMut::with_capacity(portal.len() + stmt.name.len() + 8);
-        out.put_u8(b'B');
-        out.put_i32(len);
-        out.put_slice(portal);
-        out.put_u8(0);
-        protocol::put_cstr(&mut out, &stmt.name);
-        self.c2s.extend_from_slice(&out);
+        self.c2s.put_u8(b'B');
+        self.c2s.put_i32(len);
+        self.c2s.put_slice(portal);
+        self.c2s.put_u8(0);
+        protocol::put_cstr(&mut self.c2s, &stmt.name);
         self.tx.client(b'B', None);
         settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
         self.note_bound(stmt);
