@@ -129,8 +129,6 @@ enum Lead {
 /// The first words of each statement decide most effects.
 struct Statements {
     lead: Lead,
-    /// Words seen in this statement.
-    words: u8,
     prev_into: bool,
     effects: u16,
     /// This statement creates a temporary table; `on_commit` follows `ON COMMIT DROP` (0..=3 words matched):
@@ -142,7 +140,6 @@ struct Statements {
 impl Statements {
     fn word(&mut self, w: &[u8]) {
         self.effects |= name_effect(w);
-        self.words = self.words.saturating_add(1);
         let temp = eq(w, "temp") || eq(w, "temporary");
         if self.prev_into && temp {
             self.temp = true;
@@ -233,7 +230,6 @@ impl Statements {
             self.effects |= TEMP;
         }
         self.lead = Lead::Start;
-        self.words = 0;
         self.prev_into = false;
         self.temp = false;
         self.on_commit = 0;
@@ -243,7 +239,7 @@ impl Statements {
 /// Scan statement text (one simple Query or one Parse). `backslash_quotes` is the server's
 /// `standard_conforming_strings = off`, where `\` escapes in plain strings too.
 pub fn classify(sql: &[u8], backslash_quotes: bool) -> Effects {
-    let mut st = Statements { lead: Lead::Start, words: 0, prev_into: false, effects: 0, temp: false, on_commit: 0 };
+    let mut st = Statements { lead: Lead::Start, prev_into: false, effects: 0, temp: false, on_commit: 0 };
     let mut i = 0;
     let n = sql.len();
     while i < n {
@@ -308,7 +304,6 @@ pub fn classify(sql: &[u8], backslash_quotes: bool) -> Effects {
                     }
                 }
                 st.effects |= name_effect(&sql[start..j]);
-                st.words = st.words.saturating_add(1);
                 if st.lead == Lead::Start {
                     st.lead = Lead::Done;
                 }

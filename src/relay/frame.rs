@@ -53,10 +53,12 @@ pub struct ServerScanner {
     truncated: bool,
     /// The body of the current message is copied out (`feed_into`).
     copy_body: bool,
+    /// RowDescriptions are captured too (only while a Describe of the proxy's interest is owed).
+    pub capture_rows: bool,
 }
 
 fn captured(kind: u8) -> bool {
-    matches!(kind, b'E' | b'S' | b'Z' | b'A' | b'T')
+    matches!(kind, b'E' | b'S' | b'Z' | b'A')
 }
 
 impl ServerScanner {
@@ -102,7 +104,7 @@ impl ServerScanner {
                     if self.first.is_none() {
                         self.first = Some(chunk[0]);
                     }
-                    if captured(self.kind) {
+                    if captured(self.kind) || (self.kind == b'T' && self.capture_rows) {
                         let room = SERVER_CAPTURE - self.capture.len();
                         self.capture.extend_from_slice(&chunk[..n.min(room)]);
                         self.truncated |= n > room;

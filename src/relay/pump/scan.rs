@@ -102,6 +102,9 @@ struct Parts<'a> {
 fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), PumpError> {
     let copy = out.is_some();
     let Parts { sscan, tx, seen, actions, mut stmts, probe_due, backslash_quotes, servers } = p;
+    // A RowDescription is read only for a Describe the proxy tagged (a client's of a pool statement, or a
+    // shape check); untagged ones, the bulk of all replies, are not copied aside.
+    sscan.capture_rows = !actions.is_empty();
     let mut notification = false;
     let mut replaced = false;
     sscan.feed_into(bytes, out, |ev, out| match ev {
