@@ -251,7 +251,11 @@ impl ProxyError {
             ProxyError::TooManyStatements(max) => (
                 Error,
                 CONFIGURATION_LIMIT_EXCEEDED,
-                format!("pgbudget: a session may keep at most {max} prepared statements; close some first"),
+                format!(
+                    "pgbudget: a session may keep at most {max} prepared statements and {} MiB of their text; \
+                     close some first",
+                    crate::server::statements::MAX_CLIENT_BYTES >> 20
+                ),
             ),
             ProxyError::PlanChanged => (Error, FEATURE_NOT_SUPPORTED, "cached plan must not change result type".into()),
             ProxyError::PinIdle(d) => (

@@ -32,13 +32,11 @@ impl Relay {
             .collect();
         conn.applied = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         if !conn.notifications.is_empty() {
-            let mut kept = std::mem::take(&mut conn.notifications);
-            if let Some(list) = conn.server_list() {
-                crate::relay::pump::name_senders(&mut kept, list);
+            if let Some(list) = conn.server_list().cloned() {
+                crate::relay::pump::name_senders(&mut conn.notifications, &list);
             }
-            self.pump.queue_for_client(&kept);
-            kept.clear();
-            conn.notifications = kept;
+            self.pump.queue_for_client(&conn.notifications);
+            conn.notifications.clear();
         }
         self.desired = settings;
         if let Some(s) = self.pump.stmts.as_mut() {

@@ -15,6 +15,8 @@ pub const PREFIX: &str = "pgbudget_";
 pub const NOBODY: &str = "pgbudget__none";
 /// Most statements one client session may keep prepared.
 pub const MAX_PER_CLIENT: usize = 10_000;
+/// Most bytes of statement text and kept row shapes one client session's names may hold.
+pub const MAX_CLIENT_BYTES: usize = 32 << 20;
 
 /// One statement shared by every client of a pool that prepared the same text.
 #[derive(Debug)]
@@ -122,6 +124,8 @@ pub struct ClientStatements {
     shapes: HashMap<u64, Bytes>,
     /// Namings whose statement changed shape under them: they fail (0A000) until prepared again.
     broken: std::collections::HashSet<u64>,
+    /// Bytes of names, statement texts and shapes held ([`MAX_CLIENT_BYTES`] bounds them).
+    bytes: usize,
 }
 
 impl ClientStatements {
@@ -134,8 +138,15 @@ impl ClientStatements {
         self.map.get(name).cloned()
     }
 
+    /// Keep the shape a client was told for naming `gen` (not past [`MAX_CLIENT_BYTES`]: then no check).
     pub fn set_shape(&mut self, gen: u64, shape: Bytes) {
-        self.shapes.insert(gen, shape);
+        if self.bytes + shape.len() > MAX_CLIENT_BYTES {
+            return;
+        }
+        self.bytes += shape.len();
+        if let Some(old) = self.shapes.insert(gen, shape) {
+            self.bytes -= old.len();
+        }
     }
 
     pub fn shape(&self, gen: u64) -> Option<&Bytes> {
@@ -152,31 +163,52 @@ impl ClientStatements {
 
     /// A naming is gone for good: forget what was kept about it.
     pub fn drop_gen(&mut self, gen: u64) {
-        self.shapes.remove(&gen);
+        if let Some(old) = self.shapes.remove(&gen) {
+            self.bytes -= old.len();
+        }
         self.broken.remove(&gen);
+    }
+
+    /// Bytes the names, their statement texts and kept shapes hold.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn put(&mut self, name: String, stmt: Arc<Stmt>, gen: u64) {
+        let name_len = name.len();
+        self.bytes += name_len + stmt.tail.len();
+        if let Some((old, _)) = self.map.insert(name, (stmt, gen)) {
+            self.bytes -= name_len + old.tail.len();
+        }
+    }
+
+    fn take(&mut self, name: &str) -> Option<(Arc<Stmt>, u64)> {
+        let (stmt, gen) = self.map.remove(name)?;
+        self.bytes -= name.len() + stmt.tail.len();
+        Some((stmt, gen))
     }
 
     /// Name a statement; returns the generation of this naming.
     pub fn insert(&mut self, name: String, stmt: Arc<Stmt>) -> u64 {
         self.next_gen += 1;
-        self.map.insert(name, (stmt, self.next_gen));
+        self.put(name, stmt, self.next_gen);
         self.next_gen
     }
 
     /// Put a naming back as it was (a Close that the server skipped: so was everything up to the next
     /// Sync, including any later Parse of the same name, whose failure then forgets nothing).
     pub fn restore(&mut self, name: String, stmt: Arc<Stmt>, gen: u64) {
-        self.map.insert(name, (stmt, gen));
+        self.put(name, stmt, gen);
     }
 
     pub fn remove(&mut self, name: &str) -> Option<(Arc<Stmt>, u64)> {
-        self.map.remove(name)
+        self.take(name)
     }
 
     /// Forget `name` if it is still the naming of generation `gen` (a Parse that failed).
     pub fn forget(&mut self, name: &str, gen: u64) {
         if self.map.get(name).is_some_and(|(_, g)| *g == gen) {
-            self.map.remove(name);
+            self.take(name);
         }
         self.drop_gen(gen);
     }
@@ -185,6 +217,7 @@ impl ClientStatements {
         self.map.clear();
         self.shapes.clear();
         self.broken.clear();
+        self.bytes = 0;
     }
 
     pub fn len(&self) -> usize {
@@ -305,6 +338,23 @@ pub fn id_of(name: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_names_count_their_bytes() {
+        let r = Registry::default();
+        let mut c = ClientStatements::default();
+        let a = r.intern(b"SELECT 1\0\0\0", "");
+        let g = c.insert("s1".into(), a.clone());
+        assert_eq!(c.bytes(), 2 + a.tail.len());
+        c.set_shape(g, Bytes::from_static(b"row"));
+        assert_eq!(c.bytes(), 2 + a.tail.len() + 3);
+        c.insert("s1".into(), a.clone());
+        c.forget("s1", g + 1);
+        c.drop_gen(g);
+        assert_eq!((c.bytes(), c.len()), (0, 0));
+        c.set_shape(9, Bytes::from(vec![0u8; MAX_CLIENT_BYTES + 1]));
+        assert_eq!(c.bytes(), 0, "a shape over the budget is not kept");
+    }
 
     #[test]
     fn same_text_same_statement_until_retired() {

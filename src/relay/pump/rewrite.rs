@@ -13,7 +13,9 @@ use crate::error::ProxyError;
 use crate::protocol::{self, Severity};
 use crate::relay::classify::{self, Effects};
 use crate::relay::txstate::TxState;
-use crate::server::statements::{ClientStatements, Registry, ServerStatements, Stmt, MAX_PER_CLIENT, NOBODY, PREFIX};
+use crate::server::statements::{
+    ClientStatements, Registry, ServerStatements, Stmt, MAX_CLIENT_BYTES, MAX_PER_CLIENT, NOBODY, PREFIX,
+};
 use bytes::{BufMut, Bytes, BytesMut};
 use prometheus::IntCounter;
 use std::collections::VecDeque;
@@ -431,7 +433,7 @@ impl Pump {
                     self.refuse(b'P', false, &ProxyError::StatementExists(key));
                     return Ok(true);
                 }
-                if s.client.len() >= MAX_PER_CLIENT {
+                if s.client.len() >= MAX_PER_CLIENT || s.client.bytes() + key.len() + tail.len() > MAX_CLIENT_BYTES {
                     self.refuse(b'P', false, &ProxyError::TooManyStatements(MAX_PER_CLIENT));
                     return Ok(true);
                 }
@@ -653,6 +655,7 @@ impl Pump {
                     if name.is_empty()
                         || taken
                         || s.client.len() + count >= MAX_PER_CLIENT
+                        || s.client.bytes() + pos + msg.len() > MAX_CLIENT_BYTES
                         || classify::classify(text, self.backslash_quotes).needs_probe()
                     {
                         return Some(false);

@@ -168,6 +168,28 @@ fn msg() -> impl Strategy<Value = Msg> {
     ]
 }
 
+#[test]
+fn statement_text_a_client_keeps_is_bounded() {
+    // 40 distinct statements of 1 MiB each: past 32 MiB the proxy refuses (53400) instead of keeping them.
+    let mut pump = Pump::new(None, 2 << 20);
+    pump.stmts = Some(Box::new(TxnStatements::detached(Arc::new(Registry::default()), 200)));
+    pump.attach();
+    let mut refused = 0;
+    for i in 0..40 {
+        let mut b = BytesMut::new();
+        let at = protocol::begin(&mut b, b'P');
+        protocol::put_cstr(&mut b, &format!("s{i}"));
+        protocol::put_cstr(&mut b, &format!("SELECT '{}{i}'", "x".repeat(1 << 20)));
+        b.put_i16(0);
+        protocol::finish(&mut b, at);
+        let (framed, _) = pump.frame_bytes(&b).unwrap();
+        refused += usize::from(framed.windows(17).any(|w| w == b"pgbudget__refused"));
+    }
+    let kept = pump.stmts.as_ref().unwrap().client.bytes();
+    assert!(kept <= crate::server::statements::MAX_CLIENT_BYTES, "{kept} bytes kept");
+    assert!(refused >= 8, "{refused} refused");
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(400), ..ProptestConfig::default() })]
     #[test]
