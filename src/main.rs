@@ -5,7 +5,8 @@
 use clap::{Parser, Subcommand};
 use pgbudget::app::App;
 use pgbudget::config::resolve::Resolved;
-use pgbudget::config::{Config, Env};
+use pgbudget::config::source::Source;
+use pgbudget::config::{environment, Env};
 use pgbudget::telemetry::Telemetry;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,8 +23,9 @@ struct Cli {
 enum Cmd {
     /// Run the proxy.
     Run {
-        #[arg(long, short, env = "PGBUDGET_CONFIG", default_value = "budgets.toml")]
-        config: PathBuf,
+        /// The config file (default `budgets.toml`; without one, `PGBUDGET_SLICES` + `DATABASE_URL` describe it).
+        #[arg(long, short, env = "PGBUDGET_CONFIG")]
+        config: Option<PathBuf>,
         /// Override `proxy.listen`.
         #[arg(long, env = "PGBUDGET_LISTEN")]
         listen: Option<String>,
@@ -36,15 +38,27 @@ enum Cmd {
     },
     /// Validate a config, print the resolved budget table, exit non-zero on any violation.
     Check {
-        #[arg(long, short, env = "PGBUDGET_CONFIG", default_value = "budgets.toml")]
-        config: PathBuf,
+        #[arg(long, short, env = "PGBUDGET_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// GET an admin endpoint (`/health`, `/ready`); exit 0 on HTTP 200. For container health checks and
+    /// entrypoints that start the app once pgbudget is ready.
+    Probe {
+        #[arg(default_value = "/health")]
+        path: String,
+        /// The admin listener (default: the container's, else 127.0.0.1:9187).
+        #[arg(long, env = "PGBUDGET_ADMIN_LISTEN")]
+        admin: Option<String>,
+        /// Keep trying until this long has passed (e.g. `30s`); default: one try.
+        #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration, default_value = "0s")]
+        wait: std::time::Duration,
     },
     /// Read a password on stdin and print a SCRAM-SHA-256 verifier for `[[auth.users]] scram = ...`.
     Verifier,
     /// The telemetry lake of `[lake]`: daily timeline, ad-hoc read-only SQL, maintenance.
     Lake {
-        #[arg(long, short, global = true, env = "PGBUDGET_CONFIG", default_value = "budgets.toml")]
-        config: PathBuf,
+        #[arg(long, short, global = true, env = "PGBUDGET_CONFIG")]
+        config: Option<PathBuf>,
         #[command(subcommand)]
         cmd: LakeCmd,
     },
@@ -97,25 +111,53 @@ fn init_cli_logs() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
-fn load(path: &std::path::Path, env: &Env) -> Result<Resolved, pgbudget::config::ConfigError> {
-    Config::load(path).and_then(|c| Resolved::resolve(c, env))
+/// Bind a listener; `[::]` falls back to `0.0.0.0` on a host without IPv6.
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Err(e) if addr.starts_with("[::]:") && e.raw_os_error() == Some(97 /* EAFNOSUPPORT */) => {
+            let v4 = addr.replacen("[::]", "0.0.0.0", 1);
+            tracing::warn!(%addr, fallback = %v4, "no IPv6 on this host: listening on IPv4 only");
+            tokio::net::TcpListener::bind(v4).await
+        }
+        r => r,
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let env = Env::from_process();
     match cli.cmd {
-        Cmd::Check { config } => match load(&config, &env) {
-            Ok(r) => {
-                print!("{}", r.table());
-                println!("ok: {} satisfies every invariant", config.display());
-                ExitCode::SUCCESS
+        Cmd::Check { config } => {
+            let source = Source::pick(config, &env);
+            match source.load(&env) {
+                Ok(r) => {
+                    print!("{}", r.table());
+                    println!("ok: {source} satisfies every invariant");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{source}: {e}");
+                    ExitCode::from(2)
+                }
             }
-            Err(e) => {
-                eprintln!("{}: {e}", config.display());
-                ExitCode::from(2)
+        }
+        Cmd::Probe { path, admin, wait } => {
+            use pgbudget::admin::probe;
+            let listen = admin
+                .filter(|a| !a.is_empty())
+                .or_else(|| environment::container_listen(&env).1)
+                .unwrap_or_else(|| "127.0.0.1:9187".into());
+            match probe::target(&listen).and_then(|addr| probe::wait_for(addr, &path, wait)) {
+                Ok(body) => {
+                    println!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("probe: {e}");
+                    ExitCode::from(1)
+                }
             }
-        },
+        }
         Cmd::Verifier => {
             let mut pw = String::new();
             if std::io::stdin().read_line(&mut pw).is_err() || pw.trim_end_matches(['\r', '\n']).is_empty() {
@@ -125,25 +167,28 @@ fn main() -> ExitCode {
             println!("{}", postgres_protocol::password::scram_sha_256(pw.trim_end_matches(['\r', '\n']).as_bytes()));
             ExitCode::SUCCESS
         }
-        Cmd::Lake { config, cmd } => lake_cmd(&config, cmd),
+        Cmd::Lake { config, cmd } => lake_cmd(&Source::pick(config, &env), &env, cmd),
         Cmd::Run { config, listen, admin_listen, log_format } => {
             init_logs(&log_format);
-            let mut resolved = match load(&config, &env) {
+            let source = Source::pick(config, &env);
+            let mut resolved = match source.load(&env) {
                 Ok(r) => r,
                 Err(e) => {
                     error!(kind = "config", cause = %e, "refusing to start");
-                    eprintln!("{}: {e}", config.display());
+                    eprintln!("{source}: {e}");
                     return ExitCode::from(2);
                 }
             };
-            if let Some(l) = listen {
+            info!(config = %source, "configuration loaded");
+            let (container_listen, container_admin) = environment::container_listen(&env);
+            if let Some(l) = listen.or(container_listen) {
                 resolved.config.proxy.listen = l;
             }
-            if let Some(l) = admin_listen {
+            if let Some(l) = admin_listen.or(container_admin) {
                 resolved.config.admin.listen = l;
             }
             let rt = runtime(std::env::var("PGBUDGET_WORKER_THREADS").ok().as_deref());
-            rt.block_on(run(resolved, env, config))
+            rt.block_on(run(resolved, env, source.path().map(std::path::Path::to_path_buf)))
         }
     }
 }
@@ -162,9 +207,9 @@ fn runtime(threads: Option<&str>) -> tokio::runtime::Runtime {
     b.enable_all().build().expect("tokio runtime")
 }
 
-async fn run(resolved: Resolved, env: Env, config_path: std::path::PathBuf) -> ExitCode {
+async fn run(resolved: Resolved, env: Env, config_path: Option<PathBuf>) -> ExitCode {
     let addr = resolved.config.proxy.listen.clone();
-    let listener = match tokio::net::TcpListener::bind(&addr).await {
+    let listener = match bind(&addr).await {
         Ok(l) => l,
         Err(e) => {
             error!(kind = "listen", cause = %e, %addr, "cannot listen");
@@ -178,7 +223,7 @@ async fn run(resolved: Resolved, env: Env, config_path: std::path::PathBuf) -> E
     let admin = if admin_addr.is_empty() {
         None
     } else {
-        match tokio::net::TcpListener::bind(&admin_addr).await {
+        match bind(&admin_addr).await {
             Ok(l) => Some(l),
             Err(e) => {
                 error!(kind = "listen", cause = %e, addr = %admin_addr, "cannot listen for admin http");
@@ -195,7 +240,9 @@ async fn run(resolved: Resolved, env: Env, config_path: std::path::PathBuf) -> E
         }
     };
     let app = App::with_telemetry(resolved, &env, metrics, telemetry);
-    let _ = app.config_path.set(config_path);
+    if let Some(path) = config_path {
+        let _ = app.config_path.set(path);
+    }
     app.record_config("startup", &app.resolved().table(), 0);
     if let Some(l) = admin {
         tokio::spawn(pgbudget::admin::http::serve(app.clone(), l));
@@ -234,20 +281,20 @@ async fn open_lake(_: &Resolved, _: &pgbudget::telemetry::metrics::Metrics) -> R
 
 /// `pgbudget lake ...`: exit 0 on success, 1 when the lake or the query fails, 2 for configuration problems.
 #[cfg(feature = "lake")]
-fn lake_cmd(config: &std::path::Path, cmd: LakeCmd) -> ExitCode {
+fn lake_cmd(config: &Source, env: &Env, cmd: LakeCmd) -> ExitCode {
     use pgbudget::lake::{maintain, timeline, Lake, LakeError, Registry};
     init_cli_logs();
     // Only `[lake]` matters here: the rest of the file is parsed (unknown keys refused) but not resolved, so an
     // operator can read the lake where the budget itself would not start.
-    let mut cfg = match Config::load(config) {
+    let mut cfg = match config.config(env) {
         Ok(c) => c.lake,
         Err(e) => {
-            eprintln!("{}: {e}", config.display());
+            eprintln!("{config}: {e}");
             return ExitCode::from(2);
         }
     };
     if !cfg.enabled {
-        eprintln!("{}: [lake] enabled = false: there is no lake to look at", config.display());
+        eprintln!("{config}: [lake] enabled = false: there is no lake to look at");
         return ExitCode::from(2);
     }
     // Everything but maintenance attaches READ_ONLY: no writer, no table creation, writes refused.
@@ -262,7 +309,7 @@ fn lake_cmd(config: &std::path::Path, cmd: LakeCmd) -> ExitCode {
     let lake = match Lake::open(&cfg, tables, &prometheus::Registry::new()) {
         Ok(l) => l,
         Err(e @ (LakeError::Config(_) | LakeError::Schema { .. })) => {
-            eprintln!("{}: {e}", config.display());
+            eprintln!("{config}: {e}");
             return ExitCode::from(2);
         }
         Err(e) => {
@@ -311,7 +358,7 @@ fn lake_cmd(config: &std::path::Path, cmd: LakeCmd) -> ExitCode {
 }
 
 #[cfg(not(feature = "lake"))]
-fn lake_cmd(_: &std::path::Path, _: LakeCmd) -> ExitCode {
+fn lake_cmd(_: &Source, _: &Env, _: LakeCmd) -> ExitCode {
     eprintln!("pgbudget was built without the lake feature (rebuild with the default features)");
     ExitCode::from(2)
 }

@@ -1,10 +1,12 @@
 //! `budgets.toml`: strict parsing (unknown keys collected via serde_ignored), env expansion, and the startup invariants (every violation is reported, not just the first).
 //!
-//! Submodules: `resolve` turns the parsed file into per-process shares and upstream targets (the budget
+//! Submodules: `environment` builds the simple case's config from env vars alone; `resolve` turns the parsed file into per-process shares and upstream targets (the budget
 //! invariants); `reload` re-reads and swaps it in at run time.
 
+pub mod environment;
 pub mod reload;
 pub mod resolve;
+pub mod source;
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
