@@ -180,7 +180,11 @@ impl App {
 
     /// Reload from the file the process was started with.
     pub fn reload(&self) -> Result<crate::config::reload::ReloadSummary, crate::config::reload::ReloadError> {
-        let path = self.config_path.get().ok_or(crate::config::reload::ReloadError::NoConfigFile)?;
+        let Some(path) = self.config_path.get() else {
+            let e = crate::config::reload::ReloadError::NoConfigFile;
+            tracing::warn!(kind = "reload", cause = %e, "reload refused; the old configuration stays in force");
+            return Err(e);
+        };
         self.reload_from(path)
     }
 

@@ -409,7 +409,7 @@ mod tests {
             (
                 ReloadError::NoConfigFile.into(),
                 sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
-                "this process was not started from a configuration file",
+                "this process was started from the environment, not a configuration file: restart it to change the configuration",
             ),
             (
                 ReloadError::RestartNeeded { reasons: vec!["auth.method changed (needs a restart)".into()] }.into(),

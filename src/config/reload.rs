@@ -13,7 +13,7 @@ use tracing::{info, warn};
 /// Why a reload was refused; the old configuration then stays in force.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
-    #[error("this process was not started from a configuration file")]
+    #[error("this process was started from the environment, not a configuration file: restart it to change the configuration")]
     NoConfigFile,
     #[error("cannot read {}: {source}", path.display())]
     Io {
