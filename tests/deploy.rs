@@ -483,3 +483,43 @@ fn env_only_run_serves_clients() {
     let log = std::fs::read_to_string(cwd.path().join("log")).unwrap();
     assert!(log.contains("started from the environment"), "SIGHUP explained: {log}");
 }
+
+/// The app's DATABASE_URL: pgbudget's address in place of the upstream's, everything else as given (sslmode
+/// dropped). A stub stands in for pgbudget (`run` waits for SIGTERM, `probe` succeeds) so only the script runs.
+#[test]
+fn sidecar_entrypoint_rewrites_only_the_address_of_database_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let stub = dir.path().join("pgbudget");
+    std::fs::write(
+        &stub,
+        "#!/bin/sh\ncase $1 in run) trap 'exit 0' TERM; while :; do sleep 0.05; done;; *) exit 0;; esac\n",
+    )
+    .unwrap();
+    Command::new("chmod").arg("+x").arg(&stub).status().unwrap();
+    let cases = [
+        ("postgres://u:p@db.internal:5432/app", "postgres://u:p@127.0.0.1:6432/app"),
+        ("postgresql://u:p%40ss@db/app?sslmode=require", "postgresql://u:p%40ss@127.0.0.1:6432/app"),
+        (
+            "postgres://u@[fd12::1]:5432/app?application_name=x&sslmode=require&connect_timeout=5",
+            "postgres://u@127.0.0.1:6432/app?application_name=x&connect_timeout=5",
+        ),
+        ("postgres://db.internal", "postgres://127.0.0.1:6432"),
+        ("postgres://u:p@h:1/d?sslmode=disable", "postgres://u:p@127.0.0.1:6432/d"),
+    ];
+    for (given, want) in cases {
+        for (listen, want) in [("", want.to_owned()), ("[::]:7000", want.replace(":6432", ":7000"))] {
+            let mut cmd = Command::new("sh");
+            clean(&mut cmd)
+                .arg(repo("examples/sidecar/entrypoint"))
+                .args(["sh", "-c", "printf '%s' \"$DATABASE_URL\""])
+                .env("PGBUDGET_BIN", &stub)
+                .env("DATABASE_URL", given);
+            if !listen.is_empty() {
+                cmd.env("PGBUDGET_LISTEN", listen);
+            }
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{given}: {}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(String::from_utf8_lossy(&out.stdout), want, "from {given} (listen {listen:?})");
+        }
+    }
+}
