@@ -58,6 +58,7 @@ cat >"$TMP/budgets.toml" <<EOF
 [proxy]
 mode = "shared"
 service_from = "application_name"
+trust_application_name = true
 [auth]
 method = "trust"
 [admin]

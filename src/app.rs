@@ -1,6 +1,6 @@
 //! Process-wide shared state (passed as `Arc<App>`, no globals), the accept loop, background tasks and shutdown.
 
-use crate::budget::pool::Pools;
+use crate::budget::pools::Pools;
 use crate::client::auth::UserDb;
 use crate::client::cancel::CancelRegistry;
 use crate::config::resolve::Resolved;
@@ -260,7 +260,7 @@ impl App {
             loop {
                 tokio::select! {
                     _ = app.shutdown.cancelled() => break,
-                    _ = tick.tick() => app.pools().pools.values().for_each(|p| p.reap()),
+                    _ = tick.tick() => app.pools().reap(),
                 }
             }
         });

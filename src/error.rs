@@ -58,6 +58,9 @@ pub enum ProxyError {
     ClientIo(std::io::Error),
     #[error("too many clients logging in (max_pending_logins {0})")]
     TooManyLogins(u32),
+    /// A login for a database or role without a pool while `proxy.max_pools` pools exist.
+    #[error("max_pools ({max}) pools exist")]
+    TooManyPools { max: u32 },
     #[error("client message {kind:?} of {len} bytes is over max_query_size {max}")]
     MessageTooLarge { kind: char, len: usize, max: usize },
     #[error("server refused the client's startup setting: {code} {message}")]
@@ -103,6 +106,7 @@ impl ProxyError {
             ProxyError::ShuttingDown => "shutting_down",
             ProxyError::ClientIo(_) => "client_io",
             ProxyError::TooManyLogins(_) => "too_many_logins",
+            ProxyError::TooManyPools { .. } => "too_many_pools",
             ProxyError::MessageTooLarge { .. } => "message_too_large",
             ProxyError::SettingRejected { .. } => "setting_rejected",
             ProxyError::PinRefused { .. } => "pin_refused",
@@ -134,9 +138,10 @@ impl ProxyError {
             ProxyError::Auth(AuthError::Failed { user, .. }) => {
                 (Fatal, INVALID_PASSWORD, format!("password authentication failed for user \"{user}\""))
             }
+            // 28000 like a login refusal: a service the client may not name reads exactly as one that does not exist.
             ProxyError::UnknownService(s) => (
                 Fatal,
-                INVALID_CATALOG_NAME,
+                INVALID_AUTHORIZATION_SPECIFICATION,
                 format!("no budget for service \"{s}\": declare it under [services] in budgets.toml"),
             ),
             ProxyError::UnknownDatabase(d) => {
@@ -222,6 +227,14 @@ impl ProxyError {
             }
             ProxyError::ShuttingDown => (Fatal, ADMIN_SHUTDOWN, "pgbudget is shutting down".into()),
             ProxyError::ClientIo(e) => (Fatal, CONNECTION_FAILURE, format!("client connection failed: {e}")),
+            ProxyError::TooManyPools { max } => (
+                Fatal,
+                TOO_MANY_CONNECTIONS,
+                format!(
+                    "pgbudget: {max} pools (max_pools) are open, one per service, database and role; \
+                     no pool can be added for this database or role now"
+                ),
+            ),
             ProxyError::TooManyLogins(max) => (
                 Fatal,
                 TOO_MANY_CONNECTIONS,
@@ -336,6 +349,7 @@ mod tests {
             ProxyError::ShuttingDown,
             ProxyError::ClientIo(std::io::Error::other("x")),
             ProxyError::TooManyLogins(256),
+            ProxyError::TooManyPools { max: 64 },
             ProxyError::MessageTooLarge { kind: 'Q', len: 2 << 20, max: 1 << 20 },
             ProxyError::SettingRejected { code: "22023".into(), message: "invalid value".into() },
             ProxyError::PinRefused { statement: "LISTEN", service: "w".into() },

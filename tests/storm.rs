@@ -38,7 +38,7 @@ async fn a_storm_on_one_service_is_shed_while_another_keeps_its_share() {
     let pg = Pg::start();
     let admin = connect(&pg.conninfo()).await.unwrap();
     let cfg = format!(
-        "[proxy]\nmode = \"shared\"\nservice_from = \"application_name\"\n[auth]\nmethod = \"trust\"\n\n\
+        "[proxy]\nmode = \"shared\"\nservice_from = \"application_name\"\ntrust_application_name = true\n[auth]\nmethod = \"trust\"\n\n\
          [upstreams.primary]\nurl = \"{}\"\n\
          ceiling = 40\n\n[services.hot]\nslice = 10\ncheckout_timeout = \"1s\"\n\
          [services.hot.admission]\nhard_reject = 0.88\nmax_waiting = 10\n\

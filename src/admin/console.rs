@@ -259,10 +259,11 @@ fn show_pools(app: &App) -> BytesMut {
     let resolved = app.resolved();
     for p in snap.pools {
         let t = &resolved.upstreams[&p.upstream];
-        let clients = app.clients.iter().filter(|c| c.service == p.service).count();
+        let here = |asked: &str| p.route == "ro" || t.databases.real(asked).is_some_and(|d| d == p.database);
+        let clients = app.clients.iter().filter(|c| c.service == p.service && here(&c.database)).count();
         r.row(&[
-            t.database.clone(),
-            t.user.clone(),
+            p.database.clone(),
+            p.role.clone(),
             p.service.clone(),
             p.route.to_owned(),
             clients.saturating_sub(p.waiting as usize).to_string(),
@@ -295,12 +296,11 @@ fn show_stats(app: &App) -> BytesMut {
         "total_wait_time",
         "checkout_timeouts",
     ]);
-    let resolved = app.resolved();
-    for p in app.pools().pools.values() {
+    for p in app.pools().all() {
         let b = p.budget();
         let m = &p.metrics;
         r.row(&[
-            resolved.upstreams[&b.upstream].database.clone(),
+            p.key.database.clone(),
             b.name.clone(),
             p.route.as_str().to_owned(),
             m.transactions.get().to_string(),
@@ -318,7 +318,7 @@ fn show_stats(app: &App) -> BytesMut {
 /// use it, the pool's hit/miss/eviction counts, and the statement with its constants taken out.
 fn show_prepared(app: &App) -> BytesMut {
     let mut r = Rows::new(&["service", "route", "name", "clients", "hits", "misses", "evictions", "statement"]);
-    for p in app.pools().pools.values() {
+    for p in app.pools().all() {
         let b = p.budget();
         let m = &p.metrics;
         for (stmt, clients) in p.statements.list() {

@@ -62,13 +62,7 @@ impl PoolControl {
 impl App {
     /// The pools a command addresses: one service's (both routes) or all.
     fn addressed(&self, service: Option<&str>) -> Result<Vec<Arc<ServicePool>>, ControlError> {
-        let pools: Vec<_> = self
-            .pools()
-            .pools
-            .iter()
-            .filter(|((name, _), _)| service.is_none_or(|s| s == name))
-            .map(|(_, p)| p.clone())
-            .collect();
+        let pools = self.pools().of_service(service);
         match service {
             Some(s) if pools.is_empty() => Err(ControlError::UnknownService(s.to_owned())),
             _ => Ok(pools),

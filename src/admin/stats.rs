@@ -17,6 +17,9 @@ pub const LAKE_SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
 pub struct PoolRow {
     pub service: String,
     pub route: &'static str,
+    /// The database its servers log in to, and as which role.
+    pub database: String,
+    pub role: String,
     pub upstream: String,
     pub pool_mode: &'static str,
     pub slice: u32,
@@ -66,13 +69,16 @@ impl App {
         // One configuration for the whole snapshot, even if a reload lands meanwhile.
         let (all, resolved) = (self.pools(), self.resolved());
         let mut pools = Vec::new();
-        for p in all.pools.values() {
+        let mut groups: std::collections::BTreeMap<(String, &'static str), [i64; 4]> = Default::default();
+        for p in all.all() {
             let b = p.budget();
             let st = p.pool.status();
             let route = p.route.as_str();
             let row = PoolRow {
                 service: b.name.clone(),
                 route,
+                database: p.key.database.clone(),
+                role: p.key.role.clone(),
                 upstream: b.upstream.clone(),
                 pool_mode: match b.pool_mode() {
                     PoolMode::Session => "session",
@@ -96,19 +102,30 @@ impl App {
                 pinned: p.pinned.load(Ordering::Relaxed),
                 prepared_statements: p.statements.len(),
             };
-            let l = [row.service.as_str(), route];
+            let g = groups.entry((row.service.clone(), route)).or_insert([0; 4]);
+            g[0] += row.size as i64;
+            g[1] += row.available as i64;
+            g[2] += row.waiting as i64;
+            g[3] = row.share as i64;
             let m = &self.metrics;
-            m.pool_size.with_label_values(&l).set(row.size as i64);
-            m.pool_available.with_label_values(&l).set(row.available as i64);
-            m.pool_waiting.with_label_values(&l).set(row.waiting as i64);
-            m.pool_max.with_label_values(&l).set(row.share as i64);
-            m.pool_pinned.with_label_values(&l).set(row.pinned as i64);
+            m.pool_pinned.with_label_values(&[row.service.as_str(), route]).set(row.pinned as i64);
             if p.route == Route::ReadOnly {
-                m.ro_routes_to.with_label_values(&l).set(p.pool.manager().routes_to() as i64);
+                m.ro_routes_to
+                    .with_label_values(&[row.service.as_str(), route])
+                    .set(p.pool.manager().routes_to() as i64);
             } else if all.get(&row.service, Route::ReadOnly).is_none() {
                 m.ro_routes_to.with_label_values(&[row.service.as_str(), "ro"]).set(RO_DISABLED as i64);
             }
             pools.push(row);
+        }
+        // The gauges are per (service, route): every database's and role's pool of it together.
+        for ((service, route), [size, available, waiting, share]) in &groups {
+            let l = [service.as_str(), *route];
+            let m = &self.metrics;
+            m.pool_size.with_label_values(&l).set(*size);
+            m.pool_available.with_label_values(&l).set(*available);
+            m.pool_waiting.with_label_values(&l).set(*waiting);
+            m.pool_max.with_label_values(&l).set(*share);
         }
         let upstreams = all
             .upstreams
@@ -220,12 +237,14 @@ pub fn snapshot_line(
         let prev = last_timeouts.insert(key.clone(), p.checkout_timeouts).unwrap_or(0);
         let _ = write!(
             line,
-            "pool={key} size={} idle={} waiting={} share={} timeouts={} ",
+            "pool={key} size={} idle={} waiting={} share={} timeouts={} db={} role={} ",
             p.size,
             p.available,
             p.waiting,
             p.share,
-            p.checkout_timeouts - prev
+            p.checkout_timeouts - prev,
+            p.database,
+            p.role
         );
     }
     for u in &snap.upstreams {

@@ -1,15 +1,17 @@
-//! Per-service server pools: a deadpool `Manager` over raw server connections, bounded by the service's share
-//! and by the upstream ceiling (a semaphore whose permits live inside each connection).
+//! One server pool per (service, route, database, upstream role): a deadpool `Manager` over raw server
+//! connections. Every connection holds a slot of its service's share (counted across all the service's pools,
+//! see [`ServiceGroup`]) and a permit of its upstream's ceiling; both live inside the connection.
 
-use crate::config::resolve::{Resolved, ServiceBudget, UpstreamTarget};
+use crate::config::resolve::{ServiceBudget, UpstreamTarget};
 use crate::config::ReplicaDown;
 use crate::error::ProxyError;
+use crate::server::slots::Slots;
 use crate::server::{ServerConn, ServerError};
 use arc_swap::ArcSwap;
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType, Timeouts};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::warn;
@@ -30,6 +32,15 @@ impl Route {
     }
 }
 
+/// What one pool serves: a service's route, the database its servers log in to and the role they log in as.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    pub service: String,
+    pub route: Route,
+    pub database: String,
+    pub role: String,
+}
+
 /// One upstream's ceiling, shared by every pool that connects to it.
 #[derive(Debug)]
 pub struct UpstreamState {
@@ -45,10 +56,16 @@ impl UpstreamState {
     }
 }
 
-/// Creates and vets server connections for one (service, route).
+/// Creates and vets server connections for one pool.
 #[derive(Debug)]
 pub struct Manager {
+    pub key: PoolKey,
     pub upstream: Arc<UpstreamState>,
+    /// The upstream (and replica) address with this pool's database and role.
+    pub login: UpstreamTarget,
+    pub replica_login: Option<UpstreamTarget>,
+    /// The service's share, counted across all its pools of this route.
+    pub slots: Arc<Slots>,
     /// Swapped by a reload; read with `load()` (no lock).
     pub budget: ArcSwap<ServiceBudget>,
     pub application_name: String,
@@ -56,7 +73,7 @@ pub struct Manager {
     /// Read-only pools: the replica to try first, and what to do when it is down.
     pub replica: Option<Arc<UpstreamState>>,
     pub on_replica_down: ReplicaDown,
-    routes_to: AtomicU8,
+    pub(super) routes_to: AtomicU8,
     /// ParameterStatus set of the first connection made; what clients see in transaction mode.
     pub template: RwLock<Option<Arc<HashMap<String, String>>>>,
     /// Bumped by `RECONNECT`: connections of older generations are not reused.
@@ -69,14 +86,15 @@ impl managed::Manager for Manager {
 
     async fn create(&self) -> Result<ServerConn, ServerError> {
         if self.route == Route::ReadWrite {
-            return self.connect_via(&self.upstream).await;
+            return self.connect_via(&self.upstream, &self.login).await;
         }
-        if let Some(replica) = &self.replica {
-            match self.connect_via(replica).await {
+        if let (Some(replica), Some(login)) = (&self.replica, &self.replica_login) {
+            match self.connect_via(replica, login).await {
                 Ok(c) => {
                     self.routes_to.store(RO_REPLICA, Ordering::Relaxed);
                     return self.enforce_read_only(c).await;
                 }
+                Err(e @ ServerError::ShareReached) => return Err(e),
                 Err(e) if self.on_replica_down == ReplicaDown::Refuse => return Err(e),
                 Err(e) => {
                     warn!(kind = "replica", cause = %e, service = %self.budget.load().name, "replica unreachable; read-only route falls through to the primary with read-only enforced");
@@ -84,7 +102,7 @@ impl managed::Manager for Manager {
                 }
             }
         }
-        let c = self.connect_via(&self.upstream).await?;
+        let c = self.connect_via(&self.upstream, &self.login).await?;
         self.enforce_read_only(c).await
     }
 
@@ -116,15 +134,17 @@ impl managed::Manager for Manager {
 }
 
 impl Manager {
-    /// Open a server connection to `up`, holding one of its ceiling permits.
-    async fn connect_via(&self, up: &Arc<UpstreamState>) -> Result<ServerConn, ServerError> {
+    /// Open a server connection to `up` as `login`, holding a slot of the share and one of `up`'s ceiling permits.
+    async fn connect_via(&self, up: &Arc<UpstreamState>, login: &UpstreamTarget) -> Result<ServerConn, ServerError> {
+        let slot = self.slots.try_take().ok_or(ServerError::ShareReached)?;
         let permit = up.permits.clone().try_acquire_owned().map_err(|_| ServerError::CeilingReached {
             upstream: up.target.name.clone(),
             ceiling: up.target.ceiling,
         })?;
         let b = self.budget.load();
         let s = &b.settings;
-        let mut conn = ServerConn::connect(&up.target, &self.application_name, s.connect_timeout, permit).await?;
+        let mut conn = ServerConn::connect(login, &self.application_name, s.connect_timeout, permit).await?;
+        conn.slot = Some(slot);
         conn.register(&up.servers, &b.name, self.route.as_str());
         conn.generation = self.generation.load(Ordering::Acquire);
         let mut t = self.template.write().unwrap_or_else(|e| e.into_inner());
@@ -171,7 +191,7 @@ pub async fn enforce_read_only(conn: &mut ServerConn, timeout: Duration) -> Resu
 
 /// Deadpool's deadlines for one checkout: wait up to `wait` for a free slot; opening a connection may take
 /// two connect attempts (replica, then primary), vetting an idle one a single ping.
-fn timeouts(s: &crate::config::ServiceConfig, wait: Duration) -> Timeouts {
+pub(super) fn timeouts(s: &crate::config::ServiceConfig, wait: Duration) -> Timeouts {
     Timeouts {
         wait: Some(wait),
         create: Some(2 * s.connect_timeout + Duration::from_millis(100)),
@@ -182,13 +202,68 @@ fn timeouts(s: &crate::config::ServiceConfig, wait: Duration) -> Timeouts {
 pub type Pool = managed::Pool<Manager>;
 pub type PooledConn = managed::Object<Manager>;
 
-/// A service's pool and what is needed to report on it.
+/// What all pools of one (service, route) share: the share's slots, admission, operator control, counters.
+pub struct ServiceGroup {
+    pub slots: Arc<Slots>,
+    pub metrics: crate::telemetry::metrics::PoolMetrics,
+    pub admission: Arc<crate::budget::admission::Admission>,
+    pub control: Arc<crate::admin::control::PoolControl>,
+    pub pinned: Arc<AtomicU32>,
+    /// Every pool of the group, to close an idle connection of one when another needs the slot.
+    members: Mutex<Vec<managed::WeakPool<Manager>>>,
+}
+
+impl ServiceGroup {
+    pub fn new(
+        share: u32,
+        metrics: crate::telemetry::metrics::PoolMetrics,
+        admission: crate::budget::admission::Admission,
+    ) -> ServiceGroup {
+        ServiceGroup {
+            slots: Slots::new(share),
+            metrics,
+            admission: Arc::new(admission),
+            control: Default::default(),
+            pinned: Default::default(),
+            members: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn join(&self, pool: &Pool) {
+        let mut m = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|w| w.upgrade().is_some());
+        m.push(pool.weak());
+    }
+
+    /// Close one idle connection of a pool of this group other than `except` (its slot frees); false if none.
+    fn close_idle_other(&self, except: &PoolKey) -> bool {
+        let pools: Vec<Pool> = {
+            let m = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            m.iter().filter_map(|w| w.upgrade()).collect()
+        };
+        for p in pools.iter().filter(|p| &p.manager().key != except && p.status().available > 0) {
+            let mut closed = false;
+            let removed = p.retain(|_, _| std::mem::replace(&mut closed, true));
+            if !removed.removed.is_empty() {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+/// How often a checkout whose share is held by the service's other pools looks again.
+const SHARE_RECHECK: Duration = Duration::from_millis(25);
+
+/// One pool and what is needed to report on it.
 pub struct ServicePool {
     pub pool: Pool,
     pub route: Route,
+    pub key: PoolKey,
+    pub group: Arc<ServiceGroup>,
     pub metrics: crate::telemetry::metrics::PoolMetrics,
-    pub admission: crate::budget::admission::Admission,
-    pub control: crate::admin::control::PoolControl,
+    pub admission: Arc<crate::budget::admission::Admission>,
+    pub control: Arc<crate::admin::control::PoolControl>,
     /// Named statements of this pool's clients (transaction mode).
     pub statements: Arc<crate::server::statements::Registry>,
     /// Clients whose server is pinned to them now.
@@ -196,6 +271,8 @@ pub struct ServicePool {
     /// (reported setting, value a client asked for) → the value the server reports for it (`German` →
     /// `German, DMY`), learned from a server once, for transaction-mode greetings.
     pub reported: std::sync::Mutex<HashMap<(String, String), String>>,
+    /// When a client last checked a connection out of it (a pool of a database nobody uses closes).
+    pub last_used: Mutex<Instant>,
 }
 
 /// One pinned client, counted in its pool until dropped.
@@ -232,34 +309,67 @@ impl ServicePool {
     }
 
     /// Check out a server connection within `wait`; zero takes one only if it is idle or can be opened now.
+    /// When the service's share is held by its other pools, an idle connection of theirs is closed to make room,
+    /// or the checkout waits for one to go idle.
     pub async fn checkout_within(&self, wait: Duration) -> Result<PooledConn, ProxyError> {
         let started = Instant::now();
+        loop {
+            let left = wait.saturating_sub(started.elapsed());
+            match self.checkout_once(left, started).await {
+                Err(None) => {
+                    if self.group.close_idle_other(&self.key) {
+                        continue;
+                    }
+                    let left = wait.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        let b = self.budget();
+                        return Err(ProxyError::BudgetExhausted {
+                            service: b.name.clone(),
+                            share: self.share(),
+                            waited: started.elapsed(),
+                        });
+                    }
+                    tokio::time::sleep(left.min(SHARE_RECHECK)).await;
+                }
+                Ok(c) => {
+                    *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                    return Ok(c);
+                }
+                Err(Some(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// One deadpool checkout; `Err(None)`: the share's slots are all held (by this or a sibling pool).
+    async fn checkout_once(&self, wait: Duration, started: Instant) -> Result<PooledConn, Option<ProxyError>> {
         let b = self.budget();
-        let up = || b.upstream.clone();
-        match self.pool.timeout_get(&timeouts(&b.settings, wait)).await {
-            Ok(c) => Ok(c),
-            Err(PoolError::Timeout(TimeoutType::Wait)) => Err(ProxyError::BudgetExhausted {
+        let r = self.pool.timeout_get(&timeouts(&b.settings, wait)).await;
+        if matches!(r, Err(PoolError::Backend(ServerError::ShareReached))) {
+            return Err(None);
+        }
+        r.map_err(|e| Some(self.checkout_error(e, &b, started, b.upstream.clone())))
+    }
+
+    fn checkout_error(&self, e: PoolError<ServerError>, b: &ServiceBudget, started: Instant, up: String) -> ProxyError {
+        match e {
+            PoolError::Timeout(TimeoutType::Wait) => {
+                ProxyError::BudgetExhausted { service: b.name.clone(), share: self.share(), waited: started.elapsed() }
+            }
+            PoolError::Backend(ServerError::CeilingReached { upstream, ceiling }) => ProxyError::CeilingReached {
+                upstream,
+                ceiling,
                 service: b.name.clone(),
+                holding: self.group.slots.used(),
                 share: self.share(),
                 waited: started.elapsed(),
-            }),
-            Err(PoolError::Backend(ServerError::CeilingReached { upstream, ceiling })) => {
-                Err(ProxyError::CeilingReached {
-                    upstream,
-                    ceiling,
-                    service: b.name.clone(),
-                    holding: self.pool.status().size as u32,
-                    share: self.share(),
-                    waited: started.elapsed(),
-                })
+            },
+            PoolError::Timeout(_) => {
+                ProxyError::Upstream { upstream: up, source: ServerError::Timeout(b.settings.connect_timeout) }
             }
-            Err(PoolError::Timeout(_)) => {
-                Err(ProxyError::Upstream { upstream: up(), source: ServerError::Timeout(b.settings.connect_timeout) })
-            }
-            Err(PoolError::Backend(e)) => Err(ProxyError::Upstream { upstream: up(), source: e }),
-            Err(PoolError::Closed) => Err(ProxyError::ShuttingDown),
-            Err(PoolError::NoRuntimeSpecified) | Err(PoolError::PostCreateHook(_)) => {
-                Err(ProxyError::Upstream { upstream: up(), source: ServerError::Closed })
+            PoolError::Backend(e) => ProxyError::Upstream { upstream: up, source: e },
+            PoolError::Closed => ProxyError::ShuttingDown,
+            PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => {
+                ProxyError::Upstream { upstream: up, source: ServerError::Closed }
             }
         }
     }
@@ -301,94 +411,5 @@ impl ServicePool {
     pub fn in_use(&self) -> u32 {
         let st = self.pool.status();
         st.size.saturating_sub(st.available) as u32
-    }
-}
-
-/// Every pool of the process, built once from the resolved config.
-pub struct Pools {
-    pub upstreams: BTreeMap<String, Arc<UpstreamState>>,
-    pub pools: BTreeMap<(String, Route), Arc<ServicePool>>,
-}
-
-impl Pools {
-    pub fn build(r: &Resolved, metrics: &crate::telemetry::metrics::Metrics) -> Pools {
-        let state = |t: &UpstreamTarget| {
-            let permits = Arc::new(Semaphore::new((t.ceiling - t.reserved) as usize));
-            Arc::new(UpstreamState { target: t.clone(), permits, servers: Default::default() })
-        };
-        let mut upstreams: BTreeMap<_, _> = r.upstreams.iter().map(|(n, t)| (n.clone(), state(t))).collect();
-        if let Some(rep) = &r.replica {
-            upstreams.insert(rep.name.clone(), state(rep));
-        }
-        let mut pools = Pools { upstreams, pools: BTreeMap::new() };
-        pools.fill(r, metrics, None);
-        pools
-    }
-
-    /// The pools for a reloaded configuration: same upstreams; a pool that exists in `old` for the same
-    /// service, route and upstream is kept with its connections (budget swapped, resized to the new share).
-    pub fn rebuild(old: &Pools, r: &Resolved, metrics: &crate::telemetry::metrics::Metrics) -> Pools {
-        let mut pools = Pools { upstreams: old.upstreams.clone(), pools: BTreeMap::new() };
-        pools.fill(r, metrics, Some(old));
-        pools
-    }
-
-    fn fill(&mut self, r: &Resolved, metrics: &crate::telemetry::metrics::Metrics, old: Option<&Pools>) {
-        let replica = r.replica.as_ref().and_then(|t| self.upstreams.get(&t.name).cloned());
-        for (name, b) in &r.services {
-            for (route, share) in [(Route::ReadWrite, b.share), (Route::ReadOnly, b.ro_share)] {
-                if share == 0 {
-                    continue;
-                }
-                let key = (name.clone(), route);
-                if let Some(p) = old.and_then(|o| o.pools.get(&key)).filter(|p| p.budget().upstream == b.upstream) {
-                    p.pool.manager().budget.store(Arc::new(b.clone()));
-                    p.pool.resize(share as usize);
-                    p.admission.reconfigure(b.settings.admission.clone(), share);
-                    self.pools.insert(key, p.clone());
-                    continue;
-                }
-                let s = &b.settings;
-                let initial = if replica.is_some() { RO_REPLICA } else { RO_FALLTHROUGH };
-                let mgr = Manager {
-                    upstream: self.upstreams[&b.upstream].clone(),
-                    budget: ArcSwap::from_pointee(b.clone()),
-                    route,
-                    replica: replica.clone(),
-                    on_replica_down: r.config.read_only.on_replica_down,
-                    routes_to: AtomicU8::new(if route == Route::ReadOnly { initial } else { RO_DISABLED }),
-                    application_name: format!("{}:{}:{}", r.config.proxy.application_name_prefix, name, route.as_str()),
-                    template: RwLock::new(None),
-                    generation: AtomicU64::new(0),
-                };
-                let pool = managed::Pool::builder(mgr)
-                    .max_size(share as usize)
-                    .timeouts(timeouts(s, s.checkout_timeout))
-                    .runtime(deadpool::Runtime::Tokio1)
-                    .build()
-                    .expect("runtime and timeouts are set");
-                let admission = crate::budget::admission::Admission::new(
-                    b.settings.admission.clone(),
-                    share,
-                    metrics.admission(name),
-                );
-                let metrics = metrics.pool(name, route.as_str());
-                let control = Default::default();
-                let (statements, pinned) = Default::default();
-                let reported = Default::default();
-                let sp = ServicePool { pool, route, metrics, admission, control, statements, pinned, reported };
-                self.pools.insert(key, Arc::new(sp));
-            }
-        }
-    }
-
-    pub fn get(&self, service: &str, route: Route) -> Option<&Arc<ServicePool>> {
-        self.pools.get(&(service.to_owned(), route))
-    }
-
-    pub fn close(&self) {
-        for p in self.pools.values() {
-            p.pool.close();
-        }
     }
 }

@@ -96,6 +96,10 @@ pub struct User {
     pub name: String,
     pub secret: Option<Secret>,
     pub service: Option<String>,
+    /// Shared mode by `application_name`: the services this user may name.
+    pub services: Vec<String>,
+    /// The upstream role its server connections log in as (`None`: the URL's).
+    pub upstream: Option<crate::config::databases::UpstreamLogin>,
 }
 
 /// All logins, keyed by user name, built once from the resolved config.
@@ -119,7 +123,14 @@ impl UserDb {
             } else {
                 u.md5.clone().map(Secret::Md5)
             };
-            users.insert(u.name.clone(), User { name: u.name.clone(), secret, service: u.service.clone() });
+            let user = User {
+                name: u.name.clone(),
+                secret,
+                service: u.service.clone(),
+                services: u.services.clone(),
+                upstream: r.logins.get(&u.name).cloned(),
+            };
+            users.insert(u.name.clone(), user);
         }
         if users.is_empty() {
             for t in r.upstreams.values() {
@@ -127,6 +138,8 @@ impl UserDb {
                     name: t.user.clone(),
                     secret: t.password.as_deref().map(plain),
                     service: None,
+                    services: Vec::new(),
+                    upstream: None,
                 });
             }
         }
@@ -335,7 +348,13 @@ mod tests {
     }
 
     fn md5_db(secret: &str) -> UserDb {
-        let user = User { name: "app".into(), secret: Some(Secret::Md5(secret.into())), service: None };
+        let user = User {
+            name: "app".into(),
+            secret: Some(Secret::Md5(secret.into())),
+            service: None,
+            services: Vec::new(),
+            upstream: None,
+        };
         UserDb { method: AuthMethod::Md5, users: HashMap::from([("app".into(), user)]), mock_key: [7; 32] }
     }
 

@@ -146,6 +146,7 @@ fn reject_reason(e: &ProxyError) -> &'static str {
         ProxyError::BadParameter(_) | ProxyError::SettingRejected { .. } => "bad_parameter",
         ProxyError::ShuttingDown => "shutting_down",
         ProxyError::TooManyLogins(_) => "pending_logins",
+        ProxyError::TooManyPools { .. } => "max_pools",
         ProxyError::BudgetExhausted { .. }
         | ProxyError::CeilingReached { .. }
         | ProxyError::Shed { .. }
@@ -263,7 +264,17 @@ fn service_for(r: &Resolved, users: &UserDb, s: &Startup) -> Result<String, Prox
     let name = match r.config.proxy.mode {
         Mode::Sidecar => r.sidecar_service.clone().unwrap_or_default(),
         Mode::Shared => match r.config.proxy.service_from {
-            ServiceFrom::ApplicationName => s.get("application_name").unwrap_or("").to_owned(),
+            ServiceFrom::ApplicationName => {
+                let name = s.get("application_name").unwrap_or("");
+                // Without trust, a client may name only a service its user lists; any other name is refused
+                // exactly as an unknown one, so a client cannot probe which services exist.
+                let allowed = r.config.proxy.trust_application_name
+                    || users.get(s.user()).is_some_and(|u| u.services.iter().any(|x| x == name));
+                if !allowed {
+                    return Err(ProxyError::UnknownService(name.to_owned()));
+                }
+                name.to_owned()
+            }
             ServiceFrom::User => users.get(s.user()).and_then(|u| u.service.clone()).unwrap_or_default(),
         },
     };
@@ -329,12 +340,11 @@ async fn login(
     let budget = &resolved.services[&service];
     let upstream = &resolved.upstreams[&budget.upstream];
     let ro_alias = &resolved.config.read_only.database;
-    let route = if !ro_alias.is_empty() && startup.database() == ro_alias {
-        Route::ReadOnly
-    } else if startup.database() == upstream.database {
-        Route::ReadWrite
+    let (route, database) = if !ro_alias.is_empty() && startup.database() == ro_alias {
+        (Route::ReadOnly, upstream.database.clone())
     } else {
-        return Err(ProxyError::UnknownDatabase(startup.database().to_owned()));
+        let real = upstream.databases.real(startup.database());
+        (Route::ReadWrite, real.ok_or_else(|| ProxyError::UnknownDatabase(startup.database().to_owned()))?)
     };
     let mut desired = desired_settings(startup)?;
     // A client's own application_name is replayed; with none set, its server keeps pgbudget's label unless
@@ -354,10 +364,10 @@ async fn login(
             return Err(ProxyError::ReadOnly { route: ro_alias.clone(), what: format!("startup setting {k}") });
         }
     }
+    let login = users.get(startup.user()).and_then(|u| u.upstream.as_ref());
     let pool: Arc<ServicePool> = app
         .pools()
-        .get(&service, route)
-        .cloned()
+        .pool_for(&service, route, Some(&database), login)?
         .ok_or_else(|| ProxyError::RouteDisabled { service: service.clone(), route: ro_alias.clone() })?;
     let qt = budget.settings.query_timeout;
     if !qt.is_zero() && !desired.keys().any(|k| k.eq_ignore_ascii_case("statement_timeout")) {

@@ -3,6 +3,7 @@
 //! Submodules: `environment` builds the simple case's config from env vars alone; `resolve` turns the parsed file into per-process shares and upstream targets (the budget
 //! invariants); `reload` re-reads and swaps it in at run time.
 
+pub mod databases;
 pub mod environment;
 pub mod reload;
 pub mod resolve;
@@ -89,6 +90,12 @@ pub struct ProxySection {
     /// Largest client message the proxy reads whole after login (read-only routes' statements); over it the
     /// client gets FATAL 54000. Other messages stream through whatever their size.
     pub max_query_size: usize,
+    /// Most pools at once (one per service, route, database and upstream role); past it a login for a new
+    /// combination gets 53300. Pools of databases nobody used for `server_idle_timeout` close.
+    pub max_pools: u32,
+    /// Shared mode with `service_from = "application_name"`: let any client name any service. Without it,
+    /// each `[[auth.users]]` lists the `services` it may name.
+    pub trust_application_name: bool,
 }
 
 impl Default for ProxySection {
@@ -106,6 +113,8 @@ impl Default for ProxySection {
             server_application_name: AppNamePolicy::Label,
             max_pending_logins: 256,
             max_query_size: 1 << 20,
+            max_pools: 64,
+            trust_application_name: false,
         }
     }
 }
@@ -208,6 +217,13 @@ pub struct UserConfig {
     pub md5: Option<String>,
     /// Shared mode with `service_from = "user"`: the service this user belongs to.
     pub service: Option<String>,
+    /// Shared mode with `service_from = "application_name"`: the services this user may name.
+    #[serde(default)]
+    pub services: Vec<String>,
+    /// The upstream role this user's server connections log in as (default: the URL's user).
+    pub upstream_user: Option<String>,
+    /// Environment variable holding `upstream_user`'s password.
+    pub upstream_password_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -219,6 +235,10 @@ pub struct Upstream {
     /// Connections held back for others (e.g. the DuckLake catalog).
     #[serde(default)]
     pub reserved: u32,
+    /// Databases it serves: names, `"alias -> real"`, or `"*"` for any (default: the URL's own). Every
+    /// database's pools share the service's share and this ceiling.
+    #[serde(default)]
+    pub databases: databases::DatabaseList,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! first and never drops a transaction in flight; an invalid file leaves the old configuration in force.
 
 use crate::app::App;
-use crate::budget::pool::Pools;
+use crate::budget::pools::Pools;
 use crate::client::auth::UserDb;
 use crate::config::resolve::{Resolved, UpstreamTarget};
 use crate::config::{Config, ConfigError};

@@ -17,6 +17,8 @@ pub struct UpstreamTarget {
     pub database: String,
     pub ceiling: u32,
     pub reserved: u32,
+    /// What a client may ask for → the database its server logs in to.
+    pub databases: crate::config::databases::DatabaseMap,
 }
 
 /// One service's resolved budget.
@@ -49,6 +51,8 @@ pub struct Resolved {
     /// Sidecar mode: the service every client belongs to.
     pub sidecar_service: Option<String>,
     pub processes: u32,
+    /// `[[auth.users]]` that log in to the upstream as their own role (the rest use the URL's).
+    pub logins: BTreeMap<String, crate::config::databases::UpstreamLogin>,
 }
 
 const MAX_CEILING: u32 = 100_000;
@@ -86,6 +90,7 @@ pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTa
         user,
         ceiling: 0,
         reserved: 0,
+        databases: Default::default(),
     })
 }
 
@@ -145,6 +150,8 @@ impl Resolved {
                 Ok(mut t) => {
                     t.ceiling = u.ceiling;
                     t.reserved = u.reserved;
+                    let at = format!("upstreams.{name}");
+                    t.databases = crate::config::databases::DatabaseMap::parse(&at, &u.databases, &t.database, &mut v);
                     upstreams.insert(name.clone(), t);
                 }
                 Err(e) => v.push(e),
@@ -339,6 +346,8 @@ impl Resolved {
                 ));
             }
         }
+        let served = upstreams.iter().map(|(n, t)| (n.clone(), t.databases.clone())).collect();
+        let logins = crate::config::databases::resolve_logins(&config, &served, env, &mut v);
         if !v.is_empty() {
             return Err(ConfigError { violations: v });
         }
@@ -346,7 +355,7 @@ impl Resolved {
         if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::admin::stats::parse_interval) {
             config.admin.pool_log_interval = d;
         }
-        Ok(Resolved { config, upstreams, services, replica, sidecar_service, processes })
+        Ok(Resolved { config, upstreams, services, replica, sidecar_service, processes, logins })
     }
 
     /// Slices an upstream carries: every service on it, less read-only shares served by a replica.
@@ -397,6 +406,11 @@ impl Resolved {
                 u.ceiling,
                 u.ceiling - sum - u.reserved
             );
+            let _ = writeln!(out, "upstream {}: databases {}", u.name, u.databases.describe());
+        }
+        let own: Vec<String> = self.logins.iter().map(|(user, l)| format!("{user} -> {}", l.user)).collect();
+        if !own.is_empty() {
+            let _ = writeln!(out, "upstream roles: {}", own.join(", "));
         }
         if let Some(r) = &self.replica {
             let sum: u32 = self.services.values().map(|s| s.settings.read_only_share).sum();

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 mod probe;
+pub mod slots;
 pub mod statements;
 
 pub use probe::{SessionProbe, PIN_REASONS};
@@ -41,6 +42,9 @@ pub enum ServerError {
     Io(std::io::Error),
     #[error("upstream {upstream} is at its ceiling of {ceiling} connections")]
     CeilingReached { upstream: String, ceiling: u32 },
+    /// Every slot of the service's share is held, by this or another of its pools (another database or role).
+    #[error("the service's share is held by its connections")]
+    ShareReached,
 }
 
 /// A logged-in server connection. Counts against the upstream ceiling while it lives.
@@ -68,6 +72,8 @@ pub struct ServerConn {
     /// The pool generation it was opened in; `RECONNECT` retires older generations.
     pub generation: u64,
     _permit: OwnedSemaphorePermit,
+    /// The service's share slot it holds (every pool of the service counts against one share).
+    pub slot: Option<slots::Slot>,
     /// Entry in the upstream's server list (for `SHOW SERVERS`), removed on Drop.
     registration: Option<Registration>,
 }
@@ -163,6 +169,7 @@ impl ServerConn {
             last_checkin: Instant::now(),
             broken: true, // until the login completes
             _permit: permit,
+            slot: None,
             registration: None,
             generation: 0,
         };

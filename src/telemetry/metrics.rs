@@ -7,7 +7,7 @@ use prometheus::{
 };
 
 /// Why a client connection was refused or ended at login (fixed set, never client text).
-pub const REJECT_REASONS: [&str; 10] = [
+pub const REJECT_REASONS: [&str; 11] = [
     "auth",
     "unknown_service",
     "unknown_database",
@@ -18,6 +18,7 @@ pub const REJECT_REASONS: [&str; 10] = [
     "upstream",
     "protocol",
     "pending_logins",
+    "max_pools",
 ];
 
 pub struct Metrics {
