@@ -103,7 +103,7 @@ impl App {
     pub fn reconnect(&self, service: Option<&str>) -> Result<(), ControlError> {
         for p in self.addressed(service)? {
             p.pool.manager().generation.fetch_add(1, Ordering::AcqRel);
-            p.reap();
+            p.reap(None);
         }
         info!(service = service.unwrap_or("*"), "RECONNECT: server connections will be replaced");
         Ok(())

@@ -397,10 +397,12 @@ impl ServicePool {
         Ok(t)
     }
 
-    /// Close idle connections past their idle timeout or lifetime, or retired by `RECONNECT` (never one in use).
-    pub fn reap(&self) {
+    /// Close idle connections past their idle timeout (or `max_idle` when shorter) or lifetime, or retired by
+    /// `RECONNECT` (never one in use).
+    pub fn reap(&self, max_idle: Option<Duration>) {
         let s = &self.budget().settings;
-        let (idle, life) = (s.server_idle_timeout, s.server_lifetime);
+        let idle = max_idle.map_or(s.server_idle_timeout, |m| m.min(s.server_idle_timeout));
+        let life = s.server_lifetime;
         let generation = self.pool.manager().generation.load(Ordering::Acquire);
         self.pool.retain(|c, _| {
             !c.broken && c.last_checkin.elapsed() < idle && c.created.elapsed() < life && c.generation >= generation

@@ -1,6 +1,6 @@
 //! Every pool of the process: one group per (service, route) holding the share, and in it one pool per
 //! database and upstream role, made on first use (the URL's own database and role at startup), capped by
-//! `proxy.max_pools`, and closed again when its database went unused for `server_idle_timeout`.
+//! `proxy.max_pools`, and dropped again once its database went unused for `other_database_idle_timeout`.
 
 use super::pool::{timeouts, UpstreamState};
 use super::pool::{Manager, Pool, PoolKey, Route, ServiceGroup, ServicePool, RO_DISABLED, RO_FALLTHROUGH, RO_REPLICA};
@@ -228,15 +228,22 @@ impl Pools {
     }
 
     /// Close idle connections past their time, then drop the pools of databases and roles other than the
-    /// URL's that hold no connection, no client, and were not used for `server_idle_timeout`.
+    /// URL's that hold no connection and no client and were not used for `other_database_idle_timeout` (a
+    /// name that does not exist holds a place under `max_pools` only that long).
     pub fn reap(&self) {
         let all = self.all();
-        all.iter().for_each(|p| p.reap());
+        let other_idle = self.resolved.config.proxy.other_database_idle_timeout;
+        for p in &all {
+            // Idle connections to databases other than the URL's go soon: `DROP DATABASE`, `CREATE DATABASE ...
+            // TEMPLATE` and `ALTER DATABASE ... RENAME` wait (5 s) for every other session of it to end.
+            let other = p.key.database != self.resolved.upstreams[&p.budget().upstream].database;
+            p.reap(other.then_some(other_idle));
+        }
         let unused = |p: &Arc<ServicePool>| {
             let t = &self.resolved.upstreams[&p.budget().upstream];
             let default = p.key.database == t.database && p.key.role == t.user;
             let idle_for = p.last_used.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
-            !default && p.pool.status().size == 0 && idle_for >= p.budget().settings.server_idle_timeout
+            !default && p.pool.status().size == 0 && idle_for >= other_idle.min(p.budget().settings.server_idle_timeout)
         };
         if !all.iter().any(unused) {
             return;

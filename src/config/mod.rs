@@ -91,11 +91,16 @@ pub struct ProxySection {
     /// client gets FATAL 54000. Other messages stream through whatever their size.
     pub max_query_size: usize,
     /// Most pools at once (one per service, route, database and upstream role); past it a login for a new
-    /// combination gets 53300. Pools of databases nobody used for `server_idle_timeout` close.
+    /// combination gets 53300. A pool of another database or role than the URL's goes once it has been
+    /// unused, with no connection left, for `other_database_idle_timeout`.
     pub max_pools: u32,
     /// Shared mode with `service_from = "application_name"`: let any client name any service. Without it,
     /// each `[[auth.users]]` lists the `services` it may name.
     pub trust_application_name: bool,
+    /// Idle connections to databases other than the upstream URL's close after this (or `server_idle_timeout`
+    /// when shorter), so a client's `DROP DATABASE` or `CREATE DATABASE ... TEMPLATE` of one finds it free.
+    #[serde(with = "humantime_serde")]
+    pub other_database_idle_timeout: Duration,
 }
 
 impl Default for ProxySection {
@@ -115,6 +120,7 @@ impl Default for ProxySection {
             max_query_size: 1 << 20,
             max_pools: 64,
             trust_application_name: false,
+            other_database_idle_timeout: Duration::from_secs(1),
         }
     }
 }

@@ -109,6 +109,8 @@ impl Resolved {
             v.push(format!("proxy.share_floor = {} is out of range (1 ..= 1000)", p.share_floor));
         }
         check_duration(&mut v, "proxy.drain_timeout", p.drain_timeout, Duration::ZERO, Duration::from_secs(3600));
+        let other = p.other_database_idle_timeout;
+        check_duration(&mut v, "proxy.other_database_idle_timeout", other, Duration::ZERO, Duration::from_secs(86_400));
         if p.max_pending_logins < 1 {
             v.push(format!("proxy.max_pending_logins = {} must be at least 1", p.max_pending_logins));
         }

@@ -32,8 +32,16 @@ pub const CONFIG_FILE_ERROR: &str = "F0000";
 
 /// Upstream login/checkout errors a client should see with the server's own SQLSTATE (operator
 /// intervention class 57P and the server's own "too many connections"), so it can tell a restart
-/// or a full server from an unreachable one.
+/// or a full server from an unreachable one; and "database does not exist", for upstreams that serve `*`.
 pub fn passes_through(code: &str) -> bool {
-    [TOO_MANY_CONNECTIONS, ADMIN_SHUTDOWN, CRASH_SHUTDOWN, CANNOT_CONNECT_NOW, DATABASE_DROPPED, IDLE_SESSION_TIMEOUT]
-        .contains(&code)
+    [
+        TOO_MANY_CONNECTIONS,
+        ADMIN_SHUTDOWN,
+        CRASH_SHUTDOWN,
+        CANNOT_CONNECT_NOW,
+        DATABASE_DROPPED,
+        IDLE_SESSION_TIMEOUT,
+        INVALID_CATALOG_NAME,
+    ]
+    .contains(&code)
 }
