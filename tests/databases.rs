@@ -266,3 +266,47 @@ async fn max_pools_refuses_then_unused_pools_close() {
     let db: String = c3.query_one("select current_database()::text", &[]).await.unwrap().get(0);
     assert_eq!(db, "db3");
 }
+
+/// The databases an upstream serves change on reload (no restart): a new name is served at once, a removed
+/// one is refused, and the pools that stay keep their connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databases_change_on_reload() {
+    let pg = Pg::start();
+    setup(&pg, "create database db2").await;
+    let cfg = config(&pg, "[services.app]\nslice = 4\n");
+    let proxy = Proxy::start(&cfg);
+    let at = |db: &str| format!("host=127.0.0.1 port={} user=postgres password={PG_PASSWORD} dbname={db}", proxy.port);
+    let main = connect(&at("postgres")).await.unwrap();
+    let before: i32 = main.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_eq!(db_error(&connect(&at("db2")).await.unwrap_err()).1, "3D000");
+    let path = proxy.dir.path().join("budgets.toml");
+    let reload = |text: String| {
+        std::fs::write(&path, text).unwrap();
+        let st = std::process::Command::new("kill").args(["-HUP", &proxy.pid().to_string()]).status().unwrap();
+        assert!(st.success());
+    };
+    reload(cfg.replace("reserved = 2\n", "reserved = 2\ndatabases = [\"postgres\", \"db2\"]\n"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let c2 = loop {
+        match connect(&at("db2")).await {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "db2 not served after reload: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let db: String = c2.query_one("select current_database()::text", &[]).await.unwrap().get(0);
+    assert_eq!(db, "db2");
+    // The default pool kept its server: the same backend answers (transaction mode, one idle server).
+    let after: i32 = main.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+    assert_eq!(before, after, "the pool that stayed kept its connection");
+    drop(c2);
+    reload(cfg.clone());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while connect(&at("db2")).await.is_ok() {
+        assert!(Instant::now() < deadline, "db2 still served after it was removed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(proxy.log().contains("configuration reloaded"), "{}", proxy.log());
+}
