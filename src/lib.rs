@@ -8,8 +8,8 @@
 //! pool, otherwise `server::reset` cleans it up or it is closed. Read-only routes pass client statements
 //! through `read_only`. `client::cancel` routes cancel requests to the server a client holds. Everything
 //! is counted by `telemetry` (Prometheus, the error journal, rows for the DuckLake warehouse in `lake`) and
-//! operated through `admin` (HTTP, console, PAUSE/RESUME, stats). `protocol` frames the wire format and
-//! `error` maps every error to one SQLSTATE.
+//! operated through `admin` (HTTP, console, PAUSE/RESUME, stats). `protocol` frames the wire format, `tls`
+//! encrypts either side of it, and `error` maps every error to one SQLSTATE.
 
 pub mod admin;
 pub mod app;
@@ -24,3 +24,4 @@ pub mod read_only;
 pub mod relay;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
