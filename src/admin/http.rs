@@ -1,5 +1,8 @@
-//! Admin HTTP listener: `/metrics`, `/health`, `/ready`, `/pools`, `/errors`, `/errors/health`.
-//! Liveness never touches the database; readiness asks each upstream for `SELECT 1` within a deadline.
+//! Admin HTTP listener: `/metrics`, `/health`, `/ready`, `/pools`, `/errors`, `/errors/health` (and the lake API).
+//! Liveness never touches the database; readiness asks each upstream for `SELECT 1` within a deadline;
+//! every endpoint but the open probes needs the admin bearer token when one is configured (`auth`).
+
+pub mod auth;
 
 use crate::app::App;
 use crate::server::ServerConn;
@@ -7,7 +10,7 @@ use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{middleware, Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -27,12 +30,22 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/pools", get(pools))
         .route("/errors", get(errors))
         .route("/errors/health", get(errors_health))
+        .layer(middleware::from_fn_with_state(app.clone(), auth::layer))
         .with_state(app)
 }
 
 /// Serve the admin API until shutdown.
 pub async fn serve(app: Arc<App>, listener: TcpListener) {
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin http listening");
+    let open = auth::OPEN_PATHS.join(" ");
+    match auth::token(&app) {
+        (var, None) => warn!(
+            kind = "admin_http",
+            token_env = %var,
+            "admin endpoints other than {open} are open to anyone who reaches the listener: set {var} to require a bearer token"
+        ),
+        (var, Some(_)) => info!(token_env = %var, "admin endpoints other than {open} need the bearer token"),
+    }
     let token = app.shutdown.clone();
     let r = axum::serve(listener, router(app)).with_graceful_shutdown(async move { token.cancelled().await }).await;
     if let Err(e) = r {

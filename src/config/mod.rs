@@ -114,7 +114,8 @@ impl Default for ProxySection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct AdminSection {
-    /// Admin HTTP listener (`/metrics`, `/health`, `/ready`, `/pools`, `/errors`); empty disables it.
+    /// Admin HTTP listener (`/metrics`, `/health`, `/ready`, `/pools`, `/errors`, `/errors/health`, the lake
+    /// API); empty disables it.
     pub listen: String,
     /// Users (authenticated like any client) who may open the console: `psql -d pgbudget`.
     pub users: Vec<String>,
@@ -123,7 +124,9 @@ pub struct AdminSection {
     pub pool_log_interval: Duration,
     /// Name of the console's virtual database.
     pub console_database: String,
-    /// Environment variable holding the bearer token of the lake HTTP API (`POST /lake/...`); unset: API off.
+    /// Environment variable holding the admin bearer token. When it is set, every admin endpoint except
+    /// `/health`, `/ready` and `/metrics` needs `Authorization: Bearer <token>`; unset or empty, those endpoints
+    /// stay open (a warning says so at startup) and the lake API (`POST /lake/...`) is off.
     pub api_token_env: String,
 }
 
