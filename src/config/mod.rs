@@ -128,6 +128,10 @@ pub struct AdminSection {
     /// `/health`, `/ready` and `/metrics` needs `Authorization: Bearer <token>`; unset or empty, those endpoints
     /// stay open (a warning says so at startup) and the lake API (`POST /lake/...`) is off.
     pub api_token_env: String,
+    /// `/ready` checks each upstream at most once per interval and answers from that check in between
+    /// (concurrent requests share the one check in flight); 0: every request checks, still one at a time.
+    #[serde(with = "humantime_serde")]
+    pub ready_interval: Duration,
 }
 
 impl Default for AdminSection {
@@ -138,6 +142,7 @@ impl Default for AdminSection {
             pool_log_interval: Duration::from_secs(60),
             console_database: "pgbudget".into(),
             api_token_env: "PGBUDGET_ADMIN_TOKEN".into(),
+            ready_interval: Duration::from_secs(5),
         }
     }
 }
