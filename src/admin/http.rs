@@ -1,13 +1,16 @@
-//! Admin HTTP listener: `/metrics`, `/health`, `/ready`, `/pools`, `/errors`, `/errors/health`.
-//! Liveness never touches the database; readiness asks each upstream for `SELECT 1` within a deadline.
+//! Admin HTTP listener: `/metrics`, `/health`, `/ready`, `/pools`, `/errors`, `/errors/health` (and the lake API).
+//! Liveness never touches the database; readiness answers from a cached probe of each upstream (`ready`);
+//! every endpoint but the open probes needs the admin bearer token when one is configured (`auth`).
+
+pub mod auth;
+pub mod ready;
 
 use crate::app::App;
-use crate::server::ServerConn;
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{middleware, Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
@@ -15,24 +18,33 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-const READY_TIMEOUT: Duration = Duration::from_secs(2);
-
 pub fn router(app: Arc<App>) -> Router {
+    let readiness = Arc::new(ready::Readiness::default());
     let r = Router::new();
     #[cfg(feature = "lake")]
     let r = r.merge(crate::admin::lake_api::routes());
     r.route("/metrics", get(metrics))
         .route("/health", get(health))
-        .route("/ready", get(ready))
+        .route("/ready", get(move |State(app): State<Arc<App>>| ready::handler(app, readiness.clone())))
         .route("/pools", get(pools))
         .route("/errors", get(errors))
         .route("/errors/health", get(errors_health))
+        .layer(middleware::from_fn_with_state(app.clone(), auth::layer))
         .with_state(app)
 }
 
 /// Serve the admin API until shutdown.
 pub async fn serve(app: Arc<App>, listener: TcpListener) {
     info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin http listening");
+    let open = auth::OPEN_PATHS.join(" ");
+    match auth::token(&app) {
+        (var, None) => warn!(
+            kind = "admin_http",
+            token_env = %var,
+            "admin endpoints other than {open} are open to anyone who reaches the listener: set {var} to require a bearer token"
+        ),
+        (var, Some(_)) => info!(token_env = %var, "admin endpoints other than {open} need the bearer token"),
+    }
     let token = app.shutdown.clone();
     let r = axum::serve(listener, router(app)).with_graceful_shutdown(async move { token.cancelled().await }).await;
     if let Err(e) = r {
@@ -47,37 +59,6 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 
 async fn health(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
     Json(json!({ "status": "ok", "uptime_seconds": app.started.elapsed().as_secs_f64() }))
-}
-
-/// Check one upstream with a short-lived connection that counts against its ceiling like any other.
-async fn check_upstream(app: &App, name: &str) -> Result<(), String> {
-    let up = &app.pools().upstreams[name];
-    let Ok(permit) = up.permits.clone().try_acquire_owned() else {
-        // Every slot is in use, so the upstream is answering: saturated, not down.
-        return Ok(());
-    };
-    let label = format!("{}:health", app.resolved().config.proxy.application_name_prefix);
-    let mut conn = ServerConn::connect(&up.target, &label, READY_TIMEOUT, permit).await.map_err(|e| e.to_string())?;
-    conn.simple("SELECT 1", READY_TIMEOUT).await.map_err(|e| e.to_string())
-}
-
-async fn ready(State(app): State<Arc<App>>) -> Response {
-    let mut failing = serde_json::Map::new();
-    let mut checked = Vec::new();
-    for name in app.pools().upstreams.keys() {
-        checked.push(name.clone());
-        if let Err(e) = check_upstream(&app, name).await {
-            failing.insert(format!("upstream:{name}"), json!(e));
-        }
-    }
-    if app.shutdown.is_cancelled() {
-        failing.insert("proxy".into(), json!("shutting down"));
-    }
-    if failing.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready", "upstreams": checked }))).into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready", "failing": failing }))).into_response()
-    }
 }
 
 async fn pools(State(app): State<Arc<App>>) -> Json<serde_json::Value> {

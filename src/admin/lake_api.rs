@@ -1,7 +1,8 @@
 //! The lake's HTTP API on the admin listener, for operators and the services behind the proxy: `GET /lake/health`,
 //! `POST /lake/query` (one read-only, parameter-bound SELECT; JSON rows, ISO timestamps, row and time limits) and
 //! `POST /lake/{table}` (JSON rows checked against the registry; a bad row is refused naming its field, the good
-//! rows are kept). Both POSTs need `Authorization: Bearer <token>` from the `admin.api_token_env` variable.
+//! rows are kept). Both POSTs need `Authorization: Bearer <token>` from the `admin.api_token_env` variable
+//! (checked by `http::auth`, which also guards `/lake/health` when a token is set); without one they are off.
 
 use crate::app::App;
 use crate::lake::registry::{ColumnType, TableSpec};
@@ -28,23 +29,6 @@ pub fn routes() -> Router<Arc<App>> {
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
-}
-
-/// Refuse unless the request carries the configured bearer token (compared in constant time).
-fn authorize(app: &App, headers: &HeaderMap) -> Result<(), (StatusCode, String)> {
-    let var = app.resolved().config.admin.api_token_env.clone();
-    let Some(expected) = app.env.get(&var).map(str::to_owned) else {
-        return Err((StatusCode::FORBIDDEN, format!("the lake API is off: set {var} to a token")));
-    };
-    let given = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let ok = given.is_some_and(|g| {
-        g.len() == expected.len() && g.bytes().zip(expected.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err((StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into()))
-    }
 }
 
 fn lake(app: &App) -> Result<Arc<crate::lake::Lake>, (StatusCode, String)> {
@@ -132,8 +116,8 @@ fn json_param(v: &Jv) -> Result<Value, String> {
 }
 
 async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: Json<QueryBody>) -> Response {
-    if let Err((status, msg)) = authorize(&app, &headers) {
-        return error(status, msg);
+    if let Err(e) = crate::admin::http::auth::require(&app, &headers, "the lake API") {
+        return e.into_response();
     }
     let lake = match lake(&app) {
         Ok(l) => l,
@@ -207,8 +191,8 @@ async fn append(
     Path(table): Path<String>,
     body: Json<Jv>,
 ) -> Response {
-    if let Err((status, msg)) = authorize(&app, &headers) {
-        return error(status, msg);
+    if let Err(e) = crate::admin::http::auth::require(&app, &headers, "the lake API") {
+        return e.into_response();
     }
     let lake = match lake(&app) {
         Ok(l) => l,

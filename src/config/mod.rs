@@ -129,7 +129,8 @@ impl Default for ProxySection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct AdminSection {
-    /// Admin HTTP listener (`/metrics`, `/health`, `/ready`, `/pools`, `/errors`); empty disables it.
+    /// Admin HTTP listener (`/metrics`, `/health`, `/ready`, `/pools`, `/errors`, `/errors/health`, the lake
+    /// API); empty disables it.
     pub listen: String,
     /// Users (authenticated like any client) who may open the console: `psql -d pgbudget`.
     pub users: Vec<String>,
@@ -138,8 +139,14 @@ pub struct AdminSection {
     pub pool_log_interval: Duration,
     /// Name of the console's virtual database.
     pub console_database: String,
-    /// Environment variable holding the bearer token of the lake HTTP API (`POST /lake/...`); unset: API off.
+    /// Environment variable holding the admin bearer token. When it is set, every admin endpoint except
+    /// `/health`, `/ready` and `/metrics` needs `Authorization: Bearer <token>`; unset or empty, those endpoints
+    /// stay open (a warning says so at startup) and the lake API (`POST /lake/...`) is off.
     pub api_token_env: String,
+    /// `/ready` checks each upstream at most once per interval and answers from that check in between
+    /// (concurrent requests share the one check in flight); 0: every request checks, still one at a time.
+    #[serde(with = "humantime_serde")]
+    pub ready_interval: Duration,
 }
 
 impl Default for AdminSection {
@@ -150,6 +157,7 @@ impl Default for AdminSection {
             pool_log_interval: Duration::from_secs(60),
             console_database: "pgbudget".into(),
             api_token_env: "PGBUDGET_ADMIN_TOKEN".into(),
+            ready_interval: Duration::from_secs(5),
         }
     }
 }
