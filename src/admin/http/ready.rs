@@ -164,7 +164,7 @@ impl Probe {
         via: &mut String,
     ) -> Result<Option<ServerConn>, CheckError> {
         let pools = app.pools();
-        for p in pools.pools.values() {
+        for p in pools.all() {
             let m = p.pool.manager();
             let idle = p.pool.status().available > 0;
             if p.route != Route::ReadWrite || m.upstream.target.name != upstream || p.control.is_paused() || !idle {
