@@ -58,6 +58,9 @@ pub enum ProxyError {
     ClientIo(std::io::Error),
     #[error("too many clients logging in (max_pending_logins {0})")]
     TooManyLogins(u32),
+    /// `tls.mode = "require"` and the client did not negotiate TLS.
+    #[error("plaintext client refused (tls.mode = require)")]
+    TlsRequired,
     /// A login for a database or role without a pool while `proxy.max_pools` pools exist.
     #[error("max_pools ({max}) pools exist")]
     TooManyPools { max: u32 },
@@ -107,6 +110,7 @@ impl ProxyError {
             ProxyError::ClientIo(_) => "client_io",
             ProxyError::TooManyLogins(_) => "too_many_logins",
             ProxyError::TooManyPools { .. } => "too_many_pools",
+            ProxyError::TlsRequired => "tls_required",
             ProxyError::MessageTooLarge { .. } => "message_too_large",
             ProxyError::SettingRejected { .. } => "setting_rejected",
             ProxyError::PinRefused { .. } => "pin_refused",
@@ -227,6 +231,11 @@ impl ProxyError {
             }
             ProxyError::ShuttingDown => (Fatal, ADMIN_SHUTDOWN, "pgbudget is shutting down".into()),
             ProxyError::ClientIo(e) => (Fatal, CONNECTION_FAILURE, format!("client connection failed: {e}")),
+            ProxyError::TlsRequired => (
+                Fatal,
+                INVALID_AUTHORIZATION_SPECIFICATION,
+                "pgbudget requires TLS (tls.mode = \"require\"): connect with sslmode=require or stricter".into(),
+            ),
             ProxyError::TooManyPools { max } => (
                 Fatal,
                 TOO_MANY_CONNECTIONS,
@@ -350,6 +359,7 @@ mod tests {
             ProxyError::ClientIo(std::io::Error::other("x")),
             ProxyError::TooManyLogins(256),
             ProxyError::TooManyPools { max: 64 },
+            ProxyError::TlsRequired,
             ProxyError::MessageTooLarge { kind: 'Q', len: 2 << 20, max: 1 << 20 },
             ProxyError::SettingRejected { code: "22023".into(), message: "invalid value".into() },
             ProxyError::PinRefused { statement: "LISTEN", service: "w".into() },

@@ -7,12 +7,12 @@ use crate::client::auth::AuthError;
 use crate::config::reload::ReloadError;
 use crate::error::ProxyError;
 use crate::protocol::{self, Startup};
+use crate::tls::Stream;
 use bytes::{BufMut, BytesMut};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::info;
 
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -90,14 +90,15 @@ fn epoch(t: SystemTime) -> String {
 /// slot is held (and the exchange bounded by the login timeout) until its user has authenticated.
 pub async fn run(
     app: &Arc<App>,
-    sock: &mut TcpStream,
+    sock: &mut Stream,
     startup: &Startup,
     login_slot: LoginPermit,
 ) -> Result<(), ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
     let users = app.users();
-    let auth =
-        tokio::time::timeout(crate::client::session::LOGIN_TIMEOUT, users.authenticate(sock, startup.user(), &mut buf));
+    let binding = crate::client::session::binding(app, sock);
+    let auth = users.authenticate(sock, startup.user(), &mut buf, binding.as_deref());
+    let auth = tokio::time::timeout(crate::client::session::LOGIN_TIMEOUT, auth);
     let auth = auth.await;
     drop(login_slot);
     auth.map_err(|_| ProxyError::ClientIo(std::io::ErrorKind::TimedOut.into()))??;

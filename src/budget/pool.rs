@@ -143,7 +143,8 @@ impl Manager {
         })?;
         let b = self.budget.load();
         let s = &b.settings;
-        let mut conn = ServerConn::connect(login, &self.application_name, s.connect_timeout, permit).await?;
+        let timeout = login.connect_timeout.map_or(s.connect_timeout, |t| t.min(s.connect_timeout));
+        let mut conn = ServerConn::connect(login, &self.application_name, timeout, permit).await?;
         conn.slot = Some(slot);
         conn.register(&up.servers, &b.name, self.route.as_str());
         conn.generation = self.generation.load(Ordering::Acquire);

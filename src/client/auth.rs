@@ -153,11 +153,13 @@ impl UserDb {
     }
 
     /// Run the configured exchange on a client socket. On success the client has not yet been sent AuthenticationOk.
+    /// `binding`: over TLS, pgbudget's certificate (DER), so SCRAM-SHA-256-PLUS is offered and checked.
     pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         sock: &mut S,
         user: &str,
         buf: &mut BytesMut,
+        binding: Option<&[u8]>,
     ) -> Result<(), AuthError> {
         let known = self.users.get(user);
         match self.method {
@@ -169,7 +171,7 @@ impl UserDb {
                 }
             }
             AuthMethod::Md5 => self.md5(sock, user, known, buf).await,
-            AuthMethod::Scram => self.scram(sock, user, known, buf).await,
+            AuthMethod::Scram => self.scram(sock, user, known, buf, binding).await,
         }
     }
 
@@ -226,10 +228,13 @@ impl UserDb {
         user: &str,
         known: Option<&User>,
         buf: &mut BytesMut,
+        binding: Option<&[u8]>,
     ) -> Result<(), AuthError> {
         let (verifier, real) = self.verifier_for(user, known);
         let mut out = BytesMut::new();
-        protocol::auth_request(&mut out, 10, b"SCRAM-SHA-256\0\0");
+        let mechanisms: &[u8] =
+            if binding.is_some() { b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0" } else { b"SCRAM-SHA-256\0\0" };
+        protocol::auth_request(&mut out, 10, mechanisms);
         sock.write_all(&out).await.map_err(ProtocolError::from)?;
 
         // SASLInitialResponse: mechanism, length, client-first-message.
@@ -239,7 +244,12 @@ impl UserDb {
         }
         let mut b = &buf[..];
         let mech = cstr(&mut b)?;
-        if mech != "SCRAM-SHA-256" || b.len() < 4 {
+        let plus = match mech {
+            "SCRAM-SHA-256" => false,
+            "SCRAM-SHA-256-PLUS" if binding.is_some() => true,
+            _ => return Err(ProtocolError::Malformed("SASLInitialResponse").into()),
+        };
+        if b.len() < 4 {
             return Err(ProtocolError::Malformed("SASLInitialResponse").into());
         }
         let n = b.get_i32();
@@ -249,6 +259,20 @@ impl UserDb {
         let client_first = std::str::from_utf8(b).map_err(|_| ProtocolError::Malformed("SCRAM client-first"))?;
         let (gs2, bare) = split_gs2(client_first).ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
         let (gs2, bare) = (gs2.to_owned(), bare.to_owned());
+        // The gs2 header must match the mechanism: "p=tls-server-end-point" with -PLUS; "n" or "y" without it,
+        // and "y" (the client could bind but thinks we cannot) while we offered -PLUS is a downgrade.
+        let expected_c = match (plus, gs2.as_bytes().first(), binding) {
+            (true, Some(b'p'), Some(cert)) if gs2.starts_with("p=tls-server-end-point,") => {
+                let mut c = gs2.clone().into_bytes();
+                c.extend_from_slice(&Sha256::digest(cert));
+                B64.encode(c)
+            }
+            (false, Some(b'n'), _) | (false, Some(b'y'), None) => B64.encode(&gs2),
+            (false, Some(b'y'), Some(_)) => {
+                return Err(AuthError::Failed { user: user.into(), reason: "channel binding downgrade" })
+            }
+            _ => return Err(ProtocolError::Malformed("SCRAM gs2 header").into()),
+        };
         let client_nonce = attr(&bare, 'r').ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
         let mut nonce_bytes = [0u8; 18];
         rand::thread_rng().fill_bytes(&mut nonce_bytes);
@@ -270,7 +294,7 @@ impl UserDb {
         if attr(without_proof, 'r') != Some(nonce.as_str()) {
             return Err(fail("nonce mismatch"));
         }
-        if attr(without_proof, 'c') != Some(B64.encode(gs2).as_str()) {
+        if attr(without_proof, 'c') != Some(expected_c.as_str()) {
             return Err(fail("channel binding mismatch"));
         }
         let proof: [u8; 32] =
@@ -310,8 +334,8 @@ fn split_gs2(msg: &str) -> Option<(&str, &str)> {
     let first = msg.find(',')?;
     let second = first + 1 + msg[first + 1..].find(',')?;
     let gs2 = &msg[..second + 1];
-    if !(gs2.starts_with("n,") || gs2.starts_with("y,")) {
-        return None; // "p=" would ask for channel binding, which we do not offer without TLS
+    if !(gs2.starts_with("n,") || gs2.starts_with("y,") || gs2.starts_with("p=")) {
+        return None;
     }
     Some((gs2, &msg[second + 1..]))
 }
@@ -364,7 +388,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(1024);
         let proxy = async move {
             let mut buf = BytesMut::new();
-            db.authenticate(&mut server, "app", &mut buf).await
+            db.authenticate(&mut server, "app", &mut buf, None).await
         };
         let client = async move {
             let mut req = [0u8; 13]; // 'R', length 12, code 5, salt
@@ -412,7 +436,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(64);
         client.write_all(&[b'p', 0, 0x10, 0, 0]).await.unwrap(); // declares 1 MiB
         let mut buf = BytesMut::new();
-        let e = db.authenticate(&mut server, "app", &mut buf).await.unwrap_err();
+        let e = db.authenticate(&mut server, "app", &mut buf, None).await.unwrap_err();
         assert!(matches!(e, AuthError::Protocol(ProtocolError::Length { .. })), "{e:?}");
         assert_eq!(buf.capacity(), 0);
     }
@@ -420,7 +444,9 @@ mod tests {
     #[test]
     fn gs2_split() {
         assert_eq!(split_gs2("n,,n=,r=abc"), Some(("n,,", "n=,r=abc")));
-        assert_eq!(split_gs2("p=tls-server-end-point,,n=,r=abc"), None);
+        // Split here; whether "p=" fits the mechanism and the connection is decided by the exchange.
+        assert_eq!(split_gs2("p=tls-server-end-point,,n=,r=abc"), Some(("p=tls-server-end-point,,", "n=,r=abc")));
+        assert_eq!(split_gs2("x,,n=,r=abc"), None);
         assert_eq!(attr("n=,r=abc", 'r'), Some("abc"));
     }
 }

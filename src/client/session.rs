@@ -10,6 +10,7 @@ use crate::error::ProxyError;
 use crate::protocol::{self, ProtocolError, Severity, Startup, StartupPacket};
 use crate::relay::{Outcome, Relay};
 use crate::telemetry::{tables, Value};
+use crate::tls::Stream;
 use bytes::BytesMut;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -26,12 +27,15 @@ const MAX_LEARNED: usize = 256;
 const LOCAL_PARAMS: [&str; 3] = ["user", "database", "options"];
 
 /// Serve one client socket to the end; never panics the process, always logs why it ended.
-pub async fn run(app: Arc<App>, mut sock: TcpStream, peer: SocketAddr, id: u64) {
+pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, id: u64) {
+    let mut sock = Stream::Plain(tcp);
     // A login slot before a single byte is read; held until the client is logged in (or gone).
     let Some(permit) = app.login_slots.try_acquire() else {
         return refuse_pending_login(&app, &mut sock).await;
     };
-    let startup = match tokio::time::timeout(LOGIN_TIMEOUT, read_startup(&mut sock)).await {
+    let tls = app.resolved().tls.clone();
+    let mode = app.resolved().config.tls.mode();
+    let startup = match tokio::time::timeout(LOGIN_TIMEOUT, read_startup(&mut sock, tls.as_deref(), mode)).await {
         Ok(Ok(First::Startup(s))) => s,
         Ok(Ok(First::Cancel { pid, secret })) => {
             drop(permit);
@@ -147,6 +151,7 @@ fn reject_reason(e: &ProxyError) -> &'static str {
         ProxyError::ShuttingDown => "shutting_down",
         ProxyError::TooManyLogins(_) => "pending_logins",
         ProxyError::TooManyPools { .. } => "max_pools",
+        ProxyError::TlsRequired => "auth",
         ProxyError::BudgetExhausted { .. }
         | ProxyError::CeilingReached { .. }
         | ProxyError::Shed { .. }
@@ -169,7 +174,7 @@ fn reject_reason(e: &ProxyError) -> &'static str {
 }
 
 /// Send a FATAL/ERROR for `e` and log it with its kind and cause.
-async fn fail(sock: &mut TcpStream, e: ProxyError) {
+async fn fail(sock: &mut Stream, e: ProxyError) {
     if e.is_disconnect() {
         debug!(kind = e.kind(), cause = %e, "client disconnected");
         return;
@@ -183,7 +188,7 @@ async fn fail(sock: &mut TcpStream, e: ProxyError) {
     let _ = write_error(sock, &e).await;
 }
 
-async fn write_error(sock: &mut TcpStream, e: &ProxyError) -> std::io::Result<()> {
+async fn write_error(sock: &mut Stream, e: &ProxyError) -> std::io::Result<()> {
     let (sev, code, msg) = e.to_client();
     let mut out = BytesMut::new();
     protocol::error_response(&mut out, if sev == Severity::Error { Severity::Fatal } else { sev }, code, &msg, None);
@@ -202,18 +207,51 @@ enum First {
     Gone,
 }
 
-/// Read startup packets until a StartupMessage or CancelRequest; answers SSL/GSS requests with 'N',
-/// and a 3.x StartupMessage asking for a newer minor version or `_pq_.` options with
-/// NegotiateProtocolVersion (the session then goes on in 3.0).
-async fn read_startup(sock: &mut TcpStream) -> Result<First, ProxyError> {
+/// Read startup packets until a StartupMessage or CancelRequest. An SSLRequest is answered `S` and the socket
+/// turned into TLS when `[tls]` has a certificate (`N` otherwise), a TLS ClientHello as the first bytes is
+/// direct TLS (ALPN `postgresql` required), a GSSENCRequest is answered `N`; a 3.x StartupMessage asking for a
+/// newer minor version or `_pq_.` options gets NegotiateProtocolVersion (the session goes on in 3.0). Under
+/// `tls.mode = "require"` a plaintext StartupMessage is refused.
+async fn read_startup(
+    sock: &mut Stream,
+    tls: Option<&crate::tls::listener::Listener>,
+    mode: crate::config::TlsMode,
+) -> Result<First, ProxyError> {
     let mut buf = BytesMut::new();
+    // Direct TLS: the client starts with a TLS handshake record (0x16) instead of a length.
+    if let Some(l) = tls {
+        let mut first = [0u8; 1];
+        let Some(tcp) = sock.tcp() else { return Ok(First::Gone) };
+        let n = tcp.peek(&mut first).await.map_err(ProxyError::ClientIo)?;
+        if n == 0 {
+            return Ok(First::Gone);
+        }
+        if first[0] == 0x16 {
+            upgrade(sock, l).await?;
+            let alpn = match sock {
+                Stream::Accepted(s) => s.get_ref().1.alpn_protocol() == Some(b"postgresql"),
+                _ => false,
+            };
+            if !alpn {
+                return Err(ProxyError::ClientProtocol(ProtocolError::Malformed("direct TLS without ALPN postgresql")));
+            }
+        }
+    }
     loop {
         match protocol::read_startup_into(sock, &mut buf).await {
-            Ok(StartupPacket::Ssl) | Ok(StartupPacket::GssEnc) => {
-                sock.write_all(b"N").await.map_err(ProxyError::ClientIo)?
-            }
+            Ok(StartupPacket::Ssl) => match tls {
+                Some(l) if !sock.is_tls() => {
+                    sock.write_all(b"S").await.map_err(ProxyError::ClientIo)?;
+                    upgrade(sock, l).await?;
+                }
+                _ => sock.write_all(b"N").await.map_err(ProxyError::ClientIo)?,
+            },
+            Ok(StartupPacket::GssEnc) => sock.write_all(b"N").await.map_err(ProxyError::ClientIo)?,
             Ok(StartupPacket::Cancel { pid, secret }) => return Ok(First::Cancel { pid, secret }),
             Ok(StartupPacket::Startup { startup, minor }) => {
+                if mode == crate::config::TlsMode::Require && !sock.is_tls() {
+                    return Err(ProxyError::TlsRequired);
+                }
                 if let Some(msg) = protocol::negotiation(&startup, minor) {
                     sock.write_all(&msg).await.map_err(ProxyError::ClientIo)?;
                 }
@@ -225,8 +263,29 @@ async fn read_startup(sock: &mut TcpStream) -> Result<First, ProxyError> {
     }
 }
 
+/// Turn a plain client socket into TLS with `l` (the handshake runs inside the caller's login deadline).
+async fn upgrade(sock: &mut Stream, l: &crate::tls::listener::Listener) -> Result<(), ProxyError> {
+    let Stream::Plain(tcp) = std::mem::replace(sock, Stream::Closed) else {
+        return Err(ProxyError::ClientProtocol(ProtocolError::Malformed("a second TLS negotiation")));
+    };
+    let tls = l.acceptor.accept(tcp).await.map_err(|e| {
+        debug!(cause = %e, "client TLS handshake failed");
+        ProxyError::ClientIo(e)
+    })?;
+    *sock = Stream::Accepted(Box::new(tls));
+    Ok(())
+}
+
+/// Over TLS, pgbudget's certificate: what SCRAM-SHA-256-PLUS binds to.
+pub(crate) fn binding(app: &App, sock: &Stream) -> Option<Vec<u8>> {
+    if !sock.is_tls() {
+        return None;
+    }
+    app.resolved().tls.as_ref().map(|l| l.certificate.clone())
+}
+
 /// No login slot free: count it, tell the client without reading anything it sent, and close.
-async fn refuse_pending_login(app: &App, sock: &mut TcpStream) {
+async fn refuse_pending_login(app: &App, sock: &mut Stream) {
     let e = ProxyError::TooManyLogins(app.login_slots.max());
     app.metrics.clients_rejected.with_label_values(&[reject_reason(&e)]).inc();
     if app.login_slots.should_warn() {
@@ -323,7 +382,7 @@ pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyEr
 /// Authenticate, pick the pool, and greet the client like Postgres would.
 async fn login(
     app: &Arc<App>,
-    sock: &mut TcpStream,
+    sock: &mut Stream,
     startup: &Startup,
     peer: SocketAddr,
     slot: crate::app::LoginPermit,
@@ -331,7 +390,8 @@ async fn login(
     let mut buf = BytesMut::with_capacity(512);
     // One configuration for the whole login, even if a reload lands meanwhile.
     let (resolved, users) = (app.resolved(), app.users());
-    users.authenticate(sock, startup.user(), &mut buf).await?;
+    let bound = binding(app, sock);
+    users.authenticate(sock, startup.user(), &mut buf, bound.as_deref()).await?;
     drop(slot);
     if app.shutdown.is_cancelled() {
         return Err(ProxyError::ShuttingDown);

@@ -8,6 +8,7 @@ pub mod environment;
 pub mod reload;
 pub mod resolve;
 pub mod source;
+pub mod upstream_url;
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -40,6 +41,9 @@ pub struct Config {
     pub admin: AdminSection,
     #[serde(default)]
     pub read_only: ReadOnlySection,
+    /// TLS for clients.
+    #[serde(default)]
+    pub tls: TlsSection,
     /// The embedded DuckLake telemetry warehouse (`[lake]`; needs the `lake` cargo feature).
     #[cfg(feature = "lake")]
     #[serde(default)]
@@ -122,6 +126,36 @@ impl Default for ProxySection {
             trust_application_name: false,
             other_database_idle_timeout: Duration::from_secs(1),
         }
+    }
+}
+
+/// Whether clients may or must use TLS.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// SSLRequest is answered `N`.
+    Disable,
+    /// TLS for clients that ask; plaintext for the rest.
+    Allow,
+    /// Plaintext clients get FATAL 28000.
+    Require,
+}
+
+/// `[tls]`: the certificate clients see. Reloaded with the rest of the file (SIGHUP, `RELOAD`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct TlsSection {
+    /// Default: `allow` when `cert` is set, else `disable`.
+    pub mode: Option<TlsMode>,
+    /// PEM certificate chain, end-entity first (RSA or ECDSA).
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+}
+
+impl TlsSection {
+    pub fn mode(&self) -> TlsMode {
+        self.mode.unwrap_or(if self.cert.is_empty() { TlsMode::Disable } else { TlsMode::Allow })
     }
 }
 
@@ -253,6 +287,10 @@ pub struct Upstream {
     /// database's pools share the service's share and this ceiling.
     #[serde(default)]
     pub databases: databases::DatabaseList,
+    /// Let the upstream ask for a cleartext or md5 password (default: SCRAM or nothing; the URL's
+    /// `require_auth` may say otherwise).
+    #[serde(default)]
+    pub allow_cleartext_upstream: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

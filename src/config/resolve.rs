@@ -6,20 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// Where and as whom server connections are opened, from an upstream URL.
-#[derive(Debug, Clone)]
-pub struct UpstreamTarget {
-    pub name: String,
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub password: Option<String>,
-    pub database: String,
-    pub ceiling: u32,
-    pub reserved: u32,
-    /// What a client may ask for → the database its server logs in to.
-    pub databases: crate::config::databases::DatabaseMap,
-}
+pub use super::upstream_url::{parse_upstream_url, UpstreamTarget};
 
 /// One service's resolved budget.
 #[derive(Debug, Clone)]
@@ -53,6 +40,8 @@ pub struct Resolved {
     pub processes: u32,
     /// `[[auth.users]]` that log in to the upstream as their own role (the rest use the URL's).
     pub logins: BTreeMap<String, crate::config::databases::UpstreamLogin>,
+    /// The certificate and key for clients (`[tls]`), read when the configuration is (so a reload renews it).
+    pub tls: Option<std::sync::Arc<crate::tls::listener::Listener>>,
 }
 
 const MAX_CEILING: u32 = 100_000;
@@ -65,33 +54,6 @@ fn check_duration(v: &mut Vec<String>, what: &str, d: Duration, min: Duration, m
 
 fn fmt_d(d: Duration) -> String {
     humantime_serde::re::humantime::format_duration(d).to_string()
-}
-
-/// Parse `postgres://user:pass@host:port/db` after env expansion.
-pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTarget, String> {
-    let expanded = crate::config::expand_env(raw, env).map_err(|e| format!("upstreams.{name}.url: {e}"))?;
-    let url = url::Url::parse(&expanded).map_err(|e| format!("upstreams.{name}.url: not a URL ({e})"))?;
-    if !matches!(url.scheme(), "postgres" | "postgresql") {
-        return Err(format!("upstreams.{name}.url: scheme must be postgres:// or postgresql://"));
-    }
-    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-    let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| format!("upstreams.{name}.url: no host"))?;
-    let user = decode(url.username());
-    if user.is_empty() {
-        return Err(format!("upstreams.{name}.url: no user"));
-    }
-    let database = decode(url.path().trim_start_matches('/'));
-    Ok(UpstreamTarget {
-        name: name.to_owned(),
-        host: host.trim_matches(|c| c == '[' || c == ']').to_owned(),
-        port: url.port().unwrap_or(5432),
-        password: url.password().map(decode),
-        database: if database.is_empty() { user.clone() } else { database },
-        user,
-        ceiling: 0,
-        reserved: 0,
-        databases: Default::default(),
-    })
 }
 
 impl Resolved {
@@ -152,6 +114,11 @@ impl Resolved {
                 Ok(mut t) => {
                     t.ceiling = u.ceiling;
                     t.reserved = u.reserved;
+                    if u.allow_cleartext_upstream && t.auth.source != "the URL's require_auth" {
+                        t.auth.password = true;
+                        t.auth.md5 = true;
+                        t.auth.source = "allow_cleartext_upstream = true";
+                    }
                     let at = format!("upstreams.{name}");
                     t.databases = crate::config::databases::DatabaseMap::parse(&at, &u.databases, &t.database, &mut v);
                     upstreams.insert(name.clone(), t);
@@ -348,6 +315,21 @@ impl Resolved {
                 ));
             }
         }
+        let t = &config.tls;
+        let tls = match (t.mode(), t.cert.is_empty() || t.key.is_empty()) {
+            (crate::config::TlsMode::Disable, _) => None,
+            (mode, true) => {
+                v.push(format!("tls.mode = {mode:?} needs tls.cert and tls.key (PEM files)").to_lowercase());
+                None
+            }
+            (_, false) => match crate::tls::listener::Listener::load(t.cert.as_ref(), t.key.as_ref()) {
+                Ok(l) => Some(std::sync::Arc::new(l)),
+                Err(e) => {
+                    v.push(e);
+                    None
+                }
+            },
+        };
         let served = upstreams.iter().map(|(n, t)| (n.clone(), t.databases.clone())).collect();
         let logins = crate::config::databases::resolve_logins(&config, &served, env, &mut v);
         if !v.is_empty() {
@@ -357,7 +339,7 @@ impl Resolved {
         if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::admin::stats::parse_interval) {
             config.admin.pool_log_interval = d;
         }
-        Ok(Resolved { config, upstreams, services, replica, sidecar_service, processes, logins })
+        Ok(Resolved { config, upstreams, services, replica, sidecar_service, processes, logins, tls })
     }
 
     /// Slices an upstream carries: every service on it, less read-only shares served by a replica.

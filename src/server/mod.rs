@@ -2,13 +2,10 @@
 //! and say goodbye with a Terminate whenever it is dropped.
 
 use crate::config::resolve::UpstreamTarget;
-use crate::protocol::sqlstate::{
-    ACTIVE_SQL_TRANSACTION, INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PARAMETER_VALUE, INVALID_PASSWORD,
-};
+use crate::protocol::sqlstate::{ACTIVE_SQL_TRANSACTION, INVALID_PARAMETER_VALUE};
 use crate::protocol::{self, backend, ProtocolError};
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{BufMut, BytesMut};
 use dashmap::DashMap;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+mod login;
 mod probe;
 pub mod slots;
 pub mod statements;
@@ -45,11 +43,13 @@ pub enum ServerError {
     /// Every slot of the service's share is held, by this or another of its pools (another database or role).
     #[error("the service's share is held by its connections")]
     ShareReached,
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// A logged-in server connection. Counts against the upstream ceiling while it lives.
 pub struct ServerConn {
-    pub stream: TcpStream,
+    pub stream: crate::tls::Stream,
     pub addr: SocketAddr,
     /// Parameters the server reported (ParameterStatus), kept current by the relay.
     pub params: HashMap<String, String>,
@@ -117,7 +117,7 @@ impl Drop for ServerConn {
         // Best effort, never blocking: an empty socket buffer takes these 5 bytes at once,
         // so Postgres sees a clean Terminate instead of a reset.
         if !self.broken {
-            let _ = self.stream.try_write(&protocol::TERMINATE);
+            self.stream.try_goodbye(&protocol::TERMINATE);
         }
     }
 }
@@ -152,9 +152,13 @@ impl ServerConn {
         application_name: &str,
         permit: OwnedSemaphorePermit,
     ) -> Result<ServerConn, ServerError> {
-        let stream = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(ServerError::Connect)?;
-        keepalive(&stream);
-        let addr = stream.peer_addr().map_err(ServerError::Connect)?;
+        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(ServerError::Connect)?;
+        keepalive(&tcp);
+        let addr = tcp.peer_addr().map_err(ServerError::Connect)?;
+        let stream = target.tls.negotiate(tcp, &target.host).await.map_err(|e| match e {
+            crate::tls::upstream::Refused::Tls(why) => ServerError::Tls(why),
+            crate::tls::upstream::Refused::Server { code, message } => ServerError::Postgres { code, message },
+        })?;
         let mut conn = ServerConn {
             stream,
             addr,
@@ -176,9 +180,10 @@ impl ServerConn {
         let mut out = BytesMut::with_capacity(256);
         out.put_i32(0);
         out.put_i32(protocol::PROTOCOL_V3);
-        for (k, v) in
-            [("user", target.user.as_str()), ("database", &target.database), ("application_name", application_name)]
-        {
+        let options = target.options.as_deref().map(|o| ("options", o));
+        let params =
+            [("user", target.user.as_str()), ("database", &target.database), ("application_name", application_name)];
+        for (k, v) in params.into_iter().chain(options) {
             protocol::put_cstr(&mut out, k);
             protocol::put_cstr(&mut out, v);
         }
@@ -187,94 +192,9 @@ impl ServerConn {
         out[..4].copy_from_slice(&len.to_be_bytes());
         conn.stream.write_all(&out).await.map_err(ServerError::Connect)?;
         conn.login(target).await?;
+        conn.check_session_attrs(target).await?;
         conn.broken = false;
         Ok(conn)
-    }
-
-    async fn login(&mut self, target: &UpstreamTarget) -> Result<(), ServerError> {
-        let mut buf = BytesMut::with_capacity(512);
-        let mut out = BytesMut::with_capacity(256);
-        let mut scram: Option<ScramSha256> = None;
-        let password = || {
-            target
-                .password
-                .clone()
-                .ok_or_else(|| ServerError::Auth("server asks for a password but the upstream URL has none".into()))
-        };
-        loop {
-            let kind = protocol::read_message(&mut self.stream, &mut buf).await?;
-            out.clear();
-            match kind {
-                b'R' => {
-                    let mut b = &buf[..];
-                    if b.len() < 4 {
-                        return Err(ProtocolError::Malformed("Authentication").into());
-                    }
-                    match b.get_i32() {
-                        0 => {}
-                        3 => password_message(&mut out, password()?.as_bytes()),
-                        5 => {
-                            let salt: [u8; 4] = b
-                                .get(..4)
-                                .and_then(|s| s.try_into().ok())
-                                .ok_or(ProtocolError::Malformed("md5 salt"))?;
-                            let hash = postgres_protocol::authentication::md5_hash(
-                                target.user.as_bytes(),
-                                password()?.as_bytes(),
-                                salt,
-                            );
-                            password_message(&mut out, hash.as_bytes());
-                        }
-                        10 => {
-                            let mechs: Vec<&[u8]> = b.split(|c| *c == 0).collect();
-                            if !mechs.contains(&&b"SCRAM-SHA-256"[..]) {
-                                return Err(ServerError::Auth("server offers no SCRAM-SHA-256".into()));
-                            }
-                            let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-                            let at = protocol::begin(&mut out, b'p');
-                            protocol::put_cstr(&mut out, "SCRAM-SHA-256");
-                            out.put_i32(s.message().len() as i32);
-                            out.put_slice(s.message());
-                            protocol::finish(&mut out, at);
-                            scram = Some(s);
-                        }
-                        11 => {
-                            let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASLContinue"))?;
-                            s.update(b).map_err(|e| ServerError::Auth(e.to_string()))?;
-                            let at = protocol::begin(&mut out, b'p');
-                            out.put_slice(s.message());
-                            protocol::finish(&mut out, at);
-                        }
-                        12 => {
-                            let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASLFinal"))?;
-                            s.finish(b).map_err(|e| ServerError::Auth(e.to_string()))?;
-                        }
-                        code => return Err(ServerError::Auth(format!("unsupported authentication request {code}"))),
-                    }
-                    if !out.is_empty() {
-                        self.stream.write_all(&out).await.map_err(ServerError::Connect)?;
-                    }
-                }
-                b'S' => {
-                    let (k, v) = backend::parameter_status(&buf)?;
-                    self.params.insert(k, v);
-                }
-                b'K' => (self.pid, self.secret) = backend::backend_key_data(&buf)?,
-                b'E' => {
-                    let backend::ErrorFields { code, message, .. } = backend::error_fields(&buf)?;
-                    return Err(if [INVALID_PASSWORD, INVALID_AUTHORIZATION_SPECIFICATION].contains(&code.as_str()) {
-                        ServerError::Auth(message)
-                    } else {
-                        ServerError::Postgres { code, message }
-                    });
-                }
-                b'N' => {}
-                b'Z' => return Ok(()),
-                other => {
-                    return Err(ProtocolError::Unexpected { expected: "login response", got: other as char }.into())
-                }
-            }
-        }
     }
 
     /// List this connection in `list` until it is dropped.
@@ -451,8 +371,7 @@ impl ServerConn {
 
     /// Without blocking: is the socket still open with nothing unexpected waiting on it?
     pub fn peek_alive(&self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        self.stream.peek_alive()
     }
 
     /// `SET SESSION default_transaction_read_only = on`, then check the server reports it (Postgres 14+ does;
@@ -495,13 +414,6 @@ pub fn is_setting_name(k: &str) -> bool {
     k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && k.len() <= 63
         && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-}
-
-fn password_message(out: &mut BytesMut, pw: &[u8]) {
-    let at = protocol::begin(out, b'p');
-    out.put_slice(pw);
-    out.put_u8(0);
-    protocol::finish(out, at);
 }
 
 /// Send a CancelRequest for server backend (pid, secret) at `addr`.

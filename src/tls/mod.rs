@@ -18,20 +18,23 @@ pub enum Stream {
     Accepted(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// pgbudget's TLS connection to an upstream.
     Connected(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Taken apart for a TLS upgrade that failed: reads end, writes fail.
+    Closed,
 }
 
 impl Stream {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP socket underneath (none once taken apart).
+    pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
-            Stream::Plain(s) => s,
-            Stream::Accepted(s) => s.get_ref().0,
-            Stream::Connected(s) => s.get_ref().0,
+            Stream::Plain(s) => Some(s),
+            Stream::Accepted(s) => Some(s.get_ref().0),
+            Stream::Connected(s) => Some(s.get_ref().0),
+            Stream::Closed => None,
         }
     }
 
     pub fn is_tls(&self) -> bool {
-        !matches!(self, Stream::Plain(_))
+        matches!(self, Stream::Accepted(_) | Stream::Connected(_))
     }
 
     /// The upstream's certificate (DER) on a connection to it, for `tls-server-end-point` channel binding.
@@ -44,9 +47,9 @@ impl Stream {
 
     /// Without blocking: is the socket open with nothing waiting on it? Peeks, so no TLS record is consumed.
     pub fn peek_alive(&self) -> bool {
+        let Some(tcp) = self.tcp() else { return false };
         let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        let sock = socket2::SockRef::from(self.tcp());
-        matches!(sock.peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        matches!(socket2::SockRef::from(tcp).peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Best effort, never blocking: write `bytes` (a Terminate) if the socket takes them at once. On TLS the
@@ -64,6 +67,7 @@ impl Stream {
                 let (tcp, conn) = s.get_mut();
                 seal_and_send(tcp, conn, bytes);
             }
+            Stream::Closed => {}
         }
     }
 }
@@ -97,6 +101,7 @@ impl AsyncRead for Stream {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Closed => Poll::Ready(Ok(())),
         }
     }
 }
@@ -107,6 +112,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Closed => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
     }
 
@@ -119,6 +125,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Closed => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
     }
 
@@ -127,6 +134,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => s.is_write_vectored(),
             Stream::Accepted(s) => s.is_write_vectored(),
             Stream::Connected(s) => s.is_write_vectored(),
+            Stream::Closed => false,
         }
     }
 
@@ -135,6 +143,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
         }
     }
 
@@ -143,6 +152,7 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
         }
     }
 }

@@ -179,27 +179,64 @@ impl UpstreamTls {
     }
 
     /// Negotiate on a fresh connection to `host`: plaintext, or TLS per the mode. `Err` names why not.
-    pub async fn negotiate(&self, mut tcp: TcpStream, host: &str) -> Result<Stream, String> {
+    pub async fn negotiate(&self, tcp: TcpStream, host: &str) -> Result<Stream, Refused> {
+        self.negotiate_inner(tcp, host).await
+    }
+
+    async fn negotiate_inner(&self, mut tcp: TcpStream, host: &str) -> Result<Stream, Refused> {
         let Some(connector) = &self.connector else { return Ok(Stream::Plain(tcp)) };
-        let name = ServerName::try_from(host.to_owned()).map_err(|e| format!("host {host:?}: {e}"))?;
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| Refused::Tls(format!("host {host:?}: {e}")))?;
         if !self.direct {
             let mut req = [0u8; 8];
             req[..4].copy_from_slice(&8i32.to_be_bytes());
             req[4..].copy_from_slice(&crate::protocol::SSL_REQUEST.to_be_bytes());
-            tcp.write_all(&req).await.map_err(|e| format!("sending SSLRequest: {e}"))?;
-            let answer = tcp.read_u8().await.map_err(|e| format!("reading the SSLRequest answer: {e}"))?;
+            tcp.write_all(&req).await.map_err(|e| Refused::Tls(format!("sending SSLRequest: {e}")))?;
+            let answer =
+                tcp.read_u8().await.map_err(|e| Refused::Tls(format!("reading the SSLRequest answer: {e}")))?;
             match answer {
                 b'S' => {}
                 b'N' if self.mode == SslMode::Prefer => return Ok(Stream::Plain(tcp)),
                 b'N' => return Err("the server does not accept TLS (it answered the SSLRequest with N)".into()),
-                other => return Err(format!("the server answered the SSLRequest with {:?}", other as char)),
+                // A server that cannot take connections now (starting up, too many clients) may answer with
+                // its ErrorResponse: that error is what the client should see.
+                b'E' => {
+                    let len = tcp.read_i32().await.map_err(|e| format!("reading the server's error: {e}"))?;
+                    let mut body = vec![0u8; len.clamp(4, 8192) as usize - 4];
+                    tcp.read_exact(&mut body).await.map_err(|e| format!("reading the server's error: {e}"))?;
+                    let f = crate::protocol::backend::error_fields(&body).map_err(|e| e.to_string())?;
+                    return Err(Refused::Server { code: f.code, message: f.message });
+                }
+                other => return Err(format!("the server answered the SSLRequest with {:?}", other as char).into()),
             }
         }
-        let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS handshake: {e}"))?;
+        let tls = connector.connect(name, tcp).await.map_err(|e| Refused::Tls(format!("TLS handshake: {e}")))?;
         if self.direct && tls.get_ref().1.alpn_protocol() != Some(b"postgresql") {
             return Err("the server did not select ALPN postgresql for direct TLS".into());
         }
         Ok(Stream::Connected(Box::new(tls)))
+    }
+}
+
+/// Why a connection did not get the TLS its URL asks for.
+#[derive(Debug)]
+pub enum Refused {
+    Tls(String),
+    /// The server answered the SSLRequest with its own ErrorResponse.
+    Server {
+        code: String,
+        message: String,
+    },
+}
+
+impl From<String> for Refused {
+    fn from(s: String) -> Self {
+        Refused::Tls(s)
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(s: &str) -> Self {
+        Refused::Tls(s.to_owned())
     }
 }
 
