@@ -7,8 +7,10 @@ use super::registry::Value;
 use super::{LakeError, LakeReader};
 use serde_json::Value as Json;
 
-/// `admission_decisions.reason` values (with `accepted = false`) that reached the client as SQLSTATE 53300.
-pub const REJECTION_REASONS: [&str; 4] = ["rejected_hard", "rejected_queue_full", "timed_out", "budget"];
+/// `admission_decisions.reason` values (with `accepted = false`) counted as 53300 rejections: admission's own
+/// refusals. `timed_out` is left out (each one is a `checkout_timeouts` row, counted there) and so is `budget`
+/// (a refused login's row, written beside the checkout's own decision row), so every event is counted once.
+pub const REJECTION_REASONS: [&str; 2] = ["rejected_hard", "rejected_queue_full"];
 
 /// Most days a timeline covers.
 pub const MAX_DAYS: u32 = 3660;
@@ -32,7 +34,7 @@ events AS (
     SELECT service, CAST(ts AS DATE), 0, count(*), 0, 0, NULL
     FROM lake.main.admission_decisions, win
     WHERE ts >= first_day AND ts < end_day AND accepted = false
-      AND reason IN ('rejected_hard', 'rejected_queue_full', 'timed_out', 'budget')
+      AND reason IN ('rejected_hard', 'rejected_queue_full')
     GROUP BY ALL
     UNION ALL
     SELECT service, CAST(ts AS DATE), 0, 0, count(*), 0, NULL
@@ -40,7 +42,8 @@ events AS (
     UNION ALL
     SELECT service, CAST(ts AS DATE), 0, 0, 0, count(*), NULL
     FROM lake.main.server_errors, win
-    WHERE ts >= first_day AND ts < end_day AND kind IS DISTINCT FROM 'query_error'
+    WHERE ts >= first_day AND ts < end_day AND (kind IN ('connect', 'reset') OR (kind = 'server_error'
+          AND (substr(sqlstate, 1, 2) IN ('08', '53', '58', 'XX', '28', 'F0') OR sqlstate LIKE '57P0%')))
     GROUP BY ALL
     UNION ALL
     SELECT service, CAST(ts AS DATE), 0, 0, 0, 0, max(CAST(in_use AS DOUBLE) / share)
@@ -69,7 +72,8 @@ pub struct TimelineRow {
     /// 53300 rejections: admission refusals ([`REJECTION_REASONS`]).
     pub rejections: i64,
     pub ro_violations: i64,
-    /// `server_errors` rows except `query_error` (the client's own SQL failing).
+    /// Upstream-side `server_errors` rows: `connect`, `reset`, and `server_error` of a server-health SQLSTATE
+    /// class (rows an older pgbudget wrote for refusals, query errors or `RAISE` are not counted).
     pub server_errors: i64,
     /// Highest `in_use / share` in the day's pool snapshots (`None`: no snapshot that day).
     pub peak_utilisation: Option<f64>,

@@ -7,8 +7,16 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 pub const CAPACITY: usize = 2000;
-/// Errors of these kinds in the window make a pool unhealthy; `query_error` (the client's own SQL failing) does not.
+/// Upstream-side errors of one pool in the window that make it unhealthy; the client's own SQL failing
+/// (`query_error`) and the proxy's own refusals (`budget`, `ceiling`, `load_shed`) never do.
 pub const UNHEALTHY_AT: usize = 3;
+
+/// Kinds that say what the upstream did (they go to the lake's `server_errors` and count for health).
+pub const UPSTREAM_KINDS: [&str; 3] = ["connect", "server_error", "reset"];
+/// The proxy's own refusals of a checkout (53300): visible in `/errors`, never in `server_errors`.
+pub const REFUSAL_KINDS: [&str; 3] = ["budget", "ceiling", "load_shed"];
+/// The client's own SQL (or session setting) failing.
+pub const QUERY_ERROR: &str = "query_error";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ErrorRecord {
@@ -17,7 +25,7 @@ pub struct ErrorRecord {
     pub service: String,
     pub route: String,
     pub upstream: String,
-    /// `connect`, `server_error`, `query_error`, `reset`, `budget`.
+    /// One of [`UPSTREAM_KINDS`], [`REFUSAL_KINDS`] or [`QUERY_ERROR`].
     pub kind: &'static str,
     pub sqlstate: String,
     pub message: String,
@@ -27,29 +35,47 @@ pub struct ErrorRecord {
 pub struct HealthRow {
     pub upstream: String,
     pub service: String,
+    /// Upstream-side errors ([`UPSTREAM_KINDS`]).
     pub errors: usize,
     pub query_errors: usize,
+    /// The proxy's own refusals ([`REFUSAL_KINDS`]).
+    pub refusals: usize,
     pub last_error: Option<String>,
     pub healthy: bool,
 }
 
-#[derive(Default)]
 pub struct Journal {
     ring: Mutex<VecDeque<ErrorRecord>>,
-    /// Every recorded error also goes to the lake's `server_errors` table.
+    /// Upstream-side records also go to the lake's `server_errors` table.
     telemetry: Telemetry,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal::new(Telemetry::default())
+    }
 }
 
 fn now() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// Server SQLSTATE classes that say something about the server, not the client's query.
+/// The journal kind of an error a server sent, by SQLSTATE class: connection (`08`), resources (`53`),
+/// shutdown and crash (`57P0x`), system (`58`), internal (`XX`), authorization (`28`) and configuration files
+/// (`F0`) say something about the server; everything else (`P0` RAISE, `22` data, `23` constraints, `42`
+/// syntax and access, `40` rollbacks, `57014` cancel, ...) is the client's own SQL.
 pub fn kind_for_sqlstate(code: &str) -> &'static str {
-    match code.get(..2) {
-        Some("08" | "53" | "57" | "58" | "XX" | "F0" | "P0") => "server_error",
-        _ => "query_error",
+    let class = code.get(..2);
+    if matches!(class, Some("08" | "53" | "58" | "XX" | "28" | "F0")) || code.starts_with("57P0") {
+        "server_error"
+    } else {
+        QUERY_ERROR
     }
+}
+
+/// Whether a kind says what the upstream did (lake `server_errors`, health).
+pub fn is_upstream(kind: &str) -> bool {
+    UPSTREAM_KINDS.contains(&kind)
 }
 
 impl Journal {
@@ -66,18 +92,20 @@ impl Journal {
         sqlstate: &str,
         message: &str,
     ) {
-        self.telemetry.emit(tables::SERVER_ERRORS, || {
-            let cols: [Value; 7] = [
-                Value::now(),
-                service.into(),
-                route.into(),
-                upstream.into(),
-                kind.into(),
-                sqlstate.into(),
-                message.into(),
-            ];
-            cols.into()
-        });
+        if is_upstream(kind) {
+            self.telemetry.emit(tables::SERVER_ERRORS, || {
+                let cols: [Value; 7] = [
+                    Value::now(),
+                    service.into(),
+                    route.into(),
+                    upstream.into(),
+                    kind.into(),
+                    sqlstate.into(),
+                    message.into(),
+                ];
+                cols.into()
+            });
+        }
         let rec = ErrorRecord {
             time: now(),
             service: service.to_owned(),
@@ -111,6 +139,7 @@ impl Journal {
                     service: s.clone(),
                     errors: 0,
                     query_errors: 0,
+                    refusals: 0,
                     last_error: None,
                     healthy: true,
                 };
@@ -124,14 +153,17 @@ impl Journal {
                 service: r.service.clone(),
                 errors: 0,
                 query_errors: 0,
+                refusals: 0,
                 last_error: None,
                 healthy: true,
             });
-            if r.kind == "query_error" {
-                row.query_errors += 1;
-            } else {
+            if is_upstream(r.kind) {
                 row.errors += 1;
                 row.last_error = Some(format!("{} {}: {}", r.kind, r.sqlstate, r.message));
+            } else if r.kind == QUERY_ERROR {
+                row.query_errors += 1;
+            } else {
+                row.refusals += 1;
             }
         }
         rows.into_values()
@@ -148,7 +180,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ring_is_bounded_and_health_flags_three_errors() {
+    fn ring_is_bounded_and_health_flags_three_upstream_errors() {
         let j = Journal::default();
         for i in 0..CAPACITY + 10 {
             j.record("web", "rw", "primary", "query_error", "22012", &format!("e{i}"));
@@ -157,12 +189,33 @@ mod tests {
         assert_eq!(j.recent(1)[0].message, format!("e{}", CAPACITY + 9));
         let pools = vec![("primary".to_owned(), "web".to_owned())];
         assert!(j.health(Duration::from_secs(60), &pools)[0].healthy, "query errors alone are not unhealthy");
+        for kind in REFUSAL_KINDS {
+            j.record("web", "rw", "primary", kind, "53300", "pgbudget: refused");
+        }
+        let h = j.health(Duration::from_secs(60), &pools);
+        assert!(
+            h[0].healthy && h[0].refusals == 3 && h[0].errors == 0,
+            "the proxy's own refusals are not the upstream's"
+        );
         for _ in 0..3 {
             j.record("web", "rw", "primary", "connect", "08006", "refused");
         }
         let h = j.health(Duration::from_secs(60), &pools);
         assert!(!h[0].healthy && h[0].errors == 3);
-        assert_eq!(kind_for_sqlstate("57P01"), "server_error");
-        assert_eq!(kind_for_sqlstate("22012"), "query_error");
+    }
+
+    #[test]
+    fn sqlstate_classes() {
+        for code in
+            ["08006", "08P01", "53300", "53200", "57P01", "57P02", "57P03", "58030", "XX000", "28P01", "28000", "F0000"]
+        {
+            assert_eq!(kind_for_sqlstate(code), "server_error", "{code}");
+        }
+        for code in [
+            "P0001", "P0004", "22012", "22P02", "23505", "42P01", "42601", "40001", "40P01", "57014", "57000", "3D000",
+            "25006", "0A000", "", "5", "\u{e9}x",
+        ] {
+            assert_eq!(kind_for_sqlstate(code), QUERY_ERROR, "{code}");
+        }
     }
 }
