@@ -115,3 +115,32 @@ async fn refusals_and_query_errors_stay_out_of_server_errors() {
     .await;
     assert_eq!(leaked["rows"][0]["n"], 0, "{leaked}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn literals_never_reach_errors_the_lake_or_the_log() {
+    let pg = Pg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, port) = with_lake(config(&pg, "[services.app]\nslice = 2\n"), dir.path());
+    let proxy = Proxy::start_env(&cfg, &[("PGBUDGET_ADMIN_TOKEN", TOKEN)]);
+    let c = connect(&proxy.conninfo()).await.unwrap();
+    let e = c.simple_query("select 'alice@example.com:hunter2'::int").await.unwrap_err();
+    assert_eq!(e.code().unwrap().code(), "22P02");
+    // The client still sees the whole message: only what pgbudget keeps is redacted.
+    assert!(e.as_db_error().unwrap().message().contains("hunter2"), "{e:?}");
+    // A server-class error (XX000) goes to the lake's server_errors too.
+    c.batch_execute("do $$ begin raise exception using errcode = 'XX000', message = 'token ''s3cr3t-t0ken'''; end $$")
+        .await
+        .unwrap_err();
+    let errors = get(port, "/errors").await;
+    let msgs: Vec<&str> = errors["errors"].as_array().unwrap().iter().map(|e| e["message"].as_str().unwrap()).collect();
+    assert_eq!(msgs[..2], ["token '…'", "invalid input syntax for type integer: \"…\""], "{errors}");
+    assert_eq!(errors["errors"][0]["sqlstate"], "XX000");
+    assert_eq!(errors["errors"][1]["sqlstate"], "22P02");
+    assert_eq!(errors["errors"][1]["service"], "app");
+    let sql = "select count(*) as n from lake.server_errors where sqlstate = 'XX000' and message = 'token ''…'''";
+    assert_eq!(wait_count(port, sql, 1).await, 1);
+    let all = lake_query(port, "select * from lake.server_errors").await.to_string();
+    assert!(!all.contains("s3cr3t") && !all.contains("hunter2"), "{all}");
+    let log = proxy.log();
+    assert!(!log.contains("hunter2") && !log.contains("s3cr3t"), "{log}");
+}

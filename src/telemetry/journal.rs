@@ -28,6 +28,7 @@ pub struct ErrorRecord {
     /// One of [`UPSTREAM_KINDS`], [`REFUSAL_KINDS`] or [`QUERY_ERROR`].
     pub kind: &'static str,
     pub sqlstate: String,
+    /// Redacted (see [`crate::telemetry::redact`]) unless the journal was built without redaction.
     pub message: String,
 }
 
@@ -48,6 +49,8 @@ pub struct Journal {
     ring: Mutex<VecDeque<ErrorRecord>>,
     /// Upstream-side records also go to the lake's `server_errors` table.
     telemetry: Telemetry,
+    /// Messages are redacted before they are kept, logged or written (on unless built for development).
+    redact: bool,
 }
 
 impl Default for Journal {
@@ -79,8 +82,23 @@ pub fn is_upstream(kind: &str) -> bool {
 }
 
 impl Journal {
+    /// A journal that redacts messages.
     pub fn new(telemetry: Telemetry) -> Journal {
-        Journal { ring: Mutex::default(), telemetry }
+        Journal::with_redaction(telemetry, true)
+    }
+
+    /// `redact = false` keeps messages verbatim (development only: they may quote values and literals).
+    pub fn with_redaction(telemetry: Telemetry, redact: bool) -> Journal {
+        Journal { ring: Mutex::default(), telemetry, redact }
+    }
+
+    /// A message as this journal keeps and logs it.
+    pub fn redacted<'a>(&self, message: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.redact {
+            crate::telemetry::redact::redact(message)
+        } else {
+            std::borrow::Cow::Borrowed(message)
+        }
     }
 
     pub fn record(
@@ -92,6 +110,7 @@ impl Journal {
         sqlstate: &str,
         message: &str,
     ) {
+        let message = self.redacted(message);
         if is_upstream(kind) {
             self.telemetry.emit(tables::SERVER_ERRORS, || {
                 let cols: [Value; 7] = [
@@ -101,7 +120,7 @@ impl Journal {
                     upstream.into(),
                     kind.into(),
                     sqlstate.into(),
-                    message.into(),
+                    message.as_ref().into(),
                 ];
                 cols.into()
             });
@@ -113,7 +132,7 @@ impl Journal {
             upstream: upstream.to_owned(),
             kind,
             sqlstate: sqlstate.to_owned(),
-            message: if message.is_empty() { "(no message)".to_owned() } else { message.to_owned() },
+            message: if message.is_empty() { "(no message)".to_owned() } else { message.into_owned() },
         };
         let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         if ring.len() == CAPACITY {
@@ -217,5 +236,15 @@ mod tests {
         ] {
             assert_eq!(kind_for_sqlstate(code), QUERY_ERROR, "{code}");
         }
+    }
+
+    #[test]
+    fn messages_are_redacted_unless_switched_off() {
+        let j = Journal::default();
+        j.record("web", "rw", "primary", "query_error", "23505", "Key (email)=(bob@x.io) already exists.");
+        assert_eq!(j.recent(1)[0].message, "Key (email)=(…) already exists.");
+        let dev = Journal::with_redaction(Telemetry::default(), false);
+        dev.record("web", "rw", "primary", "query_error", "23505", "Key (email)=(bob@x.io) already exists.");
+        assert_eq!(dev.recent(1)[0].message, "Key (email)=(bob@x.io) already exists.");
     }
 }
