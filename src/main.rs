@@ -244,6 +244,15 @@ async fn run(resolved: Resolved, env: Env, config_path: Option<PathBuf>) -> Exit
         let _ = app.config_path.set(path);
     }
     app.record_config("startup", &app.resolved().table(), 0);
+    // `/errors` answers right after a restart: the ring is refilled from the lake's server_errors.
+    #[cfg(feature = "lake")]
+    if let Some(lake) = app.telemetry.lake().cloned() {
+        let window = pgbudget::telemetry::journal::DEFAULT_ERRORS_WINDOW;
+        match pgbudget::lake::errors::refill(&app.journal, lake, window, std::time::Duration::from_secs(3)).await {
+            Ok(n) => info!(errors = n, "error journal refilled from the lake"),
+            Err(e) => tracing::warn!(kind = "lake", cause = %e, "error journal not refilled from the lake"),
+        }
+    }
     if let Some(l) = admin {
         tokio::spawn(pgbudget::admin::http::serve(app.clone(), l));
     }

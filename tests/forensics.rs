@@ -144,3 +144,50 @@ async fn literals_never_reach_errors_the_lake_or_the_log() {
     let log = proxy.log();
     assert!(!log.contains("hunter2") && !log.contains("s3cr3t"), "{log}");
 }
+
+/// The first answer of the admin listener at `path` (it comes up after the lake is open and read).
+async fn first_answer(port: u16, path: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match reqwest::get(format!("http://127.0.0.1:{port}{path}")).await {
+            Ok(r) => return serde_json::from_str(&r.text().await.unwrap()).unwrap(),
+            Err(e) => assert!(Instant::now() < deadline, "admin listener never answered: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_error_ring_survives_a_restart() {
+    let pg = Pg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, port) = with_lake(config(&pg, "[services.app]\nslice = 2\n"), dir.path());
+    let mut proxy = Proxy::start_env(&cfg, &[("PGBUDGET_ADMIN_TOKEN", TOKEN)]);
+    let c = connect(&proxy.conninfo()).await.unwrap();
+    c.simple_query("select 1/0").await.unwrap_err();
+    for i in 0..2 {
+        let sql = format!("do $$ begin raise exception using errcode = 'XX000', message = 'broken {i}'; end $$");
+        c.batch_execute(&sql).await.unwrap_err();
+    }
+    let victim = connect(&proxy.conninfo()).await.unwrap();
+    victim.simple_query("select pg_terminate_backend(pg_backend_pid())").await.unwrap_err();
+    let before = get(port, "/errors").await;
+    let upstream: Vec<Value> =
+        before["errors"].as_array().unwrap().iter().filter(|e| e["kind"] != "query_error").cloned().collect();
+    assert!(upstream.len() >= 3, "{before}");
+    drop((c, victim));
+    assert_eq!(proxy.terminate(), Some(0), "{}", proxy.log());
+
+    let proxy = Proxy::start_env(&cfg, &[("PGBUDGET_ADMIN_TOKEN", TOKEN)]);
+    let after = first_answer(port, "/errors").await;
+    let got = after["errors"].as_array().unwrap();
+    let key = |e: &Value| (e["kind"].to_string(), e["sqlstate"].to_string(), e["message"].to_string());
+    assert_eq!(got.iter().map(key).collect::<Vec<_>>(), upstream.iter().map(key).collect::<Vec<_>>(), "{after}");
+    for (g, u) in got.iter().zip(&upstream) {
+        assert!((g["time"].as_f64().unwrap() - u["time"].as_f64().unwrap()).abs() < 1.0, "{g} vs {u}");
+        assert_eq!((&g["service"], &g["route"], &g["upstream"]), (&u["service"], &u["route"], &u["upstream"]));
+    }
+    let h = get(port, "/errors/health?minutes=5").await;
+    assert_eq!(h["healthy"], false, "the refilled errors count: {h}");
+    assert!(proxy.log().contains("error journal refilled from the lake"), "{}", proxy.log());
+}

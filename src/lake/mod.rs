@@ -7,6 +7,7 @@
 //! - `reader`   — lock-guarded query connection returning JSON rows; heals on error.
 //! - `maintain` — flush inlined rows, merge files, expire snapshots, clean up (one process at a time).
 //! - `timeline` — per-service daily budget-trouble figures and the lake CLI's text tables.
+//! - `errors`   — the error journal's history: `server_errors` rows read back into the ring at startup.
 //!
 //! One in-memory DuckDB per process; the writer and the reader are two connections to it (at most
 //! `pg_pool_max_connections`, 2, catalog connections), plus the flush-lock session the flush thread keeps and,
@@ -14,6 +15,7 @@
 
 pub mod catalog;
 pub mod config;
+pub mod errors;
 pub mod lock;
 pub mod maintain;
 pub mod reader;
@@ -52,6 +54,8 @@ pub enum LakeError {
     Metrics(#[from] prometheus::Error),
     #[error("lake io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("lake read did not finish within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 impl LakeError {

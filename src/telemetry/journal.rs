@@ -10,6 +10,8 @@ pub const CAPACITY: usize = 2000;
 /// Upstream-side errors of one pool in the window that make it unhealthy; the client's own SQL failing
 /// (`query_error`) and the proxy's own refusals (`budget`, `ceiling`, `load_shed`) never do.
 pub const UNHEALTHY_AT: usize = 3;
+/// How far back the ring is refilled from the lake at startup (`Journal::refill`).
+pub const DEFAULT_ERRORS_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// Kinds that say what the upstream did (they go to the lake's `server_errors` and count for health).
 pub const UPSTREAM_KINDS: [&str; 3] = ["connect", "server_error", "reset"];
@@ -81,6 +83,11 @@ pub fn is_upstream(kind: &str) -> bool {
     UPSTREAM_KINDS.contains(&kind)
 }
 
+/// The journal's own name for a kind read back from the lake (`None`: not a kind this version knows).
+pub fn known_kind(kind: &str) -> Option<&'static str> {
+    UPSTREAM_KINDS.iter().chain(&REFUSAL_KINDS).chain(std::iter::once(&QUERY_ERROR)).find(|k| **k == kind).copied()
+}
+
 impl Journal {
     /// A journal that redacts messages.
     pub fn new(telemetry: Telemetry) -> Journal {
@@ -139,6 +146,25 @@ impl Journal {
             ring.pop_front();
         }
         ring.push_back(rec);
+    }
+
+    /// Put records from before this process started (the lake's `server_errors`) behind the ones recorded
+    /// since: only those older than the oldest record in the ring are taken, newest kept when they do not all
+    /// fit. Messages are redacted again (rows written before redaction existed). Returns how many were taken.
+    pub fn refill(&self, rows: impl IntoIterator<Item = ErrorRecord>) -> usize {
+        let mut ring = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        let oldest = ring.front().map_or(f64::INFINITY, |r| r.time);
+        let mut old: Vec<ErrorRecord> = rows.into_iter().filter(|r| r.time < oldest).collect();
+        old.sort_by(|a, b| b.time.total_cmp(&a.time));
+        old.truncate(CAPACITY - ring.len());
+        let n = old.len();
+        for mut r in old {
+            if let std::borrow::Cow::Owned(m) = self.redacted(&r.message) {
+                r.message = m;
+            }
+            ring.push_front(r);
+        }
+        n
     }
 
     /// The newest `n` records, newest first.
@@ -246,5 +272,30 @@ mod tests {
         let dev = Journal::with_redaction(Telemetry::default(), false);
         dev.record("web", "rw", "primary", "query_error", "23505", "Key (email)=(bob@x.io) already exists.");
         assert_eq!(dev.recent(1)[0].message, "Key (email)=(bob@x.io) already exists.");
+    }
+
+    #[test]
+    fn refill_goes_behind_newer_records_and_respects_capacity() {
+        let j = Journal::default();
+        j.record("web", "rw", "primary", "connect", "08006", "new");
+        let t = now();
+        let rec = |dt: f64, msg: &str| ErrorRecord {
+            time: t + dt,
+            service: "web".into(),
+            route: "rw".into(),
+            upstream: "primary".into(),
+            kind: "server_error",
+            sqlstate: "57P01".into(),
+            message: msg.into(),
+        };
+        let n = j.refill(vec![rec(-20.0, "older"), rec(-10.0, "old 'x'"), rec(10.0, "after the newest: skipped")]);
+        assert_eq!(n, 2);
+        let msgs: Vec<String> = j.recent(10).into_iter().map(|r| r.message).collect();
+        assert_eq!(msgs, ["new", "old '…'", "older"]);
+        let many = (0..CAPACITY + 5).map(|i| rec(-100.0 - i as f64, "m"));
+        assert_eq!(j.refill(many), CAPACITY - 3);
+        assert_eq!(j.recent(usize::MAX).len(), CAPACITY);
+        assert_eq!(known_kind("server_error"), Some("server_error"));
+        assert_eq!(known_kind("nonsense"), None);
     }
 }
