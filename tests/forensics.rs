@@ -3,6 +3,8 @@
 //! the lake's timeline sees a burst between two snapshots.
 
 mod common;
+#[path = "common/lake.rs"]
+mod lake_common;
 use common::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -190,4 +192,143 @@ async fn the_error_ring_survives_a_restart() {
     let h = get(port, "/errors/health?minutes=5").await;
     assert_eq!(h["healthy"], false, "the refilled errors count: {h}");
     assert!(proxy.log().contains("error journal refilled from the lake"), "{}", proxy.log());
+}
+
+/// The issue's burst: share 4, 30 clients of `pg_sleep(0.05)` for 4 s, all of it between two 10 s snapshots.
+/// The timeline shows the share full (100 %), no server errors, and each 53300 a client saw exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_between_two_snapshots_shows_in_the_timeline() {
+    let pg = Pg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, _) = with_lake(
+        config(&pg, "[services.app]\nslice = 4\npool_mode = \"transaction\"\ncheckout_timeout = \"250ms\"\n"),
+        dir.path(),
+    );
+    let mut proxy = Proxy::start(&cfg);
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(connect(&proxy.conninfo()).await.unwrap());
+    }
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs(4);
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                let (mut ok, mut refused) = (0u64, 0u64);
+                while Instant::now() < until {
+                    match c.simple_query("select pg_sleep(0.05)").await {
+                        Ok(_) => ok += 1,
+                        Err(e) if e.code().map(|c| c.code()) == Some("53300") => refused += 1,
+                        Err(e) => panic!("unexpected error: {e:?}"),
+                    }
+                }
+                (ok, refused)
+            })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for t in tasks {
+        let (o, r) = t.await.unwrap();
+        (ok, refused) = (ok + o, refused + r);
+    }
+    let burst = t0.elapsed();
+    assert!(burst < Duration::from_secs(9), "the burst must fit between two snapshots: {burst:?}");
+    assert!(refused > 0 && ok > 100, "ok {ok}, refused {refused}");
+    assert_eq!(proxy.terminate(), Some(0), "{}", proxy.log());
+
+    let config = proxy.dir.path().join("budgets.toml");
+    let config = config.to_str().unwrap();
+    let (code, timeline, err) = lake_common::pgbudget(&["lake", "timeline", "--days", "1", "--config", config]);
+    assert_eq!(code, 0, "{err}");
+    eprintln!("burst: {ok} served, {refused} refused (53300) in {burst:?}\n{timeline}");
+    let today = lake_common::ymd(lake_common::day_start(0));
+    let row: Vec<&str> = timeline
+        .lines()
+        .find(|l| l.starts_with("app") && l.contains(&today))
+        .unwrap_or_else(|| panic!("{timeline}"))
+        .split_whitespace()
+        .collect();
+    let (timeouts, rejections): (u64, u64) = (row[2].parse().unwrap(), row[3].parse().unwrap());
+    assert_eq!(timeouts + rejections, refused, "each refusal counted once: {timeline}");
+    assert_eq!((row[4], row[5], row[6]), ("0", "0", "100%"), "{timeline}");
+
+    // The rows: few (two snapshots: at start and at shutdown), yet they carry the burst's marks.
+    let (code, out, err) = lake_common::pgbudget(&[
+        "lake",
+        "query",
+        "select count(*) as n, max(in_use) as sampled, max(max_in_use) as peak, max(max_waiting) as waiting, \
+         sum(waited_checkouts) as waited, max(max_wait_ms) as wait_ms from pool_snapshots where route = 'rw'",
+        "--json",
+        "--config",
+        config,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    eprintln!("pool_snapshots: {out}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(v["n"].as_i64().unwrap() <= 3, "{out}");
+    assert_eq!(v["sampled"], 0, "the 10 s samples never saw the burst: {out}");
+    assert_eq!(v["peak"], 4, "{out}");
+    assert!(v["waiting"].as_i64().unwrap() >= 10, "{out}");
+    assert!(v["waited"].as_i64().unwrap() >= refused as i64, "{out}");
+    assert!(v["wait_ms"].as_f64().unwrap() >= 200.0, "{out}");
+}
+
+/// A lake written before the high-water columns existed: read-only commands read it as it is, the next writer
+/// adds the columns (old rows read NULL) and the timeline uses the marks where rows have them.
+#[test]
+fn old_pool_snapshots_gain_the_mark_columns_and_stay_readable() {
+    use pgbudget::lake::registry::{ColumnType, TableSpec};
+    use pgbudget::lake::{tables, Lake, Registry, Value as V};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = lake_common::file_config(dir.path());
+    let config = dir.path().join("budgets.toml");
+    std::fs::write(&config, lake_common::budgets_toml(&lake_common::lake_toml(&cfg))).unwrap();
+    let config = config.to_str().unwrap();
+    let now = lake_common::day_start(0) + 60_000_000;
+    let old_row = |in_use: i64| {
+        let mut r = lake_common::pool_row(1, now);
+        r.truncate(16);
+        (r[1], r[5], r[8]) = ("old".into(), V::Int(10), V::Int(in_use));
+        r
+    };
+    {
+        // The registry as it was: pool_snapshots without the four mark columns.
+        let mut specs: Vec<TableSpec> = Registry::builtin().tables().to_vec();
+        specs[0].columns.truncate(16);
+        assert!(specs[0].columns.iter().all(|c| !c.name.starts_with("max_")));
+        assert_eq!(specs[0].columns[8].ty, ColumnType::Integer);
+        let lake = Lake::open(&cfg, Registry::new(specs).unwrap(), &prometheus::Registry::new()).unwrap();
+        lake.writer().unwrap().append(tables::POOL_SNAPSHOTS, old_row(3));
+        assert_eq!(lake.writer().unwrap().flush().unwrap().rows_written, 1);
+        lake.shutdown();
+    }
+    let timeline = || {
+        let (code, out, err) = lake_common::pgbudget(&["lake", "timeline", "--days", "1", "--config", config]);
+        assert_eq!(code, 0, "{err}");
+        out.lines().find(|l| l.starts_with("old")).map(|l| l.split_whitespace().last().unwrap().to_owned())
+    };
+    assert_eq!(timeline().as_deref(), Some("30%"), "the old lake reads as before");
+    {
+        let lake = Lake::open(&cfg, Registry::builtin(), &prometheus::Registry::new()).unwrap();
+        let mut r = old_row(2);
+        r.extend([V::Int(9), V::Int(5), V::Float(120.0), V::Int(7)]);
+        lake.writer().unwrap().append(tables::POOL_SNAPSHOTS, r);
+        assert_eq!(lake.writer().unwrap().flush().unwrap().rows_written, 1);
+        lake.shutdown();
+    }
+    let (code, out, err) = lake_common::pgbudget(&[
+        "lake",
+        "query",
+        "select in_use, max_in_use, waited_checkouts from pool_snapshots order by in_use",
+        "--json",
+        "--config",
+        config,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out,
+        "{\"in_use\":2,\"max_in_use\":9,\"waited_checkouts\":7}\n{\"in_use\":3,\"max_in_use\":null,\"waited_checkouts\":null}\n"
+    );
+    assert_eq!(timeline().as_deref(), Some("90%"), "the new row's mark, 9 of 10");
 }

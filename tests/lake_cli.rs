@@ -16,6 +16,8 @@ fn snapshot(ts: i64, service: &str, share: i64, in_use: i64) -> Row {
     let mut r: Row = vec![Value::Ts(ts), service.into(), "rw".into(), "primary".into(), "transaction".into()];
     r.extend([share, 20, 2, in_use, 0, 0, 10, 100, 30, 97].map(Value::Int));
     r.push(Value::Int(4));
+    // No high-water marks (as a row written before they existed): the peak is the sampled in_use.
+    r.extend([Value::Null, Value::Null, Value::Null, Value::Null]);
     r
 }
 

@@ -15,7 +15,11 @@ pub const REJECTION_REASONS: [&str; 2] = ["rejected_hard", "rejected_queue_full"
 /// Most days a timeline covers.
 pub const MAX_DAYS: u32 = 3660;
 
-/// The timeline query; its one parameter is the number of days. Days are UTC (`ts` columns are UTC
+/// Servers in use at a snapshot row's peak: its high-water mark (rows since the marks exist), else the sample.
+const PEAK_WITH_MARKS: &str = "greatest(in_use, coalesce(max_in_use, in_use))";
+
+/// The timeline query (`PEAK_IN_USE` is replaced by the in-use expression the lake's columns allow); its one
+/// parameter is the number of days. Days are UTC (`ts` columns are UTC
 /// timestamps), today last. Every service seen in the window gets a row for every day.
 pub const TIMELINE_SQL: &str = "\
 WITH win AS (
@@ -46,7 +50,7 @@ events AS (
           AND (substr(sqlstate, 1, 2) IN ('08', '53', '58', 'XX', '28', 'F0') OR sqlstate LIKE '57P0%')))
     GROUP BY ALL
     UNION ALL
-    SELECT service, CAST(ts AS DATE), 0, 0, 0, 0, max(CAST(in_use AS DOUBLE) / share)
+    SELECT service, CAST(ts AS DATE), 0, 0, 0, 0, max(CAST(PEAK_IN_USE AS DOUBLE) / share)
     FROM lake.main.pool_snapshots, win WHERE ts >= first_day AND ts < end_day AND share > 0 GROUP BY ALL
 ),
 named AS (SELECT coalesce(service, '?') AS service, * EXCLUDE (service) FROM events),
@@ -75,7 +79,8 @@ pub struct TimelineRow {
     /// Upstream-side `server_errors` rows: `connect`, `reset`, and `server_error` of a server-health SQLSTATE
     /// class (rows an older pgbudget wrote for refusals, query errors or `RAISE` are not counted).
     pub server_errors: i64,
-    /// Highest `in_use / share` in the day's pool snapshots (`None`: no snapshot that day).
+    /// Highest `in_use / share` in the day's pool snapshots, from their high-water marks (`max_in_use`) where
+    /// the rows have them, so a burst between two snapshots counts (`None`: no snapshot that day).
     pub peak_utilisation: Option<f64>,
 }
 
@@ -92,9 +97,17 @@ pub fn timeline(reader: &LakeReader, days: u32) -> Result<Timeline, LakeError> {
     if days == 0 || days > MAX_DAYS {
         return Err(LakeError::Config(format!("timeline days must be between 1 and {MAX_DAYS}, got {days}")));
     }
-    let r = reader.query(TIMELINE_SQL, &[Value::Int(days.into())], usize::MAX)?;
+    let sql = TIMELINE_SQL.replace("PEAK_IN_USE", if has_marks(reader) { PEAK_WITH_MARKS } else { "in_use" });
+    let r = reader.query(&sql, &[Value::Int(days.into())], usize::MAX)?;
     let rows = r.rows.iter().map(row).collect::<Result<_, _>>()?;
     Ok(Timeline { days, rows, truncated: r.truncated })
+}
+
+/// Whether `pool_snapshots` has the high-water columns (a lake read READ_ONLY before any newer pgbudget
+/// attached it for writing has not).
+fn has_marks(reader: &LakeReader) -> bool {
+    let cols = reader.with_conn(|c| super::catalog::existing_columns(c, "pool_snapshots"));
+    cols.is_ok_and(|cols| cols.iter().any(|(name, _)| name == "max_in_use"))
 }
 
 fn row(m: &serde_json::Map<String, Json>) -> Result<TimelineRow, LakeError> {
