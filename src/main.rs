@@ -67,11 +67,24 @@ enum Cmd {
 #[derive(Subcommand)]
 #[cfg_attr(not(feature = "lake"), allow(dead_code))]
 enum LakeCmd {
-    /// Per service and UTC day (today last): checkout timeouts, 53300 rejections, read-only violations, server
-    /// errors (not query errors) and the peak utilisation of the share.
+    /// Per service and UTC day or hour (the current one last): checkout timeouts, 53300 rejections, read-only
+    /// violations, server errors (upstream-side only) and the peak utilisation of the share.
     Timeline {
-        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=3660))]
-        days: u32,
+        /// The last N UTC days (default 7 unless `--since` is given).
+        #[arg(long, conflicts_with = "since", value_parser = clap::value_parser!(u32).range(1..=3660))]
+        days: Option<u32>,
+        /// How far back, e.g. `2d`, `36h` (the current bucket included).
+        #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// One row per UTC `day` or `hour`.
+        #[arg(long, value_enum, default_value = "day")]
+        by: TimelineBucket,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// `text` (an aligned table) or `json` (one document, for scripts).
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
     },
     /// Run one query against the lake attached READ_ONLY; tables are `lake.<table>` (or just `<table>`).
     Query {
@@ -87,6 +100,22 @@ enum LakeCmd {
     /// Flush inlined rows to Parquet, merge small files, expire snapshots older than `lake.expire_older_than`,
     /// delete files unreferenced for `lake.cleanup_older_than`. Skipped while another process maintains the lake.
     Maintain,
+}
+
+#[cfg(feature = "lake")]
+use pgbudget::lake::timeline::Bucket as TimelineBucket;
+/// Without the lake there is no timeline; the arguments still parse.
+#[cfg(not(feature = "lake"))]
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TimelineBucket {
+    Day,
+    Hour,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 fn init_logs(format: &str) {
@@ -336,7 +365,13 @@ fn lake_cmd(config: &Source, env: &Env, cmd: LakeCmd) -> ExitCode {
         }
     }
     let out = match cmd {
-        LakeCmd::Timeline { days } => timeline::timeline(lake.reader(), days).map(|t| timeline::format_timeline(&t)),
+        LakeCmd::Timeline { days, since, by, service, format } => {
+            let options = timeline_options(days, since, by, service);
+            timeline::timeline(lake.reader(), &options).map(|t| match format {
+                OutputFormat::Text => timeline::format_timeline(&t),
+                OutputFormat::Json => timeline::format_timeline_json(&t),
+            })
+        }
         LakeCmd::Query { sql, json, limit } => {
             // Bare table names resolve in the lake (lake.main), qualified ones as before.
             let _ = lake.reader().with_conn(|c| Ok(c.execute_batch("USE lake")?));
@@ -364,6 +399,22 @@ fn lake_cmd(config: &Source, env: &Env, cmd: LakeCmd) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `--days N` is N day buckets; `--since D` is as many `--by` buckets as cover D; neither: the last 7 days.
+#[cfg(feature = "lake")]
+fn timeline_options(
+    days: Option<u32>,
+    since: Option<std::time::Duration>,
+    by: TimelineBucket,
+    service: Option<String>,
+) -> pgbudget::lake::timeline::TimelineOptions {
+    let buckets = match (days, since) {
+        (_, Some(d)) => by.count(d),
+        (Some(n), None) => by.count(std::time::Duration::from_secs(u64::from(n) * 86_400)),
+        (None, None) => by.count(std::time::Duration::from_secs(7 * 86_400)),
+    };
+    pgbudget::lake::timeline::TimelineOptions { by, buckets, service }
 }
 
 #[cfg(not(feature = "lake"))]

@@ -6,7 +6,7 @@ mod common;
 mod lake_common;
 
 use lake_common::{budgets_toml, day_start, file_config, files_under, lake_toml, pgbudget, pgbudget_env, ymd};
-use pgbudget::lake::timeline::{format_timeline, Timeline, TimelineRow};
+use pgbudget::lake::timeline::{format_timeline, Timeline, TimelineOptions, TimelineRow};
 use pgbudget::lake::{maintain, tables, Lake, LakeConfig, Registry, Row, TableId, Value};
 use std::time::{Duration, Instant};
 
@@ -165,7 +165,7 @@ fn timeline_query_and_maintain_through_the_cli() {
     // The timeline, figure by figure.
     let zero = |service: &str, days_ago: i64| TimelineRow {
         service: service.into(),
-        day: ymd(day_start(days_ago)),
+        bucket: ymd(day_start(days_ago)),
         checkout_timeouts: 0,
         rejections: 0,
         ro_violations: 0,
@@ -176,7 +176,7 @@ fn timeline_query_and_maintain_through_the_cli() {
         ["api", "billing", "idle"].iter().flat_map(|s| (0..7).rev().map(move |k| zero(s, k))).collect();
     let at = |rows: &[TimelineRow], s: &str, k: i64| {
         let day = ymd(day_start(k));
-        rows.iter().position(|r| r.service == s && r.day == day).unwrap()
+        rows.iter().position(|r| r.service == s && r.bucket == day).unwrap()
     };
     // `budget` (a refused login beside its checkout's own row) and `timed_out` (a checkout_timeouts row) are not
     // counted again as rejections.
@@ -198,7 +198,7 @@ fn timeline_query_and_maintain_through_the_cli() {
     rows[i].rejections = 3;
     let i = at(&rows, "idle", 0);
     rows[i].peak_utilisation = Some(0.0);
-    let expected = format_timeline(&Timeline { days: 7, rows, truncated: false });
+    let expected = format_timeline(&Timeline { options: TimelineOptions::days(7), rows, truncated: false });
     let (code, timeline, err) = pgbudget(&["lake", "timeline", "--days", "7", "--config", config]);
     assert_eq!(code, 0, "{err}");
     if ymd(day_start(0)) != today {
