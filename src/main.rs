@@ -324,8 +324,8 @@ fn lake_cmd(config: &Source, env: &Env, cmd: LakeCmd) -> ExitCode {
     init_cli_logs();
     // Only `[lake]` matters here: the rest of the file is parsed (unknown keys refused) but not resolved, so an
     // operator can read the lake where the budget itself would not start.
-    let mut cfg = match config.config(env) {
-        Ok(c) => c.lake,
+    let (mut cfg, admin) = match config.config(env) {
+        Ok(c) => (c.lake, c.admin),
         Err(e) => {
             eprintln!("{config}: {e}");
             return ExitCode::from(2);
@@ -357,6 +357,12 @@ fn lake_cmd(config: &Source, env: &Env, cmd: LakeCmd) -> ExitCode {
     };
     if !lake.is_attached() {
         if let Err(e) = lake.reader().reattach() {
+            if e.to_string().contains("Conflicting lock") && !matches!(cmd, LakeCmd::Maintain) {
+                // A running pgbudget holds the embedded catalog: ask it through its admin listener.
+                lake.shutdown();
+                drop(lake);
+                return remote_lake_cmd(&cfg, &admin, env, cmd);
+            }
             eprintln!("lake: {e}");
             if e.to_string().contains("Conflicting lock") {
                 eprintln!("lake: the embedded file catalog admits one process: stop the pgbudget using it, or share a Postgres catalog (lake.catalog = \"postgres:...\")");
@@ -367,28 +373,81 @@ fn lake_cmd(config: &Source, env: &Env, cmd: LakeCmd) -> ExitCode {
     let out = match cmd {
         LakeCmd::Timeline { days, since, by, service, format } => {
             let options = timeline_options(days, since, by, service);
-            timeline::timeline(lake.reader(), &options).map(|t| match format {
-                OutputFormat::Text => timeline::format_timeline(&t),
-                OutputFormat::Json => timeline::format_timeline_json(&t),
-            })
+            timeline::timeline(lake.reader(), &options).map(|t| render_timeline(&t, format))
         }
         LakeCmd::Query { sql, json, limit } => {
             // Bare table names resolve in the lake (lake.main), qualified ones as before.
             let _ = lake.reader().with_conn(|c| Ok(c.execute_batch("USE lake")?));
-            lake.reader().query(&sql, &[], limit.unwrap_or(cfg.max_rows)).map(|r| {
-                if r.truncated {
-                    eprintln!("lake query: output cut at {} rows (--limit, lake.max_rows)", r.rows.len());
-                }
-                if json {
-                    timeline::format_json_lines(&r)
-                } else {
-                    timeline::format_result(&r)
-                }
-            })
+            lake.reader().query(&sql, &[], limit.unwrap_or(cfg.max_rows)).map(|r| render_query(&r, json))
         }
         LakeCmd::Maintain => maintain(&lake).map(|r| format!("lake maintenance: {r}\n")),
     };
     lake.shutdown();
+    print_outcome(out)
+}
+
+#[cfg(feature = "lake")]
+fn render_timeline(t: &pgbudget::lake::timeline::Timeline, format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Text => pgbudget::lake::timeline::format_timeline(t),
+        OutputFormat::Json => pgbudget::lake::timeline::format_timeline_json(t),
+    }
+}
+
+#[cfg(feature = "lake")]
+fn render_query(r: &pgbudget::lake::QueryResult, json: bool) -> String {
+    if r.truncated {
+        eprintln!("lake query: output cut at {} rows (--limit, lake.max_rows)", r.rows.len());
+    }
+    if json {
+        pgbudget::lake::timeline::format_json_lines(r)
+    } else {
+        pgbudget::lake::timeline::format_result(r)
+    }
+}
+
+/// `timeline` and `query` through the admin listener of the pgbudget holding the embedded catalog (`[admin]
+/// listen` or `PGBUDGET_ADMIN_LISTEN`, the token from `admin.api_token_env`): the same output.
+#[cfg(feature = "lake")]
+fn remote_lake_cmd(
+    cfg: &pgbudget::lake::LakeConfig,
+    admin: &pgbudget::config::AdminSection,
+    env: &Env,
+    cmd: LakeCmd,
+) -> ExitCode {
+    let held = "lake: the embedded catalog file is held by a running pgbudget";
+    let listen = env.get("PGBUDGET_ADMIN_LISTEN").unwrap_or(&admin.listen).to_owned();
+    if listen.is_empty() {
+        eprintln!("{held}, and its admin listener is off ([admin] listen): stop it to read the lake");
+        return ExitCode::from(1);
+    }
+    let Some(token) = env.get(&admin.api_token_env).filter(|t| !t.is_empty()).map(str::to_owned) else {
+        eprintln!("{held}: set {} to its admin token to ask it through {listen}", admin.api_token_env);
+        return ExitCode::from(1);
+    };
+    let addr = match pgbudget::admin::probe::target(&listen) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("lake: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let remote =
+        pgbudget::lake::remote::Remote { addr, token, timeout: cfg.query_timeout + std::time::Duration::from_secs(5) };
+    let out = match cmd {
+        LakeCmd::Timeline { days, since, by, service, format } => {
+            remote.timeline(&timeline_options(days, since, by, service)).map(|t| render_timeline(&t, format))
+        }
+        LakeCmd::Query { sql, json, limit } => {
+            remote.query(&sql, limit.unwrap_or(cfg.max_rows)).map(|r| render_query(&r, json))
+        }
+        LakeCmd::Maintain => unreachable!("maintenance is never asked remotely"),
+    };
+    print_outcome(out)
+}
+
+#[cfg(feature = "lake")]
+fn print_outcome(out: Result<String, pgbudget::lake::LakeError>) -> ExitCode {
     match out {
         Ok(text) => {
             print!("{text}");

@@ -332,3 +332,80 @@ fn old_pool_snapshots_gain_the_mark_columns_and_stay_readable() {
     );
     assert_eq!(timeline().as_deref(), Some("90%"), "the new row's mark, 9 of 10");
 }
+
+/// While the proxy holds the embedded catalog, `pgbudget lake timeline|query` ask it through the admin
+/// listener (with the admin token) and print what they print once it has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lake_commands_ask_the_running_proxy() {
+    let pg = Pg::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, port) = with_lake(
+        config(&pg, "[services.app]\nslice = 2\npool_mode = \"transaction\"\ncheckout_timeout = \"200ms\"\n"),
+        dir.path(),
+    );
+    let cfg = cfg.replace("users = [\"postgres\"]\n", "users = [\"postgres\"]\npool_log_interval = \"1s\"\n");
+    let mut proxy = Proxy::start_env(&cfg, &[("PGBUDGET_ADMIN_TOKEN", TOKEN)]);
+    let (a, b, late) = (
+        connect(&proxy.conninfo()).await.unwrap(),
+        connect(&proxy.conninfo()).await.unwrap(),
+        connect(&proxy.conninfo()).await.unwrap(),
+    );
+    a.batch_execute("begin; select 1").await.unwrap();
+    b.batch_execute("begin; select 1").await.unwrap();
+    assert_eq!(late.simple_query("select 1").await.unwrap_err().code().unwrap().code(), "53300");
+    a.batch_execute("commit").await.unwrap();
+    b.batch_execute("commit").await.unwrap();
+    late.simple_query("select 1").await.unwrap();
+    drop((a, b, late));
+    assert_eq!(wait_count(port, "select count(*) as n from lake.checkout_timeouts", 1).await, 1);
+    // A snapshot row after the activity (its marks) has landed; later ones are quiet.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let config = proxy.dir.path().join("budgets.toml");
+    let config = config.to_str().unwrap().to_owned();
+    let cli = |args: &[&str], token: bool| {
+        let mut all = vec!["lake"];
+        all.extend(args);
+        all.extend(["--config", config.as_str()]);
+        let env: &[(&str, &str)] = if token { &[("PGBUDGET_ADMIN_TOKEN", TOKEN)] } else { &[] };
+        lake_common::pgbudget_env(&all, env)
+    };
+    let (code, _, err) = cli(&["timeline"], false);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("held by a running pgbudget") && err.contains("PGBUDGET_ADMIN_TOKEN"), "{err}");
+    let (code, _, err) =
+        lake_common::pgbudget_env(&["lake", "timeline", "--config", &config], &[("PGBUDGET_ADMIN_TOKEN", "wrong")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("401"), "{err}");
+
+    let (code, remote_timeline, err) = cli(&["timeline"], true);
+    assert_eq!(code, 0, "{err}");
+    print!("{remote_timeline}");
+    let today = lake_common::ymd(lake_common::day_start(0));
+    let row = remote_timeline.lines().find(|l| l.starts_with("app") && l.contains(&today)).unwrap();
+    assert_eq!(row.split_whitespace().collect::<Vec<_>>()[2..], ["1", "0", "0", "0", "100%"], "{remote_timeline}");
+    let (code, remote_json, err) = cli(&["timeline", "--by", "hour", "--since", "3h", "--format", "json"], true);
+    assert_eq!(code, 0, "{err}");
+    let (code, remote_timeouts, err) =
+        cli(&["query", "select service, count(*) as n from checkout_timeouts group by 1"], true);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(remote_timeouts, "service  n\n-------  -\napp      1\n(1 row)\n");
+    // The query: the same count the HTTP API gives at that moment.
+    let http = |sql: &'static str| async move { lake_query(port, sql).await["rows"][0]["n"].as_i64().unwrap() };
+    let before = http("select count(*) as n from lake.pool_snapshots").await;
+    let (code, snapshots, err) = cli(&["query", "select count(*) from pool_snapshots", "--json"], true);
+    let after = http("select count(*) as n from lake.pool_snapshots").await;
+    assert_eq!(code, 0, "{err}");
+    let n = serde_json::from_str::<Value>(snapshots.trim()).unwrap()["count_star()"].as_i64().unwrap();
+    assert!(before >= 2 && (before..=after).contains(&n), "{before} <= {n} <= {after}");
+
+    assert_eq!(proxy.terminate(), Some(0), "{}", proxy.log());
+    let (code, local_timeline, err) = cli(&["timeline"], false);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(local_timeline, remote_timeline);
+    assert_eq!(cli(&["timeline", "--by", "hour", "--since", "3h", "--format", "json"], false).1, remote_json);
+    assert_eq!(
+        cli(&["query", "select service, count(*) as n from checkout_timeouts group by 1"], false).1,
+        remote_timeouts
+    );
+}

@@ -96,7 +96,7 @@ fn timeline_by_hour_since_service_and_json() {
     assert_eq!(cells(&out, "api", &hour_label(hour_start(30))), ["api", "B", "0", "0", "1", "0", "-"]);
     assert_eq!(cells(&out, "billing", &hour_label(hour_start(0))), ["billing", "B", "0", "0", "0", "0", "80%"]);
     assert!(!out.contains(&hour_label(hour_start(48))), "the window is 48 hours: {out}");
-    let last_api = out.lines().filter(|l| l.starts_with("api ")).last().unwrap();
+    let last_api = out.lines().rfind(|l| l.starts_with("api ")).unwrap();
     assert!(last_api.contains(&hour_label(hour_start(0))), "current hour last: {out}");
 
     // One service only.
