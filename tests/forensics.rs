@@ -173,7 +173,15 @@ async fn the_error_ring_survives_a_restart() {
     }
     let victim = connect(&proxy.conninfo()).await.unwrap();
     victim.simple_query("select pg_terminate_backend(pg_backend_pid())").await.unwrap_err();
-    let before = get(port, "/errors").await;
+    // The relay journals the lost server (08006) just after the client got the 57P01: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let before = loop {
+        let v = get(port, "/errors").await;
+        if v.to_string().contains("\"08006\"") || Instant::now() > deadline {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let upstream: Vec<Value> =
         before["errors"].as_array().unwrap().iter().filter(|e| e["kind"] != "query_error").cloned().collect();
     assert!(upstream.len() >= 3, "{before}");
