@@ -143,6 +143,7 @@ impl App {
 
     /// Build the app around metrics and a telemetry sink made beforehand (the lake registers its metrics).
     pub fn with_telemetry(resolved: Resolved, env: &Env, metrics: Metrics, telemetry: Telemetry) -> Arc<App> {
+        let redact = resolved.config.admin.redact;
         let users = UserDb::build(&resolved, env);
         let pools = Pools::build(&resolved, &metrics);
         let login_slots = LoginSlots::new(resolved.config.proxy.max_pending_logins, metrics.clients_logging_in.clone());
@@ -152,7 +153,7 @@ impl App {
             pools: ArcSwap::from_pointee(pools),
             env: env.clone(),
             metrics,
-            journal: Journal::new(telemetry.clone()),
+            journal: Journal::with_redaction(telemetry.clone(), redact),
             telemetry,
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: CancellationToken::new(),

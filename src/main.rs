@@ -67,11 +67,24 @@ enum Cmd {
 #[derive(Subcommand)]
 #[cfg_attr(not(feature = "lake"), allow(dead_code))]
 enum LakeCmd {
-    /// Per service and UTC day (today last): checkout timeouts, 53300 rejections, read-only violations, server
-    /// errors (not query errors) and the peak utilisation of the share.
+    /// Per service and UTC day or hour (the current one last): checkout timeouts, 53300 rejections, read-only
+    /// violations, server errors (upstream-side only) and the peak utilisation of the share.
     Timeline {
-        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=3660))]
-        days: u32,
+        /// The last N UTC days (default 7 unless `--since` is given).
+        #[arg(long, conflicts_with = "since", value_parser = clap::value_parser!(u32).range(1..=3660))]
+        days: Option<u32>,
+        /// How far back, e.g. `2d`, `36h` (the current bucket included).
+        #[arg(long, value_parser = humantime_serde::re::humantime::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// One row per UTC `day` or `hour`.
+        #[arg(long, value_enum, default_value = "day")]
+        by: TimelineBucket,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// `text` (an aligned table) or `json` (one document, for scripts).
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
     },
     /// Run one query against the lake attached READ_ONLY; tables are `lake.<table>` (or just `<table>`).
     Query {
@@ -87,6 +100,22 @@ enum LakeCmd {
     /// Flush inlined rows to Parquet, merge small files, expire snapshots older than `lake.expire_older_than`,
     /// delete files unreferenced for `lake.cleanup_older_than`. Skipped while another process maintains the lake.
     Maintain,
+}
+
+#[cfg(feature = "lake")]
+use pgbudget::lake::timeline::Bucket as TimelineBucket;
+/// Without the lake there is no timeline; the arguments still parse.
+#[cfg(not(feature = "lake"))]
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TimelineBucket {
+    Day,
+    Hour,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 fn init_logs(format: &str) {
@@ -244,6 +273,15 @@ async fn run(resolved: Resolved, env: Env, config_path: Option<PathBuf>) -> Exit
         let _ = app.config_path.set(path);
     }
     app.record_config("startup", &app.resolved().table(), 0);
+    // `/errors` answers right after a restart: the ring is refilled from the lake's server_errors.
+    #[cfg(feature = "lake")]
+    if let Some(lake) = app.telemetry.lake().cloned() {
+        let window = app.resolved().config.admin.errors_window;
+        match pgbudget::lake::errors::refill(&app.journal, lake, window, std::time::Duration::from_secs(3)).await {
+            Ok(n) => info!(errors = n, "error journal refilled from the lake"),
+            Err(e) => tracing::warn!(kind = "lake", cause = %e, "error journal not refilled from the lake"),
+        }
+    }
     if let Some(l) = admin {
         tokio::spawn(pgbudget::admin::http::serve(app.clone(), l));
     }
@@ -286,8 +324,8 @@ fn lake_cmd(config: &Source, env: &Env, cmd: LakeCmd) -> ExitCode {
     init_cli_logs();
     // Only `[lake]` matters here: the rest of the file is parsed (unknown keys refused) but not resolved, so an
     // operator can read the lake where the budget itself would not start.
-    let mut cfg = match config.config(env) {
-        Ok(c) => c.lake,
+    let (mut cfg, admin) = match config.config(env) {
+        Ok(c) => (c.lake, c.admin),
         Err(e) => {
             eprintln!("{config}: {e}");
             return ExitCode::from(2);
@@ -319,6 +357,12 @@ fn lake_cmd(config: &Source, env: &Env, cmd: LakeCmd) -> ExitCode {
     };
     if !lake.is_attached() {
         if let Err(e) = lake.reader().reattach() {
+            if e.to_string().contains("Conflicting lock") && !matches!(cmd, LakeCmd::Maintain) {
+                // A running pgbudget holds the embedded catalog: ask it through its admin listener.
+                lake.shutdown();
+                drop(lake);
+                return remote_lake_cmd(&cfg, &admin, env, cmd);
+            }
             eprintln!("lake: {e}");
             if e.to_string().contains("Conflicting lock") {
                 eprintln!("lake: the embedded file catalog admits one process: stop the pgbudget using it, or share a Postgres catalog (lake.catalog = \"postgres:...\")");
@@ -327,24 +371,83 @@ fn lake_cmd(config: &Source, env: &Env, cmd: LakeCmd) -> ExitCode {
         }
     }
     let out = match cmd {
-        LakeCmd::Timeline { days } => timeline::timeline(lake.reader(), days).map(|t| timeline::format_timeline(&t)),
+        LakeCmd::Timeline { days, since, by, service, format } => {
+            let options = timeline_options(days, since, by, service);
+            timeline::timeline(lake.reader(), &options).map(|t| render_timeline(&t, format))
+        }
         LakeCmd::Query { sql, json, limit } => {
             // Bare table names resolve in the lake (lake.main), qualified ones as before.
             let _ = lake.reader().with_conn(|c| Ok(c.execute_batch("USE lake")?));
-            lake.reader().query(&sql, &[], limit.unwrap_or(cfg.max_rows)).map(|r| {
-                if r.truncated {
-                    eprintln!("lake query: output cut at {} rows (--limit, lake.max_rows)", r.rows.len());
-                }
-                if json {
-                    timeline::format_json_lines(&r)
-                } else {
-                    timeline::format_result(&r)
-                }
-            })
+            lake.reader().query(&sql, &[], limit.unwrap_or(cfg.max_rows)).map(|r| render_query(&r, json))
         }
         LakeCmd::Maintain => maintain(&lake).map(|r| format!("lake maintenance: {r}\n")),
     };
     lake.shutdown();
+    print_outcome(out)
+}
+
+#[cfg(feature = "lake")]
+fn render_timeline(t: &pgbudget::lake::timeline::Timeline, format: OutputFormat) -> String {
+    match format {
+        OutputFormat::Text => pgbudget::lake::timeline::format_timeline(t),
+        OutputFormat::Json => pgbudget::lake::timeline::format_timeline_json(t),
+    }
+}
+
+#[cfg(feature = "lake")]
+fn render_query(r: &pgbudget::lake::QueryResult, json: bool) -> String {
+    if r.truncated {
+        eprintln!("lake query: output cut at {} rows (--limit, lake.max_rows)", r.rows.len());
+    }
+    if json {
+        pgbudget::lake::timeline::format_json_lines(r)
+    } else {
+        pgbudget::lake::timeline::format_result(r)
+    }
+}
+
+/// `timeline` and `query` through the admin listener of the pgbudget holding the embedded catalog (`[admin]
+/// listen` or `PGBUDGET_ADMIN_LISTEN`, the token from `admin.api_token_env`): the same output.
+#[cfg(feature = "lake")]
+fn remote_lake_cmd(
+    cfg: &pgbudget::lake::LakeConfig,
+    admin: &pgbudget::config::AdminSection,
+    env: &Env,
+    cmd: LakeCmd,
+) -> ExitCode {
+    let held = "lake: the embedded catalog file is held by a running pgbudget";
+    let listen = env.get("PGBUDGET_ADMIN_LISTEN").unwrap_or(&admin.listen).to_owned();
+    if listen.is_empty() {
+        eprintln!("{held}, and its admin listener is off ([admin] listen): stop it to read the lake");
+        return ExitCode::from(1);
+    }
+    let Some(token) = env.get(&admin.api_token_env).filter(|t| !t.is_empty()).map(str::to_owned) else {
+        eprintln!("{held}: set {} to its admin token to ask it through {listen}", admin.api_token_env);
+        return ExitCode::from(1);
+    };
+    let addr = match pgbudget::admin::probe::target(&listen) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("lake: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let remote =
+        pgbudget::lake::remote::Remote { addr, token, timeout: cfg.query_timeout + std::time::Duration::from_secs(5) };
+    let out = match cmd {
+        LakeCmd::Timeline { days, since, by, service, format } => {
+            remote.timeline(&timeline_options(days, since, by, service)).map(|t| render_timeline(&t, format))
+        }
+        LakeCmd::Query { sql, json, limit } => {
+            remote.query(&sql, limit.unwrap_or(cfg.max_rows)).map(|r| render_query(&r, json))
+        }
+        LakeCmd::Maintain => unreachable!("maintenance is never asked remotely"),
+    };
+    print_outcome(out)
+}
+
+#[cfg(feature = "lake")]
+fn print_outcome(out: Result<String, pgbudget::lake::LakeError>) -> ExitCode {
     match out {
         Ok(text) => {
             print!("{text}");
@@ -355,6 +458,22 @@ fn lake_cmd(config: &Source, env: &Env, cmd: LakeCmd) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `--days N` is N day buckets; `--since D` is as many `--by` buckets as cover D; neither: the last 7 days.
+#[cfg(feature = "lake")]
+fn timeline_options(
+    days: Option<u32>,
+    since: Option<std::time::Duration>,
+    by: TimelineBucket,
+    service: Option<String>,
+) -> pgbudget::lake::timeline::TimelineOptions {
+    let buckets = match (days, since) {
+        (_, Some(d)) => by.count(d),
+        (Some(n), None) => by.count(std::time::Duration::from_secs(u64::from(n) * 86_400)),
+        (None, None) => by.count(std::time::Duration::from_secs(7 * 86_400)),
+    };
+    pgbudget::lake::timeline::TimelineOptions { by, buckets, service }
 }
 
 #[cfg(not(feature = "lake"))]

@@ -377,7 +377,8 @@ impl Relay {
                         | ProxyError::Paused { .. }
                         | ProxyError::Upstream { .. }),
                     ) => {
-                        warn!(kind = e.kind(), cause = %e, "checkout failed; query rejected");
+                        let cause = self.app.journal.redacted(&e.to_string()).into_owned();
+                        warn!(kind = e.kind(), %cause, "checkout failed; query rejected");
                         if Box::pin(waiting::reject_batch(sock, &mut self.pump.cin, &e)).await? {
                             return Ok(Outcome::ClientDone);
                         }

@@ -1,8 +1,9 @@
 //! The lake's HTTP API on the admin listener, for operators and the services behind the proxy: `GET /lake/health`,
-//! `POST /lake/query` (one read-only, parameter-bound SELECT; JSON rows, ISO timestamps, row and time limits) and
-//! `POST /lake/{table}` (JSON rows checked against the registry; a bad row is refused naming its field, the good
-//! rows are kept). Both POSTs need `Authorization: Bearer <token>` from the `admin.api_token_env` variable
-//! (checked by `http::auth`, which also guards `/lake/health` when a token is set); without one they are off.
+//! `POST /lake/query` (one read-only, parameter-bound SELECT; JSON rows, ISO timestamps, row and time limits),
+//! `POST /lake/timeline` (what `pgbudget lake timeline` prints, as JSON) and `POST /lake/{table}` (JSON rows
+//! checked against the registry; a bad row is refused naming its field, the good rows are kept). The POSTs need
+//! `Authorization: Bearer <token>` from the `admin.api_token_env` variable (checked by `http::auth`, which also
+//! guards `/lake/health` when a token is set); without one they are off.
 
 use crate::app::App;
 use crate::lake::registry::{ColumnType, TableSpec};
@@ -24,6 +25,7 @@ pub fn routes() -> Router<Arc<App>> {
     Router::new()
         .route("/lake/health", get(health))
         .route("/lake/query", post(query))
+        .route("/lake/timeline", post(timeline))
         .route("/lake/:table", post(append))
 }
 
@@ -56,6 +58,9 @@ struct QueryBody {
     #[serde(default)]
     params: Vec<Jv>,
     limit: Option<usize>,
+    /// Bare table names resolve in the lake (`pgbudget lake query` asking a running proxy).
+    #[serde(default)]
+    in_lake: bool,
 }
 
 /// Table functions and replacement scans that reach outside the lake (files, URLs, other databases) or
@@ -131,21 +136,57 @@ async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: Json<Query
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let (sql, limit) = (body.sql.clone(), body.limit.unwrap_or(1000));
+    let (sql, limit, in_lake) = (body.sql.clone(), body.limit.unwrap_or(1000), body.in_lake);
     let reader = lake.clone();
+    let run = move || {
+        let r = reader.reader();
+        if in_lake {
+            r.query_in_lake(&sql, &params, limit)
+        } else {
+            r.query(&sql, &params, limit)
+        }
+    };
+    within_deadline(&app, lake, "query", run).await
+}
+
+/// `POST /lake/timeline` with `{"by": "day"|"hour", "buckets": N, "service": null|"name"}`: the timeline
+/// `pgbudget lake timeline` prints, as JSON (for the CLI while this process holds an embedded catalog).
+async fn timeline(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    body: Json<crate::lake::timeline::TimelineOptions>,
+) -> Response {
+    if let Err(e) = crate::admin::http::auth::require(&app, &headers, "the lake API") {
+        return e.into_response();
+    }
+    let lake = match lake(&app) {
+        Ok(l) => l,
+        Err((status, msg)) => return error(status, msg),
+    };
+    let reader = lake.clone();
+    let options = body.0;
+    within_deadline(&app, lake, "timeline", move || crate::lake::timeline::timeline(reader.reader(), &options)).await
+}
+
+/// Run a reader call off the runtime within `lake.query_timeout`; past it the statement is interrupted (so it
+/// stops holding the reader and a catalog connection) and the answer is 504.
+async fn within_deadline<T: serde::Serialize + Send + 'static>(
+    app: &App,
+    lake: Arc<crate::lake::Lake>,
+    what: &str,
+    f: impl FnOnce() -> Result<T, crate::lake::LakeError> + Send + 'static,
+) -> Response {
     let deadline = app.resolved().config.lake.query_timeout;
-    let run = tokio::task::spawn_blocking(move || reader.reader().query(&sql, &params, limit));
-    match tokio::time::timeout(deadline, run).await {
+    match tokio::time::timeout(deadline, tokio::task::spawn_blocking(f)).await {
         Err(_) => {
-            // The statement is interrupted so it stops holding the reader (and a catalog connection).
             lake.reader().interrupt();
             error(
                 StatusCode::GATEWAY_TIMEOUT,
-                format!("the query ran past {} ms and was stopped", deadline.as_millis()),
+                format!("the {what} ran past {} ms and was stopped", deadline.as_millis()),
             )
         }
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("query task failed: {e}")),
-        Ok(Ok(Err(e))) => error(StatusCode::BAD_REQUEST, format!("lake query failed ({}): {e}", e.kind())),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{what} task failed: {e}")),
+        Ok(Ok(Err(e))) => error(StatusCode::BAD_REQUEST, format!("lake {what} failed ({}): {e}", e.kind())),
         Ok(Ok(Ok(r))) => Json(json!(r)).into_response(),
     }
 }

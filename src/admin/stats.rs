@@ -12,6 +12,8 @@ use tracing::info;
 
 /// How often pool figures go to the lake (the history behind "when did this start?").
 pub const LAKE_SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
+/// The final snapshot is written this long before the drain deadline at the latest (the lake flushes after).
+const FINAL_SNAPSHOT_MARGIN: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Serialize)]
 pub struct PoolRow {
@@ -174,7 +176,8 @@ impl App {
     }
 
     /// Write every pool's figures to the lake's `pool_snapshots` every [`LAKE_SNAPSHOT_EVERY`], or at the
-    /// snapshot log's interval when that is shorter (lake on only).
+    /// snapshot log's interval when that is shorter (lake on only). At shutdown, once the sessions have ended
+    /// (or just before the drain deadline), one final row per pool carries the marks of the last interval.
     pub fn start_lake_snapshots(self: &std::sync::Arc<Self>) {
         if !self.telemetry.enabled() {
             return;
@@ -189,32 +192,61 @@ impl App {
                     _ = app.shutdown.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                let snap = app.snapshot();
-                for p in &snap.pools {
-                    let up = snap.upstreams.iter().find(|u| u.upstream == p.upstream);
-                    app.telemetry.emit(tables::POOL_SNAPSHOTS, || {
-                        vec![
-                            Value::now(),
-                            p.service.as_str().into(),
-                            p.route.into(),
-                            p.upstream.as_str().into(),
-                            p.pool_mode.into(),
-                            p.share.into(),
-                            p.size.into(),
-                            p.available.into(),
-                            p.in_use.into(),
-                            p.waiting.into(),
-                            p.checkout_timeouts.into(),
-                            p.transactions.into(),
-                            p.queries.into(),
-                            up.map(|u| u.open).into(),
-                            up.map(|u| u.ceiling).into(),
-                            snap.clients.into(),
-                        ]
-                    });
-                }
+                app.write_lake_snapshot();
             }
+            // The drain waits for this task with the sessions: wait for them, within the drain deadline.
+            let deadline = tokio::time::Instant::now()
+                + app.resolved().config.proxy.drain_timeout.saturating_sub(FINAL_SNAPSHOT_MARGIN);
+            while app.metrics.clients_active.get() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + Duration::from_millis(50))).await;
+            }
+            app.write_lake_snapshot();
         });
+    }
+
+    /// One `pool_snapshots` row per pool: the live figures plus the high-water marks since the previous row
+    /// (taken, so the next row starts from zero). Also callable at the end of a drain.
+    pub fn write_lake_snapshot(&self) {
+        if !self.telemetry.enabled() {
+            return;
+        }
+        let snap = self.snapshot();
+        let all = self.pools();
+        // The marks are the service's (all its pools together): taken once, written on each of its rows.
+        let mut taken = std::collections::HashMap::new();
+        for p in &snap.pools {
+            let route = if p.route == Route::ReadOnly.as_str() { Route::ReadOnly } else { Route::ReadWrite };
+            let marks = *taken.entry((p.service.clone(), route)).or_insert_with(|| {
+                all.get(&p.service, route).map(|sp| sp.metrics.high_water.take()).unwrap_or_default()
+            });
+            let up = snap.upstreams.iter().find(|u| u.upstream == p.upstream);
+            self.telemetry.emit(tables::POOL_SNAPSHOTS, || {
+                vec![
+                    Value::now(),
+                    p.service.as_str().into(),
+                    p.route.into(),
+                    p.upstream.as_str().into(),
+                    p.pool_mode.into(),
+                    p.share.into(),
+                    p.size.into(),
+                    p.available.into(),
+                    p.in_use.into(),
+                    p.waiting.into(),
+                    p.checkout_timeouts.into(),
+                    p.transactions.into(),
+                    p.queries.into(),
+                    up.map(|u| u.open).into(),
+                    up.map(|u| u.ceiling).into(),
+                    snap.clients.into(),
+                    marks.max_in_use.max(p.in_use).into(),
+                    marks.max_waiting.max(p.waiting).into(),
+                    marks.max_wait_ms.into(),
+                    marks.waited.into(),
+                    p.database.as_str().into(),
+                    p.role.as_str().into(),
+                ]
+            });
+        }
     }
 
     fn rejected_total(&self) -> u64 {

@@ -45,9 +45,17 @@ pub struct Who<'a> {
     pub telemetry: &'a Telemetry,
 }
 
-/// Count a decision and, unless it is the common "admitted at once", write it to the lake.
+/// Count a decision and, unless it is the common "admitted at once", write it to the lake. Every checkout that
+/// completes here also feeds the pool's high-water marks (servers in use, clients waiting, the wait).
 fn decide(pool: &ServicePool, who: &Who<'_>, d: Decision, waited: Duration) {
     pool.admission.record(d);
+    let hw = &pool.metrics.high_water;
+    let st = pool.pool.status();
+    hw.servers_in_use(st.size.saturating_sub(st.available) as u32);
+    hw.clients_waiting(st.waiting as u32);
+    if !waited.is_zero() {
+        hw.checkout_waited(waited);
+    }
     if d != Decision::Admitted {
         lake_row(pool, who, d, waited);
     }
@@ -106,6 +114,8 @@ pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Resu
 
     let started = Instant::now();
     let ticket = adm.enqueue();
+    // This client joins the queue (the pool counts it once its wait starts).
+    pool.metrics.high_water.clients_waiting(pool.pool.status().waiting as u32 + 1);
     let wake = Arc::new(Notify::new());
     w.key.queued(Some(wake.clone()));
     let _queued = Queued(w.key);

@@ -179,11 +179,14 @@ async fn fail(sock: &mut Stream, e: ProxyError) {
         debug!(kind = e.kind(), cause = %e, "client disconnected");
         return;
     }
+    // A server's message may quote the client's values: the log gets it redacted (the client gets it whole).
+    let text = e.to_string();
+    let cause = crate::telemetry::redact::redact(&text);
     match &e {
         ProxyError::Auth(_) | ProxyError::UnknownService(_) | ProxyError::UnknownDatabase(_) => {
-            info!(kind = e.kind(), cause = %e, "login refused")
+            info!(kind = e.kind(), %cause, "login refused")
         }
-        _ => warn!(kind = e.kind(), cause = %e, "session ended with error"),
+        _ => warn!(kind = e.kind(), %cause, "session ended with error"),
     }
     let _ = write_error(sock, &e).await;
 }

@@ -181,6 +181,12 @@ pub struct AdminSection {
     /// (concurrent requests share the one check in flight); 0: every request checks, still one at a time.
     #[serde(with = "humantime_serde")]
     pub ready_interval: Duration,
+    /// Replace quoted values and literals in error texts before they reach `/errors`, the journal, the lake
+    /// and the logs. `false` is for development only.
+    pub redact: bool,
+    /// At startup `/errors` is refilled from the lake's `server_errors` of this window.
+    #[serde(with = "humantime_serde")]
+    pub errors_window: Duration,
 }
 
 impl Default for AdminSection {
@@ -192,6 +198,8 @@ impl Default for AdminSection {
             console_database: "pgbudget".into(),
             api_token_env: "PGBUDGET_ADMIN_TOKEN".into(),
             ready_interval: Duration::from_secs(5),
+            redact: true,
+            errors_window: crate::telemetry::journal::DEFAULT_ERRORS_WINDOW,
         }
     }
 }

@@ -7,6 +7,8 @@
 //! - `reader`   — lock-guarded query connection returning JSON rows; heals on error.
 //! - `maintain` — flush inlined rows, merge files, expire snapshots, clean up (one process at a time).
 //! - `timeline` — per-service daily budget-trouble figures and the lake CLI's text tables.
+//! - `errors`   — the error journal's history: `server_errors` rows read back into the ring at startup.
+//! - `remote`   — the lake CLI asking a running proxy's admin listener while it holds an embedded catalog.
 //!
 //! One in-memory DuckDB per process; the writer and the reader are two connections to it (at most
 //! `pg_pool_max_connections`, 2, catalog connections), plus the flush-lock session the flush thread keeps and,
@@ -14,10 +16,12 @@
 
 pub mod catalog;
 pub mod config;
+pub mod errors;
 pub mod lock;
 pub mod maintain;
 pub mod reader;
 pub mod registry;
+pub mod remote;
 pub mod timeline;
 pub mod writer;
 
@@ -52,6 +56,10 @@ pub enum LakeError {
     Metrics(#[from] prometheus::Error),
     #[error("lake io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("lake read did not finish within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("lake via the running pgbudget: {0}")]
+    Remote(String),
 }
 
 impl LakeError {

@@ -72,6 +72,26 @@ impl LakeReader {
         run(&st.conn, &wrapped, params, limit)
     }
 
+    /// [`query`](Self::query) with bare table names resolving in the lake (as `pgbudget lake query` has them):
+    /// the connection's default database is the lake for this one statement. A failure is returned as it is
+    /// (no re-attach while the lake is the default database).
+    pub fn query_in_lake(&self, sql: &str, params: &[Value], limit: usize) -> Result<QueryResult, LakeError> {
+        let limit = limit.clamp(1, self.max_rows);
+        let body = sql.trim().trim_end_matches(';');
+        let wrapped = format!("SELECT * FROM ({body}\n) AS q LIMIT {}", limit + 1);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.catalog.is_attached() {
+            self.heal(&mut st)?;
+        }
+        let _using = self.catalog.using();
+        let home: String = st.conn.query_row("SELECT current_database()", [], |r| r.get(0))?;
+        st.conn.execute_batch(&format!("USE {ALIAS}"))?;
+        let r = run(&st.conn, &wrapped, params, limit);
+        rollback(&st.conn);
+        st.conn.execute_batch(&format!("USE {}", super::catalog::ident(&home)))?;
+        r
+    }
+
     /// Run `f` on the reader's connection under its lock: maintenance (`CHECKPOINT lake`) and tests. With a
     /// read-only lake, writes through it fail (the catalog is attached READ_ONLY).
     pub fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> Result<T, LakeError>) -> Result<T, LakeError> {

@@ -157,6 +157,14 @@ impl Registry {
                     ("upstream_open", Integer),
                     ("upstream_ceiling", Integer),
                     ("clients", Integer),
+                    // High-water marks since the previous row (added later: NULL in older rows).
+                    ("max_in_use", Integer),
+                    ("max_waiting", Integer),
+                    ("max_wait_ms", Double),
+                    ("waited_checkouts", BigInt),
+                    // One row per pool: the database its servers log in to and as which role (added later).
+                    ("database", Varchar),
+                    ("role", Varchar),
                 ],
             ),
             t(

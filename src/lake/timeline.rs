@@ -1,96 +1,178 @@
-//! `pgbudget lake timeline`: per service and UTC day over the last N days, the events that say a budget was
+//! `pgbudget lake timeline`: per service and UTC day (or hour) over a window, the events that say a budget was
 //! too tight — checkout timeouts, 53300 rejections, read-only violations, server errors — and the peak
 //! utilisation of the service's share. Also the plain aligned text tables the lake CLI prints.
 
 use super::reader::QueryResult;
 use super::registry::Value;
 use super::{LakeError, LakeReader};
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-/// `admission_decisions.reason` values (with `accepted = false`) that reached the client as SQLSTATE 53300.
-pub const REJECTION_REASONS: [&str; 4] = ["rejected_hard", "rejected_queue_full", "timed_out", "budget"];
+/// `admission_decisions.reason` values (with `accepted = false`) counted as 53300 rejections: admission's own
+/// refusals. `timed_out` is left out (each one is a `checkout_timeouts` row, counted there) and so is `budget`
+/// (a refused login's row, written beside the checkout's own decision row), so every event is counted once.
+pub const REJECTION_REASONS: [&str; 2] = ["rejected_hard", "rejected_queue_full"];
 
-/// Most days a timeline covers.
+/// Most buckets (days or hours) a timeline covers.
 pub const MAX_DAYS: u32 = 3660;
 
-/// The timeline query; its one parameter is the number of days. Days are UTC (`ts` columns are UTC
-/// timestamps), today last. Every service seen in the window gets a row for every day.
+/// Servers in use at a snapshot row's peak: its high-water mark (rows since the marks exist), else the sample.
+const PEAK_WITH_MARKS: &str = "greatest(in_use, coalesce(max_in_use, in_use))";
+
+/// The timeline query. `UNIT` (day or hour), `STEP` (`to_days`/`to_hours`), `LABEL` (the bucket's strftime
+/// format) and `PEAK_IN_USE` (the in-use expression the lake's columns allow) are filled in by [`timeline`]; its
+/// parameters are the number of buckets and the service (NULL: every service). Buckets are UTC (`ts` columns
+/// are UTC timestamps), the current one last. Every service seen in the window gets a row for every bucket.
 pub const TIMELINE_SQL: &str = "\
 WITH win AS (
-    SELECT today - (n - 1) AS first_day, today + 1 AS end_day
-    FROM (SELECT CAST(timezone('UTC', now()) AS DATE) AS today, CAST(? AS INTEGER) AS n)
+    SELECT cur - STEP(n - 1) AS first_b, cur + STEP(1) AS end_b, svc
+    FROM (SELECT date_trunc('UNIT', CAST(timezone('UTC', now()) AS TIMESTAMP)) AS cur, CAST(? AS INTEGER) AS n,
+                 CAST(? AS VARCHAR) AS svc)
 ),
-days AS (
-    SELECT CAST(unnest(range(CAST(first_day AS TIMESTAMP), CAST(end_day AS TIMESTAMP), INTERVAL 1 DAY)) AS DATE) AS day
-    FROM win
-),
+buckets AS (SELECT unnest(range(first_b, end_b, STEP(1))) AS b FROM win),
 events AS (
-    SELECT service, CAST(ts AS DATE) AS day, count(*) AS timeouts, 0 AS rejections, 0 AS ro, 0 AS errors,
+    SELECT service, date_trunc('UNIT', ts) AS b, count(*) AS timeouts, 0 AS rejections, 0 AS ro, 0 AS errors,
            CAST(NULL AS DOUBLE) AS util
-    FROM lake.main.checkout_timeouts, win WHERE ts >= first_day AND ts < end_day GROUP BY ALL
+    FROM lake.main.checkout_timeouts, win WHERE ts >= first_b AND ts < end_b GROUP BY ALL
     UNION ALL
-    SELECT service, CAST(ts AS DATE), 0, count(*), 0, 0, NULL
+    SELECT service, date_trunc('UNIT', ts), 0, count(*), 0, 0, NULL
     FROM lake.main.admission_decisions, win
-    WHERE ts >= first_day AND ts < end_day AND accepted = false
-      AND reason IN ('rejected_hard', 'rejected_queue_full', 'timed_out', 'budget')
+    WHERE ts >= first_b AND ts < end_b AND accepted = false
+      AND reason IN ('rejected_hard', 'rejected_queue_full')
     GROUP BY ALL
     UNION ALL
-    SELECT service, CAST(ts AS DATE), 0, 0, count(*), 0, NULL
-    FROM lake.main.ro_violations, win WHERE ts >= first_day AND ts < end_day GROUP BY ALL
+    SELECT service, date_trunc('UNIT', ts), 0, 0, count(*), 0, NULL
+    FROM lake.main.ro_violations, win WHERE ts >= first_b AND ts < end_b GROUP BY ALL
     UNION ALL
-    SELECT service, CAST(ts AS DATE), 0, 0, 0, count(*), NULL
+    SELECT service, date_trunc('UNIT', ts), 0, 0, 0, count(*), NULL
     FROM lake.main.server_errors, win
-    WHERE ts >= first_day AND ts < end_day AND kind IS DISTINCT FROM 'query_error'
+    WHERE ts >= first_b AND ts < end_b AND (kind IN ('connect', 'reset') OR (kind = 'server_error'
+          AND (substr(sqlstate, 1, 2) IN ('08', '53', '58', 'XX', '28', 'F0') OR sqlstate LIKE '57P0%')))
     GROUP BY ALL
     UNION ALL
-    SELECT service, CAST(ts AS DATE), 0, 0, 0, 0, max(CAST(in_use AS DOUBLE) / share)
-    FROM lake.main.pool_snapshots, win WHERE ts >= first_day AND ts < end_day AND share > 0 GROUP BY ALL
+    SELECT service, date_trunc('UNIT', ts), 0, 0, 0, 0, max(CAST(PEAK_IN_USE AS DOUBLE) / share)
+    FROM lake.main.pool_snapshots, win WHERE ts >= first_b AND ts < end_b AND share > 0 GROUP BY ALL
 ),
-named AS (SELECT coalesce(service, '?') AS service, * EXCLUDE (service) FROM events),
+named AS (
+    SELECT coalesce(service, '?') AS service, * EXCLUDE (service) FROM events
+    WHERE (SELECT svc FROM win) IS NULL OR coalesce(service, '?') = (SELECT svc FROM win)
+),
 services AS (SELECT DISTINCT service FROM named)
-SELECT s.service, strftime(d.day, '%Y-%m-%d') AS day,
+SELECT s.service, strftime(d.b, 'LABEL') AS bucket,
        coalesce(sum(e.timeouts), 0) AS checkout_timeouts,
        coalesce(sum(e.rejections), 0) AS rejections,
        coalesce(sum(e.ro), 0) AS ro_violations,
        coalesce(sum(e.errors), 0) AS server_errors,
        max(e.util) AS peak_utilisation
-FROM services s CROSS JOIN days d
-LEFT JOIN named e ON e.service = s.service AND e.day = d.day
-GROUP BY s.service, d.day
-ORDER BY s.service, d.day";
+FROM services s CROSS JOIN buckets d
+LEFT JOIN named e ON e.service = s.service AND e.b = d.b
+GROUP BY s.service, d.b
+ORDER BY s.service, d.b";
 
-/// One service on one UTC day.
-#[derive(Debug, Clone, PartialEq)]
+/// How long a timeline's buckets are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[derive(clap::ValueEnum)]
+pub enum Bucket {
+    #[default]
+    Day,
+    Hour,
+}
+
+impl Bucket {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bucket::Day => "day",
+            Bucket::Hour => "hour",
+        }
+    }
+
+    pub fn length(self) -> std::time::Duration {
+        std::time::Duration::from_secs(match self {
+            Bucket::Day => 86_400,
+            Bucket::Hour => 3_600,
+        })
+    }
+
+    /// How many buckets cover `since` (the current one included; at least one).
+    pub fn count(self, since: std::time::Duration) -> u32 {
+        let len = self.length().as_secs();
+        u32::try_from(since.as_secs().div_ceil(len).max(1)).unwrap_or(u32::MAX)
+    }
+}
+
+/// What a timeline covers: the last `buckets` UTC days or hours, every service or one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineOptions {
+    #[serde(default)]
+    pub by: Bucket,
+    pub buckets: u32,
+    #[serde(default)]
+    pub service: Option<String>,
+}
+
+impl TimelineOptions {
+    /// The last `n` UTC days (`--days N`).
+    pub fn days(n: u32) -> TimelineOptions {
+        TimelineOptions { by: Bucket::Day, buckets: n, service: None }
+    }
+}
+
+/// One service in one UTC bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TimelineRow {
     pub service: String,
-    /// `YYYY-MM-DD` (UTC).
-    pub day: String,
+    /// `YYYY-MM-DD` (day) or `YYYY-MM-DD HH:00` (hour), UTC.
+    pub bucket: String,
     pub checkout_timeouts: i64,
     /// 53300 rejections: admission refusals ([`REJECTION_REASONS`]).
     pub rejections: i64,
     pub ro_violations: i64,
-    /// `server_errors` rows except `query_error` (the client's own SQL failing).
+    /// Upstream-side `server_errors` rows: `connect`, `reset`, and `server_error` of a server-health SQLSTATE
+    /// class (rows an older pgbudget wrote for refusals, query errors or `RAISE` are not counted).
     pub server_errors: i64,
-    /// Highest `in_use / share` in the day's pool snapshots (`None`: no snapshot that day).
+    /// Highest `in_use / share` in the bucket's pool snapshots, from their high-water marks (`max_in_use`) where
+    /// the rows have them, so a burst between two snapshots counts (`None`: no snapshot in the bucket).
     pub peak_utilisation: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Timeline {
-    pub days: u32,
+    pub options: TimelineOptions,
     pub rows: Vec<TimelineRow>,
     /// The reader's row limit (`lake.max_rows`) cut the timeline short.
     pub truncated: bool,
 }
 
-/// Read the timeline of the last `days` UTC days (today included) through the lake reader.
-pub fn timeline(reader: &LakeReader, days: u32) -> Result<Timeline, LakeError> {
-    if days == 0 || days > MAX_DAYS {
-        return Err(LakeError::Config(format!("timeline days must be between 1 and {MAX_DAYS}, got {days}")));
+/// Read the timeline `o` asks for (the current bucket included) through the lake reader.
+pub fn timeline(reader: &LakeReader, o: &TimelineOptions) -> Result<Timeline, LakeError> {
+    if o.buckets == 0 || o.buckets > MAX_DAYS {
+        return Err(LakeError::Config(format!(
+            "a timeline covers 1 to {MAX_DAYS} {}s, got {}",
+            o.by.as_str(),
+            o.buckets
+        )));
     }
-    let r = reader.query(TIMELINE_SQL, &[Value::Int(days.into())], usize::MAX)?;
+    let (step, label) = match o.by {
+        Bucket::Day => ("to_days", "%Y-%m-%d"),
+        Bucket::Hour => ("to_hours", "%Y-%m-%d %H:00"),
+    };
+    let sql = TIMELINE_SQL
+        .replace("PEAK_IN_USE", if has_marks(reader) { PEAK_WITH_MARKS } else { "in_use" })
+        .replace("UNIT", o.by.as_str())
+        .replace("STEP", step)
+        .replace("LABEL", label);
+    let service = o.service.as_deref().map_or(Value::Null, |s| Value::Text(s.to_owned()));
+    let r = reader.query(&sql, &[Value::Int(o.buckets.into()), service], usize::MAX)?;
     let rows = r.rows.iter().map(row).collect::<Result<_, _>>()?;
-    Ok(Timeline { days, rows, truncated: r.truncated })
+    Ok(Timeline { options: o.clone(), rows, truncated: r.truncated })
+}
+
+/// Whether `pool_snapshots` has the high-water columns (a lake read READ_ONLY before any newer pgbudget
+/// attached it for writing has not).
+fn has_marks(reader: &LakeReader) -> bool {
+    let cols = reader.with_conn(|c| super::catalog::existing_columns(c, "pool_snapshots"));
+    cols.is_ok_and(|cols| cols.iter().any(|(name, _)| name == "max_in_use"))
 }
 
 fn row(m: &serde_json::Map<String, Json>) -> Result<TimelineRow, LakeError> {
@@ -99,7 +181,7 @@ fn row(m: &serde_json::Map<String, Json>) -> Result<TimelineRow, LakeError> {
     let int = |c: &str| m.get(c).and_then(Json::as_i64).ok_or_else(|| bad(c));
     Ok(TimelineRow {
         service: text("service")?,
-        day: text("day")?,
+        bucket: text("bucket")?,
         checkout_timeouts: int("checkout_timeouts")?,
         rejections: int("rejections")?,
         ro_violations: int("ro_violations")?,
@@ -108,9 +190,18 @@ fn row(m: &serde_json::Map<String, Json>) -> Result<TimelineRow, LakeError> {
     })
 }
 
+/// The timeline as one JSON document (`--format json`, `POST /lake/timeline`).
+pub fn format_timeline_json(t: &Timeline) -> String {
+    let mut s = serde_json::to_string(t).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
 /// The timeline as text: a title line, then one aligned table, services apart by a blank line.
 pub fn format_timeline(t: &Timeline) -> String {
-    let header = ["service", "day (UTC)", "checkout_timeouts", "53300_rejections", "ro_violations", "server_errors"];
+    let by = t.options.by.as_str();
+    let bucket = format!("{by} (UTC)");
+    let header = ["service", &bucket, "checkout_timeouts", "53300_rejections", "ro_violations", "server_errors"];
     let mut headers: Vec<String> = header.iter().map(|h| h.to_string()).collect();
     headers.push("peak_util".into());
     let mut rows = Vec::with_capacity(t.rows.len());
@@ -121,7 +212,7 @@ pub fn format_timeline(t: &Timeline) -> String {
         }
         rows.push(vec![
             r.service.clone(),
-            r.day.clone(),
+            r.bucket.clone(),
             r.checkout_timeouts.to_string(),
             r.rejections.to_string(),
             r.ro_violations.to_string(),
@@ -129,7 +220,7 @@ pub fn format_timeline(t: &Timeline) -> String {
             r.peak_utilisation.map_or_else(|| "-".to_owned(), |u| format!("{:.0}%", u * 100.0)),
         ]);
     }
-    let mut out = format!("lake timeline: last {} UTC day(s), {} service(s)\n", t.days, {
+    let mut out = format!("lake timeline: last {} UTC {by}(s), {} service(s)\n", t.options.buckets, {
         let mut s: Vec<&str> = t.rows.iter().map(|r| r.service.as_str()).collect();
         s.dedup();
         s.len()
@@ -141,7 +232,7 @@ pub fn format_timeline(t: &Timeline) -> String {
     let right = [false, false, true, true, true, true, true];
     out.push_str(&text_table(&headers, &rows, &right, &breaks));
     if t.truncated {
-        out.push_str("(truncated: raise lake.max_rows or ask for fewer days)\n");
+        out.push_str("(truncated: raise lake.max_rows or ask for a shorter window)\n");
     }
     out
 }
@@ -238,7 +329,7 @@ mod tests {
     fn tr(service: &str, day: &str, counts: [i64; 4], util: Option<f64>) -> TimelineRow {
         TimelineRow {
             service: service.into(),
-            day: day.into(),
+            bucket: day.into(),
             checkout_timeouts: counts[0],
             rejections: counts[1],
             ro_violations: counts[2],
@@ -250,7 +341,7 @@ mod tests {
     #[test]
     fn timeline_text() {
         let t = Timeline {
-            days: 2,
+            options: TimelineOptions::days(2),
             rows: vec![
                 tr("api", "2026-01-01", [3, 0, 0, 12], Some(0.8)),
                 tr("api", "2026-01-02", [0, 0, 0, 0], None),
@@ -270,7 +361,7 @@ mod tests {
              billing  2026-01-01                  0                 1              2              0       100%\n\
              billing  2026-01-02                  0                 0              0              0         7%\n"
         );
-        let empty = Timeline { days: 7, rows: vec![], truncated: false };
+        let empty = Timeline { options: TimelineOptions::days(7), rows: vec![], truncated: false };
         assert_eq!(
             format_timeline(&empty),
             "lake timeline: last 7 UTC day(s), 0 service(s)\nno events in the window\n"

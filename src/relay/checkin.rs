@@ -117,7 +117,9 @@ impl Relay {
                 conn.last_checkin = Instant::now();
             }
             Ok(Err(e)) => {
-                warn!(kind = "server_reset", cause = %e, "server connection discarded after failed reset");
+                // A failed reset can quote the server's error text: redacted like the journal's.
+                let cause = self.app.journal.redacted(&e.to_string()).into_owned();
+                warn!(kind = "server_reset", %cause, "server connection discarded after failed reset");
                 discard(conn);
             }
             Err(_) => {

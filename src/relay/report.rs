@@ -8,35 +8,45 @@ use crate::telemetry::{tables, Value};
 use tracing::warn;
 
 impl Relay {
-    /// Count and journal a failed checkout (and write timeouts to the lake).
+    /// Count and journal a failed checkout (and write timeouts to the lake). The proxy's own refusals (`budget`,
+    /// `ceiling`, `load_shed`) are journalled for `/errors` but never written to the lake's `server_errors`:
+    /// they have their own tables (`checkout_timeouts`, `admission_decisions`).
     pub(super) fn note_checkout_error(&self, e: &ProxyError) {
         let b = self.pool.budget();
         let route = self.pool.route.as_str();
+        let timeout_row = |waited: &std::time::Duration, share: u32| {
+            self.pool.metrics.checkout_timeouts.inc();
+            let st = self.pool.pool.status();
+            self.app.telemetry.emit(tables::CHECKOUT_TIMEOUTS, || {
+                vec![
+                    Value::now(),
+                    b.name.as_str().into(),
+                    route.into(),
+                    b.upstream.as_str().into(),
+                    (waited.as_secs_f64() * 1000.0).into(),
+                    share.into(),
+                    (st.size as u32).into(),
+                    (st.waiting as u32).into(),
+                ]
+            });
+        };
         let (kind, label) = match e {
             ProxyError::BudgetExhausted { waited, share, .. } => {
-                self.pool.metrics.checkout_timeouts.inc();
-                let st = self.pool.pool.status();
-                self.app.telemetry.emit(tables::CHECKOUT_TIMEOUTS, || {
-                    vec![
-                        Value::now(),
-                        b.name.as_str().into(),
-                        route.into(),
-                        b.upstream.as_str().into(),
-                        (waited.as_secs_f64() * 1000.0).into(),
-                        (*share).into(),
-                        (st.size as u32).into(),
-                        (st.waiting as u32).into(),
-                    ]
-                });
+                timeout_row(waited, *share);
                 ("budget", None)
             }
-            ProxyError::CeilingReached { .. } => {
-                self.pool.metrics.checkout_timeouts.inc();
+            // Waited out `checkout_timeout` at the upstream's ceiling: a checkout timeout as well.
+            ProxyError::CeilingReached { waited, share, .. } => {
+                timeout_row(waited, *share);
                 ("ceiling", None)
             }
             ProxyError::Shed { .. } => ("load_shed", None),
             ProxyError::Upstream { .. } => ("connect", Some("connect")),
-            ProxyError::ServerRejected { .. } => ("server_error", Some("server_error")),
+            // A session setting the client asked for, refused by the server: usually the client's own value.
+            ProxyError::ServerRejected { code, .. } => {
+                let kind = crate::telemetry::journal::kind_for_sqlstate(code);
+                (kind, Some(kind))
+            }
             _ => return,
         };
         if let Some(l) = label {

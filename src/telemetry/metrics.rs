@@ -1,10 +1,13 @@
 //! Prometheus metrics: one registry per process (owned by `App`, not global), label values only from
 //! configuration, and per-pool handles resolved once so the hot path only does atomic adds.
 
+use crate::telemetry::high_water::HighWater;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// Why a client connection was refused or ended at login (fixed set, never client text).
 pub const REJECT_REASONS: [&str; 11] = [
@@ -47,6 +50,8 @@ pub struct Metrics {
     tx_duration: HistogramVec,
     prepared: IntCounterVec,
     pinned: IntCounterVec,
+    /// Per (service, route), kept across reloads (a rebuilt pool resolves the same marks).
+    high_water: Mutex<HashMap<(String, String), Arc<HighWater>>>,
 }
 
 /// Counter handles for one (service, route), resolved at pool build.
@@ -65,6 +70,8 @@ pub struct PoolMetrics {
     pub prepared_evictions: IntCounter,
     /// Pins by reason, in [`crate::server::PIN_REASONS`] order.
     pub pinned: Vec<IntCounter>,
+    /// Peaks since the last `pool_snapshots` row.
+    pub high_water: Arc<HighWater>,
 }
 
 fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
@@ -217,6 +224,7 @@ impl Metrics {
                 &["service", "reason"],
             ),
             registry: r,
+            high_water: Mutex::default(),
         };
         for reason in REJECT_REASONS {
             m.clients_rejected.with_label_values(&[reason]);
@@ -242,6 +250,13 @@ impl Metrics {
             prepared_misses: self.prepared.with_label_values(&[service, route, "miss"]),
             prepared_evictions: self.prepared.with_label_values(&[service, route, "eviction"]),
             pinned: crate::server::PIN_REASONS.iter().map(|r| self.pinned.with_label_values(&[service, r])).collect(),
+            high_water: self
+                .high_water
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry((service.to_owned(), route.to_owned()))
+                .or_default()
+                .clone(),
         }
     }
 

@@ -1,10 +1,13 @@
 //! Telemetry rows for the lake: the cell and row types and the built-in table ids (compiled with or without the
 //! `lake` feature), and the sink the proxy emits to. It writes to the DuckLake writer when the feature is built
 //! and `[lake] enabled = true`; otherwise `emit` does nothing and never builds the row.
-//! Submodules: `metrics` (the Prometheus registry and gauges) and `journal` (the ring of recent server errors).
+//! Submodules: `metrics` (the Prometheus registry and gauges), `journal` (the ring of recent server errors),
+//! `redact` (literals out of error texts) and `high_water` (a pool's peaks between two lake snapshots).
 
+pub mod high_water;
 pub mod journal;
 pub mod metrics;
+pub mod redact;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

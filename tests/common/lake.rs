@@ -29,7 +29,7 @@ pub fn month_start(year: i64, month: i64, secs: i64) -> i64 {
     (days * 86_400 + secs) * 1_000_000
 }
 
-/// A pool_snapshots row (16 columns) whose figures derive from `i`.
+/// A pool_snapshots row (20 columns) whose figures derive from `i`.
 pub fn pool_row(i: i64, ts_micros: i64) -> Row {
     vec![
         Value::Ts(ts_micros),
@@ -48,6 +48,12 @@ pub fn pool_row(i: i64, ts_micros: i64) -> Row {
         Value::Int(40),
         Value::Int(97),
         Value::Null,
+        Value::Int(i % 1000),
+        Value::Int(i % 7),
+        Value::Float(0.5),
+        Value::Int(i % 3),
+        Value::Text("app".into()),
+        Value::Text("postgres".into()),
     ]
 }
 
