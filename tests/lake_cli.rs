@@ -18,6 +18,7 @@ fn snapshot(ts: i64, service: &str, share: i64, in_use: i64) -> Row {
     r.push(Value::Int(4));
     // No high-water marks (as a row written before they existed): the peak is the sampled in_use.
     r.extend([Value::Null, Value::Null, Value::Null, Value::Null]);
+    r.extend(["appdb".into(), "app".into()]);
     r
 }
 

@@ -75,6 +75,9 @@ fn batches() -> Vec<Vec<(TableId, Row)>> {
                     ];
                     r.extend([15, i % 40, 3, i % 16, i % 5, i, i * 10, i * i].map(Value::Int));
                     r.extend([Value::Int(30), Value::Int(97), if i % 5 == 0 { Value::Null } else { Value::Int(i) }]);
+                    // High-water marks, database and role.
+                    r.extend([Value::Int(i % 16), Value::Int(i % 5), Value::Float(1.5), Value::Int(i % 3)]);
+                    r.extend(["appdb".into(), "app".into()]);
                     (tables::POOL_SNAPSHOTS, r)
                 })
                 .collect(),

@@ -38,6 +38,7 @@ fn snapshot(ts: i64, service: &str, share: i64, in_use: i64, max_in_use: i64) ->
     let mut r: Row = vec![Value::Ts(ts), service.into(), "rw".into(), "primary".into(), "transaction".into()];
     r.extend([share, 20, 2, in_use, 0, 0, 10, 100, 30, 97, 4, max_in_use, 0].map(Value::Int));
     r.extend([Value::Float(0.0), Value::Int(0)]);
+    r.extend(["appdb".into(), "app".into()]);
     r
 }
 
