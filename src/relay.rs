@@ -207,7 +207,7 @@ impl Relay {
             }
             conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         }
-        self.key.attach(ServerKey { addr: conn.addr, pid: conn.pid, secret: conn.secret });
+        self.key.attach(ServerKey { route: conn.cancel.clone(), pid: conn.pid, secret: conn.secret });
         self.load_settings();
         self.hold = Some(hold);
         self.pump.attach();

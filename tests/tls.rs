@@ -145,6 +145,8 @@ async fn upstream_sslmodes() {
         ("127.0.0.1", format!("?sslmode=verify-ca{root}"), true),
         ("127.0.0.1", "?sslmode=disable".to_owned(), false),
         ("127.0.0.1", "".to_owned(), true), // libpq's default, prefer: TLS when the server has it
+        // SCRAM-SHA-256-PLUS to Postgres (it offers it over TLS): refused unless the channel is bound.
+        ("localhost", "?sslmode=require&channel_binding=require".to_owned(), true),
     ] {
         let proxy = Proxy::start(&cfg_with(&pg, host, &query, ""));
         assert_eq!(upstream_ssl(&proxy).await, Ok(tls), "{host}{query}: {}", proxy.log());
@@ -367,4 +369,29 @@ async fn fake_upstreams_cannot_skip_scram_or_get_a_cleartext_password() {
         let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| err.to_string());
         assert!(msg.contains(needle), "{script}: {msg}");
     }
+}
+
+/// `host=/dir`: a Unix-socket upstream (no TLS there), and a cancel that reaches the backend the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unix_socket_upstream_and_its_cancels() {
+    let pg = Pg::start();
+    let dir = pg.dir.path().display().to_string();
+    let cfg = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nservice = \"app\"\n\
+         [upstreams.primary]\nurl = \"postgresql://postgres:{PG_PASSWORD}@/postgres?host={dir}&port={}\"\nceiling = 20\n\n\
+         [services.app]\nslice = 2\n",
+        pg.port
+    );
+    let proxy = Proxy::start(&cfg);
+    let c = connect(&proxy.conninfo()).await.unwrap_or_else(|e| panic!("{e}: {}", proxy.log()));
+    let row = c.query_one("select inet_server_addr() is null, current_database()::text", &[]).await.unwrap();
+    assert_eq!((row.get::<_, bool>(0), row.get::<_, String>(1)), (true, "postgres".into()), "served over the socket");
+    let token = c.cancel_token();
+    let started = std::time::Instant::now();
+    let slow = tokio::spawn(async move { c.simple_query("select pg_sleep(20)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = slow.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
 }

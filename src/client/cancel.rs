@@ -8,18 +8,23 @@
 
 use dashmap::DashMap;
 use rand::Rng;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
 /// The server backend a client is attached to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServerKey {
-    pub addr: SocketAddr,
+    pub route: Arc<crate::server::CancelRoute>,
     pub pid: i32,
     pub secret: i32,
+}
+
+impl PartialEq for ServerKey {
+    fn eq(&self, o: &Self) -> bool {
+        (self.pid, self.secret) == (o.pid, o.secret) && Arc::ptr_eq(&self.route, &o.route)
+    }
 }
 
 /// Cancels in flight for one checkout.
@@ -116,7 +121,7 @@ impl CancelRegistry {
             (Some((s, f)), _) => {
                 // Counted under the entry's lock, so a detach after this sees the flight.
                 f.count.fetch_add(1, Ordering::AcqRel);
-                Some(CancelTarget::Server(*s, InFlight(f.clone())))
+                Some(CancelTarget::Server(s.clone(), InFlight(f.clone())))
             }
             (None, Some(n)) => Some(CancelTarget::Queued(n.clone())),
             (None, None) => None,
@@ -198,13 +203,22 @@ impl Drop for ClientKey {
 mod tests {
     use super::*;
 
+    fn key(pid: i32) -> ServerKey {
+        let route = crate::server::CancelRoute {
+            endpoint: crate::server::Endpoint::Tcp("127.0.0.1:5432".parse().unwrap()),
+            host: "127.0.0.1".into(),
+            tls: Default::default(),
+        };
+        ServerKey { route: Arc::new(route), pid, secret: 7 }
+    }
+
     #[test]
     fn lookup_needs_the_right_secret_and_an_attached_server() {
         let reg = Arc::new(CancelRegistry::default());
         let k = reg.issue();
         assert!(reg.lookup(k.pid, k.secret).is_none());
-        let s = ServerKey { addr: "127.0.0.1:5432".parse().unwrap(), pid: 42, secret: 7 };
-        k.attach(s);
+        let s = key(42);
+        k.attach(s.clone());
         assert!(matches!(reg.lookup(k.pid, k.secret), Some(CancelTarget::Server(x, _)) if x == s));
         assert!(reg.lookup(k.pid, k.secret.wrapping_add(1)).is_none());
         assert!(k.detach().is_none(), "no cancel in flight");
@@ -222,8 +236,8 @@ mod tests {
         let reg = Arc::new(CancelRegistry::default());
         let mut a = reg.issue();
         let mut b = reg.issue();
-        let s = ServerKey { addr: "127.0.0.1:5432".parse().unwrap(), pid: 4242, secret: 7 };
-        a.attach(s);
+        let s = key(4242);
+        a.attach(s.clone());
         assert!(a.take_pid(4242));
         assert_eq!(a.pid, 4242);
         assert!(matches!(reg.lookup(4242, a.secret), Some(CancelTarget::Server(x, _)) if x == s));
@@ -238,7 +252,7 @@ mod tests {
     async fn detach_waits_for_a_cancel_looked_up_before_it() {
         let reg = Arc::new(CancelRegistry::default());
         let k = reg.issue();
-        k.attach(ServerKey { addr: "127.0.0.1:5432".parse().unwrap(), pid: 42, secret: 7 });
+        k.attach(key(42));
         let Some(CancelTarget::Server(_, flight)) = reg.lookup(k.pid, k.secret) else { panic!("attached") };
         let flights = k.detach().expect("one cancel in flight");
         assert!(reg.lookup(k.pid, k.secret).is_none(), "no new cancel after detach");

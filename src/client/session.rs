@@ -307,7 +307,7 @@ async fn forward_cancel(app: &App, pid: i32, secret: i32) {
     match app.cancels.lookup(pid, secret) {
         Some(CancelTarget::Server(k, in_flight)) => {
             // `in_flight` holds the client's checkout until Postgres has taken the cancel.
-            match crate::server::send_cancel(k.addr, k.pid, k.secret, Duration::from_secs(5)).await {
+            match crate::server::send_cancel(&k.route, k.pid, k.secret, Duration::from_secs(5)).await {
                 Ok(()) => info!(server_pid = k.pid, "cancel forwarded"),
                 Err(e) => warn!(kind = "cancel", cause = %e, "cancel could not be forwarded"),
             }

@@ -29,6 +29,8 @@ pub struct UpstreamTarget {
     /// `connect_timeout=N`: caps the services' `connect_timeout` for this upstream.
     pub connect_timeout: Option<Duration>,
     pub session_attrs: SessionAttrs,
+    /// `host=/dir`: connect to the Unix socket `/dir/.s.PGSQL.<port>` (no TLS there, as libpq).
+    pub socket_dir: Option<String>,
 }
 
 /// `channel_binding` of an upstream URL.
@@ -106,16 +108,27 @@ const REFUSED: &[(&str, &str)] = &[
     ("tcp_user_timeout", "not supported"),
 ];
 
+/// Stands in for an empty host in the URL (the host then comes from `host=`).
+const NO_HOST: &str = "no-host.invalid";
+
 /// Parse an upstream URL after env expansion; every problem with it is named in the error.
 pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTarget, String> {
     let at = format!("upstreams.{name}.url");
     let expanded = crate::config::expand_env(raw, env).map_err(|e| format!("{at}: {e}"))?;
-    let url = url::Url::parse(&expanded).map_err(|e| format!("{at}: not a URL ({e})"))?;
+    // libpq allows an empty host before the path (`postgresql://u@/db?host=/dir`): stand a placeholder in.
+    let url = match url::Url::parse(&expanded) {
+        Err(url::ParseError::EmptyHost) => url::Url::parse(
+            &expanded.replacen("@/", &format!("@{NO_HOST}/"), 1).replacen(":///", &format!("://{NO_HOST}/"), 1),
+        ),
+        r => r,
+    }
+    .map_err(|e| format!("{at}: not a URL ({e})"))?;
     if !matches!(url.scheme(), "postgres" | "postgresql") {
         return Err(format!("{at}: scheme must be postgres:// or postgresql://"));
     }
     let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-    let mut host = url.host_str().unwrap_or("").trim_matches(|c| c == '[' || c == ']').to_owned();
+    let mut host =
+        url.host_str().filter(|h| *h != NO_HOST).unwrap_or("").trim_matches(|c| c == '[' || c == ']').to_owned();
     let mut port = url.port().unwrap_or(5432);
     let mut user = decode(url.username());
     let mut password = url.password().map(decode);
@@ -123,6 +136,7 @@ pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTa
     let mut tls = TlsParams::default();
     let mut auth = AuthPolicy::default();
     let (mut options, mut connect_timeout, mut session_attrs) = (None, None, SessionAttrs::Any);
+    let mut socket_dir: Option<String> = None;
     let mut v = Vec::new();
     for (k, val) in url.query_pairs() {
         let (k, val) = (k.as_ref(), val.into_owned());
@@ -178,9 +192,8 @@ pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTa
                 "primary" => session_attrs = SessionAttrs::Primary,
                 _ => v.push(bad("with one host only any, read-write and primary make sense")),
             },
-            "host" if val.starts_with('/') || val.starts_with('@') => {
-                v.push(bad("Unix-socket upstreams are not supported: give a TCP host"))
-            }
+            "host" if val.starts_with('@') => v.push(bad("abstract Unix sockets are not supported")),
+            "host" if val.starts_with('/') => socket_dir = Some(val),
             "host" if val.contains(',') => v.push(bad("one host per upstream")),
             "host" => host = val,
             "port" => match val.parse() {
@@ -196,8 +209,15 @@ pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTa
             },
         }
     }
-    if host.is_empty() {
+    if host.is_empty() && socket_dir.is_none() {
         v.push(format!("{at}: no host"));
+    }
+    if let Some(dir) = &socket_dir {
+        host = dir.clone();
+        if !matches!(tls.mode, SslMode::Disable | SslMode::Prefer) {
+            v.push(format!("{at}: sslmode={:?} over a Unix socket: TLS is not used there (libpq neither)", tls.mode));
+        }
+        tls.mode = SslMode::Disable;
     }
     if host.contains(',') {
         v.push(format!("{at}: one host per upstream"));
@@ -234,6 +254,7 @@ pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTa
         options,
         connect_timeout,
         session_attrs,
+        socket_dir,
     })
 }
 
@@ -278,11 +299,20 @@ mod tests {
             parse("postgres://u@x/app?host=db2&port=7000&dbname=other&user=v&target_session_attrs=read-write").unwrap();
         assert_eq!((t.host.as_str(), t.port, t.database.as_str(), t.user.as_str()), ("db2", 7000, "other", "v"));
         assert_eq!(t.session_attrs, SessionAttrs::ReadWrite);
-        let err =
-            parse("postgres://u@db/app?sslcert=a&keepalives=1&frobnicate=2&sslmode=allow&host=/run/pg").unwrap_err();
-        for needle in ["sslcert", "keepalives", "frobnicate: not a parameter", "sslmode=allow", "Unix-socket"] {
+        let err = parse("postgres://u@db/app?sslcert=a&keepalives=1&frobnicate=2&sslmode=allow&host=@abs").unwrap_err();
+        for needle in ["sslcert", "keepalives", "frobnicate: not a parameter", "sslmode=allow", "abstract Unix"] {
             assert!(err.contains(needle), "{needle} missing in {err}");
         }
+    }
+
+    #[test]
+    fn unix_socket_hosts() {
+        let t = parse("postgresql://u@/app?host=/var/run/postgresql&port=5433").unwrap();
+        assert_eq!(
+            (t.socket_dir.as_deref(), t.port, t.tls.mode),
+            (Some("/var/run/postgresql"), 5433, SslMode::Disable)
+        );
+        assert!(parse("postgresql://u@/app?host=/run/pg&sslmode=require").unwrap_err().contains("Unix socket"));
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub async fn cleanup(conn: &mut ServerConn, pump: &mut Pump, reset: bool, read_o
                 buf.clear();
             }
             Err(_) => {
-                crate::server::send_cancel(conn.addr, conn.pid, conn.secret, Duration::from_secs(2))
+                crate::server::send_cancel(&conn.cancel, conn.pid, conn.secret, Duration::from_secs(2))
                     .await
                     .map_err(ServerError::Connect)?;
                 cancelled = true;

@@ -51,6 +51,8 @@ pub enum ServerError {
 pub struct ServerConn {
     pub stream: crate::tls::Stream,
     pub addr: SocketAddr,
+    /// Where a CancelRequest for this backend goes (the same endpoint and TLS).
+    pub cancel: Arc<CancelRoute>,
     /// Parameters the server reported (ParameterStatus), kept current by the relay.
     pub params: HashMap<String, String>,
     /// Session settings in force on this connection since its last reset (set by the proxy or by clients,
@@ -152,16 +154,17 @@ impl ServerConn {
         application_name: &str,
         permit: OwnedSemaphorePermit,
     ) -> Result<ServerConn, ServerError> {
-        let tcp = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(ServerError::Connect)?;
-        keepalive(&tcp);
-        let addr = tcp.peer_addr().map_err(ServerError::Connect)?;
-        let stream = target.tls.negotiate(tcp, &target.host).await.map_err(|e| match e {
-            crate::tls::upstream::Refused::Tls(why) => ServerError::Tls(why),
-            crate::tls::upstream::Refused::Server { code, message } => ServerError::Postgres { code, message },
-        })?;
+        let (stream, endpoint) = open(target).await?;
+        let addr = match &endpoint {
+            Endpoint::Tcp(a) => *a,
+            // SHOW SERVERS shows the port; the socket's path is in the configuration.
+            Endpoint::Unix(_) => SocketAddr::from(([0, 0, 0, 0], target.port)),
+        };
+        let cancel = Arc::new(CancelRoute { endpoint, host: target.host.clone(), tls: target.tls.clone() });
         let mut conn = ServerConn {
             stream,
             addr,
+            cancel,
             params: HashMap::new(),
             applied: HashMap::new(),
             statements: Default::default(),
@@ -416,10 +419,56 @@ pub fn is_setting_name(k: &str) -> bool {
         && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
 }
 
-/// Send a CancelRequest for server backend (pid, secret) at `addr`.
-pub async fn send_cancel(addr: SocketAddr, pid: i32, secret: i32, timeout: Duration) -> std::io::Result<()> {
+/// How a server connection is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+/// Where cancels for one server connection go: its endpoint, negotiated like the connection itself (so an
+/// upstream that takes only TLS gets its cancels over TLS).
+#[derive(Debug)]
+pub struct CancelRoute {
+    pub endpoint: Endpoint,
+    pub host: String,
+    pub tls: crate::tls::upstream::UpstreamTls,
+}
+
+/// Connect to the upstream of `target` (TCP with the URL's TLS, or its Unix socket).
+async fn open(target: &UpstreamTarget) -> Result<(crate::tls::Stream, Endpoint), ServerError> {
+    if let Some(dir) = &target.socket_dir {
+        let path = std::path::Path::new(dir).join(format!(".s.PGSQL.{}", target.port));
+        let s = tokio::net::UnixStream::connect(&path).await.map_err(ServerError::Connect)?;
+        return Ok((crate::tls::Stream::Unix(s), Endpoint::Unix(path)));
+    }
+    let tcp = TcpStream::connect((target.host.as_str(), target.port)).await.map_err(ServerError::Connect)?;
+    keepalive(&tcp);
+    let addr = tcp.peer_addr().map_err(ServerError::Connect)?;
+    Ok((negotiate(&target.tls, tcp, &target.host).await?, Endpoint::Tcp(addr)))
+}
+
+async fn negotiate(
+    tls: &crate::tls::upstream::UpstreamTls,
+    tcp: TcpStream,
+    host: &str,
+) -> Result<crate::tls::Stream, ServerError> {
+    tls.negotiate(tcp, host).await.map_err(|e| match e {
+        crate::tls::upstream::Refused::Tls(why) => ServerError::Tls(why),
+        crate::tls::upstream::Refused::Server { code, message } => ServerError::Postgres { code, message },
+    })
+}
+
+/// Send a CancelRequest for server backend (pid, secret) along `route`.
+pub async fn send_cancel(route: &CancelRoute, pid: i32, secret: i32, timeout: Duration) -> std::io::Result<()> {
     let fut = async {
-        let mut s = TcpStream::connect(addr).await?;
+        let mut s = match &route.endpoint {
+            Endpoint::Unix(p) => crate::tls::Stream::Unix(tokio::net::UnixStream::connect(p).await?),
+            Endpoint::Tcp(a) => {
+                let tcp = TcpStream::connect(a).await?;
+                negotiate(&route.tls, tcp, &route.host).await.map_err(std::io::Error::other)?
+            }
+        };
         let mut out = BytesMut::with_capacity(16);
         out.put_i32(16);
         out.put_i32(protocol::CANCEL_REQUEST);

@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 /// A socket of the proxy, plain or TLS.
 pub enum Stream {
     Plain(TcpStream),
+    /// A Unix-socket upstream (`host=/dir`); never TLS, as libpq.
+    Unix(tokio::net::UnixStream),
     /// A client that negotiated TLS with pgbudget.
     Accepted(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// pgbudget's TLS connection to an upstream.
@@ -29,7 +31,7 @@ impl Stream {
             Stream::Plain(s) => Some(s),
             Stream::Accepted(s) => Some(s.get_ref().0),
             Stream::Connected(s) => Some(s.get_ref().0),
-            Stream::Closed => None,
+            Stream::Unix(_) | Stream::Closed => None,
         }
     }
 
@@ -47,9 +49,15 @@ impl Stream {
 
     /// Without blocking: is the socket open with nothing waiting on it? Peeks, so no TLS record is consumed.
     pub fn peek_alive(&self) -> bool {
-        let Some(tcp) = self.tcp() else { return false };
+        let sock = match self {
+            Stream::Unix(u) => socket2::SockRef::from(u),
+            other => match other.tcp() {
+                Some(tcp) => socket2::SockRef::from(tcp),
+                None => return false,
+            },
+        };
         let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        matches!(socket2::SockRef::from(tcp).peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        matches!(sock.peek(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Best effort, never blocking: write `bytes` (a Terminate) if the socket takes them at once. On TLS the
@@ -57,6 +65,9 @@ impl Stream {
     pub fn try_goodbye(&mut self, bytes: &[u8]) {
         match self {
             Stream::Plain(s) => {
+                let _ = s.try_write(bytes);
+            }
+            Stream::Unix(s) => {
                 let _ = s.try_write(bytes);
             }
             Stream::Accepted(s) => {
@@ -99,6 +110,7 @@ impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Closed => Poll::Ready(Ok(())),
@@ -110,6 +122,7 @@ impl AsyncWrite for Stream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Closed => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
@@ -123,6 +136,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Stream::Closed => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
@@ -132,6 +146,7 @@ impl AsyncWrite for Stream {
     fn is_write_vectored(&self) -> bool {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
             Stream::Accepted(s) => s.is_write_vectored(),
             Stream::Connected(s) => s.is_write_vectored(),
             Stream::Closed => false,
@@ -141,6 +156,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Closed => Poll::Ready(Ok(())),
@@ -150,6 +166,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Accepted(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Connected(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Closed => Poll::Ready(Ok(())),
