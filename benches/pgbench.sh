@@ -11,7 +11,9 @@
 # override of MODE), SCRIPT (select-only|simple-update|tpcb-like), SCRIPTS (space-separated list, default
 # SCRIPT), SCALE (10), OUT (target/pgbench-results.csv), PGBUDGET_BIN (skip the cargo build),
 # PGBOUNCER_BIN (/usr/sbin/pgbouncer or PATH), KEEP_GOING=1 (record a failed pgbench run and go on),
-# KEEP_TMP=1 (leave the temp dir behind). benches/pgbench_prepared.sh runs the prepared-statement comparison.
+# KEEP_TMP=1 (leave the temp dir behind), TLS=1 (every hop TLS: pgbench to each target with sslmode=require,
+# pgbudget and PgBouncer to Postgres with TLS too; a throwaway self-signed certificate made with openssl).
+# benches/pgbench_prepared.sh runs the prepared-statement comparison, benches/pgbench_tls.sh the TLS one.
 # See benches/README.md.
 
 set -euo pipefail
@@ -27,6 +29,7 @@ SCRIPT=${SCRIPT:-select-only}
 SCRIPTS=${SCRIPTS:-$SCRIPT}
 KEEP_GOING=${KEEP_GOING:-0}
 SCALE=${SCALE:-10}
+TLS=${TLS:-0}
 PASSWORD=secret
 PGUSER_NAME=postgres
 TARGETS=(direct pgbudget pgbouncer)
@@ -180,10 +183,19 @@ log "initdb in $PGDATA_DIR"
     --pwfile="$TMP/pwfile" -E UTF8 --no-instructions >"$TMP/initdb.log" 2>&1 ||
     { cat "$TMP/initdb.log" >&2; die "initdb failed"; }
 
-log "starting postgres on 127.0.0.1:$PG_PORT"
+PG_TLS=()
+if [[ $TLS == 1 ]]; then
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$TMP/tls.key" -out "$TMP/tls.crt" -days 1 \
+        -subj /CN=localhost -addext subjectAltName=DNS:localhost >"$TMP/openssl.log" 2>&1 ||
+        { cat "$TMP/openssl.log" >&2; die "openssl could not make a certificate"; }
+    chmod 600 "$TMP/tls.key"
+    if (( EUID == 0 )); then chown postgres: "$TMP/tls.key" "$TMP/tls.crt"; fi
+    PG_TLS=(-c ssl=on -c "ssl_cert_file=$TMP/tls.crt" -c "ssl_key_file=$TMP/tls.key")
+fi
+log "starting postgres on 127.0.0.1:$PG_PORT (TLS=$TLS)"
 "${AS_PG[@]}" "$PGBIN/postgres" -D "$PGDATA_DIR" -p "$PG_PORT" -k "$PGDATA_DIR" \
     -c listen_addresses=127.0.0.1 -c max_connections=600 -c fsync=off \
-    -c synchronous_commit=off >"$TMP/postgres.log" 2>&1 &
+    -c synchronous_commit=off "${PG_TLS[@]}" >"$TMP/postgres.log" 2>&1 &
 PG_LAUNCHER=$!
 for (( i = 0; ; i++ )); do
     if [[ -z $PG_PID && -s $PGDATA_DIR/postmaster.pid ]]; then
@@ -198,7 +210,9 @@ for (( i = 0; ; i++ )); do
 done
 [[ -n $PG_PID ]] || PG_PID=$(head -n 1 "$PGDATA_DIR/postmaster.pid")
 
-export PGPASSWORD=$PASSWORD PGUSER=$PGUSER_NAME PGDATABASE=postgres PGHOST=127.0.0.1 PGSSLMODE=disable
+SSLMODE=disable
+[[ $TLS == 1 ]] && SSLMODE=require
+export PGPASSWORD=$PASSWORD PGUSER=$PGUSER_NAME PGDATABASE=postgres PGHOST=127.0.0.1 PGSSLMODE=$SSLMODE
 unset PGSERVICE PGOPTIONS
 
 log "pgbench -i -s $SCALE (direct)"
@@ -213,8 +227,10 @@ listen = "127.0.0.1:0"
 mode = "sidecar"
 service = "bench"
 
+$( [[ $TLS == 1 ]] && printf '[tls]\nmode = "require"\ncert = "%s"\nkey = "%s"\n' "$TMP/tls.crt" "$TMP/tls.key" )
+
 [upstreams.primary]
-url = "postgres://$PGUSER_NAME:$PASSWORD@127.0.0.1:$PG_PORT/postgres"
+url = "postgres://$PGUSER_NAME:$PASSWORD@127.0.0.1:$PG_PORT/postgres?sslmode=$SSLMODE"
 ceiling = 500
 reserved = 0
 
@@ -262,6 +278,10 @@ pidfile = $TMP/pgbouncer.pid
 log_connections = 0
 log_disconnections = 0
 EOF
+if [[ $TLS == 1 ]]; then
+    printf 'client_tls_sslmode = require\nclient_tls_cert_file = %s\nclient_tls_key_file = %s\nserver_tls_sslmode = require\n' \
+        "$TMP/tls.crt" "$TMP/tls.key" >>"$TMP/pgbouncer.ini"
+fi
 if (( EUID == 0 )); then
     chown postgres: "$TMP/userlist.txt" "$TMP/pgbouncer.ini"
     chmod 600 "$TMP/userlist.txt"

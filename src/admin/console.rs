@@ -96,7 +96,7 @@ pub async fn run(
 ) -> Result<(), ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
     let users = app.users();
-    let binding = crate::client::session::binding(app, sock);
+    let binding = crate::client::startup::binding(app, sock);
     let auth = users.authenticate(sock, startup.user(), &mut buf, binding.as_deref());
     let auth = tokio::time::timeout(crate::client::session::LOGIN_TIMEOUT, auth);
     let auth = auth.await;

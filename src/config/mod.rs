@@ -8,7 +8,10 @@ pub mod environment;
 pub mod reload;
 pub mod resolve;
 pub mod source;
+pub mod tls_section;
 pub mod upstream_url;
+
+pub use tls_section::{TlsMode, TlsSection};
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -126,36 +129,6 @@ impl Default for ProxySection {
             trust_application_name: false,
             other_database_idle_timeout: Duration::from_secs(1),
         }
-    }
-}
-
-/// Whether clients may or must use TLS.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum TlsMode {
-    /// SSLRequest is answered `N`.
-    Disable,
-    /// TLS for clients that ask; plaintext for the rest.
-    Allow,
-    /// Plaintext clients get FATAL 28000.
-    Require,
-}
-
-/// `[tls]`: the certificate clients see. Reloaded with the rest of the file (SIGHUP, `RELOAD`).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-pub struct TlsSection {
-    /// Default: `allow` when `cert` is set, else `disable`.
-    pub mode: Option<TlsMode>,
-    /// PEM certificate chain, end-entity first (RSA or ECDSA).
-    pub cert: String,
-    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: String,
-}
-
-impl TlsSection {
-    pub fn mode(&self) -> TlsMode {
-        self.mode.unwrap_or(if self.cert.is_empty() { TlsMode::Disable } else { TlsMode::Allow })
     }
 }
 
