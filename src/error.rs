@@ -206,6 +206,9 @@ impl ProxyError {
                 IDLE_SESSION_TIMEOUT,
                 format!("terminating connection due to idle-session timeout (pgbudget: {} ms)", d.as_millis()),
             ),
+            ProxyError::Upstream { source: ServerError::ReadOnlyUnverified(why), .. } => {
+                (Fatal, READ_ONLY_SQL_TRANSACTION, format!("pgbudget: the read-only route is not served: {why}"))
+            }
             ProxyError::Upstream { upstream, source } => match source {
                 ServerError::Auth(_) => (
                     Fatal,

@@ -52,6 +52,8 @@ pub enum Outcome {
 /// One client's relay state, kept across server checkouts.
 pub struct Relay {
     app: Arc<App>,
+    /// The read-only tripwire fired: what the server reported (the session ends at the next check).
+    tripped: Option<String>,
     pub pool: Arc<ServicePool>,
     pub key: ClientKey,
     pub desired: BTreeMap<String, String>,
@@ -118,7 +120,11 @@ impl Relay {
     ) -> Relay {
         let mode = pool.budget().pool_mode();
         let resolved = app.resolved();
-        let ro = (pool.route == Route::ReadOnly).then(|| RoFilter::new(&resolved.config.read_only.database));
+        let ro = (pool.route == Route::ReadOnly).then(|| {
+            let mut f = RoFilter::new(&resolved.config.read_only.database);
+            f.allow_procedures = resolved.config.read_only.allow_procedures;
+            f
+        });
         let mut pump = Pump::new(ro, resolved.config.proxy.max_query_size);
         if mode == PoolMode::Transaction {
             let b = pool.budget();
@@ -142,6 +148,7 @@ impl Relay {
             }));
         }
         Relay {
+            tripped: None,
             app,
             pool,
             key,
@@ -407,9 +414,19 @@ impl Relay {
             };
             self.take_counts();
             match wake {
-                Wake::Pump(Ok(Event::Report)) => self.report(),
+                Wake::Pump(Ok(Event::Report)) => {
+                    self.report();
+                    if let Some(e) = self.tripwire() {
+                        let _ = self.flush_client(sock).await;
+                        return Err(e);
+                    }
+                }
                 Wake::Pump(Ok(Event::Idle)) => {
                     self.report();
+                    if let Some(e) = self.tripwire() {
+                        let _ = self.flush_client(sock).await;
+                        return Err(e);
+                    }
                     if self.draining {
                         return Ok(Outcome::ShuttingDown);
                     }

@@ -256,6 +256,7 @@ fn show_pools(app: &App) -> BytesMut {
         "paused",
         "shed_line",
         "shed",
+        "ro_enforcement",
     ]);
     let resolved = app.resolved();
     for p in snap.pools {
@@ -280,6 +281,7 @@ fn show_pools(app: &App) -> BytesMut {
             if p.paused { "yes" } else { "no" }.into(),
             p.shed_line.map(|l| l.to_string()).unwrap_or_default(),
             p.shed.to_string(),
+            p.ro_enforcement.unwrap_or("").into(),
         ]);
     }
     r.done("SHOW")

@@ -36,6 +36,8 @@ pub struct PoolRow {
     pub queries: u64,
     /// Read-only routes only: `replica`, `primary_fallthrough` or `disabled`.
     pub ro_routes_to: Option<&'static str>,
+    /// Read-only routes only: the tier that makes the guarantee (`replica`, `role`, `session`).
+    pub ro_enforcement: Option<&'static str>,
     pub ro_dsn_configured: bool,
     /// Checkouts held by an operator's PAUSE or KILL.
     pub paused: bool,
@@ -96,6 +98,7 @@ impl App {
                 transactions: p.metrics.transactions.get(),
                 queries: p.metrics.queries.get(),
                 ro_routes_to: (p.route == Route::ReadOnly).then(|| routes_to_name(p.pool.manager().routes_to())),
+                ro_enforcement: (p.route == Route::ReadOnly).then(|| resolved.config.read_only.enforce.as_str()),
                 ro_dsn_configured: resolved.replica.is_some(),
                 paused: p.control.is_paused(),
                 shed_line: p.admission.shed_line(),
@@ -115,6 +118,8 @@ impl App {
                 m.ro_routes_to
                     .with_label_values(&[row.service.as_str(), route])
                     .set(p.pool.manager().routes_to() as i64);
+                let tier = resolved.config.read_only.enforce.gauge();
+                m.ro_enforcement.with_label_values(&[row.service.as_str()]).set(tier);
             } else if all.get(&row.service, Route::ReadOnly).is_none() {
                 m.ro_routes_to.with_label_values(&[row.service.as_str(), "ro"]).set(RO_DISABLED as i64);
             }
@@ -278,6 +283,9 @@ pub fn snapshot_line(
             p.database,
             p.role
         );
+        if let Some(tier) = p.ro_enforcement {
+            let _ = write!(line, "enforce={tier} ");
+        }
     }
     for u in &snap.upstreams {
         let _ = write!(line, "upstream={} open={} ceiling={} ", u.upstream, u.open, u.ceiling);

@@ -66,6 +66,8 @@ pub struct Manager {
     pub replica_login: Option<UpstreamTarget>,
     /// The service's share, counted across all its pools of this route.
     pub slots: Arc<Slots>,
+    /// The read-only route's tier, checked on every new connection of a read-only pool.
+    pub enforce: crate::config::Enforce,
     /// Swapped by a reload; read with `load()` (no lock).
     pub budget: ArcSwap<ServiceBudget>,
     pub application_name: String,
@@ -155,9 +157,15 @@ impl Manager {
         Ok(conn)
     }
 
-    /// `SET SESSION default_transaction_read_only = on` and check the server reports it.
+    /// Check the route's tier (`[read_only] enforce`), then `SET SESSION default_transaction_read_only = on` and
+    /// check the server reports it.
     async fn enforce_read_only(&self, mut conn: ServerConn) -> Result<ServerConn, ServerError> {
-        enforce_read_only(&mut conn, self.budget.load().settings.reset_timeout).await?;
+        let timeout = self.budget.load().settings.reset_timeout;
+        if let Err(e) = crate::read_only::verify::verify(&mut conn, self.enforce, timeout).await {
+            warn!(kind = "read_only_tier", service = %self.key.service, cause = %e, "read-only route refuses a server connection");
+            return Err(e);
+        }
+        enforce_read_only(&mut conn, timeout).await?;
         let mut t = self.template.write().unwrap_or_else(|e| e.into_inner());
         if t.as_ref().is_some_and(|t| t.get(RO_GUC).is_some_and(|v| v != "on")) {
             *t = Some(Arc::new(conn.params.clone()));

@@ -117,6 +117,8 @@ impl Pools {
         login: Option<&UpstreamLogin>,
     ) -> Result<Option<Arc<ServicePool>>, ProxyError> {
         let Some(group) = self.groups.get(&(service.to_owned(), route)) else { return Ok(None) };
+        // The read-only route logs in as its own role when `[read_only] user` names one.
+        let login = if route == Route::ReadOnly { self.resolved.ro_login.as_ref().or(login) } else { login };
         let b = &self.resolved.services[service];
         let t = &self.resolved.upstreams[&b.upstream];
         let key = PoolKey {
@@ -162,6 +164,7 @@ impl Pools {
             login: relogin(&upstream.target),
             replica_login: replica.as_ref().map(|u| relogin(&u.target)),
             slots: group.slots.clone(),
+            enforce: r.config.read_only.enforce,
             upstream,
             budget: ArcSwap::from_pointee(b.clone()),
             route: key.route,

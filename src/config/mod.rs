@@ -5,12 +5,14 @@
 
 pub mod databases;
 pub mod environment;
+pub mod read_only_section;
 pub mod reload;
 pub mod resolve;
 pub mod source;
 pub mod tls_section;
 pub mod upstream_url;
 
+pub use read_only_section::{Enforce, ReadOnlySection, ReplicaDown};
 pub use tls_section::{TlsMode, TlsSection};
 
 use serde::Deserialize;
@@ -173,40 +175,6 @@ impl Default for AdminSection {
             ready_interval: Duration::from_secs(5),
             redact: true,
             errors_window: crate::telemetry::journal::DEFAULT_ERRORS_WINDOW,
-        }
-    }
-}
-
-/// What a read-only route does when its replica cannot be reached.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplicaDown {
-    /// Serve from the primary, with read-only enforced.
-    Fallthrough,
-    /// Refuse with 08006.
-    Refuse,
-}
-
-/// The read-only route: clients reach it by connecting to `database` instead of the real database name.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
-pub struct ReadOnlySection {
-    /// Alias database name of the route (e.g. `app_ro`); empty disables read-only routes.
-    pub database: String,
-    /// Replica URL (`${ENV}` expanded); empty: the primary serves the route, with enforcement.
-    pub replica_url: String,
-    /// Connection ceiling of the replica.
-    pub replica_ceiling: u32,
-    pub on_replica_down: ReplicaDown,
-}
-
-impl Default for ReadOnlySection {
-    fn default() -> Self {
-        Self {
-            database: String::new(),
-            replica_url: String::new(),
-            replica_ceiling: 97,
-            on_replica_down: ReplicaDown::Fallthrough,
         }
     }
 }

@@ -87,6 +87,11 @@ pub fn restart_needed(old: &Resolved, new: &Resolved) -> Vec<String> {
     check("admin.console_database", o.admin.console_database == n.admin.console_database);
     check("read_only.database", o.read_only.database == n.read_only.database);
     check("read_only.on_replica_down", o.read_only.on_replica_down == n.read_only.on_replica_down);
+    check("read_only.enforce", o.read_only.enforce == n.read_only.enforce);
+    check(
+        "read_only.user or password_env",
+        (&o.read_only.user, &o.read_only.password_env) == (&n.read_only.user, &n.read_only.password_env),
+    );
     check(
         "read_only.replica_url or replica_ceiling",
         match (&old.replica, &new.replica) {

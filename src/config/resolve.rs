@@ -42,6 +42,8 @@ pub struct Resolved {
     pub logins: BTreeMap<String, crate::config::databases::UpstreamLogin>,
     /// The certificate and key for clients (`[tls]`), read when the configuration is (so a reload renews it).
     pub tls: Option<std::sync::Arc<crate::tls::listener::Listener>>,
+    /// `[read_only] user`: the role read-only pools log in as.
+    pub ro_login: Option<crate::config::databases::UpstreamLogin>,
 }
 
 const MAX_CEILING: u32 = 100_000;
@@ -332,6 +334,7 @@ impl Resolved {
         };
         let served = upstreams.iter().map(|(n, t)| (n.clone(), t.databases.clone())).collect();
         let logins = crate::config::databases::resolve_logins(&config, &served, env, &mut v);
+        let ro_login = config.read_only.resolve(env, &mut v);
         if !v.is_empty() {
             return Err(ConfigError { violations: v });
         }
@@ -339,7 +342,7 @@ impl Resolved {
         if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::admin::stats::parse_interval) {
             config.admin.pool_log_interval = d;
         }
-        Ok(Resolved { config, upstreams, services, replica, sidecar_service, processes, logins, tls })
+        Ok(Resolved { config, upstreams, services, replica, sidecar_service, processes, logins, tls, ro_login })
     }
 
     /// Slices an upstream carries: every service on it, less read-only shares served by a replica.
@@ -400,12 +403,18 @@ impl Resolved {
             let sum: u32 = self.services.values().map(|s| s.settings.read_only_share).sum();
             let _ = writeln!(out, "replica {}:{}: read-only shares {} of ceiling {}", r.host, r.port, sum, r.ceiling);
         }
-        let _ = writeln!(
-            out,
-            "read-only route: {} (database alias {:?})",
-            self.ro_routing(),
-            self.config.read_only.database
-        );
+        let ro = &self.config.read_only;
+        let _ = writeln!(out, "read-only route: {} (database alias {:?})", self.ro_routing(), ro.database);
+        if !ro.database.is_empty() {
+            let what = match ro.enforce {
+                crate::config::Enforce::Replica => "the upstream must be a hot standby (pg_is_in_recovery)",
+                crate::config::Enforce::Role => "its role must be able to write nothing it can reach",
+                crate::config::Enforce::Session => {
+                    "default_transaction_read_only + statement filter + tripwire: this stops mistakes, not a hostile client"
+                }
+            };
+            let _ = writeln!(out, "read-only enforcement: {} ({what})", ro.enforce.as_str());
+        }
         let _ = writeln!(out, "processes per slice: {}", self.processes);
         if let Some(s) = &self.sidecar_service {
             let _ = writeln!(out, "sidecar service: {s}");

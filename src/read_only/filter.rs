@@ -19,6 +19,8 @@ pub struct Violation {
 pub struct RoFilter {
     /// The route's alias database name, named in the error.
     pub route: String,
+    /// `[read_only] allow_procedures`: serve CALL and DO.
+    pub allow_procedures: bool,
     /// Prepared statements that were rewritten, by name ("" is the unnamed one).
     poisoned: HashSet<String>,
     /// Filtered bytes ready to send to the server; reused across calls.
@@ -27,7 +29,7 @@ pub struct RoFilter {
 
 impl RoFilter {
     pub fn new(route: &str) -> RoFilter {
-        RoFilter { route: route.to_owned(), poisoned: HashSet::new(), out: BytesMut::new() }
+        RoFilter { route: route.to_owned(), allow_procedures: false, poisoned: HashSet::new(), out: BytesMut::new() }
     }
 
     fn raise_sql(&self, reason: &str) -> String {
@@ -53,7 +55,7 @@ impl RoFilter {
         match kind {
             b'Q' => {
                 let sql = cstr(&mut body)?;
-                match policy::check(sql) {
+                match policy::check_route(sql, self.allow_procedures) {
                     Ok(()) => out.extend_from_slice(msg),
                     Err(reason) => {
                         violations.push(Violation { fingerprint: policy::fingerprint(sql), reason });
@@ -65,7 +67,7 @@ impl RoFilter {
             b'P' => {
                 let name = cstr(&mut body)?;
                 let sql = cstr(&mut body)?;
-                match policy::check(sql) {
+                match policy::check_route(sql, self.allow_procedures) {
                     Ok(()) => {
                         self.poisoned.remove(name);
                         out.extend_from_slice(msg);
@@ -96,6 +98,13 @@ impl RoFilter {
                 } else {
                     out.extend_from_slice(msg);
                 }
+            }
+            // A fastpath FunctionCall (e.g. set_config by oid) has no text to check: refused. A Query that
+            // raises gets the same reply shape (ErrorResponse, ReadyForQuery).
+            b'F' => {
+                violations.push(Violation { fingerprint: "(fastpath function call)".into(), reason: "FunctionCall" });
+                let replacement = self.raise_sql("FunctionCall message (fastpath)");
+                protocol::simple_query(out, &replacement);
             }
             _ => out.extend_from_slice(msg),
         }

@@ -21,6 +21,11 @@ const GUCS: [&str; 2] = ["default_transaction_read_only", "transaction_read_only
 /// Why a statement was refused.
 pub type Reason = &'static str;
 
+/// `default_transaction_read_only` or `transaction_read_only` (any case).
+pub fn is_read_only_setting(name: &str) -> bool {
+    is_guc(name)
+}
+
 fn is_guc(name: &str) -> bool {
     GUCS.iter().any(|g| name.eq_ignore_ascii_case(g))
 }
@@ -163,6 +168,37 @@ pub fn check(sql: &str) -> Result<(), Reason> {
             Ok(())
         }
     }
+}
+
+/// Words that start or end a transaction (a write needs a new transaction after read-only was turned off).
+const TX_CONTROL: [&str; 9] =
+    ["begin", "start", "commit", "end", "rollback", "abort", "savepoint", "release", "prepare"];
+
+/// The route's rules on top of [`check`]: `CALL` and `DO` (both can commit inside) only with
+/// `allow_procedures`; `COMMIT PREPARED` / `ROLLBACK PREPARED` (they finish a write made elsewhere) and
+/// `PREPARE TRANSACTION` never; transaction control only alone in its Query, so no single message can both
+/// change a setting and start the transaction that would use it.
+pub fn check_route(sql: &str, allow_procedures: bool) -> Result<(), Reason> {
+    if let Some(toks) = tokens(sql) {
+        let stmts: Vec<&[Token]> = toks.split(|t| *t == Token::SemiColon).filter(|s| !s.is_empty()).collect();
+        for stmt in &stmts {
+            let w: Vec<String> = stmt.iter().take(2).filter_map(word).collect();
+            let (first, second) = (w.first().map(String::as_str), w.get(1).map(String::as_str));
+            match (first, second) {
+                (Some("call"), _) if !allow_procedures => return Err("CALL (a procedure can commit inside)"),
+                (Some("do"), _) if !allow_procedures => return Err("DO (a block can commit inside)"),
+                (Some("commit" | "rollback"), Some("prepared")) => {
+                    return Err("COMMIT/ROLLBACK PREPARED (finishes a write made elsewhere)")
+                }
+                (Some("prepare"), Some("transaction")) => return Err("PREPARE TRANSACTION"),
+                (Some(f), _) if stmts.len() > 1 && TX_CONTROL.contains(&f) => {
+                    return Err("transaction control must be alone in its statement")
+                }
+                _ => {}
+            }
+        }
+    }
+    check(sql)
 }
 
 /// Normalised statement text with every constant replaced by `?` (never logs the constants).

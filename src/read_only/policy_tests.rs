@@ -42,3 +42,28 @@ fn fingerprints_drop_constants() {
         "select set_config(?, ?, false) where x = ?"
     );
 }
+
+#[test]
+fn route_rules_refuse_procedures_prepared_transactions_and_bundled_control() {
+    for sql in [
+        "CALL p()",
+        "call s.p(1)",
+        "DO $$ BEGIN NULL; END $$",
+        "COMMIT PREPARED 'x'",
+        "rollback prepared 'x'",
+        "PREPARE TRANSACTION 'x'",
+        "select 1; commit; insert into t values (1)",
+        "begin; select 1",
+        "select 1; savepoint a",
+    ] {
+        assert!(check_route(sql, false).is_err(), "{sql} passed");
+    }
+    for sql in ["BEGIN", "commit", "select 1; select 2", "PREPARE q AS SELECT 1", "savepoint a", "end"] {
+        assert!(check_route(sql, false).is_ok(), "{sql} refused");
+    }
+    assert!(check_route("CALL p()", true).is_ok());
+    assert!(check_route("DO $$ BEGIN NULL; END $$", true).is_ok());
+    // allow_procedures does not let a DO body turn read-only off.
+    assert!(check_route("DO $$ BEGIN PERFORM set_config('default_transaction_read_only','off',false); END $$", true)
+        .is_err());
+}

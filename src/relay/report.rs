@@ -3,6 +3,7 @@
 
 use super::pump::Seen;
 use super::Relay;
+use crate::budget::pool::Route;
 use crate::error::ProxyError;
 use crate::telemetry::{tables, Value};
 use tracing::warn;
@@ -95,6 +96,14 @@ impl Relay {
         let mut seen = std::mem::take(&mut self.pump.seen);
         if let Some(c) = self.server.as_mut() {
             for (k, v) in seen.params.drain(..) {
+                // The tripwire: a read-only route's server says read-only is off (outside the proxy's own
+                // statements, which never pass through the pump).
+                let off = self.pool.route == Route::ReadOnly
+                    && crate::read_only::policy::is_read_only_setting(&k)
+                    && !v.eq_ignore_ascii_case("on");
+                if off && self.tripped.is_none() {
+                    self.tripped = Some(format!("{k} = {v}"));
+                }
                 c.params.insert(k, v);
             }
         }
@@ -122,5 +131,30 @@ impl Relay {
                 ]
             });
         }
+    }
+
+    /// After a report: the tripwire fired, so the session ends with FATAL 25006, its server is discarded (never
+    /// back in the pool), and the violation is counted, logged and written to the lake.
+    pub(super) fn tripwire(&mut self) -> Option<ProxyError> {
+        let what = self.tripped.take()?;
+        if let Some(c) = self.server.as_mut() {
+            c.broken = true;
+        }
+        let b = self.pool.budget();
+        let route = self.pump.ro.as_ref().map(|f| f.route.clone()).unwrap_or_default();
+        self.app.metrics.ro_violations.with_label_values(&[&b.name, &route]).inc();
+        warn!(kind = "read_only_tripwire", service = %b.name, route = %route, client = %self.peer, setting = %what,
+            "read-only route: the server reports read-only off; session ended, server discarded");
+        self.app.telemetry.emit(tables::RO_VIOLATIONS, || {
+            vec![
+                Value::now(),
+                b.name.as_str().into(),
+                route.as_str().into(),
+                self.peer.to_string().into(),
+                "tripwire".into(),
+                what.as_str().into(),
+            ]
+        });
+        Some(ProxyError::ReadOnly { route, what: format!("a session whose server reports {what} (tripwire)") })
     }
 }

@@ -45,6 +45,9 @@ pub enum ServerError {
     ShareReached,
     #[error("TLS: {0}")]
     Tls(String),
+    /// A read-only route's tier check failed on this connection (what was found).
+    #[error("read-only route not verified: {0}")]
+    ReadOnlyUnverified(String),
 }
 
 /// A logged-in server connection. Counts against the upstream ceiling while it lives.

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub pool_max: IntGaugeVec,
     pub pool_pinned: IntGaugeVec,
     pub ro_routes_to: IntGaugeVec,
+    /// How a service's read-only route is enforced: 1 replica, 2 role, 3 session.
+    pub ro_enforcement: IntGaugeVec,
     pub upstream_open: IntGaugeVec,
     pub upstream_ceiling: IntGaugeVec,
     pub clients_accepted: IntCounter,
@@ -118,6 +120,12 @@ impl Metrics {
                 "pgbudget_ro_routes_to",
                 "Where a read-only route goes: 1 replica, 2 primary_fallthrough, 3 disabled",
                 &sr,
+            ),
+            ro_enforcement: gauge(
+                &r,
+                "pgbudget_ro_enforcement",
+                "How a read-only route's guarantee is made: 1 replica, 2 role, 3 session",
+                &["service"],
             ),
             upstream_open: gauge(
                 &r,

@@ -38,7 +38,7 @@ impl Pump {
             }
             let body = len as usize - 4;
             let txn = self.stmts.is_some();
-            let ro = self.ro.is_some() && matches!(kind, b'Q' | b'P' | b'B');
+            let ro = self.ro.is_some() && matches!(kind, b'Q' | b'P' | b'B' | b'F');
             let held = matches!(kind, b'D' | b'X')
                 || ro
                 || (txn
