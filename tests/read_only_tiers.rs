@@ -222,3 +222,36 @@ async fn procedures_prepared_transactions_bundled_control_and_fastpath_are_refus
         assert_eq!(r.rows, vec![vec![Some("on".to_owned())]], "{mode}: still read-only");
     }
 }
+
+/// A pipelined bypass: the statement that turns read-only off and the write after it in one burst. The route
+/// holds the write back until the first statement's ReadyForQuery (and its ParameterStatus) was read, so the
+/// tripwire ends the session before the write reaches Postgres.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_write_after_turning_read_only_off_never_runs() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pg = Pg::start();
+    setup(
+        &pg,
+        &[
+            "create table t(id int)",
+            "create function sneaky() returns text language sql as \
+             $$ select set_config('default_transaction_read_only', 'off', false) $$",
+        ],
+    )
+    .await;
+    let admin = connect(&pg.conninfo()).await.unwrap();
+    for mode in ["session", "transaction"] {
+        let proxy = Proxy::start(&ro_config(&pg, "", mode));
+        let mut s = raw::Raw::login(proxy.port, &raw::params("app_ro"), PG_PASSWORD).await.unwrap();
+        let mut burst = raw::query("select sneaky()");
+        burst.extend(raw::query("insert into t values (1)"));
+        burst.extend(raw::query("insert into t values (2)"));
+        s.s.write_all(&burst).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.s.read_to_end(&mut got)).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.contains("25006") && text.contains("tripwire"), "{mode}: {text}");
+        let rows: i64 = admin.query_one("select count(*) from t", &[]).await.unwrap().get(0);
+        assert_eq!(rows, 0, "{mode}: the pipelined write ran");
+    }
+}

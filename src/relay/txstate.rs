@@ -145,6 +145,11 @@ impl TxState {
         self.queue.len() + usize::from(self.copy_in.is_some())
     }
 
+    /// A ReadyForQuery is owed (a Query, Sync or FunctionCall is still being answered).
+    pub fn awaits_ready(&self) -> bool {
+        self.queue.iter().any(|(m, _)| matches!(m, Msg::Query | Msg::Sync | Msg::FunctionCall))
+    }
+
     /// A COPY FROM STDIN is running: the server waits for CopyData.
     pub fn copy_in(&self) -> bool {
         self.copy_in.is_some()

@@ -37,6 +37,12 @@ impl Pump {
                 return Err(PumpError::BadLength { kind: kind as char, len: len as i64 });
             }
             let body = len as usize - 4;
+            // A read-only route looks between any two transactions: while a ReadyForQuery is owed, nothing that
+            // could start the next one goes to the server, so the report of that ReadyForQuery (with the
+            // ParameterStatus the tripwire watches) is read first. COPY data, Flush and Terminate still pass.
+            if self.ro.is_some() && self.tx.awaits_ready() && !matches!(kind, b'X' | b'H' | b'c' | b'd' | b'f') {
+                return Ok((moved, None));
+            }
             let txn = self.stmts.is_some();
             let ro = self.ro.is_some() && matches!(kind, b'Q' | b'P' | b'B' | b'F');
             let held = matches!(kind, b'D' | b'X')
