@@ -33,6 +33,13 @@ async fn setup(pg: &Pg, stmts: &[&str]) {
     }
 }
 
+/// A table and a function made on the read-write route that turns read-only off where no filter can see it.
+async fn sneaky(pg: &Pg) {
+    let sql = "create function sneaky() returns text language sql as \
+               $$ select set_config('default_transaction_read_only', 'off', false) $$";
+    setup(pg, &["create table t(id int)", sql]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn role_tier_refuses_a_role_that_can_write_and_serves_one_that_cannot() {
     let pg = Pg::start();
@@ -125,16 +132,7 @@ fn each_tier_states_what_it_needs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tripwire_ends_the_session_and_discards_its_server() {
     let pg = Pg::start();
-    setup(
-        &pg,
-        &[
-            "create table t(id int)",
-            // Made on the read-write route: no statement filter can see what it does.
-            "create function sneaky() returns text language sql as \
-             $$ select set_config('default_transaction_read_only', 'off', false) $$",
-        ],
-    )
-    .await;
+    sneaky(&pg).await;
     let admin = connect(&pg.conninfo()).await.unwrap();
     for mode in ["session", "transaction"] {
         let proxy = Proxy::start(&ro_config(&pg, "", mode));
@@ -230,15 +228,7 @@ async fn procedures_prepared_transactions_bundled_control_and_fastpath_are_refus
 async fn a_pipelined_write_after_turning_read_only_off_never_runs() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pg = Pg::start();
-    setup(
-        &pg,
-        &[
-            "create table t(id int)",
-            "create function sneaky() returns text language sql as \
-             $$ select set_config('default_transaction_read_only', 'off', false) $$",
-        ],
-    )
-    .await;
+    sneaky(&pg).await;
     let admin = connect(&pg.conninfo()).await.unwrap();
     for mode in ["session", "transaction"] {
         let proxy = Proxy::start(&ro_config(&pg, "", mode));

@@ -114,23 +114,30 @@ impl Relay {
     }
 
     fn note_violations(&mut self) {
-        let b = self.pool.budget();
         let route = self.pump.ro.as_ref().map(|f| f.route.clone()).unwrap_or_default();
-        for v in self.pump.violations.drain(..) {
-            self.app.metrics.ro_violations.with_label_values(&[&b.name, &route]).inc();
-            warn!(kind = "read_only_violation", service = %b.name, route = %route, client = %self.peer,
-                fingerprint = %v.fingerprint, reason = v.reason, "read-only route refused a statement");
-            self.app.telemetry.emit(tables::RO_VIOLATIONS, || {
-                vec![
-                    Value::now(),
-                    b.name.as_str().into(),
-                    route.as_str().into(),
-                    self.peer.to_string().into(),
-                    v.reason.into(),
-                    v.fingerprint.as_str().into(),
-                ]
-            });
+        for v in std::mem::take(&mut self.pump.violations) {
+            warn!(kind = "read_only_violation", service = %self.pool.budget().name, route = %route,
+                client = %self.peer, fingerprint = %v.fingerprint, reason = v.reason,
+                "read-only route refused a statement");
+            self.count_violation(&route, v.reason, &v.fingerprint);
         }
+    }
+
+    /// One read-only violation: the counter and the lake's `ro_violations` row (`detail`: a fingerprint or what
+    /// the tripwire saw, never a constant).
+    fn count_violation(&self, route: &str, reason: &str, detail: &str) {
+        let b = self.pool.budget();
+        self.app.metrics.ro_violations.with_label_values(&[&b.name, route]).inc();
+        self.app.telemetry.emit(tables::RO_VIOLATIONS, || {
+            vec![
+                Value::now(),
+                b.name.as_str().into(),
+                route.into(),
+                self.peer.to_string().into(),
+                reason.into(),
+                detail.into(),
+            ]
+        });
     }
 
     /// After a report: the tripwire fired, so the session ends with FATAL 25006, its server is discarded (never
@@ -140,21 +147,10 @@ impl Relay {
         if let Some(c) = self.server.as_mut() {
             c.broken = true;
         }
-        let b = self.pool.budget();
         let route = self.pump.ro.as_ref().map(|f| f.route.clone()).unwrap_or_default();
-        self.app.metrics.ro_violations.with_label_values(&[&b.name, &route]).inc();
-        warn!(kind = "read_only_tripwire", service = %b.name, route = %route, client = %self.peer, setting = %what,
-            "read-only route: the server reports read-only off; session ended, server discarded");
-        self.app.telemetry.emit(tables::RO_VIOLATIONS, || {
-            vec![
-                Value::now(),
-                b.name.as_str().into(),
-                route.as_str().into(),
-                self.peer.to_string().into(),
-                "tripwire".into(),
-                what.as_str().into(),
-            ]
-        });
+        warn!(kind = "read_only_tripwire", service = %self.pool.budget().name, route = %route, client = %self.peer,
+            setting = %what, "read-only route: the server reports read-only off; session ended, server discarded");
+        self.count_violation(&route, "tripwire", &what);
         Some(ProxyError::ReadOnly { route, what: format!("a session whose server reports {what} (tripwire)") })
     }
 }
