@@ -245,3 +245,31 @@ async fn a_pipelined_write_after_turning_read_only_off_never_runs() {
         assert_eq!(rows, 0, "{mode}: the pipelined write ran");
     }
 }
+
+/// Spellings only the server's own reading reveals: `U&` identifiers and strings (with `UESCAPE`), and a
+/// statement hidden in a string that ends elsewhere once `standard_conforming_strings` is off. Each is refused
+/// by the filter itself (25006, the session goes on), before any tripwire is needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unicode_escapes_and_backslash_strings_are_read_as_the_server_reads_them() {
+    let pg = Pg::start();
+    for mode in ["session", "transaction"] {
+        let proxy = Proxy::start(&ro_config(&pg, "", mode));
+        let c = connect(&ro(&proxy)).await.unwrap();
+        for sql in [
+            r#"SET U&"d\0065fault_transaction_read_only" = off"#,
+            r#"SET U&"d!0065fault_transaction_read_only" UESCAPE '!' = off"#,
+            r"select set_config(U&'default\005ftransaction\005fread\005fonly', 'off', false)",
+            r"select set_config(U&'default!005ftransaction!005fread!005fonly' UESCAPE '!', 'off', false)",
+        ] {
+            let e = c.simple_query(sql).await.expect_err(sql);
+            assert_eq!(db(&e).1, "25006", "{mode}: {sql}");
+        }
+        c.simple_query("set standard_conforming_strings = off").await.unwrap();
+        let e = c.simple_query(r"SELECT 'a\''; RESET ALL; --'").await.expect_err("hidden RESET ALL");
+        let (_, code, msg) = db(&e);
+        assert_eq!(code, "25006", "{mode}: {msg}");
+        assert!(!msg.contains("tripwire"), "the filter refused it, not the tripwire: {msg}");
+        let v: String = c.query_one("show default_transaction_read_only", &[]).await.unwrap().get(0);
+        assert_eq!(v, "on", "{mode}: still read-only");
+    }
+}

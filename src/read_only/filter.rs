@@ -6,6 +6,7 @@
 //! same, so the relay's bookkeeping of outstanding replies is unchanged.
 
 use crate::protocol::{self, cstr, ProtocolError};
+use crate::read_only::normalize::normalize;
 use crate::read_only::policy;
 use bytes::{BufMut, BytesMut};
 use std::collections::HashSet;
@@ -44,18 +45,22 @@ impl RoFilter {
 
     /// Filter one whole Query, Parse or Bind message (`msg`, header included) into `out`; refused
     /// statements are rewritten, other messages are copied unchanged.
+    /// `backslash_quotes`: the session runs with `standard_conforming_strings = off`.
     pub fn message(
         &mut self,
         msg: &[u8],
         out: &mut BytesMut,
         violations: &mut Vec<Violation>,
+        backslash_quotes: bool,
     ) -> Result<(), ProtocolError> {
+        let allow = self.allow_procedures;
+        let check = |sql: &str| policy::check_route(&normalize(sql, backslash_quotes), allow);
         let kind = msg[0];
         let mut body = &msg[5..];
         match kind {
             b'Q' => {
                 let sql = cstr(&mut body)?;
-                match policy::check_route(sql, self.allow_procedures) {
+                match check(sql) {
                     Ok(()) => out.extend_from_slice(msg),
                     Err(reason) => {
                         violations.push(Violation { fingerprint: policy::fingerprint(sql), reason });
@@ -67,7 +72,7 @@ impl RoFilter {
             b'P' => {
                 let name = cstr(&mut body)?;
                 let sql = cstr(&mut body)?;
-                match policy::check_route(sql, self.allow_procedures) {
+                match check(sql) {
                     Ok(()) => {
                         self.poisoned.remove(name);
                         out.extend_from_slice(msg);
@@ -129,7 +134,7 @@ impl RoFilter {
             if end > input.len() {
                 break Ok(pos);
             }
-            if let Err(e) = self.message(&input[pos..end], &mut out, violations) {
+            if let Err(e) = self.message(&input[pos..end], &mut out, violations, false) {
                 break Err(e);
             }
             pos = end;

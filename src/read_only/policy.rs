@@ -96,7 +96,10 @@ fn tokens(sql: &str) -> Option<Vec<Token>> {
 
 fn literal(t: &Token) -> Option<&str> {
     match t {
-        Token::SingleQuotedString(s) | Token::EscapedStringLiteral(s) | Token::NationalStringLiteral(s) => Some(s),
+        Token::SingleQuotedString(s)
+        | Token::EscapedStringLiteral(s)
+        | Token::NationalStringLiteral(s)
+        | Token::UnicodeStringLiteral(s) => Some(s),
         Token::DollarQuotedString(d) => Some(&d.value),
         _ => None,
     }

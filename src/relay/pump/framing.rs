@@ -128,8 +128,9 @@ impl Pump {
         if ro {
             let mut out = std::mem::take(&mut self.scratch);
             out.clear();
+            let backslash = self.backslash_quotes;
             let f = self.ro.as_mut().expect("read-only route");
-            let r = f.message(msg, &mut out, &mut self.violations).map_err(PumpError::from);
+            let r = f.message(msg, &mut out, &mut self.violations, backslash).map_err(PumpError::from);
             let r = r.and_then(|()| {
                 if txn {
                     self.forward_txn(&out)
