@@ -15,7 +15,7 @@ fn is_word(c: u8) -> bool {
 pub fn normalize(sql: &str, backslash_quotes: bool) -> Cow<'_, str> {
     let b = sql.as_bytes();
     let needs_unicode = b.windows(2).any(|w| w[0].eq_ignore_ascii_case(&b'u') && w[1] == b'&');
-    if !needs_unicode && !(backslash_quotes && b.contains(&b'\\')) {
+    if !(needs_unicode || (backslash_quotes && b.contains(&b'\\'))) {
         return Cow::Borrowed(sql);
     }
     scan(sql, backslash_quotes).map_or(Cow::Borrowed(sql), Cow::Owned)
