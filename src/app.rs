@@ -201,6 +201,36 @@ impl App {
         });
     }
 
+    /// Check every read-only route's `replica` or `role` tier once now (startup, reload) on a connection of its
+    /// own, closed afterwards, and log the verdict. The same check runs on every new server connection of the
+    /// route, so a failing route serves nothing meanwhile. (The `session` tier has nothing to check up front.)
+    pub fn verify_read_only(&self) {
+        let tier = self.resolved().config.read_only.enforce;
+        let pools: Vec<_> =
+            self.pools().all().into_iter().filter(|p| p.route == crate::budget::pool::Route::ReadOnly).collect();
+        if pools.is_empty() || tier == crate::config::Enforce::Session {
+            return;
+        }
+        let stop = self.shutdown.clone();
+        self.tasks.spawn(async move {
+            for p in pools {
+                let service = p.key.service.clone();
+                let checked = tokio::select! {
+                    r = p.checkout_within(Duration::from_secs(10)) => r,
+                    _ = stop.cancelled() => return,
+                };
+                match checked {
+                    Ok(conn) => {
+                        drop(deadpool::managed::Object::take(conn));
+                        info!(%service, tier = tier.as_str(), "read-only route verified");
+                    }
+                    Err(e) => tracing::error!(%service, tier = tier.as_str(), cause = %e,
+                        "read-only route is not served: its check failed"),
+                }
+            }
+        });
+    }
+
     /// Install a reloaded configuration (see `reload`); sessions already running keep what they hold.
     pub(crate) fn install(&self, resolved: Resolved, users: UserDb, pools: Pools) {
         self.pools.store(Arc::new(pools));
@@ -223,6 +253,7 @@ impl App {
     /// Accept clients until shutdown; each gets a session task with its own span.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         self.spawn_reaper();
+        self.verify_read_only();
         self.start_snapshot_log();
         self.start_lake_snapshots();
         #[cfg(feature = "lake")]

@@ -55,6 +55,13 @@ async fn role_tier_refuses_a_role_that_can_write_and_serves_one_that_cannot() {
     .await;
     let cfg = ro_config(&pg, "enforce = \"role\"\nuser = \"reader\"\npassword_env = \"READER_PW\"", "transaction");
     let proxy = Proxy::start_env(&cfg, &[("READER_PW", "rpw")]);
+    // Checked at startup, before any client: the log says the route is not served and why.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains("read-only route is not served") {
+        assert!(std::time::Instant::now() < deadline, "no startup verdict: {}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(proxy.log().contains("may INSERT on public.audit"), "the startup check names what it found");
     let err = connect(&ro(&proxy)).await.err();
     let err = match err {
         Some(e) => e,
@@ -186,7 +193,7 @@ async fn procedures_prepared_transactions_bundled_control_and_fastpath_are_refus
             "rollback prepared 'x'",
             "prepare transaction 'x'",
             "select 1; commit; select 2",
-            "begin; select 1",
+            "select 1; begin; select 2",
         ] {
             let e = c.simple_query(sql).await.expect_err(sql);
             assert_eq!(db(&e).1, "25006", "{mode}: {sql}");
@@ -198,9 +205,27 @@ async fn procedures_prepared_transactions_bundled_control_and_fastpath_are_refus
             }
             c.simple_query("select 1").await.expect("the session goes on");
         }
-        // Alone, transaction control is fine.
+        // First in its message, transaction control is fine.
         c.batch_execute("begin").await.unwrap();
         c.batch_execute("commit").await.unwrap();
+        c.batch_execute("begin; select 1").await.unwrap();
+        c.batch_execute("commit").await.unwrap();
+        // In one extended batch: a statement, then COMMIT, then more (Parse/Bind/Execute x3, one Sync).
+        {
+            use tokio::io::AsyncWriteExt;
+            let mut s = raw::Raw::login(proxy.port, &raw::params("app_ro"), PG_PASSWORD).await.unwrap();
+            let mut batch = Vec::new();
+            for sql in ["select 1", "commit", "select 2"] {
+                batch.extend(raw::parse("", sql));
+                batch.extend(raw::bind(""));
+                batch.extend(raw::execute());
+            }
+            batch.extend(raw::sync());
+            s.s.write_all(&batch).await.unwrap();
+            let reply = s.reply().await.unwrap();
+            assert_eq!(reply.error.as_ref().map(|e| e.code.as_str()), Some("25006"), "{mode}: {reply:?}");
+        }
+        drop(c);
         // A fastpath FunctionCall of set_config (oid 2078) has no text to check: refused, the session goes on.
         let mut s = raw::Raw::login(proxy.port, &raw::params("app_ro"), PG_PASSWORD).await.unwrap();
         let mut body = Vec::new();
@@ -263,6 +288,8 @@ async fn unicode_escapes_and_backslash_strings_are_read_as_the_server_reads_them
         ] {
             let e = c.simple_query(sql).await.expect_err(sql);
             assert_eq!(db(&e).1, "25006", "{mode}: {sql}");
+            let e = c.query(sql, &[]).await.expect_err(sql);
+            assert_eq!(db(&e).1, "25006", "{mode} (extended): {sql}");
         }
         c.simple_query("set standard_conforming_strings = off").await.unwrap();
         let e = c.simple_query(r"SELECT 'a\''; RESET ALL; --'").await.expect_err("hidden RESET ALL");

@@ -118,6 +118,7 @@ impl App {
         match &result {
             Ok(s) => {
                 info!(kind = "reload", %s, "configuration reloaded");
+                self.verify_read_only();
                 self.record_config("applied", &s.to_string(), 0);
             }
             Err(e) => {

@@ -22,6 +22,9 @@ pub struct RoFilter {
     pub route: String,
     /// `[read_only] allow_procedures`: serve CALL and DO.
     pub allow_procedures: bool,
+    /// Statements parsed in the extended batch so far (since the last Sync): transaction control may only come
+    /// first, as in a Query.
+    batch_stmts: u32,
     /// Prepared statements that were rewritten, by name ("" is the unnamed one).
     poisoned: HashSet<String>,
     /// Filtered bytes ready to send to the server; reused across calls.
@@ -30,7 +33,13 @@ pub struct RoFilter {
 
 impl RoFilter {
     pub fn new(route: &str) -> RoFilter {
-        RoFilter { route: route.to_owned(), allow_procedures: false, poisoned: HashSet::new(), out: BytesMut::new() }
+        RoFilter {
+            route: route.to_owned(),
+            allow_procedures: false,
+            batch_stmts: 0,
+            poisoned: HashSet::new(),
+            out: BytesMut::new(),
+        }
     }
 
     fn raise_sql(&self, reason: &str) -> String {
@@ -72,7 +81,16 @@ impl RoFilter {
             b'P' => {
                 let name = cstr(&mut body)?;
                 let sql = cstr(&mut body)?;
-                match check(sql) {
+                let control = policy::is_transaction_control(&normalize(sql, backslash_quotes));
+                // As in a Query: transaction control only as the batch's first statement.
+                let late = control && self.batch_stmts > 0;
+                self.batch_stmts += 1;
+                let verdict = if late {
+                    Err("transaction control after another statement in the same batch")
+                } else {
+                    check(sql)
+                };
+                match verdict {
                     Ok(()) => {
                         self.poisoned.remove(name);
                         out.extend_from_slice(msg);
@@ -103,6 +121,10 @@ impl RoFilter {
                 } else {
                     out.extend_from_slice(msg);
                 }
+            }
+            b'S' => {
+                self.batch_stmts = 0;
+                out.extend_from_slice(msg);
             }
             // A fastpath FunctionCall (e.g. set_config by oid) has no text to check: refused. A Query that
             // raises gets the same reply shape (ErrorResponse, ReadyForQuery).

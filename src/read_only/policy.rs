@@ -177,14 +177,20 @@ pub fn check(sql: &str) -> Result<(), Reason> {
 const TX_CONTROL: [&str; 9] =
     ["begin", "start", "commit", "end", "rollback", "abort", "savepoint", "release", "prepare"];
 
+/// One statement of transaction control (`BEGIN`, `COMMIT`, `SAVEPOINT` ...), as the batch rule counts them.
+pub fn is_transaction_control(sql: &str) -> bool {
+    let Some(toks) = tokens(sql) else { return false };
+    toks.iter().find_map(word).is_some_and(|w| TX_CONTROL.contains(&w.as_str()))
+}
+
 /// The route's rules on top of [`check`]: `CALL` and `DO` (both can commit inside) only with
 /// `allow_procedures`; `COMMIT PREPARED` / `ROLLBACK PREPARED` (they finish a write made elsewhere) and
-/// `PREPARE TRANSACTION` never; transaction control only alone in its Query, so no single message can both
+/// `PREPARE TRANSACTION` never; transaction control only first in its Query, so no single message can both
 /// change a setting and start the transaction that would use it.
 pub fn check_route(sql: &str, allow_procedures: bool) -> Result<(), Reason> {
     if let Some(toks) = tokens(sql) {
         let stmts: Vec<&[Token]> = toks.split(|t| *t == Token::SemiColon).filter(|s| !s.is_empty()).collect();
-        for stmt in &stmts {
+        for (n, stmt) in stmts.iter().enumerate() {
             let w: Vec<String> = stmt.iter().take(2).filter_map(word).collect();
             let (first, second) = (w.first().map(String::as_str), w.get(1).map(String::as_str));
             match (first, second) {
@@ -194,8 +200,10 @@ pub fn check_route(sql: &str, allow_procedures: bool) -> Result<(), Reason> {
                     return Err("COMMIT/ROLLBACK PREPARED (finishes a write made elsewhere)")
                 }
                 (Some("prepare"), Some("transaction")) => return Err("PREPARE TRANSACTION"),
-                (Some(f), _) if stmts.len() > 1 && TX_CONTROL.contains(&f) => {
-                    return Err("transaction control must be alone in its statement")
+                // First is fine (the transaction it starts or ends is decided before anything else ran);
+                // after another statement it could start a transaction with settings that statement changed.
+                (Some(f), _) if n > 0 && TX_CONTROL.contains(&f) => {
+                    return Err("transaction control after another statement in the same message")
                 }
                 _ => {}
             }

@@ -44,7 +44,7 @@ impl Pump {
                 return Ok((moved, None));
             }
             let txn = self.stmts.is_some();
-            let ro = self.ro.is_some() && matches!(kind, b'Q' | b'P' | b'B' | b'F');
+            let ro = self.ro.is_some() && matches!(kind, b'Q' | b'P' | b'B' | b'F' | b'S');
             let held = matches!(kind, b'D' | b'X')
                 || ro
                 || (txn
