@@ -37,7 +37,11 @@ UNION ALL (SELECT 'owns ' || relname FROM pg_catalog.pg_class \
 UNION ALL (SELECT 'owns schema ' || nspname FROM pg_catalog.pg_namespace \
  WHERE nspowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) LIMIT 5) \
 UNION ALL (SELECT 'owns function ' || proname FROM pg_catalog.pg_proc \
- WHERE proowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) LIMIT 5)";
+ WHERE proowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) LIMIT 5) \
+UNION ALL (SELECT 'owns type ' || typname FROM pg_catalog.pg_type \
+ WHERE typowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) LIMIT 5) \
+UNION ALL (SELECT 'owns database ' || datname FROM pg_catalog.pg_database \
+ WHERE datdba = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) LIMIT 5)";
 
 async fn rows(conn: &mut ServerConn, sql: &str, timeout: Duration) -> Result<Vec<String>, ServerError> {
     let mut out = BytesMut::new();
