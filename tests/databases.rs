@@ -218,7 +218,12 @@ async fn max_pools_refuses_then_unused_pools_close() {
     let cfg = config(&pg, "[services.app]\nslice = 4\nserver_idle_timeout = \"1s\"\n")
         .replace("drain_timeout", "max_pools = 2\ndrain_timeout")
         .replace("reserved = 2\n", "reserved = 2\ndatabases = \"*\"\n");
+    let (cfg, admin_port) = with_admin(cfg);
     let proxy = Proxy::start(&cfg);
+    let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| async move {
+        let text = http_get(admin_port, "/metrics").await;
+        sample(&text, name, labels).unwrap_or(-1.0)
+    };
     let at = |db: &str| format!("host=127.0.0.1 port={} user=postgres password={PG_PASSWORD} dbname={db}", proxy.port);
     let direct = connect(&pg.conninfo()).await.unwrap();
     let backends_in = |db: &'static str| {
@@ -244,6 +249,9 @@ async fn max_pools_refuses_then_unused_pools_close() {
         assert_eq!((sev.as_str(), code.as_str()), ("FATAL", "53300"), "{msg}");
         assert!(msg.contains("max_pools"), "{msg}");
         assert_eq!(backends_in("db2").await, 1);
+        assert_eq!(metric("pgbudget_pools", &[]).await, 2.0);
+        let refused = metric("pgbudget_client_connections_rejected_total", &[("reason", "max_pools")]).await;
+        assert_eq!(refused, 1.0);
     }
     // db2's client is gone: its idle server closes within other_database_idle_timeout (1 s) ...
     let deadline = Instant::now() + Duration::from_secs(6);

@@ -152,6 +152,7 @@ impl App {
                 row
             })
             .collect();
+        self.metrics.pools.set(all.len() as i64);
         Snapshot { pools, upstreams, clients: self.metrics.clients_active.get() }
     }
 

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub clients_accepted: IntCounter,
     pub clients_rejected: IntCounterVec,
     pub clients_active: IntGauge,
+    /// Pools open now, one per (service, route, database, upstream role); at most `proxy.max_pools`.
+    pub pools: IntGauge,
     /// Clients between accept and the end of authentication (login slots in use).
     pub clients_logging_in: IntGauge,
     checkout_timeouts: IntCounterVec,
@@ -153,6 +155,15 @@ impl Metrics {
             ),
             clients_active: {
                 let g = IntGauge::new("pgbudget_clients_active", "Client sessions currently open").expect("valid");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            pools: {
+                let g = IntGauge::new(
+                    "pgbudget_pools",
+                    "Pools open, one per service, route, database and upstream role (at most proxy.max_pools)",
+                )
+                .expect("valid");
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
