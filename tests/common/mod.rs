@@ -214,6 +214,7 @@ impl Proxy {
             .stderr(log)
             .spawn()
             .expect("pgbudget starts");
+        watchdog(child.id(), &path);
         let p = Proxy { port, child: Some(child), dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -252,6 +253,27 @@ impl Proxy {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A test stuck on its proxy fails in minutes instead of holding CI until its deadline: after
+/// [`WATCHDOG`], a pgbudget still running from this config (its command line names the config's unique temp
+/// path, so a reused pid is never touched) prints its log tail and is killed, and the test sees its connection end.
+const WATCHDOG: Duration = Duration::from_secs(600);
+
+fn watchdog(pid: u32, config: &Path) {
+    let config = config.display().to_string();
+    let log = Path::new(&config).with_file_name("pgbudget.log");
+    std::thread::spawn(move || {
+        std::thread::sleep(WATCHDOG);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(&config) {
+            return;
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+        eprintln!("test watchdog: pgbudget {pid} still running after {WATCHDOG:?}; its log ends:\n{}", tail.join("\n"));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
 }
 
 impl Drop for Proxy {
