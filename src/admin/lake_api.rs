@@ -33,8 +33,10 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
 }
 
-fn lake(app: &App) -> Result<Arc<crate::lake::Lake>, (StatusCode, String)> {
-    let off = || (StatusCode::NOT_FOUND, "the lake is not enabled ([lake] enabled)".to_owned());
+/// What every lake POST starts with: the bearer token, then the lake itself; `Err` is the response to send.
+fn authorized_lake(app: &App, headers: &HeaderMap) -> Result<Arc<crate::lake::Lake>, Box<Response>> {
+    crate::admin::http::auth::require(app, headers, "the lake API").map_err(|e| Box::new(e.into_response()))?;
+    let off = || Box::new(error(StatusCode::NOT_FOUND, "the lake is not enabled ([lake] enabled)"));
     app.telemetry.lake().cloned().ok_or_else(off)
 }
 
@@ -121,12 +123,9 @@ fn json_param(v: &Jv) -> Result<Value, String> {
 }
 
 async fn query(State(app): State<Arc<App>>, headers: HeaderMap, body: Json<QueryBody>) -> Response {
-    if let Err(e) = crate::admin::http::auth::require(&app, &headers, "the lake API") {
-        return e.into_response();
-    }
-    let lake = match lake(&app) {
+    let lake = match authorized_lake(&app, &headers) {
         Ok(l) => l,
-        Err((status, msg)) => return error(status, msg),
+        Err(r) => return *r,
     };
     if let Err(e) = check_read_only_sql(&body.sql) {
         return error(StatusCode::BAD_REQUEST, e);
@@ -156,12 +155,9 @@ async fn timeline(
     headers: HeaderMap,
     body: Json<crate::lake::timeline::TimelineOptions>,
 ) -> Response {
-    if let Err(e) = crate::admin::http::auth::require(&app, &headers, "the lake API") {
-        return e.into_response();
-    }
-    let lake = match lake(&app) {
+    let lake = match authorized_lake(&app, &headers) {
         Ok(l) => l,
-        Err((status, msg)) => return error(status, msg),
+        Err(r) => return *r,
     };
     let reader = lake.clone();
     let options = body.0;
@@ -232,12 +228,9 @@ async fn append(
     Path(table): Path<String>,
     body: Json<Jv>,
 ) -> Response {
-    if let Err(e) = crate::admin::http::auth::require(&app, &headers, "the lake API") {
-        return e.into_response();
-    }
-    let lake = match lake(&app) {
+    let lake = match authorized_lake(&app, &headers) {
         Ok(l) => l,
-        Err((status, msg)) => return error(status, msg),
+        Err(r) => return *r,
     };
     let (Some(writer), Some(id)) = (lake.writer(), lake.registry().id(&table)) else {
         return error(StatusCode::NOT_FOUND, format!("no writable lake table {table}"));

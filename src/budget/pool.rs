@@ -280,8 +280,10 @@ pub struct ServicePool {
     /// (reported setting, value a client asked for) → the value the server reports for it (`German` →
     /// `German, DMY`), learned from a server once, for transaction-mode greetings.
     pub reported: std::sync::Mutex<HashMap<(String, String), String>>,
-    /// When a client last checked a connection out of it (a pool of a database nobody uses closes).
-    pub last_used: Mutex<Instant>,
+    /// When the pool was made, and when a client last checked a connection out of it (ms after that; a pool
+    /// of a database nobody uses closes). An atomic: every checkout stamps it.
+    pub made: Instant,
+    pub last_used_ms: AtomicU64,
 }
 
 /// One pinned client, counted in its pool until dropped.
@@ -341,7 +343,7 @@ impl ServicePool {
                     tokio::time::sleep(left.min(SHARE_RECHECK)).await;
                 }
                 Ok(c) => {
-                    *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+                    self.last_used_ms.store(self.made.elapsed().as_millis() as u64, Ordering::Relaxed);
                     return Ok(c);
                 }
                 Err(Some(e)) => return Err(e),
@@ -416,6 +418,11 @@ impl ServicePool {
         self.pool.retain(|c, _| {
             !c.broken && c.last_checkin.elapsed() < idle && c.created.elapsed() < life && c.generation >= generation
         });
+    }
+
+    /// How long no client checked a connection out of this pool.
+    pub fn unused_for(&self) -> Duration {
+        self.made.elapsed().saturating_sub(Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed)))
     }
 
     /// Server connections checked out by clients now.

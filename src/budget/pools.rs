@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use deadpool::managed;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicU8};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 use tokio::sync::Semaphore;
 
@@ -58,16 +58,16 @@ impl Pools {
                     continue;
                 }
                 let gkey = (name.clone(), route);
-                let kept = old.and_then(|o| o.groups.get(&gkey).map(|g| (o, g.clone())));
-                let kept =
-                    kept.filter(|(o, _)| o.of_group(name, route).iter().all(|p| p.budget().upstream == b.upstream));
+                // The group's old pools, read once: kept when they all reach the same upstream.
+                let kept = old.and_then(|o| o.groups.get(&gkey).map(|g| (o.of_group(name, route), g.clone())));
+                let kept = kept.filter(|(members, _)| members.iter().all(|p| p.budget().upstream == b.upstream));
                 let group = match kept {
-                    Some((o, g)) => {
+                    Some((members, g)) => {
                         g.slots.set_limit(share);
                         g.admission.reconfigure(b.settings.admission.clone(), share);
                         let served = &r.upstreams[&b.upstream].databases;
                         let ro_db = &r.upstreams[&b.upstream].database;
-                        for p in o.of_group(name, route) {
+                        for p in members {
                             let still = route == Route::ReadOnly && &p.key.database == ro_db
                                 || served.real_targets_include(&p.key.database);
                             if still {
@@ -199,7 +199,8 @@ impl Pools {
             statements: Default::default(),
             pinned: group.pinned.clone(),
             reported: Default::default(),
-            last_used: Mutex::new(Instant::now()),
+            made: Instant::now(),
+            last_used_ms: AtomicU64::new(0),
         }
     }
 
@@ -245,7 +246,7 @@ impl Pools {
         let unused = |p: &Arc<ServicePool>| {
             let t = &self.resolved.upstreams[&p.budget().upstream];
             let default = p.key.database == t.database && p.key.role == t.user;
-            let idle_for = p.last_used.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+            let idle_for = p.unused_for();
             !default && p.pool.status().size == 0 && idle_for >= other_idle.min(p.budget().settings.server_idle_timeout)
         };
         if !all.iter().any(unused) {

@@ -48,16 +48,28 @@ impl LakeReader {
         self.interrupt.interrupt();
     }
 
-    /// Run one SELECT (`?` placeholders bound to `params`) and return at most `limit` rows (capped by
-    /// `max_rows`). The query is wrapped as a subquery, so only a single query statement is accepted.
-    pub fn query(&self, sql: &str, params: &[Value], limit: usize) -> Result<QueryResult, LakeError> {
+    /// The row limit (capped by `max_rows`) and `sql` wrapped as a subquery fetching one row more, so a cut is
+    /// seen.
+    fn wrap(&self, sql: &str, limit: usize) -> (usize, String) {
         let limit = limit.clamp(1, self.max_rows);
         let body = sql.trim().trim_end_matches(';');
-        let wrapped = format!("SELECT * FROM ({body}\n) AS q LIMIT {}", limit + 1);
+        (limit, format!("SELECT * FROM ({body}\n) AS q LIMIT {}", limit + 1))
+    }
+
+    /// The reader's state with the catalog attached (re-attached first if it was not).
+    fn attached_state(&self) -> Result<std::sync::MutexGuard<'_, State>, LakeError> {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if !self.catalog.is_attached() {
             self.heal(&mut st)?;
         }
+        Ok(st)
+    }
+
+    /// Run one SELECT (`?` placeholders bound to `params`) and return at most `limit` rows (capped by
+    /// `max_rows`). The query is wrapped as a subquery, so only a single query statement is accepted.
+    pub fn query(&self, sql: &str, params: &[Value], limit: usize) -> Result<QueryResult, LakeError> {
+        let (limit, wrapped) = self.wrap(sql, limit);
+        let mut st = self.attached_state()?;
         let first = {
             let _using = self.catalog.using();
             match run(&st.conn, &wrapped, params, limit) {
@@ -76,13 +88,8 @@ impl LakeReader {
     /// the connection's default database is the lake for this one statement. A failure is returned as it is
     /// (no re-attach while the lake is the default database).
     pub fn query_in_lake(&self, sql: &str, params: &[Value], limit: usize) -> Result<QueryResult, LakeError> {
-        let limit = limit.clamp(1, self.max_rows);
-        let body = sql.trim().trim_end_matches(';');
-        let wrapped = format!("SELECT * FROM ({body}\n) AS q LIMIT {}", limit + 1);
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.catalog.is_attached() {
-            self.heal(&mut st)?;
-        }
+        let (limit, wrapped) = self.wrap(sql, limit);
+        let st = self.attached_state()?;
         let _using = self.catalog.using();
         let home: String = st.conn.query_row("SELECT current_database()", [], |r| r.get(0))?;
         st.conn.execute_batch(&format!("USE {ALIAS}"))?;

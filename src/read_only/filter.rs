@@ -63,13 +63,12 @@ impl RoFilter {
         backslash_quotes: bool,
     ) -> Result<(), ProtocolError> {
         let allow = self.allow_procedures;
-        let check = |sql: &str| policy::check_route(&normalize(sql, backslash_quotes), allow);
         let kind = msg[0];
         let mut body = &msg[5..];
         match kind {
             b'Q' => {
                 let sql = cstr(&mut body)?;
-                match check(sql) {
+                match policy::check_route(&normalize(sql, backslash_quotes), allow) {
                     Ok(()) => out.extend_from_slice(msg),
                     Err(reason) => {
                         violations.push(Violation { fingerprint: policy::fingerprint(sql), reason });
@@ -81,14 +80,15 @@ impl RoFilter {
             b'P' => {
                 let name = cstr(&mut body)?;
                 let sql = cstr(&mut body)?;
-                let control = policy::is_transaction_control(&normalize(sql, backslash_quotes));
+                // Read as the server reads it, once for both checks.
+                let text = normalize(sql, backslash_quotes);
                 // As in a Query: transaction control only as the batch's first statement.
-                let late = control && self.batch_stmts > 0;
+                let late = self.batch_stmts > 0 && policy::is_transaction_control(&text);
                 self.batch_stmts += 1;
                 let verdict = if late {
                     Err("transaction control after another statement in the same batch")
                 } else {
-                    check(sql)
+                    policy::check_route(&text, allow)
                 };
                 match verdict {
                     Ok(()) => {

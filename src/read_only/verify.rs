@@ -3,9 +3,7 @@
 //! the connection with what was found, so the route serves nothing it cannot vouch for.
 
 use crate::config::Enforce;
-use crate::protocol;
 use crate::server::{ServerConn, ServerError};
-use bytes::BytesMut;
 use std::time::Duration;
 
 /// Everything the current role could change: attributes, memberships, privileges, ownership (at most a few
@@ -43,20 +41,12 @@ UNION ALL (SELECT 'owns type ' || typname FROM pg_catalog.pg_type \
 UNION ALL (SELECT 'owns database ' || datname FROM pg_catalog.pg_database \
  WHERE datdba = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) LIMIT 5)";
 
-async fn rows(conn: &mut ServerConn, sql: &str, timeout: Duration) -> Result<Vec<String>, ServerError> {
-    let mut out = BytesMut::new();
-    protocol::simple_query(&mut out, sql);
-    let mut rows = Vec::new();
-    conn.round_trip_rows(&out, timeout, Some(&mut rows)).await?;
-    Ok(rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect())
-}
-
 /// Check `tier` on `conn`; `Err(ServerError::ReadOnlyUnverified)` names what failed.
 pub async fn verify(conn: &mut ServerConn, tier: Enforce, timeout: Duration) -> Result<(), ServerError> {
     match tier {
         Enforce::Session => Ok(()),
         Enforce::Replica => {
-            let got = rows(conn, "SELECT pg_catalog.pg_is_in_recovery()", timeout).await?;
+            let got = conn.simple_column("SELECT pg_catalog.pg_is_in_recovery()", timeout).await?;
             if got.first().map(String::as_str) == Some("t") {
                 Ok(())
             } else {
@@ -68,7 +58,7 @@ pub async fn verify(conn: &mut ServerConn, tier: Enforce, timeout: Duration) -> 
             }
         }
         Enforce::Role => {
-            let found = rows(conn, ROLE_AUDIT, timeout).await?;
+            let found = conn.simple_column(ROLE_AUDIT, timeout).await?;
             if found.is_empty() {
                 return Ok(());
             }

@@ -176,11 +176,7 @@ impl ServerConn {
             SessionAttrs::ReadWrite => ("SHOW transaction_read_only", "off", "read-write"),
             SessionAttrs::Primary => ("SELECT pg_is_in_recovery()", "f", "primary"),
         };
-        let mut out = BytesMut::new();
-        protocol::simple_query(&mut out, sql);
-        let mut rows = Vec::new();
-        self.round_trip_rows(&out, ATTRS_TIMEOUT, Some(&mut rows)).await?;
-        let got = rows.first().and_then(|r| r.first().cloned().flatten()).unwrap_or_default();
+        let got = self.simple_column(sql, ATTRS_TIMEOUT).await?.into_iter().next().unwrap_or_default();
         if got != want {
             return Err(ServerError::Auth(format!(
                 "target_session_attrs={what}: the server is not ({sql} says {got:?})"

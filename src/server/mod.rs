@@ -239,6 +239,15 @@ impl ServerConn {
         self.round_trip(&out, timeout).await
     }
 
+    /// [`ServerConn::simple`], returning the first column of every row (NULLs left out).
+    pub(crate) async fn simple_column(&mut self, sql: &str, timeout: Duration) -> Result<Vec<String>, ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 8);
+        protocol::simple_query(&mut out, sql);
+        let mut rows = Vec::new();
+        self.round_trip_rows(&out, timeout, Some(&mut rows)).await?;
+        Ok(rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect())
+    }
+
     /// Send the proxy's own messages and read the reply up to ReadyForQuery within `timeout`. Anything but
     /// the server's own error (a timeout, a closed or garbled stream) leaves the connection broken.
     async fn round_trip(&mut self, out: &[u8], timeout: Duration) -> Result<(), ServerError> {

@@ -179,11 +179,7 @@ impl UpstreamTls {
     }
 
     /// Negotiate on a fresh connection to `host`: plaintext, or TLS per the mode. `Err` names why not.
-    pub async fn negotiate(&self, tcp: TcpStream, host: &str) -> Result<Stream, Refused> {
-        self.negotiate_inner(tcp, host).await
-    }
-
-    async fn negotiate_inner(&self, mut tcp: TcpStream, host: &str) -> Result<Stream, Refused> {
+    pub async fn negotiate(&self, mut tcp: TcpStream, host: &str) -> Result<Stream, Refused> {
         let Some(connector) = &self.connector else { return Ok(Stream::Plain(tcp)) };
         let name = ServerName::try_from(host.to_owned()).map_err(|e| Refused::Tls(format!("host {host:?}: {e}")))?;
         if !self.direct {
