@@ -64,9 +64,13 @@ impl std::fmt::Display for ReloadSummary {
     }
 }
 
+/// The same server, reached the same way: address, login, ceiling, and every URL parameter that shapes a
+/// connection (TLS, allowed authentication, options, timeouts, session attributes, socket).
 fn same_target(a: &UpstreamTarget, b: &UpstreamTarget) -> bool {
     (&a.host, a.port, &a.user, &a.password, &a.database, a.ceiling, a.reserved)
         == (&b.host, b.port, &b.user, &b.password, &b.database, b.ceiling, b.reserved)
+        && (&a.tls_params, &a.auth, &a.options, a.connect_timeout, a.session_attrs, &a.socket_dir)
+            == (&b.tls_params, &b.auth, &b.options, b.connect_timeout, b.session_attrs, &b.socket_dir)
 }
 
 /// Every difference between `old` and `new` that a running process cannot take over.
@@ -159,5 +163,29 @@ impl App {
         }
         self.install(new, users, pools);
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Env;
+
+    fn resolved(query: &str) -> Resolved {
+        let text = format!(
+            "[proxy]\nservice = \"web\"\n[upstreams.primary]\nurl = \"postgres://u:p@db/app{query}\"\nceiling = 10\n\
+             [services.web]\nslice = 3\n"
+        );
+        Resolved::resolve(Config::parse(&text).unwrap(), &Env::default()).unwrap()
+    }
+
+    #[test]
+    fn a_changed_url_parameter_needs_a_restart() {
+        let old = resolved("");
+        assert!(restart_needed(&old, &resolved("")).is_empty());
+        for query in ["?sslmode=require", "?require_auth=md5", "?options=-c%20x%3D1", "?connect_timeout=9"] {
+            let why = restart_needed(&old, &resolved(query));
+            assert!(why.iter().any(|w| w.contains("upstreams.primary")), "{query}: {why:?}");
+        }
     }
 }
