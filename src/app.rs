@@ -117,8 +117,8 @@ pub struct ClientInfo {
     pub service: String,
     pub application_name: String,
     pub connected_at: SystemTime,
-    /// The proxy-issued cancel pid, which also tells whether the client holds a server now.
-    pub key_pid: i32,
+    /// The client's cancel key (pid, secret), which also tells whether the client holds a server now.
+    pub key: (i32, i32),
     /// Why its server is pinned to it (bits in [`crate::server::PIN_REASONS`] order; 0: not pinned).
     pub pins: Arc<std::sync::atomic::AtomicU8>,
 }

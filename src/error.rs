@@ -38,6 +38,8 @@ pub enum ProxyError {
     Paused { service: String, waited: Duration },
     #[error("session ended by an operator's KILL")]
     Killed,
+    #[error("the client's home backend was terminated by an administrator")]
+    HomeTerminated,
     #[error("idle in transaction for {0:?}")]
     IdleInTransaction(Duration),
     #[error("client idle for {0:?}")]
@@ -99,6 +101,7 @@ impl ProxyError {
             ProxyError::QueuedCancel => "queued_cancel",
             ProxyError::Paused { .. } => "paused",
             ProxyError::Killed => "killed",
+            ProxyError::HomeTerminated => "home_terminated",
             ProxyError::IdleInTransaction(_) => "idle_in_transaction_timeout",
             ProxyError::ClientIdle(_) => "client_idle_timeout",
             ProxyError::Upstream { .. } => "upstream",
@@ -195,6 +198,10 @@ impl ProxyError {
             ),
             ProxyError::Killed => {
                 (Fatal, ADMIN_SHUTDOWN, "terminating connection due to administrator command (pgbudget KILL)".into())
+            }
+            // The words Postgres uses: the client was told this backend's pid, and it was terminated.
+            ProxyError::HomeTerminated => {
+                (Fatal, ADMIN_SHUTDOWN, "terminating connection due to administrator command".into())
             }
             ProxyError::IdleInTransaction(d) => (
                 Fatal,
@@ -352,6 +359,7 @@ mod tests {
             ProxyError::QueuedCancel,
             ProxyError::Paused { service: "w".into(), waited: Duration::from_secs(1) },
             ProxyError::Killed,
+            ProxyError::HomeTerminated,
             ProxyError::IdleInTransaction(Duration::from_secs(1)),
             ProxyError::ClientIdle(Duration::from_secs(1)),
             ProxyError::ServerRejected { code: "22023".into(), message: "bad value".into() },

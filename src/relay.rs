@@ -37,6 +37,8 @@ pub mod waiting;
 const SHRINK_AFTER: Duration = Duration::from_secs(1);
 /// How long a client that holds no server may leave its replies unread before the session is ended.
 const CLIENT_WRITE_STALL: Duration = Duration::from_secs(60);
+/// How often a statement that asks for its backend's pid looks whether its home server is idle again.
+const HOME_RECHECK: Duration = Duration::from_millis(5);
 /// How long a detaching client waits for a cancel it sent to reach Postgres before its server is discarded.
 const CANCEL_SETTLE: Duration = Duration::from_secs(6);
 
@@ -83,6 +85,8 @@ pub struct Relay {
     pub pin_bits: Arc<std::sync::atomic::AtomicU8>,
     /// Counts this client in its pool's pinned clients while pinned.
     pin_count: Option<crate::budget::pool::PinCount>,
+    /// Transaction mode: the server whose pid the client was told, preferred at every checkout.
+    pub home: Option<crate::budget::affinity::Home>,
 }
 
 /// Which idle limit applies.
@@ -107,6 +111,7 @@ enum Wake {
     Pump(Result<Event, PumpError>),
     Shutdown,
     Killed,
+    HomeEnded,
     IdleCheck,
 }
 
@@ -169,6 +174,7 @@ impl Relay {
             pins: Vec::new(),
             pin_bits: Default::default(),
             pin_count: None,
+            home: None,
         }
     }
 
@@ -191,6 +197,7 @@ impl Relay {
             key: &self.key,
             exempt: self.exempt,
             may_notice: self.greeted,
+            home: self.home.as_ref().map(|h| h.pid),
             who: Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry },
         };
         let checkout = crate::budget::checkout::acquire(&pool, waiter).await;
@@ -237,6 +244,25 @@ impl Relay {
         Ok(())
     }
 
+    /// A statement that asks for the backend's pid runs on the client's home, as it would direct: when the
+    /// home is busy with another client, wait (up to `checkout_timeout`) for it to be parked again. Only the
+    /// statements already received are looked at, and only when the home is not idle anyway.
+    async fn await_home(&mut self) {
+        let Some(pid) = self.home.as_ref().map(|h| h.pid) else { return };
+        let m = self.pool.pool.manager();
+        let asks = |cin: &[u8]| cin.windows(11).any(|w| w.eq_ignore_ascii_case(b"backend_pid"));
+        if m.affinity.is_parked(pid) || !asks(&self.pump.cin) {
+            return;
+        }
+        let alive = || {
+            m.upstream.servers.contains_key(&pid) || m.replica.as_ref().is_some_and(|r| r.servers.contains_key(&pid))
+        };
+        let until = Instant::now() + self.pool.budget().settings.checkout_timeout;
+        while alive() && !m.affinity.is_parked(pid) && Instant::now() < until {
+            tokio::time::sleep(HOME_RECHECK).await;
+        }
+    }
+
     /// Give back a server checked out only to learn what it reports (the login of a transaction-mode client).
     pub async fn give_back(&mut self) {
         if self.pump.releasable() {
@@ -264,8 +290,8 @@ impl Relay {
 
     /// Return a clean server to the pool (transaction mode, at an idle boundary).
     async fn release(&mut self) {
-        if let Some(mut c) = self.detach().await {
-            c.last_checkin = Instant::now();
+        if let Some(c) = self.detach().await {
+            self.pool.put_back(c);
         }
         self.hold = None;
     }
@@ -305,6 +331,15 @@ impl Relay {
         let kill = self.pool.control.kill_token();
         let killed = kill.cancelled();
         tokio::pin!(killed);
+        // Transaction mode: an administrator terminated the backend whose pid this client was told.
+        let home = self.home.as_ref().map(|h| h.ended.clone());
+        let home_ended = async move {
+            match home {
+                Some(t) => t.cancelled_owned().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(home_ended);
         let idle_timer = tokio::time::sleep(Duration::from_secs(86_400));
         tokio::pin!(idle_timer);
         // Buffers go back only after the client has idled a while without a server, so a busy client does
@@ -350,6 +385,7 @@ impl Relay {
                     let wake = tokio::select! {
                         _ = &mut cancelled => return Ok(Outcome::ShuttingDown),
                         _ = &mut killed => return Err(ProxyError::Killed),
+                        _ = &mut home_ended => return Err(ProxyError::HomeTerminated),
                         r = poll_fn(|cx| self.pump.poll_client_fill(cx, sock, want)) => r.map(|()| Event::Report),
                         _ = &mut shrink_timer, if shrink => {
                             self.pump.shrink();
@@ -372,6 +408,9 @@ impl Relay {
                         return Err(self.pump_error(PumpError::BadType(k as char)));
                     }
                     Some(_) => {}
+                }
+                if self.home.is_some() {
+                    Box::pin(self.await_home()).await;
                 }
                 // Boxed: a checkout's state lives only while it runs, not in every idle session.
                 match Box::pin(self.attach(sock)).await {
@@ -409,6 +448,7 @@ impl Relay {
                     r = poll_fn(|cx| pump.poll_pump(cx, sock, &mut conn.stream)) => Wake::Pump(r),
                     _ = &mut cancelled, if !self.draining => Wake::Shutdown,
                     _ = &mut killed => Wake::Killed,
+                    _ = &mut home_ended => Wake::HomeEnded,
                     _ = &mut idle_timer, if timed => Wake::IdleCheck,
                 }
             };
@@ -467,11 +507,15 @@ impl Relay {
                         return Ok(Outcome::ShuttingDown);
                     }
                 }
-                Wake::Killed => {
+                Wake::Killed | Wake::HomeEnded => {
                     if let Some(c) = self.server.as_mut() {
                         c.broken = true;
                     }
-                    return Err(ProxyError::Killed);
+                    return Err(if matches!(wake, Wake::Killed) {
+                        ProxyError::Killed
+                    } else {
+                        ProxyError::HomeTerminated
+                    });
                 }
                 Wake::IdleCheck => {
                     if let Some(e) = self.idle_expired() {

@@ -364,7 +364,7 @@ fn show_clients(app: &App) -> BytesMut {
             .filter(|(i, _)| bits & (1 << i) != 0)
             .map(|(_, r)| *r)
             .collect();
-        let server = attached.get(&c.key_pid);
+        let server = attached.get(&c.key);
         r.row(&[
             "C".into(),
             c.user.clone(),

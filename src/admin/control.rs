@@ -87,7 +87,7 @@ impl App {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         pools.iter().for_each(|p| {
-            p.pool.retain(|_, _| false);
+            p.close_idle();
         });
         info!(service = service.unwrap_or("*"), "PAUSE: complete, server connections closed");
         Ok(())
@@ -114,7 +114,7 @@ impl App {
         for p in self.addressed(service)? {
             p.control.set_paused(true);
             p.control.kill_sessions();
-            p.pool.retain(|_, _| false);
+            p.close_idle();
         }
         warn!(service = service.unwrap_or("*"), "KILL: sessions ended by operator; paused until RESUME");
         Ok(())

@@ -76,7 +76,7 @@ impl App {
         let mut groups: std::collections::BTreeMap<(String, &'static str), [i64; 4]> = Default::default();
         for p in all.all() {
             let b = p.budget();
-            let st = p.pool.status();
+            let st = p.status();
             let route = p.route.as_str();
             let row = PoolRow {
                 service: b.name.clone(),

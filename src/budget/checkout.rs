@@ -34,6 +34,8 @@ pub struct Waiter<'a, W> {
     pub exempt: bool,
     /// Whether a NOTICE may be sent now (not before the client's login completed).
     pub may_notice: bool,
+    /// The client's home server (transaction mode), taken when it is idle.
+    pub home: Option<i32>,
     pub who: Who<'a>,
 }
 
@@ -50,7 +52,7 @@ pub struct Who<'a> {
 fn decide(pool: &ServicePool, who: &Who<'_>, d: Decision, waited: Duration) {
     pool.admission.record(d);
     let hw = &pool.metrics.high_water;
-    let st = pool.pool.status();
+    let st = pool.status();
     hw.servers_in_use(st.size.saturating_sub(st.available) as u32);
     hw.clients_waiting(st.waiting as u32);
     if !waited.is_zero() {
@@ -103,7 +105,7 @@ pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Resu
         ProxyError::Shed { service: b.name.clone(), share: pool.share(), refusal }
     })?;
     let served = if hold.above_line { Decision::Exempt } else { Decision::Admitted };
-    match pool.checkout_within(Duration::ZERO).await {
+    match pool.checkout_near(Duration::ZERO, w.home).await {
         Ok(c) => {
             decide(pool, &w.who, served, Duration::ZERO);
             return Ok((c, hold));
@@ -115,12 +117,12 @@ pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Resu
     let started = Instant::now();
     let ticket = adm.enqueue();
     // This client joins the queue (the pool counts it once its wait starts).
-    pool.metrics.high_water.clients_waiting(pool.pool.status().waiting as u32 + 1);
+    pool.metrics.high_water.clients_waiting(pool.status().waiting as u32 + 1);
     let wake = Arc::new(Notify::new());
     w.key.queued(Some(wake.clone()));
     let _queued = Queued(w.key);
     let s = &b.settings;
-    let get = checkout_by(pool, started + s.checkout_timeout);
+    let get = checkout_by(pool, started + s.checkout_timeout, w.home);
     tokio::pin!(get);
     let notice = tokio::time::sleep(s.notice_after);
     tokio::pin!(notice);
@@ -172,9 +174,9 @@ pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Resu
 /// Check out a server by `deadline`. An upstream at its ceiling is waited out as well (another service's
 /// connection may close meanwhile); at the deadline the last failure is reported: the pool's own wait
 /// (`BudgetExhausted`) or the ceiling (`CeilingReached`).
-async fn checkout_by(pool: &ServicePool, deadline: Instant) -> Result<PooledConn, ProxyError> {
+async fn checkout_by(pool: &ServicePool, deadline: Instant, home: Option<i32>) -> Result<PooledConn, ProxyError> {
     loop {
-        let r = pool.checkout_within(deadline.saturating_duration_since(Instant::now())).await;
+        let r = pool.checkout_near(deadline.saturating_duration_since(Instant::now()), home).await;
         let left = deadline.saturating_duration_since(Instant::now());
         match r {
             Err(ProxyError::CeilingReached { ref upstream, .. }) if !left.is_zero() => {
@@ -249,7 +251,7 @@ mod tests {
         let pool = app.pools().get("web", Route::ReadWrite).unwrap().clone();
         let others = fill_ceiling(&app);
         let t = Instant::now();
-        let r = checkout_by(&pool, t + Duration::from_millis(300)).await;
+        let r = checkout_by(&pool, t + Duration::from_millis(300), None).await;
         assert!(matches!(r, Err(ProxyError::CeilingReached { .. })), "{:?}", r.map(|_| ()));
         assert!(t.elapsed() >= Duration::from_millis(300), "gave up early: {:?}", t.elapsed());
 
@@ -259,7 +261,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             drop(others);
         });
-        let r = checkout_by(&pool, t + Duration::from_secs(5)).await;
+        let r = checkout_by(&pool, t + Duration::from_secs(5), None).await;
         assert!(matches!(r, Err(ProxyError::Upstream { .. })), "{:?}", r.map(|_| ()));
         assert!(t.elapsed() < Duration::from_secs(2), "the freed slot was not noticed: {:?}", t.elapsed());
         release.await.unwrap();

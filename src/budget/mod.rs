@@ -3,6 +3,7 @@
 //! pool, one per service, route, database and upstream role (`pools`).
 
 pub mod admission;
+pub mod affinity;
 pub mod checkout;
 pub mod pool;
 pub mod pools;

@@ -6,7 +6,7 @@ use crate::config::resolve::{ServiceBudget, UpstreamTarget};
 use crate::config::ReplicaDown;
 use crate::error::ProxyError;
 use crate::server::slots::Slots;
-use crate::server::{ServerConn, ServerError};
+use crate::server::{IdleState, ServerConn, ServerError};
 use arc_swap::ArcSwap;
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType, Timeouts};
 use std::collections::HashMap;
@@ -80,6 +80,8 @@ pub struct Manager {
     pub template: RwLock<Option<Arc<HashMap<String, String>>>>,
     /// Bumped by `RECONNECT`: connections of older generations are not reused.
     pub generation: AtomicU64,
+    /// Transaction mode: the idle servers a checkout may choose from, and the clients homed on servers.
+    pub affinity: Arc<crate::budget::affinity::Affinity>,
 }
 
 impl managed::Manager for Manager {
@@ -109,26 +111,11 @@ impl managed::Manager for Manager {
     }
 
     async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<ServerError> {
-        let b = self.budget.load();
-        let s = &b.settings;
-        if self.route == Route::ReadOnly && conn.params.get(RO_GUC).is_some_and(|v| v != "on") {
-            return Err(RecycleError::message("read-only no longer in force"));
+        if let Some(why) = self.unusable(conn) {
+            return Err(RecycleError::message(why));
         }
-        let idle = conn.last_checkin.elapsed();
-        if conn.broken {
-            return Err(RecycleError::message("broken"));
-        }
-        if conn.generation < self.generation.load(Ordering::Acquire) {
-            return Err(RecycleError::message("retired by RECONNECT"));
-        }
-        if idle > s.server_idle_timeout || conn.created.elapsed() > s.server_lifetime {
-            return Err(RecycleError::message("expired"));
-        }
-        if !conn.peek_alive() {
-            conn.broken = true;
-            return Err(RecycleError::message("closed by server"));
-        }
-        if idle > s.server_check_delay {
+        let s = &self.budget.load().settings;
+        if conn.last_checkin.elapsed() > s.server_check_delay {
             conn.ping(s.connect_timeout).await.map_err(RecycleError::Backend)?;
         }
         Ok(())
@@ -136,6 +123,33 @@ impl managed::Manager for Manager {
 }
 
 impl Manager {
+    /// Why an idle connection may not be handed out again, if it may not (checked without a round trip; a
+    /// backend an administrator ended is reported to the clients homed on it).
+    pub(super) fn unusable(&self, conn: &mut ServerConn) -> Option<&'static str> {
+        let b = self.budget.load();
+        let s = &b.settings;
+        if self.route == Route::ReadOnly && conn.params.get(RO_GUC).is_some_and(|v| v != "on") {
+            return Some("read-only no longer in force");
+        }
+        if conn.broken {
+            return Some("broken");
+        }
+        if conn.generation < self.generation.load(Ordering::Acquire) {
+            return Some("retired by RECONNECT");
+        }
+        if conn.last_checkin.elapsed() > s.server_idle_timeout || conn.created.elapsed() > s.server_lifetime {
+            return Some("expired");
+        }
+        if let IdleState::Gone { terminated } = conn.idle_state() {
+            conn.broken = true;
+            if terminated {
+                self.affinity.terminated(conn.pid);
+            }
+            return Some("closed by server");
+        }
+        None
+    }
+
     /// Open a server connection to `up` as `login`, holding a slot of the share and one of `up`'s ceiling permits.
     async fn connect_via(&self, up: &Arc<UpstreamState>, login: &UpstreamTarget) -> Result<ServerConn, ServerError> {
         let slot = self.slots.try_take().ok_or(ServerError::ShareReached)?;
@@ -200,7 +214,7 @@ pub async fn enforce_read_only(conn: &mut ServerConn, timeout: Duration) -> Resu
 
 /// Deadpool's deadlines for one checkout: wait up to `wait` for a free slot; opening a connection may take
 /// two connect attempts (replica, then primary), vetting an idle one a single ping.
-pub(super) fn timeouts(s: &crate::config::ServiceConfig, wait: Duration) -> Timeouts {
+pub(crate) fn timeouts(s: &crate::config::ServiceConfig, wait: Duration) -> Timeouts {
     Timeouts {
         wait: Some(wait),
         create: Some(2 * s.connect_timeout + Duration::from_millis(100)),
@@ -250,7 +264,14 @@ impl ServiceGroup {
             let m = self.members.lock().unwrap_or_else(|e| e.into_inner());
             m.iter().filter_map(|w| w.upgrade()).collect()
         };
-        for p in pools.iter().filter(|p| &p.manager().key != except && p.status().available > 0) {
+        for p in pools.iter().filter(|p| &p.manager().key != except) {
+            if let Some(c) = p.manager().affinity.take(None, false) {
+                drop(PooledConn::take(c));
+                return true;
+            }
+            if p.status().available == 0 {
+                continue;
+            }
             let mut closed = false;
             let removed = p.retain(|_, _| std::mem::replace(&mut closed, true));
             if !removed.removed.is_empty() {
@@ -323,8 +344,18 @@ impl ServicePool {
     /// When the service's share is held by its other pools, an idle connection of theirs is closed to make room,
     /// or the checkout waits for one to go idle.
     pub async fn checkout_within(&self, wait: Duration) -> Result<PooledConn, ProxyError> {
+        self.checkout_near(wait, None).await
+    }
+
+    /// [`Self::checkout_within`], taking the idle server `home` when it is parked (else another parked one,
+    /// else one from deadpool's queue or a new one).
+    pub async fn checkout_near(&self, wait: Duration, home: Option<i32>) -> Result<PooledConn, ProxyError> {
         let started = Instant::now();
         loop {
+            if let Some(c) = self.take_parked(home, false).await {
+                self.last_used_ms.store(self.made.elapsed().as_millis() as u64, Ordering::Relaxed);
+                return Ok(c);
+            }
             let left = wait.saturating_sub(started.elapsed());
             match self.checkout_once(left, started).await {
                 Err(None) => {
@@ -404,7 +435,7 @@ impl ServicePool {
         }
         let conn = self.checkout().await?;
         let t = Arc::new(conn.params.clone());
-        drop(conn);
+        self.put_back(conn);
         Ok(t)
     }
 
@@ -415,9 +446,21 @@ impl ServicePool {
         let idle = max_idle.map_or(s.server_idle_timeout, |m| m.min(s.server_idle_timeout));
         let life = s.server_lifetime;
         let generation = self.pool.manager().generation.load(Ordering::Acquire);
-        self.pool.retain(|c, _| {
+        let keep = |c: &ServerConn| {
             !c.broken && c.last_checkin.elapsed() < idle && c.created.elapsed() < life && c.generation >= generation
+        };
+        self.pool.retain(|c, _| keep(c));
+        let affinity = &self.pool.manager().affinity;
+        let gone = affinity.take_if(|c| match c.idle_state() {
+            IdleState::Gone { terminated } => {
+                if terminated {
+                    affinity.terminated(c.pid);
+                }
+                true
+            }
+            IdleState::Clean => !keep(c),
         });
+        gone.into_iter().for_each(|c| drop(PooledConn::take(c)));
     }
 
     /// How long no client checked a connection out of this pool.
@@ -427,7 +470,21 @@ impl ServicePool {
 
     /// Server connections checked out by clients now.
     pub fn in_use(&self) -> u32 {
-        let st = self.pool.status();
+        let st = self.status();
         st.size.saturating_sub(st.available) as u32
+    }
+
+    /// deadpool's status with the parked servers counted as available (deadpool counts them in use).
+    pub fn status(&self) -> deadpool::Status {
+        let mut st = self.pool.status();
+        st.available += self.pool.manager().affinity.parked();
+        st
+    }
+
+    /// Close every idle server connection now (parked or in deadpool's queue).
+    pub fn close_idle(&self) {
+        self.pool.retain(|_, _| false);
+        let parked = self.pool.manager().affinity.take_if(|_| true);
+        parked.into_iter().for_each(|c| drop(PooledConn::take(c)));
     }
 }

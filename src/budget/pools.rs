@@ -179,6 +179,7 @@ impl Pools {
             ),
             template: RwLock::new(None),
             generation: AtomicU64::new(0),
+            affinity: Default::default(),
         };
         let s = &b.settings;
         let pool: Pool = managed::Pool::builder(mgr)
@@ -247,7 +248,7 @@ impl Pools {
             let t = &self.resolved.upstreams[&p.budget().upstream];
             let default = p.key.database == t.database && p.key.role == t.user;
             let idle_for = p.unused_for();
-            !default && p.pool.status().size == 0 && idle_for >= other_idle.min(p.budget().settings.server_idle_timeout)
+            !default && p.status().size == 0 && idle_for >= other_idle.min(p.budget().settings.server_idle_timeout)
         };
         if !all.iter().any(unused) {
             return;

@@ -68,7 +68,6 @@ impl Drop for InFlight {
 
 #[derive(Debug)]
 struct Entry {
-    secret: i32,
     server: Option<(ServerKey, Arc<Flights>)>,
     /// Set while the client waits in a pool queue: a cancel wakes it instead of a backend.
     queued: Option<Arc<Notify>>,
@@ -83,10 +82,15 @@ pub enum CancelTarget {
     Queued(Arc<Notify>),
 }
 
-/// All live client keys of the process.
+/// All live client keys of the process, by (pid, secret): in transaction mode clients homed on one server
+/// share its pid, and only the secret tells them apart.
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
-    map: DashMap<i32, Entry>,
+    map: DashMap<u64, Entry>,
+}
+
+fn slot(pid: i32, secret: i32) -> u64 {
+    (pid as u32 as u64) << 32 | secret as u32 as u64
 }
 
 /// A client's key; removed from the registry on Drop.
@@ -104,8 +108,8 @@ impl CancelRegistry {
         loop {
             let pid = rng.gen_range(1..i32::MAX);
             let secret = rng.gen();
-            if let dashmap::Entry::Vacant(v) = self.map.entry(pid) {
-                v.insert(Entry { secret, server: None, queued: None });
+            if let dashmap::Entry::Vacant(v) = self.map.entry(slot(pid, secret)) {
+                v.insert(Entry { server: None, queued: None });
                 return ClientKey { registry: self.clone(), pid, secret };
             }
         }
@@ -113,10 +117,7 @@ impl CancelRegistry {
 
     /// What to cancel for a client key, if the key is valid and the client holds a server or waits for one.
     pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
-        let e = self.map.get(&pid)?;
-        if e.secret != secret {
-            return None;
-        }
+        let e = self.map.get(&slot(pid, secret))?;
         match (&e.server, &e.queued) {
             (Some((s, f)), _) => {
                 // Counted under the entry's lock, so a detach after this sees the flight.
@@ -128,9 +129,10 @@ impl CancelRegistry {
         }
     }
 
-    /// Client pid → server backend pid, for every client that holds a server now.
-    pub fn attached(&self) -> std::collections::HashMap<i32, i32> {
-        self.map.iter().filter_map(|e| e.server.as_ref().map(|(s, _)| (*e.key(), s.pid))).collect()
+    /// Client key (pid, secret) → server backend pid, for every client that holds a server now.
+    pub fn attached(&self) -> std::collections::HashMap<(i32, i32), i32> {
+        let key = |k: u64| ((k >> 32) as u32 as i32, k as u32 as i32);
+        self.map.iter().filter_map(|e| e.server.as_ref().map(|(s, _)| (key(*e.key()), s.pid))).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -143,16 +145,17 @@ impl CancelRegistry {
 }
 
 impl ClientKey {
-    /// Take `pid` as this key's pid (session mode hands the client its server's real pid, so
-    /// `pg_backend_pid()`, NotificationResponse and `pg_terminate_backend` agree with what it was told).
-    /// Keeps the old pid when another client's key already has this one.
+    /// Take `pid` as this key's pid (the client is told its server's real pid — in session mode the one it
+    /// holds, in transaction mode its home — so `pg_backend_pid()`, NotificationResponse and
+    /// `pg_terminate_backend` agree with what it was told). Keeps the old pid when another client's key
+    /// already has this pid with the same secret.
     pub fn take_pid(&mut self, pid: i32) -> bool {
         if pid == self.pid {
             return true;
         }
-        // Never two shard locks at once (both pids may live in one shard).
-        let Some((_, entry)) = self.registry.map.remove(&self.pid) else { return false };
-        let back = match self.registry.map.entry(pid) {
+        // Never two shard locks at once (both keys may live in one shard).
+        let Some((_, entry)) = self.registry.map.remove(&slot(self.pid, self.secret)) else { return false };
+        let back = match self.registry.map.entry(slot(pid, self.secret)) {
             dashmap::Entry::Vacant(v) => {
                 v.insert(entry);
                 None
@@ -165,7 +168,7 @@ impl ClientKey {
                 true
             }
             Some(entry) => {
-                self.registry.map.insert(self.pid, entry);
+                self.registry.map.insert(slot(self.pid, self.secret), entry);
                 false
             }
         }
@@ -173,7 +176,7 @@ impl ClientKey {
 
     /// Record which server this client holds from now on.
     pub fn attach(&self, server: ServerKey) {
-        if let Some(mut e) = self.registry.map.get_mut(&self.pid) {
+        if let Some(mut e) = self.registry.map.get_mut(&slot(self.pid, self.secret)) {
             e.server = Some((server, Arc::default()));
         }
     }
@@ -181,13 +184,13 @@ impl ClientKey {
     /// The client gives its server up: no new cancel can reach it; returns the cancels still in flight for
     /// it, which the caller lets settle before the server goes to anyone else.
     pub fn detach(&self) -> Option<Arc<Flights>> {
-        let mut e = self.registry.map.get_mut(&self.pid)?;
+        let mut e = self.registry.map.get_mut(&slot(self.pid, self.secret))?;
         e.server.take().map(|(_, f)| f).filter(|f| f.in_flight() > 0)
     }
 
     /// Mark the client as queued (a fresh notifier per wait) or, with `None`, as no longer queued.
     pub fn queued(&self, wake: Option<Arc<Notify>>) {
-        if let Some(mut e) = self.registry.map.get_mut(&self.pid) {
+        if let Some(mut e) = self.registry.map.get_mut(&slot(self.pid, self.secret)) {
             e.queued = wake;
         }
     }
@@ -195,7 +198,7 @@ impl ClientKey {
 
 impl Drop for ClientKey {
     fn drop(&mut self) {
-        self.registry.map.remove(&self.pid);
+        self.registry.map.remove(&slot(self.pid, self.secret));
     }
 }
 
@@ -232,7 +235,7 @@ mod tests {
     }
 
     #[test]
-    fn a_key_takes_its_servers_pid_unless_another_client_has_it() {
+    fn a_key_takes_its_servers_pid_and_clients_may_share_one() {
         let reg = Arc::new(CancelRegistry::default());
         let mut a = reg.issue();
         let mut b = reg.issue();
@@ -241,11 +244,15 @@ mod tests {
         assert!(a.take_pid(4242));
         assert_eq!(a.pid, 4242);
         assert!(matches!(reg.lookup(4242, a.secret), Some(CancelTarget::Server(x, _)) if x == s));
-        let before = b.pid;
-        assert!(!b.take_pid(4242), "taken");
-        assert_eq!(b.pid, before);
+        // Another client may share the pid (a transaction-mode home): the secret tells them apart.
+        let t = key(4243);
+        b.attach(t.clone());
+        assert!(b.take_pid(4242));
+        assert!(matches!(reg.lookup(4242, b.secret), Some(CancelTarget::Server(x, _)) if x == t));
+        assert!(matches!(reg.lookup(4242, a.secret), Some(CancelTarget::Server(x, _)) if x == s));
         drop(a);
         assert_eq!(reg.len(), 1);
+        assert!(reg.lookup(4242, b.secret).is_some());
     }
 
     #[tokio::test(start_paused = true)]

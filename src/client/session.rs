@@ -96,7 +96,7 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, id: u64) {
             service: relay.pool.budget().name.clone(),
             application_name: startup.get("application_name").unwrap_or("").to_owned(),
             connected_at: std::time::SystemTime::now(),
-            key_pid: relay.key.pid,
+            key: (relay.key.pid, relay.key.secret),
             pins: relay.pin_bits.clone(),
         },
     );
@@ -163,6 +163,7 @@ fn reject_reason(e: &ProxyError) -> &'static str {
         | ProxyError::ClientIo(_)
         | ProxyError::QueuedCancel
         | ProxyError::Killed
+        | ProxyError::HomeTerminated
         | ProxyError::IdleInTransaction(_)
         | ProxyError::ClientIdle(_)
         | ProxyError::PinRefused { .. }
@@ -380,6 +381,15 @@ async fn login(
         t
     };
     shown.insert("application_name".into(), startup.get("application_name").unwrap_or("").to_owned());
+    // Transaction mode: the client is told the pid of a real server of its pool, which it gets back whenever
+    // that server is idle (see `budget::affinity`).
+    if budget.pool_mode() == PoolMode::Transaction {
+        if let Some(home) = pool.choose_home().await {
+            if relay.key.take_pid(home.pid) {
+                relay.home = Some(home);
+            }
+        }
+    }
 
     let mut out = BytesMut::with_capacity(512);
     protocol::auth_request(&mut out, 0, &[]);

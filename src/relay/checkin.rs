@@ -104,8 +104,7 @@ impl Relay {
         // or a change the probe could not read.
         let needs_reset = !txn || !self.pins.is_empty() || self.pump.probe_due;
         if self.pump.releasable() && !needs_reset {
-            conn.last_checkin = Instant::now();
-            return;
+            return self.pool.put_back(conn);
         }
         let ro = self.pump.ro.is_some();
         let result =
@@ -114,7 +113,7 @@ impl Relay {
         match result {
             Ok(Ok(())) => {
                 debug!("server connection reset and returned");
-                conn.last_checkin = Instant::now();
+                self.pool.put_back(conn);
             }
             Ok(Err(e)) => {
                 // A failed reset can quote the server's error text: redacted like the journal's.

@@ -17,7 +17,7 @@ impl Relay {
         let route = self.pool.route.as_str();
         let timeout_row = |waited: &std::time::Duration, share: u32| {
             self.pool.metrics.checkout_timeouts.inc();
-            let st = self.pool.pool.status();
+            let st = self.pool.status();
             self.app.telemetry.emit(tables::CHECKOUT_TIMEOUTS, || {
                 vec![
                     Value::now(),

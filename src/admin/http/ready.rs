@@ -166,7 +166,7 @@ impl Probe {
         let pools = app.pools();
         for p in pools.all() {
             let m = p.pool.manager();
-            let idle = p.pool.status().available > 0;
+            let idle = p.status().available > 0;
             if p.route != Route::ReadWrite || m.upstream.target.name != upstream || p.control.is_paused() || !idle {
                 continue;
             }

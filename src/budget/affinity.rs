@@ -1,0 +1,199 @@
+//! Home backends for transaction mode: a client is told the pid of a real server of its pool at login (its
+//! home) and gets that server back whenever it is idle, so BackendKeyData, `pg_backend_pid()` and
+//! `pg_terminate_backend()` agree as they do on a direct connection.
+//!
+//! Idle servers of a transaction-mode pool wait here (parked), outside deadpool's queue, so a checkout can
+//! choose one: its own home first, else one nobody calls home, else the one home to fewest clients. A server
+//! goes to deadpool's queue instead only while checkouts wait there. A home ended by an administrator
+//! (`pg_terminate_backend`, FATAL 57P01) ends the clients it was home to, as it would end their direct
+//! connections; a home the proxy closed (idle timeout, lifetime, `RECONNECT`) just stops being preferred.
+
+use crate::budget::pool::PooledConn;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio_util::sync::CancellationToken;
+
+/// The parked servers of one pool and the clients homed on its servers.
+#[derive(Default)]
+pub struct Affinity {
+    parked: Mutex<Vec<PooledConn>>,
+    /// Server pid → (client id, its end signal) for every client homed there.
+    homes: Mutex<HashMap<i32, Vec<(u64, CancellationToken)>>>,
+    next_id: AtomicU64,
+}
+
+impl std::fmt::Debug for Affinity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Affinity").field("parked", &self.parked()).field("homes", &lock(&self.homes).len()).finish()
+    }
+}
+
+/// A client's home; leaves the pool's books when dropped.
+pub struct Home {
+    pub pid: i32,
+    id: u64,
+    /// Cancelled when an administrator ended the home backend: the client's session ends too.
+    pub ended: CancellationToken,
+    affinity: Arc<Affinity>,
+}
+
+impl Drop for Home {
+    fn drop(&mut self) {
+        let mut homes = lock(&self.affinity.homes);
+        if let Some(v) = homes.get_mut(&self.pid) {
+            v.retain(|(id, _)| *id != self.id);
+            if v.is_empty() {
+                homes.remove(&self.pid);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Affinity {
+    /// Home a client on the server `pid`.
+    pub fn home(self: &Arc<Self>, pid: i32) -> Home {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ended = CancellationToken::new();
+        lock(&self.homes).entry(pid).or_default().push((id, ended.clone()));
+        Home { pid, id, ended, affinity: self.clone() }
+    }
+
+    /// How many clients call server `pid` home.
+    pub fn homed(&self, pid: i32) -> usize {
+        lock(&self.homes).get(&pid).map_or(0, Vec::len)
+    }
+
+    /// An administrator ended server `pid`: end the sessions of the clients homed there. Returns how many.
+    pub fn terminated(&self, pid: i32) -> usize {
+        let gone = lock(&self.homes).remove(&pid).unwrap_or_default();
+        for (_, t) in &gone {
+            t.cancel();
+        }
+        gone.len()
+    }
+
+    pub fn park(&self, conn: PooledConn) {
+        lock(&self.parked).push(conn);
+    }
+
+    pub fn parked(&self) -> usize {
+        lock(&self.parked).len()
+    }
+
+    pub fn is_parked(&self, pid: i32) -> bool {
+        lock(&self.parked).iter().any(|c| c.pid == pid)
+    }
+
+    /// Take a parked server: `home` if it is parked, else (unless `exact`) the one home to fewest clients.
+    pub fn take(&self, home: Option<i32>, exact: bool) -> Option<PooledConn> {
+        let mut parked = lock(&self.parked);
+        let at = match home.and_then(|pid| parked.iter().position(|c| c.pid == pid)) {
+            Some(i) => i,
+            None if exact || parked.is_empty() => return None,
+            None => {
+                let homes = lock(&self.homes);
+                let load = |c: &PooledConn| homes.get(&c.pid).map_or(0, Vec::len);
+                // The most recently parked among the least loaded: its socket and plan cache are warm.
+                (0..parked.len()).rev().min_by_key(|&i| load(&parked[i]))?
+            }
+        };
+        Some(parked.swap_remove(at))
+    }
+
+    /// The pid of a parked server no client calls home, if any.
+    pub fn unhomed(&self) -> Option<i32> {
+        let parked = lock(&self.parked);
+        let homes = lock(&self.homes);
+        parked.iter().rev().map(|c| c.pid).find(|pid| !homes.contains_key(pid))
+    }
+
+    /// The pid of the parked server home to fewest clients, if any is parked.
+    pub fn least_homed(&self) -> Option<i32> {
+        let parked = lock(&self.parked);
+        let homes = lock(&self.homes);
+        parked.iter().map(|c| c.pid).min_by_key(|pid| homes.get(pid).map_or(0, Vec::len))
+    }
+
+    /// Remove the parked servers `drop_it` picks (the caller closes or returns them).
+    pub fn take_if(&self, mut drop_it: impl FnMut(&mut PooledConn) -> bool) -> Vec<PooledConn> {
+        let mut parked = lock(&self.parked);
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < parked.len() {
+            if drop_it(&mut parked[i]) {
+                out.push(parked.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+}
+
+impl crate::budget::pool::ServicePool {
+    /// Take a parked server that is still usable: `home` when it is parked, else (unless `exact`) the one
+    /// home to fewest clients. Unusable ones met on the way are closed.
+    pub async fn take_parked(&self, home: Option<i32>, exact: bool) -> Option<PooledConn> {
+        let m = self.pool.manager();
+        loop {
+            let mut c = m.affinity.take(home, exact)?;
+            if m.unusable(&mut c).is_some() {
+                drop(PooledConn::take(c));
+                continue;
+            }
+            let s = &self.budget().settings;
+            if c.last_checkin.elapsed() > s.server_check_delay && c.ping(s.connect_timeout).await.is_err() {
+                c.broken = true;
+                drop(PooledConn::take(c));
+                continue;
+            }
+            return Some(c);
+        }
+    }
+
+    /// Give a clean, idle server back: parked in transaction mode (where a checkout can choose it), straight
+    /// to deadpool's queue when checkouts wait there or in session mode.
+    pub fn put_back(&self, mut conn: PooledConn) {
+        conn.last_checkin = std::time::Instant::now();
+        if self.budget().pool_mode() != crate::config::PoolMode::Transaction || self.pool.status().waiting > 0 {
+            return drop(conn);
+        }
+        let affinity = &self.pool.manager().affinity;
+        affinity.park(conn);
+        // A checkout that began waiting meanwhile (another thread) must not miss it.
+        if self.pool.status().waiting > 0 {
+            drop(affinity.take(None, false));
+        }
+    }
+
+    /// Choose a transaction-mode client's home at login: a parked server nobody calls home, else a new
+    /// server when the share has room now, else the parked server home to fewest. `None` when every server
+    /// is busy and the share is full (the client then keeps a proxy-issued pid).
+    pub async fn choose_home(&self) -> Option<Home> {
+        let affinity = &self.pool.manager().affinity;
+        if let Some(pid) = affinity.unhomed() {
+            return Some(affinity.home(pid));
+        }
+        let st = self.pool.status();
+        let room = st.size < self.share() as usize && self.group.slots.used() < self.group.slots.limit();
+        if st.available > 0 || room {
+            if let Ok(c) = self.fresh().await {
+                let home = affinity.home(c.pid);
+                self.put_back(c);
+                return Some(home);
+            }
+        }
+        affinity.least_homed().map(|pid| affinity.home(pid))
+    }
+
+    /// A new server connection now (no wait), bypassing the parked ones.
+    async fn fresh(&self) -> Result<PooledConn, deadpool::managed::PoolError<crate::server::ServerError>> {
+        let b = self.budget();
+        self.pool.timeout_get(&crate::budget::pool::timeouts(&b.settings, std::time::Duration::ZERO)).await
+    }
+}
