@@ -222,6 +222,9 @@ impl Relay {
             conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         }
         self.key.attach(ServerKey { route: conn.cancel.clone(), pid: conn.pid, secret: conn.secret });
+        if let Some(h) = self.home.as_ref().filter(|h| h.pid == conn.pid) {
+            h.touch();
+        }
         self.load_settings();
         self.hold = Some(hold);
         self.pump.attach();

@@ -152,3 +152,20 @@ async fn cancel_keys_sharing_a_home_pid_reach_only_their_client() {
     assert_eq!(code(&rc).as_deref(), Some("57014"), "c's own query is cancelled");
     assert_eq!(code(&rt), None, "the twin's query with the same pid is not: {rt:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_idle_past_terminate_window_is_shielded_from_its_homes_termination() {
+    let pg = Pg::start();
+    let services = "[services.app]\nslice = 2\npool_mode = \"transaction\"\nterminate_window = \"300ms\"\n";
+    let proxy = Proxy::start(&config(&pg, services).replace("[proxy]\n", "[proxy]\nslice_floor = 1\n"));
+    let adm = connect(&pg.conninfo()).await.unwrap();
+    let mut c = login(proxy.port).await;
+    assert_eq!(one(&mut c, "select pg_backend_pid()").await, c.pid.to_string());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let killed: bool = adm.query_one("select pg_terminate_backend($1)", &[&c.pid]).await.unwrap().get(0);
+    assert!(killed);
+    // Nothing arrives: the session goes on (the reaper closes the dead server within a second).
+    let quiet = timeout(Duration::from_millis(1500), c.recv()).await;
+    assert!(quiet.is_err(), "the shielded client got {quiet:?}");
+    assert_eq!(one(&mut c, "select 1").await, "1", "its next statement runs on another server");
+}

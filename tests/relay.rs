@@ -301,11 +301,14 @@ async fn unreachable_upstream_is_08006_with_cause() {
 async fn stale_and_idle_server_connections_are_replaced_transparently() {
     let pg = Pg::start();
     let admin = connect(&pg.conninfo()).await.unwrap();
-    let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\nserver_idle_timeout = \"1s\"\n"));
+    let services = "[services.app]\nslice = 2\nserver_idle_timeout = \"1s\"\nterminate_window = \"200ms\"\n";
+    let proxy = Proxy::start(&config(&pg, services));
     let c = connect(&proxy.conninfo()).await.unwrap();
     c.simple_query("select 1").await.unwrap();
     assert_eq!(server_conns(&admin, "app").await, 1);
-    // Kill the pooled server connection behind pgbudget's back (as Railway's idle killer does).
+    // Kill the pooled server connection behind pgbudget's back (as an idle killer does), after the client
+    // idled past terminate_window: the pool shields it.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     admin
         .batch_execute(
             "select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'pgbudget:app:rw'",

@@ -4,23 +4,48 @@
 //!
 //! Idle servers of a transaction-mode pool wait here (parked), outside deadpool's queue, so a checkout can
 //! choose one: its own home first, else one nobody calls home, else the one home to fewest clients. A server
-//! goes to deadpool's queue instead only while checkouts wait there. A home ended by an administrator
-//! (`pg_terminate_backend`, FATAL 57P01) ends the clients it was home to, as it would end their direct
-//! connections; a home the proxy closed (idle timeout, lifetime, `RECONNECT`) just stops being preferred.
+//! goes to deadpool's queue instead only while checkouts wait there.
+//!
+//! A home ended by an administrator (`pg_terminate_backend`, FATAL 57P01) ends the clients that used it
+//! within `terminate_window` (default 10 s), as it would end their direct connections. A client idle for
+//! longer is shielded, as a pooler should shield it: scripts that terminate idle backends, and a platform
+//! that kills idle connections, hit the pool's idle servers, not the sessions of its clients. A home the
+//! proxy closed (idle timeout, lifetime, `RECONNECT`) just stops being preferred.
 
 use crate::budget::pool::PooledConn;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// The parked servers of one pool and the clients homed on its servers.
-#[derive(Default)]
 pub struct Affinity {
     parked: Mutex<Vec<PooledConn>>,
-    /// Server pid → (client id, its end signal) for every client homed there.
-    homes: Mutex<HashMap<i32, Vec<(u64, CancellationToken)>>>,
+    /// Server pid → every client homed there.
+    homes: Mutex<HashMap<i32, Vec<Homed>>>,
     next_id: AtomicU64,
+    /// What `Homed::used_ms` counts from.
+    epoch: Instant,
+}
+
+impl Default for Affinity {
+    fn default() -> Self {
+        Affinity {
+            parked: Mutex::default(),
+            homes: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// One client homed on a server.
+struct Homed {
+    id: u64,
+    ended: CancellationToken,
+    /// When the client last had its home (ms after [`Affinity::epoch`]).
+    used_ms: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Affinity {
@@ -35,14 +60,22 @@ pub struct Home {
     id: u64,
     /// Cancelled when an administrator ended the home backend: the client's session ends too.
     pub ended: CancellationToken,
+    used_ms: Arc<AtomicU64>,
     affinity: Arc<Affinity>,
+}
+
+impl Home {
+    /// The client has its home now (a checkout got it).
+    pub fn touch(&self) {
+        self.used_ms.store(self.affinity.now_ms(), Ordering::Relaxed);
+    }
 }
 
 impl Drop for Home {
     fn drop(&mut self) {
         let mut homes = lock(&self.affinity.homes);
         if let Some(v) = homes.get_mut(&self.pid) {
-            v.retain(|(id, _)| *id != self.id);
+            v.retain(|h| h.id != self.id);
             if v.is_empty() {
                 homes.remove(&self.pid);
             }
@@ -55,12 +88,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Affinity {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     /// Home a client on the server `pid`.
     pub fn home(self: &Arc<Self>, pid: i32) -> Home {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ended = CancellationToken::new();
-        lock(&self.homes).entry(pid).or_default().push((id, ended.clone()));
-        Home { pid, id, ended, affinity: self.clone() }
+        let used_ms = Arc::new(AtomicU64::new(self.now_ms()));
+        lock(&self.homes).entry(pid).or_default().push(Homed { id, ended: ended.clone(), used_ms: used_ms.clone() });
+        Home { pid, id, ended, used_ms, affinity: self.clone() }
     }
 
     /// How many clients call server `pid` home.
@@ -68,13 +106,14 @@ impl Affinity {
         lock(&self.homes).get(&pid).map_or(0, Vec::len)
     }
 
-    /// An administrator ended server `pid`: end the sessions of the clients homed there. Returns how many.
-    pub fn terminated(&self, pid: i32) -> usize {
+    /// An administrator ended server `pid`: end the sessions of the clients homed there that used it within
+    /// `window`; the others stay, without a home. Returns how many sessions end.
+    pub fn terminated(&self, pid: i32, window: Duration) -> usize {
         let gone = lock(&self.homes).remove(&pid).unwrap_or_default();
-        for (_, t) in &gone {
-            t.cancel();
-        }
-        gone.len()
+        let now = self.now_ms();
+        let recent =
+            gone.iter().filter(|h| now.saturating_sub(h.used_ms.load(Ordering::Relaxed)) <= window.as_millis() as u64);
+        recent.map(|h| h.ended.cancel()).count()
     }
 
     pub fn park(&self, conn: PooledConn) {
@@ -176,8 +215,11 @@ impl crate::budget::pool::ServicePool {
     /// is busy and the share is full (the client then keeps a proxy-issued pid).
     pub async fn choose_home(&self) -> Option<Home> {
         let affinity = &self.pool.manager().affinity;
-        if let Some(pid) = affinity.unhomed() {
-            return Some(affinity.home(pid));
+        // A parked server may have died since it was parked: homing a client on it would end the client.
+        while let Some(pid) = affinity.unhomed() {
+            if self.vet_parked(pid) {
+                return Some(affinity.home(pid));
+            }
         }
         let st = self.pool.status();
         let room = st.size < self.share() as usize && self.group.slots.used() < self.group.slots.limit();
@@ -188,7 +230,25 @@ impl crate::budget::pool::ServicePool {
                 return Some(home);
             }
         }
-        affinity.least_homed().map(|pid| affinity.home(pid))
+        while let Some(pid) = affinity.least_homed() {
+            if self.vet_parked(pid) {
+                return Some(affinity.home(pid));
+            }
+        }
+        None
+    }
+
+    /// Whether parked server `pid` is still usable (checked without a round trip); an unusable one is
+    /// closed.
+    fn vet_parked(&self, pid: i32) -> bool {
+        let m = self.pool.manager();
+        let Some(mut c) = m.affinity.take(Some(pid), true) else { return false };
+        if m.unusable(&mut c).is_some() {
+            drop(PooledConn::take(c));
+            return false;
+        }
+        m.affinity.park(c);
+        true
     }
 
     /// A new server connection now (no wait), bypassing the parked ones.

@@ -143,7 +143,7 @@ impl Manager {
         if let IdleState::Gone { terminated } = conn.idle_state() {
             conn.broken = true;
             if terminated {
-                self.affinity.terminated(conn.pid);
+                self.affinity.terminated(conn.pid, s.terminate_window);
             }
             return Some("closed by server");
         }
@@ -454,7 +454,7 @@ impl ServicePool {
         let gone = affinity.take_if(|c| match c.idle_state() {
             IdleState::Gone { terminated } => {
                 if terminated {
-                    affinity.terminated(c.pid);
+                    affinity.terminated(c.pid, s.terminate_window);
                 }
                 true
             }

@@ -261,6 +261,7 @@ impl Pools {
 
     pub fn close(&self) {
         for p in self.all() {
+            p.close_idle();
             p.pool.close();
         }
     }

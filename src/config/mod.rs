@@ -295,6 +295,11 @@ pub struct ServiceConfig {
     /// End a pinned client that idles this long outside a transaction (0: off).
     #[serde(default = "d_pin_idle", with = "humantime_serde")]
     pub pin_idle_timeout: Duration,
+    /// Transaction mode: a client whose home backend (the pid it was told) an administrator terminates
+    /// within this long of the client's last use of it loses its session, as on a direct connection; after
+    /// longer the pool just replaces that backend and the client keeps its session (0: always replaced).
+    #[serde(default = "d_terminate_window", with = "humantime_serde")]
+    pub terminate_window: Duration,
     /// Transaction mode: named prepared statements each server keeps (least recently used closed first;
     /// 0: statement names pass through unmapped).
     #[serde(default = "d_prepared")]
@@ -380,6 +385,9 @@ fn d_reset() -> Duration {
 }
 fn d_pin_idle() -> Duration {
     Duration::from_secs(300)
+}
+fn d_terminate_window() -> Duration {
+    Duration::from_secs(10)
 }
 fn d_prepared() -> usize {
     200

@@ -205,6 +205,7 @@ impl Resolved {
                 ("query_timeout", s.query_timeout),
                 ("client_idle_timeout", s.client_idle_timeout),
                 ("pin_idle_timeout", s.pin_idle_timeout),
+                ("terminate_window", s.terminate_window),
             ] {
                 check_duration(&mut v, &format!("{at}.{what}"), d, ms(0), 24 * h);
                 if !d.is_zero() && d < ms(100) {
