@@ -135,3 +135,74 @@ async fn a_pinned_client_that_leaves_leaves_nothing_behind() {
         assert_eq!(search_path, "\"$user\", public");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temp_types_functions_and_operators_pin_and_leave_nothing_behind() {
+    let pg = Pg::start();
+    let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\n"));
+    let objects = [
+        ("enum", "CREATE TYPE pg_temp.mood AS ENUM ('ok')", "SELECT 'ok'::pg_temp.mood::text"),
+        ("domain", "CREATE DOMAIN pg_temp.pos AS int CHECK (VALUE > 0)", "SELECT 1::pg_temp.pos::text"),
+        ("range", "CREATE TYPE pg_temp.fr AS RANGE (subtype = float8)", "SELECT pg_temp.fr(1, 2)::text"),
+        (
+            "function",
+            "CREATE FUNCTION pg_temp.f() RETURNS text LANGUAGE sql AS $$ SELECT 'ok' $$",
+            "SELECT pg_temp.f()",
+        ),
+    ];
+    for (what, create, usage) in objects {
+        let a = connect(&proxy.conninfo()).await.unwrap();
+        a.batch_execute(create).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        // Another client's transactions in between would take an unpinned server.
+        let b = connect(&proxy.conninfo()).await.unwrap();
+        for _ in 0..3 {
+            b.batch_execute("SELECT 1").await.unwrap();
+            let r = a.simple_query(usage).await.unwrap_or_else(|e| panic!("{what}: A lost its temp object: {e}"));
+            assert!(!r.is_empty(), "{what}");
+        }
+        drop((a, b));
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let c = connect(&proxy.conninfo()).await.unwrap();
+        c.batch_execute("BEGIN").await.unwrap();
+        let d = connect(&proxy.conninfo()).await.unwrap();
+        d.batch_execute("BEGIN").await.unwrap();
+        for x in [&c, &d] {
+            let left: i64 = x
+                .query_one(
+                    "select (select count(*) from pg_type where typnamespace = pg_my_temp_schema()) \
+                     + (select count(*) from pg_proc where pronamespace = pg_my_temp_schema())",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(left, 0, "{what}: a temp object was left behind for the next client");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_right_after_a_reply_never_breaks_the_session() {
+    // The cancel may reach the proxy's own session probe (run after a transaction that changed state);
+    // direct, a cancel of an idle backend does nothing, and through the proxy the session must go on.
+    let pg = Pg::start();
+    let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\n"));
+    let mut broken = Vec::new();
+    for i in 0..60 {
+        let c = connect(&proxy.conninfo()).await.unwrap();
+        c.batch_execute("SET search_path = public").await.unwrap();
+        let _ = c.cancel_token().cancel_query(tokio_postgres::NoTls).await;
+        let after = c.simple_query("select 1").await;
+        // The next statement may itself be the one cancelled (57014), as direct; it must not end the session.
+        if let Err(e) = &after {
+            let code = e.code().map(|c| c.code().to_owned());
+            if code.as_deref() != Some("57014") {
+                broken.push((i, e.to_string()));
+            }
+        }
+        if let Err(e) = c.simple_query("select 2").await {
+            broken.push((i, format!("then: {e}")));
+        }
+    }
+    assert!(broken.is_empty(), "sessions broken by an idle cancel: {broken:?}");
+}

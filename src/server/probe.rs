@@ -1,5 +1,5 @@
 //! The probe: one round trip that reads what a session holds — settings set in it, role, and state only
-//! this backend has (LISTEN, temp tables, advisory locks, holdable cursors, SQL-level prepared statements) —
+//! this backend has (LISTEN, temp tables and other temp objects, advisory locks, holdable cursors, SQL-level prepared statements) —
 //! so the relay can follow a client's session state and pin the server while such state exists.
 
 use super::{ServerConn, ServerError};
@@ -22,6 +22,10 @@ UNION ALL SELECT 'r', 'session_authorization', pg_catalog.current_setting('sessi
 UNION ALL SELECT 'p', 'listen', NULL WHERE EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) \
 UNION ALL SELECT 'p', 'temp_table', NULL WHERE EXISTS \
   (SELECT FROM pg_catalog.pg_class WHERE relnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+  OR EXISTS (SELECT FROM pg_catalog.pg_type WHERE typnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+  OR EXISTS (SELECT FROM pg_catalog.pg_proc WHERE pronamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
+  OR EXISTS (SELECT FROM pg_catalog.pg_operator \
+    WHERE oprnamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema()) \
 UNION ALL SELECT 'p', 'advisory_lock', NULL WHERE EXISTS (SELECT FROM pg_catalog.pg_locks \
   WHERE locktype OPERATOR(pg_catalog.=) 'advisory' AND pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()) \
 UNION ALL SELECT 'p', 'cursor', NULL WHERE EXISTS (SELECT FROM pg_catalog.pg_cursors WHERE is_holdable) \
@@ -55,8 +59,13 @@ impl ServerConn {
         let rows = loop {
             tries += 1;
             match self.rows(PROBE_SQL, timeout).await {
+                // A cancel (the client's own tiny statement_timeout, or a CancelRequest the client sent just
+                // after its last reply) may land inside the probe's transaction block: end it, then retry.
                 Err(ServerError::Postgres { code, .. })
-                    if code == crate::protocol::sqlstate::QUERY_CANCELED && tries < PROBE_TRIES => {}
+                    if code == crate::protocol::sqlstate::QUERY_CANCELED && tries < PROBE_TRIES =>
+                {
+                    self.simple("ROLLBACK", timeout).await?;
+                }
                 Err(e @ ServerError::Postgres { .. }) => {
                     // The server is idle or in the probe's failed transaction block: end that, then report.
                     self.simple("ROLLBACK", timeout).await?;
