@@ -88,6 +88,18 @@ pub enum ProxyError {
 }
 
 /// Stable label for logs (and later metrics) — fixed cardinality, never client input.
+/// The NOTICE Postgres sends at login for an `application_name` longer than an identifier (63 bytes): the
+/// proxy replays the setting on servers later, so it says it to the client itself, in Postgres's words.
+pub fn long_application_name_notice(out: &mut bytes::BytesMut, name: &str) {
+    const MAX: usize = 63;
+    if name.len() <= MAX {
+        return;
+    }
+    let cut = (0..=MAX).rev().find(|&i| name.is_char_boundary(i)).unwrap_or(0);
+    let text = format!("identifier \"{name}\" will be truncated to \"{}\"", &name[..cut]);
+    crate::protocol::error_response(out, Severity::Notice, sqlstate::NAME_TOO_LONG, &text, None);
+}
+
 impl ProxyError {
     pub fn kind(&self) -> &'static str {
         match self {

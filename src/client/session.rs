@@ -393,6 +393,7 @@ async fn login(
 
     let mut out = BytesMut::with_capacity(512);
     protocol::auth_request(&mut out, 0, &[]);
+    crate::error::long_application_name_notice(&mut out, startup.get("application_name").unwrap_or(""));
     for (k, v) in &shown {
         protocol::parameter_status(&mut out, k, v);
     }

@@ -14,6 +14,7 @@ pub const INVALID_AUTHORIZATION_SPECIFICATION: &str = "28000";
 pub const INVALID_PASSWORD: &str = "28P01";
 pub const INVALID_CATALOG_NAME: &str = "3D000";
 pub const SYNTAX_ERROR: &str = "42601";
+pub const NAME_TOO_LONG: &str = "42622";
 pub const UNDEFINED_OBJECT: &str = "42704";
 pub const DUPLICATE_PSTATEMENT: &str = "42P05";
 pub const TOO_MANY_CONNECTIONS: &str = "53300";

@@ -150,6 +150,8 @@ pub struct Raw {
     /// Body of a NegotiateProtocolVersion, if the server sent one, and the first message's type.
     pub negotiate: Option<Vec<u8>>,
     pub first: Option<u8>,
+    /// (SQLSTATE, message) of each NoticeResponse during the login.
+    pub notices: Vec<(String, String)>,
 }
 
 /// user postgres, the given database, client_encoding UTF8 (what tokio-postgres sends too).
@@ -167,7 +169,7 @@ impl Raw {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.map_err(PgError::from_io)?;
         s.write_all(&startup(version, params)).await.map_err(PgError::from_io)?;
         let user = params.iter().find(|(k, _)| *k == "user").map(|(_, v)| *v).unwrap_or("");
-        let mut raw = Raw { s, pid: 0, secret: 0, negotiate: None, first: None };
+        let mut raw = Raw { s, pid: 0, secret: 0, negotiate: None, first: None, notices: Vec::new() };
         raw.authenticate(user, pw).await?;
         Ok(raw)
     }
@@ -218,6 +220,10 @@ impl Raw {
                 },
                 b'E' => return Err(error_fields(&body)),
                 b'v' => self.negotiate = Some(body),
+                b'N' => {
+                    let e = error_fields(&body);
+                    self.notices.push((e.code, e.message));
+                }
                 b'K' => {
                     self.pid = i32::from_be_bytes(body[..4].try_into().unwrap());
                     self.secret = i32::from_be_bytes(body[4..8].try_into().unwrap());
