@@ -106,6 +106,14 @@ pub struct SessionCounts {
     pub bytes_out: u64,
 }
 
+/// What the checkout without an await did.
+enum Quick {
+    Attached,
+    Failed(ProxyError),
+    /// Checked out; the client's settings still have to be applied (boxed: the rare case).
+    Install(Box<(PooledConn, Hold)>),
+}
+
 /// What woke the relay.
 enum Wake {
     Pump(Result<Event, PumpError>),
@@ -202,13 +210,39 @@ impl Relay {
         };
         let checkout = crate::budget::checkout::acquire(&pool, waiter).await;
         self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
-        let (mut conn, hold) = match checkout {
+        let (conn, hold) = match checkout {
             Ok(c) => c,
             Err(e) => {
                 self.note_checkout_error(&e);
                 return Err(e);
             }
         };
+        self.install(conn, hold).await
+    }
+
+    /// The common checkout without an await (and without building the checkout's future): a parked server
+    /// with this client's settings already in force. `None`: take [`Self::attach`].
+    fn attach_now(&mut self) -> Option<Quick> {
+        let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
+        let home = self.home.as_ref().map(|h| h.pid);
+        let (conn, hold) = match crate::budget::checkout::acquire_now(&self.pool, self.exempt, home, &who)? {
+            Ok(c) => c,
+            Err(e) => {
+                self.note_checkout_error(&e);
+                return Some(Quick::Failed(e));
+            }
+        };
+        self.pool.metrics.checkout_wait.observe(0.0);
+        if !crate::relay::reset::settings_match(&conn.applied, &self.desired) {
+            // Bringing the server to the client's settings is a round trip: the async path does it.
+            return Some(Quick::Install(Box::new((conn, hold))));
+        }
+        self.adopt(conn, hold);
+        Some(Quick::Attached)
+    }
+
+    /// Bring a checked-out server to this client's settings, then take it.
+    async fn install(&mut self, mut conn: PooledConn, hold: Hold) -> Result<(), ProxyError> {
         let (set, reset) = crate::relay::reset::settings_diff(&conn.applied, &self.desired);
         if !set.is_empty() || !reset.is_empty() {
             let timeout = self.pool.budget().settings.reset_timeout;
@@ -221,6 +255,12 @@ impl Relay {
             }
             conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         }
+        self.adopt(conn, hold);
+        Ok(())
+    }
+
+    /// Take a server whose settings are the client's: record it for cancels, and set the pump up for it.
+    fn adopt(&mut self, mut conn: PooledConn, hold: Hold) {
         self.key.attach(ServerKey { route: conn.cancel.clone(), pid: conn.pid, secret: conn.secret });
         if let Some(h) = self.home.as_ref().filter(|h| h.pid == conn.pid) {
             h.touch();
@@ -244,19 +284,20 @@ impl Relay {
             s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
         }
         self.server = Some(conn);
-        Ok(())
     }
 
     /// A statement that asks for the backend's pid runs on the client's home, as it would direct: when the
     /// home is busy with another client, wait (up to `checkout_timeout`) for it to be parked again. Only the
     /// statements already received are looked at, and only when the home is not idle anyway.
+    fn home_wait_due(&self) -> bool {
+        let Some(pid) = self.home.as_ref().map(|h| h.pid) else { return false };
+        let asks = |cin: &[u8]| cin.windows(11).any(|w| w.eq_ignore_ascii_case(b"backend_pid"));
+        !self.pool.pool.manager().affinity.is_parked(pid) && asks(&self.pump.cin)
+    }
+
     async fn await_home(&mut self) {
         let Some(pid) = self.home.as_ref().map(|h| h.pid) else { return };
         let m = self.pool.pool.manager();
-        let asks = |cin: &[u8]| cin.windows(11).any(|w| w.eq_ignore_ascii_case(b"backend_pid"));
-        if m.affinity.is_parked(pid) || !asks(&self.pump.cin) {
-            return;
-        }
         let alive = || {
             m.upstream.servers.contains_key(&pid) || m.replica.as_ref().is_some_and(|r| r.servers.contains_key(&pid))
         };
@@ -412,11 +453,18 @@ impl Relay {
                     }
                     Some(_) => {}
                 }
-                if self.home.is_some() {
+                if self.home_wait_due() {
                     Box::pin(self.await_home()).await;
                 }
-                // Boxed: a checkout's state lives only while it runs, not in every idle session.
-                match Box::pin(self.attach(sock)).await {
+                // Boxed: a checkout's state lives only while it runs, not in every idle session; the common
+                // checkout (a parked server, nothing to wait for) builds no future at all.
+                let attached = match self.attach_now() {
+                    Some(Quick::Attached) => Ok(()),
+                    Some(Quick::Failed(e)) => Err(e),
+                    Some(Quick::Install(c)) => Box::pin(self.install(c.0, c.1)).await,
+                    None => Box::pin(self.attach(sock)).await,
+                };
+                match attached {
                     Ok(()) => {}
                     Err(
                         e @ (ProxyError::BudgetExhausted { .. }

@@ -195,6 +195,24 @@ impl crate::budget::pool::ServicePool {
         }
     }
 
+    /// [`Self::take_parked`] without an await: `None` also when the server it would take needs a liveness
+    /// round trip first (it stays parked for the async path).
+    pub fn take_parked_now(&self, home: Option<i32>) -> Option<PooledConn> {
+        let m = self.pool.manager();
+        loop {
+            let mut c = m.affinity.take(home, false)?;
+            if m.unusable(&mut c).is_some() {
+                drop(PooledConn::take(c));
+                continue;
+            }
+            if c.last_checkin.elapsed() > self.budget().settings.server_check_delay {
+                m.affinity.park(c);
+                return None;
+            }
+            return Some(c);
+        }
+    }
+
     /// Give a clean, idle server back: parked in transaction mode (where a checkout can choose it), straight
     /// to deadpool's queue when checkouts wait there or in session mode.
     pub fn put_back(&self, mut conn: PooledConn) {

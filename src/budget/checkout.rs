@@ -89,6 +89,44 @@ impl Drop for Queued<'_> {
     }
 }
 
+/// The common checkout, without an await: a parked server ready without a round trip, then admission (its
+/// refusal is the same error [`acquire`] gives). `None`: nothing is parked (or the pool is paused, or a
+/// liveness ping is due): take [`acquire`]'s path.
+pub fn acquire_now(
+    pool: &ServicePool,
+    exempt: bool,
+    home: Option<i32>,
+    who: &Who<'_>,
+) -> Option<Result<(PooledConn, Hold), ProxyError>> {
+    if pool.control.is_paused() {
+        return None;
+    }
+    let conn = pool.take_parked_now(home)?;
+    let b = pool.budget();
+    match pool.admission.admit(exempt, &b.name) {
+        Ok(hold) => {
+            let served = if hold.above_line { Decision::Exempt } else { Decision::Admitted };
+            decide(pool, who, served, Duration::ZERO);
+            pool.stamp_use();
+            Some(Ok((conn, hold)))
+        }
+        Err(refusal) => {
+            pool.put_back(conn);
+            Some(Err(shed(pool, who, &b.name, refusal)))
+        }
+    }
+}
+
+/// The error of a refused admission (counted by `admit`), with its lake row.
+fn shed(pool: &ServicePool, who: &Who<'_>, service: &str, refusal: Refusal) -> ProxyError {
+    let d = match refusal {
+        Refusal::Hard { .. } => Decision::RejectedHard,
+        Refusal::QueueFull { .. } => Decision::RejectedQueueFull,
+    };
+    lake_row(pool, who, d, Duration::ZERO);
+    ProxyError::Shed { service: service.to_owned(), share: pool.share(), refusal }
+}
+
 /// Admit, then take a server now or wait for one in the pool's queue.
 pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Result<(PooledConn, Hold), ProxyError> {
     if pool.control.is_paused() {
@@ -96,14 +134,7 @@ pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Resu
     }
     let b = pool.budget();
     let adm = &pool.admission;
-    let hold = adm.admit(w.exempt, &b.name).map_err(|refusal| {
-        let d = match refusal {
-            Refusal::Hard { .. } => Decision::RejectedHard,
-            Refusal::QueueFull { .. } => Decision::RejectedQueueFull,
-        };
-        lake_row(pool, &w.who, d, Duration::ZERO); // admit() counted it
-        ProxyError::Shed { service: b.name.clone(), share: pool.share(), refusal }
-    })?;
+    let hold = adm.admit(w.exempt, &b.name).map_err(|refusal| shed(pool, &w.who, &b.name, refusal))?;
     let served = if hold.above_line { Decision::Exempt } else { Decision::Admitted };
     match pool.checkout_near(Duration::ZERO, w.home).await {
         Ok(c) => {

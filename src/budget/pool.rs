@@ -353,7 +353,7 @@ impl ServicePool {
         let started = Instant::now();
         loop {
             if let Some(c) = self.take_parked(home, false).await {
-                self.last_used_ms.store(self.made.elapsed().as_millis() as u64, Ordering::Relaxed);
+                self.stamp_use();
                 return Ok(c);
             }
             let left = wait.saturating_sub(started.elapsed());
@@ -374,7 +374,7 @@ impl ServicePool {
                     tokio::time::sleep(left.min(SHARE_RECHECK)).await;
                 }
                 Ok(c) => {
-                    self.last_used_ms.store(self.made.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    self.stamp_use();
                     return Ok(c);
                 }
                 Err(Some(e)) => return Err(e),
@@ -461,6 +461,11 @@ impl ServicePool {
             IdleState::Clean => !keep(c),
         });
         gone.into_iter().for_each(|c| drop(PooledConn::take(c)));
+    }
+
+    /// A client checked a connection out of this pool now.
+    pub fn stamp_use(&self) {
+        self.last_used_ms.store(self.made.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// How long no client checked a connection out of this pool.

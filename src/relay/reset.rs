@@ -83,6 +83,11 @@ pub async fn cleanup(conn: &mut ServerConn, pump: &mut Pump, reset: bool, read_o
 }
 
 /// What to change on a server so its proxy-applied settings equal the client's: (set, reset).
+/// Whether `applied` already is `desired` (no allocation: the check of every checkout).
+pub fn settings_match(applied: &HashMap<String, String>, desired: &BTreeMap<String, String>) -> bool {
+    applied.len() == desired.len() && desired.iter().all(|(k, v)| applied.get(k) == Some(v))
+}
+
 pub fn settings_diff(
     applied: &HashMap<String, String>,
     desired: &BTreeMap<String, String>,
