@@ -376,10 +376,10 @@ impl Relay {
         let killed = kill.cancelled();
         tokio::pin!(killed);
         // Transaction mode: an administrator terminated the backend whose pid this client was told.
-        let home = self.home.as_ref().map(|h| h.ended.clone());
-        let home_ended = async move {
-            match home {
-                Some(t) => t.cancelled_owned().await,
+        let home = self.home.as_ref().map(|h| h.signal.clone());
+        let home_ended = async {
+            match &home {
+                Some(h) => h.ended().await,
                 None => std::future::pending().await,
             }
         };

@@ -13,11 +13,12 @@
 //! proxy closed (idle timeout, lifetime, `RECONNECT`) just stops being preferred.
 
 use crate::budget::pool::PooledConn;
+use futures_util::task::AtomicWaker;
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
 
 /// The parked servers of one pool and the clients homed on its servers.
 pub struct Affinity {
@@ -43,9 +44,46 @@ impl Default for Affinity {
 /// One client homed on a server.
 struct Homed {
     id: u64,
-    ended: CancellationToken,
+    signal: Arc<HomeSignal>,
+}
+
+/// What a client and its pool share about its home: one small allocation per client.
+#[derive(Debug, Default)]
+pub struct HomeSignal {
     /// When the client last had its home (ms after [`Affinity::epoch`]).
-    used_ms: Arc<AtomicU64>,
+    used_ms: AtomicU64,
+    ended: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl HomeSignal {
+    fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Resolves once an administrator ended the home backend (the client's session ends too).
+    pub fn ended(&self) -> Ended<'_> {
+        Ended(self)
+    }
+}
+
+/// [`HomeSignal::ended`]: a future the size of a reference, polled on every wake of the relay.
+pub struct Ended<'a>(&'a HomeSignal);
+
+impl std::future::Future for Ended<'_> {
+    type Output = ();
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0.ended.load(Ordering::Acquire) {
+            return std::task::Poll::Ready(());
+        }
+        self.0.waker.register(cx.waker());
+        if self.0.ended.load(Ordering::Acquire) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
 }
 
 impl std::fmt::Debug for Affinity {
@@ -58,16 +96,14 @@ impl std::fmt::Debug for Affinity {
 pub struct Home {
     pub pid: i32,
     id: u64,
-    /// Cancelled when an administrator ended the home backend: the client's session ends too.
-    pub ended: CancellationToken,
-    used_ms: Arc<AtomicU64>,
+    pub signal: Arc<HomeSignal>,
     affinity: Arc<Affinity>,
 }
 
 impl Home {
     /// The client has its home now (a checkout got it).
     pub fn touch(&self) {
-        self.used_ms.store(self.affinity.now_ms(), Ordering::Relaxed);
+        self.signal.used_ms.store(self.affinity.now_ms(), Ordering::Relaxed);
     }
 }
 
@@ -95,10 +131,9 @@ impl Affinity {
     /// Home a client on the server `pid`.
     pub fn home(self: &Arc<Self>, pid: i32) -> Home {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let ended = CancellationToken::new();
-        let used_ms = Arc::new(AtomicU64::new(self.now_ms()));
-        lock(&self.homes).entry(pid).or_default().push(Homed { id, ended: ended.clone(), used_ms: used_ms.clone() });
-        Home { pid, id, ended, used_ms, affinity: self.clone() }
+        let signal = Arc::new(HomeSignal { used_ms: AtomicU64::new(self.now_ms()), ..Default::default() });
+        lock(&self.homes).entry(pid).or_default().push(Homed { id, signal: signal.clone() });
+        Home { pid, id, signal, affinity: self.clone() }
     }
 
     /// How many clients call server `pid` home.
@@ -111,9 +146,10 @@ impl Affinity {
     pub fn terminated(&self, pid: i32, window: Duration) -> usize {
         let gone = lock(&self.homes).remove(&pid).unwrap_or_default();
         let now = self.now_ms();
-        let recent =
-            gone.iter().filter(|h| now.saturating_sub(h.used_ms.load(Ordering::Relaxed)) <= window.as_millis() as u64);
-        recent.map(|h| h.ended.cancel()).count()
+        let recent = gone
+            .iter()
+            .filter(|h| now.saturating_sub(h.signal.used_ms.load(Ordering::Relaxed)) <= window.as_millis() as u64);
+        recent.map(|h| h.signal.end()).count()
     }
 
     pub fn park(&self, conn: PooledConn) {
