@@ -213,13 +213,10 @@ pub async fn enforce_read_only(conn: &mut ServerConn, timeout: Duration) -> Resu
 }
 
 /// Deadpool's deadlines for one checkout: wait up to `wait` for a free slot; opening a connection may take
-/// two connect attempts (replica, then primary), vetting an idle one a single ping.
+/// two connect attempts (replica, then primary). Vetting an idle one has no deadline of deadpool's: its one
+/// await, the ping, has its own (`connect_timeout`), and a timer per checkout costs more than the check.
 pub(crate) fn timeouts(s: &crate::config::ServiceConfig, wait: Duration) -> Timeouts {
-    Timeouts {
-        wait: Some(wait),
-        create: Some(2 * s.connect_timeout + Duration::from_millis(100)),
-        recycle: Some(s.connect_timeout + Duration::from_millis(100)),
-    }
+    Timeouts { wait: Some(wait), create: Some(2 * s.connect_timeout + Duration::from_millis(100)), recycle: None }
 }
 
 pub type Pool = managed::Pool<Manager>;
