@@ -78,7 +78,7 @@ impl Resolved {
         if p.max_pending_logins < 1 {
             v.push(format!("proxy.max_pending_logins = {} must be at least 1", p.max_pending_logins));
         }
-        if !(1024..=crate::relay::frame::LARGE_MESSAGE).contains(&p.max_query_size) {
+        if !(1024..=crate::protocol::LARGE_MESSAGE).contains(&p.max_query_size) {
             v.push(format!("proxy.max_query_size = {} is out of range (1024 ..= 1073741823 bytes)", p.max_query_size));
         }
         let a = &config.admin;
