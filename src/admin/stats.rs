@@ -295,11 +295,6 @@ pub fn snapshot_line(
     line
 }
 
-/// Parse a duration given as seconds or humantime (`60`, `60s`, `1m`).
-pub fn parse_interval(s: &str) -> Option<Duration> {
-    s.parse::<u64>().map(Duration::from_secs).ok().or_else(|| humantime_serde::re::humantime::parse_duration(s).ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,7 @@
 //! class that may use the headroom above the hard-reject line, a bounded arrival-order queue, queue positions
 //! for the NOTICE waiting clients get, and one counted decision per checkout.
 
-use crate::config::AdmissionConfig;
+use crate::config::{hard_line, AdmissionConfig};
 use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 use std::collections::BTreeSet;
@@ -10,13 +10,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::warn;
-
-/// Most checkouts that non-exempt clients may hold together: a checkout is admitted while
-/// `holding / share < hard_reject`, so the line is the smallest count at or above `hard_reject × share`.
-pub fn hard_line(hard_reject: f64, share: u32) -> u32 {
-    let x = hard_reject * share as f64;
-    ((x - 1e-9).ceil().max(1.0) as u32).min(share)
-}
 
 /// What admission decided for one checkout (the `decision` label of `pgbudget_admission_total`); the
 /// discriminant is the index into [`Decision::ALL`] and the per-pool counters.

@@ -134,6 +134,9 @@ impl Default for ProxySection {
     }
 }
 
+/// How far back the error journal is refilled from the lake at startup (`admin.errors_window`'s default).
+pub const DEFAULT_ERRORS_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 /// Operator surfaces: the admin HTTP listener, the console database and the snapshot log.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -174,7 +177,7 @@ impl Default for AdminSection {
             api_token_env: "PGBUDGET_ADMIN_TOKEN".into(),
             ready_interval: Duration::from_secs(5),
             redact: true,
-            errors_window: crate::telemetry::journal::DEFAULT_ERRORS_WINDOW,
+            errors_window: DEFAULT_ERRORS_WINDOW,
         }
     }
 }
@@ -354,6 +357,13 @@ impl Default for AdmissionConfig {
     }
 }
 
+/// Most checkouts that non-exempt clients may hold together: a checkout is admitted while
+/// `holding / share < hard_reject`, so the line is the smallest count at or above `hard_reject × share`.
+pub fn hard_line(hard_reject: f64, share: u32) -> u32 {
+    let x = hard_reject * share as f64;
+    ((x - 1e-9).ceil().max(1.0) as u32).min(share)
+}
+
 fn default_upstream() -> String {
     "primary".into()
 }
@@ -425,6 +435,11 @@ pub fn expand_env(s: &str, env: &Env) -> Result<String, String> {
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Parse a duration given as seconds or humantime (`60`, `60s`, `1m`).
+pub fn parse_interval(s: &str) -> Option<Duration> {
+    s.parse::<u64>().map(Duration::from_secs).ok().or_else(|| humantime_serde::re::humantime::parse_duration(s).ok())
 }
 
 impl Config {

@@ -86,7 +86,7 @@ impl Resolved {
             v.push(format!("admin.listen = {:?} is not an address:port (or \"\" to disable)", a.listen));
         }
         if let Some(raw) = env.get("PGBUDGET_POOL_LOG_INTERVAL") {
-            if crate::admin::stats::parse_interval(raw).is_none() {
+            if crate::config::parse_interval(raw).is_none() {
                 v.push(format!("PGBUDGET_POOL_LOG_INTERVAL = {raw:?} is not a duration (e.g. 60s) or seconds"));
             }
         }
@@ -339,7 +339,7 @@ impl Resolved {
             return Err(ConfigError { violations: v });
         }
         let mut config = config;
-        if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::admin::stats::parse_interval) {
+        if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::config::parse_interval) {
             config.admin.pool_log_interval = d;
         }
         Ok(Resolved { config, upstreams, services, replica, sidecar_service, processes, logins, tls, ro_login })
@@ -440,7 +440,7 @@ fn check_admission(v: &mut Vec<String>, at: &str, a: &crate::config::AdmissionCo
         if n == 0 || !ordered {
             continue;
         }
-        let line = crate::budget::admission::hard_line(a.hard_reject, n);
+        let line = crate::config::hard_line(a.hard_reject, n);
         if has_exempt && line >= n {
             v.push(format!(
                 "{at}.admission: hard_reject = {} of the {route} share {n} leaves no headroom for the exempt class",
