@@ -1,9 +1,9 @@
 //! Process-wide shared state (passed as `Arc<App>`, no globals), the accept loop, background tasks and shutdown.
 
 use crate::budget::pools::Pools;
-use crate::client::auth::UserDb;
 use crate::client::cancel::CancelRegistry;
 use crate::config::resolve::Resolved;
+use crate::config::users::UserDb;
 use crate::config::Env;
 use crate::telemetry::journal::Journal;
 use crate::telemetry::metrics::Metrics;

@@ -2,10 +2,10 @@
 
 use crate::app::{App, ClientInfo};
 use crate::budget::pool::{Route, ServicePool};
-use crate::client::auth::UserDb;
 use crate::client::cancel::ClientKey;
 use crate::client::startup::{binding, forward_cancel, read_startup, First};
 use crate::config::resolve::Resolved;
+use crate::config::users::UserDb;
 use crate::config::{Mode, PoolMode, ServiceFrom};
 use crate::error::ProxyError;
 use crate::protocol::{self, Severity, Startup};

@@ -11,6 +11,7 @@ pub mod resolve;
 pub mod source;
 pub mod tls_section;
 pub mod upstream_url;
+pub mod users;
 
 pub use read_only_section::{Enforce, ReadOnlySection, ReplicaDown};
 pub use tls_section::{TlsMode, TlsSection};

@@ -4,8 +4,8 @@
 
 use crate::app::App;
 use crate::budget::pools::Pools;
-use crate::client::auth::UserDb;
 use crate::config::resolve::{Resolved, UpstreamTarget};
+use crate::config::users::UserDb;
 use crate::config::{Config, ConfigError};
 use std::path::{Path, PathBuf};
 use tracing::{info, warn};

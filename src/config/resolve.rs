@@ -287,12 +287,12 @@ impl Resolved {
                 }
             }
             if let Some(s) = &u.scram {
-                if crate::client::auth::ScramVerifier::parse(s).is_none() {
+                if crate::config::users::ScramVerifier::parse(s).is_none() {
                     v.push(format!("auth user {:?}: scram is not a SCRAM-SHA-256 verifier", u.name));
                 }
             }
             if let Some(m) = &u.md5 {
-                if !crate::client::auth::is_md5_secret(m) {
+                if !crate::config::users::is_md5_secret(m) {
                     v.push(format!(
                         "auth user {:?}: md5 is not an md5 secret (\"md5\" followed by 32 lowercase hex digits)",
                         u.name
