@@ -5,6 +5,8 @@
 
 pub mod databases;
 pub mod environment;
+#[cfg(feature = "lake")]
+pub mod lake_section;
 pub mod read_only_section;
 pub mod reload;
 pub mod resolve;
@@ -53,7 +55,7 @@ pub struct Config {
     /// The embedded DuckLake telemetry warehouse (`[lake]`; needs the `lake` cargo feature).
     #[cfg(feature = "lake")]
     #[serde(default)]
-    pub lake: crate::lake::LakeConfig,
+    pub lake: lake_section::LakeConfig,
     pub upstreams: BTreeMap<String, Upstream>,
     pub services: BTreeMap<String, ServiceConfig>,
 }

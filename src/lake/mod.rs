@@ -1,7 +1,8 @@
 //! The embedded DuckLake telemetry warehouse (cargo feature `lake`): pgbudget's events as partitioned
 //! Parquet tables in a DuckLake, catalog in a local DuckDB file (embedded default) or in Postgres.
 //!
-//! - `registry` — tables and columns, the one source of truth; `Value`/`Row`.
+//! - `registry` — tables and columns, the one source of truth; `Value`/`Row` (`telemetry::registry`, re-exported;
+//!   `config` likewise re-exports `config::lake_section`, the `[lake]` settings).
 //! - `catalog`  — DuckDB setup (offline extensions), ATTACH, S3 secret, create/evolve tables, re-attach.
 //! - `writer`   — `LakeWriter::append` (never fails, never blocks) and the flush thread.
 //! - `reader`   — lock-guarded query connection returning JSON rows; heals on error.
@@ -15,16 +16,16 @@
 //! during maintenance, a short-lived maintenance-lock session: 4 catalog connections at most per process.
 
 pub mod catalog;
-pub mod config;
 pub mod errors;
 pub mod lock;
 pub mod maintain;
 pub mod reader;
-pub mod registry;
 pub mod remote;
 pub mod timeline;
 pub mod writer;
 
+pub use crate::config::lake_section as config;
+pub use crate::telemetry::registry;
 pub use config::LakeConfig;
 pub use maintain::{maintain, spawn_maintenance, MaintenanceReport};
 pub use reader::{LakeReader, QueryResult};
@@ -60,6 +61,12 @@ pub enum LakeError {
     Timeout(std::time::Duration),
     #[error("lake via the running pgbudget: {0}")]
     Remote(String),
+}
+
+impl From<registry::RegistryError> for LakeError {
+    fn from(e: registry::RegistryError) -> Self {
+        LakeError::Registry(e.0)
+    }
 }
 
 impl LakeError {

@@ -2,12 +2,15 @@
 //! `lake` feature), and the sink the proxy emits to. It writes to the DuckLake writer when the feature is built
 //! and `[lake] enabled = true`; otherwise `emit` does nothing and never builds the row.
 //! Submodules: `metrics` (the Prometheus registry and gauges), `journal` (the ring of recent server errors),
-//! `redact` (literals out of error texts) and `high_water` (a pool's peaks between two lake snapshots).
+//! `redact` (literals out of error texts), `high_water` (a pool's peaks between two lake snapshots) and, with
+//! the `lake` feature, `registry` (the lake's tables and their columns, which `[lake]` validation also applies).
 
 pub mod high_water;
 pub mod journal;
 pub mod metrics;
 pub mod redact;
+#[cfg(feature = "lake")]
+pub mod registry;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
