@@ -119,7 +119,7 @@ pub struct ClientInfo {
     pub connected_at: SystemTime,
     /// The proxy-issued cancel pid, which also tells whether the client holds a server now.
     pub key_pid: i32,
-    /// Why its server is pinned to it (bits in [`crate::server::PIN_REASONS`] order; 0: not pinned).
+    /// Why its server is pinned to it (bits in [`crate::telemetry::labels::PIN_REASONS`] order; 0: not pinned).
     pub pins: Arc<std::sync::atomic::AtomicU8>,
 }
 

@@ -77,7 +77,7 @@ pub struct Relay {
     pub counts: SessionCounts,
     /// (client_idle_timeout, idle_in_transaction_timeout, pin_idle_timeout) as of the last checkout.
     idle_timeouts: (Duration, Duration, Duration),
-    /// Transaction mode: why the server is pinned to this client now ([`crate::server::PIN_REASONS`]).
+    /// Transaction mode: why the server is pinned to this client now ([`crate::telemetry::labels::PIN_REASONS`]).
     pub pins: Vec<&'static str>,
     /// The same as bits, for `SHOW CLIENTS`.
     pub pin_bits: Arc<std::sync::atomic::AtomicU8>,

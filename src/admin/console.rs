@@ -358,7 +358,7 @@ fn show_clients(app: &App) -> BytesMut {
     ]);
     for c in app.clients.iter() {
         let bits = c.pins.load(std::sync::atomic::Ordering::Relaxed);
-        let pinned: Vec<&str> = crate::server::PIN_REASONS
+        let pinned: Vec<&str> = crate::telemetry::labels::PIN_REASONS
             .iter()
             .enumerate()
             .filter(|(i, _)| bits & (1 << i) != 0)

@@ -102,8 +102,8 @@ impl App {
                 ro_dsn_configured: resolved.replica.is_some(),
                 paused: p.control.is_paused(),
                 shed_line: p.admission.shed_line(),
-                shed: p.admission.count(crate::budget::admission::Decision::RejectedHard)
-                    + p.admission.count(crate::budget::admission::Decision::RejectedQueueFull),
+                shed: p.admission.count(crate::telemetry::labels::Decision::RejectedHard)
+                    + p.admission.count(crate::telemetry::labels::Decision::RejectedQueueFull),
                 pinned: p.pinned.load(Ordering::Relaxed),
                 prepared_statements: p.statements.len(),
             };

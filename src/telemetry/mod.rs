@@ -1,12 +1,14 @@
 //! Telemetry rows for the lake: the cell and row types and the built-in table ids (compiled with or without the
 //! `lake` feature), and the sink the proxy emits to. It writes to the DuckLake writer when the feature is built
 //! and `[lake] enabled = true`; otherwise `emit` does nothing and never builds the row.
-//! Submodules: `metrics` (the Prometheus registry and gauges), `journal` (the ring of recent server errors),
-//! `redact` (literals out of error texts), `high_water` (a pool's peaks between two lake snapshots) and, with
-//! the `lake` feature, `registry` (the lake's tables and their columns, which `[lake]` validation also applies).
+//! Submodules: `metrics` (the Prometheus registry and gauges), `labels` (their fixed label values), `journal`
+//! (the ring of recent server errors), `redact` (literals out of error texts), `high_water` (a pool's peaks
+//! between two lake snapshots) and, with the `lake` feature, `registry` (the lake's tables and their columns,
+//! which `[lake]` validation also applies).
 
 pub mod high_water;
 pub mod journal;
+pub mod labels;
 pub mod metrics;
 pub mod redact;
 #[cfg(feature = "lake")]
