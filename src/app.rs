@@ -33,6 +33,9 @@ pub struct App {
     pub journal: Journal,
     /// Rows for the lake (a no-op when it is off).
     pub telemetry: Telemetry,
+    /// The lake, when it is enabled in this process (it is also where `telemetry` writes).
+    #[cfg(feature = "lake")]
+    lake: Option<Arc<crate::lake::Lake>>,
     pub cancels: Arc<CancelRegistry>,
     /// Fired once to start a graceful shutdown.
     pub shutdown: CancellationToken,
@@ -141,13 +144,30 @@ impl App {
         Self::with_telemetry(resolved, env, Metrics::new(), Telemetry::default())
     }
 
-    /// Build the app around metrics and a telemetry sink made beforehand (the lake registers its metrics).
+    /// Build the app around metrics and a telemetry sink made beforehand.
     pub fn with_telemetry(resolved: Resolved, env: &Env, metrics: Metrics, telemetry: Telemetry) -> Arc<App> {
+        Arc::new(Self::build(resolved, env, metrics, telemetry))
+    }
+
+    /// Build the app around metrics made beforehand and the lake opened with them (the lake registers its
+    /// metrics); telemetry rows go to the lake.
+    #[cfg(feature = "lake")]
+    pub fn with_lake(
+        resolved: Resolved,
+        env: &Env,
+        metrics: Metrics,
+        lake: Option<Arc<crate::lake::Lake>>,
+    ) -> Arc<App> {
+        let telemetry = Telemetry::new(lake.clone().map(|l| l as Arc<dyn crate::telemetry::Sink>));
+        Arc::new(App { lake, ..Self::build(resolved, env, metrics, telemetry) })
+    }
+
+    fn build(resolved: Resolved, env: &Env, metrics: Metrics, telemetry: Telemetry) -> App {
         let redact = resolved.config.admin.redact;
         let users = UserDb::build(&resolved, env);
         let pools = Pools::build(&resolved, &metrics);
         let login_slots = LoginSlots::new(resolved.config.proxy.max_pending_logins, metrics.clients_logging_in.clone());
-        Arc::new(App {
+        App {
             resolved: ArcSwap::from_pointee(resolved),
             users: ArcSwap::from_pointee(users),
             pools: ArcSwap::from_pointee(pools),
@@ -155,6 +175,8 @@ impl App {
             metrics,
             journal: Journal::with_redaction(telemetry.clone(), redact),
             telemetry,
+            #[cfg(feature = "lake")]
+            lake: None,
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -164,7 +186,13 @@ impl App {
             clients: DashMap::new(),
             config_path: std::sync::OnceLock::new(),
             login_slots,
-        })
+        }
+    }
+
+    /// The lake, when it is enabled in this process.
+    #[cfg(feature = "lake")]
+    pub fn lake(&self) -> Option<&Arc<crate::lake::Lake>> {
+        self.lake.as_ref()
     }
 
     pub fn resolved(&self) -> Arc<Resolved> {
@@ -257,7 +285,7 @@ impl App {
         self.start_snapshot_log();
         self.start_lake_snapshots();
         #[cfg(feature = "lake")]
-        if let Some(lake) = self.telemetry.lake().filter(|l| l.writer().is_some()) {
+        if let Some(lake) = self.lake().filter(|l| l.writer().is_some()) {
             let every = self.resolved().config.lake.maintenance_interval;
             crate::lake::maintain::spawn_maintenance(lake.clone(), every, self.shutdown.clone(), &self.tasks);
         }
@@ -308,7 +336,7 @@ impl App {
         }
         self.pools().close();
         #[cfg(feature = "lake")]
-        if let Some(lake) = self.telemetry.lake().cloned() {
+        if let Some(lake) = self.lake().cloned() {
             // The final flush is bounded by `lake.shutdown_timeout`.
             let _ = tokio::task::spawn_blocking(move || lake.shutdown()).await;
         }

@@ -100,6 +100,19 @@ pub struct Lake {
     reader: LakeReader,
 }
 
+/// The lake as the telemetry sink: rows go to its writer (none when it is attached read-only).
+impl crate::telemetry::Sink for Lake {
+    fn writes(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    fn append(&self, table: TableId, row: Row) {
+        if let Some(w) = &self.writer {
+            w.append(table, row);
+        }
+    }
+}
+
 impl Lake {
     /// Open DuckDB, load the extensions and attach. Bad configuration or missing extensions fail here; an
     /// unreachable catalog does not (the writer keeps rows and retries, the reader re-attaches on use).
