@@ -4,22 +4,13 @@
 
 use crate::app::App;
 use crate::budget::pool::ServicePool;
+use crate::error::ControlError;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-/// Why an operator command could not be carried out.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    #[error("no such service \"{0}\"")]
-    UnknownService(String),
-    /// The pool stays paused; the servers still in use close when their clients release them.
-    #[error("paused, but {busy} server connection(s) are still in use")]
-    PauseTimedOut { busy: u32 },
-}
 
 /// Per-pool operator state.
 pub struct PoolControl {

@@ -3,6 +3,7 @@
 //! for the NOTICE waiting clients get, and one counted decision per checkout.
 
 use crate::config::{hard_line, AdmissionConfig};
+use crate::error::Refusal;
 use crate::telemetry::labels::Decision;
 use arc_swap::ArcSwap;
 use prometheus::IntCounter;
@@ -11,15 +12,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::warn;
-
-/// Why admission refused a checkout before it queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// `holding` checkouts reached the hard-reject line `line` of `share`.
-    Hard { holding: u32, line: u32 },
-    /// `waiting` clients queued already (the bound is `max_waiting`).
-    QueueFull { waiting: u32, max_waiting: u32 },
-}
 
 /// The thresholds in force for one pool; a reload swaps them.
 struct Params {

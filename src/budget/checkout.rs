@@ -3,10 +3,10 @@
 //! tells it after `notice_after` how many clients are ahead. Every checkout counts exactly one decision.
 //! Checkout does no client I/O of its own: the client side is a [`Watch`] the caller provides.
 
-use crate::budget::admission::{Hold, Refusal};
+use crate::budget::admission::Hold;
 use crate::budget::pool::{PooledConn, ServicePool};
 use crate::client::cancel::ClientKey;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, Refusal};
 use crate::telemetry::labels::Decision;
 use crate::telemetry::{tables, Telemetry, Value};
 use std::future::Future;

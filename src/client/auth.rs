@@ -6,6 +6,7 @@
 
 use crate::config::users::{hmac, is_md5_secret, ScramVerifier, Secret, User, UserDb};
 use crate::config::AuthMethod;
+use crate::error::AuthError;
 use crate::protocol::{self, cstr, ProtocolError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -13,15 +14,6 @@ use bytes::{Buf, BytesMut};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-
-/// Why a login failed. Every variant reaches the client as the same 28P01 text.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthError {
-    #[error("protocol error during authentication: {0}")]
-    Protocol(#[from] ProtocolError),
-    #[error("password authentication failed for user {user:?} ({reason})")]
-    Failed { user: String, reason: &'static str },
-}
 
 impl UserDb {
     /// Run the configured exchange on a client socket. On success the client has not yet been sent AuthenticationOk.
