@@ -1,7 +1,7 @@
 //! Process-wide shared state (passed as `Arc<App>`, no globals), the accept loop, background tasks and shutdown.
 
+use crate::budget::cancel::CancelRegistry;
 use crate::budget::pools::Pools;
-use crate::client::cancel::CancelRegistry;
 use crate::config::resolve::Resolved;
 use crate::config::users::UserDb;
 use crate::config::Env;

@@ -6,7 +6,7 @@
 //! service's pool, bounded by the service's share and the upstream's ceiling. `relay` pumps bytes both ways
 //! while its transaction-state machine follows the server; at a clean boundary the server goes back to the
 //! pool, otherwise `server::reset` cleans it up or it is closed. Read-only routes pass client statements
-//! through `read_only`. `client::cancel` routes cancel requests to the server a client holds. Everything
+//! through `read_only`. `budget::cancel` routes cancel requests to the server a client holds. Everything
 //! is counted by `telemetry` (Prometheus, the error journal, rows for the DuckLake warehouse in `lake`) and
 //! operated through `admin` (HTTP, console, PAUSE/RESUME, stats). `protocol` frames the wire format, `tls`
 //! encrypts either side of it, and `error` maps every error to one SQLSTATE.

@@ -5,9 +5,9 @@
 
 use crate::app::App;
 use crate::budget::admission::Hold;
+use crate::budget::cancel::{ClientKey, ServerKey};
 use crate::budget::checkout::{Waiter, Who};
 use crate::budget::pool::{PooledConn, Route, ServicePool};
-use crate::client::cancel::{ClientKey, ServerKey};
 use crate::config::{PinPolicy, PoolMode};
 use crate::error::ProxyError;
 use crate::protocol::ProtocolError;

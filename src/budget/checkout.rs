@@ -4,8 +4,8 @@
 //! Checkout does no client I/O of its own: the client side is a [`Watch`] the caller provides.
 
 use crate::budget::admission::Hold;
+use crate::budget::cancel::ClientKey;
 use crate::budget::pool::{PooledConn, ServicePool};
-use crate::client::cancel::ClientKey;
 use crate::error::{ProxyError, Refusal};
 use crate::telemetry::labels::Decision;
 use crate::telemetry::{tables, Telemetry, Value};

@@ -1,8 +1,8 @@
 //! One client session: startup → authenticate → pick service → (check out per session or per transaction) → relay → checkin.
 
 use crate::app::{App, ClientInfo};
+use crate::budget::cancel::ClientKey;
 use crate::budget::pool::{Route, ServicePool};
-use crate::client::cancel::ClientKey;
 use crate::client::startup::{binding, forward_cancel, read_startup, First};
 use crate::config::resolve::Resolved;
 use crate::config::users::UserDb;

@@ -2,7 +2,7 @@
 //! GSSENCRequest, NegotiateProtocolVersion, and a CancelRequest forwarded to the server its key is attached to.
 
 use crate::app::App;
-use crate::client::cancel::CancelTarget;
+use crate::budget::cancel::CancelTarget;
 use crate::error::ProxyError;
 use crate::protocol::{self, ProtocolError, Startup, StartupPacket};
 use crate::tls::Stream;
