@@ -16,6 +16,7 @@ pub mod app;
 pub mod budget;
 pub mod client;
 pub mod config;
+pub mod context;
 pub mod error;
 #[cfg(feature = "lake")]
 pub mod lake;

@@ -3,10 +3,10 @@
 //! an upstream).
 
 use clap::{Parser, Subcommand};
-use pgbudget::app::App;
 use pgbudget::config::resolve::Resolved;
 use pgbudget::config::source::Source;
 use pgbudget::config::{environment, Env};
+use pgbudget::context::App;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing::{error, info};

@@ -3,12 +3,12 @@
 //! server back — in transaction mode at the first clean idle boundary, otherwise at the session's end,
 //! cleaned up ([`crate::relay::reset`]) or discarded when its state cannot be proven.
 
-use crate::app::App;
 use crate::budget::admission::Hold;
 use crate::budget::cancel::{ClientKey, ServerKey};
 use crate::budget::checkout::{Waiter, Who};
 use crate::budget::pool::{PooledConn, Route, ServicePool};
 use crate::config::{PinPolicy, PoolMode};
+use crate::context::App;
 use crate::error::ProxyError;
 use crate::protocol::ProtocolError;
 use crate::read_only::filter::RoFilter;

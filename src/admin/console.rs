@@ -1,7 +1,7 @@
 //! The admin console: a virtual database (`psql -d pgbudget`) answering PgBouncer-style `SHOW` commands,
 //! open only to the users listed in `admin.users`. Simple query protocol only.
 
-use crate::app::{App, LoginPermit};
+use crate::context::{App, LoginPermit};
 use crate::error::{AuthError, ConsoleError, ProxyError};
 use crate::protocol::{self, Startup};
 use crate::tls::Stream;

@@ -2,8 +2,8 @@
 //! the servers), `RESUME`, `RECONNECT` (replace server connections gracefully), `KILL` (end a service's clients
 //! and servers now, then hold new ones until `RESUME`) and `SHUTDOWN`.
 
-use crate::app::App;
 use crate::budget::pool::ServicePool;
+use crate::context::App;
 use crate::error::ControlError;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

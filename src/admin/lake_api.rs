@@ -5,7 +5,7 @@
 //! `Authorization: Bearer <token>` from the `admin.api_token_env` variable (checked by `http::auth`, which also
 //! guards `/lake/health` when a token is set); without one they are off.
 
-use crate::app::App;
+use crate::context::App;
 use crate::lake::registry::{ColumnType, TableSpec};
 use crate::telemetry::Value;
 use axum::extract::{Path, State};

@@ -1,8 +1,8 @@
 //! Pool statistics read from live state: one source for the gauges, `/pools`, `SHOW POOLS` and the snapshot log.
 
-use crate::app::App;
 use crate::budget::pool::{routes_to_name, Route, RO_DISABLED};
 use crate::config::PoolMode;
+use crate::context::App;
 use crate::telemetry::{tables, Value};
 use serde::Serialize;
 use std::fmt::Write as _;

@@ -210,10 +210,10 @@ async fn wait_resumed<W: Watch>(pool: &ServicePool, w: &mut Waiter<'_, W>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::App;
     use crate::budget::pool::Route;
     use crate::config::resolve::Resolved;
     use crate::config::{Config, Env};
+    use crate::context::App;
 
     /// One service (share 3) on an upstream with a ceiling of 10 that nothing listens on.
     fn app() -> Arc<App> {

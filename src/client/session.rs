@@ -1,12 +1,12 @@
 //! One client session: startup → authenticate → pick service → (check out per session or per transaction) → relay → checkin.
 
-use crate::app::{App, ClientInfo};
 use crate::budget::cancel::ClientKey;
 use crate::budget::pool::{Route, ServicePool};
 use crate::client::startup::{binding, forward_cancel, read_startup, First};
 use crate::config::resolve::Resolved;
 use crate::config::users::UserDb;
 use crate::config::{Mode, PoolMode, ServiceFrom};
+use crate::context::{App, ClientInfo};
 use crate::error::ProxyError;
 use crate::protocol::{self, Severity, Startup};
 use crate::relay::{Outcome, Relay};
@@ -283,7 +283,7 @@ async fn login(
     sock: &mut Stream,
     startup: &Startup,
     peer: SocketAddr,
-    slot: crate::app::LoginPermit,
+    slot: crate::context::LoginPermit,
 ) -> Result<Box<Relay>, ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
     // One configuration for the whole login, even if a reload lands meanwhile.
