@@ -1,7 +1,12 @@
 //! The process around the shared context (`context::App`): the accept loop, the background tasks it starts and
 //! shutdown.
 
-use crate::context::App;
+use crate::context::{App, LoginPermit};
+use crate::error::ProxyError;
+use crate::protocol::Startup;
+use crate::tls::Stream;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -29,7 +34,8 @@ impl App {
                     crate::server::tune_socket(&sock);
                     let id = self.session_id();
                     let span = tracing::info_span!("session", id, client = %peer, service = tracing::field::Empty);
-                    self.tasks.spawn(crate::client::session::run(self.clone(), sock, peer, id).instrument(span));
+                    self.tasks
+                        .spawn(crate::client::session::run(self.clone(), sock, peer, id, console).instrument(span));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -72,4 +78,14 @@ impl App {
         }
         info!("shutdown complete");
     }
+}
+
+/// The admin console as the client layer's [`crate::client::session::Console`].
+fn console<'a>(
+    app: &'a Arc<App>,
+    sock: &'a mut Stream,
+    startup: &'a Startup,
+    login_slot: LoginPermit,
+) -> Pin<Box<dyn Future<Output = Result<(), ProxyError>> + Send + 'a>> {
+    Box::pin(crate::admin::console::run(app, sock, startup, login_slot))
 }
