@@ -7,6 +7,7 @@ use pgbudget::config::resolve::Resolved;
 use pgbudget::config::source::Source;
 use pgbudget::config::{environment, Env};
 use pgbudget::context::App;
+use pgbudget::telemetry::metrics::Metrics;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing::{error, info};
@@ -259,7 +260,7 @@ async fn run(resolved: Resolved, env: Env, config_path: Option<PathBuf>) -> Exit
             }
         }
     };
-    let metrics = pgbudget::telemetry::metrics::Metrics::new();
+    let metrics = Metrics::new();
     #[cfg(feature = "lake")]
     let app = match open_lake(&resolved, &metrics).await {
         Ok(lake) => App::with_lake(resolved, &env, metrics, lake),
@@ -298,10 +299,7 @@ async fn run(resolved: Resolved, env: Env, config_path: Option<PathBuf>) -> Exit
 /// Open the lake when `[lake] enabled`: a configuration or extension problem stops the start, an unreachable
 /// catalog does not (rows are kept and the attach retried).
 #[cfg(feature = "lake")]
-async fn open_lake(
-    r: &Resolved,
-    metrics: &pgbudget::telemetry::metrics::Metrics,
-) -> Result<Option<std::sync::Arc<pgbudget::lake::Lake>>, String> {
+async fn open_lake(r: &Resolved, metrics: &Metrics) -> Result<Option<std::sync::Arc<pgbudget::lake::Lake>>, String> {
     if !r.config.lake.enabled {
         return Ok(None);
     }
