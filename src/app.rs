@@ -1,255 +1,18 @@
-//! Process-wide shared state (passed as `Arc<App>`, no globals), the accept loop, background tasks and shutdown.
+//! The process around the shared context (`context::App`): the accept loop, the background tasks it starts and
+//! shutdown.
 
-use crate::budget::pools::Pools;
-use crate::client::auth::UserDb;
-use crate::client::cancel::CancelRegistry;
-use crate::config::resolve::Resolved;
-use crate::config::Env;
-use crate::telemetry::journal::Journal;
-use crate::telemetry::metrics::Metrics;
-use crate::telemetry::Telemetry;
-use arc_swap::ArcSwap;
-use dashmap::DashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::context::{App, LoginPermit};
+use crate::error::ProxyError;
+use crate::protocol::Startup;
+use crate::tls::Stream;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
-/// Everything a session or background task needs.
-pub struct App {
-    /// The configuration in force; a reload swaps it whole.
-    resolved: ArcSwap<Resolved>,
-    users: ArcSwap<UserDb>,
-    pools: ArcSwap<Pools>,
-    /// The process environment the configuration was resolved with (reloads use it again).
-    pub env: Env,
-    pub metrics: Metrics,
-    pub journal: Journal,
-    /// Rows for the lake (a no-op when it is off).
-    pub telemetry: Telemetry,
-    pub cancels: Arc<CancelRegistry>,
-    /// Fired once to start a graceful shutdown.
-    pub shutdown: CancellationToken,
-    /// Every client session and background task, so shutdown can wait for them.
-    pub tasks: TaskTracker,
-    next_session: AtomicU64,
-    pub started: Instant,
-    pub snapshot_started: AtomicBool,
-    /// Logged-in clients, for `SHOW CLIENTS`.
-    pub clients: DashMap<u64, ClientInfo>,
-    /// The budgets.toml this process runs from (what `RELOAD` and SIGHUP re-read).
-    pub config_path: std::sync::OnceLock<std::path::PathBuf>,
-    /// Slots for clients that have connected but not finished logging in (`proxy.max_pending_logins`).
-    pub login_slots: LoginSlots,
-}
-
-/// A bounded number of clients between accept and the end of authentication, so unauthenticated
-/// connections cannot pile up without limit; sized once at startup (changing it needs a restart).
-pub struct LoginSlots {
-    sem: Arc<Semaphore>,
-    max: u32,
-    gauge: prometheus::IntGauge,
-    /// When a refusal was last logged (ms since `epoch`), so a flood logs one line per 10 s.
-    last_warn_ms: AtomicU64,
-    epoch: Instant,
-}
-
-/// One client's login slot; freed (and the `pgbudget_clients_logging_in` gauge lowered) on Drop.
-pub struct LoginPermit {
-    _permit: OwnedSemaphorePermit,
-    gauge: prometheus::IntGauge,
-}
-
-impl Drop for LoginPermit {
-    fn drop(&mut self) {
-        self.gauge.dec();
-    }
-}
-
-impl LoginSlots {
-    pub fn new(max: u32, gauge: prometheus::IntGauge) -> LoginSlots {
-        LoginSlots {
-            sem: Arc::new(Semaphore::new(max as usize)),
-            max,
-            gauge,
-            last_warn_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
-        }
-    }
-
-    /// A free slot, or `None` when `max` clients are logging in already. Never waits.
-    pub fn try_acquire(&self) -> Option<LoginPermit> {
-        let permit = self.sem.clone().try_acquire_owned().ok()?;
-        self.gauge.inc();
-        Some(LoginPermit { _permit: permit, gauge: self.gauge.clone() })
-    }
-
-    pub fn max(&self) -> u32 {
-        self.max
-    }
-
-    /// Slots in use right now.
-    pub fn in_use(&self) -> usize {
-        self.max as usize - self.sem.available_permits()
-    }
-
-    /// True at most once per 10 s: whether a refusal should be logged.
-    pub fn should_warn(&self) -> bool {
-        let now = self.epoch.elapsed().as_millis() as u64 + 10_000;
-        let last = self.last_warn_ms.load(Ordering::Relaxed);
-        now >= last + 10_000
-            && self.last_warn_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-    }
-}
-
-/// What the console shows of a client session.
-#[derive(Debug, Clone)]
-pub struct ClientInfo {
-    pub addr: SocketAddr,
-    pub user: String,
-    pub database: String,
-    pub service: String,
-    pub application_name: String,
-    pub connected_at: SystemTime,
-    /// The client's cancel key (pid, secret), which also tells whether the client holds a server now.
-    pub key: (i32, i32),
-    /// Why its server is pinned to it (bits in [`crate::server::PIN_REASONS`] order; 0: not pinned).
-    pub pins: Arc<std::sync::atomic::AtomicU8>,
-}
-
-/// A registered client; unregisters and decrements the active gauge on Drop.
-pub struct ClientGuard {
-    app: Arc<App>,
-    id: u64,
-}
-
-impl Drop for ClientGuard {
-    fn drop(&mut self) {
-        self.app.clients.remove(&self.id);
-        self.app.metrics.clients_active.dec();
-    }
-}
-
 impl App {
-    pub fn new(resolved: Resolved, env: &Env) -> Arc<App> {
-        Self::with_telemetry(resolved, env, Metrics::new(), Telemetry::default())
-    }
-
-    /// Build the app around metrics and a telemetry sink made beforehand (the lake registers its metrics).
-    pub fn with_telemetry(resolved: Resolved, env: &Env, metrics: Metrics, telemetry: Telemetry) -> Arc<App> {
-        let redact = resolved.config.admin.redact;
-        let users = UserDb::build(&resolved, env);
-        let pools = Pools::build(&resolved, &metrics);
-        let login_slots = LoginSlots::new(resolved.config.proxy.max_pending_logins, metrics.clients_logging_in.clone());
-        Arc::new(App {
-            resolved: ArcSwap::from_pointee(resolved),
-            users: ArcSwap::from_pointee(users),
-            pools: ArcSwap::from_pointee(pools),
-            env: env.clone(),
-            metrics,
-            journal: Journal::with_redaction(telemetry.clone(), redact),
-            telemetry,
-            cancels: Arc::new(CancelRegistry::default()),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-            next_session: AtomicU64::new(1),
-            started: Instant::now(),
-            snapshot_started: AtomicBool::new(false),
-            clients: DashMap::new(),
-            config_path: std::sync::OnceLock::new(),
-            login_slots,
-        })
-    }
-
-    pub fn resolved(&self) -> Arc<Resolved> {
-        self.resolved.load_full()
-    }
-
-    pub fn users(&self) -> Arc<UserDb> {
-        self.users.load_full()
-    }
-
-    pub fn pools(&self) -> Arc<Pools> {
-        self.pools.load_full()
-    }
-
-    /// Reload from the file the process was started with.
-    pub fn reload(&self) -> Result<crate::config::reload::ReloadSummary, crate::config::reload::ReloadError> {
-        let Some(path) = self.config_path.get() else {
-            let e = crate::config::reload::ReloadError::NoConfigFile;
-            tracing::warn!(kind = "reload", cause = %e, "reload refused; the old configuration stays in force");
-            return Err(e);
-        };
-        self.reload_from(path)
-    }
-
-    /// One `config_reloads` row: `startup`, `applied` or `refused`, a hash of the resolved table, the reason.
-    pub fn record_config(&self, outcome: &'static str, detail: &str, violations: u32) {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.resolved().table().hash(&mut h);
-        let hash = format!("{:016x}", h.finish());
-        self.telemetry.emit(crate::telemetry::tables::CONFIG_RELOADS, || {
-            use crate::telemetry::Value;
-            vec![Value::now(), outcome.into(), hash.into(), violations.into(), detail.into()]
-        });
-    }
-
-    /// Check every read-only route's `replica` or `role` tier once now (startup, reload) on a connection of its
-    /// own, closed afterwards, and log the verdict. The same check runs on every new server connection of the
-    /// route, so a failing route serves nothing meanwhile. (The `session` tier has nothing to check up front.)
-    pub fn verify_read_only(&self) {
-        let tier = self.resolved().config.read_only.enforce;
-        let pools: Vec<_> =
-            self.pools().all().into_iter().filter(|p| p.route == crate::budget::pool::Route::ReadOnly).collect();
-        if pools.is_empty() || tier == crate::config::Enforce::Session {
-            return;
-        }
-        let stop = self.shutdown.clone();
-        self.tasks.spawn(async move {
-            for p in pools {
-                let service = p.key.service.clone();
-                let checked = tokio::select! {
-                    r = p.checkout_within(Duration::from_secs(10)) => r,
-                    _ = stop.cancelled() => return,
-                };
-                match checked {
-                    Ok(conn) => {
-                        drop(deadpool::managed::Object::take(conn));
-                        info!(%service, tier = tier.as_str(), "read-only route verified");
-                    }
-                    Err(e) => tracing::error!(%service, tier = tier.as_str(), cause = %e,
-                        "read-only route is not served: its check failed"),
-                }
-            }
-        });
-    }
-
-    /// Install a reloaded configuration (see `reload`); sessions already running keep what they hold.
-    pub(crate) fn install(&self, resolved: Resolved, users: UserDb, pools: Pools) {
-        self.pools.store(Arc::new(pools));
-        self.users.store(Arc::new(users));
-        self.resolved.store(Arc::new(resolved));
-    }
-
-    pub fn session_id(&self) -> u64 {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Register a logged-in client until the guard drops.
-    pub fn register_client(self: &Arc<Self>, id: u64, info: ClientInfo) -> ClientGuard {
-        self.clients.insert(id, info);
-        self.metrics.clients_accepted.inc();
-        self.metrics.clients_active.inc();
-        ClientGuard { app: self.clone(), id }
-    }
-
     /// Accept clients until shutdown; each gets a session task with its own span.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         self.spawn_reaper();
@@ -257,7 +20,7 @@ impl App {
         self.start_snapshot_log();
         self.start_lake_snapshots();
         #[cfg(feature = "lake")]
-        if let Some(lake) = self.telemetry.lake().filter(|l| l.writer().is_some()) {
+        if let Some(lake) = self.lake().filter(|l| l.writer().is_some()) {
             let every = self.resolved().config.lake.maintenance_interval;
             crate::lake::maintain::spawn_maintenance(lake.clone(), every, self.shutdown.clone(), &self.tasks);
         }
@@ -271,7 +34,8 @@ impl App {
                     crate::server::tune_socket(&sock);
                     let id = self.session_id();
                     let span = tracing::info_span!("session", id, client = %peer, service = tracing::field::Empty);
-                    self.tasks.spawn(crate::client::session::run(self.clone(), sock, peer, id).instrument(span));
+                    self.tasks
+                        .spawn(crate::client::session::run(self.clone(), sock, peer, id, console).instrument(span));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -308,7 +72,7 @@ impl App {
         }
         self.pools().close();
         #[cfg(feature = "lake")]
-        if let Some(lake) = self.telemetry.lake().cloned() {
+        if let Some(lake) = self.lake().cloned() {
             // The final flush is bounded by `lake.shutdown_timeout`.
             let _ = tokio::task::spawn_blocking(move || lake.shutdown()).await;
         }
@@ -316,29 +80,12 @@ impl App {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn login_slots_are_bounded_and_freed_on_drop() {
-        let gauge = prometheus::IntGauge::new("t_logging_in", "t").unwrap();
-        let slots = LoginSlots::new(2, gauge.clone());
-        let a = slots.try_acquire().expect("first slot");
-        let b = slots.try_acquire().expect("second slot");
-        assert!(slots.try_acquire().is_none(), "a third client must be refused");
-        assert_eq!((gauge.get(), slots.in_use()), (2, 2));
-        drop(a);
-        assert_eq!((gauge.get(), slots.in_use()), (1, 1));
-        let c = slots.try_acquire().expect("a freed slot is reusable");
-        drop((b, c));
-        assert_eq!((gauge.get(), slots.in_use(), slots.max()), (0, 0, 2));
-    }
-
-    #[test]
-    fn refusals_warn_at_most_every_ten_seconds() {
-        let slots = LoginSlots::new(1, prometheus::IntGauge::new("t_warn", "t").unwrap());
-        assert!(slots.should_warn());
-        assert!(!slots.should_warn());
-    }
+/// The admin console as the client layer's [`crate::client::session::Console`].
+fn console<'a>(
+    app: &'a Arc<App>,
+    sock: &'a mut Stream,
+    startup: &'a Startup,
+    login_slot: LoginPermit,
+) -> Pin<Box<dyn Future<Output = Result<(), ProxyError>> + Send + 'a>> {
+    Box::pin(crate::admin::console::run(app, sock, startup, login_slot))
 }

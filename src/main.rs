@@ -3,11 +3,11 @@
 //! an upstream).
 
 use clap::{Parser, Subcommand};
-use pgbudget::app::App;
 use pgbudget::config::resolve::Resolved;
 use pgbudget::config::source::Source;
 use pgbudget::config::{environment, Env};
-use pgbudget::telemetry::Telemetry;
+use pgbudget::context::App;
+use pgbudget::telemetry::metrics::Metrics;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing::{error, info};
@@ -260,22 +260,24 @@ async fn run(resolved: Resolved, env: Env, config_path: Option<PathBuf>) -> Exit
             }
         }
     };
-    let metrics = pgbudget::telemetry::metrics::Metrics::new();
-    let telemetry = match open_lake(&resolved, &metrics).await {
-        Ok(t) => t,
+    let metrics = Metrics::new();
+    #[cfg(feature = "lake")]
+    let app = match open_lake(&resolved, &metrics).await {
+        Ok(lake) => App::with_lake(resolved, &env, metrics, lake),
         Err(e) => {
             error!(kind = "lake", cause = %e, "refusing to start");
             return ExitCode::from(2);
         }
     };
-    let app = App::with_telemetry(resolved, &env, metrics, telemetry);
+    #[cfg(not(feature = "lake"))]
+    let app = App::with_telemetry(resolved, &env, metrics, pgbudget::telemetry::Telemetry::default());
     if let Some(path) = config_path {
         let _ = app.config_path.set(path);
     }
     app.record_config("startup", &app.resolved().table(), 0);
     // `/errors` answers right after a restart: the ring is refilled from the lake's server_errors.
     #[cfg(feature = "lake")]
-    if let Some(lake) = app.telemetry.lake().cloned() {
+    if let Some(lake) = app.lake().cloned() {
         let window = app.resolved().config.admin.errors_window;
         match pgbudget::lake::errors::refill(&app.journal, lake, window, std::time::Duration::from_secs(3)).await {
             Ok(n) => info!(errors = n, "error journal refilled from the lake"),
@@ -297,9 +299,9 @@ async fn run(resolved: Resolved, env: Env, config_path: Option<PathBuf>) -> Exit
 /// Open the lake when `[lake] enabled`: a configuration or extension problem stops the start, an unreachable
 /// catalog does not (rows are kept and the attach retried).
 #[cfg(feature = "lake")]
-async fn open_lake(r: &Resolved, metrics: &pgbudget::telemetry::metrics::Metrics) -> Result<Telemetry, String> {
+async fn open_lake(r: &Resolved, metrics: &Metrics) -> Result<Option<std::sync::Arc<pgbudget::lake::Lake>>, String> {
     if !r.config.lake.enabled {
-        return Ok(Telemetry::default());
+        return Ok(None);
     }
     let (cfg, registry) = (r.config.lake.clone(), metrics.registry.clone());
     let lake = tokio::task::spawn_blocking(move || {
@@ -309,12 +311,7 @@ async fn open_lake(r: &Resolved, metrics: &pgbudget::telemetry::metrics::Metrics
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
-    Ok(Telemetry::new(Some(std::sync::Arc::new(lake))))
-}
-
-#[cfg(not(feature = "lake"))]
-async fn open_lake(_: &Resolved, _: &pgbudget::telemetry::metrics::Metrics) -> Result<Telemetry, String> {
-    Ok(Telemetry::default())
+    Ok(Some(std::sync::Arc::new(lake)))
 }
 
 /// `pgbudget lake ...`: exit 0 on success, 1 when the lake or the query fails, 2 for configuration problems.

@@ -3,12 +3,12 @@
 //! server back — in transaction mode at the first clean idle boundary, otherwise at the session's end,
 //! cleaned up ([`crate::relay::reset`]) or discarded when its state cannot be proven.
 
-use crate::app::App;
 use crate::budget::admission::Hold;
+use crate::budget::cancel::{ClientKey, ServerKey};
 use crate::budget::checkout::{Waiter, Who};
 use crate::budget::pool::{PooledConn, Route, ServicePool};
-use crate::client::cancel::{ClientKey, ServerKey};
 use crate::config::{PinPolicy, PoolMode};
+use crate::context::App;
 use crate::error::ProxyError;
 use crate::protocol::ProtocolError;
 use crate::read_only::filter::RoFilter;
@@ -79,7 +79,7 @@ pub struct Relay {
     pub counts: SessionCounts,
     /// (client_idle_timeout, idle_in_transaction_timeout, pin_idle_timeout) as of the last checkout.
     idle_timeouts: (Duration, Duration, Duration),
-    /// Transaction mode: why the server is pinned to this client now ([`crate::server::PIN_REASONS`]).
+    /// Transaction mode: why the server is pinned to this client now ([`crate::telemetry::labels::PIN_REASONS`]).
     pub pins: Vec<&'static str>,
     /// The same as bits, for `SHOW CLIENTS`.
     pub pin_bits: Arc<std::sync::atomic::AtomicU8>,

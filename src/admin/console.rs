@@ -1,11 +1,8 @@
 //! The admin console: a virtual database (`psql -d pgbudget`) answering PgBouncer-style `SHOW` commands,
 //! open only to the users listed in `admin.users`. Simple query protocol only.
 
-use crate::admin::control::ControlError;
-use crate::app::{App, LoginPermit};
-use crate::client::auth::AuthError;
-use crate::config::reload::ReloadError;
-use crate::error::ProxyError;
+use crate::context::{App, LoginPermit};
+use crate::error::{AuthError, ConsoleError, ProxyError};
 use crate::protocol::{self, Startup};
 use crate::tls::Stream;
 use bytes::{BufMut, BytesMut};
@@ -16,20 +13,6 @@ use tokio::io::AsyncWriteExt;
 use tracing::info;
 
 const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// A console command that failed; the client gets an ERROR and the session goes on
-/// (severity and SQLSTATE: `error::console_error_to_client`).
-#[derive(Debug, thiserror::Error)]
-pub enum ConsoleError {
-    #[error("unsupported admin console command \"{0}\"; try SHOW HELP")]
-    UnknownCommand(String),
-    #[error("the admin console takes simple queries only")]
-    ExtendedProtocol,
-    #[error(transparent)]
-    Control(#[from] ControlError),
-    #[error(transparent)]
-    Reload(#[from] ReloadError),
-}
 
 /// Append the ErrorResponse for a failed command.
 fn error_response(out: &mut BytesMut, e: &ConsoleError) {
@@ -358,7 +341,7 @@ fn show_clients(app: &App) -> BytesMut {
     ]);
     for c in app.clients.iter() {
         let bits = c.pins.load(std::sync::atomic::Ordering::Relaxed);
-        let pinned: Vec<&str> = crate::server::PIN_REASONS
+        let pinned: Vec<&str> = crate::telemetry::labels::PIN_REASONS
             .iter()
             .enumerate()
             .filter(|(i, _)| bits & (1 << i) != 0)

@@ -2,62 +2,13 @@
 //! the servers), `RESUME`, `RECONNECT` (replace server connections gracefully), `KILL` (end a service's clients
 //! and servers now, then hold new ones until `RESUME`) and `SHUTDOWN`.
 
-use crate::app::App;
 use crate::budget::pool::ServicePool;
+use crate::context::App;
+use crate::error::ControlError;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-
-/// Why an operator command could not be carried out.
-#[derive(Debug, thiserror::Error)]
-pub enum ControlError {
-    #[error("no such service \"{0}\"")]
-    UnknownService(String),
-    /// The pool stays paused; the servers still in use close when their clients release them.
-    #[error("paused, but {busy} server connection(s) are still in use")]
-    PauseTimedOut { busy: u32 },
-}
-
-/// Per-pool operator state.
-pub struct PoolControl {
-    paused: watch::Sender<bool>,
-    /// Cancelled by `KILL`; replaced by a fresh token so later sessions are unaffected.
-    kill: Mutex<CancellationToken>,
-}
-
-impl Default for PoolControl {
-    fn default() -> Self {
-        Self { paused: watch::Sender::new(false), kill: Mutex::new(CancellationToken::new()) }
-    }
-}
-
-impl PoolControl {
-    pub fn is_paused(&self) -> bool {
-        *self.paused.borrow()
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<bool> {
-        self.paused.subscribe()
-    }
-
-    fn set_paused(&self, on: bool) {
-        self.paused.send_replace(on);
-    }
-
-    /// The token a session watches to learn it was killed.
-    pub fn kill_token(&self) -> CancellationToken {
-        self.kill.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn kill_sessions(&self) {
-        let mut t = self.kill.lock().unwrap_or_else(|e| e.into_inner());
-        t.cancel();
-        *t = CancellationToken::new();
-    }
-}
 
 impl App {
     /// The pools a command addresses: one service's (both routes) or all.

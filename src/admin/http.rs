@@ -5,7 +5,7 @@
 pub mod auth;
 pub mod ready;
 
-use crate::app::App;
+use crate::context::App;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};

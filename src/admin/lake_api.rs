@@ -5,7 +5,7 @@
 //! `Authorization: Bearer <token>` from the `admin.api_token_env` variable (checked by `http::auth`, which also
 //! guards `/lake/health` when a token is set); without one they are off.
 
-use crate::app::App;
+use crate::context::App;
 use crate::lake::registry::{ColumnType, TableSpec};
 use crate::telemetry::Value;
 use axum::extract::{Path, State};
@@ -37,11 +37,11 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 fn authorized_lake(app: &App, headers: &HeaderMap) -> Result<Arc<crate::lake::Lake>, Box<Response>> {
     crate::admin::http::auth::require(app, headers, "the lake API").map_err(|e| Box::new(e.into_response()))?;
     let off = || Box::new(error(StatusCode::NOT_FOUND, "the lake is not enabled ([lake] enabled)"));
-    app.telemetry.lake().cloned().ok_or_else(off)
+    app.lake().cloned().ok_or_else(off)
 }
 
 async fn health(State(app): State<Arc<App>>) -> Response {
-    match app.telemetry.lake() {
+    match app.lake() {
         None => Json(json!({ "enabled": false })).into_response(),
         Some(l) => Json(json!({
             "enabled": true,

@@ -1,8 +1,8 @@
 //! Pool statistics read from live state: one source for the gauges, `/pools`, `SHOW POOLS` and the snapshot log.
 
-use crate::app::App;
 use crate::budget::pool::{routes_to_name, Route, RO_DISABLED};
 use crate::config::PoolMode;
+use crate::context::App;
 use crate::telemetry::{tables, Value};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -102,8 +102,8 @@ impl App {
                 ro_dsn_configured: resolved.replica.is_some(),
                 paused: p.control.is_paused(),
                 shed_line: p.admission.shed_line(),
-                shed: p.admission.count(crate::budget::admission::Decision::RejectedHard)
-                    + p.admission.count(crate::budget::admission::Decision::RejectedQueueFull),
+                shed: p.admission.count(crate::telemetry::labels::Decision::RejectedHard)
+                    + p.admission.count(crate::telemetry::labels::Decision::RejectedQueueFull),
                 pinned: p.pinned.load(Ordering::Relaxed),
                 prepared_statements: p.statements.len(),
             };
@@ -293,11 +293,6 @@ pub fn snapshot_line(
     }
     let _ = write!(line, "clients={} rejected={rejected_since}", snap.clients);
     line
-}
-
-/// Parse a duration given as seconds or humantime (`60`, `60s`, `1m`).
-pub fn parse_interval(s: &str) -> Option<Duration> {
-    s.parse::<u64>().map(Duration::from_secs).ok().or_else(|| humantime_serde::re::humantime::parse_duration(s).ok())
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! class that may use the headroom above the hard-reject line, a bounded arrival-order queue, queue positions
 //! for the NOTICE waiting clients get, and one counted decision per checkout.
 
-use crate::config::AdmissionConfig;
+use crate::config::{hard_line, AdmissionConfig};
+use crate::error::Refusal;
+use crate::telemetry::labels::Decision;
 use arc_swap::ArcSwap;
 use prometheus::IntCounter;
 use std::collections::BTreeSet;
@@ -10,66 +12,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tracing::warn;
-
-/// Most checkouts that non-exempt clients may hold together: a checkout is admitted while
-/// `holding / share < hard_reject`, so the line is the smallest count at or above `hard_reject × share`.
-pub fn hard_line(hard_reject: f64, share: u32) -> u32 {
-    let x = hard_reject * share as f64;
-    ((x - 1e-9).ceil().max(1.0) as u32).min(share)
-}
-
-/// What admission decided for one checkout (the `decision` label of `pgbudget_admission_total`); the
-/// discriminant is the index into [`Decision::ALL`] and the per-pool counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Got a server without waiting.
-    Admitted,
-    /// Waited in the queue, then got a server.
-    Queued,
-    /// Refused at once: at or above `shed` with `max_waiting` clients already queued.
-    RejectedQueueFull,
-    /// Refused at once: at or above the hard-reject line.
-    RejectedHard,
-    /// Waited `checkout_timeout` without getting a server.
-    TimedOut,
-    /// An exempt client served above the hard-reject line.
-    Exempt,
-    /// The client disconnected or cancelled while queued.
-    Abandoned,
-}
-
-impl Decision {
-    pub const ALL: [Decision; 7] = [
-        Decision::Admitted,
-        Decision::Queued,
-        Decision::RejectedQueueFull,
-        Decision::RejectedHard,
-        Decision::TimedOut,
-        Decision::Exempt,
-        Decision::Abandoned,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Decision::Admitted => "admitted",
-            Decision::Queued => "queued",
-            Decision::RejectedQueueFull => "rejected_queue_full",
-            Decision::RejectedHard => "rejected_hard",
-            Decision::TimedOut => "timed_out",
-            Decision::Exempt => "exempt",
-            Decision::Abandoned => "abandoned",
-        }
-    }
-}
-
-/// Why admission refused a checkout before it queued.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// `holding` checkouts reached the hard-reject line `line` of `share`.
-    Hard { holding: u32, line: u32 },
-    /// `waiting` clients queued already (the bound is `max_waiting`).
-    QueueFull { waiting: u32, max_waiting: u32 },
-}
 
 /// The thresholds in force for one pool; a reload swaps them.
 struct Params {

@@ -3,10 +3,11 @@
 //! tells it after `notice_after` how many clients are ahead. Every checkout counts exactly one decision.
 //! Checkout does no client I/O of its own: the client side is a [`Watch`] the caller provides.
 
-use crate::budget::admission::{Decision, Hold, Refusal};
+use crate::budget::admission::Hold;
+use crate::budget::cancel::ClientKey;
 use crate::budget::pool::{PooledConn, ServicePool};
-use crate::client::cancel::ClientKey;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, Refusal};
+use crate::telemetry::labels::Decision;
 use crate::telemetry::{tables, Telemetry, Value};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -242,10 +243,10 @@ async fn wait_resumed<W: Watch>(pool: &ServicePool, w: &mut Waiter<'_, W>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::app::App;
     use crate::budget::pool::Route;
     use crate::config::resolve::Resolved;
     use crate::config::{Config, Env};
+    use crate::context::App;
 
     /// One service (share 3) on an upstream with a ceiling of 10 that nothing listens on.
     fn app() -> Arc<App> {

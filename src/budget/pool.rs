@@ -227,7 +227,7 @@ pub struct ServiceGroup {
     pub slots: Arc<Slots>,
     pub metrics: crate::telemetry::metrics::PoolMetrics,
     pub admission: Arc<crate::budget::admission::Admission>,
-    pub control: Arc<crate::admin::control::PoolControl>,
+    pub control: Arc<crate::budget::control::PoolControl>,
     pub pinned: Arc<AtomicU32>,
     /// Every pool of the group, to close an idle connection of one when another needs the slot.
     members: Mutex<Vec<managed::WeakPool<Manager>>>,
@@ -290,7 +290,7 @@ pub struct ServicePool {
     pub group: Arc<ServiceGroup>,
     pub metrics: crate::telemetry::metrics::PoolMetrics,
     pub admission: Arc<crate::budget::admission::Admission>,
-    pub control: Arc<crate::admin::control::PoolControl>,
+    pub control: Arc<crate::budget::control::PoolControl>,
     /// Named statements of this pool's clients (transaction mode).
     pub statements: Arc<crate::server::statements::Registry>,
     /// Clients whose server is pinned to them now.

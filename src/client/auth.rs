@@ -1,157 +1,21 @@
-//! Client authentication (proxy side of SCRAM-SHA-256 and md5) and the secrets it checks against.
+//! Client authentication: the proxy side of SCRAM-SHA-256 and md5, checked against the user database
+//! (`config::users`).
 //!
 //! An unknown user runs the same exchange against a made-up secret, so the reply never tells an
 //! unknown user from a wrong password.
 
-use crate::config::resolve::Resolved;
+use crate::config::users::{hmac, is_md5_secret, ScramVerifier, Secret, User, UserDb};
 use crate::config::AuthMethod;
+use crate::error::AuthError;
 use crate::protocol::{self, cstr, ProtocolError};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use bytes::{Buf, BytesMut};
-use hmac::{Hmac, Mac};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// Why a login failed. Every variant reaches the client as the same 28P01 text.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthError {
-    #[error("protocol error during authentication: {0}")]
-    Protocol(#[from] ProtocolError),
-    #[error("password authentication failed for user {user:?} ({reason})")]
-    Failed { user: String, reason: &'static str },
-}
-
-/// A parsed SCRAM-SHA-256 verifier.
-#[derive(Debug, Clone)]
-pub struct ScramVerifier {
-    pub iterations: u32,
-    pub salt: Vec<u8>,
-    pub stored_key: [u8; 32],
-    pub server_key: [u8; 32],
-}
-
-impl ScramVerifier {
-    /// Parse `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`.
-    pub fn parse(s: &str) -> Option<ScramVerifier> {
-        let rest = s.strip_prefix("SCRAM-SHA-256$")?;
-        let (iter_salt, keys) = rest.split_once('$')?;
-        let (iter, salt) = iter_salt.split_once(':')?;
-        let (stored, server) = keys.split_once(':')?;
-        Some(ScramVerifier {
-            iterations: iter.parse().ok().filter(|i| *i > 0)?,
-            salt: B64.decode(salt).ok()?,
-            stored_key: B64.decode(stored).ok()?.try_into().ok()?,
-            server_key: B64.decode(server).ok()?.try_into().ok()?,
-        })
-    }
-
-    /// Derive a verifier from a plaintext password (held only in memory).
-    pub fn from_password(password: &str, salt: Vec<u8>, iterations: u32) -> ScramVerifier {
-        let salted = hi(password.as_bytes(), &salt, iterations);
-        let client_key = hmac(&salted, b"Client Key");
-        let stored_key: [u8; 32] = Sha256::digest(client_key).into();
-        ScramVerifier { iterations, salt, stored_key, server_key: hmac(&salted, b"Server Key") }
-    }
-}
-
-fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    let mut m = HmacSha256::new_from_slice(key).expect("hmac accepts any key length");
-    m.update(msg);
-    m.finalize().into_bytes().into()
-}
-
-fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let mut m = HmacSha256::new_from_slice(password).expect("hmac accepts any key length");
-    m.update(salt);
-    m.update(&[0, 0, 0, 1]);
-    let mut u: [u8; 32] = m.finalize().into_bytes().into();
-    let mut out = u;
-    for _ in 1..iterations {
-        u = hmac(password, &u);
-        for (o, x) in out.iter_mut().zip(u.iter()) {
-            *o ^= x;
-        }
-    }
-    out
-}
-
-/// What a user's login is checked against.
-#[derive(Debug, Clone)]
-pub enum Secret {
-    /// A password from the environment, with its SCRAM verifier derived once at startup.
-    Plain(String, ScramVerifier),
-    Scram(ScramVerifier),
-    /// `md5` + hex(md5(password || user)).
-    Md5(String),
-}
-
-/// A login the proxy accepts.
-#[derive(Debug, Clone)]
-pub struct User {
-    pub name: String,
-    pub secret: Option<Secret>,
-    pub service: Option<String>,
-    /// Shared mode by `application_name`: the services this user may name.
-    pub services: Vec<String>,
-    /// The upstream role its server connections log in as (`None`: the URL's).
-    pub upstream: Option<crate::config::databases::UpstreamLogin>,
-}
-
-/// All logins, keyed by user name, built once from the resolved config.
-#[derive(Debug)]
-pub struct UserDb {
-    pub method: AuthMethod,
-    users: HashMap<String, User>,
-    /// Per-process random key for made-up salts of unknown users.
-    mock_key: [u8; 32],
-}
-
 impl UserDb {
-    /// Users from `[auth]`; with none declared, the primary upstream's own credentials log in.
-    pub fn build(r: &Resolved, env: &crate::config::Env) -> UserDb {
-        let mut users = HashMap::new();
-        for u in &r.config.auth.users {
-            let secret = if let Some(var) = &u.password_env {
-                env.get(var).map(plain)
-            } else if let Some(s) = &u.scram {
-                ScramVerifier::parse(s).map(Secret::Scram)
-            } else {
-                u.md5.clone().map(Secret::Md5)
-            };
-            let user = User {
-                name: u.name.clone(),
-                secret,
-                service: u.service.clone(),
-                services: u.services.clone(),
-                upstream: r.logins.get(&u.name).cloned(),
-            };
-            users.insert(u.name.clone(), user);
-        }
-        if users.is_empty() {
-            for t in r.upstreams.values() {
-                users.entry(t.user.clone()).or_insert_with(|| User {
-                    name: t.user.clone(),
-                    secret: t.password.as_deref().map(plain),
-                    service: None,
-                    services: Vec::new(),
-                    upstream: None,
-                });
-            }
-        }
-        let mut mock_key = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut mock_key);
-        UserDb { method: r.config.auth.method, users, mock_key }
-    }
-
-    pub fn get(&self, name: &str) -> Option<&User> {
-        self.users.get(name)
-    }
-
     /// Run the configured exchange on a client socket. On success the client has not yet been sent AuthenticationOk.
     /// `binding`: over TLS, pgbudget's certificate (DER), so SCRAM-SHA-256-PLUS is offered and checked.
     pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
@@ -317,18 +181,6 @@ impl UserDb {
     }
 }
 
-/// Whether `s` is an md5 secret as Postgres stores one: `md5` followed by 32 lowercase hex digits.
-pub fn is_md5_secret(s: &str) -> bool {
-    s.strip_prefix("md5").is_some_and(|h| h.len() == 32 && h.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
-}
-
-/// A plaintext secret from the environment; its verifier (random salt) is derived here, once.
-fn plain(password: &str) -> Secret {
-    let mut salt = vec![0u8; 16];
-    rand::thread_rng().fill_bytes(&mut salt);
-    Secret::Plain(password.to_owned(), ScramVerifier::from_password(password, salt, 4096))
-}
-
 /// Split `n,,n=user,r=nonce` into the GS2 header (`n,,`) and the bare message.
 fn split_gs2(msg: &str) -> Option<(&str, &str)> {
     let first = msg.find(',')?;
@@ -360,6 +212,7 @@ async fn read_password<S: AsyncRead + Unpin>(sock: &mut S, buf: &mut BytesMut) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
 
     #[test]
     fn verifier_from_postgres_protocol_parses_and_matches() {

@@ -1,12 +1,12 @@
 //! One client session: startup → authenticate → pick service → (check out per session or per transaction) → relay → checkin.
 
-use crate::app::{App, ClientInfo};
+use crate::budget::cancel::ClientKey;
 use crate::budget::pool::{Route, ServicePool};
-use crate::client::auth::UserDb;
-use crate::client::cancel::ClientKey;
 use crate::client::startup::{binding, forward_cancel, read_startup, First};
 use crate::config::resolve::Resolved;
+use crate::config::users::UserDb;
 use crate::config::{Mode, PoolMode, ServiceFrom};
+use crate::context::{App, ClientInfo, LoginPermit};
 use crate::error::ProxyError;
 use crate::protocol::{self, Severity, Startup};
 use crate::relay::{Outcome, Relay};
@@ -14,7 +14,9 @@ use crate::telemetry::{tables, Value};
 use crate::tls::Stream;
 use bytes::BytesMut;
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
@@ -27,8 +29,17 @@ const MAX_LEARNED: usize = 256;
 /// Startup parameters the proxy handles itself instead of replaying on server connections.
 const LOCAL_PARAMS: [&str; 3] = ["user", "database", "options"];
 
+/// The admin console's entry point, for a client that asks for `admin.console_database`: `app` hands in
+/// `admin::console::run` (the console logs its users in through this layer, so it sits above it).
+pub type Console = for<'a> fn(
+    &'a Arc<App>,
+    &'a mut Stream,
+    &'a Startup,
+    LoginPermit,
+) -> Pin<Box<dyn Future<Output = Result<(), ProxyError>> + Send + 'a>>;
+
 /// Serve one client socket to the end; never panics the process, always logs why it ended.
-pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, id: u64) {
+pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, id: u64, console: Console) {
     let mut sock = Stream::Plain(tcp);
     // A login slot before a single byte is read; held until the client is logged in (or gone).
     let Some(permit) = app.login_slots.try_acquire() else {
@@ -51,7 +62,7 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, id: u64) {
     };
     if startup.database() == app.resolved().config.admin.console_database {
         // The console frees the slot once its user has authenticated.
-        if let Err(e) = crate::admin::console::run(&app, &mut sock, &startup, permit).await {
+        if let Err(e) = console(&app, &mut sock, &startup, permit).await {
             fail(&mut sock, e).await;
         }
         return;
@@ -284,7 +295,7 @@ async fn login(
     sock: &mut Stream,
     startup: &Startup,
     peer: SocketAddr,
-    slot: crate::app::LoginPermit,
+    slot: LoginPermit,
 ) -> Result<Box<Relay>, ProxyError> {
     let mut buf = BytesMut::with_capacity(512);
     // One configuration for the whole login, even if a reload lands meanwhile.

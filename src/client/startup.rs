@@ -1,8 +1,8 @@
 //! A client's first packets, before it logs in: SSLRequest (TLS when `[tls]` has a certificate), direct TLS,
 //! GSSENCRequest, NegotiateProtocolVersion, and a CancelRequest forwarded to the server its key is attached to.
 
-use crate::app::App;
-use crate::client::cancel::CancelTarget;
+use crate::budget::cancel::CancelTarget;
+use crate::context::App;
 use crate::error::ProxyError;
 use crate::protocol::{self, ProtocolError, Startup, StartupPacket};
 use crate::tls::Stream;

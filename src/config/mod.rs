@@ -5,12 +5,15 @@
 
 pub mod databases;
 pub mod environment;
+#[cfg(feature = "lake")]
+pub mod lake_section;
 pub mod read_only_section;
 pub mod reload;
 pub mod resolve;
 pub mod source;
 pub mod tls_section;
 pub mod upstream_url;
+pub mod users;
 
 pub use read_only_section::{Enforce, ReadOnlySection, ReplicaDown};
 pub use tls_section::{TlsMode, TlsSection};
@@ -52,7 +55,7 @@ pub struct Config {
     /// The embedded DuckLake telemetry warehouse (`[lake]`; needs the `lake` cargo feature).
     #[cfg(feature = "lake")]
     #[serde(default)]
-    pub lake: crate::lake::LakeConfig,
+    pub lake: lake_section::LakeConfig,
     pub upstreams: BTreeMap<String, Upstream>,
     pub services: BTreeMap<String, ServiceConfig>,
 }
@@ -134,6 +137,9 @@ impl Default for ProxySection {
     }
 }
 
+/// How far back the error journal is refilled from the lake at startup (`admin.errors_window`'s default).
+pub const DEFAULT_ERRORS_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 /// Operator surfaces: the admin HTTP listener, the console database and the snapshot log.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -174,7 +180,7 @@ impl Default for AdminSection {
             api_token_env: "PGBUDGET_ADMIN_TOKEN".into(),
             ready_interval: Duration::from_secs(5),
             redact: true,
-            errors_window: crate::telemetry::journal::DEFAULT_ERRORS_WINDOW,
+            errors_window: DEFAULT_ERRORS_WINDOW,
         }
     }
 }
@@ -359,6 +365,13 @@ impl Default for AdmissionConfig {
     }
 }
 
+/// Most checkouts that non-exempt clients may hold together: a checkout is admitted while
+/// `holding / share < hard_reject`, so the line is the smallest count at or above `hard_reject × share`.
+pub fn hard_line(hard_reject: f64, share: u32) -> u32 {
+    let x = hard_reject * share as f64;
+    ((x - 1e-9).ceil().max(1.0) as u32).min(share)
+}
+
 fn default_upstream() -> String {
     "primary".into()
 }
@@ -433,6 +446,11 @@ pub fn expand_env(s: &str, env: &Env) -> Result<String, String> {
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Parse a duration given as seconds or humantime (`60`, `60s`, `1m`).
+pub fn parse_interval(s: &str) -> Option<Duration> {
+    s.parse::<u64>().map(Duration::from_secs).ok().or_else(|| humantime_serde::re::humantime::parse_duration(s).ok())
 }
 
 impl Config {

@@ -1,14 +1,11 @@
-//! Hot reload (SIGHUP or console `RELOAD`): re-read budgets.toml, validate it fully, refuse changes that need a
-//! restart, then swap atomically. Kept pools keep their connections; a shrunk pool closes idle connections
-//! first and never drops a transaction in flight; an invalid file leaves the old configuration in force.
+//! Hot reload (SIGHUP or console `RELOAD`): why one is refused, what it changed, and which changes need a
+//! restart; `context` re-reads budgets.toml, validates it fully and swaps it in atomically. Kept pools keep their
+//! connections; a shrunk pool closes idle connections first and never drops a transaction in flight; an invalid
+//! file leaves the old configuration in force.
 
-use crate::app::App;
-use crate::budget::pools::Pools;
-use crate::client::auth::UserDb;
 use crate::config::resolve::{Resolved, UpstreamTarget};
-use crate::config::{Config, ConfigError};
-use std::path::{Path, PathBuf};
-use tracing::{info, warn};
+use crate::config::ConfigError;
+use std::path::PathBuf;
 
 /// Why a reload was refused; the old configuration then stays in force.
 #[derive(Debug, thiserror::Error)]
@@ -115,61 +112,10 @@ pub fn restart_needed(old: &Resolved, new: &Resolved) -> Vec<String> {
     v
 }
 
-impl App {
-    /// Re-read `path` and apply it, or explain why not (the old configuration then stays in force).
-    pub fn reload_from(&self, path: &Path) -> Result<ReloadSummary, ReloadError> {
-        let result = self.try_reload(path);
-        match &result {
-            Ok(s) => {
-                info!(kind = "reload", %s, "configuration reloaded");
-                self.verify_read_only();
-                self.record_config("applied", &s.to_string(), 0);
-            }
-            Err(e) => {
-                warn!(kind = "reload", cause = %e, "reload refused; the old configuration stays in force");
-                self.record_config("refused", &e.to_string(), e.violations());
-            }
-        }
-        result
-    }
-
-    fn try_reload(&self, path: &Path) -> Result<ReloadSummary, ReloadError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ReloadError::Io { path: path.to_owned(), source })?;
-        let config = Config::parse(&text)?;
-        let old = self.resolved();
-        let mut new = Resolved::resolve(config, &self.env)?;
-        // Listeners are bound once; what the command line chose stays.
-        new.config.proxy.listen = old.config.proxy.listen.clone();
-        new.config.admin.listen = old.config.admin.listen.clone();
-        let blocked = restart_needed(&old, &new);
-        if !blocked.is_empty() {
-            return Err(ReloadError::RestartNeeded { reasons: blocked });
-        }
-        let mut summary = ReloadSummary::default();
-        for (name, b) in &new.services {
-            match old.services.get(name) {
-                None => summary.added.push(name.clone()),
-                Some(a) if a.share != b.share || a.ro_share != b.ro_share || a.settings != b.settings => {
-                    summary.changed.push(name.clone())
-                }
-                Some(_) => {}
-            }
-        }
-        summary.removed = old.services.keys().filter(|k| !new.services.contains_key(*k)).cloned().collect();
-        let users = UserDb::build(&new, &self.env);
-        let pools = Pools::rebuild(&self.pools(), &new, &self.metrics);
-        for line in new.table().lines() {
-            info!("budget: {line}");
-        }
-        self.install(new, users, pools);
-        Ok(summary)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Env;
+    use crate::config::{Config, Env};
 
     fn resolved(query: &str) -> Resolved {
         let text = format!(

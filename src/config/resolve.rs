@@ -78,7 +78,7 @@ impl Resolved {
         if p.max_pending_logins < 1 {
             v.push(format!("proxy.max_pending_logins = {} must be at least 1", p.max_pending_logins));
         }
-        if !(1024..=crate::relay::frame::LARGE_MESSAGE).contains(&p.max_query_size) {
+        if !(1024..=crate::protocol::LARGE_MESSAGE).contains(&p.max_query_size) {
             v.push(format!("proxy.max_query_size = {} is out of range (1024 ..= 1073741823 bytes)", p.max_query_size));
         }
         let a = &config.admin;
@@ -86,7 +86,7 @@ impl Resolved {
             v.push(format!("admin.listen = {:?} is not an address:port (or \"\" to disable)", a.listen));
         }
         if let Some(raw) = env.get("PGBUDGET_POOL_LOG_INTERVAL") {
-            if crate::admin::stats::parse_interval(raw).is_none() {
+            if crate::config::parse_interval(raw).is_none() {
                 v.push(format!("PGBUDGET_POOL_LOG_INTERVAL = {raw:?} is not a duration (e.g. 60s) or seconds"));
             }
         }
@@ -288,12 +288,12 @@ impl Resolved {
                 }
             }
             if let Some(s) = &u.scram {
-                if crate::client::auth::ScramVerifier::parse(s).is_none() {
+                if crate::config::users::ScramVerifier::parse(s).is_none() {
                     v.push(format!("auth user {:?}: scram is not a SCRAM-SHA-256 verifier", u.name));
                 }
             }
             if let Some(m) = &u.md5 {
-                if !crate::client::auth::is_md5_secret(m) {
+                if !crate::config::users::is_md5_secret(m) {
                     v.push(format!(
                         "auth user {:?}: md5 is not an md5 secret (\"md5\" followed by 32 lowercase hex digits)",
                         u.name
@@ -340,7 +340,7 @@ impl Resolved {
             return Err(ConfigError { violations: v });
         }
         let mut config = config;
-        if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::admin::stats::parse_interval) {
+        if let Some(d) = env.get("PGBUDGET_POOL_LOG_INTERVAL").and_then(crate::config::parse_interval) {
             config.admin.pool_log_interval = d;
         }
         Ok(Resolved { config, upstreams, services, replica, sidecar_service, processes, logins, tls, ro_login })
@@ -441,7 +441,7 @@ fn check_admission(v: &mut Vec<String>, at: &str, a: &crate::config::AdmissionCo
         if n == 0 || !ordered {
             continue;
         }
-        let line = crate::budget::admission::hard_line(a.hard_reject, n);
+        let line = crate::config::hard_line(a.hard_reject, n);
         if has_exempt && line >= n {
             v.push(format!(
                 "{at}.admission: hard_reject = {} of the {route} share {n} leaves no headroom for the exempt class",

@@ -1,7 +1,8 @@
 //! The embedded DuckLake telemetry warehouse (cargo feature `lake`): pgbudget's events as partitioned
 //! Parquet tables in a DuckLake, catalog in a local DuckDB file (embedded default) or in Postgres.
 //!
-//! - `registry` — tables and columns, the one source of truth; `Value`/`Row`.
+//! - `registry` — tables and columns, the one source of truth; `Value`/`Row` (`telemetry::registry`, re-exported;
+//!   `config` likewise re-exports `config::lake_section`, the `[lake]` settings).
 //! - `catalog`  — DuckDB setup (offline extensions), ATTACH, S3 secret, create/evolve tables, re-attach.
 //! - `writer`   — `LakeWriter::append` (never fails, never blocks) and the flush thread.
 //! - `reader`   — lock-guarded query connection returning JSON rows; heals on error.
@@ -15,16 +16,16 @@
 //! during maintenance, a short-lived maintenance-lock session: 4 catalog connections at most per process.
 
 pub mod catalog;
-pub mod config;
 pub mod errors;
 pub mod lock;
 pub mod maintain;
 pub mod reader;
-pub mod registry;
 pub mod remote;
 pub mod timeline;
 pub mod writer;
 
+pub use crate::config::lake_section as config;
+pub use crate::telemetry::registry;
 pub use config::LakeConfig;
 pub use maintain::{maintain, spawn_maintenance, MaintenanceReport};
 pub use reader::{LakeReader, QueryResult};
@@ -62,6 +63,12 @@ pub enum LakeError {
     Remote(String),
 }
 
+impl From<registry::RegistryError> for LakeError {
+    fn from(e: registry::RegistryError) -> Self {
+        LakeError::Registry(e.0)
+    }
+}
+
 impl LakeError {
     /// Fixed-cardinality label for `pgbudget_lake_flush_errors_total{kind}` (see `writer::ERROR_KINDS`).
     pub fn kind(&self) -> &'static str {
@@ -91,6 +98,19 @@ pub struct Lake {
     catalog: Arc<Catalog>,
     writer: Option<LakeWriter>,
     reader: LakeReader,
+}
+
+/// The lake as the telemetry sink: rows go to its writer (none when it is attached read-only).
+impl crate::telemetry::Sink for Lake {
+    fn writes(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    fn append(&self, table: TableId, row: Row) {
+        if let Some(w) = &self.writer {
+            w.append(table, row);
+        }
+    }
 }
 
 impl Lake {

@@ -25,6 +25,8 @@ pub const NEWEST_MINOR: i32 = 0;
 /// Largest declared length (length word included) of any client message before authentication completes,
 /// the startup packet included. Nothing an unauthenticated client sends may cost more memory than this.
 pub const MAX_PREAUTH_LEN: usize = 8192;
+/// Largest message Postgres accepts from a client (`PQ_LARGE_MESSAGE_LIMIT`).
+pub const LARGE_MESSAGE: usize = (1 << 30) - 1;
 /// Largest single server message (or post-login console message) we buffer whole when we must decode it.
 pub const MAX_DECODED_LEN: usize = 1 << 20;
 /// Most bytes one incremental read asks for, so a buffer grows only as bytes actually arrive.

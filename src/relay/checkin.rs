@@ -48,7 +48,7 @@ impl Relay {
         if self.pump.loaded {
             pins.push("load");
         }
-        for (i, reason) in crate::server::PIN_REASONS.iter().enumerate() {
+        for (i, reason) in crate::telemetry::labels::PIN_REASONS.iter().enumerate() {
             if pins.contains(reason) && !self.pins.contains(reason) {
                 self.pool.metrics.pinned[i].inc();
                 debug!(reason, "server pinned to its client");
@@ -61,7 +61,7 @@ impl Relay {
         let was_pinned = !self.pins.is_empty();
         self.pins = pins;
         self.pump.pinned = !self.pins.is_empty();
-        let bits = crate::server::PIN_REASONS
+        let bits = crate::telemetry::labels::PIN_REASONS
             .iter()
             .enumerate()
             .filter(|(_, r)| self.pins.contains(r))

@@ -3,10 +3,9 @@
 //! prefix of the bodies the proxy reads (ReadyForQuery, ParameterStatus, ErrorResponse), copying it on message by
 //! message with the edits the relay asks for.
 
+use crate::protocol::LARGE_MESSAGE;
 use bytes::BytesMut;
 
-/// Largest message Postgres accepts from a client (`PQ_LARGE_MESSAGE_LIMIT`).
-pub const LARGE_MESSAGE: usize = (1 << 30) - 1;
 /// Limit for small control messages (`PQ_SMALL_MESSAGE_LIMIT`).
 pub const SMALL_MESSAGE: usize = 10_000;
 /// Most of a server message body the proxy keeps to decode (an ErrorResponse's fields come first).

@@ -19,7 +19,7 @@ mod probe;
 pub mod slots;
 pub mod statements;
 
-pub use probe::{SessionProbe, PIN_REASONS};
+pub use probe::SessionProbe;
 
 /// Errors of the server side.
 #[derive(Debug, thiserror::Error)]

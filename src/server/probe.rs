@@ -4,6 +4,7 @@
 
 use super::{ServerConn, ServerError};
 use crate::protocol::{self, ProtocolError};
+use crate::telemetry::labels::PIN_REASONS;
 use bytes::{Buf, BytesMut};
 use std::time::Duration;
 
@@ -36,9 +37,6 @@ COMMIT";
 
 /// Tries of the probe when a client's own `statement_timeout` cancels its first, tiny statement.
 const PROBE_TRIES: usize = 3;
-
-/// Why a server is pinned to its client (the `reason` label of `pgbudget_pinned_total`).
-pub const PIN_REASONS: [&str; 6] = ["listen", "temp_table", "advisory_lock", "cursor", "sql_prepare", "load"];
 
 /// What the probe found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

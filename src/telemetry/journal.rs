@@ -10,8 +10,6 @@ pub const CAPACITY: usize = 2000;
 /// Upstream-side errors of one pool in the window that make it unhealthy; the client's own SQL failing
 /// (`query_error`) and the proxy's own refusals (`budget`, `ceiling`, `load_shed`) never do.
 pub const UNHEALTHY_AT: usize = 3;
-/// How far back the ring is refilled from the lake at startup (`Journal::refill`).
-pub const DEFAULT_ERRORS_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// Kinds that say what the upstream did (they go to the lake's `server_errors` and count for health).
 pub const UPSTREAM_KINDS: [&str; 3] = ["connect", "server_error", "reset"];

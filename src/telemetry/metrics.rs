@@ -72,7 +72,7 @@ pub struct PoolMetrics {
     pub prepared_hits: IntCounter,
     pub prepared_misses: IntCounter,
     pub prepared_evictions: IntCounter,
-    /// Pins by reason, in [`crate::server::PIN_REASONS`] order.
+    /// Pins by reason, in [`crate::telemetry::labels::PIN_REASONS`] order.
     pub pinned: Vec<IntCounter>,
     /// Peaks since the last `pool_snapshots` row.
     pub high_water: Arc<HighWater>,
@@ -268,7 +268,10 @@ impl Metrics {
             prepared_hits: self.prepared.with_label_values(&[service, route, "hit"]),
             prepared_misses: self.prepared.with_label_values(&[service, route, "miss"]),
             prepared_evictions: self.prepared.with_label_values(&[service, route, "eviction"]),
-            pinned: crate::server::PIN_REASONS.iter().map(|r| self.pinned.with_label_values(&[service, r])).collect(),
+            pinned: crate::telemetry::labels::PIN_REASONS
+                .iter()
+                .map(|r| self.pinned.with_label_values(&[service, r]))
+                .collect(),
             high_water: self
                 .high_water
                 .lock()
@@ -279,9 +282,9 @@ impl Metrics {
         }
     }
 
-    /// `pgbudget_admission_total` handles of one service, in [`crate::budget::admission::Decision::ALL`] order.
+    /// `pgbudget_admission_total` handles of one service, in [`crate::telemetry::labels::Decision::ALL`] order.
     pub fn admission(&self, service: &str) -> [IntCounter; 7] {
-        crate::budget::admission::Decision::ALL.map(|d| self.admission.with_label_values(&[service, d.as_str()]))
+        crate::telemetry::labels::Decision::ALL.map(|d| self.admission.with_label_values(&[service, d.as_str()]))
     }
 
     pub fn render(&self) -> String {

@@ -1,13 +1,18 @@
 //! Telemetry rows for the lake: the cell and row types and the built-in table ids (compiled with or without the
-//! `lake` feature), and the sink the proxy emits to. It writes to the DuckLake writer when the feature is built
-//! and `[lake] enabled = true`; otherwise `emit` does nothing and never builds the row.
-//! Submodules: `metrics` (the Prometheus registry and gauges), `journal` (the ring of recent server errors),
-//! `redact` (literals out of error texts) and `high_water` (a pool's peaks between two lake snapshots).
+//! `lake` feature), and the sink the proxy emits to ([`Sink`]). It writes to the DuckLake writer when the feature
+//! is built and `[lake] enabled = true`; otherwise `emit` does nothing and never builds the row.
+//! Submodules: `metrics` (the Prometheus registry and gauges), `labels` (their fixed label values), `journal`
+//! (the ring of recent server errors), `redact` (literals out of error texts), `high_water` (a pool's peaks
+//! between two lake snapshots) and, with the `lake` feature, `registry` (the lake's tables and their columns,
+//! which `[lake]` validation also applies).
 
 pub mod high_water;
 pub mod journal;
+pub mod labels;
 pub mod metrics;
 pub mod redact;
+#[cfg(feature = "lake")]
+pub mod registry;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -108,28 +113,31 @@ pub mod tables {
     pub const CLIENT_SESSIONS: TableId = TableId(6);
 }
 
+/// Where [`Telemetry::emit`] writes rows: the lake's writer (`lake::Lake` implements it; telemetry, below the
+/// lake, never names it).
+pub trait Sink: Send + Sync {
+    /// Whether rows are written in this process (a lake attached read-only writes none).
+    fn writes(&self) -> bool;
+    /// Append one row; never blocks, never fails.
+    fn append(&self, table: TableId, row: Row);
+}
+
 /// Where the proxy's telemetry rows go (cheap to clone).
 #[derive(Clone, Default)]
 pub struct Telemetry {
     #[cfg(feature = "lake")]
-    lake: Option<std::sync::Arc<crate::lake::Lake>>,
+    sink: Option<std::sync::Arc<dyn Sink>>,
 }
 
 impl Telemetry {
     #[cfg(feature = "lake")]
-    pub fn new(lake: Option<std::sync::Arc<crate::lake::Lake>>) -> Telemetry {
-        Telemetry { lake }
-    }
-
-    /// The lake, when it is enabled in this process.
-    #[cfg(feature = "lake")]
-    pub fn lake(&self) -> Option<&std::sync::Arc<crate::lake::Lake>> {
-        self.lake.as_ref()
+    pub fn new(sink: Option<std::sync::Arc<dyn Sink>>) -> Telemetry {
+        Telemetry { sink }
     }
 
     pub fn enabled(&self) -> bool {
         #[cfg(feature = "lake")]
-        return self.lake.as_ref().is_some_and(|l| l.writer().is_some());
+        return self.sink.as_ref().is_some_and(|s| s.writes());
         #[cfg(not(feature = "lake"))]
         false
     }
@@ -138,8 +146,8 @@ impl Telemetry {
     #[inline]
     pub fn emit(&self, table: TableId, row: impl FnOnce() -> Row) {
         #[cfg(feature = "lake")]
-        if let Some(w) = self.lake.as_ref().and_then(|l| l.writer()) {
-            w.append(table, row());
+        if let Some(s) = self.sink.as_ref().filter(|s| s.writes()) {
+            s.append(table, row());
         }
         #[cfg(not(feature = "lake"))]
         let _ = (table, row);

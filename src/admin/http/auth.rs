@@ -2,7 +2,7 @@
 //! The token comes from the variable named by `admin.api_token_env`; unset or empty, the guarded routes are
 //! open (as before the token existed) and the lake API, which needs a token, is off.
 
-use crate::app::App;
+use crate::context::App;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;

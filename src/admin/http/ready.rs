@@ -9,8 +9,8 @@
 //! stale at once; with `reserved = 0` it takes a ceiling slot like any other and is closed after the check
 //! (a full ceiling counts as ready: every slot is in use, so the upstream answers).
 
-use crate::app::App;
 use crate::budget::pool::Route;
+use crate::context::App;
 use crate::error::ProxyError;
 use crate::server::{ServerConn, ServerError};
 use axum::http::StatusCode;

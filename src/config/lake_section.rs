@@ -1,6 +1,8 @@
 //! `[lake]` settings: where the catalog and the Parquet data live, flush cadence and bounds, DuckDB resources.
-//! Unknown keys are caught the way `budgets.toml` catches them (serde_ignored); `validate` names every problem.
+//! Unknown keys are caught the way `budgets.toml` catches them (serde_ignored); `validate` names every problem,
+//! the service tables' against the lake's registry rules (`telemetry::registry`).
 
+use crate::telemetry::registry::{Column, ColumnType, Registry, RegistryError, TableSpec};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -228,13 +230,41 @@ impl LakeConfig {
         if self.expire_older_than > CENTURY || self.cleanup_older_than > CENTURY {
             v.push("lake.expire_older_than and lake.cleanup_older_than must be at most 100 years".into());
         }
-        if let Err(e) = crate::lake::registry::Registry::for_config(self) {
+        if let Err(e) = Registry::for_config(self) {
             v.push(format!("lake.tables: {e}"));
         }
         if self.resolved_extension_dir().is_none() {
             v.push("lake.extension_dir is not set and PGBUDGET_DUCKDB_HOME is unknown: run scripts/lake-deps".into());
         }
         v
+    }
+}
+
+impl Registry {
+    /// The built-in tables followed by the services' `[[lake.tables]]`; names, types and clashes are checked.
+    pub fn for_config(cfg: &LakeConfig) -> Result<Registry, RegistryError> {
+        let mut tables = Registry::builtin().tables;
+        for t in &cfg.tables {
+            let mut cols = vec![Column { name: "ts".into(), ty: ColumnType::Timestamp }];
+            for c in &t.columns {
+                let mut words = c.split_whitespace();
+                let (Some(name), Some(ty), None) = (words.next(), words.next(), words.next()) else {
+                    return Err(RegistryError(format!("table {}: column {c:?} is not \"<name> <TYPE>\"", t.name)));
+                };
+                let ty = ColumnType::parse(ty).ok_or_else(|| {
+                    RegistryError(format!(
+                        "table {}: column {name} has type {ty}; use TIMESTAMP, BIGINT, INTEGER, DOUBLE, BOOLEAN or VARCHAR",
+                        t.name
+                    ))
+                })?;
+                if name == "ts" {
+                    return Err(RegistryError(format!("table {}: `ts TIMESTAMP` is implied; do not list it", t.name)));
+                }
+                cols.push(Column { name: name.to_owned().into(), ty });
+            }
+            tables.push(TableSpec { name: t.name.clone().into(), columns: cols });
+        }
+        Registry::new(tables)
     }
 }
 
@@ -287,7 +317,7 @@ mod tests {
     fn service_tables_are_checked() {
         let mut cfg = LakeConfig::default();
         cfg.tables.push(ServiceTable { name: "signups".into(), columns: vec!["plan VARCHAR".into()] });
-        assert!(crate::lake::registry::Registry::for_config(&cfg).is_ok());
+        assert!(Registry::for_config(&cfg).is_ok());
         for (name, col, why) in [
             ("signups2", "plan TEXT", "has type TEXT"),
             ("signups3", "plan", "is not"),
@@ -297,7 +327,7 @@ mod tests {
         ] {
             let mut c = LakeConfig::default();
             c.tables.push(ServiceTable { name: name.into(), columns: vec![col.into()] });
-            let e = crate::lake::registry::Registry::for_config(&c).unwrap_err().to_string();
+            let e = Registry::for_config(&c).unwrap_err().to_string();
             assert!(e.contains(why), "{name} {col}: {e}");
         }
     }

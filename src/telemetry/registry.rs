@@ -1,8 +1,12 @@
 //! The lake's tables and their columns: the one source of truth for CREATE TABLE, ADD COLUMN, appends and
 //! row validation. Every table starts with `ts TIMESTAMP` (UTC) and is partitioned by `(year(ts), month(ts))`.
 
-use super::LakeError;
 use std::borrow::Cow;
+
+/// A table list that breaks the registry's rules (the lake reports it as `LakeError::Registry`).
+#[derive(Debug, thiserror::Error)]
+#[error("lake registry: {0}")]
+pub struct RegistryError(pub String);
 
 /// The DuckDB types a lake column may have (all nullable; evolution is additive only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,13 +105,13 @@ fn is_identifier(s: &str) -> bool {
 
 #[derive(Debug, Clone)]
 pub struct Registry {
-    tables: Vec<TableSpec>,
+    pub(crate) tables: Vec<TableSpec>,
 }
 
 impl Registry {
     /// Check names (lower-case identifiers, unique, not reserved) and the leading `ts TIMESTAMP` column.
-    pub fn new(tables: Vec<TableSpec>) -> Result<Registry, LakeError> {
-        let bad = |why: String| Err(LakeError::Registry(why));
+    pub fn new(tables: Vec<TableSpec>) -> Result<Registry, RegistryError> {
+        let bad = |why: String| Err(RegistryError(why));
         if tables.len() > usize::from(u16::MAX) {
             return bad("too many tables".into());
         }
@@ -237,38 +241,6 @@ impl Registry {
             ),
         ];
         Registry::new(tables).expect("the built-in registry is valid")
-    }
-
-    /// The built-in tables followed by the services' `[[lake.tables]]`; names, types and clashes are checked.
-    pub fn for_config(cfg: &crate::lake::LakeConfig) -> Result<Registry, LakeError> {
-        let mut tables = Registry::builtin().tables;
-        for t in &cfg.tables {
-            let mut cols = vec![Column { name: "ts".into(), ty: ColumnType::Timestamp }];
-            for c in &t.columns {
-                let mut words = c.split_whitespace();
-                let (Some(name), Some(ty), None) = (words.next(), words.next(), words.next()) else {
-                    return Err(LakeError::Registry(format!(
-                        "table {}: column {c:?} is not \"<name> <TYPE>\"",
-                        t.name
-                    )));
-                };
-                let ty = ColumnType::parse(ty).ok_or_else(|| {
-                    LakeError::Registry(format!(
-                        "table {}: column {name} has type {ty}; use TIMESTAMP, BIGINT, INTEGER, DOUBLE, BOOLEAN or VARCHAR",
-                        t.name
-                    ))
-                })?;
-                if name == "ts" {
-                    return Err(LakeError::Registry(format!(
-                        "table {}: `ts TIMESTAMP` is implied; do not list it",
-                        t.name
-                    )));
-                }
-                cols.push(Column { name: name.to_owned().into(), ty });
-            }
-            tables.push(TableSpec { name: t.name.clone().into(), columns: cols });
-        }
-        Registry::new(tables)
     }
 
     pub fn tables(&self) -> &[TableSpec] {
