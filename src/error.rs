@@ -36,7 +36,8 @@ pub enum ProxyError {
     Paused { service: String, waited: Duration },
     #[error("session ended by an operator's KILL")]
     Killed,
-    #[error("the client's home backend was terminated by an administrator")]
+    // No apostrophe: the log redactor reads one as the start of a literal.
+    #[error("home backend of this client terminated by an administrator")]
     HomeTerminated,
     #[error("idle in transaction for {0:?}")]
     IdleInTransaction(Duration),

@@ -58,7 +58,11 @@ pub struct Relay {
     tripped: Option<String>,
     pub pool: Arc<ServicePool>,
     pub key: ClientKey,
-    pub desired: BTreeMap<String, String>,
+    /// The session settings this client holds (shared with `startup` until it changes one).
+    pub desired: Arc<BTreeMap<String, String>>,
+    /// What the client's startup packet (and the proxy's `query_timeout`) set: what `RESET` returns to, as on
+    /// a direct connection, where these are the session's reset values.
+    startup: Arc<BTreeMap<String, String>>,
     server: Option<PooledConn>,
     pump: Pump,
     draining: bool,
@@ -160,12 +164,14 @@ impl Relay {
                 checked: None,
             }));
         }
+        let startup = Arc::new(desired);
         Relay {
             tripped: None,
             app,
             pool,
             key,
-            desired,
+            desired: startup.clone(),
+            startup,
             server: None,
             pump,
             draining: false,
@@ -286,12 +292,16 @@ impl Relay {
         self.server = Some(conn);
     }
 
-    /// A statement that asks for the backend's pid runs on the client's home, as it would direct: when the
-    /// home is busy with another client, wait (up to `checkout_timeout`) for it to be parked again. Only the
-    /// statements already received are looked at, and only when the home is not idle anyway.
+    /// A statement that asks for the backend's pid, or for a sequence value of this session (`currval`,
+    /// `lastval`: kept by the backend that ran `nextval`, usually the home), runs on the client's home, as it
+    /// would direct: when the home is busy with another client, wait (up to `checkout_timeout`) for it to be
+    /// parked again. Only the statements already received are looked at, and only when the home is not idle.
     fn home_wait_due(&self) -> bool {
         let Some(pid) = self.home.as_ref().map(|h| h.pid) else { return false };
-        let asks = |cin: &[u8]| cin.windows(11).any(|w| w.eq_ignore_ascii_case(b"backend_pid"));
+        let asks = |cin: &[u8]| {
+            cin.windows(11).any(|w| w.eq_ignore_ascii_case(b"backend_pid"))
+                || cin.windows(7).any(|w| w.eq_ignore_ascii_case(b"currval") || w.eq_ignore_ascii_case(b"lastval"))
+        };
         !self.pool.pool.manager().affinity.is_parked(pid) && asks(&self.pump.cin)
     }
 

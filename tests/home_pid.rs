@@ -68,13 +68,15 @@ async fn a_pid_query_waits_for_its_home_held_by_another_client() {
 }
 
 /// Terminate `victim`'s pid from an admin connection; what the victim's socket then holds within 3 s
-/// without sending anything: the FATAL's (severity, SQLSTATE) and whether the connection closed.
+/// without sending anything: the FATAL's (severity, SQLSTATE) and whether the connection closed; and how
+/// long after the terminate returned the FATAL arrived.
 async fn terminated_while_idle(
     adm: &tokio_postgres::Client,
     victim: &mut Raw,
-) -> (bool, Option<(String, String)>, bool) {
+) -> ((bool, Option<(String, String)>, bool), Duration) {
     let killed: bool = adm.query_one("select pg_terminate_backend($1)", &[&victim.pid]).await.unwrap().get(0);
-    let mut fatal = None;
+    let t = Instant::now();
+    let (mut fatal, mut after) = (None, Duration::MAX);
     let closed = loop {
         match timeout(Duration::from_secs(3), victim.recv()).await {
             Err(_) => break false,
@@ -82,11 +84,12 @@ async fn terminated_while_idle(
             Ok(Ok((b'E', body))) => {
                 let e = raw::error_fields(&body);
                 fatal = Some((e.severity, e.code));
+                after = t.elapsed();
             }
             Ok(Ok(_)) => {}
         }
     };
-    (killed, fatal, closed)
+    ((killed, fatal, closed), after)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,17 +98,18 @@ async fn terminating_the_home_pid_ends_that_idle_client_only() {
     let proxy = start(&pg, 3);
     let adm = connect(&pg.conninfo()).await.unwrap();
     let mut direct = login(pg.port).await;
-    let want = terminated_while_idle(&adm, &mut direct).await;
+    let (want, direct_after) = terminated_while_idle(&adm, &mut direct).await;
     assert_eq!(want, (true, Some(("FATAL".into(), "57P01".into())), true), "direct");
 
     let mut bystander = login(proxy.port).await;
     let mut victim = login(proxy.port).await;
     assert_ne!(victim.pid, bystander.pid);
     assert_eq!(one(&mut victim, "select pg_backend_pid()").await, victim.pid.to_string());
-    let t = Instant::now();
-    let got = terminated_while_idle(&adm, &mut victim).await;
+    let (got, after) = terminated_while_idle(&adm, &mut victim).await;
     assert_eq!(got, want, "through pgbudget, idle victim (left) vs direct (right)");
-    assert!(t.elapsed() < Duration::from_secs(3), "noticed after {:?}", t.elapsed());
+    // The parked server's socket is watched: the client hears at once, as direct (asyncpg's pool releases a
+    // connection 0.2 s after terminating it and expects it closed by then).
+    assert!(after < Duration::from_millis(150), "told after {after:?} (direct: {direct_after:?})");
     assert_eq!(one(&mut bystander, "select 1").await, "1", "the other client is untouched");
     let mut fresh = login(proxy.port).await;
     assert_eq!(one(&mut fresh, "select pg_backend_pid()").await, fresh.pid.to_string(), "a new client after it");

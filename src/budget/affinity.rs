@@ -13,6 +13,7 @@
 //! proxy closed (idle timeout, lifetime, `RECONNECT`) just stops being preferred.
 
 use crate::budget::pool::PooledConn;
+use crate::server::IdleState;
 use futures_util::task::AtomicWaker;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -20,8 +21,30 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// Wakes the watcher of a pool's parked servers when one of their sockets becomes readable.
+#[derive(Debug, Default)]
+struct Watch {
+    notify: tokio::sync::Notify,
+    started: AtomicBool,
+}
+
+impl std::task::Wake for Watch {
+    fn wake(self: Arc<Self>) {
+        self.notify.notify_one();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.notify.notify_one();
+    }
+}
+
 /// The parked servers of one pool and the clients homed on its servers.
 pub struct Affinity {
+    watch: Arc<Watch>,
+    /// Registered on every parked server's socket: a backend that sends something while parked (closed, or
+    /// terminated by an administrator) is seen at once, not at the next checkout or reaper tick.
+    waker: std::task::Waker,
+    /// `terminate_window` of the pool's service, in ms (kept current by every check-in).
+    window_ms: AtomicU64,
     parked: Mutex<Vec<PooledConn>>,
     /// Server pid → every client homed there.
     homes: Mutex<HashMap<i32, Vec<Homed>>>,
@@ -32,7 +55,11 @@ pub struct Affinity {
 
 impl Default for Affinity {
     fn default() -> Self {
+        let watch = Arc::new(Watch::default());
         Affinity {
+            waker: std::task::Waker::from(watch.clone()),
+            watch,
+            window_ms: AtomicU64::new(0),
             parked: Mutex::default(),
             homes: Mutex::default(),
             next_id: AtomicU64::new(0),
@@ -152,8 +179,38 @@ impl Affinity {
         recent.map(|h| h.signal.end()).count()
     }
 
-    pub fn park(&self, conn: PooledConn) {
+    /// The waker registered on parked servers' sockets.
+    pub fn watcher(&self) -> &std::task::Waker {
+        &self.waker
+    }
+
+    /// Park an idle server, its socket watched; one that already went away is closed instead.
+    pub fn park(&self, mut conn: PooledConn) {
+        if let IdleState::Gone { terminated } = conn.idle_state_in(&self.waker) {
+            conn.broken = true;
+            if terminated {
+                self.terminated(conn.pid, Duration::from_millis(self.window_ms.load(Ordering::Relaxed)));
+            }
+            return drop(PooledConn::take(conn));
+        }
         lock(&self.parked).push(conn);
+    }
+
+    /// Close the parked servers whose sockets became readable, ending the clients homed on one an
+    /// administrator terminated (within the window). Re-arms the watch on the others.
+    fn sweep(&self) {
+        let window = Duration::from_millis(self.window_ms.load(Ordering::Relaxed));
+        let gone = self.take_if(|c| match c.idle_state_in(&self.waker) {
+            IdleState::Gone { terminated } => {
+                c.broken = true;
+                if terminated {
+                    self.terminated(c.pid, window);
+                }
+                true
+            }
+            IdleState::Clean => false,
+        });
+        gone.into_iter().for_each(|c| drop(PooledConn::take(c)));
     }
 
     pub fn parked(&self) -> usize {
@@ -210,6 +267,22 @@ impl Affinity {
     }
 }
 
+impl Drop for Affinity {
+    fn drop(&mut self) {
+        // The watcher holds only a weak pool: woken, it finds the pool gone and ends.
+        self.watch.notify.notify_one();
+    }
+}
+
+/// The task that watches a pool's parked servers while the pool lives.
+async fn watch_parked(pool: deadpool::managed::WeakPool<crate::budget::pool::Manager>, watch: Arc<Watch>) {
+    loop {
+        watch.notify.notified().await;
+        let Some(pool) = pool.upgrade() else { return };
+        pool.manager().affinity.sweep();
+    }
+}
+
 impl crate::budget::pool::ServicePool {
     /// Take a parked server that is still usable: `home` when it is parked, else (unless `exact`) the one
     /// home to fewest clients. Unusable ones met on the way are closed.
@@ -253,10 +326,15 @@ impl crate::budget::pool::ServicePool {
     /// to deadpool's queue when checkouts wait there or in session mode.
     pub fn put_back(&self, mut conn: PooledConn) {
         conn.last_checkin = std::time::Instant::now();
-        if self.budget().pool_mode() != crate::config::PoolMode::Transaction || self.pool.status().waiting > 0 {
+        let b = self.budget();
+        if b.pool_mode() != crate::config::PoolMode::Transaction || self.pool.status().waiting > 0 {
             return drop(conn);
         }
         let affinity = &self.pool.manager().affinity;
+        affinity.window_ms.store(b.settings.terminate_window.as_millis() as u64, Ordering::Relaxed);
+        if !affinity.watch.started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(watch_parked(self.pool.weak(), affinity.watch.clone()));
+        }
         affinity.park(conn);
         // A checkout that began waiting meanwhile (another thread) must not miss it.
         if self.pool.status().waiting > 0 {

@@ -32,13 +32,15 @@ impl Route {
     }
 }
 
-/// What one pool serves: a service's route, the database its servers log in to and the role they log in as.
+/// What one pool serves: a service's route, the database its servers log in to and the role they log in as,
+/// and (session mode) the startup settings its servers are opened with.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PoolKey {
     pub service: String,
     pub route: Route,
     pub database: String,
     pub role: String,
+    pub settings: Vec<(String, String)>,
 }
 
 /// One upstream's ceiling, shared by every pool that connects to it.
@@ -448,7 +450,8 @@ impl ServicePool {
         };
         self.pool.retain(|c, _| keep(c));
         let affinity = &self.pool.manager().affinity;
-        let gone = affinity.take_if(|c| match c.idle_state() {
+        // The watch stays registered on the servers kept (a noop waker here would silence it).
+        let gone = affinity.take_if(|c| match c.idle_state_in(affinity.watcher()) {
             IdleState::Gone { terminated } => {
                 if terminated {
                     affinity.terminated(c.pid, s.terminate_window);

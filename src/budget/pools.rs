@@ -94,7 +94,7 @@ impl Pools {
         // The URL's own database and role: always there, never closed for disuse.
         let defaults: Vec<(String, Route)> = all.groups.keys().cloned().collect();
         for (service, route) in defaults {
-            let _ = all.pool_for(&service, route, None, None);
+            let _ = all.pool_for(&service, route, None, None, &[]);
         }
         all
     }
@@ -103,7 +103,13 @@ impl Pools {
     pub fn get(&self, service: &str, route: Route) -> Option<Arc<ServicePool>> {
         let b = self.resolved.services.get(service)?;
         let t = &self.resolved.upstreams[&b.upstream];
-        let key = PoolKey { service: service.to_owned(), route, database: t.database.clone(), role: t.user.clone() };
+        let key = PoolKey {
+            service: service.to_owned(),
+            route,
+            database: t.database.clone(),
+            role: t.user.clone(),
+            settings: Vec::new(),
+        };
         self.read().get(&key).cloned()
     }
 
@@ -115,6 +121,7 @@ impl Pools {
         route: Route,
         database: Option<&str>,
         login: Option<&UpstreamLogin>,
+        settings: &[(String, String)],
     ) -> Result<Option<Arc<ServicePool>>, ProxyError> {
         let Some(group) = self.groups.get(&(service.to_owned(), route)) else { return Ok(None) };
         // The read-only route logs in as its own role when `[read_only] user` names one.
@@ -126,6 +133,7 @@ impl Pools {
             route,
             database: database.unwrap_or(&t.database).to_owned(),
             role: login.map_or(&t.user, |l| &l.user).clone(),
+            settings: settings.to_vec(),
         };
         if let Some(p) = self.read().get(&key) {
             return Ok(Some(p.clone()));
@@ -150,6 +158,7 @@ impl Pools {
         let relogin = |t: &UpstreamTarget| {
             let mut t = t.clone();
             t.database = key.database.clone();
+            t.startup = key.settings.clone();
             if let Some(l) = login {
                 t.user = l.user.clone();
                 t.password = l.password.clone();

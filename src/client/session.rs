@@ -1,6 +1,5 @@
 //! One client session: startup → authenticate → pick service → (check out per session or per transaction) → relay → checkin.
 
-use crate::budget::cancel::ClientKey;
 use crate::budget::pool::{Route, ServicePool};
 use crate::client::startup::{binding, forward_cancel, read_startup, First};
 use crate::config::resolve::Resolved;
@@ -10,6 +9,7 @@ use crate::context::{App, ClientInfo, LoginPermit};
 use crate::error::ProxyError;
 use crate::protocol::{self, Severity, Startup};
 use crate::relay::{Outcome, Relay};
+use crate::server::ServerError;
 use crate::telemetry::{tables, Value};
 use crate::tls::Stream;
 use bytes::BytesMut;
@@ -335,23 +335,55 @@ async fn login(
         }
     }
     let login = users.get(startup.user()).and_then(|u| u.upstream.as_ref());
-    let pool: Arc<ServicePool> = app
-        .pools()
-        .pool_for(&service, route, Some(&database), login)?
-        .ok_or_else(|| ProxyError::RouteDisabled { service: service.clone(), route: ro_alias.clone() })?;
+    let pool_with = |settings: &[(String, String)]| {
+        app.pools()
+            .pool_for(&service, route, Some(&database), login, settings)?
+            .ok_or_else(|| ProxyError::RouteDisabled { service: service.clone(), route: ro_alias.clone() })
+    };
+    // Session mode: the client's startup settings go in its server's own startup packet (one pool per set of
+    // them), so they are that session's reset values and `RESET` returns to them, as direct. Transaction mode
+    // replays them on each server (and restores them after a RESET, see `relay::checkin`).
+    let session = budget.pool_mode() == PoolMode::Session;
+    let natives: Vec<(String, String)> = match session {
+        true => desired.iter().filter(|(k, _)| *k != "application_name").map(|(k, v)| (k.clone(), v.clone())).collect(),
+        false => Vec::new(),
+    };
+    let all = desired.clone();
+    let (mut pool, mut natives) = match pool_with(&natives) {
+        Ok(p) => (p, natives),
+        // No room for another pool: the settings are replayed instead.
+        Err(ProxyError::TooManyPools { .. }) if !natives.is_empty() => (pool_with(&[])?, Vec::new()),
+        Err(e) => return Err(e),
+    };
+    desired.retain(|k, _| !natives.iter().any(|(n, _)| n == k));
     let qt = budget.settings.query_timeout;
-    if !qt.is_zero() && !desired.keys().any(|k| k.eq_ignore_ascii_case("statement_timeout")) {
-        desired.insert("statement_timeout".into(), format!("{}ms", qt.as_millis()));
-    }
-    let key: ClientKey = app.cancels.issue();
-    let mut relay = Box::new(Relay::new(app.clone(), pool.clone(), key, desired, peer));
-    relay.exempt = pool.admission.is_exempt(startup.get("application_name").unwrap_or(""), startup.user());
-    relay.user = startup.user().to_owned();
-    relay.database = startup.database().to_owned();
+    let with_timeout = |mut d: BTreeMap<String, String>| {
+        if !qt.is_zero() && !d.keys().any(|k| k.eq_ignore_ascii_case("statement_timeout")) {
+            d.insert("statement_timeout".into(), format!("{}ms", qt.as_millis()));
+        }
+        d
+    };
+    let make = |pool: &Arc<ServicePool>, desired| {
+        let mut relay = Box::new(Relay::new(app.clone(), pool.clone(), app.cancels.issue(), desired, peer));
+        relay.exempt = pool.admission.is_exempt(startup.get("application_name").unwrap_or(""), startup.user());
+        relay.user = startup.user().to_owned();
+        relay.database = startup.database().to_owned();
+        relay
+    };
+    let mut relay = make(&pool, with_timeout(desired));
 
     // Session mode holds one server for the whole session; transaction mode shows the cached parameter set.
-    let mut shown: HashMap<String, String> = if budget.pool_mode() == PoolMode::Session {
-        relay.attach(sock).await.map_err(setting_refused)?;
+    let mut shown: HashMap<String, String> = if session {
+        match relay.attach(sock).await {
+            // The server refused a startup setting: the replay reports it as a direct connection would.
+            Err(ProxyError::Upstream { source: ServerError::Postgres { .. }, .. }) if !natives.is_empty() => {
+                natives.clear();
+                pool = pool_with(&[])?;
+                relay = make(&pool, with_timeout(all));
+                relay.attach(sock).await.map_err(setting_refused)?;
+            }
+            r => r.map_err(setting_refused)?,
+        }
         if let Some(pid) = relay.server_pid() {
             relay.key.take_pid(pid);
         }

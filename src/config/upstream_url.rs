@@ -31,6 +31,9 @@ pub struct UpstreamTarget {
     pub session_attrs: SessionAttrs,
     /// `host=/dir`: connect to the Unix socket `/dir/.s.PGSQL.<port>` (no TLS there, as libpq).
     pub socket_dir: Option<String>,
+    /// Settings sent in every server connection's startup packet (a session-mode pool's clients' own
+    /// startup parameters, in force natively: `RESET` returns to them, as direct). Empty from a URL.
+    pub startup: Vec<(String, String)>,
 }
 
 /// `channel_binding` of an upstream URL.
@@ -255,6 +258,7 @@ pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTa
         connect_timeout,
         session_attrs,
         socket_dir,
+        startup: Vec::new(),
     })
 }
 

@@ -38,7 +38,13 @@ impl Relay {
             self.pump.queue_for_client(&conn.notifications);
             conn.notifications.clear();
         }
-        self.desired = settings;
+        // A setting the client RESET (or SET TO DEFAULT, RESET ALL, DISCARD ALL) returns to its startup value,
+        // as it does direct: the probe then finds it at the server's default, so the next checkout sets it.
+        let mut settings = settings;
+        for (k, v) in self.startup.iter() {
+            settings.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        self.desired = if settings == *self.startup { self.startup.clone() } else { std::sync::Arc::new(settings) };
         if let Some(s) = self.pump.stmts.as_mut() {
             s.unnamed_here = false; // the probe, a simple Query, dropped the server's unnamed statement
             s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();

@@ -189,7 +189,8 @@ impl ServerConn {
         let options = target.options.as_deref().map(|o| ("options", o));
         let params =
             [("user", target.user.as_str()), ("database", &target.database), ("application_name", application_name)];
-        for (k, v) in params.into_iter().chain(options) {
+        let startup = target.startup.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (k, v) in params.into_iter().chain(options).chain(startup) {
             protocol::put_cstr(&mut out, k);
             protocol::put_cstr(&mut out, v);
         }
@@ -393,8 +394,14 @@ impl ServerConn {
     /// connection's socket holds. Anything readable means the connection is not clean any more (it is
     /// closed, or the server sent something unasked, such as the FATAL of `pg_terminate_backend`).
     pub fn idle_state(&mut self) -> IdleState {
-        use std::task::{Context, Poll, Waker};
-        let mut cx = Context::from_waker(Waker::noop());
+        self.idle_state_in(std::task::Waker::noop())
+    }
+
+    /// [`Self::idle_state`], leaving `waker` registered for the socket's next readiness (a parked server's
+    /// watcher is woken when its backend sends something, such as the FATAL of `pg_terminate_backend`).
+    pub fn idle_state_in(&mut self, waker: &std::task::Waker) -> IdleState {
+        use std::task::{Context, Poll};
+        let mut cx = Context::from_waker(waker);
         let mut raw = [0u8; 512];
         let mut buf = tokio::io::ReadBuf::new(&mut raw);
         match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut self.stream), &mut cx, &mut buf) {

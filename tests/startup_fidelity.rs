@@ -1,0 +1,87 @@
+//! A client's startup parameters against a direct connection, in both pool modes: the NOTICE Postgres gives
+//! at login for an `application_name` longer than an identifier, and `RESET` (`SET .. TO DEFAULT`, `RESET
+//! ALL`, `DISCARD ALL`) returning a setting to the value the client started with, not the server's default.
+
+mod common;
+#[path = "common/raw.rs"]
+mod raw;
+
+use common::*;
+use raw::{params, Raw};
+
+/// Log in with `application_name`: the (code, message) of every NoticeResponse before ReadyForQuery.
+async fn login_notices(port: u16, app: &str) -> Vec<(String, String)> {
+    let mut p: Vec<(&str, &str)> = params("postgres").to_vec();
+    p.push(("application_name", app));
+    Raw::login(port, &p, PG_PASSWORD).await.unwrap_or_else(|e| panic!("login: {e:?}")).notices
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_too_long_application_name_gets_postgres_notice_in_both_modes() {
+    let pg = Pg::start();
+    let long = "x".repeat(65);
+    let direct = login_notices(pg.port, &long).await;
+    assert_eq!(direct.len(), 1, "direct: {direct:?}");
+    assert_eq!(direct[0].0, "42622");
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(&config(&pg, &format!("[services.app]\nslice = 2\npool_mode = \"{mode}\"\n")));
+        assert_eq!(login_notices(proxy.port, &long).await, direct, "{mode}: proxy vs direct");
+        assert_eq!(login_notices(proxy.port, "short").await, vec![], "{mode}: no notice for a short name");
+    }
+}
+
+async fn show(c: &mut Raw, what: &str) -> String {
+    let r = c.simple(&format!("SHOW {what}")).await.unwrap_or_else(|e| panic!("SHOW {what}: {e:?}"));
+    r.rows[0][0].clone().unwrap_or_default()
+}
+
+/// Each step is its own statement (as psql and pg_regress send them); the trace is what SHOW said after it.
+async fn reset_trace(port: u16) -> Vec<String> {
+    let mut p: Vec<(&str, &str)> = params("postgres").to_vec();
+    p.extend([("datestyle", "Postgres, MDY"), ("timezone", "PST8PDT")]);
+    let mut c = Raw::login(port, &p, PG_PASSWORD).await.unwrap_or_else(|e| panic!("login: {e:?}"));
+    let mut trace = Vec::new();
+    for step in [
+        "SET datestyle = ISO",
+        "RESET datestyle",
+        "SET timezone = 'UTC'",
+        "SET timezone TO DEFAULT",
+        "SET datestyle = German",
+        "RESET ALL",
+        "SET datestyle = SQL",
+        "DISCARD ALL",
+    ] {
+        let r = c.simple(step).await.unwrap_or_else(|e| panic!("{step}: {e:?}"));
+        assert!(r.error.is_none(), "{step}: {:?}", r.error);
+        trace.push(format!("{step} -> {} / {}", show(&mut c, "datestyle").await, show(&mut c, "timezone").await));
+    }
+    trace
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_returns_to_the_startup_value_in_both_modes() {
+    let pg = Pg::start();
+    let direct = reset_trace(pg.port).await;
+    assert!(direct[1].ends_with("Postgres, MDY / PST8PDT"), "direct: {direct:?}");
+    for mode in ["transaction", "session"] {
+        let proxy = Proxy::start(&config(&pg, &format!("[services.app]\nslice = 2\npool_mode = \"{mode}\"\n")));
+        assert_eq!(reset_trace(proxy.port).await, direct, "{mode}: proxy (left) vs direct (right)");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_startup_setting_fails_the_login_as_direct_in_session_mode() {
+    let pg = Pg::start();
+    let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\npool_mode = \"session\"\n"));
+    let login = |port: u16| async move {
+        let mut p: Vec<(&str, &str)> = params("postgres").to_vec();
+        p.push(("datestyle", "Bogus"));
+        Raw::login(port, &p, PG_PASSWORD).await.err().map(|e| (e.severity, e.code))
+    };
+    let direct = login(pg.port).await;
+    assert_eq!(direct, Some(("FATAL".into(), "22023".into())), "direct");
+    assert_eq!(login(proxy.port).await, direct, "session mode through pgbudget");
+    // And the pool still serves everyone else.
+    let mut c = Raw::login(proxy.port, &params("postgres"), PG_PASSWORD).await.unwrap();
+    assert_eq!(show(&mut c, "datestyle").await, "ISO, MDY");
+}
