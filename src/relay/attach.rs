@@ -1,0 +1,140 @@
+//! Taking a server for a client: the checkout without an await when a parked server is ready, the queued
+//! checkout otherwise, bringing the server to the client's settings, and the wait for the client's home
+//! when a statement asks for what only that backend knows.
+
+use super::{waiting, Relay, HOME_RECHECK};
+use crate::budget::admission::Hold;
+use crate::budget::cancel::ServerKey;
+use crate::budget::checkout::{Waiter, Who};
+use crate::budget::pool::PooledConn;
+use crate::config::PoolMode;
+use crate::error::ProxyError;
+use crate::server::ServerError;
+use std::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What the checkout without an await did.
+pub(super) enum Quick {
+    Attached,
+    Failed(ProxyError),
+    /// Checked out; the client's settings still have to be applied (boxed: the rare case).
+    Install(Box<(PooledConn, Hold)>),
+}
+
+impl Relay {
+    /// Check out a server, bring its session settings in line with this client's, and record it for cancels.
+    pub async fn attach<C: AsyncRead + AsyncWrite + Unpin>(&mut self, sock: &mut C) -> Result<(), ProxyError> {
+        let started = Instant::now();
+        let pool = self.pool.clone();
+        let mut client = waiting::ClientWatch { sock, cin: &mut self.pump.cin };
+        let waiter = Waiter {
+            client: &mut client,
+            key: &self.key,
+            exempt: self.exempt,
+            may_notice: self.greeted,
+            home: self.home.as_ref().map(|h| h.pid),
+            who: Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry },
+        };
+        let checkout = crate::budget::checkout::acquire(&pool, waiter).await;
+        self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
+        let (conn, hold) = match checkout {
+            Ok(c) => c,
+            Err(e) => {
+                self.note_checkout_error(&e);
+                return Err(e);
+            }
+        };
+        self.install(conn, hold).await
+    }
+
+    /// The common checkout without an await (and without building the checkout's future): a parked server
+    /// with this client's settings already in force. `None`: take [`Self::attach`].
+    pub(super) fn attach_now(&mut self) -> Option<Quick> {
+        let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
+        let home = self.home.as_ref().map(|h| h.pid);
+        let (conn, hold) = match crate::budget::checkout::acquire_now(&self.pool, self.exempt, home, &who)? {
+            Ok(c) => c,
+            Err(e) => {
+                self.note_checkout_error(&e);
+                return Some(Quick::Failed(e));
+            }
+        };
+        self.pool.metrics.checkout_wait.observe(0.0);
+        if !crate::relay::reset::settings_match(&conn.applied, &self.desired) {
+            // Bringing the server to the client's settings is a round trip: the async path does it.
+            return Some(Quick::Install(Box::new((conn, hold))));
+        }
+        self.adopt(conn, hold);
+        Some(Quick::Attached)
+    }
+
+    /// Bring a checked-out server to this client's settings, then take it.
+    pub(super) async fn install(&mut self, mut conn: PooledConn, hold: Hold) -> Result<(), ProxyError> {
+        let (set, reset) = crate::relay::reset::settings_diff(&conn.applied, &self.desired);
+        if !set.is_empty() || !reset.is_empty() {
+            let timeout = self.pool.budget().settings.reset_timeout;
+            if let Err(e) = conn.apply_settings(&set, &reset, timeout).await {
+                // A refused value leaves the server as it was (and usable): the client's setting is at fault.
+                return Err(match e {
+                    ServerError::Postgres { code, message } => ProxyError::ServerRejected { code, message },
+                    source => ProxyError::Upstream { upstream: self.pool.budget().upstream.clone(), source },
+                });
+            }
+            conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        }
+        self.adopt(conn, hold);
+        Ok(())
+    }
+
+    /// Take a server whose settings are the client's: record it for cancels, and set the pump up for it.
+    fn adopt(&mut self, mut conn: PooledConn, hold: Hold) {
+        self.key.attach(ServerKey { route: conn.cancel.clone(), pid: conn.pid, secret: conn.secret });
+        if let Some(h) = self.home.as_ref().filter(|h| h.pid == conn.pid) {
+            h.touch();
+        }
+        self.load_settings();
+        self.hold = Some(hold);
+        self.pump.attach();
+        self.pump.backslash_quotes = conn.params.get("standard_conforming_strings").is_some_and(|v| v == "off");
+        // Notifications the server got while the proxy spoke to it belong to whoever listened: only a pinned
+        // client listens, so a fresh checkout drops what a previous holder left.
+        conn.notifications.clear();
+        if self.mode == PoolMode::Transaction {
+            conn.note_client(self.key.pid);
+            self.pump.servers = conn.server_list().cloned();
+        }
+        if let Some(s) = self.pump.stmts.as_mut() {
+            std::mem::swap(&mut s.server, &mut conn.statements);
+            s.server.begin();
+            s.unnamed_here = false;
+            s.checked = None;
+            s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
+        }
+        self.server = Some(conn);
+    }
+
+    /// A statement that asks for the backend's pid, or for a sequence value of this session (`currval`,
+    /// `lastval`: kept by the backend that ran `nextval`, usually the home), runs on the client's home, as it
+    /// would direct: when the home is busy with another client, wait (up to `checkout_timeout`) for it to be
+    /// parked again. Only the statements already received are looked at, and only when the home is not idle.
+    pub(super) fn home_wait_due(&self) -> bool {
+        let Some(pid) = self.home.as_ref().map(|h| h.pid) else { return false };
+        let asks = |cin: &[u8]| {
+            cin.windows(11).any(|w| w.eq_ignore_ascii_case(b"backend_pid"))
+                || cin.windows(7).any(|w| w.eq_ignore_ascii_case(b"currval") || w.eq_ignore_ascii_case(b"lastval"))
+        };
+        !self.pool.pool.manager().affinity.is_parked(pid) && asks(&self.pump.cin)
+    }
+
+    pub(super) async fn await_home(&mut self) {
+        let Some(pid) = self.home.as_ref().map(|h| h.pid) else { return };
+        let m = self.pool.pool.manager();
+        let alive = || {
+            m.upstream.servers.contains_key(&pid) || m.replica.as_ref().is_some_and(|r| r.servers.contains_key(&pid))
+        };
+        let until = Instant::now() + self.pool.budget().settings.checkout_timeout;
+        while alive() && !m.affinity.is_parked(pid) && Instant::now() < until {
+            tokio::time::sleep(HOME_RECHECK).await;
+        }
+    }
+}
