@@ -91,6 +91,26 @@ impl managed::Manager for Manager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConn, ServerError> {
+        // Boxed: a login's state (TLS, SCRAM) is kilobytes, and every checkout's future would carry (and the
+        // relay move) it even when an idle connection is taken.
+        Box::pin(self.open()).await
+    }
+
+    async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<ServerError> {
+        if let Some(why) = self.unusable(conn) {
+            return Err(RecycleError::message(why));
+        }
+        let s = &self.budget.load().settings;
+        if conn.last_checkin.elapsed() > s.server_check_delay {
+            conn.ping(s.connect_timeout).await.map_err(RecycleError::Backend)?;
+        }
+        Ok(())
+    }
+}
+
+impl Manager {
+    /// Open a server connection for this pool: the replica first for a read-only pool that has one.
+    async fn open(&self) -> Result<ServerConn, ServerError> {
         if self.route == Route::ReadWrite {
             return self.connect_via(&self.upstream, &self.login).await;
         }
@@ -112,19 +132,6 @@ impl managed::Manager for Manager {
         self.enforce_read_only(c).await
     }
 
-    async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<ServerError> {
-        if let Some(why) = self.unusable(conn) {
-            return Err(RecycleError::message(why));
-        }
-        let s = &self.budget.load().settings;
-        if conn.last_checkin.elapsed() > s.server_check_delay {
-            conn.ping(s.connect_timeout).await.map_err(RecycleError::Backend)?;
-        }
-        Ok(())
-    }
-}
-
-impl Manager {
     /// Why an idle connection may not be handed out again, if it may not (checked without a round trip; a
     /// backend an administrator ended is reported to the clients homed on it).
     pub(super) fn unusable(&self, conn: &mut ServerConn) -> Option<&'static str> {
