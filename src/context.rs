@@ -124,6 +124,8 @@ pub struct ClientInfo {
     pub connected_at: SystemTime,
     /// The client's cancel key (pid, secret), which also tells whether the client holds a server now.
     pub key: (i32, i32),
+    /// Its pool's startup settings (`PoolKey::settings_text`), to count it under the right pool.
+    pub settings: String,
     /// Why its server is pinned to it (bits in [`crate::telemetry::labels::PIN_REASONS`] order; 0: not pinned).
     pub pins: Arc<std::sync::atomic::AtomicU8>,
 }

@@ -124,8 +124,17 @@ async fn server_errors_reach_the_journal() {
         let err = victim.simple_query("select pg_terminate_backend(pg_backend_pid())").await.unwrap_err();
         assert_eq!(err.code().map(|c| c.code()), Some("57P01"), "{err:?}");
     }
-    let (_, body) = get(port, "/errors/health?minutes=5").await;
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // The client reads the FATAL before the proxy has read the server's close (journalled then): look again
+    // for up to 2 s.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let (body, v) = loop {
+        let (_, body) = get(port, "/errors/health?minutes=5").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if v["healthy"] == false || std::time::Instant::now() > until {
+            break (body, v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(v["healthy"], false, "{body}");
     assert_eq!(v["pools"][0]["service"], "app");
 }

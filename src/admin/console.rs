@@ -245,7 +245,11 @@ fn show_pools(app: &App) -> BytesMut {
     for p in snap.pools {
         let t = &resolved.upstreams[&p.upstream];
         let here = |asked: &str| p.route == "ro" || t.databases.real(asked).is_some_and(|d| d == p.database);
-        let clients = app.clients.iter().filter(|c| c.service == p.service && here(&c.database)).count();
+        let clients = app
+            .clients
+            .iter()
+            .filter(|c| c.service == p.service && c.settings == p.settings && here(&c.database))
+            .count();
         r.row(&[
             p.database.clone(),
             p.role.clone(),

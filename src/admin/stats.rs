@@ -22,6 +22,8 @@ pub struct PoolRow {
     /// The database its servers log in to, and as which role.
     pub database: String,
     pub role: String,
+    /// Session mode: the startup settings its servers are opened with (empty: none).
+    pub settings: String,
     pub upstream: String,
     pub pool_mode: &'static str,
     pub slice: u32,
@@ -83,6 +85,7 @@ impl App {
                 route,
                 database: p.key.database.clone(),
                 role: p.key.role.clone(),
+                settings: p.key.settings_text(),
                 upstream: b.upstream.clone(),
                 pool_mode: match b.pool_mode() {
                     PoolMode::Session => "session",

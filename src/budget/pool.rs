@@ -43,6 +43,13 @@ pub struct PoolKey {
     pub settings: Vec<(String, String)>,
 }
 
+impl PoolKey {
+    /// The startup settings as a display string (`DateStyle=Postgres, MDY;TimeZone=PST8PDT`), empty for none.
+    pub fn settings_text(&self) -> String {
+        self.settings.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(";")
+    }
+}
+
 /// One upstream's ceiling, shared by every pool that connects to it.
 #[derive(Debug)]
 pub struct UpstreamState {

@@ -108,6 +108,7 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, id: u64, conso
             application_name: startup.get("application_name").unwrap_or("").to_owned(),
             connected_at: std::time::SystemTime::now(),
             key: (relay.key.pid, relay.key.secret),
+            settings: relay.pool.key.settings_text(),
             pins: relay.pin_bits.clone(),
         },
     );
@@ -344,9 +345,18 @@ async fn login(
     // them), so they are that session's reset values and `RESET` returns to them, as direct. Transaction mode
     // replays them on each server (and restores them after a RESET, see `relay::checkin`).
     let session = budget.pool_mode() == PoolMode::Session;
-    let natives: Vec<(String, String)> = match session {
-        true => desired.iter().filter(|(k, _)| *k != "application_name").map(|(k, v)| (k.clone(), v.clone())).collect(),
-        false => Vec::new(),
+    let natives: Vec<(String, String)> = if session {
+        // A setting already at the server's default (psql's client_encoding=UTF8) needs no pool of its own.
+        let defaults = pool_with(&[])?.template().await?;
+        let at_default =
+            |k: &str, v: &str| defaults.iter().any(|(n, d)| n.eq_ignore_ascii_case(k) && norm(d) == norm(v));
+        desired
+            .iter()
+            .filter(|(k, v)| *k != "application_name" && !at_default(k, v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    } else {
+        Vec::new()
     };
     let all = desired.clone();
     let (mut pool, mut natives) = match pool_with(&natives) {
