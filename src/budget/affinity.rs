@@ -287,13 +287,8 @@ impl crate::budget::pool::ServicePool {
     /// Take a parked server that is still usable: `home` when it is parked, else (unless `exact`) the one
     /// home to fewest clients. Unusable ones met on the way are closed.
     pub async fn take_parked(&self, home: Option<i32>, exact: bool) -> Option<PooledConn> {
-        let m = self.pool.manager();
         loop {
-            let mut c = m.affinity.take(home, exact)?;
-            if m.unusable(&mut c).is_some() {
-                drop(PooledConn::take(c));
-                continue;
-            }
+            let mut c = self.take_usable(home, exact)?;
             let s = &self.budget().settings;
             if c.last_checkin.elapsed() > s.server_check_delay && c.ping(s.connect_timeout).await.is_err() {
                 c.broken = true;
@@ -307,18 +302,23 @@ impl crate::budget::pool::ServicePool {
     /// [`Self::take_parked`] without an await: `None` also when the server it would take needs a liveness
     /// round trip first (it stays parked for the async path).
     pub fn take_parked_now(&self, home: Option<i32>) -> Option<PooledConn> {
+        let c = self.take_usable(home, false)?;
+        if c.last_checkin.elapsed() > self.budget().settings.server_check_delay {
+            self.pool.manager().affinity.park(c);
+            return None;
+        }
+        Some(c)
+    }
+
+    /// A parked server that passes the checks without a round trip (the unusable ones met are closed).
+    fn take_usable(&self, home: Option<i32>, exact: bool) -> Option<PooledConn> {
         let m = self.pool.manager();
         loop {
-            let mut c = m.affinity.take(home, false)?;
-            if m.unusable(&mut c).is_some() {
-                drop(PooledConn::take(c));
-                continue;
+            let mut c = m.affinity.take(home, exact)?;
+            if m.unusable(&mut c).is_none() {
+                return Some(c);
             }
-            if c.last_checkin.elapsed() > self.budget().settings.server_check_delay {
-                m.affinity.park(c);
-                return None;
-            }
-            return Some(c);
+            drop(PooledConn::take(c));
         }
     }
 
