@@ -172,6 +172,9 @@ impl Affinity {
     /// `window`; the others stay, without a home. Returns how many sessions end.
     pub fn terminated(&self, pid: i32, window: Duration) -> usize {
         let gone = lock(&self.homes).remove(&pid).unwrap_or_default();
+        if window.is_zero() {
+            return 0; // `terminate_window = 0`: every client is shielded
+        }
         let now = self.now_ms();
         let recent = gone
             .iter()
@@ -389,3 +392,7 @@ impl crate::budget::pool::ServicePool {
         self.pool.timeout_get(&crate::budget::pool::timeouts(&b.settings, std::time::Duration::ZERO)).await
     }
 }
+
+#[cfg(test)]
+#[path = "affinity_tests.rs"]
+mod tests;
