@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType, Timeouts};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tracing::warn;
@@ -238,63 +238,6 @@ pub(crate) fn timeouts(s: &crate::config::ServiceConfig, wait: Duration) -> Time
 pub type Pool = managed::Pool<Manager>;
 pub type PooledConn = managed::Object<Manager>;
 
-/// What all pools of one (service, route) share: the share's slots, admission, operator control, counters.
-pub struct ServiceGroup {
-    pub slots: Arc<Slots>,
-    pub metrics: crate::telemetry::metrics::PoolMetrics,
-    pub admission: Arc<crate::budget::admission::Admission>,
-    pub control: Arc<crate::budget::control::PoolControl>,
-    pub pinned: Arc<AtomicU32>,
-    /// Every pool of the group, to close an idle connection of one when another needs the slot.
-    members: Mutex<Vec<managed::WeakPool<Manager>>>,
-}
-
-impl ServiceGroup {
-    pub fn new(
-        share: u32,
-        metrics: crate::telemetry::metrics::PoolMetrics,
-        admission: crate::budget::admission::Admission,
-    ) -> ServiceGroup {
-        ServiceGroup {
-            slots: Slots::new(share),
-            metrics,
-            admission: Arc::new(admission),
-            control: Default::default(),
-            pinned: Default::default(),
-            members: Mutex::default(),
-        }
-    }
-
-    pub(crate) fn join(&self, pool: &Pool) {
-        let mut m = self.members.lock().unwrap_or_else(|e| e.into_inner());
-        m.retain(|w| w.upgrade().is_some());
-        m.push(pool.weak());
-    }
-
-    /// Close one idle connection of a pool of this group other than `except` (its slot frees); false if none.
-    fn close_idle_other(&self, except: &PoolKey) -> bool {
-        let pools: Vec<Pool> = {
-            let m = self.members.lock().unwrap_or_else(|e| e.into_inner());
-            m.iter().filter_map(|w| w.upgrade()).collect()
-        };
-        for p in pools.iter().filter(|p| &p.manager().key != except) {
-            if let Some(c) = p.manager().affinity.take(None, false) {
-                drop(PooledConn::take(c));
-                return true;
-            }
-            if p.status().available == 0 {
-                continue;
-            }
-            let mut closed = false;
-            let removed = p.retain(|_, _| std::mem::replace(&mut closed, true));
-            if !removed.removed.is_empty() {
-                return true;
-            }
-        }
-        false
-    }
-}
-
 /// How often a checkout whose share is held by the service's other pools looks again.
 const SHARE_RECHECK: Duration = Duration::from_millis(25);
 
@@ -303,7 +246,7 @@ pub struct ServicePool {
     pub pool: Pool,
     pub route: Route,
     pub key: PoolKey,
-    pub group: Arc<ServiceGroup>,
+    pub group: Arc<crate::budget::pools::ServiceGroup>,
     pub metrics: crate::telemetry::metrics::PoolMetrics,
     pub admission: Arc<crate::budget::admission::Admission>,
     pub control: Arc<crate::budget::control::PoolControl>,

@@ -3,15 +3,16 @@
 //! `proxy.max_pools`, and dropped again once its database went unused for `other_database_idle_timeout`.
 
 use super::pool::{timeouts, UpstreamState};
-use super::pool::{Manager, Pool, PoolKey, Route, ServiceGroup, ServicePool, RO_DISABLED, RO_FALLTHROUGH, RO_REPLICA};
+use super::pool::{Manager, Pool, PoolKey, PooledConn, Route, ServicePool, RO_DISABLED, RO_FALLTHROUGH, RO_REPLICA};
 use crate::config::databases::UpstreamLogin;
 use crate::config::resolve::{Resolved, UpstreamTarget};
 use crate::error::ProxyError;
+use crate::server::slots::Slots;
 use arc_swap::ArcSwap;
 use deadpool::managed;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicU8};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 use tokio::sync::Semaphore;
 
@@ -273,5 +274,62 @@ impl Pools {
             p.close_idle();
             p.pool.close();
         }
+    }
+}
+
+/// What all pools of one (service, route) share: the share's slots, admission, operator control, counters.
+pub struct ServiceGroup {
+    pub slots: Arc<Slots>,
+    pub metrics: crate::telemetry::metrics::PoolMetrics,
+    pub admission: Arc<crate::budget::admission::Admission>,
+    pub control: Arc<crate::budget::control::PoolControl>,
+    pub pinned: Arc<AtomicU32>,
+    /// Every pool of the group, to close an idle connection of one when another needs the slot.
+    members: Mutex<Vec<managed::WeakPool<Manager>>>,
+}
+
+impl ServiceGroup {
+    pub fn new(
+        share: u32,
+        metrics: crate::telemetry::metrics::PoolMetrics,
+        admission: crate::budget::admission::Admission,
+    ) -> ServiceGroup {
+        ServiceGroup {
+            slots: Slots::new(share),
+            metrics,
+            admission: Arc::new(admission),
+            control: Default::default(),
+            pinned: Default::default(),
+            members: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn join(&self, pool: &Pool) {
+        let mut m = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|w| w.upgrade().is_some());
+        m.push(pool.weak());
+    }
+
+    /// Close one idle connection of a pool of this group other than `except` (its slot frees); false if none.
+    pub(super) fn close_idle_other(&self, except: &PoolKey) -> bool {
+        let pools: Vec<Pool> = {
+            let m = self.members.lock().unwrap_or_else(|e| e.into_inner());
+            m.iter().filter_map(|w| w.upgrade()).collect()
+        };
+        for p in pools.iter().filter(|p| &p.manager().key != except) {
+            if let Some(c) = p.manager().affinity.take(None, false) {
+                drop(PooledConn::take(c));
+                return true;
+            }
+            if p.status().available == 0 {
+                continue;
+            }
+            let mut closed = false;
+            let removed = p.retain(|_, _| std::mem::replace(&mut closed, true));
+            if !removed.removed.is_empty() {
+                return true;
+            }
+        }
+        false
     }
 }
