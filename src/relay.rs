@@ -28,6 +28,7 @@ mod attach;
 mod checkin;
 pub mod classify;
 pub mod frame;
+mod idle;
 pub mod pump;
 mod report;
 pub mod reset;
@@ -92,14 +93,6 @@ pub struct Relay {
     pin_count: Option<crate::budget::pool::PinCount>,
     /// Transaction mode: the server whose pid the client was told, preferred at every checkout.
     pub home: Option<crate::budget::affinity::Home>,
-}
-
-/// Which idle limit applies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Idle {
-    Client,
-    InTransaction,
-    Pinned,
 }
 
 /// What one client session did, for its `client_sessions` row.
@@ -225,33 +218,6 @@ impl Relay {
             self.pool.put_back(c);
         }
         self.hold = None;
-    }
-
-    /// Read the settings the relay loop consults (once per checkout, not per message: a reload applies from
-    /// the next checkout on).
-    fn load_settings(&mut self) {
-        let s = &self.pool.budget().settings;
-        let pin = if self.pins.is_empty() { Duration::ZERO } else { s.pin_idle_timeout };
-        self.idle_timeouts = (s.client_idle_timeout, s.idle_in_transaction_timeout, pin);
-        self.pump.track_activity =
-            !s.client_idle_timeout.is_zero() || !s.idle_in_transaction_timeout.is_zero() || !pin.is_zero();
-    }
-
-    /// The idle limit that applies now, if any.
-    fn idle_limit(&self) -> Option<(Duration, Idle)> {
-        let tx = &self.pump.tx;
-        if self.server.is_some() && (!tx.awaits_client() || !self.pump.unsent().is_empty()) {
-            return None;
-        }
-        let (client, in_tx, pinned) = self.idle_timeouts;
-        if self.server.is_some() && tx.in_transaction() {
-            return (!in_tx.is_zero()).then_some((in_tx, Idle::InTransaction));
-        }
-        if self.server.is_some() && !self.pins.is_empty() && !pinned.is_zero() && (client.is_zero() || pinned < client)
-        {
-            return Some((pinned, Idle::Pinned));
-        }
-        (!client.is_zero()).then_some((client, Idle::Client))
     }
 
     /// Pump messages until the client leaves, the proxy shuts down, or an error ends the session.
@@ -462,25 +428,6 @@ impl Relay {
                 }
             }
         }
-    }
-
-    /// The idle error to end the session with, if the limit that applies now has passed since the last
-    /// activity (the timer may be stale or a periodic re-check).
-    fn idle_expired(&self) -> Option<ProxyError> {
-        let (d, kind) = self.idle_limit()?;
-        if self.pump.last_activity?.elapsed() < d {
-            return None;
-        }
-        Some(match kind {
-            Idle::InTransaction => ProxyError::IdleInTransaction(d),
-            Idle::Pinned => ProxyError::PinIdle(d),
-            Idle::Client => ProxyError::ClientIdle(d),
-        })
-    }
-
-    fn shortest_idle_timeout(&self) -> Duration {
-        let (a, b, c) = self.idle_timeouts;
-        [a, b, c].into_iter().filter(|d| !d.is_zero()).min().unwrap_or(Duration::from_secs(3600))
     }
 
     /// Write what the server sent and the client has not taken yet (no server is held meanwhile), within
