@@ -93,6 +93,10 @@ pub struct Relay {
     pin_count: Option<crate::budget::pool::PinCount>,
     /// Transaction mode: the server whose pid the client was told, preferred at every checkout.
     pub home: Option<crate::budget::affinity::Home>,
+    /// The server the next checkout takes if it can (one statement needs it, see `attach::wanted_server`).
+    prefer: Option<i32>,
+    /// The backend pid of the server this client held last.
+    last_pid: i32,
 }
 
 /// What one client session did, for its `client_sessions` row.
@@ -175,6 +179,8 @@ impl Relay {
             pin_bits: Default::default(),
             pin_count: None,
             home: None,
+            prefer: None,
+            last_pid: 0,
         }
     }
 
@@ -306,8 +312,8 @@ impl Relay {
                     }
                     Some(_) => {}
                 }
-                if self.home_wait_due() {
-                    Box::pin(self.await_home()).await;
+                if let Some(pid) = self.wanted_server() {
+                    Box::pin(self.await_server(pid)).await;
                 }
                 // Boxed: a checkout's state lives only while it runs, not in every idle session; the common
                 // checkout (a parked server, nothing to wait for) builds no future at all.

@@ -173,3 +173,29 @@ async fn a_client_idle_past_terminate_window_is_shielded_from_its_homes_terminat
     assert!(quiet.is_err(), "the shielded client got {quiet:?}");
     assert_eq!(one(&mut c, "select 1").await, "1", "its next statement runs on another server");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn currval_runs_where_the_clients_last_statement_ran() {
+    let pg = Pg::start();
+    connect(&pg.conninfo()).await.unwrap().batch_execute("CREATE SEQUENCE hp_seq").await.unwrap();
+    let proxy = start(&pg, 2);
+    let (mut c, mut d) = (login(proxy.port).await, login(proxy.port).await);
+    assert_ne!(c.pid, d.pid);
+    let mut x = login(proxy.port).await;
+    assert_eq!(x.pid, c.pid, "the third client shares c's idle home");
+    d.simple("begin").await.unwrap(); // d holds its home
+    x.simple("begin").await.unwrap(); // x holds c's home
+                                      // c's nextval waits for a server and gets d's once d commits: not c's home.
+    c.s.write_all(&raw::query("select nextval('hp_seq')::text")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.simple("commit").await.unwrap();
+    let t = Instant::now();
+    let r = c.reply().await.unwrap();
+    assert!(t.elapsed() < Duration::from_secs(1), "nextval waited {:?}", t.elapsed());
+    let next = r.rows[0][0].clone().unwrap();
+    // currval follows it there at once, while c's home is still busy (x's transaction is open).
+    let t = Instant::now();
+    assert_eq!(one(&mut c, "select currval('hp_seq')::text").await, next);
+    assert!(t.elapsed() < Duration::from_secs(1), "waited {:?} for its home instead", t.elapsed());
+    x.simple("commit").await.unwrap();
+}

@@ -85,3 +85,33 @@ async fn a_refused_startup_setting_fails_the_login_as_direct_in_session_mode() {
     let mut c = Raw::login(proxy.port, &params("postgres"), PG_PASSWORD).await.unwrap();
     assert_eq!(show(&mut c, "datestyle").await, "ISO, MDY");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_is_set_after_another_clients_session_authorization_is_undone() {
+    // Transaction mode, share 1: B's SET ROLE is replayed on the server A left under SET SESSION
+    // AUTHORIZATION of a role that may not take B's role. The session user must come back first.
+    let pg = Pg::start();
+    let adm = connect(&pg.conninfo()).await.unwrap();
+    adm.batch_execute("CREATE ROLE sa_alice; CREATE ROLE sa_bob").await.unwrap();
+    let proxy = Proxy::start(
+        &config(&pg, "[services.app]\nslice = 1\npool_mode = \"transaction\"\n")
+            .replace("[proxy]\n", "[proxy]\nslice_floor = 1\n"),
+    );
+    let mut b = Raw::login(proxy.port, &params("postgres"), PG_PASSWORD).await.unwrap();
+    let mut a = Raw::login(proxy.port, &params("postgres"), PG_PASSWORD).await.unwrap();
+    b.simple("SET ROLE sa_bob").await.unwrap();
+    let r = a.simple("SET SESSION AUTHORIZATION sa_alice").await.unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    for _ in 0..3 {
+        let r = b
+            .simple("SELECT current_user::text || '/' || session_user::text")
+            .await
+            .unwrap_or_else(|e| panic!("B: {e:?}"));
+        assert_eq!(r.rows[0][0].as_deref(), Some("sa_bob/postgres"), "{:?}", r.error);
+        let r = a
+            .simple("SELECT current_user::text || '/' || session_user::text")
+            .await
+            .unwrap_or_else(|e| panic!("A: {e:?}"));
+        assert_eq!(r.rows[0][0].as_deref(), Some("sa_alice/sa_alice"), "{:?}", r.error);
+    }
+}

@@ -32,7 +32,7 @@ impl Relay {
             key: &self.key,
             exempt: self.exempt,
             may_notice: self.greeted,
-            home: self.home.as_ref().map(|h| h.pid),
+            home: self.prefer.or(self.home.as_ref().map(|h| h.pid)),
             who: Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry },
         };
         let checkout = crate::budget::checkout::acquire(&pool, waiter).await;
@@ -51,7 +51,7 @@ impl Relay {
     /// with this client's settings already in force. `None`: take [`Self::attach`].
     pub(super) fn attach_now(&mut self) -> Option<Quick> {
         let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
-        let home = self.home.as_ref().map(|h| h.pid);
+        let home = self.prefer.or(self.home.as_ref().map(|h| h.pid));
         let (conn, hold) = match crate::budget::checkout::acquire_now(&self.pool, self.exempt, home, &who)? {
             Ok(c) => c,
             Err(e) => {
@@ -89,6 +89,8 @@ impl Relay {
     /// Take a server whose settings are the client's: record it for cancels, and set the pump up for it.
     fn adopt(&mut self, mut conn: PooledConn, hold: Hold) {
         self.key.attach(ServerKey { route: conn.cancel.clone(), pid: conn.pid, secret: conn.secret });
+        self.prefer = None;
+        self.last_pid = conn.pid;
         if let Some(h) = self.home.as_ref().filter(|h| h.pid == conn.pid) {
             h.touch();
         }
@@ -113,21 +115,30 @@ impl Relay {
         self.server = Some(conn);
     }
 
-    /// A statement that asks for the backend's pid, or for a sequence value of this session (`currval`,
-    /// `lastval`: kept by the backend that ran `nextval`, usually the home), runs on the client's home, as it
-    /// would direct: when the home is busy with another client, wait (up to `checkout_timeout`) for it to be
-    /// parked again. Only the statements already received are looked at, and only when the home is not idle.
-    pub(super) fn home_wait_due(&self) -> bool {
-        let Some(pid) = self.home.as_ref().map(|h| h.pid) else { return false };
-        let asks = |cin: &[u8]| {
-            cin.windows(11).any(|w| w.eq_ignore_ascii_case(b"backend_pid"))
-                || cin.windows(7).any(|w| w.eq_ignore_ascii_case(b"currval") || w.eq_ignore_ascii_case(b"lastval"))
+    /// The server a statement needs, when only one backend can answer it as direct: `pg_backend_pid()` the
+    /// home (the pid the client was told); `currval`/`lastval` the server this client last used (where its
+    /// `nextval` most likely ran). Only the statements already received are looked at. The next checkout
+    /// takes that server; [`Self::await_server`] waits while another client has it.
+    pub(super) fn wanted_server(&mut self) -> Option<i32> {
+        let home = self.home.as_ref().map(|h| h.pid)?;
+        let cin: &[u8] = &self.pump.cin;
+        let want = if cin.windows(11).any(|w| w.eq_ignore_ascii_case(b"backend_pid")) {
+            home
+        } else if cin.windows(7).any(|w| w.eq_ignore_ascii_case(b"currval") || w.eq_ignore_ascii_case(b"lastval")) {
+            if self.last_pid != 0 {
+                self.last_pid
+            } else {
+                home
+            }
+        } else {
+            return None;
         };
-        !self.pool.pool.manager().affinity.is_parked(pid) && asks(&self.pump.cin)
+        self.prefer = Some(want);
+        (!self.pool.pool.manager().affinity.is_parked(want)).then_some(want)
     }
 
-    pub(super) async fn await_home(&mut self) {
-        let Some(pid) = self.home.as_ref().map(|h| h.pid) else { return };
+    /// Wait (up to `checkout_timeout`) for server `pid` to be parked again, while it lives.
+    pub(super) async fn await_server(&mut self, pid: i32) {
         let m = self.pool.pool.manager();
         let alive = || {
             m.upstream.servers.contains_key(&pid) || m.replica.as_ref().is_some_and(|r| r.servers.contains_key(&pid))

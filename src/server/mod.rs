@@ -291,6 +291,12 @@ impl ServerConn {
         let mut out = BytesMut::with_capacity(256);
         // One a failed batch left behind (its closing Close was skipped) goes first.
         close_own(&mut out);
+        // Who the session is comes back first: another client may have left the server under its own SESSION
+        // AUTHORIZATION, which could not set this client's role. Then the sets, then the other resets.
+        let mut identity: Vec<&String> =
+            reset.iter().filter(|k| *k == "session_authorization" || *k == "role").collect();
+        identity.sort_by_key(|k| *k != "session_authorization");
+        put_resets(&mut out, identity)?;
         if !set.is_empty() {
             let at = protocol::begin(&mut out, b'P');
             protocol::put_cstr(&mut out, OWN_STATEMENT);
@@ -313,26 +319,7 @@ impl ServerConn {
             }
             close_own(&mut out);
         }
-        for k in reset {
-            if !is_setting_name(k) {
-                return Err(ServerError::Postgres {
-                    code: INVALID_PARAMETER_VALUE.into(),
-                    message: format!("invalid setting name {k:?}"),
-                });
-            }
-            let at = protocol::begin(&mut out, b'P');
-            protocol::put_cstr(&mut out, OWN_STATEMENT);
-            protocol::put_cstr(&mut out, &format!("RESET {k}"));
-            out.put_i16(0);
-            protocol::finish(&mut out, at);
-            let at = protocol::begin(&mut out, b'B');
-            out.put_u8(0);
-            protocol::put_cstr(&mut out, OWN_STATEMENT);
-            out.put_slice(&[0, 0, 0, 0, 0, 0]);
-            protocol::finish(&mut out, at);
-            out.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
-            close_own(&mut out);
-        }
+        put_resets(&mut out, reset.iter().filter(|k| *k != "session_authorization" && *k != "role"))?;
         out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         self.round_trip(&out, timeout).await
     }
@@ -417,6 +404,32 @@ impl ServerConn {
 /// The statement name the proxy's own extended-protocol statements use (never the unnamed one).
 const OWN_STATEMENT: &str = "pgbudget__own";
 
+/// `RESET` of each setting in `keys` (names checked first), each as the proxy's own statement.
+fn put_resets<'a>(out: &mut BytesMut, keys: impl IntoIterator<Item = &'a String>) -> Result<(), ServerError> {
+    for k in keys {
+        if !is_setting_name(k) {
+            return Err(ServerError::Postgres {
+                code: INVALID_PARAMETER_VALUE.into(),
+                message: format!("invalid setting name {k:?}"),
+            });
+        }
+        let at = protocol::begin(out, b'P');
+        protocol::put_cstr(out, OWN_STATEMENT);
+        protocol::put_cstr(out, &format!("RESET {k}"));
+        out.put_i16(0);
+        protocol::finish(out, at);
+        let at = protocol::begin(out, b'B');
+        out.put_u8(0);
+        protocol::put_cstr(out, OWN_STATEMENT);
+        out.put_slice(&[0, 0, 0, 0, 0, 0]);
+        protocol::finish(out, at);
+        out.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+        close_own(out);
+    }
+    Ok(())
+}
+
+/// Close the proxy's own statement.
 fn close_own(out: &mut BytesMut) {
     let at = protocol::begin(out, b'C');
     out.put_u8(b'S');
