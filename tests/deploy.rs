@@ -53,6 +53,19 @@ fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_owned()
 }
 
+/// Kills a spawned pgbudget if a test panics before stopping it (checked by its command line, so a pid the
+/// system reused is left alone).
+struct KillOnPanic(u32);
+
+impl Drop for KillOnPanic {
+    fn drop(&mut self) {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.0)).unwrap_or_default();
+        if std::thread::panicking() && cmdline.starts_with(BIN.as_bytes()) {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).status();
+        }
+    }
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> Option<i32> {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
@@ -353,6 +366,7 @@ fn shared_example_serves_each_service_by_user_with_the_image_listeners() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    let _kill = KillOnPanic(proxy.id());
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
 
     // The HEALTHCHECK command, with only the image's environment: it finds the admin listener on $PORT.
@@ -454,6 +468,7 @@ fn env_only_run_serves_clients() {
         .stderr(std::fs::File::create(cwd.path().join("log")).unwrap())
         .spawn()
         .unwrap();
+    let _kill = KillOnPanic(proxy.id());
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "did not start");
