@@ -13,7 +13,7 @@
 //! proxy closed (idle timeout, lifetime, `RECONNECT`) just stops being preferred.
 
 use crate::budget::pool::PooledConn;
-use crate::server::IdleState;
+use crate::server::{IdleState, ServerConn};
 use futures_util::task::AtomicWaker;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -43,8 +43,6 @@ pub struct Affinity {
     /// Registered on every parked server's socket: a backend that sends something while parked (closed, or
     /// terminated by an administrator) is seen at once, not at the next checkout or reaper tick.
     waker: std::task::Waker,
-    /// `terminate_window` of the pool's service, in ms (kept current by every check-in).
-    window_ms: AtomicU64,
     parked: Mutex<Vec<PooledConn>>,
     /// Server pid → every client homed there.
     homes: Mutex<HashMap<i32, Vec<Homed>>>,
@@ -59,7 +57,6 @@ impl Default for Affinity {
         Affinity {
             waker: std::task::Waker::from(watch.clone()),
             watch,
-            window_ms: AtomicU64::new(0),
             parked: Mutex::default(),
             homes: Mutex::default(),
             next_id: AtomicU64::new(0),
@@ -187,32 +184,29 @@ impl Affinity {
         &self.waker
     }
 
+    /// Whether an idle server's socket says it is gone (closed, or it sent something unasked), leaving `waker`
+    /// registered on it otherwise. A gone one is marked broken; one an administrator terminated ends the
+    /// clients homed on it that used it within `window` (the service's `terminate_window`).
+    pub fn gone(&self, conn: &mut ServerConn, waker: &std::task::Waker, window: Duration) -> bool {
+        let IdleState::Gone { terminated } = conn.idle_state_in(waker) else { return false };
+        conn.broken = true;
+        if terminated {
+            self.terminated(conn.pid, window);
+        }
+        true
+    }
+
     /// Park an idle server, its socket watched; one that already went away is closed instead.
-    pub fn park(&self, mut conn: PooledConn) {
-        if let IdleState::Gone { terminated } = conn.idle_state_in(&self.waker) {
-            conn.broken = true;
-            if terminated {
-                self.terminated(conn.pid, Duration::from_millis(self.window_ms.load(Ordering::Relaxed)));
-            }
+    pub fn park(&self, mut conn: PooledConn, window: Duration) {
+        if self.gone(&mut conn, &self.waker, window) {
             return drop(PooledConn::take(conn));
         }
         lock(&self.parked).push(conn);
     }
 
-    /// Close the parked servers whose sockets became readable, ending the clients homed on one an
-    /// administrator terminated (within the window). Re-arms the watch on the others.
-    fn sweep(&self) {
-        let window = Duration::from_millis(self.window_ms.load(Ordering::Relaxed));
-        let gone = self.take_if(|c| match c.idle_state_in(&self.waker) {
-            IdleState::Gone { terminated } => {
-                c.broken = true;
-                if terminated {
-                    self.terminated(c.pid, window);
-                }
-                true
-            }
-            IdleState::Clean => false,
-        });
+    /// Close the parked servers whose sockets became readable; the watch stays on the others.
+    fn sweep(&self, window: Duration) {
+        let gone = self.take_if(|c| self.gone(c, &self.waker, window));
         gone.into_iter().for_each(|c| drop(PooledConn::take(c)));
     }
 
@@ -282,7 +276,8 @@ async fn watch_parked(pool: deadpool::managed::WeakPool<crate::budget::pool::Man
     loop {
         watch.notify.notified().await;
         let Some(pool) = pool.upgrade() else { return };
-        pool.manager().affinity.sweep();
+        let m = pool.manager();
+        m.affinity.sweep(m.budget.load().settings.terminate_window);
     }
 }
 
@@ -306,8 +301,9 @@ impl crate::budget::pool::ServicePool {
     /// round trip first (it stays parked for the async path).
     pub fn take_parked_now(&self, home: Option<i32>) -> Option<PooledConn> {
         let c = self.take_usable(home, false)?;
-        if c.last_checkin.elapsed() > self.budget().settings.server_check_delay {
-            self.pool.manager().affinity.park(c);
+        let s = &self.budget().settings;
+        if c.last_checkin.elapsed() > s.server_check_delay {
+            self.pool.manager().affinity.park(c, s.terminate_window);
             return None;
         }
         Some(c)
@@ -334,11 +330,10 @@ impl crate::budget::pool::ServicePool {
             return drop(conn);
         }
         let affinity = &self.pool.manager().affinity;
-        affinity.window_ms.store(b.settings.terminate_window.as_millis() as u64, Ordering::Relaxed);
         if !affinity.watch.started.swap(true, Ordering::AcqRel) {
             tokio::spawn(watch_parked(self.pool.weak(), affinity.watch.clone()));
         }
-        affinity.park(conn);
+        affinity.park(conn, b.settings.terminate_window);
         // A checkout that began waiting meanwhile (another thread) must not miss it.
         if self.pool.status().waiting > 0 {
             drop(affinity.take(None, false));
@@ -350,11 +345,8 @@ impl crate::budget::pool::ServicePool {
     /// is busy and the share is full (the client then keeps a proxy-issued pid).
     pub async fn choose_home(&self) -> Option<Home> {
         let affinity = &self.pool.manager().affinity;
-        // A parked server may have died since it was parked: homing a client on it would end the client.
-        while let Some(pid) = affinity.unhomed() {
-            if self.vet_parked(pid) {
-                return Some(affinity.home(pid));
-            }
+        if let Some(home) = self.home_on_parked(Affinity::unhomed) {
+            return Some(home);
         }
         let st = self.pool.status();
         let room = st.size < self.share() as usize && self.group.slots.used() < self.group.slots.limit();
@@ -365,25 +357,23 @@ impl crate::budget::pool::ServicePool {
                 return Some(home);
             }
         }
-        while let Some(pid) = affinity.least_homed() {
-            if self.vet_parked(pid) {
-                return Some(affinity.home(pid));
-            }
-        }
-        None
+        self.home_on_parked(Affinity::least_homed)
     }
 
-    /// Whether parked server `pid` is still usable (checked without a round trip); an unusable one is
-    /// closed.
-    fn vet_parked(&self, pid: i32) -> bool {
+    /// A home on the parked server `pick` names, checked first without a round trip: one that died since it
+    /// was parked is closed and the next pick tried (homing a client on it would end the client).
+    fn home_on_parked(&self, pick: fn(&Affinity) -> Option<i32>) -> Option<Home> {
         let m = self.pool.manager();
-        let Some(mut c) = m.affinity.take(Some(pid), true) else { return false };
-        if m.unusable(&mut c).is_some() {
-            drop(PooledConn::take(c));
-            return false;
+        while let Some(pid) = pick(&m.affinity) {
+            let Some(mut c) = m.affinity.take(Some(pid), true) else { continue };
+            if m.unusable(&mut c).is_some() {
+                drop(PooledConn::take(c));
+                continue;
+            }
+            m.affinity.park(c, self.budget().settings.terminate_window);
+            return Some(m.affinity.home(pid));
         }
-        m.affinity.park(c);
-        true
+        None
     }
 
     /// A new server connection now (no wait), bypassing the parked ones.

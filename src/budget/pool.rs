@@ -1,12 +1,13 @@
 //! One server pool per (service, route, database, upstream role): a deadpool `Manager` over raw server
-//! connections. Every connection holds a slot of its service's share (counted across all the service's pools,
-//! see [`ServiceGroup`]) and a permit of its upstream's ceiling; both live inside the connection.
+//! connections. Every connection holds a slot of its service's share (counted across all the service's
+//! pools, see [`crate::budget::pools::ServiceGroup`]) and a permit of its upstream's ceiling; both live
+//! inside the connection.
 
 use crate::config::resolve::{ServiceBudget, UpstreamTarget};
 use crate::config::ReplicaDown;
 use crate::error::ProxyError;
 use crate::server::slots::Slots;
-use crate::server::{IdleState, ServerConn, ServerError};
+use crate::server::{ServerConn, ServerError};
 use arc_swap::ArcSwap;
 use deadpool::managed::{self, Metrics, PoolError, RecycleError, RecycleResult, TimeoutType, Timeouts};
 use std::collections::HashMap;
@@ -156,11 +157,7 @@ impl Manager {
         if conn.last_checkin.elapsed() > s.server_idle_timeout || conn.created.elapsed() > s.server_lifetime {
             return Some("expired");
         }
-        if let IdleState::Gone { terminated } = conn.idle_state() {
-            conn.broken = true;
-            if terminated {
-                self.affinity.terminated(conn.pid, s.terminate_window);
-            }
+        if self.affinity.gone(conn, std::task::Waker::noop(), s.terminate_window) {
             return Some("closed by server");
         }
         None
@@ -408,15 +405,7 @@ impl ServicePool {
         self.pool.retain(|c, _| keep(c));
         let affinity = &self.pool.manager().affinity;
         // The watch stays registered on the servers kept (a noop waker here would silence it).
-        let gone = affinity.take_if(|c| match c.idle_state_in(affinity.watcher()) {
-            IdleState::Gone { terminated } => {
-                if terminated {
-                    affinity.terminated(c.pid, s.terminate_window);
-                }
-                true
-            }
-            IdleState::Clean => !keep(c),
-        });
+        let gone = affinity.take_if(|c| affinity.gone(c, affinity.watcher(), s.terminate_window) || !keep(c));
         gone.into_iter().for_each(|c| drop(PooledConn::take(c)));
     }
 

@@ -3,7 +3,7 @@
 
 use super::{backend, ServerConn};
 
-/// What an idle server connection's socket holds ([`ServerConn::idle_state`]).
+/// What an idle server connection's socket holds ([`ServerConn::idle_state_in`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdleState {
     Clean,
@@ -24,13 +24,9 @@ fn frame_len(got: &[u8]) -> usize {
 impl ServerConn {
     /// Without blocking or a system call while the reactor has seen nothing arrive: what an idle
     /// connection's socket holds. Anything readable means the connection is not clean any more (it is
-    /// closed, or the server sent something unasked, such as the FATAL of `pg_terminate_backend`).
-    pub fn idle_state(&mut self) -> IdleState {
-        self.idle_state_in(std::task::Waker::noop())
-    }
-
-    /// [`Self::idle_state`], leaving `waker` registered for the socket's next readiness (a parked server's
-    /// watcher is woken when its backend sends something, such as the FATAL of `pg_terminate_backend`).
+    /// closed, or the server sent something unasked, such as the FATAL of `pg_terminate_backend`). `waker`
+    /// stays registered for the socket's next readiness (a parked server's watcher is woken so; a caller
+    /// about to use the connection passes `Waker::noop()`).
     pub fn idle_state_in(&mut self, waker: &std::task::Waker) -> IdleState {
         use std::task::{Context, Poll};
         let mut cx = Context::from_waker(waker);
