@@ -26,13 +26,14 @@ impl Relay {
     pub async fn attach<C: AsyncRead + AsyncWrite + Unpin>(&mut self, sock: &mut C) -> Result<(), ProxyError> {
         let started = Instant::now();
         let pool = self.pool.clone();
+        let home = self.preferred();
         let mut client = waiting::ClientWatch { sock, cin: &mut self.pump.cin };
         let waiter = Waiter {
             client: &mut client,
             key: &self.key,
             exempt: self.exempt,
             may_notice: self.greeted,
-            home: self.prefer.or(self.home.as_ref().map(|h| h.pid)),
+            home,
             who: Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry },
         };
         let checkout = crate::budget::checkout::acquire(&pool, waiter).await;
@@ -51,8 +52,8 @@ impl Relay {
     /// with this client's settings already in force. `None`: take [`Self::attach`].
     pub(super) fn attach_now(&mut self) -> Option<Quick> {
         let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
-        let home = self.prefer.or(self.home.as_ref().map(|h| h.pid));
-        let (conn, hold) = match crate::budget::checkout::acquire_now(&self.pool, self.exempt, home, &who)? {
+        let (conn, hold) = match crate::budget::checkout::acquire_now(&self.pool, self.exempt, self.preferred(), &who)?
+        {
             Ok(c) => c,
             Err(e) => {
                 self.note_checkout_error(&e);
@@ -115,12 +116,23 @@ impl Relay {
         self.server = Some(conn);
     }
 
+    /// The server the next checkout takes when it is idle: the one a statement needs, else the home.
+    fn preferred(&self) -> Option<i32> {
+        self.prefer.or(self.home.as_ref().map(|h| h.pid))
+    }
+
     /// The server a statement needs, when only one backend can answer it as direct: `pg_backend_pid()` the
     /// home (the pid the client was told); `currval`/`lastval` the server this client last used (where its
     /// `nextval` most likely ran). Only the statements already received are looked at. The next checkout
     /// takes that server; [`Self::await_server`] waits while another client has it.
     pub(super) fn wanted_server(&mut self) -> Option<i32> {
         let home = self.home.as_ref().map(|h| h.pid)?;
+        let affinity = &self.pool.pool.manager().affinity;
+        // The common case needs no scan: the home is idle and was the last server used, so the checkout takes
+        // it anyway, whichever of the two a statement would want.
+        if (self.last_pid == 0 || self.last_pid == home) && affinity.is_parked(home) {
+            return None;
+        }
         let cin: &[u8] = &self.pump.cin;
         let want = if cin.windows(11).any(|w| w.eq_ignore_ascii_case(b"backend_pid")) {
             home
@@ -134,7 +146,7 @@ impl Relay {
             return None;
         };
         self.prefer = Some(want);
-        (!self.pool.pool.manager().affinity.is_parked(want)).then_some(want)
+        (!affinity.is_parked(want)).then_some(want)
     }
 
     /// Wait (up to `checkout_timeout`) for server `pid` to be parked again, while it lives.
