@@ -359,7 +359,7 @@ async fn login(
         Vec::new()
     };
     let all = desired.clone();
-    let (mut pool, mut natives) = match pool_with(&natives) {
+    let (pool, natives) = match pool_with(&natives) {
         Ok(p) => (p, natives),
         // No room for another pool: the settings are replayed instead.
         Err(ProxyError::TooManyPools { .. }) if !natives.is_empty() => (pool_with(&[])?, Vec::new()),
@@ -387,9 +387,7 @@ async fn login(
         match relay.attach(sock).await {
             // The server refused a startup setting: the replay reports it as a direct connection would.
             Err(ProxyError::Upstream { source: ServerError::Postgres { .. }, .. }) if !natives.is_empty() => {
-                natives.clear();
-                pool = pool_with(&[])?;
-                relay = make(&pool, with_timeout(all));
+                relay = make(&pool_with(&[])?, with_timeout(all));
                 relay.attach(sock).await.map_err(setting_refused)?;
             }
             r => r.map_err(setting_refused)?,
@@ -436,7 +434,7 @@ async fn login(
     shown.insert("application_name".into(), startup.get("application_name").unwrap_or("").to_owned());
     // Transaction mode: the client is told the pid of a real server of its pool, which it gets back whenever
     // that server is idle (see `budget::affinity`).
-    if budget.pool_mode() == PoolMode::Transaction {
+    if !session {
         if let Some(home) = pool.choose_home().await {
             if relay.key.take_pid(home.pid) {
                 relay.home = Some(home);

@@ -24,7 +24,7 @@ impl Relay {
             }
         };
         let ro = self.pool.route == Route::ReadOnly;
-        let settings: BTreeMap<String, String> = probe
+        let mut settings: BTreeMap<String, String> = probe
             .settings
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
@@ -40,7 +40,6 @@ impl Relay {
         }
         // A setting the client RESET (or SET TO DEFAULT, RESET ALL, DISCARD ALL) returns to its startup value,
         // as it does direct: the probe then finds it at the server's default, so the next checkout sets it.
-        let mut settings = settings;
         for (k, v) in self.startup.iter() {
             settings.entry(k.clone()).or_insert_with(|| v.clone());
         }
