@@ -39,7 +39,7 @@ pub mod waiting;
 const SHRINK_AFTER: Duration = Duration::from_secs(1);
 /// How long a client that holds no server may leave its replies unread before the session is ended.
 const CLIENT_WRITE_STALL: Duration = Duration::from_secs(60);
-/// How often a statement that asks for its backend's pid looks whether its home server is idle again.
+/// How often a checkout that needs one particular server (see `attach::wanted_server`) looks whether it is idle.
 const HOME_RECHECK: Duration = Duration::from_millis(5);
 /// How long a detaching client waits for a cancel it sent to reach Postgres before its server is discarded.
 const CANCEL_SETTLE: Duration = Duration::from_secs(6);

@@ -145,6 +145,11 @@ impl CancelRegistry {
 }
 
 impl ClientKey {
+    /// This key's place in the registry.
+    fn slot(&self) -> u64 {
+        slot(self.pid, self.secret)
+    }
+
     /// Take `pid` as this key's pid (the client is told its server's real pid — in session mode the one it
     /// holds, in transaction mode its home — so `pg_backend_pid()`, NotificationResponse and
     /// `pg_terminate_backend` agree with what it was told). Keeps the old pid when another client's key
@@ -154,7 +159,7 @@ impl ClientKey {
             return true;
         }
         // Never two shard locks at once (both keys may live in one shard).
-        let Some((_, entry)) = self.registry.map.remove(&slot(self.pid, self.secret)) else { return false };
+        let Some((_, entry)) = self.registry.map.remove(&self.slot()) else { return false };
         let back = match self.registry.map.entry(slot(pid, self.secret)) {
             dashmap::Entry::Vacant(v) => {
                 v.insert(entry);
@@ -168,7 +173,7 @@ impl ClientKey {
                 true
             }
             Some(entry) => {
-                self.registry.map.insert(slot(self.pid, self.secret), entry);
+                self.registry.map.insert(self.slot(), entry);
                 false
             }
         }
@@ -176,7 +181,7 @@ impl ClientKey {
 
     /// Record which server this client holds from now on.
     pub fn attach(&self, server: ServerKey) {
-        if let Some(mut e) = self.registry.map.get_mut(&slot(self.pid, self.secret)) {
+        if let Some(mut e) = self.registry.map.get_mut(&self.slot()) {
             e.server = Some((server, Arc::default()));
         }
     }
@@ -184,13 +189,13 @@ impl ClientKey {
     /// The client gives its server up: no new cancel can reach it; returns the cancels still in flight for
     /// it, which the caller lets settle before the server goes to anyone else.
     pub fn detach(&self) -> Option<Arc<Flights>> {
-        let mut e = self.registry.map.get_mut(&slot(self.pid, self.secret))?;
+        let mut e = self.registry.map.get_mut(&self.slot())?;
         e.server.take().map(|(_, f)| f).filter(|f| f.in_flight() > 0)
     }
 
     /// Mark the client as queued (a fresh notifier per wait) or, with `None`, as no longer queued.
     pub fn queued(&self, wake: Option<Arc<Notify>>) {
-        if let Some(mut e) = self.registry.map.get_mut(&slot(self.pid, self.secret)) {
+        if let Some(mut e) = self.registry.map.get_mut(&self.slot()) {
             e.queued = wake;
         }
     }
@@ -198,7 +203,7 @@ impl ClientKey {
 
 impl Drop for ClientKey {
     fn drop(&mut self) {
-        self.registry.map.remove(&slot(self.pid, self.secret));
+        self.registry.map.remove(&self.slot());
     }
 }
 
