@@ -82,28 +82,19 @@ pub async fn cleanup(conn: &mut ServerConn, pump: &mut Pump, reset: bool, read_o
     Ok(())
 }
 
-/// What to change on a server so its proxy-applied settings equal the client's: (set, reset).
 /// Whether `applied` already is `desired` (no allocation: the check of every checkout).
 pub fn settings_match(applied: &HashMap<String, String>, desired: &BTreeMap<String, String>) -> bool {
     applied.len() == desired.len() && desired.iter().all(|(k, v)| applied.get(k) == Some(v))
 }
 
+/// What to change on a server so its proxy-applied settings equal the client's: (set, reset). The order the
+/// server runs them in is [`crate::server::ServerConn::apply_settings`]'s.
 pub fn settings_diff(
     applied: &HashMap<String, String>,
     desired: &BTreeMap<String, String>,
 ) -> (Vec<(String, String)>, Vec<String>) {
-    let mut set: Vec<(String, String)> =
-        desired.iter().filter(|(k, v)| applied.get(*k) != Some(v)).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let mut reset: Vec<String> = applied.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
-    // Who the session is decides what it may set: the session user first, the role last; resets of either
-    // come before any other reset.
-    let rank = |k: &str| match k {
-        "session_authorization" => 0,
-        "role" => 2,
-        _ => 1,
-    };
-    set.sort_by_key(|(k, _)| rank(k));
-    reset.sort_by_key(|k| if k == "role" || k == "session_authorization" { 0 } else { 1 });
+    let set = desired.iter().filter(|(k, v)| applied.get(*k) != Some(v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let reset = applied.keys().filter(|k| !desired.contains_key(*k)).cloned().collect();
     (set, reset)
 }
 

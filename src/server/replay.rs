@@ -24,12 +24,21 @@ impl ServerConn {
         let mut out = BytesMut::with_capacity(256);
         // One a failed batch left behind (its closing Close was skipped) goes first.
         close_own(&mut out);
-        // Who the session is comes back first: another client may have left the server under its own SESSION
-        // AUTHORIZATION, which could not set this client's role. Then the sets, then the other resets.
-        let mut identity: Vec<&String> =
-            reset.iter().filter(|k| *k == "session_authorization" || *k == "role").collect();
-        identity.sort_by_key(|k| *k != "session_authorization");
-        put_resets(&mut out, identity)?;
+        // Who the session is decides what it may set, so the batch runs in this order: resets of the session
+        // user, then of the role (another client may have left the server under its own SESSION
+        // AUTHORIZATION, which could not set this client's role); the sets, the session user first and the
+        // role last; then the other resets.
+        let rank = |k: &str| match k {
+            "session_authorization" => 0,
+            "role" => 2,
+            _ => 1,
+        };
+        let identity = |k: &String| k == "session_authorization" || k == "role";
+        let mut who: Vec<&String> = reset.iter().filter(|k| identity(k)).collect();
+        who.sort_by_key(|k| rank(k));
+        put_resets(&mut out, who)?;
+        let mut set: Vec<&(String, String)> = set.iter().collect();
+        set.sort_by_key(|(k, _)| rank(k));
         if !set.is_empty() {
             let at = protocol::begin(&mut out, b'P');
             protocol::put_cstr(&mut out, OWN_STATEMENT);
@@ -52,7 +61,7 @@ impl ServerConn {
             }
             close_own(&mut out);
         }
-        put_resets(&mut out, reset.iter().filter(|k| *k != "session_authorization" && *k != "role"))?;
+        put_resets(&mut out, reset.iter().filter(|k| !identity(k)))?;
         out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
         self.round_trip(&out, timeout).await
     }
