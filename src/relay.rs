@@ -14,7 +14,6 @@ use crate::read_only::filter::RoFilter;
 use crate::server::ServerError;
 
 use attach::Quick;
-use checkin::discard;
 use pump::{Event, Pump, PumpError, TxnStatements};
 use std::collections::{BTreeMap, HashMap};
 use std::future::poll_fn;
@@ -211,7 +210,7 @@ impl Relay {
         if let Some(flights) = self.key.detach() {
             if !flights.settle(CANCEL_SETTLE).await {
                 warn!(kind = "cancel", "a cancel for this server did not settle; server connection discarded");
-                discard(conn);
+                self.pool.discard(conn);
                 return None;
             }
         }

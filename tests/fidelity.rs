@@ -561,6 +561,16 @@ fn txn_asyncpg_column_type_change_between_fetches_like_direct() {
     assert!(out.contains("fidelity_txn: ok"), "{out}");
 }
 
+/// asyncpg: a statement named at the protocol level runs by SQL `EXECUTE`, and a client that left leaves no
+/// statements behind on the server for the next one to see (asyncpg's own suite checks both).
+#[test]
+fn txn_protocol_named_statement_by_sql_execute_and_none_left_behind() {
+    let pg = Pg::start();
+    let proxy = start(&pg, 1, TXN, "");
+    let out = script("named", &pg, &proxy);
+    assert!(out.contains("proxy (1, 0)"), "{out}");
+}
+
 /// A statement re-prepared on another server after its table changed type fails as on a direct connection.
 #[test]
 fn txn_statement_whose_shape_changed_fails_on_any_server_like_direct() {

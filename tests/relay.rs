@@ -322,3 +322,35 @@ async fn stale_and_idle_server_connections_are_replaced_transparently() {
     assert_eq!(server_conns(&admin, "app").await, 0);
     c.simple_query("select 1").await.unwrap();
 }
+
+/// The count of prepared statements on the one server of a share of 1, read with a simple Query (which
+/// prepares nothing itself).
+async fn prepared_on_server(c: &tokio_postgres::Client) -> String {
+    let rows = c.simple_query("select count(*) from pg_prepared_statements").await.unwrap();
+    match &rows[1] {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).unwrap().to_owned(),
+        _ => panic!("no row"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_of_a_client_that_left_are_closed_on_the_server() {
+    let pg = Pg::start();
+    let cfg = config(&pg, "[services.app]\nslice = 1\npool_mode = \"transaction\"\n")
+        .replace("[proxy]", "[proxy]\nslice_floor = 1");
+    let proxy = Proxy::start(&cfg);
+    let a = connect(&proxy.conninfo()).await.unwrap();
+    let st = a.prepare("select $1::int + 1").await.unwrap();
+    let n: i32 = a.query_one(&st, &[&41]).await.unwrap().get(0);
+    assert_eq!(n, 42);
+    let b = connect(&proxy.conninfo()).await.unwrap();
+    assert_eq!(prepared_on_server(&b).await, "1", "a's statement lives on the server while a holds it");
+    drop(st);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(prepared_on_server(&b).await, "0", "closed at the next checkout once nobody holds it");
+    // The server's statement list stays right: a statement prepared again works.
+    let c = connect(&proxy.conninfo()).await.unwrap();
+    let n: i32 = c.query_one("select $1::int + 1", &[&1]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+}

@@ -12,6 +12,7 @@
 //! that kills idle connections, hit the pool's idle servers, not the sessions of its clients. A home the
 //! proxy closed (idle timeout, lifetime, `RECONNECT`) just stops being preferred.
 
+use crate::budget::handoff::{HandOff, Waiters};
 use crate::budget::pool::PooledConn;
 use crate::server::{IdleState, ServerConn};
 use futures_util::task::AtomicWaker;
@@ -43,7 +44,8 @@ pub struct Affinity {
     /// Registered on every parked server's socket: a backend that sends something while parked (closed, or
     /// terminated by an administrator) is seen at once, not at the next checkout or reaper tick.
     waker: std::task::Waker,
-    parked: Mutex<Vec<PooledConn>>,
+    /// The parked servers and the checkouts waiting for one (one lock: a server is parked or handed over).
+    idle: Mutex<Idle>,
     /// Server pid → every client homed there.
     homes: Mutex<HashMap<i32, Vec<Homed>>>,
     next_id: AtomicU64,
@@ -57,12 +59,19 @@ impl Default for Affinity {
         Affinity {
             waker: std::task::Waker::from(watch.clone()),
             watch,
-            parked: Mutex::default(),
+            idle: Mutex::default(),
             homes: Mutex::default(),
             next_id: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
+}
+
+/// A pool's idle servers and its waiting checkouts.
+#[derive(Default)]
+struct Idle {
+    servers: Vec<PooledConn>,
+    waiters: Waiters,
 }
 
 /// One client homed on a server.
@@ -196,31 +205,64 @@ impl Affinity {
         true
     }
 
-    /// Park an idle server, its socket watched; one that already went away is closed instead.
+    /// Hand an idle server to the oldest waiting checkout, else park it, its socket watched; one that already
+    /// went away is closed instead (and a waiter told to open another).
     pub fn park(&self, mut conn: PooledConn, window: Duration) {
         if self.gone(&mut conn, &self.waker, window) {
-            return drop(PooledConn::take(conn));
+            drop(PooledConn::take(conn));
+            return self.retry_one();
         }
-        lock(&self.parked).push(conn);
+        let mut idle = lock(&self.idle);
+        if let Some(conn) = idle.waiters.deliver(conn) {
+            idle.servers.push(conn);
+        }
+    }
+
+    /// A server of this pool closed: the oldest waiting checkout may open one in its place.
+    pub fn retry_one(&self) {
+        lock(&self.idle).waiters.retry_one();
+    }
+
+    /// Queue a checkout for the next idle server; `false` (not queued) when one is parked now.
+    pub fn enqueue(&self, w: &Arc<HandOff>) -> bool {
+        let mut idle = lock(&self.idle);
+        if !idle.servers.is_empty() {
+            return false;
+        }
+        idle.waiters.push(w.clone());
+        true
+    }
+
+    /// A queued checkout stops waiting; the server it was handed meanwhile, if any.
+    pub fn leave(&self, w: &Arc<HandOff>) -> Option<PooledConn> {
+        lock(&self.idle).waiters.leave(w)
+    }
+
+    /// Checkouts waiting for a server now.
+    pub fn waiting(&self) -> usize {
+        lock(&self.idle).waiters.len()
     }
 
     /// Close the parked servers whose sockets became readable; the watch stays on the others.
     fn sweep(&self, window: Duration) {
         let gone = self.take_if(|c| self.gone(c, &self.waker, window));
-        gone.into_iter().for_each(|c| drop(PooledConn::take(c)));
+        gone.into_iter().for_each(|c| {
+            drop(PooledConn::take(c));
+            self.retry_one();
+        });
     }
 
     pub fn parked(&self) -> usize {
-        lock(&self.parked).len()
+        lock(&self.idle).servers.len()
     }
 
     pub fn is_parked(&self, pid: i32) -> bool {
-        lock(&self.parked).iter().any(|c| c.pid == pid)
+        lock(&self.idle).servers.iter().any(|c| c.pid == pid)
     }
 
     /// Take a parked server: `home` if it is parked, else (unless `exact`) the one home to fewest clients.
     pub fn take(&self, home: Option<i32>, exact: bool) -> Option<PooledConn> {
-        let mut parked = lock(&self.parked);
+        let parked = &mut lock(&self.idle).servers;
         let at = match home.and_then(|pid| parked.iter().position(|c| c.pid == pid)) {
             Some(i) => i,
             None if exact || parked.is_empty() => return None,
@@ -236,21 +278,21 @@ impl Affinity {
 
     /// The pid of a parked server no client calls home, if any.
     pub fn unhomed(&self) -> Option<i32> {
-        let parked = lock(&self.parked);
+        let idle = lock(&self.idle);
         let homes = lock(&self.homes);
-        parked.iter().rev().map(|c| c.pid).find(|pid| !homes.contains_key(pid))
+        idle.servers.iter().rev().map(|c| c.pid).find(|pid| !homes.contains_key(pid))
     }
 
     /// The pid of the parked server home to fewest clients, if any is parked.
     pub fn least_homed(&self) -> Option<i32> {
-        let parked = lock(&self.parked);
+        let idle = lock(&self.idle);
         let homes = lock(&self.homes);
-        parked.iter().map(|c| c.pid).min_by_key(|pid| homes.get(pid).map_or(0, Vec::len))
+        idle.servers.iter().map(|c| c.pid).min_by_key(|pid| homes.get(pid).map_or(0, Vec::len))
     }
 
     /// Remove the parked servers `drop_it` picks (the caller closes or returns them).
     pub fn take_if(&self, mut drop_it: impl FnMut(&mut PooledConn) -> bool) -> Vec<PooledConn> {
-        let mut parked = lock(&self.parked);
+        let parked = &mut lock(&self.idle).servers;
         let mut out = Vec::new();
         let mut i = 0;
         while i < parked.len() {
@@ -288,7 +330,8 @@ impl crate::budget::pool::ServicePool {
         loop {
             let mut c = self.take_usable(home, exact)?;
             let s = &self.budget().settings;
-            if c.last_checkin.elapsed() > s.server_check_delay && c.ping(s.connect_timeout).await.is_err() {
+            // Boxed: the round trip is rare, and every checkout's future would carry its state.
+            if c.last_checkin.elapsed() > s.server_check_delay && Box::pin(c.ping(s.connect_timeout)).await.is_err() {
                 c.broken = true;
                 drop(PooledConn::take(c));
                 continue;
@@ -326,7 +369,10 @@ impl crate::budget::pool::ServicePool {
     pub fn put_back(&self, mut conn: PooledConn) {
         conn.last_checkin = std::time::Instant::now();
         let b = self.budget();
-        if b.pool_mode() != crate::config::PoolMode::Transaction || self.pool.status().waiting > 0 {
+        let st = self.pool.status();
+        // Session mode, a checkout waiting in deadpool's queue, or more servers than a lowered share allows
+        // (deadpool closes the excess).
+        if b.pool_mode() != crate::config::PoolMode::Transaction || st.waiting > 0 || st.size > st.max_size {
             return drop(conn);
         }
         let affinity = &self.pool.manager().affinity;

@@ -9,5 +9,6 @@ pub mod affinity;
 pub mod cancel;
 pub mod checkout;
 pub mod control;
+pub mod handoff;
 pub mod pool;
 pub mod pools;

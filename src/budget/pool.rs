@@ -110,7 +110,8 @@ impl managed::Manager for Manager {
         }
         let s = &self.budget.load().settings;
         if conn.last_checkin.elapsed() > s.server_check_delay {
-            conn.ping(s.connect_timeout).await.map_err(RecycleError::Backend)?;
+            Box::pin(conn.ping(s.connect_timeout)).await.map_err(RecycleError::Backend)?;
+            // rare: boxed
         }
         Ok(())
     }
@@ -237,6 +238,35 @@ pub type PooledConn = managed::Object<Manager>;
 
 /// How often a checkout whose share is held by the service's other pools looks again.
 const SHARE_RECHECK: Duration = Duration::from_millis(25);
+/// How often a checkout queued for a released server looks again on its own: a server that closed tells
+/// the queue, so this only covers one dropped without a word (its slot is found free at the recheck).
+const HANDOFF_RECHECK: Duration = Duration::from_secs(1);
+
+/// A checkout in a pool's queue; leaving it (also by being dropped: the client left, the wait timed out)
+/// gives a server handed over meanwhile to the next waiter.
+struct Queued<'a> {
+    pool: &'a ServicePool,
+    w: Arc<crate::budget::handoff::HandOff>,
+    left: bool,
+}
+
+impl Queued<'_> {
+    fn finish(mut self) -> Option<PooledConn> {
+        self.left = true;
+        self.pool.pool.manager().affinity.leave(&self.w)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.left {
+            return;
+        }
+        if let Some(c) = self.pool.pool.manager().affinity.leave(&self.w) {
+            self.pool.put_back(c);
+        }
+    }
+}
 
 /// One pool and what is needed to report on it.
 pub struct ServicePool {
@@ -300,17 +330,28 @@ impl ServicePool {
         self.checkout_near(wait, None).await
     }
 
-    /// [`Self::checkout_within`], taking the idle server `home` when it is parked (else another parked one,
-    /// else one from deadpool's queue or a new one).
+    /// [`Self::checkout_within`], taking the idle server `home` when it is parked (else another parked one, else
+    /// a new one; at the share, transaction mode waits for the next server released, session mode in
+    /// deadpool's queue).
     pub async fn checkout_near(&self, wait: Duration, home: Option<i32>) -> Result<PooledConn, ProxyError> {
         let started = Instant::now();
+        let handed = self.budget().pool_mode() == crate::config::PoolMode::Transaction;
         loop {
             if let Some(c) = self.take_parked(home, false).await {
                 self.stamp_use();
                 return Ok(c);
             }
             let left = wait.saturating_sub(started.elapsed());
-            match self.checkout_once(left, started).await {
+            if handed && !left.is_zero() && self.is_full() {
+                if let Some(c) = self.handed(started + wait).await {
+                    self.stamp_use();
+                    return Ok(c);
+                }
+                continue;
+            }
+            // Boxed: opening a server (or deadpool's wait in session mode) is state a queued checkout in
+            // transaction mode never needs.
+            match Box::pin(self.checkout_once(if handed { Duration::ZERO } else { left }, started)).await {
                 Err(None) => {
                     if self.group.close_idle_other(&self.key) {
                         continue;
@@ -330,9 +371,36 @@ impl ServicePool {
                     self.stamp_use();
                     return Ok(c);
                 }
+                Err(Some(ProxyError::BudgetExhausted { .. })) if handed && !left.is_zero() => {
+                    if let Some(c) = self.handed(started + wait).await {
+                        self.stamp_use();
+                        return Ok(c);
+                    }
+                }
                 Err(Some(e)) => return Err(e),
             }
         }
+    }
+
+    /// Whether every server this pool may hold is open and none is idle in deadpool's queue (a checkout can
+    /// only wait for one to be released).
+    fn is_full(&self) -> bool {
+        let st = self.pool.status();
+        st.size >= st.max_size && st.available == 0
+    }
+
+    /// Wait in the pool's queue for a released server, until `deadline` or at most [`HANDOFF_RECHECK`];
+    /// `None`: look again (a server was parked meanwhile, one closed, or the recheck is due).
+    async fn handed(&self, deadline: Instant) -> Option<PooledConn> {
+        let affinity = &self.pool.manager().affinity;
+        let w = Arc::new(crate::budget::handoff::HandOff::default());
+        if !affinity.enqueue(&w) {
+            return None;
+        }
+        let queued = Queued { pool: self, w, left: false };
+        let until = deadline.min(Instant::now() + HANDOFF_RECHECK);
+        let _ = tokio::time::timeout_at(until.into(), std::future::poll_fn(|cx| queued.w.poll_handed(cx))).await;
+        queued.finish()
     }
 
     /// One deadpool checkout; `Err(None)`: the share's slots are all held (by this or a sibling pool).
@@ -428,8 +496,18 @@ impl ServicePool {
     /// deadpool's status with the parked servers counted as available (deadpool counts them in use).
     pub fn status(&self) -> deadpool::Status {
         let mut st = self.pool.status();
-        st.available += self.pool.manager().affinity.parked();
+        let affinity = &self.pool.manager().affinity;
+        st.available += affinity.parked();
+        st.waiting += affinity.waiting();
         st
+    }
+
+    /// Close a server connection instead of giving it back; a checkout waiting in the queue may open one in
+    /// its place.
+    pub fn discard(&self, mut conn: PooledConn) {
+        conn.broken = true;
+        drop(PooledConn::take(conn));
+        self.pool.manager().affinity.retry_one();
     }
 
     /// Close every idle server connection now (parked or in deadpool's queue).

@@ -113,6 +113,7 @@ impl Relay {
             s.checked = None;
             s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
         }
+        self.pump.close_gone();
         self.server = Some(conn);
     }
 
@@ -134,9 +135,9 @@ impl Relay {
             return None;
         }
         let cin: &[u8] = &self.pump.cin;
-        let want = if cin.windows(11).any(|w| w.eq_ignore_ascii_case(b"backend_pid")) {
+        let want = if mentions_backend_pid(cin) {
             home
-        } else if cin.windows(7).any(|w| w.eq_ignore_ascii_case(b"currval") || w.eq_ignore_ascii_case(b"lastval")) {
+        } else if mentions_currval(cin) {
             if self.last_pid != 0 {
                 self.last_pid
             } else {
@@ -159,5 +160,39 @@ impl Relay {
         while alive() && !m.affinity.is_parked(pid) && Instant::now() < until {
             tokio::time::sleep(HOME_RECHECK).await;
         }
+    }
+}
+
+/// Whether `b` contains `backend_pid` (any case): found from its `_`, which few statements have.
+fn mentions_backend_pid(b: &[u8]) -> bool {
+    memchr::memchr_iter(b'_', b)
+        .any(|i| i >= 7 && b.get(i - 7..i + 4).is_some_and(|w| w.eq_ignore_ascii_case(b"backend_pid")))
+}
+
+/// Whether `b` contains `currval` or `lastval` (any case): found from their `v`.
+fn mentions_currval(b: &[u8]) -> bool {
+    memchr::memchr2_iter(b'v', b'V', b).any(|i| {
+        i >= 4
+            && b.get(i - 4..i + 3)
+                .is_some_and(|w| w.eq_ignore_ascii_case(b"currval") || w.eq_ignore_ascii_case(b"lastval"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_statements_that_need_one_backend_are_recognised_in_any_case_and_position() {
+        assert!(mentions_backend_pid(b"select pg_backend_pid()"));
+        assert!(mentions_backend_pid(b"SELECT PG_BACKEND_PID"));
+        assert!(mentions_backend_pid(b"backend_pid"));
+        assert!(!mentions_backend_pid(b"select backend pid, _pid, backend_pi"));
+        assert!(!mentions_backend_pid(b"_"));
+        assert!(mentions_currval(b"select currval('s')"));
+        assert!(mentions_currval(b"SELECT LASTVAL()"));
+        assert!(mentions_currval(b"lastval"));
+        assert!(!mentions_currval(b"select nextval('s'), val, v, urrval, lastva"));
+        assert!(!mentions_currval(b"v"));
     }
 }

@@ -2,7 +2,7 @@
 //! client's, backend-only state pins the server), the clean check-in, the cleanup, or the close.
 
 use super::{PinPolicy, PoolMode, Relay};
-use crate::budget::pool::{PooledConn, Route};
+use crate::budget::pool::Route;
 use crate::error::ProxyError;
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -102,7 +102,7 @@ impl Relay {
             return;
         };
         if conn.broken || self.pump.loaded {
-            return discard(conn);
+            return self.pool.discard(conn);
         }
         let deadline = self.pool.budget().settings.reset_timeout;
         // Session mode always resets; transaction mode when the server holds the client's backend-only state
@@ -124,7 +124,7 @@ impl Relay {
                 // A failed reset can quote the server's error text: redacted like the journal's.
                 let cause = self.app.journal.redacted(&e.to_string()).into_owned();
                 warn!(kind = "server_reset", %cause, "server connection discarded after failed reset");
-                discard(conn);
+                self.pool.discard(conn);
             }
             Err(_) => {
                 warn!(
@@ -133,14 +133,8 @@ impl Relay {
                     ?deadline,
                     "server connection discarded: reset timed out"
                 );
-                discard(conn);
+                self.pool.discard(conn);
             }
         }
     }
-}
-
-/// Close a server connection instead of returning it to the pool.
-pub(super) fn discard(mut conn: PooledConn) {
-    conn.broken = true;
-    drop(PooledConn::take(conn));
 }

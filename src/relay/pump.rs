@@ -36,6 +36,7 @@ const HOLD_MAX: usize = 64 * 1024;
 /// Most of a streamed Bind's head held to find its portal and statement names.
 const BIND_HEAD: usize = 4096;
 
+mod execute;
 mod framing;
 pub mod rewrite;
 mod scan;

@@ -29,6 +29,15 @@ pub struct Stmt {
     key: Bytes,
     /// Postgres said "cached plan must not change result type": the next Parse gets a new statement.
     stale: AtomicBool,
+    /// The registry's count of statements gone, bumped when this one goes.
+    deaths: Arc<AtomicU64>,
+}
+
+impl Drop for Stmt {
+    fn drop(&mut self) {
+        // No client holds it any more: servers that prepared it close it at their next checkout.
+        self.deaths.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Stmt {
@@ -50,6 +59,8 @@ pub struct Registry {
     next: AtomicU64,
     /// Map size at which dead entries are swept next.
     sweep_at: AtomicU64,
+    /// How many statements went (no client held them any more).
+    deaths: Arc<AtomicU64>,
 }
 
 impl Registry {
@@ -74,6 +85,7 @@ impl Registry {
             tail: Bytes::copy_from_slice(tail),
             key: key.clone(),
             stale: AtomicBool::new(false),
+            deaths: self.deaths.clone(),
         });
         map.insert(key, Arc::downgrade(&stmt));
         let sweep_at = self.sweep_at.load(Ordering::Relaxed).max(1024);
@@ -91,6 +103,11 @@ impl Registry {
         if map.get(&stmt.key).is_some_and(|w| std::ptr::eq(w.as_ptr(), stmt)) {
             map.remove(&stmt.key);
         }
+    }
+
+    /// How many statements went so far: a server whose count differs has some to close.
+    pub fn deaths(&self) -> u64 {
+        self.deaths.load(Ordering::Relaxed)
     }
 
     /// Statements known (some may be unused, awaiting a sweep).
@@ -240,6 +257,10 @@ pub struct ServerStatements {
     tick: u64,
     /// The tick the current checkout began at: statements used since are not evicted under it.
     checkout_at: u64,
+    /// The statements prepared here by the proxy, to tell when no client holds one any more.
+    refs: HashMap<u64, Weak<Stmt>>,
+    /// The registry's death count when this server was last cleared of gone statements.
+    pruned_at: u64,
 }
 
 impl ServerStatements {
@@ -274,12 +295,31 @@ impl ServerStatements {
             return None;
         }
         self.used.remove(&victim);
+        self.refs.remove(&victim);
         Some(victim)
+    }
+
+    /// Remember which statement `stmt.id` is (see [`Self::gone`]).
+    pub fn remember(&mut self, stmt: &Arc<Stmt>) {
+        self.refs.insert(stmt.id, Arc::downgrade(stmt));
+    }
+
+    /// The statements prepared here that no client holds any more (each forgotten here; the caller closes
+    /// them on the server). `deaths`: the registry's count, looked at only when it moved.
+    pub fn gone(&mut self, deaths: u64) -> Vec<u64> {
+        if deaths == self.pruned_at {
+            return Vec::new();
+        }
+        self.pruned_at = deaths;
+        let gone: Vec<u64> = self.refs.iter().filter(|(_, w)| w.strong_count() == 0).map(|(&id, _)| id).collect();
+        gone.iter().for_each(|&id| self.remove(id));
+        gone
     }
 
     pub fn remove(&mut self, id: u64) {
         self.used.remove(&id);
         self.confirmed.remove(&id);
+        self.refs.remove(&id);
     }
 
     /// The server answered a Parse (`true`) or a Close (`false`) of `id`.
@@ -310,6 +350,7 @@ impl ServerStatements {
     pub fn clear(&mut self) {
         self.used.clear();
         self.confirmed.clear();
+        self.refs.clear();
     }
 
     pub fn len(&self) -> usize {
@@ -327,6 +368,8 @@ impl ServerStatements {
             self.used.insert(id, old.get(&id).copied().unwrap_or(0));
         }
         self.confirmed = self.used.clone();
+        let used = &self.used;
+        self.refs.retain(|id, _| used.contains_key(id));
     }
 }
 
@@ -384,5 +427,22 @@ mod tests {
         assert!(!s.touch(2));
         s.resync(["pgbudget_4", "pgbudget_9", "other"].into_iter());
         assert!(s.touch(4) && s.touch(9) && !s.touch(1));
+    }
+
+    #[test]
+    fn a_statement_no_client_holds_is_named_once_for_closing() {
+        let r = Registry::default();
+        let mut server = ServerStatements::default();
+        let (a, b) = (r.intern(b"SELECT 1\0\0\0", ""), r.intern(b"SELECT 2\0\0\0", ""));
+        for s in [&a, &b] {
+            server.insert(s.id, 10);
+            server.remember(s);
+        }
+        assert!(server.gone(r.deaths()).is_empty(), "both are held");
+        let id = a.id;
+        drop(a);
+        assert_eq!(server.gone(r.deaths()), vec![id]);
+        assert!(!server.touch(id) && server.touch(b.id));
+        assert!(server.gone(r.deaths()).is_empty(), "told once");
     }
 }

@@ -11,6 +11,8 @@
 - reshape (transaction mode, several servers): a prepared statement whose table changed type, bound on whichever
   server the client gets next, raises InvalidCachedStatementError as direct (never rows of the new shape decoded
   with the old one), and the next fetch after asyncpg re-prepares returns the new row.
+- named (transaction mode, share 1): asyncpg's explicitly named statement run by SQL `EXECUTE`, and
+  pg_prepared_statements as a statement_cache_size=0 client sees it after another client prepared and left.
 - startup: psycopg with PGDATESTYLE and options=-c intervalstyle: the ParameterStatus values the driver got
   at login and what SHOW says.
 """
@@ -160,6 +162,26 @@ async def reshape(dsn, where, table):
     return outcomes
 
 
+async def named(dsn, where):
+    """(EXECUTE of a protocol-level name, prepared statements a fresh client sees after another left)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        ps = await conn.prepare("select 1", name="foobar")
+        F.check(ps.get_name() == "foobar", where, f"statement name {ps.get_name()!r}")
+        executed = await conn.fetchval("EXECUTE foobar")
+    finally:
+        await conn.close()
+    other = await asyncpg.connect(dsn)
+    await other.fetchval("select $1::int + 1", 1)
+    await other.close()
+    fresh = await asyncpg.connect(dsn, statement_cache_size=0)
+    try:
+        left = await fresh.fetchval("select count(*) from pg_prepared_statements")
+    finally:
+        await fresh.close()
+    return executed, left
+
+
 async def main():
     if SCENARIO == "session":
         await session_pids(DIRECT_DSN, "direct")
@@ -181,6 +203,11 @@ async def main():
         for i, (x, y) in enumerate(zip(d, p)):
             F.check(x == y, f"step {i}", f"proxy {y!r} != direct {x!r}")
         summary = f"{len(p)} steps"
+    elif SCENARIO == "named":
+        d, p = await named(DIRECT_DSN, "direct"), await named(PROXY_DSN, "proxy")
+        F.check(d == (1, 0), "direct", f"(EXECUTE result, statements left) {d!r}")
+        F.check(p == d, "proxy", f"(EXECUTE result, statements left) {p!r} != direct {d!r}")
+        summary = f"proxy {p!r}"
     elif SCENARIO == "startup":
         for ds in ("Postgres, MDY", "German"):
             d, p = startup(DIRECT_DSN, ds, "direct"), startup(PROXY_DSN, ds, "proxy")

@@ -78,10 +78,11 @@ impl TxnStatements {
         }
     }
 
-    /// Record `id` as prepared on the server (a miss); returns the statement to close to make room.
-    fn take_slot(&mut self, id: u64) -> Option<u64> {
+    /// Record `stmt` as prepared on the server (a miss); returns the statement to close to make room.
+    fn take_slot(&mut self, stmt: &Arc<Stmt>) -> Option<u64> {
         self.misses.inc();
-        let victim = self.server.insert(id, self.max_per_server);
+        self.server.remember(stmt);
+        let victim = self.server.insert(stmt.id, self.max_per_server);
         if victim.is_some() {
             self.evictions.inc();
         }
@@ -311,18 +312,28 @@ impl Pump {
 
     /// Make sure the attached server has `stmt`, preparing it (and closing the least recently used one)
     /// ahead of the client's message if not.
-    fn ensure(&mut self, stmt: &Stmt) {
+    fn ensure(&mut self, stmt: &Arc<Stmt>) {
         let Some(s) = self.stmts.as_mut() else { return };
         if s.server.touch(stmt.id) {
             s.hits.inc();
             return;
         }
-        let victim = s.take_slot(stmt.id);
+        let victim = s.take_slot(stmt);
         self.close_victim(victim);
         let mut out = BytesMut::with_capacity(stmt.tail.len() + 64);
         put_parse(&mut out, &stmt.name, &stmt.tail);
         let tag = self.actions.push(Action::Swallow { prepared: Some(stmt.id) });
         self.send(&out, tag);
+    }
+
+    /// At a checkout: close the statements the attached server has that no client holds any more (a client
+    /// that prepared them left), ahead of the client's messages; their replies are swallowed.
+    pub fn close_gone(&mut self) {
+        let Some(s) = self.stmts.as_mut() else { return };
+        let deaths = s.registry.deaths();
+        for id in s.server.gone(deaths) {
+            self.close_victim(Some(id));
+        }
     }
 
     /// Close an evicted statement on the server ahead of what needed its slot (its reply is swallowed).
@@ -407,9 +418,16 @@ impl Pump {
                     self.refuse(b'Q', true, &e);
                     return Ok(true);
                 }
-                self.send(msg, 0);
+                match self.mapping().then(|| self.rewrite_execute(body)).flatten() {
+                    Some(renamed) => self.send(&renamed, 0),
+                    None => self.send(msg, 0),
+                }
             }
             b'P' => {
+                if let Some(renamed) = self.mapping().then(|| self.rewrite_execute_parse(body)).flatten() {
+                    // The text names the server's statement now, which no client name matches: no second pass.
+                    return self.forward_txn(&renamed);
+                }
                 let bad = || PumpError::Filter(protocol::ProtocolError::Malformed("Parse"));
                 let (name, tail) = split_cstr(body).ok_or_else(bad)?;
                 let text = split_cstr(tail).ok_or_else(bad)?.0;
@@ -452,7 +470,7 @@ impl Pump {
                     self.send(&out, tag);
                     out.clear();
                 } else {
-                    let victim = s.take_slot(stmt.id);
+                    let victim = s.take_slot(&stmt);
                     self.close_victim(victim);
                 }
                 put_parse(&mut out, &stmt.name, tail);
