@@ -69,6 +69,8 @@ impl Drop for InFlight {
 #[derive(Debug)]
 struct Entry {
     server: Option<(ServerKey, Arc<Flights>)>,
+    /// The last checkout's flight count, kept for the next when no cancel held it (one allocation per client).
+    spare: Option<Arc<Flights>>,
     /// Set while the client waits in a pool queue: a cancel wakes it instead of a backend.
     queued: Option<Arc<Notify>>,
 }
@@ -86,7 +88,7 @@ pub enum CancelTarget {
 /// share its pid, and only the secret tells them apart.
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
-    map: DashMap<u64, Entry>,
+    map: DashMap<u64, Entry, foldhash::fast::RandomState>,
 }
 
 fn slot(pid: i32, secret: i32) -> u64 {
@@ -109,7 +111,7 @@ impl CancelRegistry {
             let pid = rng.gen_range(1..i32::MAX);
             let secret = rng.gen();
             if let dashmap::Entry::Vacant(v) = self.map.entry(slot(pid, secret)) {
-                v.insert(Entry { server: None, queued: None });
+                v.insert(Entry { server: None, spare: None, queued: None });
                 return ClientKey { registry: self.clone(), pid, secret };
             }
         }
@@ -182,7 +184,8 @@ impl ClientKey {
     /// Record which server this client holds from now on.
     pub fn attach(&self, server: ServerKey) {
         if let Some(mut e) = self.registry.map.get_mut(&self.slot()) {
-            e.server = Some((server, Arc::default()));
+            let flights = e.spare.take().unwrap_or_default();
+            e.server = Some((server, flights));
         }
     }
 
@@ -190,7 +193,13 @@ impl ClientKey {
     /// it, which the caller lets settle before the server goes to anyone else.
     pub fn detach(&self) -> Option<Arc<Flights>> {
         let mut e = self.registry.map.get_mut(&self.slot())?;
-        e.server.take().map(|(_, f)| f).filter(|f| f.in_flight() > 0)
+        let (_, flights) = e.server.take()?;
+        if Arc::strong_count(&flights) == 1 {
+            // No cancel holds it (none in flight, none being looked up): the next checkout counts on it.
+            e.spare = Some(flights);
+            return None;
+        }
+        Some(flights).filter(|f| f.in_flight() > 0)
     }
 
     /// Mark the client as queued (a fresh notifier per wait) or, with `None`, as no longer queued.

@@ -137,13 +137,9 @@ pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Resu
     let adm = &pool.admission;
     let hold = adm.admit(w.exempt, &b.name).map_err(|refusal| shed(pool, &w.who, &b.name, refusal))?;
     let served = if hold.above_line { Decision::Exempt } else { Decision::Admitted };
-    match pool.checkout_near(Duration::ZERO, w.home).await {
-        Ok(c) => {
-            decide(pool, &w.who, served, Duration::ZERO);
-            return Ok((c, hold));
-        }
-        Err(ProxyError::BudgetExhausted { .. } | ProxyError::CeilingReached { .. }) => {}
-        Err(e) => return Err(e),
+    if let Some(c) = pool.checkout_now(w.home).await? {
+        decide(pool, &w.who, served, Duration::ZERO);
+        return Ok((c, hold));
     }
 
     let started = Instant::now();

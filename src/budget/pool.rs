@@ -95,16 +95,18 @@ pub struct Manager {
 }
 
 impl managed::Manager for Manager {
-    type Type = ServerConn;
+    /// Boxed: a checked-out server moves through every layer of a checkout and release (queues, results,
+    /// the relay), and a pointer moves for free where the connection's half a kilobyte would be copied.
+    type Type = Box<ServerConn>;
     type Error = ServerError;
 
-    async fn create(&self) -> Result<ServerConn, ServerError> {
+    async fn create(&self) -> Result<Box<ServerConn>, ServerError> {
         // Boxed: a login's state (TLS, SCRAM) is kilobytes, and every checkout's future would carry (and the
         // relay move) it even when an idle connection is taken.
-        Box::pin(self.open()).await
+        Box::pin(self.open()).await.map(Box::new)
     }
 
-    async fn recycle(&self, conn: &mut ServerConn, _: &Metrics) -> RecycleResult<ServerError> {
+    async fn recycle(&self, conn: &mut Box<ServerConn>, _: &Metrics) -> RecycleResult<ServerError> {
         if let Some(why) = self.unusable(conn) {
             return Err(RecycleError::message(why));
         }
@@ -342,7 +344,17 @@ impl ServicePool {
                 return Ok(c);
             }
             let left = wait.saturating_sub(started.elapsed());
-            if handed && !left.is_zero() && self.is_full() {
+            if handed && self.is_full() {
+                if left.is_zero() {
+                    // Every server is busy: only a release can help (the queued checkout's first try).
+                    let b = self.budget();
+                    let share = self.share();
+                    return Err(ProxyError::BudgetExhausted {
+                        service: b.name.clone(),
+                        share,
+                        waited: started.elapsed(),
+                    });
+                }
                 if let Some(c) = self.handed(started + wait).await {
                     self.stamp_use();
                     return Ok(c);
@@ -379,6 +391,25 @@ impl ServicePool {
                 }
                 Err(Some(e)) => return Err(e),
             }
+        }
+    }
+
+    /// A server now if one is idle or can be opened at once; `None`: the checkout has to wait (the share or
+    /// the upstream's ceiling is in use). Nothing is built for the common "every server busy" answer.
+    pub async fn checkout_now(&self, home: Option<i32>) -> Result<Option<PooledConn>, ProxyError> {
+        if self.budget().pool_mode() == crate::config::PoolMode::Transaction && self.is_full() {
+            if let Some(c) = self.take_parked(home, false).await {
+                self.stamp_use();
+                return Ok(Some(c));
+            }
+            if self.is_full() {
+                return Ok(None);
+            }
+        }
+        match self.checkout_near(Duration::ZERO, home).await {
+            Ok(c) => Ok(Some(c)),
+            Err(ProxyError::BudgetExhausted { .. } | ProxyError::CeilingReached { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

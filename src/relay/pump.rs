@@ -156,7 +156,7 @@ impl Pump {
 
     /// A new server: its conversation starts at a boundary.
     pub fn attach(&mut self) {
-        self.tx = TxState::default();
+        self.tx.reset();
         self.sscan = ServerScanner::default();
         self.actions.clear();
         self.sin.clear();
@@ -209,6 +209,7 @@ impl Pump {
     /// Whether any buffer holds memory [`Pump::shrink`] could give back.
     pub fn holds_buffers(&self) -> bool {
         [&self.cin, &self.c2s, &self.sin, &self.s2c, &self.scratch].iter().any(|b| b.is_empty() && b.capacity() > 0)
+            || self.tx.holds_buffers()
     }
 
     /// Give buffer memory back while the client is idle.
@@ -218,6 +219,7 @@ impl Pump {
                 *b = BytesMut::new();
             }
         }
+        self.tx.shrink();
     }
 
     /// Frame `bytes` as if the client had sent them, without any I/O (fuzzing and tests): appends to the

@@ -86,7 +86,41 @@ impl Default for TxState {
     }
 }
 
+/// Queue capacity a state keeps across checkouts (more is given back: a burst does not stay allocated).
+const KEPT_CAPACITY: usize = 32;
+
 impl TxState {
+    /// A fresh state for the next server, keeping small buffers (no allocation per checkout).
+    pub fn reset(&mut self) {
+        let mut queue = std::mem::take(&mut self.queue);
+        let mut finished = std::mem::take(&mut self.finished);
+        queue.clear();
+        finished.clear();
+        if queue.capacity() > KEPT_CAPACITY {
+            queue = VecDeque::new();
+        }
+        if finished.capacity() > KEPT_CAPACITY {
+            finished = Vec::new();
+        }
+        *self = TxState { queue, finished, ..TxState::default() };
+    }
+
+    /// Whether [`Self::shrink`] has something to give back.
+    pub fn holds_buffers(&self) -> bool {
+        (self.queue.is_empty() && self.queue.capacity() > 0)
+            || (self.finished.is_empty() && self.finished.capacity() > 0)
+    }
+
+    /// Give the buffers back while nothing is owed (an idle client holds none).
+    pub fn shrink(&mut self) {
+        if self.queue.is_empty() {
+            self.queue = VecDeque::new();
+        }
+        if self.finished.is_empty() {
+            self.finished = Vec::new();
+        }
+    }
+
     /// Nothing owed, no batch open, not in a transaction block: the server can go to another client.
     pub fn idle(&self) -> bool {
         self.settled() && self.status == b'I'

@@ -100,7 +100,7 @@ pub struct ServerInfo {
 }
 
 /// The live server connections of one upstream, keyed by backend pid.
-pub type ServerList = Arc<DashMap<i32, ServerInfo>>;
+pub type ServerList = Arc<DashMap<i32, ServerInfo, foldhash::fast::RandomState>>;
 
 #[derive(Debug)]
 struct Registration {
