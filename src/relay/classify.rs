@@ -5,6 +5,8 @@
 //! comments are skipped the way Postgres lexes them, and text it cannot read with certainty says
 //! [`UNKNOWN`].
 
+mod prefilter;
+
 /// Effects a statement may have (a bit set).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Effects(pub u16);
@@ -239,6 +241,14 @@ impl Statements {
 /// Scan statement text (one simple Query or one Parse). `backslash_quotes` is the server's
 /// `standard_conforming_strings = off`, where `\` escapes in plain strings too.
 pub fn classify(sql: &[u8], backslash_quotes: bool) -> Effects {
+    if !prefilter::may_have_effects(sql) {
+        return Effects(0);
+    }
+    scan(sql, backslash_quotes)
+}
+
+/// [`classify`] without the first look.
+fn scan(sql: &[u8], backslash_quotes: bool) -> Effects {
     let mut st = Statements { lead: Lead::Start, prev_into: false, effects: 0, temp: false, on_commit: 0 };
     let mut i = 0;
     let n = sql.len();
@@ -494,6 +504,25 @@ mod tests {
         fn any_bytes_are_scanned_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
             let _ = classify(&bytes, false);
             let _ = classify(&bytes, true);
+        }
+
+        /// The first look never hides an effect the full scan finds (texts built from the words, quotes,
+        /// comments and escapes the scan acts on).
+        #[test]
+        fn the_first_look_skips_only_text_without_effects(parts in proptest::collection::vec(proptest::sample::select(vec![
+            "select", "SET", "reset", "set_config", "listen", "UNLISTEN", "temp", "temporary", "pg_temp", "into",
+            "create", "prepare", "load", "declare", "discard", "all", "deallocate", "close", "drop", "on", "commit",
+            "pg_advisory_lock", "pg_try_advisory_lock", "pg_advisory_unlock_all", "local", "x", "1", "$1", "$$",
+            "$a$", "'", "''", "\"", "--", "\n", "/*", "*/", "\\", "U&", "E", ";", "(", ")", " ", ",",
+        ]), 0..24)) {
+            let sql = parts.concat();
+            for quotes in [false, true] {
+                let full = scan(sql.as_bytes(), quotes);
+                if !prefilter::may_have_effects(sql.as_bytes()) {
+                    proptest::prop_assert_eq!(full.0, 0, "{}", sql);
+                }
+                proptest::prop_assert_eq!(classify(sql.as_bytes(), quotes).0, full.0, "{}", sql);
+            }
         }
 
         #[test]
