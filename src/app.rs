@@ -64,7 +64,7 @@ impl App {
 
     /// Stop accepting, let sessions finish their transactions up to the drain deadline, then close all servers.
     pub async fn drain(&self) {
-        self.shutdown.cancel();
+        self.begin_shutdown();
         self.tasks.close();
         let deadline = self.resolved().config.proxy.drain_timeout;
         if tokio::time::timeout(deadline, self.tasks.wait()).await.is_err() {

@@ -39,8 +39,10 @@ pub struct App {
     #[cfg(feature = "lake")]
     lake: Option<Arc<crate::lake::Lake>>,
     pub cancels: Arc<CancelRegistry>,
-    /// Fired once to start a graceful shutdown.
+    /// Fired once to start a graceful shutdown ([`App::begin_shutdown`]).
     pub shutdown: CancellationToken,
+    /// The same for client sessions, which poll it on every wake (see [`crate::budget::signal`]).
+    pub stopping: Arc<crate::budget::signal::Signal>,
     /// Every client session and background task, so shutdown can wait for them.
     pub tasks: TaskTracker,
     next_session: AtomicU64,
@@ -183,6 +185,7 @@ impl App {
             lake: None,
             cancels: Arc::new(CancelRegistry::default()),
             shutdown: CancellationToken::new(),
+            stopping: Default::default(),
             tasks: TaskTracker::new(),
             next_session: AtomicU64::new(1),
             started: Instant::now(),
@@ -197,6 +200,12 @@ impl App {
     #[cfg(feature = "lake")]
     pub fn lake(&self) -> Option<&Arc<crate::lake::Lake>> {
         self.lake.as_ref()
+    }
+
+    /// Start a graceful shutdown: stop accepting, and let every session end at its next idle boundary.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+        self.stopping.fire();
     }
 
     pub fn resolved(&self) -> Arc<Resolved> {

@@ -227,11 +227,11 @@ impl Relay {
 
     /// Pump messages until the client leaves, the proxy shuts down, or an error ends the session.
     pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(&mut self, sock: &mut C) -> Result<Outcome, ProxyError> {
-        let token = self.app.shutdown.clone();
-        let cancelled = token.cancelled();
+        let stopping = self.app.stopping.listen();
+        let cancelled = stopping.fired();
         tokio::pin!(cancelled);
-        let kill = self.pool.control.kill_token();
-        let killed = kill.cancelled();
+        let kill = self.pool.control.kill_signal().listen();
+        let killed = kill.fired();
         tokio::pin!(killed);
         // Transaction mode: an administrator terminated the backend whose pid this client was told.
         let home = self.home.as_ref().map(|h| h.signal.clone());
@@ -266,7 +266,7 @@ impl Relay {
                 }
             }
             if self.server.is_none() {
-                if self.draining || self.app.shutdown.is_cancelled() {
+                if self.draining || stopping.is_fired() {
                     return Ok(Outcome::ShuttingDown);
                 }
                 self.flush_client(sock).await?;

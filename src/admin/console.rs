@@ -180,7 +180,7 @@ async fn command(app: &Arc<App>, stmt: &str) -> Result<BytesMut, ConsoleError> {
         }
         ["shutdown"] => {
             info!("SHUTDOWN requested from the admin console");
-            app.shutdown.cancel();
+            app.begin_shutdown();
             Ok(done("SHUTDOWN"))
         }
         ["show", "pools"] => Ok(show_pools(app)),

@@ -1,20 +1,20 @@
 //! Per-pool operator state: whether `PAUSE` (or `KILL`) holds new checkouts, and the token `KILL` cancels to end
 //! the pool's sessions; `admin::control` carries out the commands.
 
-use std::sync::Mutex;
+use crate::budget::signal::Signal;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 /// Per-pool operator state.
 pub struct PoolControl {
     paused: watch::Sender<bool>,
-    /// Cancelled by `KILL`; replaced by a fresh token so later sessions are unaffected.
-    kill: Mutex<CancellationToken>,
+    /// Fired by `KILL`; replaced by a fresh signal so later sessions are unaffected.
+    kill: Mutex<Arc<Signal>>,
 }
 
 impl Default for PoolControl {
     fn default() -> Self {
-        Self { paused: watch::Sender::new(false), kill: Mutex::new(CancellationToken::new()) }
+        Self { paused: watch::Sender::new(false), kill: Mutex::default() }
     }
 }
 
@@ -31,14 +31,14 @@ impl PoolControl {
         self.paused.send_replace(on);
     }
 
-    /// The token a session watches to learn it was killed.
-    pub fn kill_token(&self) -> CancellationToken {
+    /// The signal a session watches to learn it was killed.
+    pub fn kill_signal(&self) -> Arc<Signal> {
         self.kill.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub(crate) fn kill_sessions(&self) {
-        let mut t = self.kill.lock().unwrap_or_else(|e| e.into_inner());
-        t.cancel();
-        *t = CancellationToken::new();
+        let mut k = self.kill.lock().unwrap_or_else(|e| e.into_inner());
+        k.fire();
+        *k = Arc::default();
     }
 }

@@ -12,3 +12,4 @@ pub mod control;
 pub mod handoff;
 pub mod pool;
 pub mod pools;
+pub mod signal;

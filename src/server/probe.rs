@@ -8,14 +8,17 @@ use crate::telemetry::labels::PIN_REASONS;
 use bytes::{Buf, BytesMut};
 use std::time::Duration;
 
-/// One row per fact: kind (`s` setting, `r` role, `p` pin reason, `q` protocol statement), name, value.
-/// Every operator is schema-qualified and every object `pg_catalog.`, so no `search_path` a client set can
-/// change what the probe reads. The probe runs with `statement_timeout` off (a client's own tiny timeout
-/// must not cancel it), so that one setting is read first, in a statement of its own.
+/// One row per fact: kind (`s` setting, `r` role, `p` pin reason, `q` protocol statement, `t`/`d` the
+/// session's and the default `statement_timeout`), name, value. Every operator is schema-qualified and every
+/// object `pg_catalog.`, so no `search_path` a client set can change what the probe reads. The probe runs
+/// with `statement_timeout` off (a client's own tiny timeout must not cancel it), so that one setting is read
+/// first, by the cheapest statement there is (a scan of `pg_settings` outlasts a 1 ms timeout on a busy
+/// machine), and counts as set in the session when it differs from its reset value.
 const PROBE_SQL: &str = "\
-SELECT 's', name, setting FROM pg_catalog.pg_settings WHERE name OPERATOR(pg_catalog.=) 'statement_timeout' \
-  AND source OPERATOR(pg_catalog.=) 'session'; \
+SELECT 't', 'statement_timeout', pg_catalog.current_setting('statement_timeout'); \
 BEGIN; SET LOCAL statement_timeout = 0; \
+SELECT 'd', name, reset_val FROM pg_catalog.pg_settings WHERE name OPERATOR(pg_catalog.=) 'statement_timeout' \
+UNION ALL \
 SELECT 's', name, setting FROM pg_catalog.pg_settings WHERE source OPERATOR(pg_catalog.=) 'session' \
   AND name OPERATOR(pg_catalog.<>) 'statement_timeout' \
 UNION ALL SELECT 'r', 'role', pg_catalog.current_setting('role') \
@@ -73,6 +76,7 @@ impl ServerConn {
             }
         };
         let mut p = SessionProbe::default();
+        let (mut timeout_now, mut timeout_default) = (None, None);
         for row in rows {
             let [kind, name, value] = <[Option<String>; 3]>::try_from(row)
                 .map_err(|_| ServerError::Protocol(ProtocolError::Malformed("probe row")))?;
@@ -91,8 +95,15 @@ impl ServerConn {
                     }
                 }
                 ("q", _) => p.statements.push(name),
+                ("t", v) => timeout_now = v,
+                ("d", v) => timeout_default = v,
                 _ => {}
             }
+        }
+        // In pg_settings' unit (ms), as the other settings read from there are.
+        let now = timeout_now.as_deref().and_then(millis);
+        if now.is_some() && now != timeout_default.as_deref().and_then(|d| d.parse().ok()) {
+            p.settings.push(("statement_timeout".into(), now.unwrap_or_default().to_string()));
         }
         Ok(p)
     }
@@ -105,6 +116,28 @@ impl ServerConn {
         self.round_trip_rows(&out, timeout, Some(&mut rows)).await?;
         Ok(rows)
     }
+}
+
+/// A time setting as `current_setting` shows it (`0`, `250ms`, `30s`, `5min`, `1h`, `1d`) in milliseconds.
+fn millis(shown: &str) -> Option<u64> {
+    let split = shown.find(|c: char| !c.is_ascii_digit()).unwrap_or(shown.len());
+    let n: u64 = shown[..split].parse().ok()?;
+    let unit = match &shown[split..] {
+        "" | "ms" => 1,
+        "s" => 1_000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(unit)
+}
+
+#[cfg(test)]
+#[test]
+fn time_settings_are_read_in_milliseconds() {
+    let got: Vec<_> = ["0", "1ms", "30s", "5min", "2h", "1d", "1.5s", "x"].iter().map(|s| millis(s)).collect();
+    assert_eq!(got, [Some(0), Some(1), Some(30_000), Some(300_000), Some(7_200_000), Some(86_400_000), None, None]);
 }
 
 /// The text columns of a DataRow body.
