@@ -2,7 +2,8 @@
 //! pools bounded by their service's share and by each upstream's ceiling (`pool`), and the registry of every
 //! pool, one per service, route, database and upstream role (`pools`); a pool's operator state (`control`:
 //! paused, killed) and the proxy-issued cancel keys that route a CancelRequest to the server a client holds or
-//! wake it from the queue (`cancel`).
+//! wake it from the queue (`cancel`); transaction mode's queue of waiting checkouts (`handoff`) and the one-shot
+//! signals sessions wait on (`signal`).
 
 pub mod admission;
 pub mod affinity;

@@ -240,36 +240,6 @@ pub type PooledConn = managed::Object<Manager>;
 
 /// How often a checkout whose share is held by the service's other pools looks again.
 const SHARE_RECHECK: Duration = Duration::from_millis(25);
-/// How often a checkout queued for a released server looks again on its own: a server that closed tells
-/// the queue, so this only covers one dropped without a word (its slot is found free at the recheck).
-const HANDOFF_RECHECK: Duration = Duration::from_secs(1);
-
-/// A checkout in a pool's queue; leaving it (also by being dropped: the client left, the wait timed out)
-/// gives a server handed over meanwhile to the next waiter.
-struct Queued<'a> {
-    pool: &'a ServicePool,
-    w: Arc<crate::budget::handoff::HandOff>,
-    left: bool,
-}
-
-impl Queued<'_> {
-    fn finish(mut self) -> Option<PooledConn> {
-        self.left = true;
-        self.pool.pool.manager().affinity.leave(&self.w)
-    }
-}
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        if self.left {
-            return;
-        }
-        if let Some(c) = self.pool.pool.manager().affinity.leave(&self.w) {
-            self.pool.put_back(c);
-        }
-    }
-}
-
 /// One pool and what is needed to report on it.
 pub struct ServicePool {
     pub pool: Pool,
@@ -392,46 +362,6 @@ impl ServicePool {
                 Err(Some(e)) => return Err(e),
             }
         }
-    }
-
-    /// A server now if one is idle or can be opened at once; `None`: the checkout has to wait (the share or
-    /// the upstream's ceiling is in use). Nothing is built for the common "every server busy" answer.
-    pub async fn checkout_now(&self, home: Option<i32>) -> Result<Option<PooledConn>, ProxyError> {
-        if self.budget().pool_mode() == crate::config::PoolMode::Transaction && self.is_full() {
-            if let Some(c) = self.take_parked(home, false).await {
-                self.stamp_use();
-                return Ok(Some(c));
-            }
-            if self.is_full() {
-                return Ok(None);
-            }
-        }
-        match self.checkout_near(Duration::ZERO, home).await {
-            Ok(c) => Ok(Some(c)),
-            Err(ProxyError::BudgetExhausted { .. } | ProxyError::CeilingReached { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Whether every server this pool may hold is open and none is idle in deadpool's queue (a checkout can
-    /// only wait for one to be released).
-    fn is_full(&self) -> bool {
-        let st = self.pool.status();
-        st.size >= st.max_size && st.available == 0
-    }
-
-    /// Wait in the pool's queue for a released server, until `deadline` or at most [`HANDOFF_RECHECK`];
-    /// `None`: look again (a server was parked meanwhile, one closed, or the recheck is due).
-    async fn handed(&self, deadline: Instant) -> Option<PooledConn> {
-        let affinity = &self.pool.manager().affinity;
-        let w = Arc::new(crate::budget::handoff::HandOff::default());
-        if !affinity.enqueue(&w) {
-            return None;
-        }
-        let queued = Queued { pool: self, w, left: false };
-        let until = deadline.min(Instant::now() + HANDOFF_RECHECK);
-        let _ = tokio::time::timeout_at(until.into(), std::future::poll_fn(|cx| queued.w.poll_handed(cx))).await;
-        queued.finish()
     }
 
     /// One deadpool checkout; `Err(None)`: the share's slots are all held (by this or a sibling pool).
