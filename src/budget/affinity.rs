@@ -411,11 +411,7 @@ impl crate::budget::pool::ServicePool {
     fn home_on_parked(&self, pick: fn(&Affinity) -> Option<i32>) -> Option<Home> {
         let m = self.pool.manager();
         while let Some(pid) = pick(&m.affinity) {
-            let Some(mut c) = m.affinity.take(Some(pid), true) else { continue };
-            if m.unusable(&mut c).is_some() {
-                drop(PooledConn::take(c));
-                continue;
-            }
+            let Some(c) = self.take_usable(Some(pid), true) else { continue };
             m.affinity.park(c, self.budget().settings.terminate_window);
             return Some(m.affinity.home(pid));
         }

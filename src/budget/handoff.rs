@@ -128,17 +128,8 @@ impl Drop for Queued<'_> {
 
 impl ServicePool {
     /// A server now if one is idle or can be opened at once; `None`: the checkout has to wait (the share or
-    /// the upstream's ceiling is in use). Nothing is built for the common "every server busy" answer.
+    /// the upstream's ceiling is in use).
     pub async fn checkout_now(&self, home: Option<i32>) -> Result<Option<PooledConn>, ProxyError> {
-        if self.budget().pool_mode() == crate::config::PoolMode::Transaction && self.is_full() {
-            if let Some(c) = self.take_parked(home, false).await {
-                self.stamp_use();
-                return Ok(Some(c));
-            }
-            if self.is_full() {
-                return Ok(None);
-            }
-        }
         match self.checkout_near(Duration::ZERO, home).await {
             Ok(c) => Ok(Some(c)),
             Err(ProxyError::BudgetExhausted { .. } | ProxyError::CeilingReached { .. }) => Ok(None),

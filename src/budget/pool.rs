@@ -112,8 +112,8 @@ impl managed::Manager for Manager {
         }
         let s = &self.budget.load().settings;
         if conn.last_checkin.elapsed() > s.server_check_delay {
+            // Boxed: the round trip is rare, and every checkout's future would carry its state.
             Box::pin(conn.ping(s.connect_timeout)).await.map_err(RecycleError::Backend)?;
-            // rare: boxed
         }
         Ok(())
     }

@@ -17,10 +17,10 @@ use std::time::Duration;
 const PROBE_SQL: &str = "\
 SELECT 't', 'statement_timeout', pg_catalog.current_setting('statement_timeout'); \
 BEGIN; SET LOCAL statement_timeout = 0; \
-SELECT 'd', name, reset_val FROM pg_catalog.pg_settings WHERE name OPERATOR(pg_catalog.=) 'statement_timeout' \
-UNION ALL \
-SELECT 's', name, setting FROM pg_catalog.pg_settings WHERE source OPERATOR(pg_catalog.=) 'session' \
-  AND name OPERATOR(pg_catalog.<>) 'statement_timeout' \
+SELECT CASE WHEN name OPERATOR(pg_catalog.=) 'statement_timeout' THEN 'd' ELSE 's' END, name, \
+  CASE WHEN name OPERATOR(pg_catalog.=) 'statement_timeout' THEN reset_val ELSE setting END \
+  FROM pg_catalog.pg_settings WHERE name OPERATOR(pg_catalog.=) 'statement_timeout' \
+  OR source OPERATOR(pg_catalog.=) 'session' \
 UNION ALL SELECT 'r', 'role', pg_catalog.current_setting('role') \
 UNION ALL SELECT 'r', 'session_authorization', pg_catalog.current_setting('session_authorization') \
 UNION ALL SELECT 'p', 'listen', NULL WHERE EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) \

@@ -4,6 +4,7 @@
 //! server that lacks it the Query goes as written and fails as Postgres fails it (26000): preparing it
 //! there first would need a Sync inside the client's Query, which the model does not do.
 
+use super::rewrite::split_cstr;
 use super::Pump;
 use crate::protocol;
 use bytes::{BufMut, BytesMut};
@@ -67,7 +68,7 @@ impl Pump {
     /// A client Query (`body`: its text and NUL) that executes a protocol-level statement, with the
     /// server's name for it.
     pub(super) fn rewrite_execute(&mut self, body: &[u8]) -> Option<BytesMut> {
-        let text = body.split(|c| *c == 0).next()?;
+        let (text, _) = split_cstr(body)?;
         let (range, name) = self.executed_here(text)?;
         let mut out = BytesMut::with_capacity(body.len() + name.len() + 8);
         let at = protocol::begin(&mut out, b'Q');
@@ -80,15 +81,16 @@ impl Pump {
     /// The same for a Parse (`body`: statement name, text, parameter types), as drivers that send every
     /// statement extended (asyncpg's `fetchval("EXECUTE s")`) do.
     pub(super) fn rewrite_execute_parse(&mut self, body: &[u8]) -> Option<BytesMut> {
-        let name_end = body.iter().position(|c| *c == 0)?;
-        let rest = &body[name_end + 1..];
-        let text_end = rest.iter().position(|c| *c == 0)?;
-        let (range, name) = self.executed_here(&rest[..text_end])?;
+        let (statement, tail) = split_cstr(body)?;
+        let (text, types) = split_cstr(tail)?;
+        let (range, name) = self.executed_here(text)?;
         let mut out = BytesMut::with_capacity(body.len() + name.len() + 8);
         let at = protocol::begin(&mut out, b'P');
-        out.put_slice(&body[..=name_end]);
-        splice(&mut out, &rest[..text_end], range, &name);
-        out.put_slice(&rest[text_end..]);
+        out.put_slice(statement);
+        out.put_u8(0);
+        splice(&mut out, text, range, &name);
+        out.put_u8(0);
+        out.put_slice(types);
         protocol::finish(&mut out, at);
         Some(out)
     }
