@@ -13,9 +13,9 @@ use crate::protocol::ProtocolError;
 use crate::read_only::filter::RoFilter;
 use crate::server::ServerError;
 
-use attach::Quick;
+use between::{Step, Watches};
 use pump::{Event, Pump, PumpError, TxnStatements};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
 mod attach;
+mod between;
 mod checkin;
 pub mod classify;
 pub mod frame;
@@ -34,8 +35,6 @@ pub mod reset;
 pub mod txstate;
 pub mod waiting;
 
-/// How long a client idles without a server before its buffers are given back.
-const SHRINK_AFTER: Duration = Duration::from_secs(1);
 /// How long a client that holds no server may leave its replies unread before the session is ended.
 const CLIENT_WRITE_STALL: Duration = Duration::from_secs(60);
 /// How often a checkout that needs one particular server (see `attach::wanted_server`) looks whether it is idle.
@@ -188,7 +187,7 @@ impl Relay {
         self.server.as_ref().map(|c| c.pid)
     }
 
-    pub fn server_params(&self) -> Option<&HashMap<String, String>> {
+    pub fn server_params(&self) -> Option<&crate::server::Params> {
         self.server.as_ref().map(|c| &c.params)
     }
 
@@ -228,26 +227,24 @@ impl Relay {
     /// Pump messages until the client leaves, the proxy shuts down, or an error ends the session.
     pub async fn run<C: AsyncRead + AsyncWrite + Unpin>(&mut self, sock: &mut C) -> Result<Outcome, ProxyError> {
         let stopping = self.app.stopping.listen();
-        let cancelled = stopping.fired();
-        tokio::pin!(cancelled);
         let kill = self.pool.control.kill_signal().listen();
-        let killed = kill.fired();
-        tokio::pin!(killed);
         // Transaction mode: an administrator terminated the backend whose pid this client was told.
         let home = self.home.as_ref().map(|h| h.signal.clone());
-        let home_ended = async {
-            match &home {
-                Some(h) => h.ended().await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(home_ended);
         let idle_timer = tokio::time::sleep(Duration::from_secs(86_400));
         tokio::pin!(idle_timer);
         // Buffers go back only after the client has idled a while without a server, so a busy client does
         // not free and re-allocate them every transaction.
-        let shrink_timer = tokio::time::sleep(Duration::from_secs(86_400));
-        tokio::pin!(shrink_timer);
+        let spare_timer = tokio::time::sleep(Duration::from_secs(86_400));
+        tokio::pin!(spare_timer);
+        let mut w = Watches {
+            stopping: &stopping,
+            kill: &kill,
+            home: home.as_deref(),
+            idle_timer,
+            spare_timer,
+            timed: false,
+            queued: None,
+        };
         self.load_settings();
         self.pump.last_activity = Some(Instant::now());
         loop {
@@ -255,98 +252,21 @@ impl Relay {
             // While the server is busy no limit applies, but the state may change inside the pump (a client that
             // stops in the middle of a batch): then the timer re-checks at the shortest configured timeout.
             let limit = self.idle_limit();
-            let timed = self.pump.track_activity;
-            if timed {
+            w.timed = self.pump.track_activity;
+            if w.timed {
                 let at = match limit {
                     Some((d, _)) => self.pump.last_activity.unwrap_or_else(Instant::now) + d,
                     None => Instant::now() + self.shortest_idle_timeout(),
                 };
-                if idle_timer.deadline() != at.into() {
-                    idle_timer.as_mut().reset(at.into());
+                if w.idle_timer.deadline() != at.into() {
+                    w.idle_timer.as_mut().reset(at.into());
                 }
             }
             if self.server.is_none() {
-                if self.draining || stopping.is_fired() {
-                    return Ok(Outcome::ShuttingDown);
-                }
-                self.flush_client(sock).await?;
-                // A batch of Parses only is answered without a server; to tell, its Sync must be here.
-                let mut want = 5;
-                if self.pump.next_client_kind() == Some(b'P') {
-                    match self.pump.answer_parses() {
-                        Some(true) => continue,
-                        Some(false) => {}
-                        None => want = self.pump.cin.len() + 1,
-                    }
-                }
-                if (self.pump.next_client_kind().is_none() || want > 5) && !self.pump.client_eof() {
-                    let shrink = self.pump.holds_buffers();
-                    if shrink {
-                        shrink_timer.as_mut().reset((Instant::now() + SHRINK_AFTER).into());
-                    }
-                    let wake = tokio::select! {
-                        _ = &mut cancelled => return Ok(Outcome::ShuttingDown),
-                        _ = &mut killed => return Err(ProxyError::Killed),
-                        _ = &mut home_ended => return Err(ProxyError::HomeTerminated),
-                        r = poll_fn(|cx| self.pump.poll_client_fill(cx, sock, want)) => r.map(|()| Event::Report),
-                        _ = &mut shrink_timer, if shrink => {
-                            self.pump.shrink();
-                            continue;
-                        }
-                        _ = &mut idle_timer, if timed => {
-                            if let Some(e) = self.idle_expired() {
-                                return Err(e);
-                            }
-                            continue;
-                        }
-                    };
-                    wake.map_err(|e| self.pump_error(e))?;
-                    continue; // look at what arrived again
-                }
-                match self.pump.next_client_kind() {
-                    None => return Ok(Outcome::ClientDone), // EOF, at most a partial header left
-                    Some(b'X') => return Ok(Outcome::ClientDone),
-                    Some(k) if crate::relay::frame::client_limit(k).is_none() => {
-                        return Err(self.pump_error(PumpError::BadType(k as char)));
-                    }
-                    Some(_) => {}
-                }
-                if let Some(pid) = self.wanted_server() {
-                    Box::pin(self.await_server(pid)).await;
-                }
-                // Boxed: a checkout's state lives only while it runs, not in every idle session; the common
-                // checkout (a parked server, nothing to wait for) builds no future at all.
-                let attached = match self.attach_now() {
-                    Some(Quick::Attached) => Ok(()),
-                    Some(Quick::Failed(e)) => Err(e),
-                    Some(Quick::Install(c)) => Box::pin(self.install(c.0, c.1)).await,
-                    None => Box::pin(self.attach(sock)).await,
-                };
-                match attached {
-                    Ok(()) => {}
-                    Err(
-                        e @ (ProxyError::BudgetExhausted { .. }
-                        | ProxyError::CeilingReached { .. }
-                        | ProxyError::Shed { .. }
-                        | ProxyError::QueuedCancel
-                        | ProxyError::Paused { .. }
-                        | ProxyError::Upstream { .. }),
-                    ) => {
-                        let cause = self.app.journal.redacted(&e.to_string()).into_owned();
-                        warn!(kind = e.kind(), %cause, "checkout failed; query rejected");
-                        if Box::pin(waiting::reject_batch(sock, &mut self.pump.cin, &e)).await? {
-                            return Ok(Outcome::ClientDone);
-                        }
-                        continue;
-                    }
-                    Err(ProxyError::ServerRejected { code, message }) => {
-                        // The client's own startup setting was refused: like Postgres, end the session with it.
-                        return Err(ProxyError::SettingRejected { code, message });
-                    }
-                    Err(e) => return Err(e),
-                }
-                if self.tx_started.is_none() {
-                    self.tx_started = Some(Instant::now());
+                match self.between(sock, &mut w).await? {
+                    Step::Attached => {}
+                    Step::Again => continue,
+                    Step::Done(outcome) => return Ok(outcome),
                 }
             }
             self.pump.stop_at_idle = self.mode == PoolMode::Transaction || self.draining;
@@ -355,10 +275,10 @@ impl Relay {
                 let pump = &mut self.pump;
                 tokio::select! {
                     r = poll_fn(|cx| pump.poll_pump(cx, sock, &mut conn.stream)) => Wake::Pump(r),
-                    _ = &mut cancelled, if !self.draining => Wake::Shutdown,
-                    _ = &mut killed => Wake::Killed,
-                    _ = &mut home_ended => Wake::HomeEnded,
-                    _ = &mut idle_timer, if timed => Wake::IdleCheck,
+                    _ = w.stopping.fired(), if !self.draining => Wake::Shutdown,
+                    _ = w.kill.fired() => Wake::Killed,
+                    _ = between::home_ended(w.home) => Wake::HomeEnded,
+                    _ = w.idle_timer.as_mut(), if w.timed => Wake::IdleCheck,
                 }
             };
             self.take_counts();

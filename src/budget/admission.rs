@@ -62,7 +62,7 @@ pub struct QueueTicket<'a> {
 
 impl Drop for QueueTicket<'_> {
     fn drop(&mut self) {
-        self.adm.queue.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        self.adm.quit(self.id);
     }
 }
 
@@ -168,14 +168,29 @@ impl Admission {
 
     /// Join the wait queue (arrival order); the ticket leaves it on Drop.
     pub fn enqueue(&self) -> QueueTicket<'_> {
+        QueueTicket { adm: self, id: self.join() }
+    }
+
+    /// Join the wait queue without a guard: the caller owns the place and gives it back with [`Self::quit`].
+    pub fn join(&self) -> u64 {
         let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
-        QueueTicket { adm: self, id }
+        id
+    }
+
+    /// Leave the wait queue (place `id`, from [`Self::join`]).
+    pub fn quit(&self, id: u64) {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 
     /// Clients queued before this ticket and still waiting.
     pub fn ahead(&self, t: &QueueTicket<'_>) -> usize {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).range(..t.id).count()
+        self.ahead_of(t.id)
+    }
+
+    /// Clients queued before place `id` and still waiting.
+    pub fn ahead_of(&self, id: u64) -> usize {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).range(..id).count()
     }
 }
 

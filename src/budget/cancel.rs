@@ -204,9 +204,34 @@ impl ClientKey {
 
     /// Mark the client as queued (a fresh notifier per wait) or, with `None`, as no longer queued.
     pub fn queued(&self, wake: Option<Arc<Notify>>) {
-        if let Some(mut e) = self.registry.map.get_mut(&self.slot()) {
+        self.registry.set_queued(self.slot(), wake);
+    }
+
+    /// Mark the client as queued until the returned mark is dropped (a fresh notifier per wait).
+    pub fn mark_queued(&self, wake: Arc<Notify>) -> QueuedMark {
+        self.queued(Some(wake));
+        QueuedMark { registry: self.registry.clone(), slot: self.slot() }
+    }
+}
+
+impl CancelRegistry {
+    fn set_queued(&self, slot: u64, wake: Option<Arc<Notify>>) {
+        if let Some(mut e) = self.map.get_mut(&slot) {
             e.queued = wake;
         }
+    }
+}
+
+/// A client marked as queued for cancel requests; the mark goes on Drop.
+#[derive(Debug)]
+pub struct QueuedMark {
+    registry: Arc<CancelRegistry>,
+    slot: u64,
+}
+
+impl Drop for QueuedMark {
+    fn drop(&mut self) {
+        self.registry.set_queued(self.slot, None);
     }
 }
 

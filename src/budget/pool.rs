@@ -87,7 +87,7 @@ pub struct Manager {
     pub on_replica_down: ReplicaDown,
     pub(super) routes_to: AtomicU8,
     /// ParameterStatus set of the first connection made; what clients see in transaction mode.
-    pub template: RwLock<Option<Arc<HashMap<String, String>>>>,
+    pub template: RwLock<Option<Arc<crate::server::Params>>>,
     /// Bumped by `RECONNECT`: connections of older generations are not reused.
     pub generation: AtomicU64,
     /// Transaction mode: the idle servers a checkout may choose from, and the clients homed on servers.
@@ -411,7 +411,7 @@ impl ServicePool {
     }
 
     /// ParameterStatus values for clients; connects once if no connection was ever made.
-    pub async fn template(&self) -> Result<Arc<HashMap<String, String>>, ProxyError> {
+    pub async fn template(&self) -> Result<Arc<crate::server::Params>, ProxyError> {
         if let Some(t) = self.pool.manager().template.read().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(t);
         }

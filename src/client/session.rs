@@ -13,7 +13,7 @@ use crate::server::ServerError;
 use crate::telemetry::{tables, Value};
 use crate::tls::Stream;
 use bytes::BytesMut;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -383,12 +383,12 @@ async fn login(
     let mut relay = make(&pool, with_timeout(desired));
 
     // Session mode holds one server for the whole session; transaction mode shows the cached parameter set.
-    let mut shown: HashMap<String, String> = if session {
-        match relay.attach(sock).await {
+    let mut shown: crate::server::Params = if session {
+        match relay.attach(sock, None).await {
             // The server refused a startup setting: the replay reports it as a direct connection would.
             Err(ProxyError::Upstream { source: ServerError::Postgres { .. }, .. }) if !natives.is_empty() => {
                 relay = make(&pool_with(&[])?, with_timeout(all));
-                relay.attach(sock).await.map_err(setting_refused)?;
+                relay.attach(sock, None).await.map_err(setting_refused)?;
             }
             r => r.map_err(setting_refused)?,
         }
@@ -414,7 +414,7 @@ async fn login(
         };
         let room = pool.reported.lock().unwrap_or_else(|e| e.into_inner()).len() < MAX_LEARNED;
         if room && asked.iter().any(|k| known(&pool, k).is_none()) {
-            relay.attach(sock).await.map_err(setting_refused)?;
+            relay.attach(sock, None).await.map_err(setting_refused)?;
             if let Some(params) = relay.server_params() {
                 let mut learned = pool.reported.lock().unwrap_or_else(|e| e.into_inner());
                 for (name, v) in &asked {

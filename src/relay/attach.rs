@@ -7,6 +7,7 @@ use crate::budget::admission::Hold;
 use crate::budget::cancel::ServerKey;
 use crate::budget::checkout::{Waiter, Who};
 use crate::budget::pool::PooledConn;
+use crate::budget::queued::Resumed;
 use crate::config::PoolMode;
 use crate::error::ProxyError;
 use crate::server::ServerError;
@@ -23,8 +24,13 @@ pub(super) enum Quick {
 
 impl Relay {
     /// Check out a server, bring its session settings in line with this client's, and record it for cancels.
-    pub async fn attach<C: AsyncRead + AsyncWrite + Unpin>(&mut self, sock: &mut C) -> Result<(), ProxyError> {
-        let started = Instant::now();
+    /// `resumed`: a checkout that waited in the relay loop's own queue state continues here.
+    pub async fn attach<C: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        sock: &mut C,
+        resumed: Option<Resumed>,
+    ) -> Result<(), ProxyError> {
+        let started = resumed.as_ref().map_or_else(Instant::now, |r| r.started);
         let pool = self.pool.clone();
         let home = self.preferred();
         let mut client = waiting::ClientWatch { sock, cin: &mut self.pump.cin };
@@ -35,6 +41,7 @@ impl Relay {
             may_notice: self.greeted,
             home,
             who: Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry },
+            resumed,
         };
         let checkout = crate::budget::checkout::acquire(&pool, waiter).await;
         self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
@@ -67,6 +74,15 @@ impl Relay {
         }
         self.adopt(conn, hold);
         Some(Quick::Attached)
+    }
+
+    /// Take a server handed over from the pool's queue (its settings applied first when they differ).
+    pub(super) async fn take_handed(&mut self, conn: PooledConn, hold: Hold) -> Result<(), ProxyError> {
+        if crate::relay::reset::settings_match(&conn.applied, &self.desired) {
+            self.adopt(conn, hold);
+            return Ok(());
+        }
+        Box::pin(self.install(conn, hold)).await
     }
 
     /// Bring a checked-out server to this client's settings, then take it.

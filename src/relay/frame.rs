@@ -60,7 +60,32 @@ fn captured(kind: u8) -> bool {
     matches!(kind, b'E' | b'S' | b'Z' | b'A')
 }
 
+/// A capture buffer at most this large is kept for the next server (the ReadyForQuery and ParameterStatus
+/// captures of every transaction fit).
+const KEPT_CAPTURE: usize = 256;
+
 impl ServerScanner {
+    /// Start over at a boundary (a new server), keeping a small capture buffer.
+    pub fn reset(&mut self) {
+        let mut capture = std::mem::take(&mut self.capture);
+        capture.clear();
+        if capture.capacity() > KEPT_CAPTURE {
+            capture = Vec::new();
+        }
+        *self = ServerScanner { capture, ..Default::default() };
+    }
+
+    /// Whether an empty capture buffer still holds memory ([`Self::shrink`] gives it back).
+    pub fn holds_buffer(&self) -> bool {
+        self.capture.is_empty() && self.capture.capacity() > 0
+    }
+
+    pub fn shrink(&mut self) {
+        if self.capture.is_empty() {
+            self.capture = Vec::new();
+        }
+    }
+
     /// At a message boundary.
     pub fn at_boundary(&self) -> bool {
         self.header_len == 0 && !self.in_body

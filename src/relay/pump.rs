@@ -157,7 +157,7 @@ impl Pump {
     /// A new server: its conversation starts at a boundary.
     pub fn attach(&mut self) {
         self.tx.reset();
-        self.sscan = ServerScanner::default();
+        self.sscan.reset();
         self.actions.clear();
         self.sin.clear();
     }
@@ -210,6 +210,7 @@ impl Pump {
     pub fn holds_buffers(&self) -> bool {
         [&self.cin, &self.c2s, &self.sin, &self.s2c, &self.scratch].iter().any(|b| b.is_empty() && b.capacity() > 0)
             || self.tx.holds_buffers()
+            || self.sscan.holds_buffer()
     }
 
     /// Give buffer memory back while the client is idle.
@@ -220,6 +221,7 @@ impl Pump {
             }
         }
         self.tx.shrink();
+        self.sscan.shrink();
     }
 
     /// Frame `bytes` as if the client had sent them, without any I/O (fuzzing and tests): appends to the
@@ -365,6 +367,25 @@ impl Pump {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+
+    /// While a checkout waits for a server: read what the client sends meanwhile (kept for later, up to
+    /// [`BUF`] bytes; past that it waits in the client's socket). Ready after each read and at EOF.
+    pub fn poll_client_watch<C: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &mut C,
+    ) -> Poll<Result<(), PumpError>> {
+        if self.client_eof || self.cin.len() >= BUF {
+            return Poll::Pending;
+        }
+        match poll_read_some(cx, client, &mut self.cin) {
+            Poll::Ready(Ok(0)) => self.client_eof = true,
+            Poll::Ready(Ok(n)) => self.bytes_in += n as u64,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ClientIo(e))),
+            Poll::Pending => return Poll::Pending,
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

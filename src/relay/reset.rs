@@ -4,7 +4,7 @@
 use crate::relay::pump::{Pump, BUF};
 use crate::server::{ServerConn, ServerError};
 use bytes::BytesMut;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
@@ -83,14 +83,14 @@ pub async fn cleanup(conn: &mut ServerConn, pump: &mut Pump, reset: bool, read_o
 }
 
 /// Whether `applied` already is `desired` (no allocation: the check of every checkout).
-pub fn settings_match(applied: &HashMap<String, String>, desired: &BTreeMap<String, String>) -> bool {
-    applied.len() == desired.len() && desired.iter().all(|(k, v)| applied.get(k) == Some(v))
+pub fn settings_match(applied: &BTreeMap<String, String>, desired: &BTreeMap<String, String>) -> bool {
+    applied == desired
 }
 
 /// What to change on a server so its proxy-applied settings equal the client's: (set, reset). The order the
 /// server runs them in is [`crate::server::ServerConn::apply_settings`]'s.
 pub fn settings_diff(
-    applied: &HashMap<String, String>,
+    applied: &BTreeMap<String, String>,
     desired: &BTreeMap<String, String>,
 ) -> (Vec<(String, String)>, Vec<String>) {
     let set = desired.iter().filter(|(k, v)| applied.get(*k) != Some(v)).map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn diff_sets_changed_and_resets_dropped() {
-        let applied: HashMap<String, String> =
+        let applied: BTreeMap<String, String> =
             [("TimeZone", "UTC"), ("search_path", "a")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let desired: BTreeMap<String, String> =
             [("TimeZone", "UTC"), ("DateStyle", "ISO")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

@@ -6,11 +6,14 @@ use crate::protocol::sqlstate::ACTIVE_SQL_TRANSACTION;
 use crate::protocol::{self, backend, ProtocolError};
 use bytes::{BufMut, BytesMut};
 use dashmap::DashMap;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
+
+/// What the server reported in ParameterStatus (looked up on every checkout: hashed with foldhash).
+pub type Params = HashMap<String, String, foldhash::fast::RandomState>;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -60,10 +63,10 @@ pub struct ServerConn {
     /// Where a CancelRequest for this backend goes (the same endpoint and TLS).
     pub cancel: Arc<CancelRoute>,
     /// Parameters the server reported (ParameterStatus), kept current by the relay.
-    pub params: HashMap<String, String>,
+    pub params: Params,
     /// Session settings in force on this connection since its last reset (set by the proxy or by clients,
     /// as the last probe read them).
-    pub applied: HashMap<String, String>,
+    pub applied: BTreeMap<String, String>,
     /// Named statements of the pool prepared here.
     pub statements: statements::ServerStatements,
     /// The user the connection logged in as (its default `session_authorization`).
@@ -171,8 +174,8 @@ impl ServerConn {
             stream,
             addr,
             cancel,
-            params: HashMap::new(),
-            applied: HashMap::new(),
+            params: Params::default(),
+            applied: BTreeMap::new(),
             statements: Default::default(),
             login_user: target.user.clone(),
             notifications: BytesMut::new(),

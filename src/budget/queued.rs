@@ -1,0 +1,186 @@
+//! A transaction-mode checkout queued for the next released server as plain state, without a future of its
+//! own: the relay loop polls its hand-off slot beside the client, the loop's timer serves as its deadline.
+//! This is the common wait at a full share (every server busy, nothing to open, the pool not paused); any
+//! other case — or a recheck, or a server that closed — continues in [`crate::budget::checkout::acquire`]
+//! with the same admission place and start.
+
+use crate::budget::admission::Hold;
+use crate::budget::cancel::{ClientKey, QueuedMark};
+use crate::budget::checkout::{decide, shed, Who};
+use crate::budget::handoff::HandOff;
+use crate::budget::pool::{PooledConn, ServicePool};
+use crate::config::PoolMode;
+use crate::error::ProxyError;
+use crate::telemetry::labels::Decision;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// How long a queued checkout waits for a hand-off before it looks at the pool itself (a server dropped
+/// without a word is found at the recheck).
+const RECHECK: Duration = Duration::from_secs(1);
+
+/// An admitted checkout in its pool's hand-off queue. Dropping it leaves the queue (a server handed over
+/// meanwhile goes to the next waiter), the admission queue and the cancel registry's mark.
+pub struct QueuedCheckout {
+    pool: Arc<ServicePool>,
+    hand: Arc<HandOff>,
+    hold: Option<Hold>,
+    /// Out of the hand-off queue already.
+    left: bool,
+    place: u64,
+    _mark: QueuedMark,
+    /// A CancelRequest for the client wakes this: the wait is abandoned.
+    pub cancel: Arc<Notify>,
+    pub started: Instant,
+    deadline: Instant,
+    /// When the client is told where it stands (`None`: told, or not to be told).
+    notice_at: Option<Instant>,
+    recheck_at: Instant,
+}
+
+/// How a queued checkout continues after the relay's timer fired.
+pub enum Due {
+    /// Not yet: wait on.
+    Wait,
+    /// Tell the client this (a NOTICE), then wait on.
+    Notice(String),
+    /// Look at the pool again: continue in `acquire` (with [`QueuedCheckout::resume`]).
+    Recheck,
+    /// `checkout_timeout` passed.
+    TimedOut,
+}
+
+/// What a queued checkout carries into `acquire` when it continues there.
+pub struct Resumed {
+    pub hold: Hold,
+    pub started: Instant,
+    pub noticed: bool,
+}
+
+impl ServicePool {
+    /// Queue a checkout for the next released server when that is the only way to get one now (transaction
+    /// mode, every server this pool may hold is open and busy, not paused). `None`: take `acquire`'s path;
+    /// `Some(Err)`: admission refused the client.
+    pub fn queue_now(
+        self: &Arc<Self>,
+        key: &ClientKey,
+        exempt: bool,
+        may_notice: bool,
+        who: &Who<'_>,
+    ) -> Option<Result<Box<QueuedCheckout>, ProxyError>> {
+        let b = self.budget();
+        if b.pool_mode() != PoolMode::Transaction || self.control.is_paused() || !self.is_full() {
+            return None;
+        }
+        let hold = match self.admission.admit(exempt, &b.name) {
+            Ok(h) => h,
+            Err(refusal) => return Some(Err(shed(self, who, &b.name, refusal))),
+        };
+        let hand = Arc::new(HandOff::default());
+        if !self.pool.manager().affinity.enqueue(&hand) {
+            return None; // a server was parked meanwhile
+        }
+        let started = Instant::now();
+        self.metrics.high_water.clients_waiting(self.status().waiting as u32);
+        let s = &b.settings;
+        let notice_at = (may_notice && !s.notice_after.is_zero()).then(|| started + s.notice_after);
+        let cancel = Arc::new(Notify::new());
+        Some(Ok(Box::new(QueuedCheckout {
+            pool: self.clone(),
+            hand,
+            hold: Some(hold),
+            left: false,
+            place: self.admission.join(),
+            _mark: key.mark_queued(cancel.clone()),
+            cancel,
+            started,
+            deadline: started + s.checkout_timeout,
+            notice_at,
+            recheck_at: started + RECHECK,
+        })))
+    }
+}
+
+impl QueuedCheckout {
+    /// Ready once a server was handed over, or the checkout should look at the pool again (one closed).
+    pub fn poll_handed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.hand.poll_handed(cx)
+    }
+
+    /// When the relay's timer should fire next for this checkout.
+    pub fn next_due(&self) -> Instant {
+        let at = self.deadline.min(self.recheck_at);
+        self.notice_at.map_or(at, |n| n.min(at))
+    }
+
+    /// What to do now that the timer fired.
+    pub fn due(&mut self, now: Instant) -> Due {
+        if now >= self.deadline {
+            return Due::TimedOut;
+        }
+        if self.notice_at.is_some_and(|n| now >= n) {
+            self.notice_at = None;
+            let b = self.pool.budget();
+            return Due::Notice(format!(
+                "pgbudget: queued for a server connection of service \"{}\" ({} ahead; share {}, waiting up to {} ms)",
+                b.name,
+                self.pool.admission.ahead_of(self.place),
+                self.pool.share(),
+                b.settings.checkout_timeout.as_millis()
+            ));
+        }
+        if now >= self.recheck_at {
+            return Due::Recheck;
+        }
+        Due::Wait
+    }
+
+    /// The server handed over, with the admission place, and the decision counted; `Err`: none was
+    /// (the checkout was told to look again), continue with `acquire`.
+    pub fn take(mut self, who: &Who<'_>) -> Result<(PooledConn, Hold), Resumed> {
+        self.left = true;
+        let Some(conn) = self.pool.pool.manager().affinity.leave(&self.hand) else { return Err(self.resume()) };
+        let hold = self.hold.take().expect("held until taken");
+        let d = if hold.above_line { Decision::Exempt } else { Decision::Queued };
+        self.pool.stamp_use();
+        decide(&self.pool, who, d, self.started.elapsed());
+        Ok((conn, hold))
+    }
+
+    /// Stop waiting here and continue in `acquire` (a server handed over meanwhile goes to the next waiter).
+    pub fn resume(mut self) -> Resumed {
+        let hold = self.hold.take().expect("held until taken");
+        Resumed { hold, started: self.started, noticed: self.notice_at.is_none() }
+    }
+
+    /// The wait ended without a server: the client left or cancelled (`Abandoned`), or the deadline passed.
+    pub fn fail(self, who: &Who<'_>, e: ProxyError) -> ProxyError {
+        let waited = self.started.elapsed();
+        let d = if matches!(e, ProxyError::BudgetExhausted { .. }) { Decision::TimedOut } else { Decision::Abandoned };
+        decide(&self.pool, who, d, waited);
+        e
+    }
+
+    /// The error of a wait that reached its deadline.
+    pub fn timed_out(&self) -> ProxyError {
+        let b = self.pool.budget();
+        ProxyError::BudgetExhausted {
+            service: b.name.clone(),
+            share: self.pool.share(),
+            waited: self.started.elapsed(),
+        }
+    }
+}
+
+impl Drop for QueuedCheckout {
+    fn drop(&mut self) {
+        if !self.left {
+            if let Some(c) = self.pool.pool.manager().affinity.leave(&self.hand) {
+                self.pool.put_back(c);
+            }
+        }
+        self.pool.admission.quit(self.place);
+    }
+}

@@ -1,0 +1,262 @@
+//! The relay loop between servers: the client holds none, so its next message is read (a batch of Parses
+//! only is answered without one), then a server is taken — at once when one is parked, else by waiting in
+//! the pool's hand-off queue as a state of this loop (the slot, the client, a cancel and one timer polled
+//! together, no checkout future built), else through the full checkout (opening a server, a pause, the
+//! upstream's ceiling).
+
+use super::attach::Quick;
+use super::pump::Event;
+use super::{waiting, Outcome, Relay};
+use crate::budget::affinity::HomeSignal;
+use crate::budget::checkout::Who;
+use crate::budget::queued::{Due, QueuedCheckout};
+use crate::budget::signal::Listener;
+use crate::error::ProxyError;
+use crate::protocol::sqlstate::SUCCESSFUL_COMPLETION;
+use crate::protocol::{self, Severity};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::Sleep;
+
+/// How long a client idles without a server before its buffers are given back.
+const SHRINK_AFTER: Duration = Duration::from_secs(1);
+
+/// What the relay loop waits on besides its client and server, kept across its turns.
+pub(super) struct Watches<'a> {
+    pub stopping: &'a Listener,
+    pub kill: &'a Listener,
+    /// Transaction mode: the backend whose pid this client was told (an administrator may end it).
+    pub home: Option<&'a HomeSignal>,
+    /// The idle limits; re-armed from the last activity on every turn.
+    pub idle_timer: Pin<&'a mut Sleep>,
+    /// Between servers: when an idle client's buffers go back, or when a queued checkout is due.
+    pub spare_timer: Pin<&'a mut Sleep>,
+    /// Whether the idle timer is armed.
+    pub timed: bool,
+    /// The checkout waiting in the pool's queue, if one is.
+    pub queued: Option<Box<QueuedCheckout>>,
+}
+
+/// Resolves once the client's home backend was ended (never without one).
+pub(super) async fn home_ended(home: Option<&HomeSignal>) {
+    match home {
+        Some(h) => h.ended().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How one turn between servers ended.
+pub(super) enum Step {
+    /// A server is held: pump.
+    Attached,
+    /// Look again (something arrived, a timer fired, the checkout is still queued).
+    Again,
+    Done(Outcome),
+}
+
+impl Relay {
+    /// One turn of the loop while the client holds no server.
+    pub(super) async fn between<C: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        sock: &mut C,
+        w: &mut Watches<'_>,
+    ) -> Result<Step, ProxyError> {
+        if self.draining || w.stopping.is_fired() {
+            return Ok(Step::Done(Outcome::ShuttingDown));
+        }
+        if let Some(q) = w.queued.take() {
+            return self.wait_queued(sock, w, q).await;
+        }
+        self.flush_client(sock).await?;
+        // A batch of Parses only is answered without a server; to tell, its Sync must be here.
+        let mut want = 5;
+        if self.pump.next_client_kind() == Some(b'P') {
+            match self.pump.answer_parses() {
+                Some(true) => return Ok(Step::Again),
+                Some(false) => {}
+                None => want = self.pump.cin.len() + 1,
+            }
+        }
+        if (self.pump.next_client_kind().is_none() || want > 5) && !self.pump.client_eof() {
+            let shrink = self.pump.holds_buffers();
+            if shrink {
+                w.spare_timer.as_mut().reset((Instant::now() + SHRINK_AFTER).into());
+            }
+            let timed = w.timed;
+            let wake = tokio::select! {
+                _ = w.stopping.fired() => return Ok(Step::Done(Outcome::ShuttingDown)),
+                _ = w.kill.fired() => return Err(ProxyError::Killed),
+                _ = home_ended(w.home) => return Err(ProxyError::HomeTerminated),
+                r = poll_fn(|cx| self.pump.poll_client_fill(cx, sock, want)) => r.map(|()| Event::Report),
+                _ = w.spare_timer.as_mut(), if shrink => {
+                    self.pump.shrink();
+                    return Ok(Step::Again);
+                }
+                _ = w.idle_timer.as_mut(), if timed => {
+                    return match self.idle_expired() {
+                        Some(e) => Err(e),
+                        None => Ok(Step::Again),
+                    };
+                }
+            };
+            wake.map_err(|e| self.pump_error(e))?;
+            return Ok(Step::Again); // look at what arrived again
+        }
+        match self.pump.next_client_kind() {
+            None => return Ok(Step::Done(Outcome::ClientDone)), // EOF, at most a partial header left
+            Some(b'X') => return Ok(Step::Done(Outcome::ClientDone)),
+            Some(k) if crate::relay::frame::client_limit(k).is_none() => {
+                return Err(self.pump_error(super::pump::PumpError::BadType(k as char)));
+            }
+            Some(_) => {}
+        }
+        if let Some(pid) = self.wanted_server() {
+            Box::pin(self.await_server(pid)).await;
+        }
+        // Boxed: a checkout's state lives only while it runs, not in every idle session; the common
+        // checkout (a parked server, nothing to wait for) builds no future at all.
+        let attached = match self.attach_now() {
+            Some(Quick::Attached) => Ok(()),
+            Some(Quick::Failed(e)) => Err(e),
+            Some(Quick::Install(c)) => Box::pin(self.install(c.0, c.1)).await,
+            None => match self.queue_now() {
+                Some(Ok(q)) => {
+                    w.queued = Some(q);
+                    return Ok(Step::Again);
+                }
+                Some(Err(e)) => Err(e),
+                None => Box::pin(self.attach(sock, None)).await,
+            },
+        };
+        self.attached(sock, attached).await
+    }
+
+    /// Join the pool's hand-off queue when that is the only way to a server now (see
+    /// [`crate::budget::pool::ServicePool::queue_now`]).
+    fn queue_now(&mut self) -> Option<Result<Box<QueuedCheckout>, ProxyError>> {
+        let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
+        let r = self.pool.queue_now(&self.key, self.exempt, self.greeted, &who)?;
+        if let Err(e) = &r {
+            self.note_checkout_error(e);
+        }
+        Some(r)
+    }
+
+    /// Wait in the pool's queue for a released server while watching the client (what it sends meanwhile is
+    /// kept; leaving ends the wait), a cancel for it, and the checkout's deadline, notice and recheck.
+    async fn wait_queued<C: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        sock: &mut C,
+        w: &mut Watches<'_>,
+        mut q: Box<QueuedCheckout>,
+    ) -> Result<Step, ProxyError> {
+        enum Wake {
+            Handed,
+            Cancelled,
+            Client(Result<(), super::pump::PumpError>),
+            Due,
+        }
+        let due = q.next_due().into();
+        if w.spare_timer.deadline() != due {
+            w.spare_timer.as_mut().reset(due);
+        }
+        let wake = {
+            let pump = &mut self.pump;
+            tokio::select! {
+                _ = w.stopping.fired() => return Ok(Step::Done(Outcome::ShuttingDown)),
+                _ = w.kill.fired() => return Err(ProxyError::Killed),
+                _ = home_ended(w.home) => return Err(ProxyError::HomeTerminated),
+                _ = poll_fn(|cx| q.poll_handed(cx)) => Wake::Handed,
+                _ = q.cancel.notified() => Wake::Cancelled,
+                r = poll_fn(|cx| pump.poll_client_watch(cx, sock)) => Wake::Client(r),
+                _ = w.spare_timer.as_mut() => Wake::Due,
+            }
+        };
+        let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
+        let attached = match wake {
+            Wake::Handed => match (q.started, q.take(&who)) {
+                (started, Ok((conn, hold))) => {
+                    self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
+                    self.take_handed(conn, hold).await
+                }
+                (_, Err(resumed)) => Box::pin(self.attach(sock, Some(resumed))).await,
+            },
+            Wake::Cancelled => Err(q.fail(&who, ProxyError::QueuedCancel)),
+            Wake::Client(Err(e)) => {
+                q.fail(&who, ProxyError::QueuedCancel);
+                return Err(self.pump_error(e));
+            }
+            Wake::Client(Ok(())) if self.pump.client_eof() => {
+                return Err(q.fail(&who, ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into())));
+            }
+            Wake::Client(Ok(())) => {
+                w.queued = Some(q);
+                return Ok(Step::Again);
+            }
+            Wake::Due => match q.due(Instant::now()) {
+                Due::Wait => {
+                    w.queued = Some(q);
+                    return Ok(Step::Again);
+                }
+                Due::Notice(text) => {
+                    Box::pin(notice(sock, &text)).await?;
+                    w.queued = Some(q);
+                    return Ok(Step::Again);
+                }
+                Due::Recheck => Box::pin(self.attach(sock, Some(q.resume()))).await,
+                Due::TimedOut => {
+                    let e = q.timed_out();
+                    let e = q.fail(&who, e);
+                    self.note_checkout_error(&e);
+                    Err(e)
+                }
+            },
+        };
+        self.attached(sock, attached).await
+    }
+
+    /// What a checkout's outcome means for the loop: a refused or failed checkout answers the client's batch
+    /// with the error (the session goes on); a refused startup setting or a lost client ends it.
+    async fn attached<C: AsyncRead + AsyncWrite + Unpin>(
+        &mut self,
+        sock: &mut C,
+        attached: Result<(), ProxyError>,
+    ) -> Result<Step, ProxyError> {
+        match attached {
+            Ok(()) => {}
+            Err(
+                e @ (ProxyError::BudgetExhausted { .. }
+                | ProxyError::CeilingReached { .. }
+                | ProxyError::Shed { .. }
+                | ProxyError::QueuedCancel
+                | ProxyError::Paused { .. }
+                | ProxyError::Upstream { .. }),
+            ) => {
+                let cause = self.app.journal.redacted(&e.to_string()).into_owned();
+                tracing::warn!(kind = e.kind(), %cause, "checkout failed; query rejected");
+                if Box::pin(waiting::reject_batch(sock, &mut self.pump.cin, &e)).await? {
+                    return Ok(Step::Done(Outcome::ClientDone));
+                }
+                return Ok(Step::Again);
+            }
+            Err(ProxyError::ServerRejected { code, message }) => {
+                // The client's own startup setting was refused: like Postgres, end the session with it.
+                return Err(ProxyError::SettingRejected { code, message });
+            }
+            Err(e) => return Err(e),
+        }
+        if self.tx_started.is_none() {
+            self.tx_started = Some(Instant::now());
+        }
+        Ok(Step::Attached)
+    }
+}
+
+/// Tell a queued client where it stands.
+async fn notice<C: AsyncWrite + Unpin>(sock: &mut C, text: &str) -> Result<(), ProxyError> {
+    let mut out = bytes::BytesMut::new();
+    protocol::error_response(&mut out, Severity::Notice, SUCCESSFUL_COMPLETION, text, None);
+    sock.write_all(&out).await.map_err(ProxyError::ClientIo)
+}
