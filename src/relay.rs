@@ -13,7 +13,7 @@ use crate::protocol::ProtocolError;
 use crate::read_only::filter::RoFilter;
 use crate::server::ServerError;
 
-use between::{Step, Watches};
+use between::{Signalled, Signals, Step, Watches};
 use pump::{Event, Pump, PumpError, TxnStatements};
 use std::collections::BTreeMap;
 use std::future::poll_fn;
@@ -236,15 +236,8 @@ impl Relay {
         // not free and re-allocate them every transaction.
         let spare_timer = tokio::time::sleep(Duration::from_secs(86_400));
         tokio::pin!(spare_timer);
-        let mut w = Watches {
-            stopping: &stopping,
-            kill: &kill,
-            home: home.as_deref(),
-            idle_timer,
-            spare_timer,
-            timed: false,
-            queued: None,
-        };
+        let signals = Signals { stopping: &stopping, kill: &kill, home: home.as_deref(), registered: None };
+        let mut w = Watches { signals, idle_timer, spare_timer, timed: false, queued: None };
         self.load_settings();
         self.pump.last_activity = Some(Instant::now());
         loop {
@@ -273,11 +266,15 @@ impl Relay {
             let wake = {
                 let conn = self.server.as_mut().expect("attached");
                 let pump = &mut self.pump;
+                // Biased (no random start drawn on every wake): the signals first, so a busy pump cannot starve them.
                 tokio::select! {
+                    biased;
+                    s = poll_fn(|cx| w.signals.poll(cx, !self.draining)) => match s {
+                        Signalled::Stopping => Wake::Shutdown,
+                        Signalled::Killed => Wake::Killed,
+                        Signalled::HomeEnded => Wake::HomeEnded,
+                    },
                     r = poll_fn(|cx| pump.poll_pump(cx, sock, &mut conn.stream)) => Wake::Pump(r),
-                    _ = w.stopping.fired(), if !self.draining => Wake::Shutdown,
-                    _ = w.kill.fired() => Wake::Killed,
-                    _ = between::home_ended(w.home) => Wake::HomeEnded,
                     _ = w.idle_timer.as_mut(), if w.timed => Wake::IdleCheck,
                 }
             };

@@ -95,27 +95,14 @@ impl HomeSignal {
         self.waker.wake();
     }
 
-    /// Resolves once an administrator ended the home backend (the client's session ends too).
-    pub fn ended(&self) -> Ended<'_> {
-        Ended(self)
+    /// Whether an administrator ended the home backend.
+    pub fn is_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
     }
-}
 
-/// [`HomeSignal::ended`]: a future the size of a reference, polled on every wake of the relay.
-pub struct Ended<'a>(&'a HomeSignal);
-
-impl std::future::Future for Ended<'_> {
-    type Output = ();
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.0.ended.load(Ordering::Acquire) {
-            return std::task::Poll::Ready(());
-        }
-        self.0.waker.register(cx.waker());
-        if self.0.ended.load(Ordering::Acquire) {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
+    /// Wake `waker` when the home backend is ended (it fires once: one registration is enough).
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
     }
 }
 

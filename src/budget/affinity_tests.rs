@@ -32,11 +32,23 @@ fn a_zero_window_shields_everyone_and_homes_leave_with_their_clients() {
 }
 
 #[tokio::test]
-async fn the_ended_future_wakes_its_relay() {
+async fn an_ended_home_wakes_the_relay_registered_once() {
     let a = Arc::new(Affinity::default());
     let h = a.home(11);
     let signal = h.signal.clone();
-    let waiter = tokio::spawn(async move { signal.ended().await });
+    // Registered on the first poll only, as the relay does: the signal fires once.
+    let mut registered = false;
+    let waiter = tokio::spawn(std::future::poll_fn(move |cx| {
+        if !registered {
+            signal.register(cx.waker());
+            registered = true;
+        }
+        if signal.is_ended() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }));
     tokio::task::yield_now().await;
     assert!(!waiter.is_finished());
     assert_eq!(a.terminated(11, Duration::from_secs(10)), 1);

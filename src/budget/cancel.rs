@@ -6,6 +6,7 @@
 //! checkout it was looked up in; the relay detaches a server only after the checkout's cancels are done
 //! (Postgres has signalled the backend, which ignores a cancel that arrives while it is idle).
 
+use crate::budget::handoff::HandOff;
 use dashmap::DashMap;
 use rand::Rng;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -72,7 +73,34 @@ struct Entry {
     /// The last checkout's flight count, kept for the next when no cancel held it (one allocation per client).
     spare: Option<Arc<Flights>>,
     /// Set while the client waits in a pool queue: a cancel wakes it instead of a backend.
-    queued: Option<Arc<Notify>>,
+    queued: Option<QueuedWake>,
+}
+
+/// How a cancel reaches a queued client: the notifier of a checkout future, or the hand-off slot the relay
+/// loop waits on.
+#[derive(Clone)]
+pub enum QueuedWake {
+    Notify(Arc<Notify>),
+    Hand(Arc<HandOff>),
+}
+
+impl QueuedWake {
+    /// The client's wait is abandoned.
+    pub fn wake(&self) {
+        match self {
+            QueuedWake::Notify(n) => n.notify_one(),
+            QueuedWake::Hand(h) => h.cancel(),
+        }
+    }
+}
+
+impl std::fmt::Debug for QueuedWake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            QueuedWake::Notify(_) => "QueuedWake::Notify",
+            QueuedWake::Hand(_) => "QueuedWake::Hand",
+        })
+    }
 }
 
 /// What a valid CancelRequest reaches.
@@ -81,7 +109,7 @@ pub enum CancelTarget {
     /// The backend running the client's query; the guard holds that checkout until the cancel is sent.
     Server(ServerKey, InFlight),
     /// The client is queued for a server: its wait is abandoned.
-    Queued(Arc<Notify>),
+    Queued(QueuedWake),
 }
 
 /// All live client keys of the process, by (pid, secret): in transaction mode clients homed on one server
@@ -203,19 +231,19 @@ impl ClientKey {
     }
 
     /// Mark the client as queued (a fresh notifier per wait) or, with `None`, as no longer queued.
-    pub fn queued(&self, wake: Option<Arc<Notify>>) {
+    pub fn queued(&self, wake: Option<QueuedWake>) {
         self.registry.set_queued(self.slot(), wake);
     }
 
     /// Mark the client as queued until the returned mark is dropped (a fresh notifier per wait).
-    pub fn mark_queued(&self, wake: Arc<Notify>) -> QueuedMark {
+    pub fn mark_queued(&self, wake: QueuedWake) -> QueuedMark {
         self.queued(Some(wake));
         QueuedMark { registry: self.registry.clone(), slot: self.slot() }
     }
 }
 
 impl CancelRegistry {
-    fn set_queued(&self, slot: u64, wake: Option<Arc<Notify>>) {
+    fn set_queued(&self, slot: u64, wake: Option<QueuedWake>) {
         if let Some(mut e) = self.map.get_mut(&slot) {
             e.queued = wake;
         }
@@ -265,7 +293,7 @@ mod tests {
         assert!(reg.lookup(k.pid, k.secret.wrapping_add(1)).is_none());
         assert!(k.detach().is_none(), "no cancel in flight");
         assert!(reg.lookup(k.pid, k.secret).is_none());
-        k.queued(Some(Arc::new(Notify::new())));
+        k.queued(Some(QueuedWake::Notify(Arc::new(Notify::new()))));
         assert!(matches!(reg.lookup(k.pid, k.secret), Some(CancelTarget::Queued(_))));
         k.queued(None);
         assert!(reg.lookup(k.pid, k.secret).is_none());

@@ -161,7 +161,7 @@ pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Resu
     // This client joins the queue (the pool counts it once its wait starts).
     pool.metrics.high_water.clients_waiting(pool.status().waiting as u32 + 1);
     let wake = Arc::new(Notify::new());
-    w.key.queued(Some(wake.clone()));
+    w.key.queued(Some(crate::budget::cancel::QueuedWake::Notify(wake.clone())));
     let _queued = Queued(w.key);
     let s = &b.settings;
     let get = checkout_by(pool, started + s.checkout_timeout, w.home);

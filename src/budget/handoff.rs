@@ -23,6 +23,8 @@ pub struct HandOff {
     waker: AtomicWaker,
     /// Taken out of the queue by whoever delivered (changed under the queue's lock).
     popped: AtomicBool,
+    /// A CancelRequest for the waiting client arrived: its wait is abandoned.
+    cancelled: AtomicBool,
 }
 
 impl HandOff {
@@ -30,10 +32,21 @@ impl HandOff {
         self.server.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Ready once a server was handed over or the waiter told to try again (see [`Waiters::leave`]).
+    /// The waiting client sent a CancelRequest.
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::Acquire)
+    }
+
+    /// Ready once a server was handed over, the waiter told to try again (see [`Waiters::leave`]) or
+    /// cancelled.
     pub fn poll_handed(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.waker.register(cx.waker());
-        if self.retry.load(Ordering::Acquire) || self.lock().is_some() {
+        if self.retry.load(Ordering::Acquire) || self.is_cancelled() || self.lock().is_some() {
             Poll::Ready(())
         } else {
             Poll::Pending

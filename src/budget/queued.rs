@@ -5,7 +5,7 @@
 //! with the same admission place and start.
 
 use crate::budget::admission::Hold;
-use crate::budget::cancel::{ClientKey, QueuedMark};
+use crate::budget::cancel::{ClientKey, QueuedMark, QueuedWake};
 use crate::budget::checkout::{decide, shed, Who};
 use crate::budget::handoff::HandOff;
 use crate::budget::pool::{PooledConn, ServicePool};
@@ -15,7 +15,6 @@ use crate::telemetry::labels::Decision;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::sync::Notify;
 
 /// How long a queued checkout waits for a hand-off before it looks at the pool itself (a server dropped
 /// without a word is found at the recheck).
@@ -31,8 +30,6 @@ pub struct QueuedCheckout {
     left: bool,
     place: u64,
     _mark: QueuedMark,
-    /// A CancelRequest for the client wakes this: the wait is abandoned.
-    pub cancel: Arc<Notify>,
     pub started: Instant,
     deadline: Instant,
     /// When the client is told where it stands (`None`: told, or not to be told).
@@ -86,15 +83,13 @@ impl ServicePool {
         self.metrics.high_water.clients_waiting(self.status().waiting as u32);
         let s = &b.settings;
         let notice_at = (may_notice && !s.notice_after.is_zero()).then(|| started + s.notice_after);
-        let cancel = Arc::new(Notify::new());
         Some(Ok(Box::new(QueuedCheckout {
             pool: self.clone(),
-            hand,
+            hand: hand.clone(),
             hold: Some(hold),
             left: false,
             place: self.admission.join(),
-            _mark: key.mark_queued(cancel.clone()),
-            cancel,
+            _mark: key.mark_queued(QueuedWake::Hand(hand.clone())),
             started,
             deadline: started + s.checkout_timeout,
             notice_at,
@@ -104,9 +99,15 @@ impl ServicePool {
 }
 
 impl QueuedCheckout {
-    /// Ready once a server was handed over, or the checkout should look at the pool again (one closed).
+    /// Ready once a server was handed over, the checkout should look at the pool again (one closed), or
+    /// the client cancelled ([`Self::cancelled`]).
     pub fn poll_handed(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.hand.poll_handed(cx)
+    }
+
+    /// A CancelRequest for the client arrived: the wait is abandoned.
+    pub fn cancelled(&self) -> bool {
+        self.hand.is_cancelled()
     }
 
     /// When the relay's timer should fire next for this checkout.

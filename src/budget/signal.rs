@@ -56,6 +56,11 @@ impl Listener {
     pub fn is_fired(&self) -> bool {
         self.signal.is_fired()
     }
+
+    /// Wake `waker` when the signal fires (it fires once: one registration is enough).
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
 }
 
 /// [`Listener::fired`]: a future the size of a reference.

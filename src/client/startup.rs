@@ -110,7 +110,7 @@ pub(crate) async fn forward_cancel(app: &App, pid: i32, secret: i32) {
             drop(in_flight);
         }
         Some(CancelTarget::Queued(wake)) => {
-            wake.notify_one();
+            wake.wake();
             info!("cancel request ended a queued client's wait");
         }
         None => debug!("cancel request for an unknown or idle key ignored"),

@@ -16,6 +16,7 @@ use crate::protocol::sqlstate::SUCCESSFUL_COMPLETION;
 use crate::protocol::{self, Severity};
 use std::future::poll_fn;
 use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Sleep;
@@ -25,10 +26,7 @@ const SHRINK_AFTER: Duration = Duration::from_secs(1);
 
 /// What the relay loop waits on besides its client and server, kept across its turns.
 pub(super) struct Watches<'a> {
-    pub stopping: &'a Listener,
-    pub kill: &'a Listener,
-    /// Transaction mode: the backend whose pid this client was told (an administrator may end it).
-    pub home: Option<&'a HomeSignal>,
+    pub signals: Signals<'a>,
     /// The idle limits; re-armed from the last activity on every turn.
     pub idle_timer: Pin<&'a mut Sleep>,
     /// Between servers: when an idle client's buffers go back, or when a queued checkout is due.
@@ -39,11 +37,55 @@ pub(super) struct Watches<'a> {
     pub queued: Option<Box<QueuedCheckout>>,
 }
 
-/// Resolves once the client's home backend was ended (never without one).
-pub(super) async fn home_ended(home: Option<&HomeSignal>) {
-    match home {
-        Some(h) => h.ended().await,
-        None => std::future::pending().await,
+/// The one-shot signals that end or drain a session.
+pub(super) struct Signals<'a> {
+    pub stopping: &'a Listener,
+    pub kill: &'a Listener,
+    /// Transaction mode: the backend whose pid this client was told (an administrator may end it).
+    pub home: Option<&'a HomeSignal>,
+    /// The task waker the signals were given (each fires once, so it is registered only when it changes).
+    pub registered: Option<Waker>,
+}
+
+/// Which signal fired.
+pub(super) enum Signalled {
+    Stopping,
+    Killed,
+    HomeEnded,
+}
+
+impl Signals<'_> {
+    /// Ready once shutdown began (looked at only when `stopping`), the pool was killed, or the home backend
+    /// ended. One branch of the loop's `select!` for all three, and no registration on an unchanged waker.
+    pub fn poll(&mut self, cx: &mut Context<'_>, stopping: bool) -> Poll<Signalled> {
+        if !self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.stopping.register(cx.waker());
+            self.kill.register(cx.waker());
+            if let Some(h) = self.home {
+                h.register(cx.waker());
+            }
+            self.registered = Some(cx.waker().clone());
+        }
+        if stopping && self.stopping.is_fired() {
+            Poll::Ready(Signalled::Stopping)
+        } else if self.kill.is_fired() {
+            Poll::Ready(Signalled::Killed)
+        } else if self.home.is_some_and(HomeSignal::is_ended) {
+            Poll::Ready(Signalled::HomeEnded)
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Signalled {
+    /// How the loop ends for it, between servers.
+    fn outcome(self) -> Result<Step, ProxyError> {
+        match self {
+            Signalled::Stopping => Ok(Step::Done(Outcome::ShuttingDown)),
+            Signalled::Killed => Err(ProxyError::Killed),
+            Signalled::HomeEnded => Err(ProxyError::HomeTerminated),
+        }
     }
 }
 
@@ -63,7 +105,7 @@ impl Relay {
         sock: &mut C,
         w: &mut Watches<'_>,
     ) -> Result<Step, ProxyError> {
-        if self.draining || w.stopping.is_fired() {
+        if self.draining || w.signals.stopping.is_fired() {
             return Ok(Step::Done(Outcome::ShuttingDown));
         }
         if let Some(q) = w.queued.take() {
@@ -86,9 +128,8 @@ impl Relay {
             }
             let timed = w.timed;
             let wake = tokio::select! {
-                _ = w.stopping.fired() => return Ok(Step::Done(Outcome::ShuttingDown)),
-                _ = w.kill.fired() => return Err(ProxyError::Killed),
-                _ = home_ended(w.home) => return Err(ProxyError::HomeTerminated),
+                biased;
+                s = poll_fn(|cx| w.signals.poll(cx, true)) => return s.outcome(),
                 r = poll_fn(|cx| self.pump.poll_client_fill(cx, sock, want)) => r.map(|()| Event::Report),
                 _ = w.spare_timer.as_mut(), if shrink => {
                     self.pump.shrink();
@@ -154,7 +195,6 @@ impl Relay {
     ) -> Result<Step, ProxyError> {
         enum Wake {
             Handed,
-            Cancelled,
             Client(Result<(), super::pump::PumpError>),
             Due,
         }
@@ -165,17 +205,16 @@ impl Relay {
         let wake = {
             let pump = &mut self.pump;
             tokio::select! {
-                _ = w.stopping.fired() => return Ok(Step::Done(Outcome::ShuttingDown)),
-                _ = w.kill.fired() => return Err(ProxyError::Killed),
-                _ = home_ended(w.home) => return Err(ProxyError::HomeTerminated),
+                biased;
+                s = poll_fn(|cx| w.signals.poll(cx, true)) => return s.outcome(),
                 _ = poll_fn(|cx| q.poll_handed(cx)) => Wake::Handed,
-                _ = q.cancel.notified() => Wake::Cancelled,
                 r = poll_fn(|cx| pump.poll_client_watch(cx, sock)) => Wake::Client(r),
                 _ = w.spare_timer.as_mut() => Wake::Due,
             }
         };
         let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
         let attached = match wake {
+            Wake::Handed if q.cancelled() => Err(q.fail(&who, ProxyError::QueuedCancel)),
             Wake::Handed => match (q.started, q.take(&who)) {
                 (started, Ok((conn, hold))) => {
                     self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
@@ -183,7 +222,6 @@ impl Relay {
                 }
                 (_, Err(resumed)) => Box::pin(self.attach(sock, Some(resumed))).await,
             },
-            Wake::Cancelled => Err(q.fail(&who, ProxyError::QueuedCancel)),
             Wake::Client(Err(e)) => {
                 q.fail(&who, ProxyError::QueuedCancel);
                 return Err(self.pump_error(e));

@@ -3,7 +3,7 @@
 //! quote, backslash or `U&` escape that could hide one, has no effect. One pass of an automaton over the
 //! bytes, instead of a comparison per word.
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind};
+use aho_corasick::AhoCorasick;
 use std::sync::LazyLock;
 
 /// Every word the scan acts on contains one of these (`reset` and `set_config` contain `set`, `unlisten`
@@ -28,14 +28,9 @@ const TRIGGERS: &[&str] = &[
     "\\",
 ];
 
-/// Built once: immutable, shared by every client. A full DFA (one table lookup per byte; the patterns have
-/// too many first bytes for a prefilter to skip ahead) — the default choice cost about 17 instructions a byte.
+/// Built once: immutable, shared by every client.
 static AUTOMATON: LazyLock<AhoCorasick> = LazyLock::new(|| {
-    AhoCorasick::builder()
-        .ascii_case_insensitive(true)
-        .kind(Some(AhoCorasickKind::DFA))
-        .build(TRIGGERS)
-        .expect("fixed patterns build")
+    AhoCorasick::builder().ascii_case_insensitive(true).build(TRIGGERS).expect("fixed patterns build")
 });
 
 /// Whether `sql` may have an effect: `false` only where the full scan finds none.
