@@ -34,6 +34,9 @@ pub struct Admission {
     params: ArcSwap<Params>,
     holding: Arc<AtomicU32>,
     queue: Mutex<BTreeSet<u64>>,
+    /// Checkouts waiting as the relay loop's own state ([`crate::budget::queued`]): counted, not ordered here
+    /// (their order is the hand-off queue's).
+    native: AtomicU32,
     next_ticket: AtomicU64,
     started: Instant,
     last_warn: AtomicU64,
@@ -73,6 +76,7 @@ impl Admission {
             params: ArcSwap::from_pointee(Params::new(cfg, share)),
             holding: Arc::new(AtomicU32::new(0)),
             queue: Mutex::new(BTreeSet::new()),
+            native: AtomicU32::new(0),
             next_ticket: AtomicU64::new(0),
             started: Instant::now(),
             last_warn: AtomicU64::new(0),
@@ -107,7 +111,16 @@ impl Admission {
     }
 
     pub fn waiting(&self) -> u32 {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).len() as u32
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).len() as u32 + self.native.load(Ordering::Relaxed)
+    }
+
+    /// A checkout queued in the relay loop joins (`true`) or leaves (`false`) the waiting clients.
+    pub fn native_waiting(&self, joins: bool) {
+        if joins {
+            self.native.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.native.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     pub fn record(&self, d: Decision) {
@@ -171,26 +184,19 @@ impl Admission {
         QueueTicket { adm: self, id: self.join() }
     }
 
-    /// Join the wait queue without a guard: the caller owns the place and gives it back with [`Self::quit`].
-    pub fn join(&self) -> u64 {
+    fn join(&self) -> u64 {
         let id = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
         id
     }
 
-    /// Leave the wait queue (place `id`, from [`Self::join`]).
-    pub fn quit(&self, id: u64) {
+    fn quit(&self, id: u64) {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 
     /// Clients queued before this ticket and still waiting.
     pub fn ahead(&self, t: &QueueTicket<'_>) -> usize {
-        self.ahead_of(t.id)
-    }
-
-    /// Clients queued before place `id` and still waiting.
-    pub fn ahead_of(&self, id: u64) -> usize {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).range(..id).count()
+        self.queue.lock().unwrap_or_else(|e| e.into_inner()).range(..t.id).count()
     }
 }
 

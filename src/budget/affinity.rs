@@ -225,6 +225,11 @@ impl Affinity {
         lock(&self.idle).waiters.leave(w)
     }
 
+    /// How many checkouts wait for a server ahead of `w`.
+    pub fn ahead_of(&self, w: &Arc<HandOff>) -> usize {
+        lock(&self.idle).waiters.ahead_of(w)
+    }
+
     /// Checkouts waiting for a server now.
     pub fn waiting(&self) -> usize {
         lock(&self.idle).waiters.len()

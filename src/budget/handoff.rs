@@ -73,6 +73,11 @@ impl Waiters {
         self.queue.is_empty()
     }
 
+    /// How many waiters are ahead of `w` (all of them when it is not queued).
+    pub fn ahead_of(&self, w: &Arc<HandOff>) -> usize {
+        self.queue.iter().position(|q| Arc::ptr_eq(q, w)).unwrap_or(self.queue.len())
+    }
+
     fn pop(&mut self) -> Option<Arc<HandOff>> {
         let w = self.queue.pop_front()?;
         w.popped.store(true, Ordering::Relaxed);

@@ -2,7 +2,7 @@
 //! own: the relay loop polls its hand-off slot beside the client, the loop's timer serves as its deadline.
 //! This is the common wait at a full share (every server busy, nothing to open, the pool not paused); any
 //! other case — or a recheck, or a server that closed — continues in [`crate::budget::checkout::acquire`]
-//! with the same admission place and start.
+//! with the same admission hold and start.
 
 use crate::budget::admission::Hold;
 use crate::budget::cancel::{ClientKey, QueuedMark, QueuedWake};
@@ -21,14 +21,13 @@ use std::time::{Duration, Instant};
 const RECHECK: Duration = Duration::from_secs(1);
 
 /// An admitted checkout in its pool's hand-off queue. Dropping it leaves the queue (a server handed over
-/// meanwhile goes to the next waiter), the admission queue and the cancel registry's mark.
+/// meanwhile goes to the next waiter), the count of waiting clients and the cancel registry's mark.
 pub struct QueuedCheckout {
     pool: Arc<ServicePool>,
     hand: Arc<HandOff>,
     hold: Option<Hold>,
     /// Out of the hand-off queue already.
     left: bool,
-    place: u64,
     _mark: QueuedMark,
     pub started: Instant,
     deadline: Instant,
@@ -79,6 +78,7 @@ impl ServicePool {
         if !self.pool.manager().affinity.enqueue(&hand) {
             return None; // a server was parked meanwhile
         }
+        self.admission.native_waiting(true);
         let started = Instant::now();
         self.metrics.high_water.clients_waiting(self.status().waiting as u32);
         let s = &b.settings;
@@ -88,7 +88,6 @@ impl ServicePool {
             hand: hand.clone(),
             hold: Some(hold),
             left: false,
-            place: self.admission.join(),
             _mark: key.mark_queued(QueuedWake::Hand(hand.clone())),
             started,
             deadline: started + s.checkout_timeout,
@@ -127,7 +126,7 @@ impl QueuedCheckout {
             return Due::Notice(format!(
                 "pgbudget: queued for a server connection of service \"{}\" ({} ahead; share {}, waiting up to {} ms)",
                 b.name,
-                self.pool.admission.ahead_of(self.place),
+                self.pool.pool.manager().affinity.ahead_of(&self.hand),
                 self.pool.share(),
                 b.settings.checkout_timeout.as_millis()
             ));
@@ -138,7 +137,7 @@ impl QueuedCheckout {
         Due::Wait
     }
 
-    /// The server handed over, with the admission place, and the decision counted; `Err`: none was
+    /// The server handed over, with the admission hold, and the decision counted; `Err`: none was
     /// (the checkout was told to look again), continue with `acquire`.
     pub fn take(mut self, who: &Who<'_>) -> Result<(PooledConn, Hold), Resumed> {
         self.left = true;
@@ -182,6 +181,6 @@ impl Drop for QueuedCheckout {
                 self.pool.put_back(c);
             }
         }
-        self.pool.admission.quit(self.place);
+        self.pool.admission.native_waiting(false);
     }
 }

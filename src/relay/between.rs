@@ -37,6 +37,20 @@ pub(super) struct Watches<'a> {
     pub queued: Option<Box<QueuedCheckout>>,
 }
 
+impl Watches<'_> {
+    /// Have the spare timer fire by `at`. Lazily: one that fires sooner and has not fired yet is left as it
+    /// is (the turn it wakes finds nothing due and arms it again), so a busy client does not move a timer in
+    /// the runtime's wheel on every transaction. Giving buffers back early (a busy client idles between two
+    /// transactions when it fires) costs at most one re-allocation a second.
+    fn arm_spare(&mut self, at: Instant) {
+        let armed: Instant = self.spare_timer.deadline().into();
+        let now = Instant::now();
+        if armed <= now || armed > at {
+            self.spare_timer.as_mut().reset(at.into());
+        }
+    }
+}
+
 /// The one-shot signals that end or drain a session.
 pub(super) struct Signals<'a> {
     pub stopping: &'a Listener,
@@ -124,7 +138,7 @@ impl Relay {
         if (self.pump.next_client_kind().is_none() || want > 5) && !self.pump.client_eof() {
             let shrink = self.pump.holds_buffers();
             if shrink {
-                w.spare_timer.as_mut().reset((Instant::now() + SHRINK_AFTER).into());
+                w.arm_spare(Instant::now() + SHRINK_AFTER);
             }
             let timed = w.timed;
             let wake = tokio::select! {
@@ -198,10 +212,8 @@ impl Relay {
             Client(Result<(), super::pump::PumpError>),
             Due,
         }
-        let due = q.next_due().into();
-        if w.spare_timer.deadline() != due {
-            w.spare_timer.as_mut().reset(due);
-        }
+        let due = q.next_due();
+        w.arm_spare(due);
         let wake = {
             let pump = &mut self.pump;
             tokio::select! {

@@ -228,7 +228,7 @@ pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnSta
 
 /// Where a client message's C strings end: (first, rest).
 pub(super) fn split_cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = b.iter().position(|c| *c == 0)?;
+    let end = memchr::memchr(0, b)?;
     Some((&b[..end], &b[end + 1..]))
 }
 
