@@ -2,7 +2,7 @@
 //! delete the files no snapshot references any more. Run by `pgbudget lake maintain` and, every
 //! `lake.maintenance_interval`, by the proxy ([`spawn_maintenance`]).
 //!
-//! - Connections: the statements run on the reader's connection, under its lock ([`LakeReader::with_conn`]), so
+//! - Connections: the statements run on the reader's connection, under its lock ([`super::reader::LakeReader::with_conn`]), so
 //!   reader + flush thread + maintenance stay within the process's 2 catalog connections (acquire mode `wait`:
 //!   the flush thread waits for a free one instead of opening a third). Reader queries wait while it runs.
 //! - One process at a time: with a Postgres catalog shared by several processes, maintenance first takes

@@ -144,12 +144,8 @@ impl Relay {
     /// takes that server; [`Self::await_server`] waits while another client has it.
     pub(super) fn wanted_server(&mut self) -> Option<i32> {
         let home = self.home.as_ref().map(|h| h.pid)?;
-        let affinity = &self.pool.pool.manager().affinity;
-        // The common case needs no scan: the home is idle and was the last server used, so the checkout takes
-        // it anyway, whichever of the two a statement would want.
-        if (self.last_pid == 0 || self.last_pid == home) && affinity.is_parked(home) {
-            return None;
-        }
+        // The scan (two byte searches) comes first: most statements name neither, and need no look at the
+        // parked servers.
         let cin: &[u8] = &self.pump.cin;
         let want = if mentions_backend_pid(cin) {
             home
@@ -163,7 +159,7 @@ impl Relay {
             return None;
         };
         self.prefer = Some(want);
-        (!affinity.is_parked(want)).then_some(want)
+        (!self.pool.pool.manager().affinity.is_parked(want)).then_some(want)
     }
 
     /// Wait (up to `checkout_timeout`) for server `pid` to be parked again, while it lives.

@@ -84,7 +84,7 @@ pub struct Seen {
     pub idle_ready: u32,
     /// ReadyForQuery messages of any status (a point to report counts at).
     pub ready: u32,
-    /// (SQLSTATE, message) of ErrorResponses, at most [`MAX_ERRORS`].
+    /// (SQLSTATE, message) of ErrorResponses, at most `MAX_ERRORS`.
     pub errors: Vec<(String, String)>,
     /// ParameterStatus reports.
     pub params: Vec<(String, String)>,

@@ -67,6 +67,9 @@ impl Relay {
                 m.tx_duration.observe(t.elapsed().as_secs_f64());
             }
         }
+        if seen.errors.is_empty() {
+            return;
+        }
         let b = self.pool.budget();
         let route = self.pool.route.as_str();
         for (code, message) in seen.errors.drain(..) {

@@ -4,7 +4,7 @@
 //! first when it lacks them); a client Close of a statement or a Parse the server already has becomes a
 //! Close of a name nobody has, whose CloseComplete arrives exactly where the client's reply is due; a
 //! statement that must be refused is replaced by one that fails at once, whose error is replaced by the
-//! proxy's. Every such message is tagged in the [`TxState`], so the server side knows, at each reply's
+//! proxy's. Every such message is tagged in the [`crate::relay::txstate::TxState`], so the server side knows, at each reply's
 //! header, whether it is the proxy's to swallow, to rename or to replace — and errors, skips to Sync and
 //! transaction aborts happen on the server exactly as they would have for the client's own messages.
 
@@ -12,106 +12,20 @@ use super::{Pump, PumpError};
 use crate::error::ProxyError;
 use crate::protocol::{self, Severity};
 use crate::relay::classify::{self, Effects};
-use crate::relay::txstate::TxState;
-use crate::server::statements::{
-    ClientStatements, Registry, ServerStatements, Stmt, MAX_CLIENT_BYTES, MAX_PER_CLIENT, NOBODY, PREFIX,
-};
+use crate::server::statements::{Stmt, MAX_CLIENT_BYTES, MAX_PER_CLIENT, NOBODY, PREFIX};
 use bytes::{BufMut, Bytes, BytesMut};
-use prometheus::IntCounter;
-use std::collections::VecDeque;
 use std::sync::Arc;
+
+mod actions;
+mod local;
+mod statements;
+pub use actions::{settle, Action, Actions};
+pub use statements::TxnStatements;
 
 /// A statement name that never exists: a stand-in Parse of it fails without touching the unnamed statement.
 const REFUSED: &str = "pgbudget__refused";
 /// Text that fails in Parse and Query alike, before anything runs.
 const FAILS: &str = ")";
-
-/// Transaction mode's statement state of one client.
-pub struct TxnStatements {
-    pub registry: Arc<Registry>,
-    pub client: ClientStatements,
-    /// The attached server's statements (moved in at checkout, back at release).
-    pub server: ServerStatements,
-    /// `max_prepared_statements` (0: names pass through unmapped).
-    pub max_per_server: usize,
-    /// The client's `search_path` (part of a statement's identity).
-    pub search_path: String,
-    /// `pin = "refuse"`, and the service to name in the refusal.
-    pub refuse_pins: bool,
-    pub service: String,
-    pub hits: IntCounter,
-    pub misses: IntCounter,
-    pub evictions: IntCounter,
-    /// Statements bound since the server last had nothing owed ("cached plan must not change result type"
-    /// retires them).
-    pub bound: Vec<Arc<Stmt>>,
-    /// The client's unnamed statement (Parse body after the name), which it may bind in a later transaction
-    /// on another server, and whether the attached server has it.
-    pub unnamed: Option<Bytes>,
-    pub unnamed_here: bool,
-    /// A shape check is running: client messages wait for it.
-    pub holding: bool,
-    /// The statement last checked in this checkout.
-    pub checked: Option<u64>,
-}
-
-impl TxnStatements {
-    /// Statement state with counters registered nowhere (tests, fuzzing, benchmarks).
-    pub fn detached(registry: Arc<Registry>, max_per_server: usize) -> TxnStatements {
-        let counter = |n: &str| IntCounter::new(n, n).expect("valid counter");
-        TxnStatements {
-            registry,
-            client: Default::default(),
-            server: Default::default(),
-            max_per_server,
-            search_path: String::new(),
-            refuse_pins: false,
-            service: "test".into(),
-            hits: counter("hits"),
-            misses: counter("misses"),
-            evictions: counter("evictions"),
-            bound: Vec::new(),
-            unnamed: None,
-            unnamed_here: false,
-            holding: false,
-            checked: None,
-        }
-    }
-
-    /// Record `stmt` as prepared on the server (a miss); returns the statement to close to make room.
-    fn take_slot(&mut self, stmt: &Arc<Stmt>) -> Option<u64> {
-        self.misses.inc();
-        self.server.remember(stmt);
-        let victim = self.server.insert(stmt.id, self.max_per_server);
-        if victim.is_some() {
-            self.evictions.inc();
-        }
-        victim
-    }
-}
-
-/// What the proxy does with the reply to a tagged message.
-pub enum Action {
-    /// A Parse or Close the proxy injected: its ParseComplete/CloseComplete is swallowed (an error goes to
-    /// the client, as its own next message's). `prepared`: the statement to forget if the Parse fails.
-    Swallow { prepared: Option<u64> },
-    /// An injected Close of the least recently used statement: swallowed like [`Action::Swallow`]; skipped
-    /// after an error, the server still has it.
-    Evict(u64),
-    /// A client's Parse of a named statement (naming generation `gen`), sent as a Parse of the pool's.
-    Parse { id: u64, gen: u64, name: String },
-    /// A stand-in that fails: the server's error is replaced by this one.
-    Refuse(Bytes),
-    /// A client's Describe of a pool statement: its RowDescription is the statement's shape.
-    Describe { gen: u64 },
-    /// A Describe the proxy injected after re-preparing a statement on another server, whose replies are
-    /// swallowed and compared with the statement's shape; the client's Bind waits for it.
-    Check { gen: u64 },
-    /// A client Close of its statement (answered by a Close of nobody): skipped after an error, the client
-    /// still has the statement.
-    /// `void`: the Parse that created it failed, so there is nothing to give back.
-    Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool },
-}
 
 /// What a Bind or Describe of a statement name becomes ([`Pump::target`]).
 enum Target {
@@ -127,103 +41,6 @@ enum Use {
     Bind,
     BigBind,
     Describe,
-}
-
-/// Tagged actions in the order of their messages.
-#[derive(Default)]
-pub struct Actions {
-    queue: VecDeque<(u32, Action)>,
-    next: u32,
-}
-
-impl Actions {
-    fn push(&mut self, action: Action) -> u32 {
-        self.next = self.next.wrapping_add(1).max(1);
-        self.queue.push_back((self.next, action));
-        self.next
-    }
-
-    /// The action of the message the next reply belongs to.
-    pub fn head(&self, tx: &TxState) -> Option<&Action> {
-        let tag = tx.head_tag();
-        match self.queue.front() {
-            Some((t, a)) if tag != 0 && *t == tag => Some(a),
-            _ => None,
-        }
-    }
-
-    pub fn clear(&mut self) {
-        self.queue.clear();
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    fn contains_check(&self) -> bool {
-        self.queue.iter().any(|(_, a)| matches!(a, Action::Check { .. }))
-    }
-}
-
-impl Action {
-    /// What this message does to the server's statements if it succeeds: (statement, prepared or closed).
-    fn server_effect(&self) -> Option<(u64, bool)> {
-        match self {
-            Action::Swallow { prepared: Some(id) } | Action::Parse { id, .. } => Some((*id, true)),
-            Action::Evict(id) => Some((*id, false)),
-            _ => None,
-        }
-    }
-}
-
-/// Settle what the server finished: a Parse that failed or was skipped created nothing, a Close that was
-/// skipped closed nothing; the server's statements are then rebuilt from what it confirmed.
-pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnStatements>) {
-    if !tx.has_finished() {
-        return;
-    }
-    let mut stmts = stmts;
-    let mut failed = false;
-    for (tag, ok) in tx.take_finished() {
-        while let Some((t, action)) = actions.queue.pop_front() {
-            if t != tag {
-                continue; // its message was dropped from the model (it cannot be answered any more)
-            }
-            let Some(s) = stmts.as_deref_mut() else { break };
-            if matches!(action, Action::Check { .. }) {
-                s.holding = false; // compared at its RowDescription, or its Parse failed: the Bind goes on
-            }
-            if ok {
-                if let Some((id, prepared)) = action.server_effect() {
-                    s.server.confirm(id, prepared);
-                }
-                if let Action::Close { gen, .. } = action {
-                    s.client.drop_gen(gen);
-                }
-                break;
-            }
-            failed = true;
-            match action {
-                Action::Parse { gen, name, .. } => {
-                    s.client.forget(&name, gen);
-                    // A Close of it sent after it closes nothing.
-                    for (_, a) in actions.queue.iter_mut() {
-                        if let Action::Close { gen: g, void, .. } = a {
-                            if *g == gen {
-                                *void = true;
-                            }
-                        }
-                    }
-                }
-                Action::Close { name, stmt, gen, void: false } => s.client.restore(name, stmt, gen),
-                _ => {}
-            }
-            break;
-        }
-    }
-    if let (true, Some(s)) = (failed, stmts) {
-        s.server.rebuild(actions.queue.iter().filter_map(|(_, a)| a.server_effect()));
-    }
 }
 
 /// Where a client message's C strings end: (first, rest).
@@ -636,74 +453,7 @@ impl Pump {
         self.note_bound(stmt);
         Ok(Some(consumed))
     }
-
-    /// With no server held: a batch of named Parses and a Sync (libpq's `PQprepare`) is answered by the
-    /// proxy, without a server — the statements are prepared on whichever server first binds or describes
-    /// them (so a bad one fails there). Holding no server for it matters: a client that prepares while the
-    /// share is busy would otherwise wait for a server only to parse. `Some(true)`: answered (replies are
-    /// in the client buffer); `Some(false)`: not such a batch; `None`: more bytes are needed to tell.
-    pub fn answer_parses(&mut self) -> Option<bool> {
-        if !self.mapping() || self.cin.len() > 4 * HOLD_MAX_LOCAL {
-            return Some(false);
-        }
-        let mut pos = 0;
-        let mut count = 0;
-        let mut names = Vec::new();
-        loop {
-            let head = self.cin.get(pos..pos + 5)?;
-            let kind = head[0];
-            let len = i32::from_be_bytes([head[1], head[2], head[3], head[4]]);
-            if len < 4 || len as usize > HOLD_MAX_LOCAL {
-                return Some(false);
-            }
-            let end = pos + 1 + len as usize;
-            match kind {
-                b'S' if len == 4 && count > 0 => {
-                    pos = end;
-                    break;
-                }
-                b'P' => {
-                    let msg = self.cin.get(pos..end)?;
-                    let Some((name, tail)) = split_cstr(&msg[5..]) else { return Some(false) };
-                    let Some((text, _)) = split_cstr(tail) else { return Some(false) };
-                    let s = self.stmts.as_ref().expect("mapping");
-                    // A name the client has, or one this batch names twice (the server says 42P05 then).
-                    let taken = std::str::from_utf8(name).map_or(true, |n| s.client.get(n).is_some())
-                        || names.iter().any(|r: &std::ops::Range<usize>| self.cin[r.clone()] == *name);
-                    if name.is_empty()
-                        || taken
-                        || s.client.len() + count >= MAX_PER_CLIENT
-                        || s.client.bytes() + pos + msg.len() > MAX_CLIENT_BYTES
-                        || classify::classify(text, self.backslash_quotes).needs_probe()
-                    {
-                        return Some(false);
-                    }
-                    count += 1;
-                    names.push(pos + 5..pos + 5 + name.len());
-                    pos = end;
-                }
-                _ => return Some(false),
-            }
-        }
-        let batch = self.cin.split_to(pos);
-        let s = self.stmts.as_mut().expect("mapping");
-        let mut at = 0;
-        while at < batch.len() && batch[at] == b'P' {
-            let len = i32::from_be_bytes([batch[at + 1], batch[at + 2], batch[at + 3], batch[at + 4]]) as usize;
-            if let Some((name, tail)) = split_cstr(&batch[at + 5..at + 1 + len]) {
-                let stmt = s.registry.intern(tail, &s.search_path);
-                s.client.insert(name_str(name), stmt);
-                self.s2c.extend_from_slice(&[b'1', 0, 0, 0, 4]);
-            }
-            at += 1 + len;
-        }
-        protocol::ready_for_query(&mut self.s2c, b'I');
-        Some(true)
-    }
 }
-
-/// Largest Parse [`Pump::answer_parses`] reads (others go to a server).
-const HOLD_MAX_LOCAL: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests;

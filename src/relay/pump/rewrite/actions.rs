@@ -1,0 +1,128 @@
+//! The proxy's tagged messages in flight and what to do with each reply, and settling what the server
+//! finished: a Parse that failed or was skipped created nothing, a Close that was skipped closed nothing.
+
+use super::TxnStatements;
+use crate::relay::txstate::TxState;
+use crate::server::statements::Stmt;
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// What the proxy does with the reply to a tagged message.
+pub enum Action {
+    /// A Parse or Close the proxy injected: its ParseComplete/CloseComplete is swallowed (an error goes to
+    /// the client, as its own next message's). `prepared`: the statement to forget if the Parse fails.
+    Swallow { prepared: Option<u64> },
+    /// An injected Close of the least recently used statement: swallowed like [`Action::Swallow`]; skipped
+    /// after an error, the server still has it.
+    Evict(u64),
+    /// A client's Parse of a named statement (naming generation `gen`), sent as a Parse of the pool's.
+    Parse { id: u64, gen: u64, name: String },
+    /// A stand-in that fails: the server's error is replaced by this one.
+    Refuse(Bytes),
+    /// A client's Describe of a pool statement: its RowDescription is the statement's shape.
+    Describe { gen: u64 },
+    /// A Describe the proxy injected after re-preparing a statement on another server, whose replies are
+    /// swallowed and compared with the statement's shape; the client's Bind waits for it.
+    Check { gen: u64 },
+    /// A client Close of its statement (answered by a Close of nobody): skipped after an error, the client
+    /// still has the statement.
+    /// `void`: the Parse that created it failed, so there is nothing to give back.
+    Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool },
+}
+
+#[derive(Default)]
+pub struct Actions {
+    queue: VecDeque<(u32, Action)>,
+    next: u32,
+}
+
+impl Actions {
+    pub(super) fn push(&mut self, action: Action) -> u32 {
+        self.next = self.next.wrapping_add(1).max(1);
+        self.queue.push_back((self.next, action));
+        self.next
+    }
+
+    /// The action of the message the next reply belongs to.
+    pub fn head(&self, tx: &TxState) -> Option<&Action> {
+        let tag = tx.head_tag();
+        match self.queue.front() {
+            Some((t, a)) if tag != 0 && *t == tag => Some(a),
+            _ => None,
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.queue.clear();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    pub(super) fn contains_check(&self) -> bool {
+        self.queue.iter().any(|(_, a)| matches!(a, Action::Check { .. }))
+    }
+}
+
+impl Action {
+    /// What this message does to the server's statements if it succeeds: (statement, prepared or closed).
+    pub(super) fn server_effect(&self) -> Option<(u64, bool)> {
+        match self {
+            Action::Swallow { prepared: Some(id) } | Action::Parse { id, .. } => Some((*id, true)),
+            Action::Evict(id) => Some((*id, false)),
+            _ => None,
+        }
+    }
+}
+
+/// Settle what the server finished: a Parse that failed or was skipped created nothing, a Close that was
+/// skipped closed nothing; the server's statements are then rebuilt from what it confirmed.
+pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnStatements>) {
+    if !tx.has_finished() {
+        return;
+    }
+    let mut stmts = stmts;
+    let mut failed = false;
+    for (tag, ok) in tx.take_finished() {
+        while let Some((t, action)) = actions.queue.pop_front() {
+            if t != tag {
+                continue; // its message was dropped from the model (it cannot be answered any more)
+            }
+            let Some(s) = stmts.as_deref_mut() else { break };
+            if matches!(action, Action::Check { .. }) {
+                s.holding = false; // compared at its RowDescription, or its Parse failed: the Bind goes on
+            }
+            if ok {
+                if let Some((id, prepared)) = action.server_effect() {
+                    s.server.confirm(id, prepared);
+                }
+                if let Action::Close { gen, .. } = action {
+                    s.client.drop_gen(gen);
+                }
+                break;
+            }
+            failed = true;
+            match action {
+                Action::Parse { gen, name, .. } => {
+                    s.client.forget(&name, gen);
+                    // A Close of it sent after it closes nothing.
+                    for (_, a) in actions.queue.iter_mut() {
+                        if let Action::Close { gen: g, void, .. } = a {
+                            if *g == gen {
+                                *void = true;
+                            }
+                        }
+                    }
+                }
+                Action::Close { name, stmt, gen, void: false } => s.client.restore(name, stmt, gen),
+                _ => {}
+            }
+            break;
+        }
+    }
+    if let (true, Some(s)) = (failed, stmts) {
+        s.server.rebuild(actions.queue.iter().filter_map(|(_, a)| a.server_effect()));
+    }
+}
