@@ -571,6 +571,16 @@ fn txn_protocol_named_statement_by_sql_execute_and_none_left_behind() {
     assert!(out.contains("proxy (1, 0)"), "{out}");
 }
 
+/// SQL `DEALLOCATE` of a protocol-level statement: psycopg 3 evicts its prepared statements this way, and
+/// asyncpg's explicit one is gone afterwards (26000 when run), both as direct.
+#[test]
+fn txn_protocol_named_statement_deallocated_by_sql_like_direct() {
+    let pg = Pg::start();
+    let proxy = start(&pg, 2, TXN, "");
+    let out = script("deallocate", &pg, &proxy);
+    assert!(out.contains("fidelity_deallocate: ok") && out.contains("('DEALLOCATE', '26000')"), "{out}");
+}
+
 /// A statement re-prepared on another server after its table changed type fails as on a direct connection.
 #[test]
 fn txn_statement_whose_shape_changed_fails_on_any_server_like_direct() {

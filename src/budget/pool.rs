@@ -157,7 +157,11 @@ impl Manager {
         if conn.generation < self.generation.load(Ordering::Acquire) {
             return Some("retired by RECONNECT");
         }
-        if conn.last_checkin.elapsed() > s.server_idle_timeout || conn.created.elapsed() > s.server_lifetime {
+        // One clock read for both ages (this runs on every checkout).
+        let now = Instant::now();
+        if now.saturating_duration_since(conn.last_checkin) > s.server_idle_timeout
+            || now.saturating_duration_since(conn.created) > s.server_lifetime
+        {
             return Some("expired");
         }
         if self.affinity.gone(conn, std::task::Waker::noop(), s.terminate_window) {

@@ -247,6 +247,44 @@ pub fn classify(sql: &[u8], backslash_quotes: bool) -> Effects {
     scan(sql, backslash_quotes)
 }
 
+/// The last statement text [`classify`]d and its effects. Drivers that send every statement as an unnamed
+/// Parse (libpq, JDBC, psycopg, node-postgres) parse the same text transaction after transaction; the whole
+/// text is compared (never a hash: a text made to collide could hide a `SET` from the proxy).
+#[derive(Debug, Default)]
+pub struct Memo {
+    text: Vec<u8>,
+    quotes: bool,
+    effects: Effects,
+}
+
+impl Memo {
+    /// Texts longer than this are classified each time (and not kept).
+    const MAX: usize = 1024;
+
+    /// [`classify`], answered from the memo when `sql` is the text classified last.
+    pub fn classify(&mut self, sql: &[u8], backslash_quotes: bool) -> Effects {
+        if !self.text.is_empty() && self.quotes == backslash_quotes && self.text == sql {
+            return self.effects;
+        }
+        let effects = classify(sql, backslash_quotes);
+        if sql.len() <= Self::MAX {
+            self.text.clear();
+            self.text.extend_from_slice(sql);
+            (self.quotes, self.effects) = (backslash_quotes, effects);
+        }
+        effects
+    }
+
+    /// Whether the memo holds memory ([`Self::shrink`] gives it back).
+    pub fn holds_buffer(&self) -> bool {
+        self.text.capacity() > 0
+    }
+
+    pub fn shrink(&mut self) {
+        *self = Memo::default();
+    }
+}
+
 /// [`classify`] without the first look.
 fn scan(sql: &[u8], backslash_quotes: bool) -> Effects {
     let mut st = Statements { lead: Lead::Start, prev_into: false, effects: 0, temp: false, on_commit: 0 };

@@ -121,6 +121,8 @@ pub struct Pump {
     pub loaded: bool,
     /// The server's `standard_conforming_strings` is off (backslashes escape in plain strings).
     pub backslash_quotes: bool,
+    /// The last Parse text classified (transaction mode).
+    pub(super) parse_memo: crate::relay::classify::Memo,
     /// Transaction mode: the client listens (or may have just started to), so NotificationResponses may
     /// come; their sender's pid is rewritten to the cancel-key pid its client knows (`servers`).
     pub listening: bool,
@@ -211,6 +213,7 @@ impl Pump {
         [&self.cin, &self.c2s, &self.sin, &self.s2c, &self.scratch].iter().any(|b| b.is_empty() && b.capacity() > 0)
             || self.tx.holds_buffers()
             || self.sscan.holds_buffer()
+            || self.parse_memo.holds_buffer()
     }
 
     /// Give buffer memory back while the client is idle.
@@ -222,6 +225,7 @@ impl Pump {
         }
         self.tx.shrink();
         self.sscan.shrink();
+        self.parse_memo.shrink();
     }
 
     /// Frame `bytes` as if the client had sent them, without any I/O (fuzzing and tests): appends to the

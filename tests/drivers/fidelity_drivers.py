@@ -13,6 +13,9 @@
   with the old one), and the next fetch after asyncpg re-prepares returns the new row.
 - named (transaction mode, share 1): asyncpg's explicitly named statement run by SQL `EXECUTE`, and
   pg_prepared_statements as a statement_cache_size=0 client sees it after another client prepared and left.
+- deallocate (transaction mode, share 2): psycopg 3 preparing every statement (prepare_threshold 0) with room
+  for two (prepared_max 2) evicts the oldest by SQL `DEALLOCATE _pg3_N` as it goes; asyncpg deallocates its
+  explicitly named statement by SQL and then gets the same 26000 as direct when it runs it.
 - startup: psycopg with PGDATESTYLE and options=-c intervalstyle: the ParameterStatus values the driver got
   at login and what SHOW says.
 """
@@ -182,6 +185,30 @@ async def named(dsn, where):
     return executed, left
 
 
+async def deallocate(dsn, where):
+    """(psycopg 3 results across evictions, asyncpg DEALLOCATE status, the SQLSTATE of running it after)."""
+    results = []
+    async with await psycopg.AsyncConnection.connect(dsn, prepare_threshold=0, autocommit=True) as conn:
+        conn.prepared_max = 2
+        for rnd in range(3):
+            for i in range(5):
+                cur = await conn.execute(f"select {i}::int + %s::int", (rnd,))
+                results.append((await cur.fetchone())[0])
+    conn = await asyncpg.connect(dsn)
+    try:
+        ps = await conn.prepare("select 41 + 1", name="to_go")
+        F.check(await ps.fetchval() == 42, where, "the named statement runs before DEALLOCATE")
+        status = await conn.execute("DEALLOCATE to_go")
+        try:
+            await ps.fetchval()
+            after = "no error"
+        except asyncpg.PostgresError as e:
+            after = e.sqlstate
+    finally:
+        await conn.close()
+    return results, status, after
+
+
 async def main():
     if SCENARIO == "session":
         await session_pids(DIRECT_DSN, "direct")
@@ -208,6 +235,11 @@ async def main():
         F.check(d == (1, 0), "direct", f"(EXECUTE result, statements left) {d!r}")
         F.check(p == d, "proxy", f"(EXECUTE result, statements left) {p!r} != direct {d!r}")
         summary = f"proxy {p!r}"
+    elif SCENARIO == "deallocate":
+        d, p = await deallocate(DIRECT_DSN, "direct"), await deallocate(PROXY_DSN, "proxy")
+        F.check(d[1:] == ("DEALLOCATE", "26000"), "direct", f"(status, after) {d[1:]!r}")
+        F.check(p == d, "proxy", f"{p!r} != direct {d!r}")
+        summary = f"proxy {p[1:]!r}, {len(p[0])} results"
     elif SCENARIO == "startup":
         for ds in ("Postgres, MDY", "German"):
             d, p = startup(DIRECT_DSN, ds, "direct"), startup(PROXY_DSN, ds, "proxy")

@@ -87,6 +87,27 @@ fn unreadable_text_is_unknown() {
     assert!(classify(b"SELECT 'a\\''; SET search_path = evil; --'", true).has(SETTINGS));
 }
 
+#[test]
+fn the_memo_answers_only_the_same_text_under_the_same_quoting() {
+    let mut m = Memo::default();
+    let plain = b"select * from t where a = $1";
+    assert_eq!(m.classify(plain, false), Effects(0));
+    assert_eq!(m.classify(plain, false), Effects(0), "answered from the memo");
+    // A text that differs in its last byte only, or the same text under other quoting, is scanned.
+    assert!(m.classify(b"select * from t where a = $1; set role x", false).has(SETTINGS));
+    let quoted = b"select 'a\\'; set role x; select '";
+    let (on, off) = (classify(quoted, false), classify(quoted, true));
+    assert_ne!(on, off, "the test text must read differently under the two quotings");
+    assert_eq!(m.classify(quoted, false), on);
+    assert_eq!(m.classify(quoted, true), off);
+    // A text longer than the memo keeps is classified each time, and correctly.
+    let long = format!("select {} ; set search_path = x", "1,".repeat(600));
+    assert!(m.classify(long.as_bytes(), false).has(SETTINGS));
+    assert!(m.classify(long.as_bytes(), false).has(SETTINGS));
+    m.shrink();
+    assert!(!m.holds_buffer());
+}
+
 proptest::proptest! {
     #[test]
     fn any_bytes_are_scanned_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {

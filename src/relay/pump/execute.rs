@@ -1,10 +1,18 @@
-//! SQL `EXECUTE name` of a statement the client prepared at the protocol level (transaction mode): on a
-//! direct connection both live in one namespace, so the simple Query is sent with the server's name of the
-//! statement when the attached server has it (normally: the client's home, where its Parse went). On a
-//! server that lacks it the Query goes as written and fails as Postgres fails it (26000): preparing it
-//! there first would need a Sync inside the client's Query, which the model does not do.
+//! SQL `EXECUTE name` and `DEALLOCATE name` of a statement the client prepared at the protocol level
+//! (transaction mode): on a direct connection both kinds live in one namespace.
+//!
+//! `EXECUTE`: the simple Query is sent with the server's name of the statement when the attached server has
+//! it (normally: the client's home, where its Parse went). On a server that lacks it the Query goes as
+//! written and fails as Postgres fails it (26000): preparing it there first would need a Sync inside the
+//! client's Query, which the model does not do.
+//!
+//! `DEALLOCATE` (the whole Query; psycopg 3 evicts its prepared statements this way): the client's name
+//! goes, as with a protocol Close (the pool keeps the statement for its other users), and the server runs an
+//! empty query in its place, whose EmptyQueryResponse becomes the `DEALLOCATE`'s CommandComplete — in order,
+//! with the transaction status the server reports. In a failed transaction it goes as written: Postgres
+//! refuses it there (25P02) without looking at the name.
 
-use super::rewrite::split_cstr;
+use super::rewrite::{split_cstr, Action};
 use super::Pump;
 use crate::protocol;
 use bytes::{BufMut, BytesMut};
@@ -19,7 +27,44 @@ pub(super) fn execute_target(text: &[u8]) -> Option<(Range<usize>, String)> {
         return None;
     }
     let at = start + 7 + rest[7..].iter().position(|c| !c.is_ascii_whitespace())?;
-    let (end, name) = if text[at] == b'"' {
+    let (end, name) = name_at(text, at)?;
+    match text.get(end) {
+        None | Some(b'(' | b';') => {}
+        Some(c) if c.is_ascii_whitespace() => {}
+        Some(_) => return None,
+    }
+    Some((at..end, name))
+}
+
+/// The statement name of a Query that is exactly `DEALLOCATE [PREPARE] name` (and an optional `;`), as the
+/// server resolves it; not `ALL`.
+pub(super) fn deallocate_target(text: &[u8]) -> Option<String> {
+    let word = |t: &[u8], at: usize, w: &[u8]| {
+        t.get(at..at + w.len()).is_some_and(|s| s.eq_ignore_ascii_case(w))
+            && t.get(at + w.len()).is_some_and(u8::is_ascii_whitespace)
+    };
+    let skip_ws = |t: &[u8], at: usize| at + t[at..].iter().take_while(|c| c.is_ascii_whitespace()).count();
+    let mut at = skip_ws(text, 0);
+    if !word(text, at, b"deallocate") {
+        return None;
+    }
+    at = skip_ws(text, at + 10);
+    if word(text, at, b"prepare") {
+        at = skip_ws(text, at + 7);
+    }
+    let quoted = text.get(at) == Some(&b'"');
+    let (end, name) = name_at(text, at)?;
+    let mut rest = skip_ws(text, end);
+    if text.get(rest) == Some(&b';') {
+        rest = skip_ws(text, rest + 1);
+    }
+    (rest == text.len() && (quoted || name != "all")).then_some(name)
+}
+
+/// The identifier at `text[at..]` (unquoted: folded to lower case; quoted: as written, `""` an escaped
+/// quote) and where it ends.
+fn name_at(text: &[u8], at: usize) -> Option<(usize, String)> {
+    let (end, name) = if *text.get(at)? == b'"' {
         let mut name = Vec::new();
         let mut i = at + 1;
         loop {
@@ -43,12 +88,7 @@ pub(super) fn execute_target(text: &[u8]) -> Option<(Range<usize>, String)> {
         let end = at + text[at..].iter().position(|&c| !ident(c)).unwrap_or(text.len() - at);
         (end, std::str::from_utf8(&text[at..end]).ok()?.to_ascii_lowercase())
     };
-    match text.get(end) {
-        None | Some(b'(' | b';') => {}
-        Some(c) if c.is_ascii_whitespace() => {}
-        Some(_) => return None,
-    }
-    (!name.is_empty()).then_some((at..end, name))
+    (!name.is_empty()).then_some((end, name))
 }
 
 impl Pump {
@@ -96,6 +136,28 @@ impl Pump {
     }
 }
 
+impl Pump {
+    /// A Query that is SQL `DEALLOCATE` of one of the client's protocol-level statements: answered as the
+    /// module doc says. `false`: not such a Query (it goes on as any other).
+    pub(super) fn deallocate_sql(&mut self, body: &[u8]) -> bool {
+        let Some(name) = split_cstr(body).and_then(|(text, _)| deallocate_target(text)) else { return false };
+        if self.tx.status() == b'E' {
+            return false;
+        }
+        let Some(s) = self.stmts.as_mut() else { return false };
+        let Some((stmt, gen)) = s.client.remove(&name) else { return false };
+        let mut reply = BytesMut::with_capacity(16);
+        let at = protocol::begin(&mut reply, b'C');
+        protocol::put_cstr(&mut reply, "DEALLOCATE");
+        protocol::finish(&mut reply, at);
+        let mut out = BytesMut::with_capacity(8);
+        protocol::simple_query(&mut out, ";");
+        let tag = self.actions.push(Action::Close { name, stmt, gen, void: false, reply: Some(reply.freeze()) });
+        self.send(&out, tag);
+        true
+    }
+}
+
 /// `text` with `range` replaced by `name`.
 fn splice(out: &mut BytesMut, text: &[u8], range: Range<usize>, name: &str) {
     out.put_slice(&text[..range.start]);
@@ -105,7 +167,21 @@ fn splice(out: &mut BytesMut, text: &[u8], range: Range<usize>, name: &str) {
 
 #[cfg(test)]
 mod tests {
-    use super::execute_target;
+    use super::{deallocate_target, execute_target};
+
+    #[test]
+    fn a_deallocate_of_one_name_is_found_as_the_server_folds_it() {
+        let t = |q: &str, name: &str| assert_eq!(deallocate_target(q.as_bytes()).as_deref(), Some(name), "{q}");
+        t("DEALLOCATE _pg3_5", "_pg3_5");
+        t("  deallocate prepare FooBar ;  ", "foobar");
+        t("DEALLOCATE \"All\"", "All");
+        t("DEALLOCATE \"all\"", "all");
+        t("deallocate\n\"a\"\"b\";", "a\"b");
+        for q in ["DEALLOCATE ALL", "deallocate prepare all;", "DEALLOCATE", "DEALLOCATE a; select 1", "DEALLOCATE a b"]
+        {
+            assert_eq!(deallocate_target(q.as_bytes()), None, "{q}");
+        }
+    }
 
     fn target(q: &str) -> Option<(String, String)> {
         execute_target(q.as_bytes()).map(|(r, n)| (q[r].to_owned(), n))

@@ -105,7 +105,7 @@ impl Pump {
     }
 
     /// Queue one message for the server and tell the model, settling what that skipped.
-    fn send(&mut self, msg: &[u8], tag: u32) {
+    pub(super) fn send(&mut self, msg: &[u8], tag: u32) {
         self.c2s.extend_from_slice(msg);
         self.tx.client_tagged(msg[0], msg.get(5).copied(), tag);
         settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
@@ -235,6 +235,9 @@ impl Pump {
                     self.refuse(b'Q', true, &e);
                     return Ok(true);
                 }
+                if self.mapping() && self.deallocate_sql(body) {
+                    return Ok(true);
+                }
                 match self.mapping().then(|| self.rewrite_execute(body)).flatten() {
                     Some(renamed) => self.send(&renamed, 0),
                     None => self.send(msg, 0),
@@ -248,7 +251,8 @@ impl Pump {
                 let bad = || PumpError::Filter(protocol::ProtocolError::Malformed("Parse"));
                 let (name, tail) = split_cstr(body).ok_or_else(bad)?;
                 let text = split_cstr(tail).ok_or_else(bad)?.0;
-                if let Some(e) = self.note_effects(classify::classify(text, self.backslash_quotes)) {
+                let effects = self.parse_memo.classify(text, self.backslash_quotes);
+                if let Some(e) = self.note_effects(effects) {
                     self.refuse(b'P', name.is_empty(), &e);
                     return Ok(true);
                 }
@@ -341,7 +345,7 @@ impl Pump {
                         // The pool keeps the statement; the client's name is gone. Close of nobody answers in order.
                         let mut out = BytesMut::with_capacity(32);
                         put_close(&mut out, NOBODY);
-                        let tag = self.actions.push(Action::Close { name: key, stmt, gen, void: false });
+                        let tag = self.actions.push(Action::Close { name: key, stmt, gen, void: false, reply: None });
                         self.send(&out, tag);
                     } else {
                         self.send(msg, 0);

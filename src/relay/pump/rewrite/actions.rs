@@ -28,7 +28,9 @@ pub enum Action {
     /// A client Close of its statement (answered by a Close of nobody): skipped after an error, the client
     /// still has the statement.
     /// `void`: the Parse that created it failed, so there is nothing to give back.
-    Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool },
+    /// `reply`: a SQL `DEALLOCATE` of it, sent as an empty query whose EmptyQueryResponse is replaced by this
+    /// (the DEALLOCATE's CommandComplete).
+    Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool, reply: Option<Bytes> },
 }
 
 #[derive(Default)]
@@ -38,7 +40,7 @@ pub struct Actions {
 }
 
 impl Actions {
-    pub(super) fn push(&mut self, action: Action) -> u32 {
+    pub(in crate::relay::pump) fn push(&mut self, action: Action) -> u32 {
         self.next = self.next.wrapping_add(1).max(1);
         self.queue.push_back((self.next, action));
         self.next
@@ -116,7 +118,7 @@ pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnSta
                         }
                     }
                 }
-                Action::Close { name, stmt, gen, void: false } => s.client.restore(name, stmt, gen),
+                Action::Close { name, stmt, gen, void: false, .. } => s.client.restore(name, stmt, gen),
                 _ => {}
             }
             break;
