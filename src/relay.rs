@@ -408,5 +408,16 @@ impl Relay {
     }
 }
 
+/// A relay dropped while it holds a server (its task panicked, or was dropped mid-await) never lets that
+/// server go back to the pool in whatever state it is in: it is closed. The normal end, [`Relay::finish`],
+/// has taken the server out by then.
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(conn) = self.server.take() {
+            self.pool.discard(conn);
+        }
+    }
+}
+
 #[cfg(test)]
 mod pump_tests;

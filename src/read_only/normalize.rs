@@ -128,7 +128,8 @@ fn uescape(sql: &str, at: usize) -> Option<(char, usize)> {
     let rest = &sql[at..];
     let trimmed = rest.trim_start();
     let skipped = rest.len() - trimmed.len();
-    if trimmed.len() >= 7 && trimmed[..7].eq_ignore_ascii_case("uescape") {
+    // Compared as bytes: the text after the literal may start with a multi-byte character.
+    if trimmed.as_bytes().get(..7).is_some_and(|w| w.eq_ignore_ascii_case(b"uescape")) {
         let after = trimmed[7..].trim_start();
         let pos = at + skipped + 7 + (trimmed.len() - 7 - after.len());
         let mut chars = after.chars();
@@ -176,6 +177,17 @@ fn decode(body: &str, esc: char) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing: the look for `UESCAPE` after a U& literal sliced the text at byte 7, inside a
+    /// multi-byte character there.
+    #[test]
+    fn text_after_a_unicode_literal_may_start_with_any_character() {
+        assert_eq!(normalize("select U&'a' abcdef\u{2319}x", false), "select E'a' abcdef\u{2319}x");
+        assert_eq!(
+            normalize("select U&\"a\" \u{2319}\u{2319}\u{2319}", false),
+            "select \"a\" \u{2319}\u{2319}\u{2319}"
+        );
+    }
 
     #[test]
     fn unicode_identifiers_and_strings_are_spelled_out() {
