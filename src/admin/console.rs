@@ -58,9 +58,7 @@ impl Rows {
     }
 
     fn done(mut self, tag: &str) -> BytesMut {
-        let at = protocol::begin(&mut self.out, b'C');
-        protocol::put_cstr(&mut self.out, tag);
-        protocol::finish(&mut self.out, at);
+        protocol::command_complete(&mut self.out, tag);
         self.out
     }
 }
@@ -147,9 +145,7 @@ pub async fn run(
 /// An operator command's reply: just its CommandComplete tag.
 fn done(tag: &str) -> BytesMut {
     let mut out = BytesMut::new();
-    let at = protocol::begin(&mut out, b'C');
-    protocol::put_cstr(&mut out, tag);
-    protocol::finish(&mut out, at);
+    protocol::command_complete(&mut out, tag);
     out
 }
 

@@ -230,14 +230,9 @@ impl ClientKey {
         Some(flights).filter(|f| f.in_flight() > 0)
     }
 
-    /// Mark the client as queued (a fresh notifier per wait) or, with `None`, as no longer queued.
-    pub fn queued(&self, wake: Option<QueuedWake>) {
-        self.registry.set_queued(self.slot(), wake);
-    }
-
     /// Mark the client as queued until the returned mark is dropped (a fresh notifier per wait).
     pub fn mark_queued(&self, wake: QueuedWake) -> QueuedMark {
-        self.queued(Some(wake));
+        self.registry.set_queued(self.slot(), Some(wake));
         QueuedMark { registry: self.registry.clone(), slot: self.slot() }
     }
 }
@@ -293,9 +288,9 @@ mod tests {
         assert!(reg.lookup(k.pid, k.secret.wrapping_add(1)).is_none());
         assert!(k.detach().is_none(), "no cancel in flight");
         assert!(reg.lookup(k.pid, k.secret).is_none());
-        k.queued(Some(QueuedWake::Notify(Arc::new(Notify::new()))));
+        let mark = k.mark_queued(QueuedWake::Notify(Arc::new(Notify::new())));
         assert!(matches!(reg.lookup(k.pid, k.secret), Some(CancelTarget::Queued(_))));
-        k.queued(None);
+        drop(mark);
         assert!(reg.lookup(k.pid, k.secret).is_none());
         drop(k);
         assert!(reg.is_empty());

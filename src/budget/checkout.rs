@@ -83,13 +83,15 @@ fn lake_row(pool: &ServicePool, who: &Who<'_>, d: Decision, waited: Duration) {
     });
 }
 
-/// Marks the client as queued for cancel requests until dropped.
-struct Queued<'a>(&'a ClientKey);
-
-impl Drop for Queued<'_> {
-    fn drop(&mut self) {
-        self.0.queued(None);
-    }
+/// What a queued client is told after `notice_after`: where it stands.
+pub(super) fn queue_notice(pool: &ServicePool, ahead: usize) -> String {
+    let b = pool.budget();
+    format!(
+        "pgbudget: queued for a server connection of service \"{}\" ({ahead} ahead; share {}, waiting up to {} ms)",
+        b.name,
+        pool.share(),
+        b.settings.checkout_timeout.as_millis()
+    )
 }
 
 /// The common checkout, without an await: a parked server ready without a round trip, then admission (its
@@ -161,8 +163,7 @@ pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Resu
     // This client joins the queue (the pool counts it once its wait starts).
     pool.metrics.high_water.clients_waiting(pool.status().waiting as u32 + 1);
     let wake = Arc::new(Notify::new());
-    w.key.queued(Some(crate::budget::cancel::QueuedWake::Notify(wake.clone())));
-    let _queued = Queued(w.key);
+    let _queued = w.key.mark_queued(crate::budget::cancel::QueuedWake::Notify(wake.clone()));
     let s = &b.settings;
     let get = checkout_by(pool, started + s.checkout_timeout, w.home);
     tokio::pin!(get);
@@ -191,13 +192,7 @@ pub async fn acquire<W: Watch>(pool: &ServicePool, mut w: Waiter<'_, W>) -> Resu
             }
             _ = &mut notice, if !noticed => {
                 noticed = true;
-                let msg = format!(
-                    "pgbudget: queued for a server connection of service \"{}\" ({} ahead; share {}, waiting up to {} ms)",
-                    b.name,
-                    adm.ahead(&ticket),
-                    pool.share(),
-                    s.checkout_timeout.as_millis()
-                );
+                let msg = queue_notice(pool, adm.ahead(&ticket));
                 Box::pin(w.client.notice(&msg)).await?; // rare: boxed, out of every wait's future
             }
             _ = wake.notified() => {

@@ -9,6 +9,7 @@ use crate::budget::pool::{PooledConn, ServicePool};
 use crate::error::ProxyError;
 use futures_util::task::AtomicWaker;
 use std::collections::VecDeque;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -118,29 +119,44 @@ impl Waiters {
 /// the queue, so this only covers one dropped without a word (its slot is found free at the recheck).
 const HANDOFF_RECHECK: Duration = Duration::from_secs(1);
 
-/// A checkout in a pool's queue; leaving it (also by being dropped: the client left, the wait timed out)
-/// gives a server handed over meanwhile to the next waiter.
-struct Queued<'a> {
-    pool: &'a ServicePool,
-    w: Arc<crate::budget::handoff::HandOff>,
+/// A checkout's place in a pool's queue (the pool borrowed, or shared when the place outlives a call);
+/// giving it up (also by being dropped: the client left, the wait timed out) gives a server handed over
+/// meanwhile to the next waiter.
+pub(super) struct Place<P: Deref<Target = ServicePool>> {
+    pub pool: P,
+    pub hand: Arc<HandOff>,
     left: bool,
 }
 
-impl Queued<'_> {
-    fn finish(mut self) -> Option<PooledConn> {
+impl<P: Deref<Target = ServicePool>> Place<P> {
+    /// Join the pool's queue; `None` when a server is parked now (take it instead).
+    pub fn join(pool: P) -> Option<Self> {
+        let hand = Arc::new(HandOff::default());
+        if !pool.pool.manager().affinity.enqueue(&hand) {
+            return None;
+        }
+        Some(Place { pool, hand, left: false })
+    }
+
+    /// Leave the queue with the server handed over meanwhile, if any (it must be used or given back).
+    pub fn leave(&mut self) -> Option<PooledConn> {
         self.left = true;
-        self.pool.pool.manager().affinity.leave(&self.w)
+        self.pool.pool.manager().affinity.leave(&self.hand)
+    }
+
+    /// Leave the queue, unless left already; a server handed over meanwhile goes to the next waiter.
+    pub fn give_up(&mut self) {
+        if !self.left {
+            if let Some(c) = self.leave() {
+                self.pool.put_back(c);
+            }
+        }
     }
 }
 
-impl Drop for Queued<'_> {
+impl<P: Deref<Target = ServicePool>> Drop for Place<P> {
     fn drop(&mut self) {
-        if self.left {
-            return;
-        }
-        if let Some(c) = self.pool.pool.manager().affinity.leave(&self.w) {
-            self.pool.put_back(c);
-        }
+        self.give_up();
     }
 }
 
@@ -165,15 +181,10 @@ impl ServicePool {
     /// Wait in the pool's queue for a released server, until `deadline` or at most [`HANDOFF_RECHECK`];
     /// `None`: look again (a server was parked meanwhile, one closed, or the recheck is due).
     pub(super) async fn handed(&self, deadline: Instant) -> Option<PooledConn> {
-        let affinity = &self.pool.manager().affinity;
-        let w = Arc::new(crate::budget::handoff::HandOff::default());
-        if !affinity.enqueue(&w) {
-            return None;
-        }
-        let queued = Queued { pool: self, w, left: false };
+        let mut place = Place::join(self)?;
         let until = deadline.min(Instant::now() + HANDOFF_RECHECK);
-        let _ = tokio::time::timeout_at(until.into(), std::future::poll_fn(|cx| queued.w.poll_handed(cx))).await;
-        queued.finish()
+        let _ = tokio::time::timeout_at(until.into(), std::future::poll_fn(|cx| place.hand.poll_handed(cx))).await;
+        place.leave()
     }
 }
 

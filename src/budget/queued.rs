@@ -6,8 +6,8 @@
 
 use crate::budget::admission::Hold;
 use crate::budget::cancel::{ClientKey, QueuedMark, QueuedWake};
-use crate::budget::checkout::{decide, shed, Who};
-use crate::budget::handoff::HandOff;
+use crate::budget::checkout::{decide, queue_notice, shed, Who};
+use crate::budget::handoff::Place;
 use crate::budget::pool::{PooledConn, ServicePool};
 use crate::config::PoolMode;
 use crate::error::ProxyError;
@@ -23,11 +23,8 @@ const RECHECK: Duration = Duration::from_secs(1);
 /// An admitted checkout in its pool's hand-off queue. Dropping it leaves the queue (a server handed over
 /// meanwhile goes to the next waiter), the count of waiting clients and the cancel registry's mark.
 pub struct QueuedCheckout {
-    pool: Arc<ServicePool>,
-    hand: Arc<HandOff>,
+    place: Place<Arc<ServicePool>>,
     hold: Option<Hold>,
-    /// Out of the hand-off queue already.
-    left: bool,
     _mark: QueuedMark,
     pub started: Instant,
     deadline: Instant,
@@ -74,21 +71,16 @@ impl ServicePool {
             Ok(h) => h,
             Err(refusal) => return Some(Err(shed(self, who, &b.name, refusal))),
         };
-        let hand = Arc::new(HandOff::default());
-        if !self.pool.manager().affinity.enqueue(&hand) {
-            return None; // a server was parked meanwhile
-        }
+        let place = Place::join(self.clone())?; // None: a server was parked meanwhile
         self.admission.native_waiting(true);
         let started = Instant::now();
         self.metrics.high_water.clients_waiting(self.status().waiting as u32);
         let s = &b.settings;
         let notice_at = (may_notice && !s.notice_after.is_zero()).then(|| started + s.notice_after);
         Some(Ok(Box::new(QueuedCheckout {
-            pool: self.clone(),
-            hand: hand.clone(),
+            _mark: key.mark_queued(QueuedWake::Hand(place.hand.clone())),
+            place,
             hold: Some(hold),
-            left: false,
-            _mark: key.mark_queued(QueuedWake::Hand(hand.clone())),
             started,
             deadline: started + s.checkout_timeout,
             notice_at,
@@ -101,12 +93,12 @@ impl QueuedCheckout {
     /// Ready once a server was handed over, the checkout should look at the pool again (one closed), or
     /// the client cancelled ([`Self::cancelled`]).
     pub fn poll_handed(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.hand.poll_handed(cx)
+        self.place.hand.poll_handed(cx)
     }
 
     /// A CancelRequest for the client arrived: the wait is abandoned.
     pub fn cancelled(&self) -> bool {
-        self.hand.is_cancelled()
+        self.place.hand.is_cancelled()
     }
 
     /// When the relay's timer should fire next for this checkout.
@@ -122,14 +114,8 @@ impl QueuedCheckout {
         }
         if self.notice_at.is_some_and(|n| now >= n) {
             self.notice_at = None;
-            let b = self.pool.budget();
-            return Due::Notice(format!(
-                "pgbudget: queued for a server connection of service \"{}\" ({} ahead; share {}, waiting up to {} ms)",
-                b.name,
-                self.pool.pool.manager().affinity.ahead_of(&self.hand),
-                self.pool.share(),
-                b.settings.checkout_timeout.as_millis()
-            ));
+            let pool = &self.place.pool;
+            return Due::Notice(queue_notice(pool, pool.pool.manager().affinity.ahead_of(&self.place.hand)));
         }
         if now >= self.recheck_at {
             return Due::Recheck;
@@ -140,12 +126,11 @@ impl QueuedCheckout {
     /// The server handed over, with the admission hold, and the decision counted; `Err`: none was
     /// (the checkout was told to look again), continue with `acquire`.
     pub fn take(mut self, who: &Who<'_>) -> Result<(PooledConn, Hold), Resumed> {
-        self.left = true;
-        let Some(conn) = self.pool.pool.manager().affinity.leave(&self.hand) else { return Err(self.resume()) };
+        let Some(conn) = self.place.leave() else { return Err(self.resume()) };
         let hold = self.hold.take().expect("held until taken");
         let d = if hold.above_line { Decision::Exempt } else { Decision::Queued };
-        self.pool.stamp_use();
-        decide(&self.pool, who, d, self.started.elapsed());
+        self.place.pool.stamp_use();
+        decide(&self.place.pool, who, d, self.started.elapsed());
         Ok((conn, hold))
     }
 
@@ -155,32 +140,24 @@ impl QueuedCheckout {
         Resumed { hold, started: self.started, noticed: self.notice_at.is_none() }
     }
 
-    /// The wait ended without a server: the client left or cancelled (`Abandoned`), or the deadline passed.
-    pub fn fail(self, who: &Who<'_>, e: ProxyError) -> ProxyError {
-        let waited = self.started.elapsed();
-        let d = if matches!(e, ProxyError::BudgetExhausted { .. }) { Decision::TimedOut } else { Decision::Abandoned };
-        decide(&self.pool, who, d, waited);
-        e
+    /// The wait ended without a server because the client left or cancelled it.
+    pub fn abandon(self, who: &Who<'_>) {
+        decide(&self.place.pool, who, Decision::Abandoned, self.started.elapsed());
     }
 
-    /// The error of a wait that reached its deadline.
-    pub fn timed_out(&self) -> ProxyError {
-        let b = self.pool.budget();
-        ProxyError::BudgetExhausted {
-            service: b.name.clone(),
-            share: self.pool.share(),
-            waited: self.started.elapsed(),
-        }
+    /// The wait reached its deadline: its error, the decision counted.
+    pub fn time_out(self, who: &Who<'_>) -> ProxyError {
+        let waited = self.started.elapsed();
+        let pool = &self.place.pool;
+        decide(pool, who, Decision::TimedOut, waited);
+        let b = pool.budget();
+        ProxyError::BudgetExhausted { service: b.name.clone(), share: pool.share(), waited }
     }
 }
 
 impl Drop for QueuedCheckout {
     fn drop(&mut self) {
-        if !self.left {
-            if let Some(c) = self.pool.pool.manager().affinity.leave(&self.hand) {
-                self.pool.put_back(c);
-            }
-        }
-        self.pool.admission.native_waiting(false);
+        self.place.give_up();
+        self.place.pool.admission.native_waiting(false);
     }
 }

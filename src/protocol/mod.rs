@@ -167,6 +167,13 @@ pub fn error_response(out: &mut BytesMut, severity: Severity, code: &str, messag
     finish(out, at);
 }
 
+/// Append a CommandComplete with `tag`.
+pub fn command_complete(out: &mut BytesMut, tag: &str) {
+    let at = begin(out, b'C');
+    put_cstr(out, tag);
+    finish(out, at);
+}
+
 pub fn ready_for_query(out: &mut BytesMut, status: u8) {
     out.put_slice(&[b'Z', 0, 0, 0, 5, status]);
 }

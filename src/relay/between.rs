@@ -12,13 +12,11 @@ use crate::budget::checkout::Who;
 use crate::budget::queued::{Due, QueuedCheckout};
 use crate::budget::signal::Listener;
 use crate::error::ProxyError;
-use crate::protocol::sqlstate::SUCCESSFUL_COMPLETION;
-use crate::protocol::{self, Severity};
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
 /// How long a client idles without a server before its buffers are given back.
@@ -226,7 +224,10 @@ impl Relay {
         };
         let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
         let attached = match wake {
-            Wake::Handed if q.cancelled() => Err(q.fail(&who, ProxyError::QueuedCancel)),
+            Wake::Handed if q.cancelled() => {
+                q.abandon(&who);
+                Err(ProxyError::QueuedCancel)
+            }
             Wake::Handed => match (q.started, q.take(&who)) {
                 (started, Ok((conn, hold))) => {
                     self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
@@ -235,11 +236,12 @@ impl Relay {
                 (_, Err(resumed)) => Box::pin(self.attach(sock, Some(resumed))).await,
             },
             Wake::Client(Err(e)) => {
-                q.fail(&who, ProxyError::QueuedCancel);
+                q.abandon(&who);
                 return Err(self.pump_error(e));
             }
             Wake::Client(Ok(())) if self.pump.client_eof() => {
-                return Err(q.fail(&who, ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into())));
+                q.abandon(&who);
+                return Err(ProxyError::ClientIo(std::io::ErrorKind::UnexpectedEof.into()));
             }
             Wake::Client(Ok(())) => {
                 w.queued = Some(q);
@@ -251,14 +253,13 @@ impl Relay {
                     return Ok(Step::Again);
                 }
                 Due::Notice(text) => {
-                    Box::pin(notice(sock, &text)).await?;
+                    Box::pin(waiting::notice(sock, &text)).await?;
                     w.queued = Some(q);
                     return Ok(Step::Again);
                 }
                 Due::Recheck => Box::pin(self.attach(sock, Some(q.resume()))).await,
                 Due::TimedOut => {
-                    let e = q.timed_out();
-                    let e = q.fail(&who, e);
+                    let e = q.time_out(&who);
                     self.note_checkout_error(&e);
                     Err(e)
                 }
@@ -302,11 +303,4 @@ impl Relay {
         }
         Ok(Step::Attached)
     }
-}
-
-/// Tell a queued client where it stands.
-async fn notice<C: AsyncWrite + Unpin>(sock: &mut C, text: &str) -> Result<(), ProxyError> {
-    let mut out = bytes::BytesMut::new();
-    protocol::error_response(&mut out, Severity::Notice, SUCCESSFUL_COMPLETION, text, None);
-    sock.write_all(&out).await.map_err(ProxyError::ClientIo)
 }

@@ -34,9 +34,7 @@ async fn blocking_server(mut s: DuplexStream, row: usize) {
         let at = protocol::begin(&mut out, b'D');
         out.extend_from_slice(&vec![b'r'; row]);
         protocol::finish(&mut out, at);
-        let at = protocol::begin(&mut out, b'C');
-        protocol::put_cstr(&mut out, "SELECT 1");
-        protocol::finish(&mut out, at);
+        protocol::command_complete(&mut out, "SELECT 1");
         protocol::ready_for_query(&mut out, b'I');
         if s.write_all(&out).await.is_err() {
             return;

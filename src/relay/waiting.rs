@@ -36,10 +36,15 @@ impl<C: AsyncRead + AsyncWrite + Unpin> Watch for ClientWatch<'_, C> {
     }
 
     async fn notice(&mut self, text: &str) -> Result<(), ProxyError> {
-        let mut out = BytesMut::new();
-        protocol::error_response(&mut out, Severity::Notice, SUCCESSFUL_COMPLETION, text, None);
-        self.sock.write_all(&out).await.map_err(ProxyError::ClientIo)
+        notice(self.sock, text).await
     }
+}
+
+/// Tell a queued client something (a NOTICE).
+pub async fn notice<C: AsyncWrite + Unpin>(sock: &mut C, text: &str) -> Result<(), ProxyError> {
+    let mut out = BytesMut::new();
+    protocol::error_response(&mut out, Severity::Notice, SUCCESSFUL_COMPLETION, text, None);
+    sock.write_all(&out).await.map_err(ProxyError::ClientIo)
 }
 
 /// Answer a batch we cannot run (no server): ErrorResponse, then skip to its Query or Sync and say ReadyForQuery.

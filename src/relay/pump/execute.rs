@@ -147,9 +147,7 @@ impl Pump {
         let Some(s) = self.stmts.as_mut() else { return false };
         let Some((stmt, gen)) = s.client.remove(&name) else { return false };
         let mut reply = BytesMut::with_capacity(16);
-        let at = protocol::begin(&mut reply, b'C');
-        protocol::put_cstr(&mut reply, "DEALLOCATE");
-        protocol::finish(&mut reply, at);
+        protocol::command_complete(&mut reply, "DEALLOCATE");
         let mut out = BytesMut::with_capacity(8);
         protocol::simple_query(&mut out, ";");
         let tag = self.actions.push(Action::Close { name, stmt, gen, void: false, reply: Some(reply.freeze()) });
