@@ -103,6 +103,55 @@ async fn shares_and_ceiling_hold_across_databases_and_roles() {
     assert!(done > 1000, "the pools kept serving while they traded slots: {done} queries in 5 s");
 }
 
+/// Four pools of one service trade a share of 2 all the time (each checkout on one database closes an idle
+/// server of the other to make room). A closed server's slot is free only once its backend is gone: sampled in
+/// a tight loop while the pools trade, Postgres never runs more than 2 backends of the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_closed_servers_slot_is_free_only_once_its_backend_has_exited() {
+    let pg = Pg::start();
+    setup(&pg, "create database db2; create database db3; create database db4").await;
+    let cfg = config(&pg, "[services.app]\nslice = 2\ncheckout_timeout = \"20s\"\n")
+        .replace("reserved = 2\n", "reserved = 2\ndatabases = [\"postgres\", \"db2\", \"db3\", \"db4\"]\n");
+    let proxy = Proxy::start(&cfg);
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let db = ["postgres", "db2", "db3", "db4"][i % 4];
+        let conninfo = format!("host=127.0.0.1 port={} user=postgres password={PG_PASSWORD} dbname={db}", proxy.port);
+        let (stop, done) = (stop.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            let c = connect(&conninfo).await.unwrap_or_else(|e| panic!("{db}: {e}"));
+            while !stop.load(Ordering::Relaxed) {
+                c.simple_query("select 1").await.unwrap_or_else(|e| panic!("{db}: {e}"));
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let admin = connect(&pg.conninfo()).await.unwrap();
+    let (mut peak, mut samples, mut pids) = (0usize, 0u64, BTreeSet::new());
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let rows = admin
+            .query("select pid from pg_stat_activity where application_name = 'pgbudget:app:rw'", &[])
+            .await
+            .unwrap();
+        peak = peak.max(rows.len());
+        pids.extend(rows.iter().map(|r| r.get::<_, i32>(0)));
+        samples += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let done = done.load(Ordering::Relaxed);
+    let opened = pids.len();
+    eprintln!("{done} queries, {opened} backends seen, {samples} samples of pg_stat_activity, peak {peak}");
+    assert!(done > 200, "the pools kept serving: {done} queries in 4 s");
+    assert!(opened > 50, "the pools traded the share: {opened} backends seen");
+    assert!(peak <= 2, "Postgres ran {peak} backends of a service whose share is 2 ({samples} samples)");
+}
+
 /// What a migration tool does: on `postgres`, CREATE DATABASE; connect to it, work; disconnect; DROP it — all
 /// through pgbudget, with the same user. Also a session on `template1` before a CREATE DATABASE (which copies
 /// template1 and needs it free).

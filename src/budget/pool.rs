@@ -339,8 +339,13 @@ impl ServicePool {
             // transaction mode never needs.
             match Box::pin(self.checkout_once(if handed { Duration::ZERO } else { left }, started)).await {
                 Err(None) => {
-                    if self.group.close_idle_other(&self.key) {
-                        continue;
+                    let slots = &self.group.slots;
+                    let mut freed = std::pin::pin!(slots.freed());
+                    freed.as_mut().enable();
+                    // A closed connection's slot comes back once its backend has exited: wait for that rather
+                    // than close another pool's idle server as well.
+                    if slots.leaving() == 0 {
+                        self.group.close_idle_other(&self.key);
                     }
                     let left = wait.saturating_sub(started.elapsed());
                     if left.is_zero() {
@@ -351,7 +356,9 @@ impl ServicePool {
                             waited: started.elapsed(),
                         });
                     }
-                    tokio::time::sleep(left.min(SHARE_RECHECK)).await;
+                    if slots.used() >= slots.limit() {
+                        let _ = tokio::time::timeout(left.min(SHARE_RECHECK), freed).await;
+                    }
                 }
                 Ok(c) => {
                     self.stamp_use();

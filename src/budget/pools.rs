@@ -310,8 +310,9 @@ impl ServiceGroup {
         m.push(pool.weak());
     }
 
-    /// Close one idle connection of a pool of this group other than `except` (its slot frees); false if none.
-    pub(super) fn close_idle_other(&self, except: &PoolKey) -> bool {
+    /// Close one idle connection of a pool of this group other than `except` (its slot frees once its backend has
+    /// exited); nothing when none is idle.
+    pub(super) fn close_idle_other(&self, except: &PoolKey) {
         let pools: Vec<Pool> = {
             let m = self.members.lock().unwrap_or_else(|e| e.into_inner());
             m.iter().filter_map(|w| w.upgrade()).collect()
@@ -319,7 +320,7 @@ impl ServiceGroup {
         for p in pools.iter().filter(|p| &p.manager().key != except) {
             if let Some(c) = p.manager().affinity.take(None, false) {
                 drop(PooledConn::take(c));
-                return true;
+                return;
             }
             if p.status().available == 0 {
                 continue;
@@ -327,9 +328,8 @@ impl ServiceGroup {
             let mut closed = false;
             let removed = p.retain(|_, _| std::mem::replace(&mut closed, true));
             if !removed.removed.is_empty() {
-                return true;
+                return;
             }
         }
-        false
     }
 }

@@ -17,8 +17,10 @@ pub type Params = HashMap<String, String, foldhash::fast::RandomState>;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
+mod exit;
 mod idle;
 mod login;
+pub use exit::EXIT_WAIT;
 pub use idle::IdleState;
 mod probe;
 mod replay;
@@ -82,7 +84,8 @@ pub struct ServerConn {
     pub broken: bool,
     /// The pool generation it was opened in; `RECONNECT` retires older generations.
     pub generation: u64,
-    _permit: OwnedSemaphorePermit,
+    /// One of the upstream's ceiling permits (taken by the Drop, which hands it on to wait for the exit).
+    permit: Option<OwnedSemaphorePermit>,
     /// The service's share slot it holds (every pool of the service counts against one share).
     pub slot: Option<slots::Slot>,
     /// Entry in the upstream's server list (for `SHOW SERVERS`), removed on Drop.
@@ -130,6 +133,13 @@ impl Drop for ServerConn {
         if !self.broken {
             self.stream.try_goodbye(&protocol::TERMINATE);
         }
+        // The slot and permit are free once the backend has exited.
+        exit::Leaving {
+            stream: std::mem::replace(&mut self.stream, crate::tls::Stream::Closed),
+            permit: self.permit.take(),
+            slot: self.slot.take(),
+        }
+        .release_when_gone();
     }
 }
 
@@ -184,7 +194,7 @@ impl ServerConn {
             created: Instant::now(),
             last_checkin: Instant::now(),
             broken: true, // until the login completes
-            _permit: permit,
+            permit: Some(permit),
             slot: None,
             registration: None,
             generation: 0,
