@@ -206,3 +206,31 @@ async fn a_cancel_sent_right_after_a_reply_never_breaks_the_session() {
     }
     assert!(broken.is_empty(), "sessions broken by an idle cancel: {broken:?}");
 }
+
+/// `DISCARD ALL` drops a backend's temp objects but not its temporary namespace, and a session that finds one
+/// behaves unlike a new backend (`pg_my_temp_schema()` is set; `current_schema()` under `search_path =
+/// pg_temp` no longer creates it, so `PREPARE TRANSACTION` is allowed where direct it is refused: Postgres's
+/// own `temp` regression test). A server whose client used temp objects is closed, not reused, in both modes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_client_never_finds_a_temporary_namespace() {
+    let pg = Pg::start();
+    for mode in ["session", "transaction"] {
+        let proxy = Proxy::start(&config(&pg, &format!("[services.app]\nslice = 2\npool_mode = \"{mode}\"\n")));
+        let a = connect(&proxy.conninfo()).await.unwrap();
+        a.batch_execute("CREATE TEMP TABLE t (x int)").await.unwrap();
+        let a_pid: i32 = a.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+        drop(a);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let b = connect(&proxy.conninfo()).await.unwrap();
+        let row = b.query_one("select pg_backend_pid(), pg_my_temp_schema()::int8", &[]).await.unwrap();
+        let (b_pid, temp): (i32, i64) = (row.get(0), row.get(1));
+        assert_eq!(temp, 0, "{mode}: B found A's temporary namespace");
+        assert_ne!(b_pid, a_pid, "{mode}: the server A left with a temporary namespace was reused");
+        // And a server whose client never touched temp objects is still reused.
+        drop(b);
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let c = connect(&proxy.conninfo()).await.unwrap();
+        let c_pid: i32 = c.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
+        assert_eq!(c_pid, b_pid, "{mode}: a clean server is reused");
+    }
+}

@@ -478,6 +478,12 @@ impl ServicePool {
     /// its place.
     pub fn discard(&self, mut conn: PooledConn) {
         conn.broken = true;
+        self.retire(conn);
+    }
+
+    /// Close a healthy server connection (it says goodbye with a Terminate) instead of giving it back; a
+    /// checkout waiting in the queue may open one in its place.
+    pub fn retire(&self, conn: PooledConn) {
         drop(PooledConn::take(conn));
         self.pool.manager().affinity.retry_one();
     }

@@ -4,6 +4,7 @@
 use super::{PinPolicy, PoolMode, Relay};
 use crate::budget::pool::Route;
 use crate::error::ProxyError;
+use crate::relay::reset::Cleaned;
 use std::collections::BTreeMap;
 use std::time::Instant;
 use tracing::{debug, warn};
@@ -116,9 +117,13 @@ impl Relay {
             tokio::time::timeout(deadline, crate::relay::reset::cleanup(&mut conn, &mut self.pump, needs_reset, ro))
                 .await;
         match result {
-            Ok(Ok(())) => {
+            Ok(Ok(Cleaned::Reusable)) => {
                 debug!("server connection reset and returned");
                 self.pool.put_back(conn);
+            }
+            Ok(Ok(Cleaned::Retire)) => {
+                debug!("server connection closed: it keeps a temporary namespace");
+                self.pool.retire(conn);
             }
             Ok(Err(e)) => {
                 // A failed reset can quote the server's error text: redacted like the journal's.

@@ -17,10 +17,24 @@ fn unprovable(what: &'static str) -> ServerError {
     ServerError::Protocol(crate::protocol::ProtocolError::Malformed(what))
 }
 
+/// What a cleaned-up server is good for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cleaned {
+    /// Idle and reset: the next client may have it.
+    Reusable,
+    /// Idle and reset, but it keeps a temporary namespace no reset removes: close it (with a Terminate).
+    Retire,
+}
+
 /// Bring a server abandoned mid-conversation back to idle: send what was framed, end COPY, close the extended
 /// batch, cancel what still runs, drain replies, roll back, and (session mode) reset session state. A server
 /// whose state the relay cannot prove is refused (the caller discards it).
-pub async fn cleanup(conn: &mut ServerConn, pump: &mut Pump, reset: bool, read_only: bool) -> Result<(), ServerError> {
+pub async fn cleanup(
+    conn: &mut ServerConn,
+    pump: &mut Pump,
+    reset: bool,
+    read_only: bool,
+) -> Result<Cleaned, ServerError> {
     if pump.mid_message() {
         return Err(unprovable("client left in the middle of a message"));
     }
@@ -72,14 +86,16 @@ pub async fn cleanup(conn: &mut ServerConn, pump: &mut Pump, reset: bool, read_o
         conn.simple("ROLLBACK", timeout).await?;
     }
     if reset {
-        conn.simple("DISCARD ALL", timeout).await?;
+        if conn.discard_all(timeout).await? {
+            return Ok(Cleaned::Retire);
+        }
         conn.applied.clear();
         conn.statements.clear();
         if read_only {
             conn.enforce_read_only(timeout).await?;
         }
     }
-    Ok(())
+    Ok(Cleaned::Reusable)
 }
 
 /// Whether `applied` already is `desired` (no allocation: the check of every checkout).

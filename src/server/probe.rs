@@ -108,6 +108,26 @@ impl ServerConn {
         Ok(p)
     }
 
+    /// `DISCARD ALL`, and whether the backend keeps a temporary namespace (asked first, in the same round
+    /// trip: DISCARD drops temp objects but not the namespace, and a backend that has one behaves unlike a new
+    /// one — `pg_my_temp_schema()` is set, and `current_schema()` under `search_path = pg_temp` no longer
+    /// creates it, so `PREPARE TRANSACTION` is allowed where on a new backend it is refused).
+    pub async fn discard_all(&mut self, timeout: Duration) -> Result<bool, ServerError> {
+        let mut out = BytesMut::with_capacity(96);
+        protocol::simple_query(&mut out, "SELECT pg_catalog.pg_my_temp_schema() OPERATOR(pg_catalog.<>) 0");
+        protocol::simple_query(&mut out, "DISCARD ALL");
+        let mut rows = Vec::new();
+        let asked = self.round_trip_rows(&out, timeout, Some(&mut rows)).await;
+        if let Err(e) = asked.as_ref() {
+            if !matches!(e, ServerError::Postgres { .. }) {
+                return asked.map(|()| false); // the stream is gone: the DISCARD's reply will not come
+            }
+        }
+        self.round_trip_rows(&[], timeout, None).await?;
+        asked?;
+        Ok(rows.first().and_then(|r| r.first()).is_some_and(|v| v.as_deref() == Some("t")))
+    }
+
     /// Run one simple-protocol query and return its rows as text (NULL as `None`), within `timeout`.
     pub async fn rows(&mut self, sql: &str, timeout: Duration) -> Result<Vec<Vec<Option<String>>>, ServerError> {
         let mut out = BytesMut::with_capacity(sql.len() + 8);
