@@ -210,10 +210,7 @@ async fn session_mode_resets_state_before_reuse() {
     let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\npool_mode = \"session\"\n"));
     let first = connect(&proxy.conninfo()).await.unwrap();
     let pid: i32 = first.query_one("select pg_backend_pid()", &[]).await.unwrap().get(0);
-    first
-        .batch_execute("set search_path = nowhere; create temp table leftover(x int); prepare p as select 1")
-        .await
-        .unwrap();
+    first.batch_execute("set search_path = nowhere; prepare p as select 1").await.unwrap();
     drop(first);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let c1 = connect(&proxy.conninfo()).await.unwrap();
@@ -227,8 +224,8 @@ async fn session_mode_resets_state_before_reuse() {
         let n: i64 =
             c.query_one("select count(*) from pg_prepared_statements where name = 'p'", &[]).await.unwrap().get(0);
         assert_eq!(n, 0);
-        assert!(c.batch_execute("select * from leftover").await.is_err());
     }
+    // (A server whose client used temp objects is closed instead: tests/pinning.rs.)
     assert!(saw_reused, "the first server connection should have been reused");
 }
 
