@@ -264,10 +264,13 @@ impl Pump {
         C: AsyncRead + AsyncWrite + Unpin,
         S: AsyncRead + AsyncWrite + Unpin,
     {
+        // A socket that returned Pending in this call has this task's waker registered: polled again before
+        // the wake it would return Pending again (each such poll is a trip through tokio's readiness lock).
+        let (mut client_waits, mut server_waits) = (false, false);
         loop {
             let mut progress = false;
             // Client → cin.
-            if !self.client_eof && self.cin.len() < BUF.max(self.need) {
+            if !self.client_eof && !client_waits && self.cin.len() < BUF.max(self.need) {
                 match poll_read_into(cx, client, &mut self.cin) {
                     Poll::Ready(Ok(0)) => {
                         self.client_eof = true;
@@ -281,7 +284,7 @@ impl Pump {
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ClientIo(e))),
-                    Poll::Pending => {}
+                    Poll::Pending => client_waits = true,
                 }
             }
             // cin → c2s.
@@ -294,7 +297,7 @@ impl Pump {
             progress |= poll_send(cx, server, &mut self.c2s).map_err(PumpError::ServerIo)?;
             // Server → s2c, scanned as it arrives; through sin (and edited) while replies to the proxy's own
             // messages are owed.
-            if self.s2c.len() < BUF {
+            if !server_waits && self.s2c.len() < BUF {
                 let edits = self.edits_pending();
                 let from = self.s2c.len();
                 let into = if edits { &mut self.sin } else { &mut self.s2c };
@@ -313,7 +316,7 @@ impl Pump {
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ServerIo(e))),
-                    Poll::Pending => {}
+                    Poll::Pending => server_waits = true,
                 }
             }
             // s2c → client.
