@@ -27,6 +27,7 @@ mod attach;
 mod between;
 mod checkin;
 pub mod classify;
+pub mod gate;
 pub mod frame;
 mod idle;
 pub mod pump;

@@ -115,7 +115,8 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, id: u64, conso
     tracing::Span::current().record("service", relay.pool.budget().name.as_str());
     debug!(user = startup.user(), "client logged in");
     let started = (std::time::SystemTime::now(), std::time::Instant::now());
-    let outcome = relay.run(&mut sock).await;
+    // Reads gated on their own wakes: the relay's loop looks at the client on every wake of the task.
+    let outcome = relay.run(&mut crate::relay::gate::ReadGate::new(&mut sock)).await;
     let end_reason = match &outcome {
         Ok(Outcome::ClientDone) => "client_done",
         Ok(Outcome::ShuttingDown) => "shutting_down",
