@@ -234,3 +234,35 @@ async fn the_next_client_never_finds_a_temporary_namespace() {
         assert_eq!(c_pid, b_pid, "{mode}: a clean server is reused");
     }
 }
+
+/// A client that closes its named statement (psycopg 3 evicting from its cache, a dropped tokio-postgres
+/// statement) finds it gone from `pg_prepared_statements` at once, in the same transaction, as direct —
+/// unless another client still holds the same statement, whose handle keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_statement_no_other_client_holds_is_gone_from_the_server_at_once() {
+    let pg = Pg::start();
+    let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\n"));
+    let a = connect(&proxy.conninfo()).await.unwrap();
+    let count = "select count(*) from pg_prepared_statements where statement = 'select ''only a'''";
+    a.batch_execute("BEGIN").await.unwrap();
+    let st = a.prepare("select 'only a'").await.unwrap();
+    a.query(&st, &[]).await.unwrap();
+    assert_eq!(a.query_one(count, &[]).await.unwrap().get::<_, i64>(0), 1, "prepared on A's server");
+    drop(st); // tokio-postgres sends Close + Sync
+    assert_eq!(a.query_one(count, &[]).await.unwrap().get::<_, i64>(0), 0, "closed on the server at once");
+    a.batch_execute("COMMIT").await.unwrap();
+
+    // Shared: B holds the same statement; A's Close leaves it for B.
+    let b = connect(&proxy.conninfo()).await.unwrap();
+    let kept = b.prepare("select 'shared'").await.unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    let st = a.prepare("select 'shared'").await.unwrap();
+    a.query(&st, &[]).await.unwrap();
+    drop(st);
+    a.query_one("select 1", &[]).await.unwrap();
+    a.batch_execute("COMMIT").await.unwrap();
+    for _ in 0..4 {
+        let rows = b.query(&kept, &[]).await.unwrap();
+        assert_eq!(rows[0].get::<_, &str>(0), "shared", "B's statement survives A's Close");
+    }
+}

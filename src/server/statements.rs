@@ -316,6 +316,16 @@ impl ServerStatements {
         gone
     }
 
+    /// A client closes `stmt` (its handle the only one left): when it is prepared here, it counts as closed
+    /// from now on (what the server confirmed stays until the Close is answered) and its id is returned —
+    /// the caller closes it on the server. `None`: another client holds it, or this server never had it.
+    pub fn closing_last(&mut self, stmt: &Arc<Stmt>) -> Option<u64> {
+        if Arc::strong_count(stmt) != 1 || self.used.remove(&stmt.id).is_none() {
+            return None;
+        }
+        Some(stmt.id)
+    }
+
     pub fn remove(&mut self, id: u64) {
         self.used.remove(&id);
         self.confirmed.remove(&id);

@@ -146,11 +146,19 @@ impl Pump {
         }
         let Some(s) = self.stmts.as_mut() else { return false };
         let Some((stmt, gen)) = s.client.remove(&name) else { return false };
-        let mut reply = BytesMut::with_capacity(16);
-        protocol::command_complete(&mut reply, "DEALLOCATE");
-        let mut out = BytesMut::with_capacity(8);
-        protocol::simple_query(&mut out, ";");
-        let tag = self.actions.push(Action::Close { name, stmt, gen, void: false, reply: Some(reply.freeze()) });
+        // Held by no other client and prepared here: deallocated here (its own CommandComplete answers).
+        let closes = s.server.closing_last(&stmt);
+        let mut out = BytesMut::with_capacity(32);
+        let reply = if closes.is_some() {
+            protocol::simple_query(&mut out, &format!("DEALLOCATE {}", stmt.name));
+            None
+        } else {
+            protocol::simple_query(&mut out, ";");
+            let mut reply = BytesMut::with_capacity(16);
+            protocol::command_complete(&mut reply, "DEALLOCATE");
+            Some(reply.freeze())
+        };
+        let tag = self.actions.push(Action::Close { name, stmt, gen, void: false, reply, closes });
         self.send(&out, tag);
         true
     }

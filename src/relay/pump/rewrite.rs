@@ -342,10 +342,14 @@ impl Pump {
                     let s = self.stmts.as_mut().expect("mapping");
                     let key = name_str(name);
                     if let Some((stmt, gen)) = s.client.remove(&key) {
-                        // The pool keeps the statement; the client's name is gone. Close of nobody answers in order.
+                        // The client's name is gone. Held by no other client and prepared here, the statement is
+                        // closed here too (gone at once, as direct); otherwise the pool keeps it and a Close of
+                        // nobody answers in order.
+                        let closes = s.server.closing_last(&stmt);
                         let mut out = BytesMut::with_capacity(32);
-                        put_close(&mut out, NOBODY);
-                        let tag = self.actions.push(Action::Close { name: key, stmt, gen, void: false, reply: None });
+                        put_close(&mut out, if closes.is_some() { &stmt.name } else { NOBODY });
+                        let close = Action::Close { name: key, stmt, gen, void: false, reply: None, closes };
+                        let tag = self.actions.push(close);
                         self.send(&out, tag);
                     } else {
                         self.send(msg, 0);

@@ -25,12 +25,14 @@ pub enum Action {
     /// A Describe the proxy injected after re-preparing a statement on another server, whose replies are
     /// swallowed and compared with the statement's shape; the client's Bind waits for it.
     Check { gen: u64 },
-    /// A client Close of its statement (answered by a Close of nobody): skipped after an error, the client
-    /// still has the statement.
+    /// A client Close of its statement: skipped after an error, the client still has the statement.
     /// `void`: the Parse that created it failed, so there is nothing to give back.
     /// `reply`: a SQL `DEALLOCATE` of it, sent as an empty query whose EmptyQueryResponse is replaced by this
     /// (the DEALLOCATE's CommandComplete).
-    Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool, reply: Option<Bytes> },
+    /// `closes`: the pool statement closed on this server with it (no other client held it), as direct the
+    /// statement is gone at once; otherwise the pool keeps it and a Close of nobody (or the empty query)
+    /// answers in order.
+    Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool, reply: Option<Bytes>, closes: Option<u64> },
 }
 
 #[derive(Default)]
@@ -73,7 +75,7 @@ impl Action {
     pub(super) fn server_effect(&self) -> Option<(u64, bool)> {
         match self {
             Action::Swallow { prepared: Some(id) } | Action::Parse { id, .. } => Some((*id, true)),
-            Action::Evict(id) => Some((*id, false)),
+            Action::Evict(id) | Action::Close { closes: Some(id), .. } => Some((*id, false)),
             _ => None,
         }
     }
