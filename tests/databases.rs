@@ -30,7 +30,7 @@ async fn shares_and_ceiling_hold_across_databases_and_roles() {
     let pg = Pg::start();
     setup(&pg, "create database db2; create database db3; create role r2 login password 'r2pw'").await;
     let cfg = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nmode = \"shared\"\nservice_from = \"user\"\n\
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nmode = \"shared\"\nservice_from = \"user\"\n{LABEL}\
          [auth]\nmethod = \"scram-sha-256\"\n\
          [[auth.users]]\nname = \"a1\"\npassword_env = \"PW\"\nservice = \"a\"\n\
          [[auth.users]]\nname = \"a2\"\npassword_env = \"PW\"\nservice = \"a\"\nupstream_user = \"r2\"\nupstream_password_env = \"R2_PW\"\n\

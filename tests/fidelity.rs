@@ -22,7 +22,9 @@ const SESSION: &str = "pool_mode = \"session\"\n";
 /// pgbudget for service `app` (share `slice`, `svc` lines) with `proxy_extra` lines in `[proxy]`.
 fn start(pg: &Pg, slice: u32, svc: &str, proxy_extra: &str) -> Proxy {
     let services = format!("[services.app]\nslice = {slice}\ncheckout_timeout = \"3s\"\n{svc}");
-    Proxy::start(&config(pg, &services).replace("[proxy]\n", &format!("[proxy]\nslice_floor = 1\n{proxy_extra}")))
+    // Fidelity is checked with pgbudget's own default for application_name unless `proxy_extra` sets one.
+    let cfg = config(pg, &services).replace(LABEL, "");
+    Proxy::start(&cfg.replace("[proxy]\n", &format!("[proxy]\nslice_floor = 1\n{proxy_extra}")))
 }
 
 async fn login(port: u16) -> Raw {
@@ -296,18 +298,20 @@ async fn app_name(port: u16, name: Option<&str>) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn server_application_name_client_policy_and_label_default() {
+async fn server_application_name_is_the_clients_by_default_and_a_label_on_request() {
     let pg = Pg::start();
     let direct = (app_name(pg.port, None).await, app_name(pg.port, Some("myapp")).await);
     assert_eq!(direct, (String::new(), "myapp".to_owned()), "direct");
     let mut got = Vec::new();
-    for (svc, policy) in [(SESSION, "client"), (TXN, "client"), (SESSION, "label"), (TXN, "label")] {
-        let proxy = start(&pg, 1, svc, &format!("server_application_name = \"{policy}\"\n"));
+    let runs = [(SESSION, ""), (TXN, ""), (SESSION, "client"), (TXN, "client"), (SESSION, "label"), (TXN, "label")];
+    for (svc, policy) in runs {
+        let extra = if policy.is_empty() { String::new() } else { format!("server_application_name = \"{policy}\"\n") };
+        let proxy = start(&pg, 1, svc, &extra);
         got.push((svc.trim(), policy, app_name(proxy.port, None).await, app_name(proxy.port, Some("myapp")).await));
     }
-    let want: Vec<_> = [(SESSION, "client", ""), (TXN, "client", ""), (SESSION, "label", "pgbudget:app:rw")]
+    let want: Vec<_> = [(SESSION, "", ""), (TXN, "", ""), (SESSION, "client", ""), (TXN, "client", "")]
         .into_iter()
-        .chain([(TXN, "label", "pgbudget:app:rw")])
+        .chain([(SESSION, "label", "pgbudget:app:rw"), (TXN, "label", "pgbudget:app:rw")])
         .map(|(m, p, none)| (m.trim(), p, none.to_owned(), "myapp".to_owned()))
         .collect();
     assert_eq!(got, want, "(mode, policy, SHOW application_name without a name, with application_name=myapp)");

@@ -6,7 +6,7 @@ use common::*;
 
 fn shared(pg: &Pg, extra_proxy: &str, auth: &str) -> String {
     format!(
-        "[proxy]\nmode = \"shared\"\n{extra_proxy}\n{auth}\n[upstreams.primary]\nurl = \"{}\"\nceiling = 20\n\n\
+        "[proxy]\nmode = \"shared\"\n{LABEL}{extra_proxy}\n{auth}\n[upstreams.primary]\nurl = \"{}\"\nceiling = 20\n\n\
          [services.worker]\nslice = 3\n[services.web]\nslice = 2\n",
         pg.url()
     )

@@ -94,8 +94,9 @@ pub struct ProxySection {
     pub drain_timeout: Duration,
     /// Prefix of `application_name` on server connections: `<prefix>:<service>:<route>`.
     pub application_name_prefix: String,
-    /// What `application_name` a client's server shows while the client holds it: `label` (the client's own
-    /// when it set one, pgbudget's label otherwise) or `client` (exactly the client's, empty when unset).
+    /// What `application_name` a client's server shows while the client holds it: `client` (exactly the
+    /// client's, empty when unset, as direct; the default) or `label` (the client's own when it set one,
+    /// pgbudget's label otherwise).
     pub server_application_name: AppNamePolicy,
     /// Clients that may be between accept and the end of authentication at once; more get FATAL 53300 unread.
     pub max_pending_logins: u32,
@@ -127,7 +128,7 @@ impl Default for ProxySection {
             share_floor: 4,
             drain_timeout: Duration::from_secs(30),
             application_name_prefix: "pgbudget".into(),
-            server_application_name: AppNamePolicy::Label,
+            server_application_name: AppNamePolicy::Client,
             max_pending_logins: 256,
             max_query_size: 1 << 20,
             max_pools: 64,
@@ -317,9 +318,9 @@ pub struct ServiceConfig {
 #[serde(rename_all = "lowercase")]
 pub enum AppNamePolicy {
     /// The client's own when it set one; pgbudget's `<prefix>:<service>:<route>` label when it did not.
-    #[default]
     Label,
     /// Exactly the client's (empty when it set none), as on a direct connection.
+    #[default]
     Client,
 }
 

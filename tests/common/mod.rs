@@ -182,9 +182,13 @@ pub struct Proxy {
 }
 
 /// A budgets.toml for one upstream and the given services block.
+/// The tests count a service's server connections in `pg_stat_activity` by pgbudget's label, so their
+/// proxies label every server (`server_application_name = "label"`; the default shows exactly the client's).
+pub const LABEL: &str = "server_application_name = \"label\"\n";
+
 pub fn config(pg: &Pg, services: &str) -> String {
     format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nmode = \"sidecar\"\nservice = \"app\"\ndrain_timeout = \"10s\"\n\n\
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nmode = \"sidecar\"\nservice = \"app\"\ndrain_timeout = \"10s\"\n{LABEL}\n\
          [upstreams.primary]\nurl = \"{}\"\nceiling = 90\nreserved = 2\n\n{services}",
         pg.url()
     )
