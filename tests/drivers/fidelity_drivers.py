@@ -1,4 +1,4 @@
-"""Driver-level fidelity checks run by tests/fidelity.rs: each SCENARIO runs the same steps through pgbudget
+"""Driver-level fidelity checks run by tests/fidelity.rs and tests/fidelity_session.rs: each SCENARIO runs the same steps through pgbudget
 (PROXY_DSN) and directly (DIRECT_DSN) and fails naming every figure that differs or is wrong.
 
 - session: asyncpg get_server_pid() == pg_backend_pid(), the pid of a self-notification == get_server_pid();
