@@ -20,7 +20,6 @@ use tokio::sync::OwnedSemaphorePermit;
 mod exit;
 mod idle;
 mod login;
-pub use exit::EXIT_WAIT;
 pub use idle::IdleState;
 mod probe;
 mod replay;
