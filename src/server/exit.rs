@@ -25,12 +25,12 @@ pub(super) struct Leaving {
 impl Leaving {
     /// Give the slot and permit back once the server has closed the socket. Outside a runtime (nothing could
     /// wait) or for a socket already taken apart, at once.
-    pub fn release_when_gone(self) {
+    pub fn release_when_gone(mut self) {
         if matches!(self.stream, Stream::Closed) {
             return;
         }
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        if let Some(slot) = &self.slot {
+        if let Some(slot) = &mut self.slot {
             slot.mark_leaving();
         }
         rt.spawn(self.wait_for_exit(EXIT_WAIT));
@@ -90,8 +90,8 @@ mod tests {
         let (stream, _backend) = pair().await;
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
         let permit = sem.clone().try_acquire_owned().unwrap();
-        let slot = slots.try_take();
-        slot.as_ref().unwrap().mark_leaving();
+        let mut slot = slots.try_take();
+        slot.as_mut().unwrap().mark_leaving();
         let started = Instant::now();
         Leaving { stream, permit: Some(permit), slot }.wait_for_exit(Duration::from_millis(200)).await;
         assert!(started.elapsed() >= Duration::from_millis(200), "waited for the exit");

@@ -118,10 +118,8 @@ impl ServerConn {
         protocol::simple_query(&mut out, "DISCARD ALL");
         let mut rows = Vec::new();
         let asked = self.round_trip_rows(&out, timeout, Some(&mut rows)).await;
-        if let Err(e) = asked.as_ref() {
-            if !matches!(e, ServerError::Postgres { .. }) {
-                return asked.map(|()| false); // the stream is gone: the DISCARD's reply will not come
-            }
+        if matches!(&asked, Err(e) if !matches!(e, ServerError::Postgres { .. })) {
+            return asked.map(|()| false); // the stream is gone: the DISCARD's reply will not come
         }
         self.round_trip_rows(&[], timeout, None).await?;
         asked?;

@@ -2,7 +2,7 @@
 //! service's pools): taken without waiting, resized by a reload, given back by `Drop` — for a closed
 //! connection once its backend has exited, and whoever waits for one is woken then.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -21,7 +21,7 @@ pub struct Slots {
 #[derive(Debug)]
 pub struct Slot {
     slots: Arc<Slots>,
-    leaving: AtomicBool,
+    leaving: bool,
 }
 
 impl Slots {
@@ -38,7 +38,7 @@ impl Slots {
     pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
         let limit = self.limit.load(Ordering::Acquire);
         self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u < limit).then_some(u + 1)).ok()?;
-        Some(Slot { slots: self.clone(), leaving: AtomicBool::new(false) })
+        Some(Slot { slots: self.clone(), leaving: false })
     }
 
     /// Slots held by closed connections whose backends are still exiting (each is given back soon).
@@ -46,7 +46,7 @@ impl Slots {
         self.leaving.load(Ordering::Acquire)
     }
 
-    /// Wait until a slot is given back, at most `wait`. Register before looking (`std::pin::pin!` the
+    /// Resolves when a slot is given back (bound it with a timeout). Register before looking (`std::pin::pin!` the
     /// future and `enable` it) when a slot freed between the look and the wait must not be missed.
     pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
         self.freed.notified()
@@ -68,8 +68,8 @@ impl Slots {
 
 impl Slot {
     /// Its connection was closed: the slot is given back once the backend has exited.
-    pub fn mark_leaving(&self) {
-        if !self.leaving.swap(true, Ordering::AcqRel) {
+    pub fn mark_leaving(&mut self) {
+        if !std::mem::replace(&mut self.leaving, true) {
             self.slots.leaving.fetch_add(1, Ordering::AcqRel);
         }
     }
@@ -77,7 +77,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if *self.leaving.get_mut() {
+        if self.leaving {
             self.slots.leaving.fetch_sub(1, Ordering::AcqRel);
         }
         self.slots.used.fetch_sub(1, Ordering::AcqRel);
@@ -110,7 +110,7 @@ mod tests {
     #[tokio::test]
     async fn a_leaving_slot_is_counted_until_dropped_and_its_drop_wakes_a_waiter() {
         let s = Slots::new(1);
-        let a = s.try_take().unwrap();
+        let mut a = s.try_take().unwrap();
         a.mark_leaving();
         a.mark_leaving();
         assert_eq!((s.used(), s.leaving()), (1, 1), "marked once however often it is told");
