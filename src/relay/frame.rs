@@ -29,6 +29,9 @@ pub struct ServerMsg<'a> {
     pub body: &'a [u8],
     /// The body was longer than the capture.
     pub truncated: bool,
+    /// The body was copied out ([`ServerScanner::feed_into`]): false when its header was swallowed or
+    /// replaced, whichever read that happened in.
+    pub copied: bool,
 }
 
 /// Errors of the server byte stream.
@@ -91,6 +94,17 @@ impl ServerScanner {
         self.header_len == 0 && !self.in_body
     }
 
+    /// Bytes of the next header held here (a read ended inside it). [`Self::feed_into`] writes a header only
+    /// once it is whole, so these bytes are nowhere else yet.
+    pub fn partial_header(&self) -> usize {
+        self.header_len
+    }
+
+    /// The body in progress is not copied out (its header was swallowed or replaced).
+    pub fn dropping_body(&self) -> bool {
+        self.in_body && !self.copy_body
+    }
+
     /// Walk `chunk`, calling `on` once per completed message.
     pub fn feed(&mut self, chunk: &[u8], mut on: impl FnMut(ServerMsg<'_>)) -> Result<(), BadServerFrame> {
         self.walk(chunk, None, |ev, _| {
@@ -148,6 +162,7 @@ impl ServerScanner {
                         first: self.first,
                         body: &self.capture,
                         truncated: self.truncated,
+                        copied: self.copy_body,
                     };
                     on(Scan::Message(m), out.as_deref_mut().unwrap_or(&mut none));
                 }

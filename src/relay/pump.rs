@@ -298,9 +298,9 @@ impl Pump {
             // Server → s2c, scanned as it arrives; through sin (and edited) while replies to the proxy's own
             // messages are owed.
             if !server_waits && self.s2c.len() < BUF {
-                let edits = self.edits_pending();
+                let copies = self.scan_copies();
                 let from = self.s2c.len();
-                let into = if edits { &mut self.sin } else { &mut self.s2c };
+                let into = if copies { &mut self.sin } else { &mut self.s2c };
                 match poll_read_into(cx, server, into) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Event::ServerClosed)),
                     Poll::Ready(Ok(n)) => {
@@ -308,11 +308,7 @@ impl Pump {
                         if self.track_activity {
                             self.last_activity = Some(Instant::now());
                         }
-                        if edits {
-                            self.scan_server()?;
-                        } else {
-                            self.scan_in_place(from)?;
-                        }
+                        self.scan_read(copies, from)?;
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ServerIo(e))),

@@ -14,8 +14,50 @@ impl Pump {
         !self.actions.is_empty() || ((self.listening || self.probe_due) && self.servers.is_some())
     }
 
+    /// Whether the next server read goes into `sin` and is copied (edited) to `s2c`, rather than read into
+    /// `s2c` and scanned where it lands. Besides edits pending, two states of the scanner need the copy, so
+    /// that switching ways between two reads never duplicates or loses a byte: a header split across reads
+    /// is held in the scanner only (the in-place scan takes its bytes back out of `s2c`, see
+    /// [`Pump::scan_read`]) and only the copying scan writes it, whole; and a body being dropped (its
+    /// header swallowed or replaced) must go on being dropped.
+    pub(super) fn scan_copies(&self) -> bool {
+        self.edits_pending() || self.sscan.partial_header() > 0 || self.sscan.dropping_body()
+    }
+
+    /// Scan the server bytes just read: from `sin` (`copies`, as [`Pump::scan_copies`] chose) or from `s2c`
+    /// at `from`. An in-place read that ends inside a header leaves those bytes to the scanner alone: they
+    /// are the tail of `s2c` (the read began at a boundary, else it would copy) and are taken out of it.
+    pub(super) fn scan_read(&mut self, copies: bool, from: usize) -> Result<(), PumpError> {
+        if copies {
+            return self.scan_server();
+        }
+        self.scan_in_place(from)?;
+        let held = self.sscan.partial_header();
+        self.s2c.truncate(self.s2c.len() - held);
+        Ok(())
+    }
+
+    /// Take `bytes` as one read from the server, the way [`Pump::poll_pump`] does (fuzzing and tests).
+    pub fn read_server(&mut self, bytes: &[u8]) -> Result<(), PumpError> {
+        let copies = self.scan_copies();
+        let from = self.s2c.len();
+        if copies {
+            self.sin.extend_from_slice(bytes);
+        } else {
+            self.s2c.extend_from_slice(bytes);
+        }
+        self.scan_read(copies, from)
+    }
+
+    /// Take what the client would be sent so far (fuzzing and tests).
+    pub fn take_for_client(&mut self) -> Vec<u8> {
+        let got = self.s2c.to_vec();
+        self.s2c.clear();
+        got
+    }
+
     /// Scan the server bytes just read into `sin`, moving them (edited) to `s2c`.
-    pub(super) fn scan_server(&mut self) -> Result<(), PumpError> {
+    fn scan_server(&mut self) -> Result<(), PumpError> {
         let sin = std::mem::take(&mut self.sin);
         let mut out = std::mem::take(&mut self.s2c);
         let r = scan(self.parts(), &sin, Some(&mut out));
@@ -26,7 +68,7 @@ impl Pump {
     }
 
     /// Scan the server bytes just read straight into `s2c` (from `from` on), where they stay.
-    pub(super) fn scan_in_place(&mut self, from: usize) -> Result<(), PumpError> {
+    fn scan_in_place(&mut self, from: usize) -> Result<(), PumpError> {
         let s2c = std::mem::take(&mut self.s2c);
         let r = scan(self.parts(), &s2c[from..], None);
         self.s2c = s2c;
@@ -105,15 +147,12 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
     // A RowDescription is read only for a Describe the proxy tagged (a client's of a pool statement, or a
     // shape check); untagged ones, the bulk of all replies, are not copied aside.
     sscan.capture_rows = !actions.is_empty();
-    let mut notification = false;
-    let mut replaced = false;
     sscan.feed_into(bytes, out, |ev, out| match ev {
         Scan::Header(h) => {
-            replaced = false;
             let kind = h[0];
-            // A notification is rebuilt at its end with the sender's pid as its client knows it.
-            notification = copy && kind == b'A' && servers.is_some();
-            if notification {
+            // A notification is rebuilt at its end with the sender's pid as its client knows it (its body is
+            // not copied: that is how its end knows, in whichever read it comes).
+            if copy && kind == b'A' && servers.is_some() {
                 return false;
             }
             if !matches!(kind, b'N' | b'S' | b'A') {
@@ -122,7 +161,6 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
                     (Some(Action::Check { .. }), b't' | b'T' | b'n') => return false,
                     (Some(Action::Refuse(e)), b'E') | (Some(Action::Close { reply: Some(e), .. }), b'I') => {
                         out.extend_from_slice(e);
-                        replaced = true;
                         return false;
                     }
                     _ => {}
@@ -145,7 +183,7 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
                 b'E' => {
                     let (sev, code, msg) = frame::error_fields(m.body);
                     fatal = frame::is_fatal(sev);
-                    if !replaced && seen.errors.len() < MAX_ERRORS {
+                    if m.copied && seen.errors.len() < MAX_ERRORS {
                         seen.errors.push((code.to_owned(), msg.to_owned()));
                     }
                     if code == crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED
@@ -179,7 +217,7 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
                         _ => {}
                     }
                 }
-                b'A' if notification => {
+                b'A' if !m.copied => {
                     let body = m.body;
                     if body.len() >= 4 && !m.truncated {
                         let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
