@@ -93,6 +93,9 @@ pub enum AuthError {
     Protocol(#[from] ProtocolError),
     #[error("password authentication failed for user {user:?} ({reason})")]
     Failed { user: String, reason: &'static str },
+    /// `[auth] passthrough`: the role's secret could not be read from the upstream (the query failed).
+    #[error("cannot read the secret of role {user:?} with auth_query: {cause}")]
+    Lookup { user: String, cause: String },
 }
 
 /// Why admission (`budget::admission`) refused a checkout before it queued.
@@ -198,6 +201,11 @@ impl ProxyError {
             ProxyError::Auth(AuthError::Failed { user, .. }) => {
                 (Fatal, INVALID_PASSWORD, format!("password authentication failed for user \"{user}\""))
             }
+            ProxyError::Auth(AuthError::Lookup { user, .. }) => (
+                Fatal,
+                INVALID_AUTHORIZATION_SPECIFICATION,
+                format!("pgbudget could not read the password of role \"{user}\" from the upstream (see its log)"),
+            ),
             // 28000 like a login refusal: a service the client may not name reads exactly as one that does not exist.
             ProxyError::UnknownService(s) => (
                 Fatal,

@@ -395,3 +395,32 @@ async fn unix_socket_upstream_and_its_cancels() {
     assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::QUERY_CANCELED), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// `[auth] passthrough` over TLS both ways, with SCRAM-SHA-256-PLUS on both: the key the client's bound proof
+/// yields logs in a server that binds its own channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passthrough_role_binds_both_channels() {
+    let pki = Pki::new();
+    let pg = pki.pg();
+    let sql = |conninfo: String, password: &str, sql: &str| {
+        Command::new("psql")
+            .args([conninfo.as_str(), "-XAtc", sql])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .output()
+            .unwrap()
+    };
+    let direct = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", pg.port);
+    let out = sql(direct, PG_PASSWORD, "create role dave login password 'dave-pw'");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let extra = format!("{}[auth]\nmethod = \"scram-sha-256\"\npassthrough = true\n", pki.proxy_tls("require"));
+    let proxy = Proxy::start(&cfg_with(&pg, "localhost", "?sslmode=require&channel_binding=require", &extra));
+    let client =
+        format!("host=localhost port={} user=dave dbname=postgres sslmode=require channel_binding=require", proxy.port);
+    let probe = "select current_user || ':' || ssl from pg_stat_ssl where pid = pg_backend_pid()";
+    let out = sql(client.clone(), "dave-pw", probe);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stderr), proxy.log());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "dave:true");
+    let out = sql(client, "wrong", probe);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("password authentication failed for user \"dave\""));
+}

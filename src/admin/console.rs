@@ -394,6 +394,7 @@ fn show_config(app: &App) -> BytesMut {
     kv("listen", c.proxy.listen.clone());
     kv("mode", format!("{:?}", c.proxy.mode).to_lowercase());
     kv("auth_method", format!("{:?}", c.auth.method).to_lowercase());
+    kv("auth_passthrough", c.auth.passthrough.to_string());
     kv("drain_timeout", format!("{:?}", c.proxy.drain_timeout));
     kv("admin_listen", c.admin.listen.clone());
     kv("pool_log_interval", format!("{:?}", c.admin.pool_log_interval));

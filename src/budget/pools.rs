@@ -136,11 +136,14 @@ impl Pools {
             role: login.map_or(&t.user, |l| &l.user).clone(),
             settings: settings.to_vec(),
         };
+        let keys = login.and_then(|l| l.keys.as_ref());
         if let Some(p) = self.read().get(&key) {
+            p.take_keys(keys);
             return Ok(Some(p.clone()));
         }
         let mut map = self.pools.write().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = map.get(&key) {
+            p.take_keys(keys);
             return Ok(Some(p.clone()));
         }
         let max = self.resolved.config.proxy.max_pools as usize;
@@ -156,6 +159,7 @@ impl Pools {
         let r = &self.resolved;
         let b = &r.services[&key.service];
         let share = if key.route == Route::ReadWrite { b.share } else { b.ro_share };
+        let keys = login.and_then(|l| l.keys.clone()).map(|k| std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(k)));
         let relogin = |t: &UpstreamTarget| {
             let mut t = t.clone();
             t.database = key.database.clone();
@@ -163,6 +167,7 @@ impl Pools {
             if let Some(l) = login {
                 t.user = l.user.clone();
                 t.password = l.password.clone();
+                t.passthrough = keys.clone();
             }
             t
         };

@@ -4,7 +4,7 @@
 //! An unknown user runs the same exchange against a made-up secret, so the reply never tells an
 //! unknown user from a wrong password.
 
-use crate::config::users::{hmac, is_md5_secret, ScramVerifier, Secret, User, UserDb};
+use crate::config::users::{hmac, is_md5_secret, ScramKeys, ScramVerifier, Secret, User, UserDb};
 use crate::config::AuthMethod;
 use crate::error::AuthError;
 use crate::protocol::{self, cstr, ProtocolError};
@@ -95,90 +95,126 @@ impl UserDb {
         binding: Option<&[u8]>,
     ) -> Result<(), AuthError> {
         let (verifier, real) = self.verifier_for(user, known);
-        let mut out = BytesMut::new();
-        let mechanisms: &[u8] =
-            if binding.is_some() { b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0" } else { b"SCRAM-SHA-256\0\0" };
-        protocol::auth_request(&mut out, 10, mechanisms);
-        sock.write_all(&out).await.map_err(ProtocolError::from)?;
-
-        // SASLInitialResponse: mechanism, length, client-first-message.
-        let kind = protocol::read_client_message(sock, buf).await?;
-        if kind != b'p' {
-            return Err(ProtocolError::Unexpected { expected: "SASLInitialResponse", got: kind as char }.into());
-        }
-        let mut b = &buf[..];
-        let mech = cstr(&mut b)?;
-        let plus = match mech {
-            "SCRAM-SHA-256" => false,
-            "SCRAM-SHA-256-PLUS" if binding.is_some() => true,
-            _ => return Err(ProtocolError::Malformed("SASLInitialResponse").into()),
-        };
-        if b.len() < 4 {
-            return Err(ProtocolError::Malformed("SASLInitialResponse").into());
-        }
-        let n = b.get_i32();
-        if n < 0 || n as usize != b.len() {
-            return Err(ProtocolError::Malformed("SASLInitialResponse").into());
-        }
-        let client_first = std::str::from_utf8(b).map_err(|_| ProtocolError::Malformed("SCRAM client-first"))?;
-        let (gs2, bare) = split_gs2(client_first).ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
-        let (gs2, bare) = (gs2.to_owned(), bare.to_owned());
-        // The gs2 header must match the mechanism: "p=tls-server-end-point" with -PLUS; "n" or "y" without it,
-        // and "y" (the client could bind but thinks we cannot) while we offered -PLUS is a downgrade.
-        let expected_c = match (plus, gs2.as_bytes().first(), binding) {
-            (true, Some(b'p'), Some(cert)) if gs2.starts_with("p=tls-server-end-point,") => {
-                let mut c = gs2.clone().into_bytes();
-                c.extend_from_slice(&Sha256::digest(cert));
-                B64.encode(c)
-            }
-            (false, Some(b'n'), _) | (false, Some(b'y'), None) => B64.encode(&gs2),
-            (false, Some(b'y'), Some(_)) => {
-                return Err(AuthError::Failed { user: user.into(), reason: "channel binding downgrade" })
-            }
-            _ => return Err(ProtocolError::Malformed("SCRAM gs2 header").into()),
-        };
-        let client_nonce = attr(&bare, 'r').ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
-        let mut nonce_bytes = [0u8; 18];
-        rand::thread_rng().fill_bytes(&mut nonce_bytes);
-        let nonce = format!("{client_nonce}{}", B64.encode(nonce_bytes));
-        let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
-        out.clear();
-        protocol::auth_request(&mut out, 11, server_first.as_bytes());
-        sock.write_all(&out).await.map_err(ProtocolError::from)?;
-
-        // SASLResponse: client-final-message.
-        let kind = protocol::read_client_message(sock, buf).await?;
-        if kind != b'p' {
-            return Err(ProtocolError::Unexpected { expected: "SASLResponse", got: kind as char }.into());
-        }
-        let client_final = std::str::from_utf8(buf).map_err(|_| ProtocolError::Malformed("SCRAM client-final"))?;
-        let (without_proof, proof_b64) =
-            client_final.rsplit_once(",p=").ok_or(ProtocolError::Malformed("SCRAM client-final"))?;
-        let fail = |reason| AuthError::Failed { user: user.into(), reason };
-        if attr(without_proof, 'r') != Some(nonce.as_str()) {
-            return Err(fail("nonce mismatch"));
-        }
-        if attr(without_proof, 'c') != Some(expected_c.as_str()) {
-            return Err(fail("channel binding mismatch"));
-        }
-        let proof: [u8; 32] =
-            B64.decode(proof_b64).ok().and_then(|p| p.try_into().ok()).ok_or(fail("malformed proof"))?;
-        let auth_message = format!("{bare},{server_first},{without_proof}");
-        let client_signature = hmac(&verifier.stored_key, auth_message.as_bytes());
-        let mut client_key = [0u8; 32];
-        for i in 0..32 {
-            client_key[i] = proof[i] ^ client_signature[i];
-        }
-        let check: [u8; 32] = Sha256::digest(client_key).into();
-        if !real || !constant_eq(&check, &verifier.stored_key) {
-            return Err(fail(if real { "wrong password" } else { "unknown user" }));
-        }
-        let server_signature = hmac(&verifier.server_key, auth_message.as_bytes());
-        out.clear();
-        protocol::auth_request(&mut out, 12, format!("v={}", B64.encode(server_signature)).as_bytes());
-        sock.write_all(&out).await.map_err(ProtocolError::from)?;
-        Ok(())
+        scram_exchange(sock, user, &verifier, real, buf, binding).await.map(|_| ())
     }
+
+    /// `[auth] passthrough`: run SCRAM for a role not listed under `[[auth.users]]` against `secret`, the
+    /// secret the upstream holds for it (`None`: no such role, or no SCRAM secret; the exchange runs against
+    /// a made-up one and fails like a wrong password). On success, the keys its servers log in with.
+    pub async fn authenticate_passthrough<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        sock: &mut S,
+        user: &str,
+        secret: Option<ScramVerifier>,
+        buf: &mut BytesMut,
+        binding: Option<&[u8]>,
+    ) -> Result<ScramKeys, AuthError> {
+        let (verifier, real) = match secret {
+            Some(v) => (v, true),
+            None => self.verifier_for(user, None),
+        };
+        let client_key = scram_exchange(sock, user, &verifier, real, buf, binding).await?;
+        Ok(ScramKeys {
+            client_key,
+            server_key: verifier.server_key,
+            salt: verifier.salt,
+            iterations: verifier.iterations,
+        })
+    }
+}
+
+/// The server side of SCRAM-SHA-256 (-PLUS over TLS) against `verifier`; `real`: a verifier of the user's
+/// (else every proof fails). Returns the ClientKey the proof yields.
+async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    user: &str,
+    verifier: &ScramVerifier,
+    real: bool,
+    buf: &mut BytesMut,
+    binding: Option<&[u8]>,
+) -> Result<[u8; 32], AuthError> {
+    let mut out = BytesMut::new();
+    let mechanisms: &[u8] =
+        if binding.is_some() { b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0" } else { b"SCRAM-SHA-256\0\0" };
+    protocol::auth_request(&mut out, 10, mechanisms);
+    sock.write_all(&out).await.map_err(ProtocolError::from)?;
+
+    // SASLInitialResponse: mechanism, length, client-first-message.
+    let kind = protocol::read_client_message(sock, buf).await?;
+    if kind != b'p' {
+        return Err(ProtocolError::Unexpected { expected: "SASLInitialResponse", got: kind as char }.into());
+    }
+    let mut b = &buf[..];
+    let mech = cstr(&mut b)?;
+    let plus = match mech {
+        "SCRAM-SHA-256" => false,
+        "SCRAM-SHA-256-PLUS" if binding.is_some() => true,
+        _ => return Err(ProtocolError::Malformed("SASLInitialResponse").into()),
+    };
+    if b.len() < 4 {
+        return Err(ProtocolError::Malformed("SASLInitialResponse").into());
+    }
+    let n = b.get_i32();
+    if n < 0 || n as usize != b.len() {
+        return Err(ProtocolError::Malformed("SASLInitialResponse").into());
+    }
+    let client_first = std::str::from_utf8(b).map_err(|_| ProtocolError::Malformed("SCRAM client-first"))?;
+    let (gs2, bare) = split_gs2(client_first).ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
+    let (gs2, bare) = (gs2.to_owned(), bare.to_owned());
+    // The gs2 header must match the mechanism: "p=tls-server-end-point" with -PLUS; "n" or "y" without it,
+    // and "y" (the client could bind but thinks we cannot) while we offered -PLUS is a downgrade.
+    let expected_c = match (plus, gs2.as_bytes().first(), binding) {
+        (true, Some(b'p'), Some(cert)) if gs2.starts_with("p=tls-server-end-point,") => {
+            let mut c = gs2.clone().into_bytes();
+            c.extend_from_slice(&Sha256::digest(cert));
+            B64.encode(c)
+        }
+        (false, Some(b'n'), _) | (false, Some(b'y'), None) => B64.encode(&gs2),
+        (false, Some(b'y'), Some(_)) => {
+            return Err(AuthError::Failed { user: user.into(), reason: "channel binding downgrade" })
+        }
+        _ => return Err(ProtocolError::Malformed("SCRAM gs2 header").into()),
+    };
+    let client_nonce = attr(&bare, 'r').ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
+    let mut nonce_bytes = [0u8; 18];
+    rand::thread_rng().fill_bytes(&mut nonce_bytes);
+    let nonce = format!("{client_nonce}{}", B64.encode(nonce_bytes));
+    let server_first = format!("r={nonce},s={},i={}", B64.encode(&verifier.salt), verifier.iterations);
+    out.clear();
+    protocol::auth_request(&mut out, 11, server_first.as_bytes());
+    sock.write_all(&out).await.map_err(ProtocolError::from)?;
+
+    // SASLResponse: client-final-message.
+    let kind = protocol::read_client_message(sock, buf).await?;
+    if kind != b'p' {
+        return Err(ProtocolError::Unexpected { expected: "SASLResponse", got: kind as char }.into());
+    }
+    let client_final = std::str::from_utf8(buf).map_err(|_| ProtocolError::Malformed("SCRAM client-final"))?;
+    let (without_proof, proof_b64) =
+        client_final.rsplit_once(",p=").ok_or(ProtocolError::Malformed("SCRAM client-final"))?;
+    let fail = |reason| AuthError::Failed { user: user.into(), reason };
+    if attr(without_proof, 'r') != Some(nonce.as_str()) {
+        return Err(fail("nonce mismatch"));
+    }
+    if attr(without_proof, 'c') != Some(expected_c.as_str()) {
+        return Err(fail("channel binding mismatch"));
+    }
+    let proof: [u8; 32] = B64.decode(proof_b64).ok().and_then(|p| p.try_into().ok()).ok_or(fail("malformed proof"))?;
+    let auth_message = format!("{bare},{server_first},{without_proof}");
+    let client_signature = hmac(&verifier.stored_key, auth_message.as_bytes());
+    let mut client_key = [0u8; 32];
+    for i in 0..32 {
+        client_key[i] = proof[i] ^ client_signature[i];
+    }
+    let check: [u8; 32] = Sha256::digest(client_key).into();
+    if !real || !constant_eq(&check, &verifier.stored_key) {
+        return Err(fail(if real { "wrong password" } else { "unknown user" }));
+    }
+    let server_signature = hmac(&verifier.server_key, auth_message.as_bytes());
+    out.clear();
+    protocol::auth_request(&mut out, 12, format!("v={}", B64.encode(server_signature)).as_bytes());
+    sock.write_all(&out).await.map_err(ProtocolError::from)?;
+    Ok(client_key)
 }
 
 /// Split `n,,n=user,r=nonce` into the GS2 header (`n,,`) and the bare message.
@@ -232,7 +268,12 @@ mod tests {
             services: Vec::new(),
             upstream: None,
         };
-        UserDb { method: AuthMethod::Md5, users: HashMap::from([("app".into(), user)]), mock_key: [7; 32] }
+        UserDb {
+            method: AuthMethod::Md5,
+            users: HashMap::from([("app".into(), user)]),
+            mock_key: [7; 32],
+            passthrough: None,
+        }
     }
 
     /// Run an md5 login for `app` over an in-memory pipe; the client answers with `password`.

@@ -303,7 +303,17 @@ async fn login(
     // One configuration for the whole login, even if a reload lands meanwhile.
     let (resolved, users) = (app.resolved(), app.users());
     let bound = binding(app, sock);
-    users.authenticate(sock, startup.user(), &mut buf, bound.as_deref()).await?;
+    let service_of = || service_for(&resolved, &users, startup);
+    let passthrough = crate::client::passthrough::authenticate(
+        &app.pools(),
+        &users,
+        service_of,
+        sock,
+        startup.user(),
+        &mut buf,
+        bound.as_deref(),
+    )
+    .await?;
     drop(slot);
     if app.shutdown.is_cancelled() {
         return Err(ProxyError::ShuttingDown);
@@ -336,7 +346,7 @@ async fn login(
             return Err(ProxyError::ReadOnly { route: ro_alias.clone(), what: format!("startup setting {k}") });
         }
     }
-    let login = users.get(startup.user()).and_then(|u| u.upstream.as_ref());
+    let login = passthrough.as_ref().or_else(|| users.get(startup.user()).and_then(|u| u.upstream.as_ref()));
     let pool_with = |settings: &[(String, String)]| {
         app.pools()
             .pool_for(&service, route, Some(&database), login, settings)?

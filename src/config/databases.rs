@@ -107,6 +107,8 @@ impl DatabaseMap {
 pub struct UpstreamLogin {
     pub user: String,
     pub password: Option<String>,
+    /// A passthrough role (`[auth] passthrough`): the keys its client's SCRAM proof yielded.
+    pub keys: Option<crate::config::users::ScramKeys>,
 }
 
 /// `[[auth.users]] upstream_user` / `upstream_password_env` of one user; `None`: the URL's own role.
@@ -129,7 +131,7 @@ pub fn upstream_login(u: &super::UserConfig, env: &Env, v: &mut Vec<String>) -> 
                 }
                 p
             });
-            Some(UpstreamLogin { user: user.clone(), password })
+            Some(UpstreamLogin { user: user.clone(), password, keys: None })
         }
     }
 }

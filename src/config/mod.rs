@@ -201,11 +201,29 @@ pub struct AuthSection {
     pub method: AuthMethod,
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// A role not under `[[auth.users]]` logs in with its own Postgres password: its SCRAM secret is read from
+    /// the upstream (`auth_query`, run as the URL's role), the client is checked against it, and its servers
+    /// log in as that role with the key the client's proof yields (no password is ever known to pgbudget).
+    #[serde(default)]
+    pub passthrough: bool,
+    /// The query that returns a role's secret (`$1` is the role name; the first column of the first row).
+    #[serde(default = "default_auth_query")]
+    pub auth_query: String,
+}
+
+/// Secrets live in `pg_authid` (superuser only); a `SECURITY DEFINER` function can stand in for it. An expired
+/// password (`VALID UNTIL`) reads as none, as Postgres refuses it.
+pub const DEFAULT_AUTH_QUERY: &str =
+    "SELECT rolpassword FROM pg_catalog.pg_authid WHERE rolname OPERATOR(pg_catalog.=) $1 \
+AND (rolvaliduntil IS NULL OR rolvaliduntil OPERATOR(pg_catalog.>) pg_catalog.now())";
+
+fn default_auth_query() -> String {
+    DEFAULT_AUTH_QUERY.to_owned()
 }
 
 impl Default for AuthSection {
     fn default() -> Self {
-        Self { method: AuthMethod::Scram, users: Vec::new() }
+        Self { method: AuthMethod::Scram, users: Vec::new(), passthrough: false, auth_query: default_auth_query() }
     }
 }
 

@@ -117,6 +117,6 @@ impl ReadOnlySection {
             }
             p
         };
-        Some(super::databases::UpstreamLogin { user: self.user.clone(), password })
+        Some(super::databases::UpstreamLogin { user: self.user.clone(), password, keys: None })
     }
 }

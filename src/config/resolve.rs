@@ -304,6 +304,18 @@ impl Resolved {
                 v.push(format!("auth user {:?}: a SCRAM verifier cannot serve md5 authentication", u.name));
             }
         }
+        if config.auth.passthrough {
+            if config.auth.method != AuthMethod::Scram {
+                v.push(
+                    "auth.passthrough needs method = \"scram-sha-256\" (the client's SCRAM proof is what logs its \
+                     servers in)"
+                        .into(),
+                );
+            }
+            if !config.auth.auth_query.contains("$1") {
+                v.push("auth.auth_query must take the role name as $1".into());
+            }
+        }
         #[cfg(feature = "lake")]
         if config.lake.enabled {
             v.extend(config.lake.validate());

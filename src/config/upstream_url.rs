@@ -34,6 +34,9 @@ pub struct UpstreamTarget {
     /// Settings sent in every server connection's startup packet (a session-mode pool's clients' own
     /// startup parameters, in force natively: `RESET` returns to them, as direct). Empty from a URL.
     pub startup: Vec<(String, String)>,
+    /// A passthrough role's pool (`[auth] passthrough`): SCRAM answered with the keys its latest client
+    /// proved, in place of a password. `None` from a URL.
+    pub passthrough: Option<crate::config::users::KeyCell>,
 }
 
 /// `channel_binding` of an upstream URL.
@@ -259,6 +262,7 @@ pub fn parse_upstream_url(name: &str, raw: &str, env: &Env) -> Result<UpstreamTa
         session_attrs,
         socket_dir,
         startup: Vec::new(),
+        passthrough: None,
     })
 }
 

@@ -45,6 +45,27 @@ impl ScramVerifier {
     }
 }
 
+/// What a SCRAM-SHA-256 login as a role proves, without its password: the ClientKey (recovered from a
+/// client's proof, checked against the role's StoredKey) and the role's ServerKey, salt and iteration count
+/// (from its secret; the server's challenge must name the same, or the secret has changed since).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramKeys {
+    pub client_key: [u8; 32],
+    pub server_key: [u8; 32],
+    pub salt: Vec<u8>,
+    pub iterations: u32,
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(redacted)")
+    }
+}
+
+/// A passthrough pool's keys, replaced by each client that logs in as its role (the newest proof wins, so
+/// a changed password takes effect with the first client that uses it).
+pub type KeyCell = std::sync::Arc<arc_swap::ArcSwap<ScramKeys>>;
+
 pub(crate) fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
     let mut m = HmacSha256::new_from_slice(key).expect("hmac accepts any key length");
     m.update(msg);
@@ -95,6 +116,8 @@ pub struct UserDb {
     pub(crate) users: HashMap<String, User>,
     /// Per-process random key for made-up salts of unknown users.
     pub(crate) mock_key: [u8; 32],
+    /// `[auth] passthrough`: the query that reads an unlisted role's secret from the upstream.
+    pub passthrough: Option<String>,
 }
 
 impl UserDb {
@@ -131,7 +154,8 @@ impl UserDb {
         }
         let mut mock_key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut mock_key);
-        UserDb { method: r.config.auth.method, users, mock_key }
+        let passthrough = r.config.auth.passthrough.then(|| r.config.auth.auth_query.clone());
+        UserDb { method: r.config.auth.method, users, mock_key, passthrough }
     }
 
     pub fn get(&self, name: &str) -> Option<&User> {

@@ -3,6 +3,7 @@
 //! server offers it (`channel_binding`), no `AuthenticationOk` before a started SCRAM exchange has verified
 //! the server, and `target_session_attrs` checked once logged in.
 
+use super::scram_keys::{Binding as KeyBinding, KeyedScram};
 use super::{ServerConn, ServerError};
 use crate::config::upstream_url::{AuthPolicy, ChannelBinding, SessionAttrs, UpstreamTarget};
 use crate::protocol::sqlstate::{INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PASSWORD};
@@ -27,19 +28,61 @@ fn password_message(out: &mut BytesMut, pw: &[u8]) {
     protocol::finish(out, at);
 }
 
+/// A SCRAM exchange from the URL's password, or from a passthrough role's keys.
+enum Scram {
+    Password(ScramSha256),
+    Keys(KeyedScram),
+}
+
+impl Scram {
+    fn message(&self) -> &[u8] {
+        match self {
+            Scram::Password(s) => s.message(),
+            Scram::Keys(s) => s.message(),
+        }
+    }
+
+    fn update(&mut self, b: &[u8]) -> Result<(), ServerError> {
+        match self {
+            Scram::Password(s) => s.update(b).map_err(|e| ServerError::Auth(e.to_string())),
+            Scram::Keys(s) => s.update(b),
+        }
+    }
+
+    fn finish(&mut self, b: &[u8]) -> Result<(), ServerError> {
+        match self {
+            Scram::Password(s) => s.finish(b).map_err(|e| ServerError::Auth(e.to_string())),
+            Scram::Keys(s) => s.finish(b),
+        }
+    }
+}
+
+impl From<KeyBinding> for Binding {
+    fn from(b: KeyBinding) -> Binding {
+        match b {
+            KeyBinding::Unsupported => Binding::unsupported(),
+            KeyBinding::Unrequested => Binding::unrequested(),
+            KeyBinding::EndPoint(hash) => Binding::tls_server_end_point(hash),
+        }
+    }
+}
+
 impl ServerConn {
     pub(super) async fn login(&mut self, target: &UpstreamTarget) -> Result<(), ServerError> {
         let policy = &target.auth;
         let mut buf = BytesMut::with_capacity(512);
         let mut out = BytesMut::with_capacity(256);
-        let mut scram: Option<ScramSha256> = None;
+        let mut scram: Option<Scram> = None;
         let mut scram_done = false;
         let mut authenticated = false;
         let password = || {
-            target
-                .password
-                .clone()
-                .ok_or_else(|| ServerError::Auth("server asks for a password but the upstream URL has none".into()))
+            target.password.clone().ok_or_else(|| {
+                ServerError::Auth(if target.passthrough.is_some() {
+                    "the server asks for a password; a passthrough role logs in only with SCRAM-SHA-256".into()
+                } else {
+                    "server asks for a password but the upstream URL has none".into()
+                })
+            })
         };
         loop {
             let kind = protocol::read_message(&mut self.stream, &mut buf).await?;
@@ -104,21 +147,23 @@ impl ServerConn {
                                     // "n": this client does not support binding; "y": it does, the server did not offer it.
                                     let b = if self.stream.is_tls() && policy.channel_binding != ChannelBinding::Disable
                                     {
-                                        Binding::unrequested()
+                                        KeyBinding::Unrequested
                                     } else {
-                                        Binding::unsupported()
+                                        KeyBinding::Unsupported
                                     };
                                     (sasl::SCRAM_SHA_256, b)
                                 }
-                                (_, true, Some(der)) => (
-                                    sasl::SCRAM_SHA_256_PLUS,
-                                    Binding::tls_server_end_point(Sha256::digest(der).to_vec()),
-                                ),
+                                (_, true, Some(der)) => {
+                                    (sasl::SCRAM_SHA_256_PLUS, KeyBinding::EndPoint(Sha256::digest(der).to_vec()))
+                                }
                             };
                             if !mechs.contains(&mech.as_bytes()) {
                                 return Err(ServerError::Auth("server offers no SCRAM-SHA-256".into()));
                             }
-                            let s = ScramSha256::new(password()?.as_bytes(), binding);
+                            let s = match &target.passthrough {
+                                Some(keys) => Scram::Keys(KeyedScram::new(keys.load_full(), binding)),
+                                None => Scram::Password(ScramSha256::new(password()?.as_bytes(), binding.into())),
+                            };
                             let at = protocol::begin(&mut out, b'p');
                             protocol::put_cstr(&mut out, mech);
                             out.put_i32(s.message().len() as i32);
@@ -130,7 +175,7 @@ impl ServerConn {
                         }
                         11 => {
                             let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASLContinue"))?;
-                            s.update(b).map_err(|e| ServerError::Auth(e.to_string()))?;
+                            s.update(b)?;
                             let at = protocol::begin(&mut out, b'p');
                             out.put_slice(s.message());
                             protocol::finish(&mut out, at);
@@ -138,7 +183,7 @@ impl ServerConn {
                         12 => {
                             let s = scram.as_mut().ok_or(ProtocolError::Malformed("SASLFinal"))?;
                             // Verifies the server's signature: a server that does not know the verifier fails here.
-                            s.finish(b).map_err(|e| ServerError::Auth(e.to_string()))?;
+                            s.finish(b)?;
                             scram_done = true;
                         }
                         code => return Err(ServerError::Auth(format!("unsupported authentication request {code}"))),

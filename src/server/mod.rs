@@ -23,6 +23,7 @@ mod login;
 pub use idle::IdleState;
 mod probe;
 mod replay;
+mod scram_keys;
 pub mod slots;
 pub mod statements;
 

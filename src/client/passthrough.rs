@@ -1,0 +1,89 @@
+//! `[auth] passthrough`: the secret of a role not under `[[auth.users]]`, read from the upstream with
+//! `auth_query` on a server of the service's own pool (the lookup counts against its share like any other
+//! use, and waits no longer than a checkout may), the role name bound as a parameter, never spliced in.
+
+use crate::budget::pool::{Route, ServicePool};
+use crate::budget::pools::Pools;
+use crate::config::databases::UpstreamLogin;
+use crate::config::users::{ScramVerifier, UserDb};
+use crate::error::{AuthError, ProxyError};
+use crate::protocol;
+use crate::server::ServerError;
+use bytes::{BufMut, BytesMut};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// How long the query may run once a server is checked out.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Check the client: against its `[[auth.users]]` entry as usual, or, for a role not listed there while
+/// passthrough is on, against the secret the upstream holds for it. `Some`: the passthrough role's login,
+/// which its servers use (`service`: where the client goes, through whose pool the secret is read).
+pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    pools: &Pools,
+    users: &UserDb,
+    service: impl FnOnce() -> Result<String, ProxyError>,
+    sock: &mut S,
+    user: &str,
+    buf: &mut BytesMut,
+    binding: Option<&[u8]>,
+) -> Result<Option<UpstreamLogin>, ProxyError> {
+    let Some(query) = users.passthrough.as_deref().filter(|_| users.get(user).is_none()) else {
+        users.authenticate(sock, user, buf, binding).await?;
+        return Ok(None);
+    };
+    let service = service()?;
+    let pool = pools
+        .pool_for(&service, Route::ReadWrite, None, None, &[])?
+        .ok_or_else(|| ProxyError::UnknownService(service.clone()))?;
+    let secret = role_secret(&pool, query, user).await?;
+    let keys = users.authenticate_passthrough(sock, user, secret, buf, binding).await?;
+    Ok(Some(UpstreamLogin { user: user.to_owned(), password: None, keys: Some(keys) }))
+}
+
+/// The role's SCRAM verifier; `None` when the query finds no row, a NULL, or a secret of another kind (an
+/// md5 hash cannot log a server in without the password).
+pub async fn role_secret(pool: &ServicePool, query: &str, role: &str) -> Result<Option<ScramVerifier>, ProxyError> {
+    let mut conn = pool.checkout().await?;
+    let mut out = BytesMut::with_capacity(query.len() + role.len() + 64);
+    encode(&mut out, query, role);
+    let mut rows = Vec::new();
+    let r = conn.round_trip_rows(&out, QUERY_TIMEOUT, Some(&mut rows)).await;
+    match r {
+        // The statement failed (no such relation, permission denied): the server is as clean as before.
+        Ok(()) | Err(ServerError::Postgres { .. }) => pool.put_back(conn),
+        Err(_) => pool.discard(conn),
+    }
+    r.map_err(|e| AuthError::Lookup { user: role.to_owned(), cause: e.to_string() })?;
+    let secret = rows.into_iter().next().and_then(|r| r.into_iter().next()).flatten();
+    Ok(secret.as_deref().and_then(ScramVerifier::parse))
+}
+
+/// Parse, Bind (the role name as the one text parameter), Execute and Close of the unnamed statement (the next
+/// client finds none, as on a new connection), Sync.
+fn encode(out: &mut BytesMut, query: &str, role: &str) {
+    let at = protocol::begin(out, b'P');
+    protocol::put_cstr(out, "");
+    protocol::put_cstr(out, query);
+    out.put_i16(0);
+    protocol::finish(out, at);
+    let at = protocol::begin(out, b'B');
+    protocol::put_cstr(out, "");
+    protocol::put_cstr(out, "");
+    out.put_i16(0);
+    out.put_i16(1);
+    out.put_i32(role.len() as i32);
+    out.put_slice(role.as_bytes());
+    out.put_i16(0);
+    protocol::finish(out, at);
+    let at = protocol::begin(out, b'E');
+    protocol::put_cstr(out, "");
+    out.put_i32(1);
+    protocol::finish(out, at);
+    let at = protocol::begin(out, b'C');
+    out.put_u8(b'S');
+    protocol::put_cstr(out, "");
+    protocol::finish(out, at);
+    let at = protocol::begin(out, b'S');
+    protocol::finish(out, at);
+}
