@@ -111,3 +111,35 @@ async fn a_role_with_an_md5_secret_cannot_pass_through_and_a_failing_auth_query_
     let pgc = connect(&proxy.conninfo()).await.unwrap();
     pgc.batch_execute("select 1").await.unwrap();
 }
+
+/// `method = "md5"` follows Postgres's own md5 method: a role with an md5 secret logs in with md5 (and its
+/// servers answer md5 from the secret), a role with a SCRAM secret with SCRAM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_method_md5_each_role_logs_in_the_way_its_secret_allows() {
+    let pg = Pg::start();
+    let admin = direct(&pg).await;
+    // TCP logins as md5 (a SCRAM secret still gets SCRAM there, as Postgres does).
+    std::fs::write(
+        pg.dir.path().join("data/pg_hba.conf"),
+        "local all all scram-sha-256\nhost all all 127.0.0.1/32 md5\n",
+    )
+    .unwrap();
+    admin.batch_execute("select pg_reload_conf()").await.unwrap();
+    admin
+        .batch_execute(
+            "set password_encryption = 'md5'; create role carol login password 'md5pw'; \
+             set password_encryption = 'scram-sha-256'; create role alice login password 'scrampw'",
+        )
+        .await
+        .unwrap();
+    let cfg = services("transaction").replace("method = \"scram-sha-256\"", "method = \"md5\"");
+    let proxy = Proxy::start(&config(&pg, &cfg));
+    for (role, pw) in [("carol", "md5pw"), ("alice", "scrampw")] {
+        let c = connect(&as_role(&proxy, role, pw)).await.unwrap_or_else(|e| panic!("{role}: {e}\n{}", proxy.log()));
+        let who: String = c.query_one("select current_user::text", &[]).await.unwrap().get(0);
+        assert_eq!(who, role);
+        assert!(backends_of(&admin, role).await >= 1, "{role}'s server logged in as {role}");
+        let e = connect(&as_role(&proxy, role, "wrong")).await.expect_err("a wrong password");
+        assert_eq!(code(&e), "28P01", "{role}: {e}");
+    }
+}

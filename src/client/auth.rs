@@ -4,7 +4,7 @@
 //! An unknown user runs the same exchange against a made-up secret, so the reply never tells an
 //! unknown user from a wrong password.
 
-use crate::config::users::{hmac, is_md5_secret, ScramKeys, ScramVerifier, Secret, User, UserDb};
+use crate::config::users::{hmac, is_md5_secret, RoleKeys, ScramKeys, ScramVerifier, Secret, User, UserDb};
 use crate::config::AuthMethod;
 use crate::error::AuthError;
 use crate::protocol::{self, cstr, ProtocolError};
@@ -46,32 +46,12 @@ impl UserDb {
         known: Option<&User>,
         buf: &mut BytesMut,
     ) -> Result<(), AuthError> {
-        let mut salt = [0u8; 4];
-        rand::thread_rng().fill_bytes(&mut salt);
-        let mut out = BytesMut::new();
-        protocol::auth_request(&mut out, 5, &salt);
-        sock.write_all(&out).await.map_err(ProtocolError::from)?;
-        let got = read_password(sock, buf).await?;
         let stored = match known.and_then(|u| u.secret.as_ref()) {
-            Some(Secret::Plain(p, _)) => format!("md5{:x}", md5::Md5::digest(format!("{p}{user}"))),
-            Some(Secret::Md5(h)) => h.clone(),
-            Some(Secret::Scram(_)) | None => {
-                return Err(AuthError::Failed { user: user.into(), reason: "no md5-capable secret" });
-            }
+            Some(Secret::Plain(p, _)) => Some(format!("md5{:x}", md5::Md5::digest(format!("{p}{user}")))),
+            Some(Secret::Md5(h)) => Some(h.clone()),
+            Some(Secret::Scram(_)) | None => None,
         };
-        // Config load refuses a malformed secret; should one get here anyway, it fails like a wrong password.
-        let Some(inner) = stored.strip_prefix("md5").filter(|_| is_md5_secret(&stored)) else {
-            return Err(AuthError::Failed { user: user.into(), reason: "malformed md5 secret" });
-        };
-        let mut h = md5::Md5::new();
-        h.update(inner.as_bytes());
-        h.update(salt);
-        let expected = format!("md5{:x}", h.finalize());
-        if constant_eq(expected.as_bytes(), got.as_bytes()) {
-            Ok(())
-        } else {
-            Err(AuthError::Failed { user: user.into(), reason: "wrong password" })
-        }
+        md5_exchange(sock, user, stored.as_deref(), buf).await
     }
 
     fn verifier_for(&self, user: &str, known: Option<&User>) -> (ScramVerifier, bool) {
@@ -98,28 +78,73 @@ impl UserDb {
         scram_exchange(sock, user, &verifier, real, buf, binding).await.map(|_| ())
     }
 
-    /// `[auth] passthrough`: run SCRAM for a role not listed under `[[auth.users]]` against `secret`, the
-    /// secret the upstream holds for it (`None`: no such role, or no SCRAM secret; the exchange runs against
-    /// a made-up one and fails like a wrong password). On success, the keys its servers log in with.
+    /// `[auth] passthrough`: check a role not listed under `[[auth.users]]` against `secret`, the secret the
+    /// upstream holds for it, as Postgres would: SCRAM for a SCRAM secret; under `method = "md5"`, md5 for an
+    /// md5 one (Postgres's `md5` method does the same). `None` (no such role, no secret) or a secret the
+    /// method cannot use runs the exchange against a made-up one and fails like a wrong password. On
+    /// success, what its servers log in with.
     pub async fn authenticate_passthrough<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         sock: &mut S,
         user: &str,
-        secret: Option<ScramVerifier>,
+        secret: Option<Secret>,
         buf: &mut BytesMut,
         binding: Option<&[u8]>,
-    ) -> Result<ScramKeys, AuthError> {
-        let (verifier, real) = match secret {
-            Some(v) => (v, true),
-            None => self.verifier_for(user, None),
+    ) -> Result<RoleKeys, AuthError> {
+        let verifier = match (self.method, secret) {
+            (_, Some(Secret::Scram(v))) => v,
+            (AuthMethod::Md5, Some(Secret::Md5(h))) => {
+                md5_exchange(sock, user, Some(&h), buf).await?;
+                return Ok(RoleKeys::Md5(h));
+            }
+            (AuthMethod::Md5, _) => {
+                md5_exchange(sock, user, None, buf).await?; // fails: there is no secret to match
+                return Err(AuthError::Failed { user: user.into(), reason: "no md5-capable secret" });
+            }
+            _ => {
+                let (mock, _) = self.verifier_for(user, None);
+                scram_exchange(sock, user, &mock, false, buf, binding).await?; // fails: the secret is made up
+                return Err(AuthError::Failed { user: user.into(), reason: "unknown user" });
+            }
         };
-        let client_key = scram_exchange(sock, user, &verifier, real, buf, binding).await?;
-        Ok(ScramKeys {
+        let client_key = scram_exchange(sock, user, &verifier, true, buf, binding).await?;
+        Ok(RoleKeys::Scram(ScramKeys {
             client_key,
             server_key: verifier.server_key,
             salt: verifier.salt,
             iterations: verifier.iterations,
-        })
+        }))
+    }
+}
+
+/// The server side of md5 against `stored` (`md5` + hex of md5(password || user)); `None`: every answer fails.
+async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    user: &str,
+    stored: Option<&str>,
+    buf: &mut BytesMut,
+) -> Result<(), AuthError> {
+    let mut salt = [0u8; 4];
+    rand::thread_rng().fill_bytes(&mut salt);
+    let mut out = BytesMut::new();
+    protocol::auth_request(&mut out, 5, &salt);
+    sock.write_all(&out).await.map_err(ProtocolError::from)?;
+    let got = read_password(sock, buf).await?;
+    let Some(stored) = stored else {
+        return Err(AuthError::Failed { user: user.into(), reason: "no md5-capable secret" });
+    };
+    // Config load refuses a malformed secret; should one get here anyway, it fails like a wrong password.
+    let Some(inner) = stored.strip_prefix("md5").filter(|_| is_md5_secret(stored)) else {
+        return Err(AuthError::Failed { user: user.into(), reason: "malformed md5 secret" });
+    };
+    let mut h = md5::Md5::new();
+    h.update(inner.as_bytes());
+    h.update(salt);
+    let expected = format!("md5{:x}", h.finalize());
+    if constant_eq(expected.as_bytes(), got.as_bytes()) {
+        Ok(())
+    } else {
+        Err(AuthError::Failed { user: user.into(), reason: "wrong password" })
     }
 }
 

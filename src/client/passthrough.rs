@@ -5,7 +5,7 @@
 use crate::budget::pool::{Route, ServicePool};
 use crate::budget::pools::Pools;
 use crate::config::databases::UpstreamLogin;
-use crate::config::users::{ScramVerifier, UserDb};
+use crate::config::users::{is_md5_secret, ScramVerifier, Secret, UserDb};
 use crate::error::{AuthError, ProxyError};
 use crate::protocol;
 use crate::server::ServerError;
@@ -41,9 +41,9 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Some(UpstreamLogin { user: user.to_owned(), password: None, keys: Some(keys) }))
 }
 
-/// The role's SCRAM verifier; `None` when the query finds no row, a NULL, or a secret of another kind (an
-/// md5 hash cannot log a server in without the password).
-pub async fn role_secret(pool: &ServicePool, query: &str, role: &str) -> Result<Option<ScramVerifier>, ProxyError> {
+/// The role's secret (a SCRAM verifier or an md5 hash); `None` when the query finds no row, a NULL, or
+/// anything else.
+pub async fn role_secret(pool: &ServicePool, query: &str, role: &str) -> Result<Option<Secret>, ProxyError> {
     let mut conn = pool.checkout().await?;
     let mut out = BytesMut::with_capacity(query.len() + role.len() + 64);
     encode(&mut out, query, role);
@@ -56,7 +56,10 @@ pub async fn role_secret(pool: &ServicePool, query: &str, role: &str) -> Result<
     }
     r.map_err(|e| AuthError::Lookup { user: role.to_owned(), cause: e.to_string() })?;
     let secret = rows.into_iter().next().and_then(|r| r.into_iter().next()).flatten();
-    Ok(secret.as_deref().and_then(ScramVerifier::parse))
+    Ok(secret.and_then(|s| match ScramVerifier::parse(&s) {
+        Some(v) => Some(Secret::Scram(v)),
+        None => is_md5_secret(&s).then_some(Secret::Md5(s)),
+    }))
 }
 
 /// Parse, Bind (the role name as the one text parameter), Execute and Close of the unnamed statement (the next

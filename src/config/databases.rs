@@ -108,7 +108,7 @@ pub struct UpstreamLogin {
     pub user: String,
     pub password: Option<String>,
     /// A passthrough role (`[auth] passthrough`): the keys its client's SCRAM proof yielded.
-    pub keys: Option<crate::config::users::ScramKeys>,
+    pub keys: Option<crate::config::users::RoleKeys>,
 }
 
 /// `[[auth.users]] upstream_user` / `upstream_password_env` of one user; `None`: the URL's own role.

@@ -305,10 +305,10 @@ impl Resolved {
             }
         }
         if config.auth.passthrough {
-            if config.auth.method != AuthMethod::Scram {
+            if config.auth.method == AuthMethod::Trust {
                 v.push(
-                    "auth.passthrough needs method = \"scram-sha-256\" (the client's SCRAM proof is what logs its \
-                     servers in)"
+                    "auth.passthrough needs method = \"scram-sha-256\" or \"md5\" (the client's proof is what \
+                     logs its servers in)"
                         .into(),
                 );
             }

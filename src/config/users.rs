@@ -62,9 +62,26 @@ impl std::fmt::Debug for ScramKeys {
     }
 }
 
+/// What a passthrough role's servers log in with, learned from its client's login: SCRAM keys, or the md5
+/// secret of a role that has one (md5 authentication answers from the hash alone).
+#[derive(Clone, PartialEq, Eq)]
+pub enum RoleKeys {
+    Scram(ScramKeys),
+    Md5(String),
+}
+
+impl std::fmt::Debug for RoleKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RoleKeys::Scram(_) => "RoleKeys::Scram(redacted)",
+            RoleKeys::Md5(_) => "RoleKeys::Md5(redacted)",
+        })
+    }
+}
+
 /// A passthrough pool's keys, replaced by each client that logs in as its role (the newest proof wins, so
 /// a changed password takes effect with the first client that uses it).
-pub type KeyCell = std::sync::Arc<arc_swap::ArcSwap<ScramKeys>>;
+pub type KeyCell = std::sync::Arc<arc_swap::ArcSwap<RoleKeys>>;
 
 pub(crate) fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
     let mut m = HmacSha256::new_from_slice(key).expect("hmac accepts any key length");

@@ -6,6 +6,7 @@
 use super::scram_keys::{Binding as KeyBinding, KeyedScram};
 use super::{ServerConn, ServerError};
 use crate::config::upstream_url::{AuthPolicy, ChannelBinding, SessionAttrs, UpstreamTarget};
+use crate::config::users::RoleKeys;
 use crate::protocol::sqlstate::{INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PASSWORD};
 use crate::protocol::{self, backend, ProtocolError};
 use bytes::{Buf, BufMut, BytesMut};
@@ -26,6 +27,17 @@ fn password_message(out: &mut BytesMut, pw: &[u8]) {
     out.put_slice(pw);
     out.put_u8(0);
     protocol::finish(out, at);
+}
+
+/// md5's answer from the stored secret itself (`md5` + hex of md5(password || user)), as libpq computes it
+/// from the password.
+fn md5_from_secret(secret: &str, salt: [u8; 4]) -> String {
+    use md5::Digest;
+    let inner = secret.strip_prefix("md5").unwrap_or(secret);
+    let mut h = md5::Md5::new();
+    h.update(inner.as_bytes());
+    h.update(salt);
+    format!("md5{:x}", h.finalize())
 }
 
 /// A SCRAM exchange from the URL's password, or from a passthrough role's keys.
@@ -117,18 +129,28 @@ impl ServerConn {
                             authenticated = true;
                         }
                         5 => {
-                            if !policy.md5 {
+                            let keys = target.passthrough.as_ref().map(|c| c.load_full());
+                            // A passthrough role whose own secret is md5 answers from it: nothing stronger exists
+                            // for it to be downgraded from, and no password is at stake.
+                            let from_secret = keys.as_deref().and_then(|k| match k {
+                                RoleKeys::Md5(h) => Some(h.clone()),
+                                RoleKeys::Scram(_) => None,
+                            });
+                            if !policy.md5 && from_secret.is_none() {
                                 return Err(refuse(policy, "an md5 password"));
                             }
                             let salt: [u8; 4] = b
                                 .get(..4)
                                 .and_then(|s| s.try_into().ok())
                                 .ok_or(ProtocolError::Malformed("md5 salt"))?;
-                            let hash = postgres_protocol::authentication::md5_hash(
-                                target.user.as_bytes(),
-                                password()?.as_bytes(),
-                                salt,
-                            );
+                            let hash = match from_secret {
+                                Some(h) => md5_from_secret(&h, salt),
+                                None => postgres_protocol::authentication::md5_hash(
+                                    target.user.as_bytes(),
+                                    password()?.as_bytes(),
+                                    salt,
+                                ),
+                            };
                             password_message(&mut out, hash.as_bytes());
                             authenticated = true;
                         }
@@ -160,10 +182,15 @@ impl ServerConn {
                             if !mechs.contains(&mech.as_bytes()) {
                                 return Err(ServerError::Auth("server offers no SCRAM-SHA-256".into()));
                             }
-                            let s = match &target.passthrough {
-                                Some(keys) => Scram::Keys(KeyedScram::new(keys.load_full(), binding)),
-                                None => Scram::Password(ScramSha256::new(password()?.as_bytes(), binding.into())),
-                            };
+                            let s =
+                                match target.passthrough.as_ref().map(|c| c.load_full()).as_deref() {
+                                    Some(RoleKeys::Scram(keys)) => Scram::Keys(KeyedScram::new(keys.clone(), binding)),
+                                    Some(RoleKeys::Md5(_)) => return Err(ServerError::Auth(
+                                        "the server asks for SCRAM-SHA-256, but this passthrough role's secret is md5"
+                                            .into(),
+                                    )),
+                                    None => Scram::Password(ScramSha256::new(password()?.as_bytes(), binding.into())),
+                                };
                             let at = protocol::begin(&mut out, b'p');
                             protocol::put_cstr(&mut out, mech);
                             out.put_i32(s.message().len() as i32);

@@ -8,7 +8,6 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
 
 /// The channel binding a login uses (RFC 5802's GS2 header and, for `p=`, the certificate hash).
 pub enum Binding {
@@ -22,7 +21,7 @@ pub enum Binding {
 
 /// One exchange, message by message, as postgres-protocol's `ScramSha256` runs one from a password.
 pub struct KeyedScram {
-    keys: Arc<ScramKeys>,
+    keys: ScramKeys,
     /// The GS2 header and binding data, as the final message's `c=` carries them.
     cbind: Vec<u8>,
     nonce: String,
@@ -36,7 +35,7 @@ fn bad(what: &str) -> ServerError {
 }
 
 impl KeyedScram {
-    pub fn new(keys: Arc<ScramKeys>, binding: Binding) -> KeyedScram {
+    pub fn new(keys: ScramKeys, binding: Binding) -> KeyedScram {
         let (header, data) = match binding {
             Binding::Unsupported => ("n,,", Vec::new()),
             Binding::Unrequested => ("y,,", Vec::new()),
@@ -128,7 +127,7 @@ mod tests {
     #[test]
     fn a_keyed_login_proves_what_the_password_proves() {
         let salt = b"0123456789abcdef";
-        let keys = Arc::new(keys_of("s3cret", salt, 4096));
+        let keys = keys_of("s3cret", salt, 4096);
         let mut keyed = KeyedScram::new(keys.clone(), Binding::Unsupported);
         let first = String::from_utf8(keyed.message().to_vec()).unwrap();
         let nonce = first.strip_prefix("n,,n=,r=").unwrap().to_owned();
@@ -152,7 +151,7 @@ mod tests {
     #[test]
     fn a_changed_salt_or_a_foreign_nonce_is_refused() {
         let salt = b"0123456789abcdef";
-        let keys = Arc::new(keys_of("s3cret", salt, 4096));
+        let keys = keys_of("s3cret", salt, 4096);
         let mut keyed = KeyedScram::new(keys.clone(), Binding::Unsupported);
         let nonce = String::from_utf8(keyed.message()[8..].to_vec()).unwrap();
         let e = keyed.update(format!("r={nonce}X,s={},i=4096", B64.encode(b"another salt....")).as_bytes());
