@@ -421,17 +421,6 @@ impl ServicePool {
         }
     }
 
-    /// A passthrough role's pool: the keys its newest client proved log its next servers in (a changed
-    /// password takes effect with the first client that uses it).
-    pub fn take_keys(&self, keys: Option<&crate::config::users::RoleKeys>) {
-        let m = self.pool.manager();
-        if let (Some(k), Some(cell)) = (keys, &m.login.passthrough) {
-            if **cell.load() != *k {
-                cell.store(Arc::new(k.clone())); // the replica's login shares the cell
-            }
-        }
-    }
-
     /// ParameterStatus values for clients; connects once if no connection was ever made.
     pub async fn template(&self) -> Result<Arc<crate::server::Params>, ProxyError> {
         if let Some(t) = self.pool.manager().template.read().unwrap_or_else(|e| e.into_inner()).clone() {

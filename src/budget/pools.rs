@@ -338,3 +338,16 @@ impl ServiceGroup {
         }
     }
 }
+
+impl ServicePool {
+    /// A passthrough role's pool: the keys its newest client proved log its next servers in (a changed
+    /// password takes effect with the first client that uses it).
+    pub fn take_keys(&self, keys: Option<&crate::config::users::RoleKeys>) {
+        let m = self.pool.manager();
+        if let (Some(k), Some(cell)) = (keys, &m.login.passthrough) {
+            if **cell.load() != *k {
+                cell.store(Arc::new(k.clone())); // the replica's login shares the cell
+            }
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! One client session: startup → authenticate → pick service → (check out per session or per transaction) → relay → checkin.
 
 use crate::budget::pool::{Route, ServicePool};
-use crate::client::startup::{binding, forward_cancel, read_startup, First};
+use crate::client::startup::{binding, desired_settings, forward_cancel, read_startup, First};
 use crate::config::resolve::Resolved;
 use crate::config::users::UserDb;
 use crate::config::{Mode, PoolMode, ServiceFrom};
@@ -26,8 +26,6 @@ use tracing::{debug, info, warn};
 pub(crate) const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Spellings of reported settings learned per pool (past it, a client's own spelling is shown).
 const MAX_LEARNED: usize = 256;
-/// Startup parameters the proxy handles itself instead of replaying on server connections.
-const LOCAL_PARAMS: [&str; 3] = ["user", "database", "options"];
 
 /// The admin console's entry point, for a client that asks for `admin.console_database`: `app` hands in
 /// `admin::console::run` (the console logs its users in through this layer, so it sits above it).
@@ -254,41 +252,6 @@ fn service_for(r: &Resolved, users: &UserDb, s: &Startup) -> Result<String, Prox
     } else {
         Err(ProxyError::UnknownService(name))
     }
-}
-
-/// Settings the client asked for in its startup packet (including `options=-c k=v`), to replay on servers.
-pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyError> {
-    let mut out = BTreeMap::new();
-    for (k, v) in &s.params {
-        if k == "replication" {
-            return Err(ProxyError::BadParameter(k.clone()));
-        }
-        if LOCAL_PARAMS.contains(&k.as_str()) || k.starts_with("_pq_.") {
-            continue;
-        }
-        out.insert(k.to_ascii_lowercase(), v.clone());
-    }
-    if let Some(opts) = s.get("options") {
-        let mut words = opts.split_whitespace();
-        while let Some(w) = words.next() {
-            let kv = match w {
-                "-c" => words.next().unwrap_or(""),
-                w if w.starts_with("--") => &w[2..],
-                w if w.starts_with("-c") => &w[2..],
-                other => return Err(ProxyError::BadParameter(format!("options={other}"))),
-            };
-            let (k, v) = kv.split_once('=').ok_or_else(|| ProxyError::BadParameter(format!("options={kv}")))?;
-            out.insert(k.replace('-', "_").to_ascii_lowercase(), v.to_owned());
-        }
-    }
-    for k in out.keys() {
-        let ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
-        if !ok {
-            return Err(ProxyError::BadParameter(k.clone()));
-        }
-    }
-    Ok(out)
 }
 
 /// Authenticate, pick the pool, and greet the client like Postgres would.

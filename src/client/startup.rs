@@ -1,5 +1,6 @@
 //! A client's first packets, before it logs in: SSLRequest (TLS when `[tls]` has a certificate), direct TLS,
-//! GSSENCRequest, NegotiateProtocolVersion, and a CancelRequest forwarded to the server its key is attached to.
+//! GSSENCRequest, NegotiateProtocolVersion, and a CancelRequest forwarded to the server its key is attached
+//! to; and the settings its startup packet asks for.
 
 use crate::budget::cancel::CancelTarget;
 use crate::context::App;
@@ -7,6 +8,7 @@ use crate::error::ProxyError;
 use crate::protocol::{self, ProtocolError, Startup, StartupPacket};
 use crate::tls::Stream;
 use bytes::BytesMut;
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
@@ -115,4 +117,42 @@ pub(crate) async fn forward_cancel(app: &App, pid: i32, secret: i32) {
         }
         None => debug!("cancel request for an unknown or idle key ignored"),
     }
+}
+
+/// Startup parameters the proxy handles itself instead of replaying on server connections.
+const LOCAL_PARAMS: [&str; 3] = ["user", "database", "options"];
+
+/// Settings the client asked for in its startup packet (including `options=-c k=v`), to replay on servers.
+pub fn desired_settings(s: &Startup) -> Result<BTreeMap<String, String>, ProxyError> {
+    let mut out = BTreeMap::new();
+    for (k, v) in &s.params {
+        if k == "replication" {
+            return Err(ProxyError::BadParameter(k.clone()));
+        }
+        if LOCAL_PARAMS.contains(&k.as_str()) || k.starts_with("_pq_.") {
+            continue;
+        }
+        out.insert(k.to_ascii_lowercase(), v.clone());
+    }
+    if let Some(opts) = s.get("options") {
+        let mut words = opts.split_whitespace();
+        while let Some(w) = words.next() {
+            let kv = match w {
+                "-c" => words.next().unwrap_or(""),
+                w if w.starts_with("--") => &w[2..],
+                w if w.starts_with("-c") => &w[2..],
+                other => return Err(ProxyError::BadParameter(format!("options={other}"))),
+            };
+            let (k, v) = kv.split_once('=').ok_or_else(|| ProxyError::BadParameter(format!("options={kv}")))?;
+            out.insert(k.replace('-', "_").to_ascii_lowercase(), v.to_owned());
+        }
+    }
+    for k in out.keys() {
+        let ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if !ok {
+            return Err(ProxyError::BadParameter(k.clone()));
+        }
+    }
+    Ok(out)
 }
