@@ -16,6 +16,7 @@ pub const VARS: &[(&str, &str)] = &[
     ("PGBUDGET_SERVICE", "this sidecar's service when RAILWAY_SERVICE_NAME is unset"),
     ("PGBUDGET_SPLIT_PER_PROCESS", "1: divide each slice by RAILWAY_REPLICA_COUNT x WEB_CONCURRENCY (default off)"),
     ("PGBUDGET_LAKE_DIR", "turn the embedded lake on, kept in this directory (default: off)"),
+    ("PGBUDGET_AUTH_PASSTHROUGH", "1: roles Postgres knows log in with their own passwords ([auth] passthrough)"),
 ];
 
 /// Set in the container image: listeners default to all interfaces (see `container_listen`).
@@ -55,17 +56,16 @@ pub fn toml_text(env: &Env) -> Result<String, ConfigError> {
     if let Some(s) = env.get("PGBUDGET_SERVICE") {
         proxy.insert("service".into(), s.trim().into());
     }
-    if let Some(split) = env.get("PGBUDGET_SPLIT_PER_PROCESS") {
-        match split.trim() {
-            "1" | "true" | "yes" => proxy.insert("split_per_process".into(), true.into()),
-            "0" | "false" | "no" => proxy.insert("split_per_process".into(), false.into()),
-            other => {
-                v.push(format!("PGBUDGET_SPLIT_PER_PROCESS = {other:?} is not 1/true/yes or 0/false/no"));
-                None
-            }
-        };
+    if let Some(split) = flag(env, "PGBUDGET_SPLIT_PER_PROCESS", &mut v) {
+        proxy.insert("split_per_process".into(), split.into());
     }
     root.insert("proxy".into(), proxy.into());
+    if let Some(on) = flag(env, "PGBUDGET_AUTH_PASSTHROUGH", &mut v) {
+        let mut auth = toml::Table::new();
+        auth.insert("method".into(), "scram-sha-256".into());
+        auth.insert("passthrough".into(), on.into());
+        root.insert("auth".into(), auth.into());
+    }
 
     let mut upstream = toml::Table::new();
     // Expanded (and reported when unset) by the resolver, exactly as `url = "${DATABASE_URL}"` in a file.
@@ -103,6 +103,18 @@ pub fn toml_text(env: &Env) -> Result<String, ConfigError> {
         return Err(ConfigError { violations: v });
     }
     toml::to_string(&root).map_err(|e| ConfigError { violations: vec![format!("cannot build the configuration: {e}")] })
+}
+
+/// A yes/no variable: `None` when unset (or not a yes/no, which is a violation).
+fn flag(env: &Env, var: &str, v: &mut Vec<String>) -> Option<bool> {
+    match env.get(var)?.trim() {
+        "1" | "true" | "yes" => Some(true),
+        "0" | "false" | "no" => Some(false),
+        other => {
+            v.push(format!("{var} = {other:?} is not 1/true/yes or 0/false/no"));
+            None
+        }
+    }
 }
 
 /// A non-negative count from `var`, `default` when unset.
@@ -236,6 +248,18 @@ mod tests {
         ]);
         let err = Resolved::resolve(config(&e).unwrap(), &e).unwrap_err();
         assert!(err.violations.iter().any(|v| v.contains("ceiling")), "{:?}", err.violations);
+    }
+
+    #[test]
+    fn passthrough_from_the_environment() {
+        let base = [("PGBUDGET_SLICES", "web=5"), ("PGBUDGET_SERVICE", "web"), ("DATABASE_URL", "postgres://u:p@h/db")];
+        let on = env(&[&base[..], &[("PGBUDGET_AUTH_PASSTHROUGH", "1")]].concat());
+        let r = Resolved::resolve(config(&on).unwrap(), &on).unwrap();
+        assert!(r.config.auth.passthrough);
+        assert_eq!(r.config.auth.method, crate::config::AuthMethod::Scram);
+        assert!(!config(&env(&base)).unwrap().auth.passthrough, "off by default");
+        let bad = env(&[&base[..], &[("PGBUDGET_AUTH_PASSTHROUGH", "sure")]].concat());
+        assert!(config(&bad).unwrap_err().violations[0].contains("PGBUDGET_AUTH_PASSTHROUGH = \"sure\""));
     }
 
     #[test]
