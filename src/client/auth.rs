@@ -4,7 +4,7 @@
 //! An unknown user runs the same exchange against a made-up secret, so the reply never tells an
 //! unknown user from a wrong password.
 
-use crate::config::users::{hmac, is_md5_secret, RoleKeys, ScramKeys, ScramVerifier, Secret, User, UserDb};
+use crate::config::users::{hmac, is_md5_secret, md5_answer, RoleKeys, ScramKeys, ScramVerifier, Secret, User, UserDb};
 use crate::config::AuthMethod;
 use crate::error::AuthError;
 use crate::protocol::{self, cstr, ProtocolError};
@@ -134,13 +134,10 @@ async fn md5_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(AuthError::Failed { user: user.into(), reason: "no md5-capable secret" });
     };
     // Config load refuses a malformed secret; should one get here anyway, it fails like a wrong password.
-    let Some(inner) = stored.strip_prefix("md5").filter(|_| is_md5_secret(stored)) else {
+    if !is_md5_secret(stored) {
         return Err(AuthError::Failed { user: user.into(), reason: "malformed md5 secret" });
-    };
-    let mut h = md5::Md5::new();
-    h.update(inner.as_bytes());
-    h.update(salt);
-    let expected = format!("md5{:x}", h.finalize());
+    }
+    let expected = md5_answer(stored, salt);
     if constant_eq(expected.as_bytes(), got.as_bytes()) {
         Ok(())
     } else {

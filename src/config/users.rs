@@ -83,6 +83,16 @@ impl std::fmt::Debug for RoleKeys {
 /// a changed password takes effect with the first client that uses it).
 pub type KeyCell = std::sync::Arc<arc_swap::ArcSwap<RoleKeys>>;
 
+/// md5 authentication's answer to `salt` for an md5 secret (`md5` + hex of md5(password || user)):
+/// `md5` + hex of md5(hex || salt), what libpq computes from the password.
+pub(crate) fn md5_answer(secret: &str, salt: [u8; 4]) -> String {
+    use md5::Digest;
+    let mut h = md5::Md5::new();
+    h.update(secret.strip_prefix("md5").unwrap_or(secret).as_bytes());
+    h.update(salt);
+    format!("md5{:x}", h.finalize())
+}
+
 pub(crate) fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
     let mut m = HmacSha256::new_from_slice(key).expect("hmac accepts any key length");
     m.update(msg);

@@ -6,7 +6,7 @@
 use super::scram_keys::{Binding as KeyBinding, KeyedScram};
 use super::{ServerConn, ServerError};
 use crate::config::upstream_url::{AuthPolicy, ChannelBinding, SessionAttrs, UpstreamTarget};
-use crate::config::users::RoleKeys;
+use crate::config::users::{md5_answer, RoleKeys};
 use crate::protocol::sqlstate::{INVALID_AUTHORIZATION_SPECIFICATION, INVALID_PASSWORD};
 use crate::protocol::{self, backend, ProtocolError};
 use bytes::{Buf, BufMut, BytesMut};
@@ -27,17 +27,6 @@ fn password_message(out: &mut BytesMut, pw: &[u8]) {
     out.put_slice(pw);
     out.put_u8(0);
     protocol::finish(out, at);
-}
-
-/// md5's answer from the stored secret itself (`md5` + hex of md5(password || user)), as libpq computes it
-/// from the password.
-fn md5_from_secret(secret: &str, salt: [u8; 4]) -> String {
-    use md5::Digest;
-    let inner = secret.strip_prefix("md5").unwrap_or(secret);
-    let mut h = md5::Md5::new();
-    h.update(inner.as_bytes());
-    h.update(salt);
-    format!("md5{:x}", h.finalize())
 }
 
 /// A SCRAM exchange from the URL's password, or from a passthrough role's keys.
@@ -144,7 +133,7 @@ impl ServerConn {
                                 .and_then(|s| s.try_into().ok())
                                 .ok_or(ProtocolError::Malformed("md5 salt"))?;
                             let hash = match from_secret {
-                                Some(h) => md5_from_secret(&h, salt),
+                                Some(h) => md5_answer(&h, salt),
                                 None => postgres_protocol::authentication::md5_hash(
                                     target.user.as_bytes(),
                                     password()?.as_bytes(),
