@@ -3,7 +3,9 @@
 //! The `UserDb` is built through the public path, `Config::parse` → `Resolved::resolve` →
 //! `UserDb::build`, with a SCRAM-verifier user, an md5-secret user, a password-from-env user (its verifier
 //! derived at build) and, by name, an unknown one. Byte 0 picks the method (bits 0-1: SCRAM, md5, trust,
-//! SCRAM), the user (bits 2-3) and the mode (bit 4):
+//! SCRAM), the user (bits 2-3), the mode (bit 4), `[auth] passthrough` (bit 5: the role's secret as the upstream
+//! would hold it, through `authenticate_passthrough`) and a TLS certificate to bind to (bit 6, so -PLUS is
+//! offered):
 //! - raw: the rest is written to the client end of a `tokio::io::duplex`, which is then closed;
 //! - structured: the rest is `first 0xFF second`. SCRAM: `first` is framed as the client-first message of
 //!   a SASLInitialResponse; once the server-first arrives, `@N@` in `second` becomes the combined nonce and
@@ -23,7 +25,7 @@ use hmac::{Hmac, Mac};
 use libfuzzer_sys::fuzz_target;
 use md5::Digest as _;
 use pgbudget::config::resolve::Resolved;
-use pgbudget::config::users::UserDb;
+use pgbudget::config::users::{ScramVerifier, Secret, UserDb};
 use pgbudget::config::{Config, Env};
 use pgbudget::protocol::MAX_PREAUTH_LEN;
 use sha2::Sha256;
@@ -82,21 +84,38 @@ fuzz_target!(|data: &[u8]| {
     let method = usize::from(sel & 3) % 3;
     let user = USERS[usize::from((sel >> 2) & 3)];
     let structured = sel & 0x10 != 0;
+    let passthrough = sel & 0x20 != 0;
+    let binding = sel & 0x40 != 0;
     let db = &w.dbs[method];
     w.rt.block_on(async {
         let (client, mut server) = tokio::io::duplex(16 * 1024);
         // As `client::session::login` passes it (a fresh `BytesMut::new()` is what `read_startup` uses; the
         // `startup` target covers that growth path).
         let mut buf = BytesMut::with_capacity(512);
+        let binding = binding.then_some(&b"fuzz certificate"[..]);
         let proxy = async {
-            let r = db.authenticate(&mut server, user, &mut buf).await;
+            let r = if passthrough {
+                // As `client::passthrough` has it: the secret the upstream holds for the role, if any.
+                let secret = match user {
+                    "scram_user" => ScramVerifier::parse(VERIFIER).map(Secret::Scram),
+                    "md5_user" => {
+                        Some(Secret::Md5(format!("md5{:x}", md5::Md5::digest(format!("{PASSWORD}md5_user")))))
+                    }
+                    _ => None,
+                };
+                db.authenticate_passthrough(&mut server, user, secret, &mut buf, binding).await.map(|_| ())
+            } else {
+                db.authenticate(&mut server, user, &mut buf, binding).await
+            };
             drop(server); // the client's reads end here
             r
         };
         let peer = async {
             let (mut rd, mut wr) = tokio::io::split(client);
             if structured && method != 2 {
-                structured_client(&mut rd, &mut wr, method == 1, user, rest).await
+                // Under md5, a passthrough role with a SCRAM secret is asked for SCRAM (as Postgres does).
+                let md5 = method == 1 && !(passthrough && user == "scram_user");
+                structured_client(&mut rd, &mut wr, md5, user, rest).await
             } else {
                 raw_client(&mut rd, &mut wr, rest).await
             }
