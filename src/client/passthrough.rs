@@ -7,9 +7,8 @@ use crate::budget::pools::Pools;
 use crate::config::databases::UpstreamLogin;
 use crate::config::users::{is_md5_secret, ScramVerifier, Secret, UserDb};
 use crate::error::{AuthError, ProxyError};
-use crate::protocol;
 use crate::server::ServerError;
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -45,48 +44,16 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
 /// anything else.
 pub async fn role_secret(pool: &ServicePool, query: &str, role: &str) -> Result<Option<Secret>, ProxyError> {
     let mut conn = pool.checkout().await?;
-    let mut out = BytesMut::with_capacity(query.len() + role.len() + 64);
-    encode(&mut out, query, role);
-    let mut rows = Vec::new();
-    let r = conn.round_trip_rows(&out, QUERY_TIMEOUT, Some(&mut rows)).await;
+    let r = conn.rows_bound(query, &[role], QUERY_TIMEOUT).await;
     match r {
         // The statement failed (no such relation, permission denied): the server is as clean as before.
-        Ok(()) | Err(ServerError::Postgres { .. }) => pool.put_back(conn),
+        Ok(_) | Err(ServerError::Postgres { .. }) => pool.put_back(conn),
         Err(_) => pool.discard(conn),
     }
-    r.map_err(|e| AuthError::Lookup { user: role.to_owned(), cause: e.to_string() })?;
+    let rows = r.map_err(|e| AuthError::Lookup { user: role.to_owned(), cause: e.to_string() })?;
     let secret = rows.into_iter().next().and_then(|r| r.into_iter().next()).flatten();
     Ok(secret.and_then(|s| match ScramVerifier::parse(&s) {
         Some(v) => Some(Secret::Scram(v)),
         None => is_md5_secret(&s).then_some(Secret::Md5(s)),
     }))
-}
-
-/// Parse, Bind (the role name as the one text parameter), Execute and Close of the unnamed statement (the next
-/// client finds none, as on a new connection), Sync.
-fn encode(out: &mut BytesMut, query: &str, role: &str) {
-    let at = protocol::begin(out, b'P');
-    protocol::put_cstr(out, "");
-    protocol::put_cstr(out, query);
-    out.put_i16(0);
-    protocol::finish(out, at);
-    let at = protocol::begin(out, b'B');
-    protocol::put_cstr(out, "");
-    protocol::put_cstr(out, "");
-    out.put_i16(0);
-    out.put_i16(1);
-    out.put_i32(role.len() as i32);
-    out.put_slice(role.as_bytes());
-    out.put_i16(0);
-    protocol::finish(out, at);
-    let at = protocol::begin(out, b'E');
-    protocol::put_cstr(out, "");
-    out.put_i32(1);
-    protocol::finish(out, at);
-    let at = protocol::begin(out, b'C');
-    out.put_u8(b'S');
-    protocol::put_cstr(out, "");
-    protocol::finish(out, at);
-    let at = protocol::begin(out, b'S');
-    protocol::finish(out, at);
 }

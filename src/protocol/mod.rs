@@ -208,6 +208,47 @@ pub fn simple_query(out: &mut BytesMut, sql: &str) {
 
 pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
+/// Parse of statement `name` (`""`: the unnamed one), parameter types left to the server.
+pub fn parse(out: &mut BytesMut, name: &str, sql: &str) {
+    let at = begin(out, b'P');
+    put_cstr(out, name);
+    put_cstr(out, sql);
+    out.put_i16(0);
+    finish(out, at);
+}
+
+/// Bind of the unnamed portal to statement `name`, `params` in text, results in text.
+pub fn bind_text(out: &mut BytesMut, name: &str, params: &[&str]) {
+    let at = begin(out, b'B');
+    out.put_u8(0); // portal ""
+    put_cstr(out, name);
+    out.put_i16(0); // text parameters
+    out.put_i16(params.len() as i16);
+    for p in params {
+        out.put_i32(p.len() as i32);
+        out.put_slice(p.as_bytes());
+    }
+    out.put_i16(0); // text results
+    finish(out, at);
+}
+
+/// Execute of the unnamed portal, every row.
+pub fn execute(out: &mut BytesMut) {
+    out.put_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+}
+
+/// Close of statement `name`.
+pub fn close_statement(out: &mut BytesMut, name: &str) {
+    let at = begin(out, b'C');
+    out.put_u8(b'S');
+    put_cstr(out, name);
+    finish(out, at);
+}
+
+pub fn sync(out: &mut BytesMut) {
+    out.put_slice(&[b'S', 0, 0, 0, 4]);
+}
+
 /// Quote a string as an SQL literal that reads the same whatever `standard_conforming_strings` is: an `E'...'`
 /// escape string with `\\` and `''` doubled, so no session setting a client left behind can end it early.
 pub fn quote_literal(s: &str) -> String {

@@ -4,7 +4,7 @@
 use super::{is_setting_name, ServerConn, ServerError};
 use crate::protocol;
 use crate::protocol::sqlstate::INVALID_PARAMETER_VALUE;
-use bytes::{BufMut, BytesMut};
+use bytes::BytesMut;
 use std::time::Duration;
 
 impl ServerConn {
@@ -40,30 +40,36 @@ impl ServerConn {
         let mut set: Vec<&(String, String)> = set.iter().collect();
         set.sort_by_key(|(k, _)| rank(k));
         if !set.is_empty() {
-            let at = protocol::begin(&mut out, b'P');
-            protocol::put_cstr(&mut out, OWN_STATEMENT);
-            protocol::put_cstr(&mut out, "SELECT pg_catalog.set_config($1, $2, false)");
-            out.put_i16(0);
-            protocol::finish(&mut out, at);
+            protocol::parse(&mut out, OWN_STATEMENT, "SELECT pg_catalog.set_config($1, $2, false)");
             for (k, v) in set {
-                let at = protocol::begin(&mut out, b'B');
-                out.put_u8(0); // portal ""
-                protocol::put_cstr(&mut out, OWN_STATEMENT);
-                out.put_i16(0); // text parameters
-                out.put_i16(2);
-                for p in [k.as_str(), v.as_str()] {
-                    out.put_i32(p.len() as i32);
-                    out.put_slice(p.as_bytes());
-                }
-                out.put_i16(0);
-                protocol::finish(&mut out, at);
-                out.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+                protocol::bind_text(&mut out, OWN_STATEMENT, &[k, v]);
+                protocol::execute(&mut out);
             }
-            close_own(&mut out);
+            protocol::close_statement(&mut out, OWN_STATEMENT);
         }
         put_resets(&mut out, reset.iter().filter(|k| !identity(k)))?;
-        out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        protocol::sync(&mut out);
         self.round_trip(&out, timeout).await
+    }
+
+    /// Run `sql` as the proxy's own statement with `params` bound (text), and return its rows as text
+    /// (NULL as `None`), within `timeout`. The client's unnamed statement is left alone.
+    pub async fn rows_bound(
+        &mut self,
+        sql: &str,
+        params: &[&str],
+        timeout: Duration,
+    ) -> Result<Vec<Vec<Option<String>>>, ServerError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 64);
+        close_own(&mut out);
+        protocol::parse(&mut out, OWN_STATEMENT, sql);
+        protocol::bind_text(&mut out, OWN_STATEMENT, params);
+        protocol::execute(&mut out);
+        close_own(&mut out);
+        protocol::sync(&mut out);
+        let mut rows = Vec::new();
+        self.round_trip_rows(&out, timeout, Some(&mut rows)).await?;
+        Ok(rows)
     }
 }
 
@@ -79,17 +85,9 @@ fn put_resets<'a>(out: &mut BytesMut, keys: impl IntoIterator<Item = &'a String>
                 message: format!("invalid setting name {k:?}"),
             });
         }
-        let at = protocol::begin(out, b'P');
-        protocol::put_cstr(out, OWN_STATEMENT);
-        protocol::put_cstr(out, &format!("RESET {k}"));
-        out.put_i16(0);
-        protocol::finish(out, at);
-        let at = protocol::begin(out, b'B');
-        out.put_u8(0);
-        protocol::put_cstr(out, OWN_STATEMENT);
-        out.put_slice(&[0, 0, 0, 0, 0, 0]);
-        protocol::finish(out, at);
-        out.extend_from_slice(&[b'E', 0, 0, 0, 9, 0, 0, 0, 0, 0]);
+        protocol::parse(out, OWN_STATEMENT, &format!("RESET {k}"));
+        protocol::bind_text(out, OWN_STATEMENT, &[]);
+        protocol::execute(out);
         close_own(out);
     }
     Ok(())
@@ -97,8 +95,5 @@ fn put_resets<'a>(out: &mut BytesMut, keys: impl IntoIterator<Item = &'a String>
 
 /// Close the proxy's own statement.
 fn close_own(out: &mut BytesMut) {
-    let at = protocol::begin(out, b'C');
-    out.put_u8(b'S');
-    protocol::put_cstr(out, OWN_STATEMENT);
-    protocol::finish(out, at);
+    protocol::close_statement(out, OWN_STATEMENT);
 }
