@@ -4,7 +4,9 @@
 //! An unknown user runs the same exchange against a made-up secret, so the reply never tells an
 //! unknown user from a wrong password.
 
-use crate::config::users::{hmac, is_md5_secret, md5_answer, RoleKeys, ScramKeys, ScramVerifier, Secret, User, UserDb};
+use crate::config::users::{
+    hmac, is_md5_secret, md5_answer, scram_attr, RoleKeys, ScramKeys, ScramVerifier, Secret, User, UserDb,
+};
 use crate::config::AuthMethod;
 use crate::error::AuthError;
 use crate::protocol::{self, cstr, ProtocolError};
@@ -197,7 +199,7 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
         }
         _ => return Err(ProtocolError::Malformed("SCRAM gs2 header").into()),
     };
-    let client_nonce = attr(&bare, 'r').ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
+    let client_nonce = scram_attr(&bare, 'r').ok_or(ProtocolError::Malformed("SCRAM client-first"))?;
     let mut nonce_bytes = [0u8; 18];
     rand::thread_rng().fill_bytes(&mut nonce_bytes);
     let nonce = format!("{client_nonce}{}", B64.encode(nonce_bytes));
@@ -215,10 +217,10 @@ async fn scram_exchange<S: AsyncRead + AsyncWrite + Unpin>(
     let (without_proof, proof_b64) =
         client_final.rsplit_once(",p=").ok_or(ProtocolError::Malformed("SCRAM client-final"))?;
     let fail = |reason| AuthError::Failed { user: user.into(), reason };
-    if attr(without_proof, 'r') != Some(nonce.as_str()) {
+    if scram_attr(without_proof, 'r') != Some(nonce.as_str()) {
         return Err(fail("nonce mismatch"));
     }
-    if attr(without_proof, 'c') != Some(expected_c.as_str()) {
+    if scram_attr(without_proof, 'c') != Some(expected_c.as_str()) {
         return Err(fail("channel binding mismatch"));
     }
     let proof: [u8; 32] = B64.decode(proof_b64).ok().and_then(|p| p.try_into().ok()).ok_or(fail("malformed proof"))?;
@@ -248,10 +250,6 @@ fn split_gs2(msg: &str) -> Option<(&str, &str)> {
         return None;
     }
     Some((gs2, &msg[second + 1..]))
-}
-
-fn attr(msg: &str, key: char) -> Option<&str> {
-    msg.split(',').find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
 }
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
@@ -363,6 +361,6 @@ mod tests {
         // Split here; whether "p=" fits the mechanism and the connection is decided by the exchange.
         assert_eq!(split_gs2("p=tls-server-end-point,,n=,r=abc"), Some(("p=tls-server-end-point,,", "n=,r=abc")));
         assert_eq!(split_gs2("x,,n=,r=abc"), None);
-        assert_eq!(attr("n=,r=abc", 'r'), Some("abc"));
+        assert_eq!(scram_attr("n=,r=abc", 'r'), Some("abc"));
     }
 }

@@ -93,13 +93,19 @@ pub(crate) fn md5_answer(secret: &str, salt: [u8; 4]) -> String {
     format!("md5{:x}", h.finalize())
 }
 
+/// The value of attribute `key` in a SCRAM message (`r=…,s=…,i=…`).
+pub(crate) fn scram_attr(msg: &str, key: char) -> Option<&str> {
+    msg.split(',').find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
 pub(crate) fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
     let mut m = HmacSha256::new_from_slice(key).expect("hmac accepts any key length");
     m.update(msg);
     m.finalize().into_bytes().into()
 }
 
-fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+/// RFC 5802's Hi(): the salted password.
+pub(crate) fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     let mut m = HmacSha256::new_from_slice(password).expect("hmac accepts any key length");
     m.update(salt);
     m.update(&[0, 0, 0, 1]);

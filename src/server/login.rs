@@ -79,7 +79,9 @@ impl ServerConn {
         let password = || {
             target.password.clone().ok_or_else(|| {
                 ServerError::Auth(if target.passthrough.is_some() {
-                    "the server asks for a password; a passthrough role logs in only with SCRAM-SHA-256".into()
+                    "the server asks for a password, which a passthrough role does not have (it answers SCRAM from \
+                     its keys, or md5 from its md5 secret)"
+                        .into()
                 } else {
                     "server asks for a password but the upstream URL has none".into()
                 })

@@ -3,7 +3,7 @@
 //! needs, so pgbudget logs its servers in as that role without ever knowing the password.
 
 use super::ServerError;
-use crate::config::users::{hmac, ScramKeys};
+use crate::config::users::{hmac, scram_attr, ScramKeys};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use rand::RngCore;
@@ -59,12 +59,12 @@ impl KeyedScram {
     /// Take the server-first message (`r=`, `s=`, `i=`) and make the client-final one with the proof.
     pub fn update(&mut self, server_first: &[u8]) -> Result<(), ServerError> {
         let text = std::str::from_utf8(server_first).map_err(|_| bad("server-first is not UTF-8"))?;
-        let nonce = attr(text, 'r').ok_or_else(|| bad("no nonce"))?;
+        let nonce = scram_attr(text, 'r').ok_or_else(|| bad("no nonce"))?;
         if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
             return Err(bad("the server's nonce does not extend ours"));
         }
-        let salt = attr(text, 's').and_then(|s| B64.decode(s).ok()).ok_or_else(|| bad("no salt"))?;
-        let iterations: u32 = attr(text, 'i').and_then(|i| i.parse().ok()).ok_or_else(|| bad("no iterations"))?;
+        let salt = scram_attr(text, 's').and_then(|s| B64.decode(s).ok()).ok_or_else(|| bad("no salt"))?;
+        let iterations: u32 = scram_attr(text, 'i').and_then(|i| i.parse().ok()).ok_or_else(|| bad("no iterations"))?;
         if salt != self.keys.salt || iterations != self.keys.iterations {
             return Err(ServerError::Auth(
                 "the role's password changed since its client logged in (the server's salt differs)".into(),
@@ -82,10 +82,10 @@ impl KeyedScram {
     /// Check the server-final message: the server proves it holds the role's ServerKey.
     pub fn finish(&mut self, server_final: &[u8]) -> Result<(), ServerError> {
         let text = std::str::from_utf8(server_final).map_err(|_| bad("server-final is not UTF-8"))?;
-        if let Some(e) = attr(text, 'e') {
+        if let Some(e) = scram_attr(text, 'e') {
             return Err(ServerError::Auth(format!("the server refused the SCRAM proof: {e}")));
         }
-        let got = attr(text, 'v').and_then(|v| B64.decode(v).ok()).ok_or_else(|| bad("no server signature"))?;
+        let got = scram_attr(text, 'v').and_then(|v| B64.decode(v).ok()).ok_or_else(|| bad("no server signature"))?;
         let want = hmac(&self.keys.server_key, self.auth_message.as_bytes());
         if got != want {
             return Err(ServerError::Auth("the server's SCRAM signature is wrong (it does not know the role)".into()));
@@ -94,14 +94,10 @@ impl KeyedScram {
     }
 }
 
-fn attr(msg: &str, key: char) -> Option<&str> {
-    msg.split(',').find_map(|kv| kv.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::users::ScramVerifier;
+    use crate::config::users::{hi, ScramVerifier};
 
     /// The keys a client's proof of `password` yields.
     fn keys_of(password: &str, salt: &[u8], iterations: u32) -> ScramKeys {
@@ -112,14 +108,7 @@ mod tests {
     }
 
     fn client_key(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
-        // Hi() as RFC 5802 defines it, then HMAC(SaltedPassword, "Client Key").
-        let mut u = hmac(password.as_bytes(), &[salt, &[0, 0, 0, 1]].concat());
-        let mut salted = u;
-        for _ in 1..iterations {
-            u = hmac(password.as_bytes(), &u);
-            salted.iter_mut().zip(u).for_each(|(o, x)| *o ^= x);
-        }
-        hmac(&salted, b"Client Key")
+        hmac(&hi(password.as_bytes(), salt, iterations), b"Client Key")
     }
 
     /// The keyed client's proof passes the check a server makes against the password's verifier, and it
