@@ -44,10 +44,10 @@ pub async fn cleanup(
         crate::protocol::put_cstr(&mut out, "client disconnected");
         crate::protocol::finish(&mut out, at);
         pump.tx.client(b'f', None);
-        out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        crate::protocol::sync(&mut out);
         pump.tx.client(b'S', None);
     } else if pump.tx.needs_sync() {
-        out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        crate::protocol::sync(&mut out);
         pump.tx.client(b'S', None);
     }
     pump.discard_unsent();
