@@ -1,40 +1,169 @@
-//! A first look at statement text that lets most statements skip the full scan: text in which no word that
-//! can carry an effect appears (not even inside a string or comment), and no quote, block comment, dollar
-//! quote, backslash or `U&` escape that could hide one, has no effect. One pass of an automaton over the
-//! bytes, instead of a comparison per word.
+//! The first look at statement text: a statement in which none of the words the full scan acts on occurs,
+//! anywhere and in any case, and no quote, backslash or `U&` escape that could hide one, has no effect.
+//! One pass over the bytes as pairs: a bit table says at which pairs a trigger can start, and only there
+//! are the next eight bytes, folded to lower case in one step, compared with the triggers as whole words
+//! (most statements are plain `SELECT`s, for which this is the whole classification).
 
-use aho_corasick::AhoCorasick;
-use std::sync::LazyLock;
-
-/// Every word the scan acts on contains one of these (`reset` and `set_config` contain `set`, `unlisten`
-/// contains `listen`, `pg_temp` and `temporary` contain `temp`, the advisory lock functions contain
-/// `advisory`); the rest start the constructs the scan reads differently from plain words.
-const TRIGGERS: &[&str] = &[
-    "set",
-    "listen",
-    "temp",
-    "prepare",
-    "load",
-    "declare",
-    "discard",
-    "deallocate",
-    "close",
-    "drop",
-    "advisory",
-    "u&",
-    "'",
-    "\"",
-    "/*",
-    "\\",
+/// The triggers. Every word the scan acts on contains one of them (`reset` and `set_config` contain `set`,
+/// `unlisten` contains `listen`, `pg_temp` and `temporary` contain `temp`, the advisory lock functions
+/// contain `advisory`, `deallocate` starts with `dealloca`); the rest start the constructs the scan reads
+/// differently from plain words. Lower case; matched in any case.
+const TRIGGERS: [&[u8]; 13] = [
+    b"set",
+    b"listen",
+    b"load",
+    b"temp",
+    b"prepare",
+    b"declare",
+    b"discard",
+    b"dealloca",
+    b"drop",
+    b"close",
+    b"advisory",
+    b"u&",
+    b"/*",
 ];
 
-/// Built once: immutable, shared by every client.
-static AUTOMATON: LazyLock<AhoCorasick> = LazyLock::new(|| {
-    AhoCorasick::builder().ascii_case_insensitive(true).build(TRIGGERS).expect("fixed patterns build")
-});
+/// Setting bit 5 of every byte folds ASCII upper case to lower case. It changes no byte of a trigger; a byte
+/// it changes into one is that letter in upper case or a control byte (at worst a spare full scan, since
+/// every candidate is verified against the real bytes).
+const FOLD: u64 = 0x2020_2020_2020_2020;
+const FOLD8: u8 = 0x20;
+
+/// One bit per pair of folded bytes (first << 8 | second) at which a trigger may start: the first two bytes
+/// of a word trigger; any byte before a quote or a backslash (folded: `|`); `$` before any byte. The text is
+/// walked as pairs, so most bytes cost one bit test; only the rare candidate pair is verified.
+static PAIRS: [u64; 1024] = pairs();
+/// The word triggers as (word, mask) pairs of up to eight little-endian bytes.
+static WORDS: [(u64, u64); TRIGGERS.len()] = words();
+
+const fn pairs() -> [u64; 1024] {
+    const fn set(t: &mut [u64; 1024], first: u8, second: u8) {
+        let pair = ((first | FOLD8) as usize) << 8 | (second | FOLD8) as usize;
+        t[pair >> 6] |= 1 << (pair & 63);
+    }
+    let mut t = [0u64; 1024];
+    let mut i = 0;
+    while i < TRIGGERS.len() {
+        set(&mut t, TRIGGERS[i][0], TRIGGERS[i][1]);
+        i += 1;
+    }
+    let mut b = 0;
+    while b < 256 {
+        set(&mut t, b as u8, b'\'');
+        set(&mut t, b as u8, b'"');
+        set(&mut t, b as u8, b'\\');
+        set(&mut t, b'$', b as u8);
+        b += 1;
+    }
+    t
+}
+
+const fn words() -> [(u64, u64); TRIGGERS.len()] {
+    let mut w = [(0, 0); TRIGGERS.len()];
+    let mut t = 0;
+    while t < TRIGGERS.len() {
+        let word = TRIGGERS[t];
+        let (mut value, mut mask, mut i) = (0u64, 0u64, 0);
+        while i < word.len() {
+            value |= (word[i] as u64) << (8 * i);
+            mask |= 0xff << (8 * i);
+            i += 1;
+        }
+        w[t] = (value, mask);
+        t += 1;
+    }
+    w
+}
 
 /// Whether `sql` may have an effect: `false` only where the full scan finds none.
 pub(super) fn may_have_effects(sql: &[u8]) -> bool {
-    // A `$` not followed by a digit may open a dollar-quoted body (a parameter `$1` cannot).
-    AUTOMATON.is_match(sql) || memchr::memchr_iter(b'$', sql).any(|i| !sql.get(i + 1).is_some_and(u8::is_ascii_digit))
+    // The text's first byte pairs with a space before it.
+    let mut prev = b' ' as usize;
+    for (i, &b) in sql.iter().enumerate() {
+        let cur = (b | FOLD8) as usize;
+        let pair = prev << 8 | cur;
+        if PAIRS[pair >> 6] >> (pair & 63) & 1 != 0 && verify(sql, i) {
+            return true;
+        }
+        prev = cur;
+    }
+    sql.last() == Some(&b'$')
+}
+
+/// A candidate pair ends at `sql[i]`: whether a trigger really is there.
+#[cold]
+fn verify(sql: &[u8], i: usize) -> bool {
+    if matches!(sql[i], b'\'' | b'"' | b'\\') {
+        return true;
+    }
+    // A `$` opens a dollar quote unless a digit follows (a parameter `$1` is none).
+    if i > 0 && sql[i - 1] == b'$' && !sql[i].is_ascii_digit() {
+        return true;
+    }
+    let w = word_at(sql, i.saturating_sub(1)) | FOLD;
+    WORDS.iter().any(|&(v, m)| w & m == v)
+}
+
+/// The eight bytes of `sql` from `i` as a little-endian word (zeros past the end).
+fn word_at(sql: &[u8], i: usize) -> u64 {
+    match sql.get(i..i + 8) {
+        Some(w) => u64::from_le_bytes(w.try_into().expect("eight bytes")),
+        None => {
+            let mut w = [0u8; 8];
+            let rest = &sql[i..];
+            w[..rest.len()].copy_from_slice(rest);
+            u64::from_le_bytes(w)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition the table scan must agree with: a trigger occurs anywhere, in any case.
+    fn naive(sql: &[u8]) -> bool {
+        let lower = sql.to_ascii_lowercase();
+        let has = |t: &[u8]| lower.windows(t.len()).any(|w| w == t);
+        TRIGGERS.iter().any(|t| has(t))
+            || sql.iter().any(|b| matches!(b, b'\'' | b'"' | b'\\'))
+            || memchr::memchr_iter(b'$', sql).any(|i| !sql.get(i + 1).is_some_and(u8::is_ascii_digit))
+    }
+
+    #[test]
+    fn each_trigger_is_found_in_any_case_and_position() {
+        for t in TRIGGERS.iter().map(|t| std::str::from_utf8(t).unwrap()).chain(["'", "\"", "\\", "$$"]) {
+            for form in [t.to_owned(), t.to_ascii_uppercase()] {
+                for sql in [form.clone(), format!("select 1 from x{form}"), format!("{form}x")] {
+                    assert!(may_have_effects(sql.as_bytes()), "{sql}");
+                }
+            }
+        }
+        assert!(may_have_effects(b"DEALLOCATE ALL"));
+        assert!(may_have_effects(b"select $"));
+        assert!(!may_have_effects(b"select $1, $2"));
+        assert!(!may_have_effects(b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;"));
+        assert!(!may_have_effects(b"se"));
+        assert!(!may_have_effects(b""));
+        assert!(!may_have_effects("ß select 1 ü".as_bytes()));
+    }
+
+    proptest::proptest! {
+        /// The table scan says "maybe" wherever a trigger occurs (a spare "maybe" only costs a full scan, and
+        /// happens only for control bytes folded into letters).
+        #[test]
+        fn the_table_scan_finds_every_trigger(parts in proptest::collection::vec(proptest::sample::select(vec![
+            "s", "S", "e", "t", "T", "set", "sEt", "listen", "LOAD", "temp", "prepare", "declare", "discard",
+            "deallocate", "drop", "close", "advisory", "u&", "U&", "/", "*", "/*", "'", "\"", "\\", "$", "$1", "1",
+            " ", "x", "_", "\u{13}", "\u{0c}", "ü",
+        ]), 0..16)) {
+            let sql = parts.concat();
+            let (fast, slow) = (may_have_effects(sql.as_bytes()), naive(sql.as_bytes()));
+            proptest::prop_assert!(fast || !slow, "missed a trigger in {:?}", sql);
+            if !sql.bytes().any(|b| b < 0x20) {
+                proptest::prop_assert_eq!(fast, slow, "{:?}", sql);
+            }
+        }
+    }
 }
