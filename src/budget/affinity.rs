@@ -27,13 +27,16 @@ use std::time::{Duration, Instant};
 struct Watch {
     notify: tokio::sync::Notify,
     started: AtomicBool,
+    /// How often it was woken (some parked socket became readable since a server parked at a lower count).
+    wakes: AtomicU64,
 }
 
 impl std::task::Wake for Watch {
     fn wake(self: Arc<Self>) {
-        self.notify.notify_one();
+        self.wake_by_ref();
     }
     fn wake_by_ref(self: &Arc<Self>) {
+        self.wakes.fetch_add(1, Ordering::AcqRel);
         self.notify.notify_one();
     }
 }
@@ -123,7 +126,13 @@ pub struct Home {
 impl Home {
     /// The client has its home now (a checkout got it).
     pub fn touch(&self) {
-        self.signal.used_ms.store(self.affinity.now_ms(), Ordering::Relaxed);
+        self.touch_at(Instant::now());
+    }
+
+    /// [`Self::touch`] with the caller's clock read.
+    pub fn touch_at(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.affinity.epoch).as_millis() as u64;
+        self.signal.used_ms.store(ms, Ordering::Relaxed);
     }
 }
 
@@ -175,6 +184,12 @@ impl Affinity {
         recent.map(|h| h.signal.end()).count()
     }
 
+    /// Whether a server parked and found quiet is quiet still: no parked socket became readable since (the
+    /// watch registered on it would have been woken). Spares the checkout a poll of the socket.
+    pub fn still_quiet(&self, conn: &mut ServerConn) -> bool {
+        conn.parked_wakes.take() == Some(self.watch.wakes.load(Ordering::Acquire))
+    }
+
     /// The waker registered on parked servers' sockets.
     pub fn watcher(&self) -> &std::task::Waker {
         &self.waker
@@ -195,10 +210,14 @@ impl Affinity {
     /// Hand an idle server to the oldest waiting checkout, else park it, its socket watched; one that already
     /// went away is closed instead (and a waiter told to open another).
     pub fn park(&self, mut conn: PooledConn, window: Duration) {
+        // Counted before the look: a wake that comes after it (data arriving once the watch is registered)
+        // moves the count past the one recorded.
+        let wakes = self.watch.wakes.load(Ordering::Acquire);
         if self.gone(&mut conn, &self.waker, window) {
             drop(PooledConn::take(conn));
             return self.retry_one();
         }
+        conn.parked_wakes = Some(wakes);
         let mut idle = lock(&self.idle);
         if let Some(conn) = idle.waiters.deliver(conn) {
             idle.servers.push(conn);
@@ -320,7 +339,7 @@ impl crate::budget::pool::ServicePool {
     /// home to fewest clients. Unusable ones met on the way are closed.
     pub async fn take_parked(&self, home: Option<i32>, exact: bool) -> Option<PooledConn> {
         loop {
-            let mut c = self.take_usable(home, exact)?;
+            let mut c = self.take_usable(home, exact, Instant::now())?;
             let s = &self.budget().settings;
             // Boxed: the round trip is rare, and every checkout's future would carry its state.
             if c.last_checkin.elapsed() > s.server_check_delay && Box::pin(c.ping(s.connect_timeout)).await.is_err() {
@@ -334,10 +353,10 @@ impl crate::budget::pool::ServicePool {
 
     /// [`Self::take_parked`] without an await: `None` also when the server it would take needs a liveness
     /// round trip first (it stays parked for the async path).
-    pub fn take_parked_now(&self, home: Option<i32>) -> Option<PooledConn> {
-        let c = self.take_usable(home, false)?;
+    pub fn take_parked_now(&self, home: Option<i32>, now: Instant) -> Option<PooledConn> {
+        let c = self.take_usable(home, false, now)?;
         let s = &self.budget().settings;
-        if c.last_checkin.elapsed() > s.server_check_delay {
+        if now.saturating_duration_since(c.last_checkin) > s.server_check_delay {
             self.pool.manager().affinity.park(c, s.terminate_window);
             return None;
         }
@@ -345,11 +364,11 @@ impl crate::budget::pool::ServicePool {
     }
 
     /// A parked server that passes the checks without a round trip (the unusable ones met are closed).
-    fn take_usable(&self, home: Option<i32>, exact: bool) -> Option<PooledConn> {
+    fn take_usable(&self, home: Option<i32>, exact: bool, now: Instant) -> Option<PooledConn> {
         let m = self.pool.manager();
         loop {
             let mut c = m.affinity.take(home, exact)?;
-            if m.unusable(&mut c).is_none() {
+            if m.unusable(&mut c, now).is_none() {
                 return Some(c);
             }
             drop(PooledConn::take(c));
@@ -359,7 +378,7 @@ impl crate::budget::pool::ServicePool {
     /// Give a clean, idle server back: parked in transaction mode (where a checkout can choose it), straight
     /// to deadpool's queue when checkouts wait there or in session mode.
     pub fn put_back(&self, mut conn: PooledConn) {
-        conn.last_checkin = std::time::Instant::now();
+        conn.last_checkin = Instant::now();
         let b = self.budget();
         let st = self.pool.status();
         // Session mode, a checkout waiting in deadpool's queue, or more servers than a lowered share allows
@@ -403,7 +422,7 @@ impl crate::budget::pool::ServicePool {
     fn home_on_parked(&self, pick: fn(&Affinity) -> Option<i32>) -> Option<Home> {
         let m = self.pool.manager();
         while let Some(pid) = pick(&m.affinity) {
-            let Some(c) = self.take_usable(Some(pid), true) else { continue };
+            let Some(c) = self.take_usable(Some(pid), true, Instant::now()) else { continue };
             m.affinity.park(c, self.budget().settings.terminate_window);
             return Some(m.affinity.home(pid));
         }

@@ -102,17 +102,18 @@ pub fn acquire_now(
     exempt: bool,
     home: Option<i32>,
     who: &Who<'_>,
+    now: Instant,
 ) -> Option<Result<(PooledConn, Hold), ProxyError>> {
     if pool.control.is_paused() {
         return None;
     }
-    let conn = pool.take_parked_now(home)?;
+    let conn = pool.take_parked_now(home, now)?;
     let b = pool.budget();
     match pool.admission.admit(exempt, &b.name) {
         Ok(hold) => {
             let served = if hold.above_line { Decision::Exempt } else { Decision::Admitted };
             decide(pool, who, served, Duration::ZERO);
-            pool.stamp_use();
+            pool.stamp_use_at(now);
             Some(Ok((conn, hold)))
         }
         Err(refusal) => {

@@ -107,7 +107,7 @@ impl managed::Manager for Manager {
     }
 
     async fn recycle(&self, conn: &mut Box<ServerConn>, _: &Metrics) -> RecycleResult<ServerError> {
-        if let Some(why) = self.unusable(conn) {
+        if let Some(why) = self.unusable(conn, Instant::now()) {
             return Err(RecycleError::message(why));
         }
         let s = &self.budget.load().settings;
@@ -145,7 +145,7 @@ impl Manager {
 
     /// Why an idle connection may not be handed out again, if it may not (checked without a round trip; a
     /// backend an administrator ended is reported to the clients homed on it).
-    pub(super) fn unusable(&self, conn: &mut ServerConn) -> Option<&'static str> {
+    pub(super) fn unusable(&self, conn: &mut ServerConn, now: Instant) -> Option<&'static str> {
         let b = self.budget.load();
         let s = &b.settings;
         if self.route == Route::ReadOnly && conn.params.get(RO_GUC).is_some_and(|v| v != "on") {
@@ -157,14 +157,13 @@ impl Manager {
         if conn.generation < self.generation.load(Ordering::Acquire) {
             return Some("retired by RECONNECT");
         }
-        // One clock read for both ages (this runs on every checkout).
-        let now = Instant::now();
+        // The caller's clock read for both ages (this runs on every checkout).
         if now.saturating_duration_since(conn.last_checkin) > s.server_idle_timeout
             || now.saturating_duration_since(conn.created) > s.server_lifetime
         {
             return Some("expired");
         }
-        if self.affinity.gone(conn, std::task::Waker::noop(), s.terminate_window) {
+        if !self.affinity.still_quiet(conn) && self.affinity.gone(conn, std::task::Waker::noop(), s.terminate_window) {
             return Some("closed by server");
         }
         None
@@ -451,7 +450,12 @@ impl ServicePool {
 
     /// A client checked a connection out of this pool now.
     pub fn stamp_use(&self) {
-        self.last_used_ms.store(self.made.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.stamp_use_at(Instant::now());
+    }
+
+    /// [`Self::stamp_use`] with the caller's clock read.
+    pub fn stamp_use_at(&self, now: Instant) {
+        self.last_used_ms.store(now.saturating_duration_since(self.made).as_millis() as u64, Ordering::Relaxed);
     }
 
     /// How long no client checked a connection out of this pool.

@@ -56,11 +56,12 @@ impl Relay {
     }
 
     /// The common checkout without an await (and without building the checkout's future): a parked server
-    /// with this client's settings already in force. `None`: take [`Self::attach`].
-    pub(super) fn attach_now(&mut self) -> Option<Quick> {
+    /// with this client's settings already in force. `None`: take [`Self::attach`]. `now`: the caller's clock
+    /// read, for every age this checkout looks at.
+    pub(super) fn attach_now(&mut self, now: Instant) -> Option<Quick> {
         let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
-        let (conn, hold) = match crate::budget::checkout::acquire_now(&self.pool, self.exempt, self.preferred(), &who)?
-        {
+        let home = self.preferred();
+        let (conn, hold) = match crate::budget::checkout::acquire_now(&self.pool, self.exempt, home, &who, now)? {
             Ok(c) => c,
             Err(e) => {
                 self.note_checkout_error(&e);
@@ -72,14 +73,14 @@ impl Relay {
             // Bringing the server to the client's settings is a round trip: the async path does it.
             return Some(Quick::Install(Box::new((conn, hold))));
         }
-        self.adopt(conn, hold);
+        self.adopt(conn, hold, now);
         Some(Quick::Attached)
     }
 
     /// Take a server handed over from the pool's queue (its settings applied first when they differ).
     pub(super) async fn take_handed(&mut self, conn: PooledConn, hold: Hold) -> Result<(), ProxyError> {
         if crate::relay::reset::settings_match(&conn.applied, &self.desired) {
-            self.adopt(conn, hold);
+            self.adopt(conn, hold, Instant::now());
             return Ok(());
         }
         Box::pin(self.install(conn, hold)).await
@@ -99,17 +100,21 @@ impl Relay {
             }
             conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         }
-        self.adopt(conn, hold);
+        self.adopt(conn, hold, Instant::now());
         Ok(())
     }
 
     /// Take a server whose settings are the client's: record it for cancels, and set the pump up for it.
-    fn adopt(&mut self, mut conn: PooledConn, hold: Hold) {
+    /// `now` (a recent clock read) starts the transaction's clock unless one already runs.
+    fn adopt(&mut self, mut conn: PooledConn, hold: Hold, now: Instant) {
         self.key.attach(ServerKey { route: conn.cancel.clone(), pid: conn.pid, secret: conn.secret });
         self.prefer = None;
         self.last_pid = conn.pid;
         if let Some(h) = self.home.as_ref().filter(|h| h.pid == conn.pid) {
-            h.touch();
+            h.touch_at(now);
+        }
+        if self.tx_started.is_none() {
+            self.tx_started = Some(now);
         }
         self.load_settings();
         self.hold = Some(hold);

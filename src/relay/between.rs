@@ -40,9 +40,8 @@ impl Watches<'_> {
     /// is (the turn it wakes finds nothing due and arms it again), so a busy client does not move a timer in
     /// the runtime's wheel on every transaction. Giving buffers back early (a busy client idles between two
     /// transactions when it fires) costs at most one re-allocation a second.
-    fn arm_spare(&mut self, at: Instant) {
+    fn arm_spare(&mut self, at: Instant, now: Instant) {
         let armed: Instant = self.spare_timer.deadline().into();
-        let now = Instant::now();
         if armed <= now || armed > at {
             self.spare_timer.as_mut().reset(at.into());
         }
@@ -120,6 +119,8 @@ impl Relay {
         if self.draining || w.signals.stopping.is_fired() {
             return Ok(Step::Done(Outcome::ShuttingDown));
         }
+        // One clock read per turn, for the spare timer and every age the checkout looks at.
+        let now = Instant::now();
         if let Some(q) = w.queued.take() {
             return self.wait_queued(sock, w, q).await;
         }
@@ -136,7 +137,7 @@ impl Relay {
         if (self.pump.next_client_kind().is_none() || want > 5) && !self.pump.client_eof() {
             let shrink = self.pump.holds_buffers();
             if shrink {
-                w.arm_spare(Instant::now() + SHRINK_AFTER);
+                w.arm_spare(now + SHRINK_AFTER, now);
             }
             let timed = w.timed;
             let wake = tokio::select! {
@@ -165,12 +166,14 @@ impl Relay {
             }
             Some(_) => {}
         }
+        let mut now = now;
         if let Some(pid) = self.wanted_server() {
             Box::pin(self.await_server(pid)).await;
+            now = Instant::now();
         }
         // Boxed: a checkout's state lives only while it runs, not in every idle session; the common
         // checkout (a parked server, nothing to wait for) builds no future at all.
-        let attached = match self.attach_now() {
+        let attached = match self.attach_now(now) {
             Some(Quick::Attached) => Ok(()),
             Some(Quick::Failed(e)) => Err(e),
             Some(Quick::Install(c)) => Box::pin(self.install(c.0, c.1)).await,
@@ -211,7 +214,7 @@ impl Relay {
             Due,
         }
         let due = q.next_due();
-        w.arm_spare(due);
+        w.arm_spare(due, Instant::now());
         let wake = {
             let pump = &mut self.pump;
             tokio::select! {
@@ -297,9 +300,6 @@ impl Relay {
                 return Err(ProxyError::SettingRejected { code, message });
             }
             Err(e) => return Err(e),
-        }
-        if self.tx_started.is_none() {
-            self.tx_started = Some(Instant::now());
         }
         Ok(Step::Attached)
     }

@@ -30,8 +30,9 @@ impl ServerConn {
     pub fn idle_state_in(&mut self, waker: &std::task::Waker) -> IdleState {
         use std::task::{Context, Poll};
         let mut cx = Context::from_waker(waker);
-        let mut raw = [0u8; 512];
-        let mut buf = tokio::io::ReadBuf::new(&mut raw);
+        // Uninitialised: this runs twice per transaction-mode transaction, and nearly always reads nothing.
+        let mut raw = [std::mem::MaybeUninit::<u8>::uninit(); 512];
+        let mut buf = tokio::io::ReadBuf::uninit(&mut raw);
         match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut self.stream), &mut cx, &mut buf) {
             Poll::Pending => IdleState::Clean,
             Poll::Ready(Ok(())) => {

@@ -84,6 +84,10 @@ pub struct ServerConn {
     pub broken: bool,
     /// The pool generation it was opened in; `RECONNECT` retires older generations.
     pub generation: u64,
+    /// Parked (transaction mode): how often the pool's parked-socket watcher had been woken when this server
+    /// was parked and its socket found quiet. Unchanged at the checkout, the socket is still quiet and is
+    /// not polled again.
+    pub parked_wakes: Option<u64>,
     /// One of the upstream's ceiling permits (taken by the Drop, which hands it on to wait for the exit).
     permit: Option<OwnedSemaphorePermit>,
     /// The service's share slot it holds (every pool of the service counts against one share).
@@ -198,6 +202,7 @@ impl ServerConn {
             slot: None,
             registration: None,
             generation: 0,
+            parked_wakes: None,
         };
         let mut out = BytesMut::with_capacity(256);
         out.put_i32(0);
