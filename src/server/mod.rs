@@ -88,6 +88,9 @@ pub struct ServerConn {
     /// was parked and its socket found quiet. Unchanged at the checkout, the socket is still quiet and is
     /// not polled again.
     pub parked_wakes: Option<u64>,
+    /// The client pid last written to this server's `SHOW SERVERS` entry (a client that gets its home back
+    /// does not write it again).
+    noted_client: i32,
     /// One of the upstream's ceiling permits (taken by the Drop, which hands it on to wait for the exit).
     permit: Option<OwnedSemaphorePermit>,
     /// The service's share slot it holds (every pool of the service counts against one share).
@@ -203,6 +206,7 @@ impl ServerConn {
             registration: None,
             generation: 0,
             parked_wakes: None,
+            noted_client: 0,
         };
         let mut out = BytesMut::with_capacity(256);
         out.put_i32(0);
@@ -240,7 +244,11 @@ impl ServerConn {
     }
 
     /// Record which client (by its cancel-key pid) holds this connection now.
-    pub fn note_client(&self, client_pid: i32) {
+    pub fn note_client(&mut self, client_pid: i32) {
+        if self.noted_client == client_pid {
+            return;
+        }
+        self.noted_client = client_pid;
         if let Some(r) = &self.registration {
             if let Some(mut info) = r.list.get_mut(&r.pid) {
                 info.client_pid = client_pid;
