@@ -241,10 +241,17 @@ impl Statements {
 /// Scan statement text (one simple Query or one Parse). `backslash_quotes` is the server's
 /// `standard_conforming_strings = off`, where `\` escapes in plain strings too.
 pub fn classify(sql: &[u8], backslash_quotes: bool) -> Effects {
-    if !prefilter::may_have_effects(sql) {
+    if plain(sql) {
         return Effects(0);
     }
     scan(sql, backslash_quotes)
+}
+
+/// Whether the first look alone clears `sql`: no word the scan acts on, and no `EXECUTE` or `DEALLOCATE`
+/// either (in any case, anywhere), nor a quote, comment or escape that could hide one. Such a text has no
+/// effect and names no prepared statement.
+pub fn plain(sql: &[u8]) -> bool {
+    !prefilter::may_have_effects(sql)
 }
 
 /// The last statement text [`classify`]d and its effects. Drivers that send every statement as an unnamed

@@ -6,9 +6,10 @@
 
 /// The triggers. Every word the scan acts on contains one of them (`reset` and `set_config` contain `set`,
 /// `unlisten` contains `listen`, `pg_temp` and `temporary` contain `temp`, the advisory lock functions
-/// contain `advisory`, `deallocate` starts with `dealloca`); the rest start the constructs the scan reads
+/// contain `advisory`, `deallocate` starts with `dealloca`; `execute` is there for the statement rewrite,
+/// which renames the prepared statement an `EXECUTE` names); the rest start the constructs the scan reads
 /// differently from plain words. Lower case; matched in any case.
-const TRIGGERS: [&[u8]; 13] = [
+const TRIGGERS: [&[u8]; 14] = [
     b"set",
     b"listen",
     b"load",
@@ -20,6 +21,7 @@ const TRIGGERS: [&[u8]; 13] = [
     b"drop",
     b"close",
     b"advisory",
+    b"execute",
     b"u&",
     b"/*",
 ];

@@ -231,6 +231,11 @@ impl Pump {
                 if let Some(s) = self.stmts.as_mut() {
                     s.unnamed = None;
                 }
+                // Most statements have nothing to note and name no statement: the first look alone tells.
+                if classify::plain(text) {
+                    self.send(msg, 0);
+                    return Ok(true);
+                }
                 if let Some(e) = self.note_effects(classify::classify(text, self.backslash_quotes)) {
                     self.refuse(b'Q', true, &e);
                     return Ok(true);
