@@ -149,8 +149,12 @@ impl Relay {
     /// takes that server; [`Self::await_server`] waits while another client has it.
     pub(super) fn wanted_server(&mut self) -> Option<i32> {
         let home = self.home.as_ref().map(|h| h.pid)?;
-        // The scan (two byte searches) comes first: most statements name neither, and need no look at the
-        // parked servers.
+        // The usual case needs no scan: the home is parked (the checkout takes it anyway) and this client's
+        // last statement ran there too.
+        let affinity = &self.pool.pool.manager().affinity;
+        if (self.last_pid == 0 || self.last_pid == home) && affinity.is_parked(home) {
+            return None;
+        }
         let cin: &[u8] = &self.pump.cin;
         let want = if mentions_backend_pid(cin) {
             home
@@ -164,7 +168,7 @@ impl Relay {
             return None;
         };
         self.prefer = Some(want);
-        (!self.pool.pool.manager().affinity.is_parked(want)).then_some(want)
+        (!affinity.is_parked(want)).then_some(want)
     }
 
     /// Wait (up to `checkout_timeout`) for server `pid` to be parked again, while it lives.
