@@ -316,6 +316,51 @@ mod props {
             prop_assert_eq!(out, all);
         }
 
+        /// The in-place scan's shortcut for plain messages leaves the transaction state and the report
+        /// exactly as the general walk does (the copying scan never takes it), whatever the client has
+        /// outstanding, the server answers and the reads' split.
+        #[test]
+        fn the_plain_message_shortcut_follows_the_state_as_the_walk_does(
+            client in prop::collection::vec(prop::sample::select(vec![b'Q', b'P', b'B', b'E', b'S', b'D', b'C', b'H', b'F', b'd', b'c']), 0..12),
+            server in prop::collection::vec((prop::sample::select(vec![b'1', b'2', b'3', b'C', b'D', b'E', b'G', b'I', b'N', b'S', b'T', b'n', b's', b't', b'Z', b'H', b'c', b'd']), any::<u8>()), 0..24),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let mut all = BytesMut::new();
+            for (k, b) in &server {
+                let at = protocol::begin(&mut all, *k);
+                match k {
+                    b'Z' => all.extend_from_slice(&[[b'I', b'T', b'E'][*b as usize % 3]]),
+                    b'E' => all.extend_from_slice(b"SERROR\0C42601\0Mx\0\0"),
+                    b'S' => all.extend_from_slice(b"application_name\0x\0"),
+                    _ => all.extend_from_slice(&vec![*b; *b as usize % 7]),
+                }
+                protocol::finish(&mut all, at);
+            }
+            let (mut shortcut, mut walk) = (Pump::new(None, 1 << 20), Pump::new(None, 1 << 20));
+            for p in [&mut shortcut, &mut walk] {
+                p.attach();
+                for k in &client {
+                    p.tx.client(*k, Some(b'S'));
+                }
+            }
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(all.len() + 1)).collect();
+            cuts.push(all.len());
+            cuts.sort_unstable();
+            let (mut prev, mut fed, mut walked) = (0, Vec::new(), Vec::new());
+            for at in cuts {
+                let a = shortcut.read_server(&all[prev..at]);
+                let b = walk.feed_server(&all[prev..at]);
+                prop_assert_eq!(a.is_ok(), b.is_ok());
+                fed.extend_from_slice(&shortcut.take_for_client());
+                walked.extend_from_slice(&b.unwrap_or_default());
+                prev = at;
+            }
+            prop_assert_eq!(&walked[..], &all[..]);
+            prop_assert_eq!(format!("{:?}", shortcut.tx), format!("{:?}", walk.tx));
+            prop_assert_eq!((shortcut.seen.ready, shortcut.seen.idle_ready), (walk.seen.ready, walk.seen.idle_ready));
+            prop_assert_eq!(&fed[..], &all[..]);
+        }
+
         /// Arbitrary server bytes never panic the scanner or the transaction-state machine.
         #[test]
         fn arbitrary_server_bytes_never_panic(client in prop::collection::vec(any::<u8>(), 0..32), server in prop::collection::vec(any::<u8>(), 0..512)) {

@@ -144,6 +144,10 @@ struct Parts<'a> {
 fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), PumpError> {
     let copy = out.is_some();
     let Parts { sscan, tx, seen, actions, mut stmts, probe_due, backslash_quotes, servers } = p;
+    let mut bytes = bytes;
+    if !copy && actions.is_empty() && sscan.at_boundary() {
+        bytes = plain_messages(bytes, tx, seen, actions, stmts.as_deref_mut())?;
+    }
     // A RowDescription is read only for a Describe the proxy tagged (a client's of a pool statement, or a
     // shape check); untagged ones, the bulk of all replies, are not copied aside.
     sscan.capture_rows = !actions.is_empty();
@@ -256,6 +260,45 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
         }
     })?;
     Ok(())
+}
+
+/// The common case of an in-place scan, ahead of the general walk: while no reply of the proxy's own is owed
+/// and the scanner is at a boundary, whole messages that need nothing but the transaction state (every kind
+/// but ErrorResponse, ParameterStatus and NotificationResponse) are followed straight from their headers,
+/// exactly as the walk would follow them. Returns the bytes from the first message it leaves to the walk.
+fn plain_messages<'b>(
+    mut bytes: &'b [u8],
+    tx: &mut TxState,
+    seen: &mut Seen,
+    actions: &mut Actions,
+    mut stmts: Option<&mut TxnStatements>,
+) -> Result<&'b [u8], PumpError> {
+    while let [kind, l0, l1, l2, l3, body @ ..] = bytes {
+        let (kind, len) = (*kind, i32::from_be_bytes([*l0, *l1, *l2, *l3]));
+        if len < 4 {
+            return Err(frame::BadServerFrame { kind: kind as char, len }.into());
+        }
+        let n = len as usize - 4;
+        if matches!(kind, b'E' | b'S' | b'A') || body.len() < n {
+            break;
+        }
+        let first = (n > 0).then(|| body[0]);
+        if kind == b'Z' {
+            seen.ready += 1;
+            if first == Some(b'I') {
+                seen.idle_ready += 1;
+            }
+        }
+        tx.server(kind, first, false);
+        if kind == b'Z' && tx.outstanding() == 0 {
+            if let Some(s) = stmts.as_deref_mut() {
+                s.bound.clear();
+            }
+        }
+        rewrite::settle(tx, actions, stmts.as_deref_mut());
+        bytes = &body[n..];
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]
