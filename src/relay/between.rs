@@ -119,8 +119,6 @@ impl Relay {
         if self.draining || w.signals.stopping.is_fired() {
             return Ok(Step::Done(Outcome::ShuttingDown));
         }
-        // One clock read per turn, for the spare timer and every age the checkout looks at.
-        let now = Instant::now();
         if let Some(q) = w.queued.take() {
             return self.wait_queued(sock, w, q).await;
         }
@@ -137,6 +135,7 @@ impl Relay {
         if (self.pump.next_client_kind().is_none() || want > 5) && !self.pump.client_eof() {
             let shrink = self.pump.holds_buffers();
             if shrink {
+                let now = Instant::now();
                 w.arm_spare(now + SHRINK_AFTER, now);
             }
             let timed = w.timed;
@@ -166,11 +165,11 @@ impl Relay {
             }
             Some(_) => {}
         }
-        let mut now = now;
         if let Some(pid) = self.wanted_server() {
             Box::pin(self.await_server(pid)).await;
-            now = Instant::now();
         }
+        // One clock read for every age the checkout looks at.
+        let now = Instant::now();
         // Boxed: a checkout's state lives only while it runs, not in every idle session; the common
         // checkout (a parked server, nothing to wait for) builds no future at all.
         let attached = match self.attach_now(now) {
