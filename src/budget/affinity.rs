@@ -213,13 +213,16 @@ impl Affinity {
         // Counted before the look: a wake that comes after it (data arriving once the watch is registered)
         // moves the count past the one recorded.
         let wakes = self.watch.wakes.load(Ordering::Acquire);
+        conn.parked_wakes = None;
         if self.gone(&mut conn, &self.waker, window) {
             drop(PooledConn::take(conn));
             return self.retry_one();
         }
-        conn.parked_wakes = Some(wakes);
         let mut idle = lock(&self.idle);
-        if let Some(conn) = idle.waiters.deliver(conn) {
+        // Recorded only for a server that stays parked: one handed to a waiter is read by that client's task
+        // next, and the watch no longer speaks for its socket.
+        if let Some(mut conn) = idle.waiters.deliver(conn) {
+            conn.parked_wakes = Some(wakes);
             idle.servers.push(conn);
         }
     }

@@ -86,7 +86,8 @@ pub struct ServerConn {
     pub generation: u64,
     /// Parked (transaction mode): how often the pool's parked-socket watcher had been woken when this server
     /// was parked and its socket found quiet. Unchanged at the checkout, the socket is still quiet and is
-    /// not polled again.
+    /// not polled again. Set only while the watch is the socket's registered waker (parked, or taken from
+    /// the parked list and not yet used), and taken by the checkout's look.
     pub parked_wakes: Option<u64>,
     /// The client pid last written to this server's `SHOW SERVERS` entry (a client that gets its home back
     /// does not write it again).
