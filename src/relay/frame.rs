@@ -177,11 +177,8 @@ impl ServerScanner {
             }
             self.header_len = 0;
             self.kind = self.header[0];
-            let len = i32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]);
-            if len < 4 {
-                return Err(BadServerFrame { kind: self.kind as char, len });
-            }
-            self.remaining = len as usize - 4;
+            let [_, l0, l1, l2, l3] = self.header;
+            self.remaining = body_len(self.kind, [l0, l1, l2, l3])?;
             self.first = None;
             self.capture.clear();
             self.truncated = false;
@@ -190,6 +187,15 @@ impl ServerScanner {
         }
         Ok(())
     }
+}
+
+/// The body length a server message header declares (its length field less its own 4 bytes).
+pub fn body_len(kind: u8, len: [u8; 4]) -> Result<usize, BadServerFrame> {
+    let len = i32::from_be_bytes(len);
+    if len < 4 {
+        return Err(BadServerFrame { kind: kind as char, len });
+    }
+    Ok(len as usize - 4)
 }
 
 /// What [`ServerScanner::feed_into`] reports.

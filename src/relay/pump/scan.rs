@@ -178,12 +178,6 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
         Scan::Message(m) => {
             let mut fatal = false;
             match m.kind {
-                b'Z' => {
-                    seen.ready += 1;
-                    if m.first == Some(b'I') {
-                        seen.idle_ready += 1;
-                    }
-                }
                 b'E' => {
                     let (sev, code, msg) = frame::error_fields(m.body);
                     fatal = frame::is_fatal(sev);
@@ -249,13 +243,7 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
                 }
                 _ => {}
             }
-            tx.server(m.kind, m.first, fatal);
-            if m.kind == b'Z' && tx.outstanding() == 0 {
-                if let Some(s) = stmts.as_deref_mut() {
-                    s.bound.clear();
-                }
-            }
-            rewrite::settle(tx, actions, stmts.as_deref_mut());
+            follow(m.kind, m.first, fatal, tx, seen, actions, stmts.as_deref_mut());
             false
         }
     })?;
@@ -274,31 +262,42 @@ fn plain_messages<'b>(
     mut stmts: Option<&mut TxnStatements>,
 ) -> Result<&'b [u8], PumpError> {
     while let [kind, l0, l1, l2, l3, body @ ..] = bytes {
-        let (kind, len) = (*kind, i32::from_be_bytes([*l0, *l1, *l2, *l3]));
-        if len < 4 {
-            return Err(frame::BadServerFrame { kind: kind as char, len }.into());
-        }
-        let n = len as usize - 4;
+        let kind = *kind;
+        let n = frame::body_len(kind, [*l0, *l1, *l2, *l3])?;
         if matches!(kind, b'E' | b'S' | b'A') || body.len() < n {
             break;
         }
-        let first = (n > 0).then(|| body[0]);
-        if kind == b'Z' {
-            seen.ready += 1;
-            if first == Some(b'I') {
-                seen.idle_ready += 1;
-            }
-        }
-        tx.server(kind, first, false);
-        if kind == b'Z' && tx.outstanding() == 0 {
-            if let Some(s) = stmts.as_deref_mut() {
-                s.bound.clear();
-            }
-        }
-        rewrite::settle(tx, actions, stmts.as_deref_mut());
+        follow(kind, (n > 0).then(|| body[0]), false, tx, seen, actions, stmts.as_deref_mut());
         bytes = &body[n..];
     }
     Ok(bytes)
+}
+
+/// What every complete server message does, in the walk and in its shortcut alike: a ReadyForQuery is
+/// counted for the report, the transaction state follows the message, the statements bound since the last
+/// idle point are forgotten at one, and the proxy's owed replies are settled.
+fn follow(
+    kind: u8,
+    first: Option<u8>,
+    fatal: bool,
+    tx: &mut TxState,
+    seen: &mut Seen,
+    actions: &mut Actions,
+    mut stmts: Option<&mut TxnStatements>,
+) {
+    if kind == b'Z' {
+        seen.ready += 1;
+        if first == Some(b'I') {
+            seen.idle_ready += 1;
+        }
+    }
+    tx.server(kind, first, fatal);
+    if kind == b'Z' && tx.outstanding() == 0 {
+        if let Some(s) = stmts.as_deref_mut() {
+            s.bound.clear();
+        }
+    }
+    rewrite::settle(tx, actions, stmts);
 }
 
 #[cfg(test)]
