@@ -124,12 +124,7 @@ pub struct Home {
 }
 
 impl Home {
-    /// The client has its home now (a checkout got it).
-    pub fn touch(&self) {
-        self.touch_at(Instant::now());
-    }
-
-    /// [`Self::touch`] with the caller's clock read.
+    /// The client has its home now (a checkout got it at `now`).
     pub fn touch_at(&self, now: Instant) {
         let ms = now.saturating_duration_since(self.affinity.epoch).as_millis() as u64;
         self.signal.used_ms.store(ms, Ordering::Relaxed);

@@ -7,7 +7,7 @@ fn a_terminated_home_ends_only_the_clients_that_used_it_within_the_window() {
     let a = Arc::new(Affinity::default());
     let (idle, busy, elsewhere) = (a.home(7), a.home(7), a.home(8));
     std::thread::sleep(Duration::from_millis(80));
-    busy.touch();
+    busy.touch_at(Instant::now());
     assert_eq!(a.homed(7), 2);
     assert_eq!(a.terminated(7, Duration::from_millis(40)), 1, "only the client that used it in the last 40 ms");
     assert!(busy.signal.ended.load(Ordering::Acquire));
@@ -21,7 +21,7 @@ fn a_terminated_home_ends_only_the_clients_that_used_it_within_the_window() {
 fn a_zero_window_shields_everyone_and_homes_leave_with_their_clients() {
     let a = Arc::new(Affinity::default());
     let h = a.home(9);
-    h.touch();
+    h.touch_at(Instant::now());
     assert_eq!(a.terminated(9, Duration::ZERO), 0);
     assert!(!h.signal.ended.load(Ordering::Acquire));
     let (x, y) = (a.home(10), a.home(10));

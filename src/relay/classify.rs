@@ -292,8 +292,8 @@ impl Memo {
     }
 }
 
-/// [`classify`] without the first look.
-fn scan(sql: &[u8], backslash_quotes: bool) -> Effects {
+/// [`classify`] without the first look (for a caller that has just taken it, see [`plain`]).
+pub fn scan(sql: &[u8], backslash_quotes: bool) -> Effects {
     let mut st = Statements { lead: Lead::Start, prev_into: false, effects: 0, temp: false, on_commit: 0 };
     let mut i = 0;
     let n = sql.len();

@@ -1,8 +1,9 @@
 //! The first look at statement text: a statement in which none of the words the full scan acts on occurs,
 //! anywhere and in any case, and no quote, backslash or `U&` escape that could hide one, has no effect.
-//! One pass over the bytes as pairs: a bit table says at which pairs a trigger can start, and only there
-//! are the next eight bytes, folded to lower case in one step, compared with the triggers as whole words
-//! (most statements are plain `SELECT`s, for which this is the whole classification).
+//! Sixteen places at a time: a branch-free test of each block (which the compiler vectorises) says whether a
+//! trigger can start in it; only in such a block is each pair of bytes looked up in a bit table, and at a
+//! candidate pair the next eight bytes, folded to lower case in one step, are compared with the triggers as
+//! whole words (most statements are plain `SELECT`s, for which this is the whole classification).
 
 /// The triggers. Every word the scan acts on contains one of them (`reset` and `set_config` contain `set`,
 /// `unlisten` contains `listen`, `pg_temp` and `temporary` contain `temp`, the advisory lock functions
@@ -123,9 +124,8 @@ const fn heads() -> [(u8, u8, u8); TRIGGERS.len()] {
 
 /// Whether a trigger may start at any of the 16 pairs (`w[j]`, `w[j + 1]`) (`w` holds a byte more): a word
 /// trigger's first three bytes from `w[j]` (two for `u&` and `/*`), a quote or backslash at `w[j + 1]`, a
-/// `$` at `w[j]`. Stricter than
-/// [`candidate`] (a `SELECT` is no candidate here) and written without branches or table loads, so the
-/// compiler vectorises it.
+/// `$` at `w[j]`. Stricter than [`candidate`] (a `SELECT` is no candidate here) and written without branches
+/// or table loads, so the compiler vectorises it.
 #[inline]
 fn block_has_candidate(w: &[u8; 18]) -> bool {
     let mut hit = 0u8;

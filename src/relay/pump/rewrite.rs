@@ -236,7 +236,7 @@ impl Pump {
                     self.send(msg, 0);
                     return Ok(true);
                 }
-                if let Some(e) = self.note_effects(classify::classify(text, self.backslash_quotes)) {
+                if let Some(e) = self.note_effects(classify::scan(text, self.backslash_quotes)) {
                     self.refuse(b'Q', true, &e);
                     return Ok(true);
                 }
