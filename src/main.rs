@@ -237,17 +237,7 @@ fn runtime(threads: Option<&str>) -> tokio::runtime::Runtime {
 }
 
 async fn run(resolved: Resolved, env: Env, config_path: Option<PathBuf>) -> ExitCode {
-    let addr = resolved.config.proxy.listen.clone();
-    let listener = match bind(&addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            error!(kind = "listen", cause = %e, %addr, "cannot listen");
-            return ExitCode::from(1);
-        }
-    };
-    for line in resolved.table().lines() {
-        info!("budget: {line}");
-    }
+    // The admin listener binds first: once the client port takes connections, the probes answer too.
     let admin_addr = resolved.config.admin.listen.clone();
     let admin = if admin_addr.is_empty() {
         None
@@ -260,6 +250,17 @@ async fn run(resolved: Resolved, env: Env, config_path: Option<PathBuf>) -> Exit
             }
         }
     };
+    let addr = resolved.config.proxy.listen.clone();
+    let listener = match bind(&addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(kind = "listen", cause = %e, %addr, "cannot listen");
+            return ExitCode::from(1);
+        }
+    };
+    for line in resolved.table().lines() {
+        info!("budget: {line}");
+    }
     let metrics = Metrics::new();
     #[cfg(feature = "lake")]
     let app = match open_lake(&resolved, &metrics).await {
