@@ -153,7 +153,7 @@ impl Relay {
                 checked: None,
             }));
         }
-        let startup = Arc::new(desired);
+        let startup = pool.settings.intern(desired);
         Relay {
             tripped: None,
             app,

@@ -10,7 +10,7 @@ use crate::budget::handoff::HandOff;
 use dashmap::DashMap;
 use rand::Rng;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -67,13 +67,23 @@ impl Drop for InFlight {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Entry {
     server: Option<(ServerKey, Arc<Flights>)>,
     /// The last checkout's flight count, kept for the next when no cancel held it (one allocation per client).
     spare: Option<Arc<Flights>>,
     /// Set while the client waits in a pool queue: a cancel wakes it instead of a backend.
     queued: Option<QueuedWake>,
+}
+
+/// One client's entry. The registry's map finds it for a CancelRequest; the client's own key holds it too, so
+/// the attach, detach and queue marks of every transaction lock only this (uncontended) mutex, with no hash
+/// lookup and no shard lock.
+type Cell = Arc<Mutex<Entry>>;
+
+fn lock(cell: &Mutex<Entry>) -> MutexGuard<'_, Entry> {
+    // Nothing panics while holding it; a poisoned entry is still a consistent one.
+    cell.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// How a cancel reaches a queued client: the notifier of a checkout future, or the hand-off slot the relay
@@ -116,7 +126,7 @@ pub enum CancelTarget {
 /// share its pid, and only the secret tells them apart.
 #[derive(Debug, Default)]
 pub struct CancelRegistry {
-    map: DashMap<u64, Entry, foldhash::fast::RandomState>,
+    map: DashMap<u64, Cell, foldhash::fast::RandomState>,
 }
 
 fn slot(pid: i32, secret: i32) -> u64 {
@@ -127,6 +137,7 @@ fn slot(pid: i32, secret: i32) -> u64 {
 #[derive(Debug)]
 pub struct ClientKey {
     registry: Arc<CancelRegistry>,
+    cell: Cell,
     pub pid: i32,
     pub secret: i32,
 }
@@ -139,15 +150,17 @@ impl CancelRegistry {
             let pid = rng.gen_range(1..i32::MAX);
             let secret = rng.gen();
             if let dashmap::Entry::Vacant(v) = self.map.entry(slot(pid, secret)) {
-                v.insert(Entry { server: None, spare: None, queued: None });
-                return ClientKey { registry: self.clone(), pid, secret };
+                let cell = Cell::default();
+                v.insert(cell.clone());
+                return ClientKey { registry: self.clone(), cell, pid, secret };
             }
         }
     }
 
     /// What to cancel for a client key, if the key is valid and the client holds a server or waits for one.
     pub fn lookup(&self, pid: i32, secret: i32) -> Option<CancelTarget> {
-        let e = self.map.get(&slot(pid, secret))?;
+        let cell = self.map.get(&slot(pid, secret))?.clone();
+        let e = lock(&cell);
         match (&e.server, &e.queued) {
             (Some((s, f)), _) => {
                 // Counted under the entry's lock, so a detach after this sees the flight.
@@ -162,7 +175,7 @@ impl CancelRegistry {
     /// Client key (pid, secret) → server backend pid, for every client that holds a server now.
     pub fn attached(&self) -> std::collections::HashMap<(i32, i32), i32> {
         let key = |k: u64| ((k >> 32) as u32 as i32, k as u32 as i32);
-        self.map.iter().filter_map(|e| e.server.as_ref().map(|(s, _)| (key(*e.key()), s.pid))).collect()
+        self.map.iter().filter_map(|e| lock(e.value()).server.as_ref().map(|(s, _)| (key(*e.key()), s.pid))).collect()
     }
 
     pub fn len(&self) -> usize {
@@ -188,39 +201,29 @@ impl ClientKey {
         if pid == self.pid {
             return true;
         }
-        // Never two shard locks at once (both keys may live in one shard).
-        let Some((_, entry)) = self.registry.map.remove(&self.slot()) else { return false };
-        let back = match self.registry.map.entry(slot(pid, self.secret)) {
+        match self.registry.map.entry(slot(pid, self.secret)) {
             dashmap::Entry::Vacant(v) => {
-                v.insert(entry);
-                None
+                v.insert(self.cell.clone());
             }
-            dashmap::Entry::Occupied(_) => Some(entry),
-        };
-        match back {
-            None => {
-                self.pid = pid;
-                true
-            }
-            Some(entry) => {
-                self.registry.map.insert(self.slot(), entry);
-                false
-            }
+            dashmap::Entry::Occupied(_) => return false,
         }
+        // Never two shard locks at once (both keys may live in one shard): the old place goes after.
+        self.registry.map.remove(&self.slot());
+        self.pid = pid;
+        true
     }
 
     /// Record which server this client holds from now on.
     pub fn attach(&self, server: ServerKey) {
-        if let Some(mut e) = self.registry.map.get_mut(&self.slot()) {
-            let flights = e.spare.take().unwrap_or_default();
-            e.server = Some((server, flights));
-        }
+        let mut e = lock(&self.cell);
+        let flights = e.spare.take().unwrap_or_default();
+        e.server = Some((server, flights));
     }
 
     /// The client gives its server up: no new cancel can reach it; returns the cancels still in flight for
     /// it, which the caller lets settle before the server goes to anyone else.
     pub fn detach(&self) -> Option<Arc<Flights>> {
-        let mut e = self.registry.map.get_mut(&self.slot())?;
+        let mut e = lock(&self.cell);
         let (_, flights) = e.server.take()?;
         if Arc::strong_count(&flights) == 1 {
             // No cancel holds it (none in flight, none being looked up): the next checkout counts on it.
@@ -232,29 +235,20 @@ impl ClientKey {
 
     /// Mark the client as queued until the returned mark is dropped (a fresh notifier per wait).
     pub fn mark_queued(&self, wake: QueuedWake) -> QueuedMark {
-        self.registry.set_queued(self.slot(), Some(wake));
-        QueuedMark { registry: self.registry.clone(), slot: self.slot() }
-    }
-}
-
-impl CancelRegistry {
-    fn set_queued(&self, slot: u64, wake: Option<QueuedWake>) {
-        if let Some(mut e) = self.map.get_mut(&slot) {
-            e.queued = wake;
-        }
+        lock(&self.cell).queued = Some(wake);
+        QueuedMark { cell: self.cell.clone() }
     }
 }
 
 /// A client marked as queued for cancel requests; the mark goes on Drop.
 #[derive(Debug)]
 pub struct QueuedMark {
-    registry: Arc<CancelRegistry>,
-    slot: u64,
+    cell: Cell,
 }
 
 impl Drop for QueuedMark {
     fn drop(&mut self) {
-        self.registry.set_queued(self.slot, None);
+        lock(&self.cell).queued = None;
     }
 }
 

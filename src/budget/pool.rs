@@ -198,7 +198,7 @@ impl Manager {
             warn!(kind = "read_only_tier", service = %self.key.service, cause = %e, "read-only route refuses a server connection");
             return Err(e);
         }
-        enforce_read_only(&mut conn, timeout).await?;
+        conn.enforce_read_only(timeout).await?;
         let mut t = self.template.write().unwrap_or_else(|e| e.into_inner());
         if t.as_ref().is_some_and(|t| t.get(RO_GUC).is_some_and(|v| v != "on")) {
             *t = Some(Arc::new(conn.params.clone()));
@@ -226,11 +226,6 @@ pub fn routes_to_name(v: u8) -> &'static str {
     }
 }
 
-/// Force and verify read-only on a server connection (also after any reset).
-pub async fn enforce_read_only(conn: &mut ServerConn, timeout: Duration) -> Result<(), ServerError> {
-    conn.enforce_read_only(timeout).await
-}
-
 /// Deadpool's deadlines for one checkout: wait up to `wait` for a free slot; opening a connection may take
 /// two connect attempts (replica, then primary). Vetting an idle one has no deadline of deadpool's: its one
 /// await, the ping, has its own (`connect_timeout`), and a timer per checkout costs more than the check.
@@ -254,6 +249,8 @@ pub struct ServicePool {
     pub control: Arc<crate::budget::control::PoolControl>,
     /// Named statements of this pool's clients (transaction mode).
     pub statements: Arc<crate::server::statements::Registry>,
+    /// The distinct session-settings sets of its clients and servers, each shared.
+    pub settings: crate::server::settings::Interner,
     /// Clients whose server is pinned to them now.
     pub pinned: Arc<AtomicU32>,
     /// (reported setting, value a client asked for) → the value the server reports for it (`German` →

@@ -213,6 +213,7 @@ impl Pools {
             admission: group.admission.clone(),
             control: group.control.clone(),
             statements: Default::default(),
+            settings: Default::default(),
             pinned: group.pinned.clone(),
             reported: Default::default(),
             made: Instant::now(),

@@ -98,7 +98,7 @@ impl Relay {
                     source => ProxyError::Upstream { upstream: self.pool.budget().upstream.clone(), source },
                 });
             }
-            conn.applied = self.desired.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            conn.applied = self.desired.clone();
         }
         self.adopt(conn, hold, Instant::now());
         Ok(())

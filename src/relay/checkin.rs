@@ -31,7 +31,7 @@ impl Relay {
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .filter(|(k, _)| !(ro && k == crate::server::READ_ONLY_SETTING))
             .collect();
-        conn.applied = settings.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        conn.applied = self.pool.settings.intern(settings.clone());
         if !conn.notifications.is_empty() {
             if let Some(list) = conn.server_list().cloned() {
                 crate::relay::pump::name_senders(&mut conn.notifications, &list);
@@ -44,7 +44,8 @@ impl Relay {
         for (k, v) in self.startup.iter() {
             settings.entry(k.clone()).or_insert_with(|| v.clone());
         }
-        self.desired = if settings == *self.startup { self.startup.clone() } else { std::sync::Arc::new(settings) };
+        self.desired =
+            if settings == *self.startup { self.startup.clone() } else { self.pool.settings.intern(settings) };
         if let Some(s) = self.pump.stmts.as_mut() {
             s.unnamed_here = false; // the probe, a simple Query, dropped the server's unnamed statement
             s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();

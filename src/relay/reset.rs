@@ -2,6 +2,7 @@
 //! close the batch, cancel, drain, roll back, reset), and the settings diff that matches a server to a client.
 
 use crate::relay::pump::{Pump, BUF};
+use crate::server::settings::Settings;
 use crate::server::{ServerConn, ServerError};
 use bytes::BytesMut;
 use std::collections::BTreeMap;
@@ -89,7 +90,7 @@ pub async fn cleanup(
         if conn.discard_all(timeout).await? {
             return Ok(Cleaned::Retire);
         }
-        conn.applied.clear();
+        conn.applied = Settings::default();
         conn.statements.clear();
         if read_only {
             conn.enforce_read_only(timeout).await?;
@@ -98,9 +99,10 @@ pub async fn cleanup(
     Ok(Cleaned::Reusable)
 }
 
-/// Whether `applied` already is `desired` (no allocation: the check of every checkout).
-pub fn settings_match(applied: &BTreeMap<String, String>, desired: &BTreeMap<String, String>) -> bool {
-    applied == desired
+/// Whether `applied` already is `desired` (no allocation, and a pointer comparison when both are the pool's
+/// shared set: the check of every checkout).
+pub fn settings_match(applied: &Settings, desired: &Settings) -> bool {
+    crate::server::settings::same(applied, desired)
 }
 
 /// What to change on a server so its proxy-applied settings equal the client's: (set, reset). The order the

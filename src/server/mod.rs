@@ -6,7 +6,7 @@ use crate::protocol::sqlstate::ACTIVE_SQL_TRANSACTION;
 use crate::protocol::{self, backend, ProtocolError};
 use bytes::{BufMut, BytesMut};
 use dashmap::DashMap;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ pub use idle::IdleState;
 mod probe;
 mod replay;
 mod scram_keys;
+pub mod settings;
 pub mod slots;
 pub mod statements;
 
@@ -68,7 +69,7 @@ pub struct ServerConn {
     pub params: Params,
     /// Session settings in force on this connection since its last reset (set by the proxy or by clients,
     /// as the last probe read them).
-    pub applied: BTreeMap<String, String>,
+    pub applied: settings::Settings,
     /// Named statements of the pool prepared here.
     pub statements: statements::ServerStatements,
     /// The user the connection logged in as (its default `session_authorization`).
@@ -193,7 +194,7 @@ impl ServerConn {
             addr,
             cancel,
             params: Params::default(),
-            applied: BTreeMap::new(),
+            applied: Default::default(),
             statements: Default::default(),
             login_user: target.user.clone(),
             notifications: BytesMut::new(),
