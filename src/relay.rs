@@ -96,6 +96,8 @@ pub struct Relay {
     prefer: Option<i32>,
     /// The backend pid of the server this client held last.
     last_pid: i32,
+    /// When the last transaction ended (read once, for its duration and the server's check-in).
+    ended_at: Option<Instant>,
 }
 
 /// What one client session did, for its `client_sessions` row.
@@ -180,6 +182,7 @@ impl Relay {
             home: None,
             prefer: None,
             last_pid: 0,
+            ended_at: None,
         }
     }
 
@@ -219,8 +222,10 @@ impl Relay {
 
     /// Return a clean server to the pool (transaction mode, at an idle boundary).
     async fn release(&mut self) {
+        // The transaction's end was just timed ([`Relay::report`]): the same reading is the check-in time.
+        let now = self.ended_at.take().unwrap_or_else(Instant::now);
         if let Some(c) = self.detach().await {
-            self.pool.put_back(c);
+            self.pool.put_back_at(c, now);
         }
         self.hold = None;
     }
@@ -239,7 +244,7 @@ impl Relay {
         tokio::pin!(spare_timer);
         let signals = Signals { stopping: &stopping, kill: &kill, home: home.as_deref(), registered: None };
         let mut w = Watches { signals, idle_timer, spare_timer, timed: false, queued: None };
-        self.load_settings();
+        self.load_settings(&self.pool.clone().budget());
         self.pump.last_activity = Some(Instant::now());
         loop {
             // Arm the idle timer from the last activity; it is re-checked when it fires.

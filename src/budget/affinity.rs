@@ -14,6 +14,7 @@
 
 use crate::budget::handoff::{HandOff, Waiters};
 use crate::budget::pool::PooledConn;
+use crate::config::resolve::ServiceBudget;
 use crate::server::{IdleState, ServerConn};
 use futures_util::task::AtomicWaker;
 use std::collections::HashMap;
@@ -337,8 +338,9 @@ impl crate::budget::pool::ServicePool {
     /// home to fewest clients. Unusable ones met on the way are closed.
     pub async fn take_parked(&self, home: Option<i32>, exact: bool) -> Option<PooledConn> {
         loop {
-            let mut c = self.take_usable(home, exact, Instant::now())?;
-            let s = &self.budget().settings;
+            let b = self.budget();
+            let mut c = self.take_usable(home, exact, Instant::now(), &b)?;
+            let s = &b.settings;
             // Boxed: the round trip is rare, and every checkout's future would carry its state.
             if c.last_checkin.elapsed() > s.server_check_delay && Box::pin(c.ping(s.connect_timeout)).await.is_err() {
                 c.broken = true;
@@ -351,9 +353,9 @@ impl crate::budget::pool::ServicePool {
 
     /// [`Self::take_parked`] without an await: `None` also when the server it would take needs a liveness
     /// round trip first (it stays parked for the async path).
-    pub fn take_parked_now(&self, home: Option<i32>, now: Instant) -> Option<PooledConn> {
-        let c = self.take_usable(home, false, now)?;
-        let s = &self.budget().settings;
+    pub fn take_parked_now(&self, home: Option<i32>, now: Instant, b: &ServiceBudget) -> Option<PooledConn> {
+        let c = self.take_usable(home, false, now, b)?;
+        let s = &b.settings;
         if now.saturating_duration_since(c.last_checkin) > s.server_check_delay {
             self.pool.manager().affinity.park(c, s.terminate_window);
             return None;
@@ -362,11 +364,11 @@ impl crate::budget::pool::ServicePool {
     }
 
     /// A parked server that passes the checks without a round trip (the unusable ones met are closed).
-    fn take_usable(&self, home: Option<i32>, exact: bool, now: Instant) -> Option<PooledConn> {
+    fn take_usable(&self, home: Option<i32>, exact: bool, now: Instant, b: &ServiceBudget) -> Option<PooledConn> {
         let m = self.pool.manager();
         loop {
             let mut c = m.affinity.take(home, exact)?;
-            if m.unusable(&mut c, now).is_none() {
+            if m.unusable(&mut c, now, b).is_none() {
                 return Some(c);
             }
             drop(PooledConn::take(c));
@@ -375,8 +377,13 @@ impl crate::budget::pool::ServicePool {
 
     /// Give a clean, idle server back: parked in transaction mode (where a checkout can choose it), straight
     /// to deadpool's queue when checkouts wait there or in session mode.
-    pub fn put_back(&self, mut conn: PooledConn) {
-        conn.last_checkin = Instant::now();
+    pub fn put_back(&self, conn: PooledConn) {
+        self.put_back_at(conn, Instant::now());
+    }
+
+    /// [`Self::put_back`] with the caller's clock read as the check-in time.
+    pub fn put_back_at(&self, mut conn: PooledConn, now: Instant) {
+        conn.last_checkin = now;
         let b = self.budget();
         let st = self.pool.status();
         // Session mode, a checkout waiting in deadpool's queue, or more servers than a lowered share allows
@@ -420,8 +427,9 @@ impl crate::budget::pool::ServicePool {
     fn home_on_parked(&self, pick: fn(&Affinity) -> Option<i32>) -> Option<Home> {
         let m = self.pool.manager();
         while let Some(pid) = pick(&m.affinity) {
-            let Some(c) = self.take_usable(Some(pid), true, Instant::now()) else { continue };
-            m.affinity.park(c, self.budget().settings.terminate_window);
+            let b = self.budget();
+            let Some(c) = self.take_usable(Some(pid), true, Instant::now(), &b) else { continue };
+            m.affinity.park(c, b.settings.terminate_window);
             return Some(m.affinity.home(pid));
         }
         None

@@ -6,6 +6,7 @@
 use crate::budget::admission::Hold;
 use crate::budget::cancel::ClientKey;
 use crate::budget::pool::{PooledConn, ServicePool};
+use crate::config::resolve::ServiceBudget;
 use crate::error::{ProxyError, Refusal};
 use crate::telemetry::labels::Decision;
 use crate::telemetry::{tables, Telemetry, Value};
@@ -103,12 +104,12 @@ pub fn acquire_now(
     home: Option<i32>,
     who: &Who<'_>,
     now: Instant,
+    b: &ServiceBudget,
 ) -> Option<Result<(PooledConn, Hold), ProxyError>> {
     if pool.control.is_paused() {
         return None;
     }
-    let conn = pool.take_parked_now(home, now)?;
-    let b = pool.budget();
+    let conn = pool.take_parked_now(home, now, b)?;
     match pool.admission.admit(exempt, &b.name) {
         Ok(hold) => {
             let served = if hold.above_line { Decision::Exempt } else { Decision::Admitted };

@@ -107,10 +107,11 @@ impl managed::Manager for Manager {
     }
 
     async fn recycle(&self, conn: &mut Box<ServerConn>, _: &Metrics) -> RecycleResult<ServerError> {
-        if let Some(why) = self.unusable(conn, Instant::now()) {
+        let b = self.budget.load();
+        if let Some(why) = self.unusable(conn, Instant::now(), &b) {
             return Err(RecycleError::message(why));
         }
-        let s = &self.budget.load().settings;
+        let s = &b.settings;
         if conn.last_checkin.elapsed() > s.server_check_delay {
             // Boxed: the round trip is rare, and every checkout's future would carry its state.
             Box::pin(conn.ping(s.connect_timeout)).await.map_err(RecycleError::Backend)?;
@@ -145,8 +146,7 @@ impl Manager {
 
     /// Why an idle connection may not be handed out again, if it may not (checked without a round trip; a
     /// backend an administrator ended is reported to the clients homed on it).
-    pub(super) fn unusable(&self, conn: &mut ServerConn, now: Instant) -> Option<&'static str> {
-        let b = self.budget.load();
+    pub(super) fn unusable(&self, conn: &mut ServerConn, now: Instant, b: &ServiceBudget) -> Option<&'static str> {
         let s = &b.settings;
         if self.route == Route::ReadOnly && conn.params.get(RO_GUC).is_some_and(|v| v != "on") {
             return Some("read-only no longer in force");

@@ -8,6 +8,7 @@ use crate::budget::cancel::ServerKey;
 use crate::budget::checkout::{Waiter, Who};
 use crate::budget::pool::PooledConn;
 use crate::budget::queued::Resumed;
+use crate::config::resolve::ServiceBudget;
 use crate::config::PoolMode;
 use crate::error::ProxyError;
 use crate::server::ServerError;
@@ -61,7 +62,10 @@ impl Relay {
     pub(super) fn attach_now(&mut self, now: Instant) -> Option<Quick> {
         let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
         let home = self.preferred();
-        let (conn, hold) = match crate::budget::checkout::acquire_now(&self.pool, self.exempt, home, &who, now)? {
+        // One read of the budget for the whole quick checkout (a reload applies from the next one).
+        let pool = self.pool.clone();
+        let b = pool.budget();
+        let (conn, hold) = match crate::budget::checkout::acquire_now(&pool, self.exempt, home, &who, now, &b)? {
             Ok(c) => c,
             Err(e) => {
                 self.note_checkout_error(&e);
@@ -73,14 +77,14 @@ impl Relay {
             // Bringing the server to the client's settings is a round trip: the async path does it.
             return Some(Quick::Install(Box::new((conn, hold))));
         }
-        self.adopt(conn, hold, now);
+        self.adopt(conn, hold, now, &b);
         Some(Quick::Attached)
     }
 
     /// Take a server handed over from the pool's queue (its settings applied first when they differ).
     pub(super) async fn take_handed(&mut self, conn: PooledConn, hold: Hold) -> Result<(), ProxyError> {
         if crate::relay::reset::settings_match(&conn.applied, &self.desired) {
-            self.adopt(conn, hold, Instant::now());
+            self.adopt(conn, hold, Instant::now(), &self.pool.clone().budget());
             return Ok(());
         }
         Box::pin(self.install(conn, hold)).await
@@ -100,15 +104,16 @@ impl Relay {
             }
             conn.applied = self.desired.clone();
         }
-        self.adopt(conn, hold, Instant::now());
+        self.adopt(conn, hold, Instant::now(), &self.pool.clone().budget());
         Ok(())
     }
 
     /// Take a server whose settings are the client's: record it for cancels, and set the pump up for it.
     /// `now` (a recent clock read) starts the transaction's clock unless one already runs.
-    fn adopt(&mut self, mut conn: PooledConn, hold: Hold, now: Instant) {
+    fn adopt(&mut self, mut conn: PooledConn, hold: Hold, now: Instant, b: &ServiceBudget) {
         self.key.attach(ServerKey { route: conn.cancel.clone(), pid: conn.pid, secret: conn.secret });
         self.prefer = None;
+        self.ended_at = None;
         self.last_pid = conn.pid;
         if let Some(h) = self.home.as_ref().filter(|h| h.pid == conn.pid) {
             h.touch_at(now);
@@ -116,7 +121,7 @@ impl Relay {
         if self.tx_started.is_none() {
             self.tx_started = Some(now);
         }
-        self.load_settings();
+        self.load_settings(b);
         self.hold = Some(hold);
         self.pump.attach();
         self.pump.backslash_quotes = conn.params.get("standard_conforming_strings").is_some_and(|v| v == "off");

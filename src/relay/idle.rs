@@ -16,8 +16,8 @@ pub(super) enum Idle {
 impl Relay {
     /// Read the settings the relay loop consults (once per checkout, not per message: a reload applies from
     /// the next checkout on).
-    pub(super) fn load_settings(&mut self) {
-        let s = &self.pool.budget().settings;
+    pub(super) fn load_settings(&mut self, b: &crate::config::resolve::ServiceBudget) {
+        let s = &b.settings;
         let pin = if self.pins.is_empty() { Duration::ZERO } else { s.pin_idle_timeout };
         self.idle_timeouts = (s.client_idle_timeout, s.idle_in_transaction_timeout, pin);
         self.pump.track_activity =

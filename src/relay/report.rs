@@ -6,6 +6,7 @@ use super::Relay;
 use crate::budget::pool::Route;
 use crate::error::ProxyError;
 use crate::telemetry::{tables, Value};
+use std::time::Instant;
 use tracing::warn;
 
 impl Relay {
@@ -64,7 +65,11 @@ impl Relay {
             m.transactions.inc_by(seen.idle_ready as u64);
             self.counts.transactions += seen.idle_ready as u64;
             if let Some(t) = self.tx_started.take() {
-                m.tx_duration.observe(t.elapsed().as_secs_f64());
+                // The ReadyForQuery that ended it was just read (the pump read the clock then if it tracks
+                // activity); the same reading stamps the server's check-in.
+                let end = self.pump.last_activity.filter(|_| self.pump.track_activity).unwrap_or_else(Instant::now);
+                m.tx_duration.observe(end.saturating_duration_since(t).as_secs_f64());
+                self.ended_at = Some(end);
             }
         }
         if seen.errors.is_empty() {

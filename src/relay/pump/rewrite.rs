@@ -45,7 +45,8 @@ enum Use {
 
 /// Where a client message's C strings end: (first, rest).
 pub(super) fn split_cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
-    let end = memchr::memchr(0, b)?;
+    // The unnamed statement and portal (an empty name) are the common case: no vector search set up for them.
+    let end = if b.first() == Some(&0) { 0 } else { memchr::memchr(0, b)? };
     Some((&b[..end], &b[end + 1..]))
 }
 

@@ -243,3 +243,12 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// The short-name look and the vector search split every byte string where the first NUL is.
+    #[test]
+    fn split_cstr_splits_at_the_first_nul(b in proptest::collection::vec(prop_oneof![Just(0u8), 1u8..=255], 0..48)) {
+        let want = b.iter().position(|&c| c == 0).map(|i| (&b[..i], &b[i + 1..]));
+        prop_assert_eq!(super::split_cstr(&b), want);
+    }
+}
