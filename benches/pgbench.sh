@@ -328,8 +328,12 @@ cpu_ticks() { # pid -> utime+stime in clock ticks (fields 14 and 15 of /proc/PID
     awk '{ print $12 + $13 }' <<<"$rest"
 }
 
+rss_kib() { # pid -> "VmRSS,RssAnon" in KiB: all resident pages, and the private ones (not file-backed)
+    awk '/^VmRSS:/ { r = $2 } /^RssAnon:/ { a = $2 } END { if (r != "") print r "," a }' "/proc/$1/status" 2>/dev/null
+}
+
 mkdir -p -- "$(dirname -- "$OUT")"
-echo "round,position,clients,target,tps,transactions,proxy_cpu_s,proxy_cpu_s_per_1k_txn,duration_s,pool,mode,script,threads,failed_txns,aborted_clients,rc" >"$OUT"
+echo "round,position,clients,target,tps,transactions,proxy_cpu_s,proxy_cpu_s_per_1k_txn,duration_s,pool,mode,script,threads,failed_txns,aborted_clients,rc,proxy_rss_kib,proxy_anon_kib" >"$OUT"
 
 run_count=0
 total_runs=$(( ${#SCRIPT_LIST[@]} * ${#CLIENT_LIST[@]} * ROUNDS * ${#TARGETS[@]} ))
@@ -347,12 +351,20 @@ for SCRIPT in "${SCRIPT_LIST[@]}"; do
                 if [[ -n $pid ]]; then
                     kill -0 "$pid" 2>/dev/null || die "$t (pid $pid) is no longer running"
                     before=$(cpu_ticks "$pid")
+                    # The proxy's resident memory while every client is connected and busy: sampled halfway.
+                    rm -f -- "$TMP/rss"
+                    ( sleep "$(awk -v d="$DURATION" 'BEGIN { print d / 2 }')"; rss_kib "$pid" >"$TMP/rss" ) &
+                    rss_job=$!
                 fi
                 rc=0
                 "$PGBIN/pgbench" -n -b "$SCRIPT" -M "$mode" -c "$c" -j "$threads" -T "$DURATION" \
                     -p "${PORT_OF[$t]}" >"$TMP/run.out" 2>"$TMP/run.err" || rc=$?
                 cpu_s=""
+                rss=""
+                if [[ -z $pid ]]; then rss=","; fi
                 if [[ -n $pid ]]; then
+                    wait "$rss_job" 2>/dev/null || true
+                    rss=$(cat -- "$TMP/rss" 2>/dev/null || echo ,)
                     if kill -0 "$pid" 2>/dev/null; then
                         after=$(cpu_ticks "$pid")
                         cpu_s=$(awk -v a="$after" -v b="$before" -v hz="$CLK_TCK" 'BEGIN { printf "%.3f", (a - b) / hz }')
@@ -385,7 +397,7 @@ for SCRIPT in "${SCRIPT_LIST[@]}"; do
                     per1k=$(awk -v s="$cpu_s" -v n="$txns" 'BEGIN { if (n > 0) printf "%.5f", s / (n / 1000); }')
                 fi
                 log "  tps=$tps txns=$txns failed=${failed:-?}${cpu_s:+ proxy_cpu=${cpu_s}s per1k=${per1k}s}"
-                echo "$(( r + 1 )),$(( k + 1 )),$c,$t,$tps,$txns,$cpu_s,$per1k,$DURATION,$POOL,$mode,$SCRIPT,$threads,$failed,$aborted,$rc" >>"$OUT"
+                echo "$(( r + 1 )),$(( k + 1 )),$c,$t,$tps,$txns,$cpu_s,$per1k,$DURATION,$POOL,$mode,$SCRIPT,$threads,$failed,$aborted,$rc,$rss" >>"$OUT"
             done
         done
     done
@@ -400,6 +412,7 @@ from collections import defaultdict
 rows = list(csv.DictReader(open(sys.argv[1])))
 tps = defaultdict(list)
 cpu = defaultdict(list)
+rss = defaultdict(list)
 mode = {}
 bad = defaultdict(int)
 for r in rows:
@@ -412,6 +425,8 @@ for r in rows:
     tps[key].append(float(r["tps"]))
     if r["proxy_cpu_s_per_1k_txn"]:
         cpu[key].append(float(r["proxy_cpu_s_per_1k_txn"]))
+    if r.get("proxy_rss_kib"):
+        rss[key].append((float(r["proxy_rss_kib"]) / 1024, float(r["proxy_anon_kib"] or 0) / 1024))
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
@@ -422,8 +437,8 @@ def ratio(a, b):
 first = rows[0]
 modes = ", ".join(f"{t} -M {mode[t]}" for t in ("direct", "pgbudget", "pgbouncer") if t in mode)
 hdr = ("clients", "direct tps", "pgbudget tps", "pgbouncer tps", "budget/bouncer", "budget/direct",
-       "budget cpu s/1k", "bouncer cpu s/1k", "cpu budget/bouncer")
-fmt = "{:>7}  {:>11}  {:>12}  {:>13}  {:>14}  {:>13}  {:>15}  {:>16}  {:>18}"
+       "budget cpu s/1k", "bouncer cpu s/1k", "cpu budget/bouncer", "budget rss (anon)", "bouncer rss (anon)")
+fmt = "{:>7}  {:>11}  {:>12}  {:>13}  {:>14}  {:>13}  {:>15}  {:>16}  {:>18}  {:>18}  {:>18}"
 for script in dict.fromkeys(r["script"] for r in rows):
     print()
     print(f"pgbench -b {script} ({modes}), {first['duration_s']} s per run, pool {first['pool']}, "
@@ -432,8 +447,12 @@ for script in dict.fromkeys(r["script"] for r in rows):
     for c in sorted({k[1] for k in tps if k[0] == script}):
         d, b, p = (med(tps[(script, c, t)]) for t in ("direct", "pgbudget", "pgbouncer"))
         bc, pc = med(cpu[(script, c, "pgbudget")]), med(cpu[(script, c, "pgbouncer")])
+        def mem(t):
+            xs = rss[(script, c, t)]
+            return f"{max(x[0] for x in xs):.1f} ({max(x[1] for x in xs):.1f})" if xs else "n/a"
+        br, pr = mem("pgbudget"), mem("pgbouncer")
         print(fmt.format(c, f"{d:.0f}", f"{b:.0f}", f"{p:.0f}", ratio(b, p), ratio(b, d),
-                         f"{bc:.4f}", f"{pc:.4f}", ratio(bc, pc)))
+                         f"{bc:.4f}", f"{pc:.4f}", ratio(bc, pc), br, pr))
 if bad:
     print()
     for (script, c, t), n in sorted(bad.items()):

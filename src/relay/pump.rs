@@ -25,6 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Buffer size per direction; buffers are allocated on demand and given back when idle.
 pub const BUF: usize = 16 * 1024;
+/// What a read reserves at first; each read that fills what it was given doubles it, up to [`BUF`]: short
+/// statements and replies (most transactions) never hold a full chunk per direction, a stream reaches full
+/// reads after a few.
+const READ_MIN: usize = 2 * 1024;
 /// What an idle client's first read takes: its buffers are given back while it idles, and a short
 /// statement fits here without a full [`BUF`].
 const FIRST_READ: usize = 512;
@@ -107,6 +111,9 @@ pub struct Pump {
     sin: BytesMut,
     /// Server bytes for the client (scanned, edited).
     s2c: BytesMut,
+    /// What the next read from each side reserves when its buffer has little room (0: [`READ_MIN`]).
+    client_chunk: usize,
+    server_chunk: usize,
     /// Output of the read-only filter, reused.
     scratch: BytesMut,
     /// What the proxy does with the replies to its tagged messages (transaction mode).
@@ -216,6 +223,11 @@ impl Pump {
             || self.parse_memo.holds_buffer()
     }
 
+    /// The memory the pump's byte buffers hold now (their capacities).
+    pub fn buffer_capacity(&self) -> usize {
+        [&self.cin, &self.c2s, &self.sin, &self.s2c, &self.scratch].iter().map(|b| b.capacity()).sum()
+    }
+
     /// Give buffer memory back while the client is idle.
     pub fn shrink(&mut self) {
         for b in [&mut self.cin, &mut self.c2s, &mut self.sin, &mut self.s2c, &mut self.scratch] {
@@ -223,6 +235,8 @@ impl Pump {
                 *b = BytesMut::new();
             }
         }
+        self.client_chunk = 0;
+        self.server_chunk = 0;
         self.tx.shrink();
         self.sscan.shrink();
         self.parse_memo.shrink();
@@ -271,7 +285,7 @@ impl Pump {
             let mut progress = false;
             // Client → cin.
             if !self.client_eof && !client_waits && self.cin.len() < BUF.max(self.need) {
-                match poll_read_into(cx, client, &mut self.cin) {
+                match poll_read_into(cx, client, &mut self.cin, &mut self.client_chunk) {
                     Poll::Ready(Ok(0)) => {
                         self.client_eof = true;
                         progress = true;
@@ -301,7 +315,7 @@ impl Pump {
                 let copies = self.scan_copies();
                 let from = self.s2c.len();
                 let into = if copies { &mut self.sin } else { &mut self.s2c };
-                match poll_read_into(cx, server, into) {
+                match poll_read_into(cx, server, into, &mut self.server_chunk) {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Event::ServerClosed)),
                     Poll::Ready(Ok(n)) => {
                         self.bytes_out += n as u64;
@@ -408,17 +422,24 @@ fn poll_send<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, buf: &mut B
     }
 }
 
-/// Read into the spare capacity of `buf`, reserving one [`BUF`] chunk when it has little room (so a buffer
-/// grows only as bytes arrive).
+/// Read into the spare capacity of `buf`, reserving `chunk` bytes when it has little room (so a buffer grows
+/// only as bytes arrive); a read that fills all the room it had doubles `chunk` for the next, up to [`BUF`].
 fn poll_read_into<R: AsyncRead + Unpin>(
     cx: &mut Context<'_>,
     r: &mut R,
     buf: &mut BytesMut,
+    chunk: &mut usize,
 ) -> Poll<std::io::Result<usize>> {
-    if buf.capacity() - buf.len() < 1024 {
-        buf.reserve(BUF);
+    let want = (*chunk).max(READ_MIN);
+    if buf.capacity() - buf.len() < READ_MIN / 2 {
+        buf.reserve(want);
     }
-    poll_read_some(cx, r, buf)
+    let room = buf.capacity() - buf.len();
+    let read = poll_read_some(cx, r, buf);
+    if matches!(read, Poll::Ready(Ok(n)) if n == room) {
+        *chunk = (want * 2).min(BUF);
+    }
+    read
 }
 
 /// Read into whatever spare capacity `buf` has (at least [`FIRST_READ`] bytes).

@@ -373,3 +373,59 @@ mod props {
         }
     }
 }
+
+/// Run `n` queries one after another through `pump`, each answered by `blocking_server` with a `row`-byte
+/// DataRow; returns the largest buffer capacity the pump held after any of them.
+async fn round_trips(pump: &mut Pump, n: usize, row: usize) -> usize {
+    let (mut app, mut client) = tokio::io::duplex(256 * 1024);
+    let (mut server, pg_side) = tokio::io::duplex(256 * 1024);
+    tokio::spawn(blocking_server(pg_side, row));
+    pump.attach();
+    let mut peak = 0;
+    for i in 0..n {
+        app.write_all(&query(&format!("select {i}"))).await.unwrap();
+        let reply = async {
+            let mut sc = crate::relay::frame::ServerScanner::default();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut ready = false;
+            while !ready {
+                let n = app.read(&mut buf).await.unwrap();
+                assert!(n > 0, "pipe closed");
+                sc.feed(&buf[..n], |m| ready |= m.kind == b'Z').unwrap();
+            }
+        };
+        let pumping = async {
+            match pump_until(pump, &mut client, &mut server).await {
+                Ok(Event::Idle) => {}
+                ev => panic!("pump stopped: {ev:?}"),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(reply, pumping) })
+            .await
+            .expect("a reply within 10 s");
+        peak = peak.max(pump.buffer_capacity());
+    }
+    peak
+}
+
+#[tokio::test]
+async fn short_replies_never_grow_buffers_to_full_chunks() {
+    let mut pump = Pump::new(None, 1 << 20);
+    pump.stop_at_idle = true;
+    let peak = round_trips(&mut pump, 200, 100).await;
+    // Two directions of short messages: a first chunk each (the old reservation was 16 KiB a side).
+    assert!(peak <= 3 * super::pump::BUF / 4, "buffers held {peak} bytes for 100-byte replies");
+}
+
+#[tokio::test]
+async fn a_large_reply_stream_reaches_full_size_reads() {
+    let mut pump = Pump::new(None, 1 << 20);
+    pump.stop_at_idle = true;
+    let peak = round_trips(&mut pump, 5, 400_000).await;
+    assert!(peak >= super::pump::BUF, "a 400 kB reply was read in chunks of at most {peak} bytes");
+    // Given back when idle; the next short exchange starts small again.
+    pump.shrink();
+    assert_eq!(pump.buffer_capacity(), 0);
+    let again = round_trips(&mut pump, 20, 100).await;
+    assert!(again <= 3 * super::pump::BUF / 4, "after shrink: {again} bytes");
+}
