@@ -151,6 +151,8 @@ impl Relay {
                 bound: Vec::new(),
                 unnamed: None,
                 unnamed_here: false,
+                unnamed_pending: Default::default(),
+                unnamed_settled: None,
                 holding: false,
                 checked: None,
             }));

@@ -136,6 +136,11 @@ impl Relay {
             std::mem::swap(&mut s.server, &mut conn.statements);
             s.server.begin();
             s.unnamed_here = false;
+            // Every Parse of the last server was answered before it was released (nothing is owed then).
+            if !s.unnamed_pending.is_empty() {
+                s.unnamed_pending.clear();
+                s.unnamed_settled = s.unnamed.clone();
+            }
             s.checked = None;
             s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
         }

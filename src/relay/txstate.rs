@@ -38,6 +38,17 @@ impl Msg {
     }
 }
 
+/// How the server finished with a client message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Done {
+    /// Answered without an error.
+    Ok,
+    /// Answered with an error.
+    Failed,
+    /// Consumed without an answer: skipped while the server discarded input to Sync, or copy data.
+    Skipped,
+}
+
 /// Most client messages one connection may have in flight; past it the relay stops reading the client.
 pub const MAX_OUTSTANDING: usize = 65_536;
 
@@ -46,8 +57,8 @@ pub const MAX_OUTSTANDING: usize = 65_536;
 pub struct TxState {
     /// Owed replies, each with the relay's tag (0: none) for messages whose replies it edits.
     queue: VecDeque<(Msg, u32)>,
-    /// Tagged messages the server has finished with since the last [`TxState::take_finished`]: (tag, ok).
-    finished: Vec<(u32, bool)>,
+    /// Tagged messages the server has finished with since the last [`TxState::take_finished`].
+    finished: Vec<(u32, Done)>,
     /// The server skips input until Sync (an extended message failed).
     ignoring: bool,
     /// The Query or Execute whose COPY FROM STDIN is running.
@@ -205,8 +216,8 @@ impl TxState {
         self.queue.front().map_or(0, |&(_, t)| t)
     }
 
-    /// Tagged messages finished since the last call, in order: (tag, answered without error).
-    pub fn take_finished(&mut self) -> std::vec::Drain<'_, (u32, bool)> {
+    /// Tagged messages finished since the last call, in order, with how each ended.
+    pub fn take_finished(&mut self) -> std::vec::Drain<'_, (u32, Done)> {
         self.finished.drain(..)
     }
 
@@ -216,10 +227,10 @@ impl TxState {
     }
 
     /// Pop the head, noting a tagged one as finished.
-    fn pop(&mut self, ok: bool) -> Option<Msg> {
+    fn pop(&mut self, done: Done) -> Option<Msg> {
         let (m, tag) = self.queue.pop_front()?;
         if tag != 0 {
-            self.finished.push((tag, ok));
+            self.finished.push((tag, done));
         }
         Some(m)
     }
@@ -274,7 +285,7 @@ impl TxState {
             if !skipped {
                 break;
             }
-            self.pop(false);
+            self.pop(Done::Skipped);
         }
     }
 
@@ -296,7 +307,7 @@ impl TxState {
                 return;
             }
             b'E' => self.error(),
-            b'G' => match self.pop(true) {
+            b'G' => match self.pop(Done::Ok) {
                 Some(owner @ (Msg::Query | Msg::Execute)) if self.copy_in.is_none() => {
                     self.copy_in = Some(owner);
                     self.copy_read_data = false;
@@ -306,12 +317,12 @@ impl TxState {
             },
             b'C' if self.copy_in.is_some() => {
                 // COPY FROM STDIN completed: the CopyDone at the head ended it.
-                if self.pop(true) != Some(Msg::CopyDone) {
+                if self.pop(Done::Ok) != Some(Msg::CopyDone) {
                     return self.lost();
                 }
                 self.end_copy_in(false);
             }
-            b'Z' => match self.pop(true) {
+            b'Z' => match self.pop(Done::Ok) {
                 Some(Msg::Query | Msg::FunctionCall | Msg::Sync) if !self.copy_out => {
                     self.status = first.unwrap_or(b'I');
                     // Extended messages sent after this Query or Sync open the next batch.
@@ -354,7 +365,7 @@ impl TxState {
             _ => return self.lost(),
         };
         if done {
-            self.pop(true);
+            self.pop(Done::Ok);
         }
     }
 
@@ -368,7 +379,7 @@ impl TxState {
             // a non-copy message read inside the copy, or by bad data before it: those two look the same.
             match self.queue.front().map(|e| e.0) {
                 Some(Msg::CopyDone | Msg::CopyFail) => {
-                    self.pop(false);
+                    self.pop(Done::Failed);
                 }
                 Some(_) => return self.lost(),
                 None => {}
@@ -378,7 +389,7 @@ impl TxState {
         self.copy_out = false;
         match self.queue.front().map(|e| e.0) {
             Some(m) if m.extended() => {
-                self.pop(false);
+                self.pop(Done::Failed);
                 self.ignoring = true;
             }
             Some(Msg::Query | Msg::FunctionCall | Msg::Sync) => {}

@@ -161,13 +161,6 @@ pub(crate) fn exclude_now(r: &Round, c: &Client) -> Round {
                 held.closed(n);
                 m.clone()
             }
-            // repro::unnamed_statement_of_another_client_is_not_visible,
-            // repro::failed_parse_of_the_unnamed_statement_leaves_none and
-            // repro::skipped_parse_of_the_unnamed_statement_is_not_the_clients: the unnamed statement is only
-            // bound or described while the client surely has one (its last Parse of it succeeded) and no
-            // skipped Parse of it came since (else "nx", which does not exist, instead).
-            M::Bind(p, "", w) if held.unnamed.is_none() || held.tainted => M::Bind(p, "nx", w),
-            M::Describe(b'S', "") if held.unnamed.is_none() || held.tainted => M::Describe(b'S', "nx"),
             _ => m.clone(),
         })
         .collect();

@@ -20,7 +20,6 @@ async fn reproduce(share: usize, clients: usize, steps: Vec<(usize, Round)>) {
 /// the proxy the Bind reaches the server as is, where the unnamed statement another client parsed is still
 /// prepared, and runs that client's statement.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: a client's Bind/Describe of the unnamed statement runs another client's unnamed statement"]
 async fn unnamed_statement_of_another_client_is_not_visible() {
     let steps = vec![
         (0, Round::Ext(vec![Parse("", "select 'a'::text as t")])),
@@ -83,7 +82,6 @@ async fn parse_of_a_held_name_fails_like_direct() {
 /// statement stays; the proxy records the skipped one as the client's and, on the client's next server,
 /// prepares that one instead (here: a Bind that fits the old statement fails with 08P01 for the new one).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: a skipped Parse of the unnamed statement replaces the client's unnamed statement"]
 async fn skipped_parse_of_the_unnamed_statement_is_not_the_clients() {
     let steps = vec![
         (0, Round::Ext(vec![Parse("", "select 'a'::text as t")])),
@@ -96,7 +94,6 @@ async fn skipped_parse_of_the_unnamed_statement_is_not_the_clients() {
 /// A Parse of the unnamed statement that fails: directly the client then has no unnamed statement (26000
 /// at its next Bind); the proxy records the failed text and prepares it again for the Bind (42601).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: a failed Parse of the unnamed statement is prepared again at the next Bind"]
 async fn failed_parse_of_the_unnamed_statement_leaves_none() {
     let steps = vec![
         (0, Round::Ext(vec![Parse("", "select 'a'::text as t")])),

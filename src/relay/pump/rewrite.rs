@@ -19,7 +19,7 @@ use std::sync::Arc;
 mod actions;
 mod local;
 mod statements;
-pub use actions::{settle, Action, Actions};
+pub use actions::{settle, Action, Actions, UNNAMED_PARSE};
 pub use statements::TxnStatements;
 
 /// A statement name that never exists: a stand-in Parse of it fails without touching the unnamed statement.
@@ -163,17 +163,21 @@ impl Pump {
         self.send(&out, tag);
     }
 
-    /// The client binds or describes its unnamed statement on a server that does not have it (it was parsed
-    /// in an earlier transaction, on whichever server that had): parse it here first.
+    /// The client binds or describes its unnamed statement on a server whose unnamed statement is not (known
+    /// to be) the client's: parse the client's here first (it was parsed in an earlier transaction, on
+    /// whichever server that had), or, when the client has none, close the one the server may have (another
+    /// client's), so the client's message fails as direct (26000) instead of running someone else's.
     fn ensure_unnamed(&mut self) {
         let Some(s) = self.stmts.as_mut() else { return };
         if s.unnamed_here {
             return;
         }
-        let Some(tail) = s.unnamed.clone() else { return };
         s.unnamed_here = true;
-        let mut out = BytesMut::with_capacity(tail.len() + 8);
-        put_parse(&mut out, "", &tail);
+        let mut out = BytesMut::with_capacity(32);
+        match s.unnamed.clone() {
+            Some(tail) => put_parse(&mut out, "", &tail),
+            None => put_close(&mut out, ""),
+        }
         let tag = self.actions.push(Action::Swallow { prepared: None });
         self.send(&out, tag);
     }
@@ -230,7 +234,7 @@ impl Pump {
                 let text = split_cstr(body).map_or(body, |(t, _)| t);
                 // A simple Query drops the unnamed statement (refused or not).
                 if let Some(s) = self.stmts.as_mut() {
-                    s.unnamed = None;
+                    s.drop_unnamed();
                 }
                 // Most statements have nothing to note and name no statement: the first look alone tells.
                 if classify::plain(text) {
@@ -263,12 +267,18 @@ impl Pump {
                     return Ok(true);
                 }
                 if name.is_empty() {
-                    if let Some(s) = self.stmts.as_mut() {
-                        s.unnamed = Some(Bytes::copy_from_slice(tail));
-                        s.unnamed_here = true;
-                    }
+                    // Tagged for its outcome only: what the client's unnamed statement is after it.
+                    let tag = match self.stmts.as_mut() {
+                        Some(s) => {
+                            s.parse_unnamed(tail);
+                            UNNAMED_PARSE
+                        }
+                        None => 0,
+                    };
+                    self.send(msg, tag);
+                    return Ok(true);
                 }
-                if name.is_empty() || !self.mapping() {
+                if !self.mapping() {
                     self.send(msg, 0);
                     return Ok(true);
                 }
@@ -332,7 +342,7 @@ impl Pump {
             }
             b'C' if body == b"S\0" => {
                 if let Some(s) = self.stmts.as_mut() {
-                    s.unnamed = None;
+                    s.drop_unnamed();
                 }
                 self.send(msg, 0);
             }

@@ -2,7 +2,7 @@
 //! finished: a Parse that failed or was skipped created nothing, a Close that was skipped closed nothing.
 
 use super::TxnStatements;
-use crate::relay::txstate::TxState;
+use crate::relay::txstate::{Done, TxState};
 use crate::server::statements::Stmt;
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -35,6 +35,10 @@ pub enum Action {
     Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool, reply: Option<Bytes>, closes: Option<u64> },
 }
 
+/// The tag of a client's Parse of its unnamed statement: no action of its own (its reply passes untouched),
+/// only its outcome is settled ([`TxnStatements::settle_unnamed`]).
+pub const UNNAMED_PARSE: u32 = u32::MAX;
+
 #[derive(Default)]
 pub struct Actions {
     queue: VecDeque<(u32, Action)>,
@@ -44,6 +48,9 @@ pub struct Actions {
 impl Actions {
     pub(in crate::relay::pump) fn push(&mut self, action: Action) -> u32 {
         self.next = self.next.wrapping_add(1).max(1);
+        if self.next == UNNAMED_PARSE {
+            self.next = 1;
+        }
         self.queue.push_back((self.next, action));
         self.next
     }
@@ -89,7 +96,14 @@ pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnSta
     }
     let mut stmts = stmts;
     let mut failed = false;
-    for (tag, ok) in tx.take_finished() {
+    for (tag, done) in tx.take_finished() {
+        if tag == UNNAMED_PARSE {
+            if let Some(s) = stmts.as_deref_mut() {
+                s.settle_unnamed(done);
+            }
+            continue;
+        }
+        let ok = done == Done::Ok;
         while let Some((t, action)) = actions.queue.pop_front() {
             if t != tag {
                 continue; // its message was dropped from the model (it cannot be answered any more)

@@ -1,9 +1,11 @@
 //! Transaction mode's statement state of one client: its statement names, the attached server's
 //! statements, the unnamed statement and the counters.
 
+use crate::relay::txstate::Done;
 use crate::server::statements::{ClientStatements, Registry, ServerStatements, Stmt};
 use bytes::Bytes;
 use prometheus::IntCounter;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// Transaction mode's statement state of one client.
@@ -26,9 +28,15 @@ pub struct TxnStatements {
     /// retires them).
     pub bound: Vec<Arc<Stmt>>,
     /// The client's unnamed statement (Parse body after the name), which it may bind in a later transaction
-    /// on another server, and whether the attached server has it.
+    /// on another server, and whether the attached server's unnamed statement is the client's (or, with
+    /// none, that the server has none either).
     pub unnamed: Option<Bytes>,
     pub unnamed_here: bool,
+    /// The client's Parses of its unnamed statement the server has not finished, in order, and the unnamed
+    /// statement as of the last one finished: a Parse that fails leaves none, one skipped (after an error
+    /// earlier in its batch) leaves the one before.
+    pub unnamed_pending: VecDeque<Bytes>,
+    pub unnamed_settled: Option<Bytes>,
     /// A shape check is running: client messages wait for it.
     pub holding: bool,
     /// The statement last checked in this checkout.
@@ -53,8 +61,40 @@ impl TxnStatements {
             bound: Vec::new(),
             unnamed: None,
             unnamed_here: false,
+            unnamed_pending: VecDeque::new(),
+            unnamed_settled: None,
             holding: false,
             checked: None,
+        }
+    }
+
+    /// The client sends a Parse of its unnamed statement (`tail`: the body after the name).
+    pub(super) fn parse_unnamed(&mut self, tail: &[u8]) {
+        let text = Bytes::copy_from_slice(tail);
+        self.unnamed_pending.push_back(text.clone());
+        self.unnamed = Some(text);
+        self.unnamed_here = true;
+    }
+
+    /// The client's unnamed statement is gone (a simple Query or a Close of it), whatever Parses of it are
+    /// still on their way.
+    pub(super) fn drop_unnamed(&mut self) {
+        self.unnamed = None;
+        self.unnamed_settled = None;
+        self.unnamed_pending.clear();
+    }
+
+    /// The oldest unfinished Parse of the unnamed statement finished: once none is left, the client's
+    /// unnamed statement is what the server made of them.
+    pub(super) fn settle_unnamed(&mut self, done: Done) {
+        let Some(text) = self.unnamed_pending.pop_front() else { return };
+        match done {
+            Done::Ok => self.unnamed_settled = Some(text),
+            Done::Failed => self.unnamed_settled = None,
+            Done::Skipped => {}
+        }
+        if self.unnamed_pending.is_empty() {
+            self.unnamed = self.unnamed_settled.clone();
         }
     }
 
