@@ -119,10 +119,6 @@ pub(crate) fn update(c: &mut Client, r: &Round, t: &[String]) {
 pub(crate) fn exclude_now(r: &Round, c: &Client) -> Round {
     let aborted = c.status == b'E';
     let ms = match r {
-        // repro::failed_deallocate_all_keeps_the_statements: DEALLOCATE ALL refused in an aborted
-        // transaction, and DISCARD ALL refused in a transaction block (queries failing the same way instead).
-        Round::Query("deallocate all") if aborted => return Round::Query("select 1"),
-        Round::Query("discard all") if c.status != b'I' => return Round::Query("select 1"),
         Round::Query(_) => return r.clone(),
         Round::Ext(ms) => ms,
     };

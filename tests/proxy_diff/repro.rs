@@ -44,7 +44,7 @@ async fn wrong_parameter_count_error_names_the_clients_statement() {
 /// `DISCARD ALL` in a transaction block (25001); the proxy forgets the client's statements anyway (when it
 /// sends the query), so after the rollback the client's statement "does not exist" (26000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: DEALLOCATE ALL refused in an aborted transaction still drops the client's statements"]
+
 async fn failed_deallocate_all_keeps_the_statements() {
     let steps = vec![
         (0, Round::Ext(vec![Parse("s1", "select 'a'::text as t")])),

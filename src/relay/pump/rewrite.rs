@@ -14,6 +14,7 @@ use crate::protocol::{self, Severity};
 use crate::relay::classify::{self, Effects};
 use crate::server::statements::{Stmt, MAX_CLIENT_BYTES, MAX_PER_CLIENT, NOBODY, PREFIX};
 use bytes::{BufMut, Bytes, BytesMut};
+use std::cell::Cell;
 use std::sync::Arc;
 
 mod actions;
@@ -97,10 +98,6 @@ impl Pump {
         }
         if fx.has(classify::LOAD) {
             self.loaded = true;
-        }
-        if fx.has(classify::DEALLOCATE_ALL) {
-            stmts.client.clear();
-            stmts.server.clear();
         }
         None
     }
@@ -241,16 +238,22 @@ impl Pump {
                     self.send(msg, 0);
                     return Ok(true);
                 }
-                if let Some(e) = self.note_effects(classify::scan(text, self.backslash_quotes)) {
+                let fx = classify::scan(text, self.backslash_quotes);
+                if let Some(e) = self.note_effects(fx) {
                     self.refuse(b'Q', true, &e);
                     return Ok(true);
                 }
                 if self.mapping() && self.deallocate_sql(body) {
                     return Ok(true);
                 }
+                let tag = if fx.has(classify::DEALLOCATE_ALL) && self.stmts.is_some() {
+                    self.actions.push(Action::DeallocateAll { failed: Cell::new(false) })
+                } else {
+                    0
+                };
                 match self.mapping().then(|| self.rewrite_execute(body)).flatten() {
-                    Some(renamed) => self.send(&renamed, 0),
-                    None => self.send(msg, 0),
+                    Some(renamed) => self.send(&renamed, tag),
+                    None => self.send(msg, tag),
                 }
             }
             b'P' => {
@@ -341,10 +344,15 @@ impl Pump {
                 self.send(msg, 0);
             }
             b'C' if body == b"S\0" => {
-                if let Some(s) = self.stmts.as_mut() {
-                    s.drop_unnamed();
-                }
-                self.send(msg, 0);
+                // Tagged for its outcome, as a Parse of it is.
+                let tag = match self.stmts.as_mut() {
+                    Some(s) => {
+                        s.close_unnamed();
+                        UNNAMED_PARSE
+                    }
+                    None => 0,
+                };
+                self.send(msg, tag);
             }
             b'D' | b'C' if body.first() == Some(&b'S') && body.len() > 2 && self.mapping() => {
                 let name = split_cstr(&body[1..]).map_or(&body[1..], |(n, _)| n);

@@ -167,6 +167,7 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
                         out.extend_from_slice(e);
                         return false;
                     }
+                    (Some(Action::DeallocateAll { failed }), b'E') => failed.set(true),
                     _ => {}
                 }
             }

@@ -5,6 +5,7 @@ use super::TxnStatements;
 use crate::relay::txstate::{Done, TxState};
 use crate::server::statements::Stmt;
 use bytes::Bytes;
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -33,10 +34,14 @@ pub enum Action {
     /// statement is gone at once; otherwise the pool keeps it and a Close of nobody (or the empty query)
     /// answers in order.
     Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool, reply: Option<Bytes>, closes: Option<u64> },
+    /// A client Query with `DEALLOCATE ALL` or `DISCARD ALL`: the client's statements go only if it ran
+    /// without an error (refused in an aborted transaction, or `DISCARD ALL` in a transaction block, it
+    /// deallocates nothing). `failed`: an ErrorResponse came for it.
+    DeallocateAll { failed: Cell<bool> },
 }
 
-/// The tag of a client's Parse of its unnamed statement: no action of its own (its reply passes untouched),
-/// only its outcome is settled ([`TxnStatements::settle_unnamed`]).
+/// The tag of a client's Parse or Close of its unnamed statement: no action of its own (its reply passes
+/// untouched), only its outcome is settled ([`TxnStatements::settle_unnamed`]).
 pub const UNNAMED_PARSE: u32 = u32::MAX;
 
 #[derive(Default)]
@@ -111,6 +116,15 @@ pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnSta
             let Some(s) = stmts.as_deref_mut() else { break };
             if matches!(action, Action::Check { .. }) {
                 s.holding = false; // compared at its RowDescription, or its Parse failed: the Bind goes on
+            }
+            if let Action::DeallocateAll { failed } = &action {
+                // A Query is answered (ReadyForQuery) even when a statement in it failed. The server's
+                // statements are read back by the probe this Query set off either way.
+                if !failed.get() {
+                    s.client.clear();
+                    s.server.clear();
+                }
+                break;
             }
             if ok {
                 if let Some((id, prepared)) = action.server_effect() {

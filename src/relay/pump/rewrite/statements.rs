@@ -32,10 +32,11 @@ pub struct TxnStatements {
     /// none, that the server has none either).
     pub unnamed: Option<Bytes>,
     pub unnamed_here: bool,
-    /// The client's Parses of its unnamed statement the server has not finished, in order, and the unnamed
-    /// statement as of the last one finished: a Parse that fails leaves none, one skipped (after an error
-    /// earlier in its batch) leaves the one before.
-    pub unnamed_pending: VecDeque<Bytes>,
+    /// The client's Parses (`Some(text)`) and Closes (`None`) of its unnamed statement the server has not
+    /// finished, in order, each with `unnamed_here` as it was before it, and the unnamed statement as of the
+    /// last one finished: a Parse that fails leaves none, a message skipped (after an error earlier in its
+    /// batch) leaves the one before, on the server too.
+    pub unnamed_pending: VecDeque<(Option<Bytes>, bool)>,
     pub unnamed_settled: Option<Bytes>,
     /// A shape check is running: client messages wait for it.
     pub holding: bool,
@@ -71,13 +72,20 @@ impl TxnStatements {
     /// The client sends a Parse of its unnamed statement (`tail`: the body after the name).
     pub(super) fn parse_unnamed(&mut self, tail: &[u8]) {
         let text = Bytes::copy_from_slice(tail);
-        self.unnamed_pending.push_back(text.clone());
+        self.unnamed_pending.push_back((Some(text.clone()), self.unnamed_here));
         self.unnamed = Some(text);
         self.unnamed_here = true;
     }
 
-    /// The client's unnamed statement is gone (a simple Query or a Close of it), whatever Parses of it are
-    /// still on their way.
+    /// The client sends a Close of its unnamed statement.
+    pub(super) fn close_unnamed(&mut self) {
+        self.unnamed_pending.push_back((None, self.unnamed_here));
+        self.unnamed = None;
+        self.unnamed_here = true;
+    }
+
+    /// The client's unnamed statement is gone (a simple Query drops it), whatever Parses of it are still on
+    /// their way.
     pub(super) fn drop_unnamed(&mut self) {
         self.unnamed = None;
         self.unnamed_settled = None;
@@ -87,11 +95,14 @@ impl TxnStatements {
     /// The oldest unfinished Parse of the unnamed statement finished: once none is left, the client's
     /// unnamed statement is what the server made of them.
     pub(super) fn settle_unnamed(&mut self, done: Done) {
-        let Some(text) = self.unnamed_pending.pop_front() else { return };
-        match done {
-            Done::Ok => self.unnamed_settled = Some(text),
-            Done::Failed => self.unnamed_settled = None,
-            Done::Skipped => {}
+        let Some((parsed, here_before)) = self.unnamed_pending.pop_front() else { return };
+        match (done, parsed) {
+            (Done::Ok, text) => self.unnamed_settled = text,
+            (Done::Failed, Some(_)) => self.unnamed_settled = None,
+            (Done::Failed, None) => {}
+            // The server's unnamed statement is the one before, which may be another client's: then the next
+            // use prepares the client's (or closes the server's) first.
+            (Done::Skipped, _) => self.unnamed_here &= here_before,
         }
         if self.unnamed_pending.is_empty() {
             self.unnamed = self.unnamed_settled.clone();
