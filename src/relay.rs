@@ -152,7 +152,6 @@ impl Relay {
                 unnamed: None,
                 unnamed_here: false,
                 unnamed_pending: Default::default(),
-                unnamed_settled: None,
                 holding: false,
                 checked: None,
             }));

@@ -137,10 +137,7 @@ impl Relay {
             s.server.begin();
             s.unnamed_here = false;
             // Every Parse of the last server was answered before it was released (nothing is owed then).
-            if !s.unnamed_pending.is_empty() {
-                s.unnamed_pending.clear();
-                s.unnamed_settled = s.unnamed.clone();
-            }
+            s.unnamed_pending.clear();
             s.checked = None;
             s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
         }

@@ -27,17 +27,15 @@ pub struct TxnStatements {
     /// Statements bound since the server last had nothing owed ("cached plan must not change result type"
     /// retires them).
     pub bound: Vec<Arc<Stmt>>,
-    /// The client's unnamed statement (Parse body after the name), which it may bind in a later transaction
-    /// on another server, and whether the attached server's unnamed statement is the client's (or, with
-    /// none, that the server has none either).
+    /// The client's unnamed statement (Parse body after the name) as of its last Parse or Close of it the
+    /// server finished, which it may bind in a later transaction on another server, and whether the attached
+    /// server's unnamed statement is the client's (or, with none, that the server has none either).
     pub unnamed: Option<Bytes>,
     pub unnamed_here: bool,
     /// The client's Parses (`Some(text)`) and Closes (`None`) of its unnamed statement the server has not
-    /// finished, in order, each with `unnamed_here` as it was before it, and the unnamed statement as of the
-    /// last one finished: a Parse that fails leaves none, a message skipped (after an error earlier in its
-    /// batch) leaves the one before, on the server too.
+    /// finished, in order, each with `unnamed_here` as it was before it: a Parse that fails leaves none, a
+    /// message skipped (after an error earlier in its batch) leaves the one before, on the server too.
     pub unnamed_pending: VecDeque<(Option<Bytes>, bool)>,
-    pub unnamed_settled: Option<Bytes>,
     /// A shape check is running: client messages wait for it.
     pub holding: bool,
     /// The statement last checked in this checkout.
@@ -63,7 +61,6 @@ impl TxnStatements {
             unnamed: None,
             unnamed_here: false,
             unnamed_pending: VecDeque::new(),
-            unnamed_settled: None,
             holding: false,
             checked: None,
         }
@@ -71,16 +68,22 @@ impl TxnStatements {
 
     /// The client sends a Parse of its unnamed statement (`tail`: the body after the name).
     pub(super) fn parse_unnamed(&mut self, tail: &[u8]) {
-        let text = Bytes::copy_from_slice(tail);
-        self.unnamed_pending.push_back((Some(text.clone()), self.unnamed_here));
-        self.unnamed = Some(text);
+        // Drivers parse the same text again and again: then the text already held is shared, not copied.
+        let latest = match self.unnamed_pending.back() {
+            Some((parsed, _)) => parsed.as_ref(),
+            None => self.unnamed.as_ref(),
+        };
+        let text = match latest {
+            Some(t) if t[..] == *tail => t.clone(),
+            _ => Bytes::copy_from_slice(tail),
+        };
+        self.unnamed_pending.push_back((Some(text), self.unnamed_here));
         self.unnamed_here = true;
     }
 
     /// The client sends a Close of its unnamed statement.
     pub(super) fn close_unnamed(&mut self) {
         self.unnamed_pending.push_back((None, self.unnamed_here));
-        self.unnamed = None;
         self.unnamed_here = true;
     }
 
@@ -88,24 +91,19 @@ impl TxnStatements {
     /// their way.
     pub(super) fn drop_unnamed(&mut self) {
         self.unnamed = None;
-        self.unnamed_settled = None;
         self.unnamed_pending.clear();
     }
 
-    /// The oldest unfinished Parse of the unnamed statement finished: once none is left, the client's
-    /// unnamed statement is what the server made of them.
+    /// The oldest unfinished Parse or Close of the unnamed statement finished.
     pub(super) fn settle_unnamed(&mut self, done: Done) {
         let Some((parsed, here_before)) = self.unnamed_pending.pop_front() else { return };
         match (done, parsed) {
-            (Done::Ok, text) => self.unnamed_settled = text,
-            (Done::Failed, Some(_)) => self.unnamed_settled = None,
+            (Done::Ok, text) => self.unnamed = text,
+            (Done::Failed, Some(_)) => self.unnamed = None,
             (Done::Failed, None) => {}
             // The server's unnamed statement is the one before, which may be another client's: then the next
             // use prepares the client's (or closes the server's) first.
             (Done::Skipped, _) => self.unnamed_here &= here_before,
-        }
-        if self.unnamed_pending.is_empty() {
-            self.unnamed = self.unnamed_settled.clone();
         }
     }
 
