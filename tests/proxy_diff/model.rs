@@ -117,7 +117,6 @@ pub(crate) fn update(c: &mut Client, r: &Round, t: &[String]) {
 /// Rounds rewritten so that they keep clear of known proxy bugs (each pattern points to its ignored
 /// reproducer in `repro.rs`); the rest of the round is kept.
 pub(crate) fn exclude_now(r: &Round, c: &Client) -> Round {
-    let aborted = c.status == b'E';
     let ms = match r {
         Round::Query(_) => return r.clone(),
         Round::Ext(ms) => ms,
@@ -137,18 +136,6 @@ pub(crate) fn exclude_now(r: &Round, c: &Client) -> Round {
     let ms = ms
         .iter()
         .map(|m| match *m {
-            // repro::parse_of_a_held_name_fails_like_direct: a Parse of a name the client holds, when
-            // Postgres fails it for another reason first (aborted transaction, syntax error).
-            // Instead: the unnamed statement in an aborted transaction (25P02 either way), a text that parses
-            // otherwise (42P05).
-            M::Parse(n, q) if !n.is_empty() && held.get(n).is_some() && (aborted || q == "selec bad") => {
-                if aborted {
-                    held.parsed("", q);
-                    M::Parse("", q)
-                } else {
-                    M::Parse(n, "select 'a'::text as t")
-                }
-            }
             M::Parse(n, q) => {
                 held.parsed(n, q);
                 m.clone()

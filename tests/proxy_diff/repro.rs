@@ -66,7 +66,7 @@ async fn failed_deallocate_all_keeps_the_statements() {
 /// A Parse of a name the client already holds: Postgres checks the name last, so an aborted transaction
 /// (25P02) or a syntax error (42601) comes first; the proxy answers 42P05 in their place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: Parse of a held name gives 42P05 where Postgres fails first with 25P02 or 42601"]
+
 async fn parse_of_a_held_name_fails_like_direct() {
     let steps = vec![
         (0, Round::Ext(vec![Parse("s1", "select 'a'::text as t")])),

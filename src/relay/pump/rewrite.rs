@@ -25,6 +25,8 @@ pub use statements::TxnStatements;
 
 /// A statement name that never exists: a stand-in Parse of it fails without touching the unnamed statement.
 const REFUSED: &str = "pgbudget__refused";
+/// The name a Parse of a name the client already holds is tried under (and closed at once).
+const HELD: &str = "pgbudget__held";
 /// Text that fails in Parse and Query alike, before anything runs.
 const FAILS: &str = ")";
 
@@ -288,6 +290,18 @@ impl Pump {
                 let key = name_str(name);
                 let s = self.stmts.as_ref().expect("mapping");
                 if s.client.get(&key).is_some() {
+                    // Postgres checks the name last: a syntax error, an aborted transaction or a failed
+                    // analysis comes first. So the text is tried under a name of the proxy's (and closed at
+                    // once; both replies swallowed, an error reaching the client as its Parse's), and only if
+                    // it parses does the stand-in fail with 42P05.
+                    let mut out = BytesMut::with_capacity(tail.len() + 32);
+                    put_parse(&mut out, HELD, tail);
+                    let tag = self.actions.push(Action::Swallow { prepared: None });
+                    self.send(&out, tag);
+                    out.clear();
+                    put_close(&mut out, HELD);
+                    let tag = self.actions.push(Action::Swallow { prepared: None });
+                    self.send(&out, tag);
                     self.refuse(b'P', false, &ProxyError::StatementExists(key));
                     return Ok(true);
                 }
