@@ -245,7 +245,7 @@ impl Relay {
         tokio::pin!(spare_timer);
         let signals = Signals { stopping: &stopping, kill: &kill, home: home.as_deref(), registered: None };
         let mut w = Watches { signals, idle_timer, spare_timer, timed: false, queued: None };
-        self.load_settings(&self.pool.clone().budget());
+        self.load_settings();
         self.pump.last_activity = Some(Instant::now());
         loop {
             // Arm the idle timer from the last activity; it is re-checked when it fires.

@@ -121,7 +121,7 @@ impl Relay {
         if self.tx_started.is_none() {
             self.tx_started = Some(now);
         }
-        self.load_settings(b);
+        self.use_settings(b);
         self.hold = Some(hold);
         self.pump.attach();
         self.pump.backslash_quotes = conn.params.get("standard_conforming_strings").is_some_and(|v| v == "off");

@@ -80,7 +80,7 @@ impl Relay {
             self.pin_count = None;
         }
         if self.pump.pinned != was_pinned {
-            self.load_settings(&self.pool.clone().budget());
+            self.load_settings();
             if self.pump.last_activity.is_none() {
                 self.pump.last_activity = Some(Instant::now());
             }

@@ -14,9 +14,15 @@ pub(super) enum Idle {
 }
 
 impl Relay {
-    /// Read the settings the relay loop consults (once per checkout, not per message: a reload applies from
-    /// the next checkout on).
-    pub(super) fn load_settings(&mut self, b: &crate::config::resolve::ServiceBudget) {
+    /// Read the settings the relay loop consults from the budget in force now.
+    pub(super) fn load_settings(&mut self) {
+        let pool = self.pool.clone();
+        self.use_settings(&pool.budget());
+    }
+
+    /// Take the settings the relay loop consults from `b` (once per checkout, not per message: a reload
+    /// applies from the next checkout on).
+    pub(super) fn use_settings(&mut self, b: &crate::config::resolve::ServiceBudget) {
         let s = &b.settings;
         let pin = if self.pins.is_empty() { Duration::ZERO } else { s.pin_idle_timeout };
         self.idle_timeouts = (s.client_idle_timeout, s.idle_in_transaction_timeout, pin);

@@ -111,6 +111,19 @@ impl Pump {
         settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
     }
 
+    /// Send a client's Parse or Close of its unnamed statement, noted by `note` and tagged for its outcome
+    /// only: what the client's unnamed statement is after it ([`TxnStatements::settle_unnamed`]).
+    fn send_unnamed(&mut self, msg: &[u8], note: impl FnOnce(&mut TxnStatements)) {
+        let tag = match self.stmts.as_deref_mut() {
+            Some(s) => {
+                note(s);
+                UNNAMED_PARSE
+            }
+            None => 0,
+        };
+        self.send(msg, tag);
+    }
+
     /// Send a message that fails at once in place of the client's, with `e` as the error the client sees.
     fn refuse(&mut self, kind: u8, unnamed: bool, e: &ProxyError) {
         let mut out = BytesMut::with_capacity(32);
@@ -272,15 +285,7 @@ impl Pump {
                     return Ok(true);
                 }
                 if name.is_empty() {
-                    // Tagged for its outcome only: what the client's unnamed statement is after it.
-                    let tag = match self.stmts.as_mut() {
-                        Some(s) => {
-                            s.parse_unnamed(tail);
-                            UNNAMED_PARSE
-                        }
-                        None => 0,
-                    };
-                    self.send(msg, tag);
+                    self.send_unnamed(msg, |s| s.parse_unnamed(tail));
                     return Ok(true);
                 }
                 if !self.mapping() {
@@ -357,17 +362,7 @@ impl Pump {
                 self.ensure_unnamed();
                 self.send(msg, 0);
             }
-            b'C' if body == b"S\0" => {
-                // Tagged for its outcome, as a Parse of it is.
-                let tag = match self.stmts.as_mut() {
-                    Some(s) => {
-                        s.close_unnamed();
-                        UNNAMED_PARSE
-                    }
-                    None => 0,
-                };
-                self.send(msg, tag);
-            }
+            b'C' if body == b"S\0" => self.send_unnamed(msg, TxnStatements::close_unnamed),
             b'D' | b'C' if body.first() == Some(&b'S') && body.len() > 2 && self.mapping() => {
                 let name = split_cstr(&body[1..]).map_or(&body[1..], |(n, _)| n);
                 if kind == b'C' {
