@@ -109,6 +109,27 @@ pub fn execute() -> Vec<u8> {
     msg(b'E', b"\0\0\0\0\0")
 }
 
+/// Execute of `portal`, at most `max_rows` rows (0: all).
+pub fn execute_portal(portal: &str, max_rows: i32) -> Vec<u8> {
+    let mut b = format!("{portal}\0").into_bytes();
+    b.extend_from_slice(&max_rows.to_be_bytes());
+    msg(b'E', &b)
+}
+
+/// Describe (`kind` b'S' statement or b'P' portal) of `name`.
+pub fn describe(kind: u8, name: &str) -> Vec<u8> {
+    msg(b'D', &[&[kind], format!("{name}\0").as_bytes()].concat())
+}
+
+/// Close (`kind` b'S' statement or b'P' portal) of `name`.
+pub fn close(kind: u8, name: &str) -> Vec<u8> {
+    msg(b'C', &[&[kind], format!("{name}\0").as_bytes()].concat())
+}
+
+pub fn flush() -> Vec<u8> {
+    msg(b'H', b"")
+}
+
 pub fn sync() -> Vec<u8> {
     msg(b'S', b"")
 }

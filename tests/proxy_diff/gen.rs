@@ -212,17 +212,14 @@ pub(crate) fn encode(r: &Round, held: &model::Stmts) -> Vec<u8> {
         Round::Ext(ms) => ms,
     };
     for m in ms {
-        let mut b = Vec::new();
-        let kind = match m {
+        let framed = match m {
             M::Parse(n, q) => {
                 texts.parsed(n, q);
-                cstr(&mut b, n);
-                cstr(&mut b, q);
-                b.extend_from_slice(&0i16.to_be_bytes());
-                b'P'
+                raw::parse(n, q)
             }
             M::Bind(p, s, wrong) => {
                 let takes = texts.get(s).is_some_and(|t| t.contains("$1"));
+                let mut b = Vec::new();
                 cstr(&mut b, p);
                 cstr(&mut b, s);
                 b.extend_from_slice(&0i16.to_be_bytes()); // parameter formats: all text
@@ -234,26 +231,14 @@ pub(crate) fn encode(r: &Round, held: &model::Stmts) -> Vec<u8> {
                     b.extend_from_slice(&0i16.to_be_bytes());
                 }
                 b.extend_from_slice(&0i16.to_be_bytes()); // result formats: all text
-                b'B'
+                raw::msg(b'B', &b)
             }
-            M::Describe(k, n) => {
-                b.push(*k);
-                cstr(&mut b, n);
-                b'D'
-            }
-            M::Execute(p, l) => {
-                cstr(&mut b, p);
-                b.extend_from_slice(&l.to_be_bytes());
-                b'E'
-            }
-            M::Close(k, n) => {
-                b.push(*k);
-                cstr(&mut b, n);
-                b'C'
-            }
-            M::Flush => b'H',
+            M::Describe(k, n) => raw::describe(*k, n),
+            M::Execute(p, l) => raw::execute_portal(p, *l),
+            M::Close(k, n) => raw::close(*k, n),
+            M::Flush => raw::flush(),
         };
-        out.extend_from_slice(&raw::msg(kind, &b));
+        out.extend_from_slice(&framed);
     }
     out.extend_from_slice(&raw::sync());
     out
