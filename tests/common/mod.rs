@@ -122,7 +122,18 @@ impl Pg {
             assert!(Instant::now() < deadline, "postgres did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // The port opens before startup ends (a login then gets 57P03 "not yet accepting connections"):
+        // wait until pg_isready says it accepts.
+        let ready = || {
+            Command::new(self.bindir.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-t", "2", "-p", &self.port.to_string()])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        while !ready() {
+            assert!(Instant::now() < deadline, "postgres does not accept connections: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn log_path(&self) -> PathBuf {
