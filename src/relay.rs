@@ -427,4 +427,6 @@ impl Drop for Relay {
 }
 
 #[cfg(test)]
+mod pump_pacing_tests;
+#[cfg(test)]
 mod pump_tests;

@@ -18,7 +18,6 @@ use super::txstate::TxState;
 use crate::read_only::filter::{RoFilter, Violation};
 use bytes::{Buf, BytesMut};
 use rewrite::Actions;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -32,6 +31,18 @@ const READ_MIN: usize = 2 * 1024;
 /// What an idle client's first read takes: its buffers are given back while it idles, and a short
 /// statement fits here without a full [`BUF`].
 const FIRST_READ: usize = 512;
+/// Bytes written one way after which the other way's source is read again in the same poll, though it was
+/// found empty earlier in it.
+const FAIR: usize = BUF;
+/// Client bytes a server may be sent while it owes replies and has sent nothing since the last: past it
+/// (at a message boundary) the client is read no further until the server answers, so a client streaming
+/// a batch is held back by a busy server about as a direct connection would hold it (a driver then sees an
+/// early error while it still sends, and stops). Halfway, a Flush asks for replies Postgres holds back in
+/// an extended batch; the window never applies where nothing will answer (COPY FROM STDIN, a skip to
+/// Sync) or inside one message.
+const WINDOW: usize = 256 * 1024;
+/// The Flush the window sends: a message without a reply of its own.
+const FLUSH: [u8; 5] = [b'H', 0, 0, 0, 4];
 /// Error records kept per report (more are counted, not kept).
 const MAX_ERRORS: usize = 16;
 /// Transaction mode reads a Query, Parse or Bind up to this size whole (to see what it does and rename
@@ -42,6 +53,8 @@ const BIND_HEAD: usize = 4096;
 
 mod execute;
 mod framing;
+mod io;
+use io::{poll_read_into, poll_read_some, poll_send};
 pub mod rewrite;
 mod scan;
 pub use rewrite::TxnStatements;
@@ -136,6 +149,10 @@ pub struct Pump {
     pub servers: Option<crate::server::ServerList>,
     /// Body bytes of the current pass-through client message still to come.
     body_left: usize,
+    /// Client bytes written to the server since its last bytes came, and whether a Flush went since
+    /// ([`WINDOW`]).
+    unanswered: usize,
+    flush_asked: bool,
     /// Bytes `cin` must hold to complete a held message.
     need: usize,
     pub tx: TxState,
@@ -169,6 +186,8 @@ impl Pump {
         self.sscan.reset();
         self.actions.clear();
         self.sin.clear();
+        self.unanswered = 0;
+        self.flush_asked = false;
     }
 
     /// Part of a client message has reached the server: it cannot be handed on.
@@ -194,6 +213,21 @@ impl Pump {
 
     pub fn server_at_boundary(&self) -> bool {
         self.sscan.at_boundary()
+    }
+
+    /// Whether the client is held back for the server's answer ([`WINDOW`]); asks for it with a Flush once.
+    /// Where nothing will answer, the window starts over instead.
+    fn held_for_answer(&mut self) -> bool {
+        let tx = &self.tx;
+        if tx.copy_in() || tx.skipping() || tx.uncertain() || tx.outstanding() == 0 {
+            self.unanswered = 0;
+            return false;
+        }
+        if !self.flush_asked {
+            self.c2s.extend_from_slice(&FLUSH);
+            self.flush_asked = true;
+        }
+        self.unanswered >= WINDOW
     }
 
     /// Server bytes not yet written to the client.
@@ -280,8 +314,18 @@ impl Pump {
     {
         // A socket that returned Pending in this call has this task's waker registered: polled again before
         // the wake it would return Pending again (each such poll is a trip through tokio's readiness lock).
+        // So it is skipped for the rest of the call, but only until [`FAIR`] bytes went the other way since:
+        // a stream one way (a client streaming a large batch) must not hold back what has arrived the other
+        // way meanwhile (the server's error that would stop the batch early).
         let (mut client_waits, mut server_waits) = (false, false);
+        let (mut to_server, mut to_client) = (0usize, 0usize);
         loop {
+            if server_waits && to_server >= FAIR {
+                server_waits = false;
+            }
+            if client_waits && to_client >= FAIR {
+                client_waits = false;
+            }
             let mut progress = false;
             // Client → cin.
             if !self.client_eof && !client_waits && self.cin.len() < BUF.max(self.need) {
@@ -298,7 +342,10 @@ impl Pump {
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ClientIo(e))),
-                    Poll::Pending => client_waits = true,
+                    Poll::Pending => {
+                        client_waits = true;
+                        to_client = 0;
+                    }
                 }
             }
             // cin → c2s.
@@ -308,7 +355,10 @@ impl Pump {
                 return Poll::Ready(Ok(ev));
             }
             // c2s → server.
-            progress |= poll_send(cx, server, &mut self.c2s).map_err(PumpError::ServerIo)?;
+            let sent = poll_send(cx, server, &mut self.c2s).map_err(PumpError::ServerIo)?;
+            self.unanswered += sent;
+            to_server += sent;
+            progress |= sent > 0;
             // Server → s2c, scanned as it arrives; through sin (and edited) while replies to the proxy's own
             // messages are owed.
             if !server_waits && self.s2c.len() < BUF {
@@ -319,6 +369,8 @@ impl Pump {
                     Poll::Ready(Ok(0)) => return Poll::Ready(Ok(Event::ServerClosed)),
                     Poll::Ready(Ok(n)) => {
                         self.bytes_out += n as u64;
+                        self.unanswered = 0;
+                        self.flush_asked = false;
                         if self.track_activity {
                             self.last_activity = Some(Instant::now());
                         }
@@ -326,11 +378,16 @@ impl Pump {
                         progress = true;
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(PumpError::ServerIo(e))),
-                    Poll::Pending => server_waits = true,
+                    Poll::Pending => {
+                        server_waits = true;
+                        to_server = 0;
+                    }
                 }
             }
             // s2c → client.
-            progress |= poll_send(cx, client, &mut self.s2c).map_err(PumpError::ClientIo)?;
+            let sent = poll_send(cx, client, &mut self.s2c).map_err(PumpError::ClientIo)?;
+            to_client += sent;
+            progress |= sent > 0;
             if self.stops_here() {
                 return Poll::Ready(Ok(Event::Idle));
             }
@@ -404,52 +461,4 @@ impl Pump {
         }
         Poll::Ready(Ok(()))
     }
-}
-
-/// Write what `buf` holds, as much as the destination takes now; true when some of it went.
-fn poll_send<W: AsyncWrite + Unpin>(cx: &mut Context<'_>, w: &mut W, buf: &mut BytesMut) -> std::io::Result<bool> {
-    if buf.is_empty() {
-        return Ok(false);
-    }
-    match Pin::new(w).poll_write(cx, buf) {
-        Poll::Ready(Ok(0)) => Err(std::io::ErrorKind::WriteZero.into()),
-        Poll::Ready(Ok(n)) => {
-            buf.advance(n);
-            Ok(true)
-        }
-        Poll::Ready(Err(e)) => Err(e),
-        Poll::Pending => Ok(false),
-    }
-}
-
-/// Read into the spare capacity of `buf`, reserving `chunk` bytes when it has little room (so a buffer grows
-/// only as bytes arrive); a read that fills all the room it had doubles `chunk` for the next, up to [`BUF`].
-fn poll_read_into<R: AsyncRead + Unpin>(
-    cx: &mut Context<'_>,
-    r: &mut R,
-    buf: &mut BytesMut,
-    chunk: &mut usize,
-) -> Poll<std::io::Result<usize>> {
-    let want = (*chunk).max(READ_MIN);
-    if buf.capacity() - buf.len() < READ_MIN / 2 {
-        buf.reserve(want);
-    }
-    let room = buf.capacity() - buf.len();
-    let read = poll_read_some(cx, r, buf);
-    if matches!(read, Poll::Ready(Ok(n)) if n == room) {
-        *chunk = (want * 2).min(BUF);
-    }
-    read
-}
-
-/// Read into whatever spare capacity `buf` has (at least [`FIRST_READ`] bytes).
-fn poll_read_some<R: AsyncRead + Unpin>(
-    cx: &mut Context<'_>,
-    r: &mut R,
-    buf: &mut BytesMut,
-) -> Poll<std::io::Result<usize>> {
-    if buf.capacity() == buf.len() {
-        buf.reserve(FIRST_READ);
-    }
-    tokio_util::io::poll_read_buf(Pin::new(r), cx, buf)
 }

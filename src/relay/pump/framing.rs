@@ -2,7 +2,7 @@
 //! whole (up to `max_query_size`), stream the rest, and hand whole messages to the read-only filter and
 //! transaction mode's rewrite.
 
-use super::{rewrite, Event, Pump, PumpError, BIND_HEAD, BUF, HOLD_MAX};
+use super::{rewrite, Event, Pump, PumpError, BIND_HEAD, BUF, HOLD_MAX, WINDOW};
 use crate::relay::frame;
 use crate::relay::txstate::MAX_OUTSTANDING;
 use bytes::Buf;
@@ -25,6 +25,9 @@ impl Pump {
             }
             // Client messages wait while a shape check runs (one round trip after a re-prepare).
             if self.stmts.as_ref().is_some_and(|s| s.holding) {
+                return Ok((moved, None));
+            }
+            if self.unanswered >= WINDOW / 2 && self.held_for_answer() {
                 return Ok((moved, None));
             }
             if self.c2s.len() >= BUF || self.tx.outstanding() >= MAX_OUTSTANDING || self.cin.len() < 5 {
