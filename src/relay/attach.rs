@@ -92,18 +92,7 @@ impl Relay {
 
     /// Bring a checked-out server to this client's settings, then take it.
     pub(super) async fn install(&mut self, mut conn: PooledConn, hold: Hold) -> Result<(), ProxyError> {
-        let (set, reset) = crate::relay::reset::settings_diff(&conn.applied, &self.desired);
-        if !set.is_empty() || !reset.is_empty() {
-            let timeout = self.pool.budget().settings.reset_timeout;
-            if let Err(e) = conn.apply_settings(&set, &reset, timeout).await {
-                // A refused value leaves the server as it was (and usable): the client's setting is at fault.
-                return Err(match e {
-                    ServerError::Postgres { code, message } => ProxyError::ServerRejected { code, message },
-                    source => ProxyError::Upstream { upstream: self.pool.budget().upstream.clone(), source },
-                });
-            }
-            conn.applied = self.desired.clone();
-        }
+        bring_to(&mut conn, &self.desired, &self.pool).await?;
         self.adopt(conn, hold, Instant::now(), &self.pool.clone().budget());
         Ok(())
     }
@@ -204,6 +193,27 @@ fn mentions_currval(b: &[u8]) -> bool {
             && b.get(i - 4..i + 3)
                 .is_some_and(|w| w.eq_ignore_ascii_case(b"currval") || w.eq_ignore_ascii_case(b"lastval"))
     })
+}
+
+/// Bring `conn` to the settings `desired` as a diff (one round trip; none when they already match).
+pub(super) async fn bring_to(
+    conn: &mut PooledConn,
+    desired: &std::sync::Arc<std::collections::BTreeMap<String, String>>,
+    pool: &crate::budget::pool::ServicePool,
+) -> Result<(), ProxyError> {
+    let (set, reset) = crate::relay::reset::settings_diff(&conn.applied, desired);
+    if !set.is_empty() || !reset.is_empty() {
+        let timeout = pool.budget().settings.reset_timeout;
+        if let Err(e) = conn.apply_settings(&set, &reset, timeout).await {
+            // A refused value leaves the server as it was (and usable): the client's setting is at fault.
+            return Err(match e {
+                ServerError::Postgres { code, message } => ProxyError::ServerRejected { code, message },
+                source => ProxyError::Upstream { upstream: pool.budget().upstream.clone(), source },
+            });
+        }
+        conn.applied = desired.clone();
+    }
+    Ok(())
 }
 
 #[cfg(test)]

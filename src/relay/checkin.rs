@@ -85,6 +85,12 @@ impl Relay {
                 self.pump.last_activity = Some(Instant::now());
             }
         }
+        // A pinned server stays, so no checkout brings it to the client's settings: a RESET that returned a
+        // setting to the server connection's own startup value (its application_name label, the upstream's
+        // datestyle) is set to the client's here, as a direct RESET returns to the client's startup value.
+        if let (true, Some(conn)) = (self.pump.pinned, self.server.as_mut()) {
+            super::attach::bring_to(conn, &self.desired, &self.pool).await?;
+        }
         Ok(self.pump.pinned)
     }
 

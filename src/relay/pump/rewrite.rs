@@ -12,13 +12,14 @@ use super::{Pump, PumpError};
 use crate::error::ProxyError;
 use crate::protocol::{self, Severity};
 use crate::relay::classify::{self, Effects};
-use crate::server::statements::{Stmt, MAX_CLIENT_BYTES, MAX_PER_CLIENT, NOBODY, PREFIX};
+use crate::server::statements::{Stmt, NOBODY, PREFIX};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::cell::Cell;
 use std::sync::Arc;
 
 mod actions;
 mod local;
+mod parse;
 mod statements;
 pub use actions::{settle, Action, Actions, UNNAMED_PARSE};
 pub use statements::TxnStatements;
@@ -175,6 +176,19 @@ impl Pump {
         self.send(&out, tag);
     }
 
+    /// Parse `tail` under a name of the proxy's and close it at once (that reply swallowed): the Parse, tagged
+    /// `action`, fails or succeeds as the client's would, and the server's statements stay as they were.
+    fn parse_held(&mut self, tail: &[u8], action: Action) {
+        let mut out = BytesMut::with_capacity(tail.len() + 32);
+        put_parse(&mut out, HELD, tail);
+        let tag = self.actions.push(action);
+        self.send(&out, tag);
+        out.clear();
+        put_close(&mut out, HELD);
+        let tag = self.actions.push(Action::Swallow { prepared: None });
+        self.send(&out, tag);
+    }
+
     /// The client binds or describes its unnamed statement on a server whose unnamed statement is not (known
     /// to be) the client's: parse the client's here first (it was parsed in an earlier transaction, on
     /// whichever server that had), or, when the client has none, close the one the server may have (another
@@ -190,7 +204,7 @@ impl Pump {
             Some(tail) => put_parse(&mut out, "", &tail),
             None => put_close(&mut out, ""),
         }
-        let tag = self.actions.push(Action::Swallow { prepared: None });
+        let tag = self.actions.push(Action::Unnamed);
         self.send(&out, tag);
     }
 
@@ -271,71 +285,7 @@ impl Pump {
                     None => self.send(msg, tag),
                 }
             }
-            b'P' => {
-                if let Some(renamed) = self.mapping().then(|| self.rewrite_execute_parse(body)).flatten() {
-                    // The text names the server's statement now, which no client name matches: no second pass.
-                    return self.forward_txn(&renamed);
-                }
-                let bad = || PumpError::Filter(protocol::ProtocolError::Malformed("Parse"));
-                let (name, tail) = split_cstr(body).ok_or_else(bad)?;
-                let text = split_cstr(tail).ok_or_else(bad)?.0;
-                let effects = self.parse_memo.classify(text, self.backslash_quotes);
-                if let Some(e) = self.note_effects(effects) {
-                    self.refuse(b'P', name.is_empty(), &e);
-                    return Ok(true);
-                }
-                if name.is_empty() {
-                    self.send_unnamed(msg, |s| s.parse_unnamed(tail));
-                    return Ok(true);
-                }
-                if !self.mapping() {
-                    self.send(msg, 0);
-                    return Ok(true);
-                }
-                let key = name_str(name);
-                let s = self.stmts.as_ref().expect("mapping");
-                if s.client.get(&key).is_some() {
-                    // Postgres checks the name last: a syntax error, an aborted transaction or a failed
-                    // analysis comes first. So the text is tried under a name of the proxy's (and closed at
-                    // once; both replies swallowed, an error reaching the client as its Parse's), and only if
-                    // it parses does the stand-in fail with 42P05.
-                    let mut out = BytesMut::with_capacity(tail.len() + 32);
-                    put_parse(&mut out, HELD, tail);
-                    let tag = self.actions.push(Action::Swallow { prepared: None });
-                    self.send(&out, tag);
-                    out.clear();
-                    put_close(&mut out, HELD);
-                    let tag = self.actions.push(Action::Swallow { prepared: None });
-                    self.send(&out, tag);
-                    self.refuse(b'P', false, &ProxyError::StatementExists(key));
-                    return Ok(true);
-                }
-                if s.client.len() >= MAX_PER_CLIENT || s.client.bytes() + key.len() + tail.len() > MAX_CLIENT_BYTES {
-                    self.refuse(b'P', false, &ProxyError::TooManyStatements(MAX_PER_CLIENT));
-                    return Ok(true);
-                }
-                let s = self.stmts.as_mut().expect("mapping");
-                let stmt = s.registry.intern(tail, &s.search_path);
-                let gen = s.client.insert(key.clone(), stmt.clone());
-                let mut out = BytesMut::with_capacity(tail.len() + 32);
-                if s.server.touch(stmt.id) {
-                    // The server has the statement: it is prepared again in place (closed, then parsed), so a
-                    // Parse that would fail now (a dropped table) fails here, where the client expects it, and
-                    // a plan gone stale since (its result type changed) is replaced by the one the client is
-                    // about to be described.
-                    s.hits.inc();
-                    put_close(&mut out, &stmt.name);
-                    let tag = self.actions.push(Action::Evict(stmt.id));
-                    self.send(&out, tag);
-                    out.clear();
-                } else {
-                    let victim = s.take_slot(&stmt);
-                    self.close_victim(victim);
-                }
-                put_parse(&mut out, &stmt.name, tail);
-                let tag = self.actions.push(Action::Parse { id: stmt.id, gen, name: key });
-                self.send(&out, tag);
-            }
+            b'P' => return self.forward_parse(msg),
             b'B' => {
                 let bad = || PumpError::Filter(protocol::ProtocolError::Malformed("Bind"));
                 let (portal, rest) = split_cstr(body).ok_or_else(bad)?;

@@ -161,7 +161,7 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), Pu
             }
             if !matches!(kind, b'N' | b'S' | b'A') {
                 match (actions.head(tx), kind) {
-                    (Some(Action::Swallow { .. } | Action::Evict(_)), b'1' | b'3') => return false,
+                    (Some(Action::Swallow { .. } | Action::Unnamed | Action::Evict(_)), b'1' | b'3') => return false,
                     (Some(Action::Check { .. }), b't' | b'T' | b'n') => return false,
                     (Some(Action::Refuse(e)), b'E') | (Some(Action::Close { reply: Some(e), .. }), b'I') => {
                         out.extend_from_slice(e);

@@ -14,6 +14,11 @@ pub enum Action {
     /// A Parse or Close the proxy injected: its ParseComplete/CloseComplete is swallowed (an error goes to
     /// the client, as its own next message's). `prepared`: the statement to forget if the Parse fails.
     Swallow { prepared: Option<u64> },
+    /// The proxy's Parse of the client's unnamed statement on a server that lacked it (or its Close of the
+    /// server's, when the client has none): swallowed like [`Action::Swallow`]; failed or skipped, the
+    /// server's unnamed statement is still not the client's (a failed Parse even dropped it), so its next
+    /// use tries again.
+    Unnamed,
     /// An injected Close of the least recently used statement: swallowed like [`Action::Swallow`]; skipped
     /// after an error, the server still has it.
     Evict(u64),
@@ -149,6 +154,7 @@ pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnSta
                     }
                 }
                 Action::Close { name, stmt, gen, void: false, .. } => s.client.restore(name, stmt, gen),
+                Action::Unnamed => s.unnamed_here = false,
                 _ => {}
             }
             break;
