@@ -28,6 +28,21 @@ pub(crate) const QUERIES: &[&str] = &[
     "execute q1",
     "deallocate q1",
     "discard all",
+    // Session settings, set and read back (what one client sets must never reach another).
+    "set statement_timeout = '5s'",
+    "set local statement_timeout = '7s'",
+    "reset statement_timeout",
+    "show statement_timeout",
+    "set search_path = pg_catalog, public",
+    "show search_path",
+    "select set_config('datestyle', 'German', false)",
+    "select set_config('datestyle', 'SQL', true)",
+    "show datestyle",
+    "set role pg_monitor",
+    "reset role",
+    "select current_user, session_user",
+    "set application_name = 'diff'",
+    "show application_name",
 ];
 
 /// One frontend message of an extended-protocol round (the round's closing Sync is implied).

@@ -110,6 +110,13 @@ fn proxy_matches_direct() {
                     ),
                 });
                 eprintln!("proxy_diff: --- pgbudget log tail ---\n{}", fidelity::log_tail(&h.proxy, 20));
+                // Around a backend crash if there was one (Postgres itself, on a direct connection too),
+                // else the end.
+                let pg_log = pg.log();
+                let lines: Vec<&str> = pg_log.lines().filter(|l| !l.contains("connection ")).collect();
+                let crash = lines.iter().position(|l| l.contains("terminated by signal") || l.contains("PANIC"));
+                let end = crash.map_or(lines.len(), |at| (at + 3).min(lines.len()));
+                eprintln!("proxy_diff: --- postgres log ---\n{}", lines[end.saturating_sub(30)..end].join("\n"));
             }
             Err(e) => failures.push(format!("share{share}: {e}")),
         }

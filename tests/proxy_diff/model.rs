@@ -132,6 +132,10 @@ pub(crate) fn exclude_now(r: &Round, c: &Client) -> Round {
         });
         return Round::Ext(ms.collect());
     }
+    // repro::statement_the_server_lacks_in_a_failed_transaction: in a failed transaction a statement the
+    // server lacks cannot be prepared there, so neither a wrong parameter count (08P01, checked before the
+    // aborted state) nor a Describe of a statement without rows (answered direct) is generated then.
+    let failed = c.status == b'E';
     let mut held = c.stmts.clone();
     let ms = ms
         .iter()
@@ -144,6 +148,8 @@ pub(crate) fn exclude_now(r: &Round, c: &Client) -> Round {
                 held.closed(n);
                 m.clone()
             }
+            M::Bind(p, s, true) if failed => M::Bind(p, s, false),
+            M::Describe(b'S', _) if failed => M::Describe(b'P', ""),
             _ => m.clone(),
         })
         .collect();
