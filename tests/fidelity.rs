@@ -358,3 +358,30 @@ async fn txn_server_fatal_reaches_the_client_as_is() {
     assert_eq!((db.severity(), db.code().code()), ("FATAL", "57P01"), "{db:?}");
     assert!(db.message().contains("administrator command"), "{}", db.message());
 }
+
+/// An unnamed statement whose text is larger than what the proxy reads whole to rename (asyncpg sends one
+/// unnamed when it is too large for its cache: its test of 32,767 arguments is 218 KB) is described and run
+/// like any other, also in a later transaction and on another server: as direct.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_large_unnamed_statement_is_described_and_run_like_direct() {
+    let pg = Pg::start();
+    let proxy = start(&pg, 2, "", "");
+    let sql = format!("SELECT length('{}') AS n", "x".repeat(200_000));
+    let mut a = login(proxy.port).await;
+    let t = exchange(&mut a, &[parse("", &sql), describe_stmt(""), sync()], 1).await;
+    assert_eq!(
+        t,
+        s(&["1", "t", "T:1", "Z:I"]),
+        "Parse and Describe of a {} byte statement\n{}",
+        sql.len(),
+        log_tail(&proxy, 40)
+    );
+    // Another client takes the other server meanwhile, with an unnamed statement of its own.
+    let mut b = login(proxy.port).await;
+    let t = exchange(&mut b, &[parse("", "SELECT 'b'"), bind(""), execute(), sync()], 1).await;
+    assert_eq!(t, s(&["1", "2", "D:b", "C:SELECT 1", "Z:I"]));
+    for _ in 0..3 {
+        let t = exchange(&mut a, &[bind(""), execute(), sync()], 1).await;
+        assert_eq!(t, s(&["2", "D:200000", "C:SELECT 1", "Z:I"]), "A's large unnamed statement");
+    }
+}

@@ -123,13 +123,15 @@ impl Relay {
             return self.wait_queued(sock, w, q).await;
         }
         self.flush_client(sock).await?;
+        // A message the pump reads whole is all here before a server is taken for it (without, the pump
+        // finds it incomplete, the server is released at once, and taken again: a spin while it comes).
         // A batch of Parses only is answered without a server; to tell, its Sync must be here.
-        let mut want = 5;
+        let mut want = self.pump.incomplete().unwrap_or(5);
         if self.pump.next_client_kind() == Some(b'P') {
             match self.pump.answer_parses() {
                 Some(true) => return Ok(Step::Again),
                 Some(false) => {}
-                None => want = self.pump.cin.len() + 1,
+                None => want = want.max(self.pump.cin.len() + 1),
             }
         }
         if (self.pump.next_client_kind().is_none() || want > 5) && !self.pump.client_eof() {

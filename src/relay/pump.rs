@@ -296,6 +296,12 @@ impl Pump {
         (self.cin.len() >= 5 && self.body_left == 0).then(|| self.cin[0])
     }
 
+    /// The bytes `cin` must hold before the pump can take the next message, when it has begun one it reads
+    /// whole and not all of it is here.
+    pub fn incomplete(&self) -> Option<usize> {
+        (self.body_left == 0 && self.need > self.cin.len()).then_some(self.need)
+    }
+
     /// Forget framed bytes that were handed to the server outside the pump.
     pub fn discard_unsent(&mut self) {
         self.c2s.clear();

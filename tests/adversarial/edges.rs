@@ -254,3 +254,54 @@ async fn malformed_input_never_crashes_the_proxy() {
     let tail: Vec<_> = log.lines().filter(|l| !l.contains("DEBUG")).rev().take(10).collect();
     assert!(hung.is_empty(), "no answer within 3 s: {hung:#?}\n{tail:#?}");
 }
+
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A client that sends a large statement (one the proxy reads whole, here an unnamed Parse of 200 kB)
+/// slowly: while the rest has not come, the proxy waits for it without a server, and without spinning (it
+/// used to take a server, find the message incomplete, give the server back and take it again, at full CPU,
+/// starving the very clients it waited for). Sampled while the client pauses mid-message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_statement_sent_slowly_is_awaited_without_spinning() {
+    let pg = Pg::start();
+    let proxy = Proxy::start(&cfg(&pg, "", TXN1));
+    let mut c = login(proxy.port, "postgres").await;
+    let sql = format!("SELECT length('{}') AS n", "x".repeat(200_000));
+    let mut batch = raw::parse("", &sql);
+    batch.extend(raw::bind(""));
+    batch.extend(raw::execute());
+    batch.extend(raw::sync());
+    let (head, rest) = batch.split_at(100_000);
+    c.s.write_all(head).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = cpu_seconds(proxy.pid());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let used = cpu_seconds(proxy.pid()) - before;
+    assert!(
+        used < 0.3,
+        "the proxy used {used:.2} s of CPU in 1.5 s while a client was between two halves of a message"
+    );
+    // Meanwhile the share (1) is free for anybody else.
+    normal_client_works(&proxy.conninfo(), Duration::from_secs(5)).await;
+    c.s.write_all(rest).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let (kind, body) = c.recv().await.expect("reply");
+        got.push(kind);
+        if kind == b'D' {
+            assert_eq!(&body[6..], b"200000", "the statement ran whole");
+        }
+        if kind == b'Z' {
+            break;
+        }
+    }
+    assert_eq!(got, b"12DCZ", "ParseComplete, BindComplete, the row, CommandComplete, ReadyForQuery");
+}

@@ -54,8 +54,9 @@ impl Pump {
                     && match kind {
                         b'C' => true,
                         b'Q' | b'B' => body <= HOLD_MAX,
-                        // A Parse is read whole to rename it, unless it is large and unnamed.
-                        b'P' if body > HOLD_MAX => {
+                        // A Parse is read whole (to rename it, or to keep the text of the unnamed statement for
+                        // the client's next server), unless it is over max_query_size and unnamed.
+                        b'P' if body > self.max_query_size => {
                             if self.cin.len() < 6 {
                                 self.need = 6;
                                 return Ok((moved, None));
@@ -92,7 +93,15 @@ impl Pump {
                     self.c2s.extend_from_slice(&self.cin[..5]);
                     self.cin.advance(5);
                     self.body_left = body;
-                    self.tx.client(kind, None);
+                    match self.stmts.as_deref_mut().filter(|_| kind == b'P') {
+                        // The client's unnamed statement is now one whose text the proxy does not hold: on this
+                        // server it is the client's; on its next, none is (as after a Close).
+                        Some(s) => {
+                            s.close_unnamed();
+                            self.tx.client_tagged(kind, None, rewrite::UNNAMED_PARSE);
+                        }
+                        None => self.tx.client(kind, None),
+                    }
                     rewrite::settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
                 }
                 moved = true;

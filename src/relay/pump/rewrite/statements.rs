@@ -82,7 +82,7 @@ impl TxnStatements {
     }
 
     /// The client sends a Close of its unnamed statement.
-    pub(super) fn close_unnamed(&mut self) {
+    pub(in crate::relay::pump) fn close_unnamed(&mut self) {
         self.unnamed_pending.push_back((None, self.unnamed_here));
         self.unnamed_here = true;
     }
