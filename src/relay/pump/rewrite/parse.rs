@@ -52,21 +52,23 @@ impl Pump {
         let s = self.stmts.as_mut().expect("mapping");
         let stmt = s.registry.intern(tail, &s.search_path);
         let gen = s.client.insert(key.clone(), stmt.clone());
-        let mut out = BytesMut::with_capacity(tail.len() + 32);
-        if aborted && s.server.touch(stmt.id) {
-            // In a failed transaction Postgres refuses every Parse but COMMIT's and ROLLBACK's: closed
-            // first, the server's statement would be lost with the Parse. The text is tried under a name
-            // of the proxy's (closed at once), whose reply is the client's Parse's.
+        let here = s.server.touch(stmt.id);
+        if here {
             s.hits.inc();
+        }
+        if here && aborted {
+            // In a failed transaction Postgres refuses every Parse but COMMIT's and ROLLBACK's: closed first,
+            // the server's statement would be lost with the Parse. The text is tried under a name of the
+            // proxy's (closed at once), whose reply is the client's Parse's.
             self.parse_held(tail, Action::Parse { id: stmt.id, gen, name: key });
             return Ok(true);
         }
-        if s.server.touch(stmt.id) {
+        let mut out = BytesMut::with_capacity(tail.len() + 32);
+        if here {
             // The server has the statement: it is prepared again in place (closed, then parsed), so a
             // Parse that would fail now (a dropped table) fails here, where the client expects it, and
             // a plan gone stale since (its result type changed) is replaced by the one the client is
             // about to be described.
-            s.hits.inc();
             put_close(&mut out, &stmt.name);
             let tag = self.actions.push(Action::Evict(stmt.id));
             self.send(&out, tag);
