@@ -385,3 +385,35 @@ async fn txn_large_unnamed_statement_is_described_and_run_like_direct() {
         assert_eq!(t, s(&["2", "D:200000", "C:SELECT 1", "Z:I"]), "A's large unnamed statement");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_server_errors_name_the_statement_as_the_client_named_it() {
+    // Postgres names the statement in a Bind's parameter-count error; through the proxy that is the client's
+    // name, not the pool's, in each way the error's read can be scanned: alone, after a row larger than one
+    // read, and behind a second client name of the same text.
+    let t = differential("", |port, _adm| async move {
+        let mut c = login(port).await;
+        let two = "select $1::int + $2::int";
+        let mut t =
+            vec![exchange(&mut c, &[parse("add", two), parse("big", "select repeat('x', 300000)"), sync()], 1).await];
+        t.push(exchange(&mut c, &run("add"), 1).await);
+        let after_big = [bind("big"), execute(), bind("add"), execute(), sync()];
+        t.push(
+            exchange(&mut c, &after_big, 1)
+                .await
+                .into_iter()
+                .map(|m| if m.starts_with("D:") { format!("D:{}", m.len()) } else { m })
+                .collect(),
+        );
+        t.push(exchange(&mut c, &[parse("plus", two), sync()], 1).await);
+        t.push(exchange(&mut c, &run("plus"), 1).await);
+        t.push(exchange(&mut c, &run("add"), 1).await);
+        t
+    })
+    .await;
+    let e = |n: &str| format!("E:08P01:bind message supplies 0 parameters, but prepared statement \"{n}\" requires 2");
+    assert_eq!(t[1], vec![e("add"), "Z:I".to_owned()]);
+    assert_eq!(t[2], vec!["2".to_owned(), "D:300002".to_owned(), "C:SELECT 1".to_owned(), e("add"), "Z:I".to_owned()]);
+    assert_eq!(t[4], vec![e("plus"), "Z:I".to_owned()]);
+    assert_eq!(t[5], vec![e("add"), "Z:I".to_owned()]);
+}

@@ -100,6 +100,15 @@ impl ServerScanner {
         self.header_len
     }
 
+    /// Body bytes of the message in progress still to come (0 at a boundary or inside a header).
+    pub fn body_left(&self) -> usize {
+        if self.in_body {
+            self.remaining
+        } else {
+            0
+        }
+    }
+
     /// The body in progress is not copied out (its header was swallowed or replaced).
     pub fn dropping_body(&self) -> bool {
         self.in_body && !self.copy_body

@@ -51,6 +51,7 @@ const HOLD_MAX: usize = 64 * 1024;
 /// Most of a streamed Bind's head held to find its portal and statement names.
 const BIND_HEAD: usize = 4096;
 
+mod errors;
 mod execute;
 mod framing;
 mod io;
@@ -147,6 +148,8 @@ pub struct Pump {
     /// come; their sender's pid is rewritten to the cancel-key pid its client knows (`servers`).
     pub listening: bool,
     pub servers: Option<crate::server::ServerList>,
+    /// A server ErrorResponse is being held back to its end, to name the client's statements ([`errors`]).
+    error_held: bool,
     /// Body bytes of the current pass-through client message still to come.
     body_left: usize,
     /// Client bytes written to the server since its last bytes came, and whether a Flush went since
@@ -186,6 +189,7 @@ impl Pump {
         self.sscan.reset();
         self.actions.clear();
         self.sin.clear();
+        self.error_held = false;
         self.unanswered = 0;
         self.flush_asked = false;
     }

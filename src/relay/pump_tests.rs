@@ -316,6 +316,45 @@ mod props {
             prop_assert_eq!(out, all);
         }
 
+        /// With named statements, server errors that name one reach the client with the client's name for it,
+        /// and everything else byte for byte, whatever the reads' split and however each read is scanned
+        /// (the in-place scan stops at such an error and copies the rest, also after a body split across reads).
+        #[test]
+        fn errors_name_client_statements_whichever_way_each_read_is_scanned(
+            msgs in prop::collection::vec(prop_oneof![server_message(), Just(Vec::new())], 1..24),
+            reads in prop::collection::vec((any::<prop::sample::Index>(), any::<bool>()), 0..12),
+        ) {
+            use crate::relay::pump::rewrite::TxnStatements;
+            let mut stmts = TxnStatements::detached(std::sync::Arc::new(crate::server::statements::Registry::default()), 200);
+            let stmt = stmts.registry.intern(b"select $1::int\0\0\0", "");
+            stmts.client.insert("mine".into(), stmt.clone());
+            let error = |name: &str| {
+                let mut b = BytesMut::new();
+                let at = protocol::begin(&mut b, b'E');
+                b.extend_from_slice(format!("SERROR\0C08P01\0Mprepared statement \"{name}\" requires 2\0\0").as_bytes());
+                protocol::finish(&mut b, at);
+                b.to_vec()
+            };
+            // An empty message stands for an error naming the statement.
+            let all: Vec<u8> = msgs.iter().map(|m| if m.is_empty() { error(&stmt.name) } else { m.clone() }).collect::<Vec<_>>().concat();
+            let want: Vec<u8> = msgs.iter().map(|m| if m.is_empty() { error("mine") } else { m.clone() }).collect::<Vec<_>>().concat();
+            let mut reads: Vec<(usize, bool)> = reads.iter().map(|(c, p)| (c.index(all.len() + 1), *p)).collect();
+            reads.push((all.len(), false));
+            reads.sort_unstable_by_key(|r| r.0);
+            let mut pump = Pump::new(None, 1 << 20);
+            pump.attach();
+            pump.stmts = Some(Box::new(stmts));
+            pump.servers = Some(crate::server::ServerList::default());
+            let (mut out, mut prev) = (Vec::new(), 0);
+            for (at, probe) in reads {
+                pump.probe_due = probe;
+                pump.read_server(&all[prev..at]).unwrap();
+                out.extend_from_slice(&pump.take_for_client());
+                prev = at;
+            }
+            prop_assert_eq!(out, want);
+        }
+
         /// The in-place scan's shortcut for plain messages leaves the transaction state and the report
         /// exactly as the general walk does (the copying scan never takes it), whatever the client has
         /// outstanding, the server answers and the reads' split.

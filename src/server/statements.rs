@@ -150,6 +150,17 @@ impl ClientStatements {
         self.map.get(name).map(|(s, _)| s)
     }
 
+    /// The client's name for the statement named `server_name` on servers (the least, when it gave the
+    /// same statement several names).
+    pub fn name_of(&self, server_name: &str) -> Option<&str> {
+        self.map.iter().filter(|(_, (s, _))| s.name == server_name).map(|(n, _)| n.as_str()).min()
+    }
+
+    /// The name of naming `gen`, while it lasts.
+    pub fn name_of_gen(&self, gen: u64) -> Option<&str> {
+        self.map.iter().find(|(_, (_, g))| *g == gen).map(|(n, _)| n.as_str())
+    }
+
     /// The statement and the generation of `name`'s naming.
     pub fn naming(&self, name: &str) -> Option<(Arc<Stmt>, u64)> {
         self.map.get(name).cloned()

@@ -238,10 +238,10 @@ impl Pump {
         true
     }
 
-    fn note_bound(&mut self, stmt: Arc<Stmt>) {
+    fn note_bound(&mut self, stmt: Arc<Stmt>, gen: u64) {
         if let Some(s) = self.stmts.as_mut() {
             if s.bound.len() < 256 {
-                s.bound.push(stmt);
+                s.bound.push((stmt, gen));
             }
         }
     }
@@ -294,7 +294,7 @@ impl Pump {
                     Target::Raw => self.send(msg, 0),
                     Target::Answered => {}
                     Target::Wait => return Ok(false), // the Bind waits for the shape check
-                    Target::Stmt(stmt, _) => {
+                    Target::Stmt(stmt, gen) => {
                         // Built in place: no buffer per Bind.
                         let at = protocol::begin(&mut self.c2s, b'B');
                         self.c2s.put_slice(portal);
@@ -304,7 +304,7 @@ impl Pump {
                         protocol::finish(&mut self.c2s, at);
                         self.tx.client(b'B', None);
                         settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
-                        self.note_bound(stmt);
+                        self.note_bound(stmt, gen);
                     }
                 }
             }
@@ -345,7 +345,7 @@ impl Pump {
                     Target::Stmt(stmt, gen) => {
                         let tag = self.actions.push(Action::Describe { gen });
                         self.send_describe(&stmt.name, tag);
-                        self.note_bound(stmt);
+                        self.note_bound(stmt, gen);
                     }
                 }
             }
@@ -431,7 +431,7 @@ impl Pump {
         let (portal, rest) = split_cstr(prefix).ok_or_else(bad)?;
         let (name, _) = split_cstr(rest).ok_or_else(bad)?;
         let consumed = portal.len() + name.len() + 2;
-        let Target::Stmt(stmt, _) = self.target(name, Use::BigBind)? else { return Ok(None) };
+        let Target::Stmt(stmt, gen) = self.target(name, Use::BigBind)? else { return Ok(None) };
         let len = body_len - consumed + portal.len() + stmt.name.len() + 2 + 4;
         let len = i32::try_from(len).map_err(|_| bad())?;
         self.c2s.put_u8(b'B');
@@ -441,7 +441,7 @@ impl Pump {
         protocol::put_cstr(&mut self.c2s, &stmt.name);
         self.tx.client(b'B', None);
         settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
-        self.note_bound(stmt);
+        self.note_bound(stmt, gen);
         Ok(Some(consumed))
     }
 }

@@ -1,6 +1,7 @@
 //! Server bytes to client bytes: the transaction state follows every message, and the replies to the proxy's
 //! own tagged messages are swallowed or replaced at their header.
 
+use super::errors;
 use super::rewrite::{self, Action, Actions, TxnStatements};
 use super::{Pump, PumpError, Seen, MAX_ERRORS};
 use crate::relay::frame::{self, Scan, ServerScanner};
@@ -31,7 +32,13 @@ impl Pump {
         if copies {
             return self.scan_server();
         }
-        self.scan_in_place(from)?;
+        let end = from + self.scan_in_place(from)?;
+        if end < self.s2c.len() {
+            // The scan stopped at an error to rebuild: the rest of the read goes the copying way.
+            self.sin.extend_from_slice(&self.s2c[end..]);
+            self.s2c.truncate(end);
+            return self.scan_server();
+        }
         let held = self.sscan.partial_header();
         self.s2c.truncate(self.s2c.len() - held);
         Ok(())
@@ -64,11 +71,11 @@ impl Pump {
         self.s2c = out;
         self.sin = sin;
         self.sin.clear();
-        r
+        r.map(|_| ())
     }
 
     /// Scan the server bytes just read straight into `s2c` (from `from` on), where they stay.
-    fn scan_in_place(&mut self, from: usize) -> Result<(), PumpError> {
+    fn scan_in_place(&mut self, from: usize) -> Result<usize, PumpError> {
         let s2c = std::mem::take(&mut self.s2c);
         let r = scan(self.parts(), &s2c[from..], None);
         self.s2c = s2c;
@@ -85,6 +92,7 @@ impl Pump {
             probe_due: &mut self.probe_due,
             backslash_quotes: &mut self.backslash_quotes,
             servers: self.servers.as_ref(),
+            error_held: &mut self.error_held,
         }
     }
 
@@ -94,7 +102,7 @@ impl Pump {
         let mut out = BytesMut::new();
         let r = scan(self.parts(), bytes, Some(&mut out));
         self.seen = seen;
-        r
+        r.map(|_| ())
     }
 
     /// Scan server bytes as if read from the server and return what the client would get (fuzzing and tests).
@@ -104,7 +112,7 @@ impl Pump {
         let got = out.to_vec();
         out.clear();
         self.s2c = out;
-        r.map(|()| got)
+        r.map(|_| got)
     }
 }
 
@@ -136,119 +144,183 @@ struct Parts<'a> {
     probe_due: &'a mut bool,
     backslash_quotes: &'a mut bool,
     servers: Option<&'a crate::server::ServerList>,
+    error_held: &'a mut bool,
 }
 
-/// Walk server bytes into `out`: the transaction state follows every message; replies to the proxy's own
-/// tagged messages are swallowed, renamed or replaced at their header; errors, idle ReadyForQuery and
-/// ParameterStatus are noted for the report.
-fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<(), PumpError> {
+/// Walk server bytes into `out` (`None`: scan them where they are): the transaction state follows every
+/// message; replies to the proxy's own tagged messages are swallowed, renamed or replaced at their header;
+/// errors, idle ReadyForQuery and ParameterStatus are noted for the report. Returns the bytes taken: all of
+/// them, except that a scan in place stops at an ErrorResponse that may name a pool statement (the caller
+/// scans the rest with a copy, in which the error is rebuilt with the client's names, [`errors`]).
+fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<usize, PumpError> {
+    let Parts { sscan, tx, seen, actions, stmts, probe_due, backslash_quotes, servers, error_held } = p;
     let copy = out.is_some();
-    let Parts { sscan, tx, seen, actions, mut stmts, probe_due, backslash_quotes, servers } = p;
+    let mut cx = Cx { tx, seen, actions, stmts, probe_due, backslash_quotes, servers, error_held, copy };
+    let total = bytes.len();
     let mut bytes = bytes;
-    if !copy && actions.is_empty() && sscan.at_boundary() {
-        bytes = plain_messages(bytes, tx, seen, actions, stmts.as_deref_mut())?;
+    if copy || !cx.actions.is_empty() {
+        sscan.feed_into(bytes, out, |ev, o| cx.on(ev, o))?;
+        return Ok(total);
     }
-    // A RowDescription is read only for a Describe the proxy tagged (a client's of a pool statement, or a
-    // shape check); untagged ones, the bulk of all replies, are not copied aside.
-    sscan.capture_rows = !actions.is_empty();
-    sscan.feed_into(bytes, out, |ev, out| match ev {
-        Scan::Header(h) => {
-            let kind = h[0];
-            // A notification is rebuilt at its end with the sender's pid as its client knows it (its body is
-            // not copied: that is how its end knows, in whichever read it comes).
-            if copy && kind == b'A' && servers.is_some() {
-                return false;
-            }
-            if !matches!(kind, b'N' | b'S' | b'A') {
-                match (actions.head(tx), kind) {
-                    (Some(Action::Swallow { .. } | Action::Unnamed | Action::Evict(_)), b'1' | b'3') => return false,
-                    (Some(Action::Check { .. }), b't' | b'T' | b'n') => return false,
-                    (Some(Action::Refuse(e)), b'E') | (Some(Action::Close { reply: Some(e), .. }), b'I') => {
-                        out.extend_from_slice(e);
-                        return false;
-                    }
-                    (Some(Action::DeallocateAll { failed }), b'E') => failed.set(true),
-                    _ => {}
-                }
-            }
-            if copy {
-                out.extend_from_slice(&h);
-            }
-            true
-        }
-        Scan::Message(m) => {
-            let mut fatal = false;
-            match m.kind {
-                b'E' => {
-                    let (sev, code, msg) = frame::error_fields(m.body);
-                    fatal = frame::is_fatal(sev);
-                    if m.copied && seen.errors.len() < MAX_ERRORS {
-                        seen.errors.push((code.to_owned(), msg.to_owned()));
-                    }
-                    if code == crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED
-                        && msg.starts_with("cached plan must not change result type")
-                    {
-                        // That server's plan stays stale for good: the statement is retired, new Parses of the
-                        // text get a fresh one, and namings of it move to the fresh one (checked against the
-                        // shape each client was told). Binds are not tagged (that would cost every Bind a copy of
-                        // its replies): everything bound or described since the server was last idle is retired,
-                        // and a spare retirement only costs a fresh Parse.
-                        if let Some(s) = stmts.as_deref_mut() {
-                            for stmt in s.bound.drain(..) {
-                                s.registry.retire(&stmt);
-                            }
-                        }
-                    }
-                }
-                b'T' | b'n' => {
-                    let shape = if m.kind == b'n' { &[][..] } else { m.body };
-                    match (actions.head(tx), stmts.as_deref_mut()) {
-                        (Some(Action::Describe { gen }), Some(s)) if !m.truncated => {
-                            s.client.set_shape(*gen, bytes::Bytes::copy_from_slice(shape));
-                        }
-                        (Some(Action::Check { gen }), Some(s))
-                            if (m.truncated || s.client.shape(*gen).is_none_or(|k| k[..] != *shape)) =>
-                        {
-                            // Prepared afresh, it returns rows of another shape than the client was told:
-                            // like Postgres, the client's statement fails until it prepares it again.
-                            s.client.set_broken(*gen);
-                        }
-                        _ => {}
-                    }
-                }
-                b'A' if !m.copied => {
-                    let body = m.body;
-                    if body.len() >= 4 && !m.truncated {
-                        let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-                        let known = servers.map_or(pid, |l| client_pid(l, pid));
-                        out.extend_from_slice(b"A");
-                        out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
-                        out.extend_from_slice(&known.to_be_bytes());
-                        out.extend_from_slice(&body[4..]);
-                    }
-                }
-                b'S' if !m.truncated => {
-                    *probe_due = true;
-                    let mut parts = m.body.split(|c| *c == 0);
-                    if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
-                        if k == b"standard_conforming_strings" {
-                            *backslash_quotes = v == b"off";
-                        }
-                        if seen.params.len() < 64 {
-                            seen.params.push((
-                                String::from_utf8_lossy(k).into_owned(),
-                                String::from_utf8_lossy(v).into_owned(),
-                            ));
-                        }
-                    }
+    let names = cx.stmts.as_deref().is_some_and(|s| !s.client.is_empty());
+    loop {
+        if sscan.at_boundary() {
+            bytes = plain_messages(bytes, cx.tx, cx.seen, cx.actions, cx.stmts.as_deref_mut())?;
+            match bytes {
+                [] => return Ok(total),
+                [b'E', ..] if names => return Ok(total - bytes.len()),
+                _ if !names => {
+                    sscan.feed_into(bytes, None, |ev, o| cx.on(ev, o))?;
+                    return Ok(total);
                 }
                 _ => {}
             }
-            follow(m.kind, m.first, fatal, tx, seen, actions, stmts.as_deref_mut());
-            false
         }
-    })?;
-    Ok(())
+        // One message (or the rest of the one in progress) at a time, so that the walk stops at an error.
+        let n = match (sscan.body_left(), bytes) {
+            (0, [_, l0, l1, l2, l3, ..]) if sscan.partial_header() == 0 => {
+                5 + frame::body_len(bytes[0], [*l0, *l1, *l2, *l3])?
+            }
+            (0, _) => bytes.len(),
+            (left, _) => left,
+        };
+        let (now, rest) = bytes.split_at(n.min(bytes.len()));
+        sscan.feed_into(now, None, |ev, o| cx.on(ev, o))?;
+        bytes = rest;
+        if bytes.is_empty() {
+            return Ok(total);
+        }
+    }
+}
+
+/// What the walk over server messages works on.
+struct Cx<'a> {
+    tx: &'a mut TxState,
+    seen: &'a mut Seen,
+    actions: &'a mut Actions,
+    stmts: Option<&'a mut TxnStatements>,
+    probe_due: &'a mut bool,
+    backslash_quotes: &'a mut bool,
+    servers: Option<&'a crate::server::ServerList>,
+    /// An ErrorResponse is held back to its end, to be rebuilt with the client's statement names.
+    error_held: &'a mut bool,
+    copy: bool,
+}
+
+impl Cx<'_> {
+    fn on(&mut self, ev: Scan<'_>, out: &mut BytesMut) -> bool {
+        let (tx, seen, actions) = (&mut *self.tx, &mut *self.seen, &mut *self.actions);
+        let (copy, servers) = (self.copy, self.servers);
+        match ev {
+            Scan::Header(h) => {
+                let kind = h[0];
+                // A notification is rebuilt at its end with the sender's pid as its client knows it (its body
+                // is not copied: that is how its end knows, in whichever read it comes).
+                if copy && kind == b'A' && servers.is_some() {
+                    return false;
+                }
+                if !matches!(kind, b'N' | b'S' | b'A') {
+                    match (actions.head(tx), kind) {
+                        (Some(Action::Swallow { .. } | Action::Unnamed | Action::Evict(_)), b'1' | b'3') => {
+                            return false
+                        }
+                        (Some(Action::Check { .. }), b't' | b'T' | b'n') => return false,
+                        (Some(Action::Refuse(e)), b'E') | (Some(Action::Close { reply: Some(e), .. }), b'I') => {
+                            out.extend_from_slice(e);
+                            return false;
+                        }
+                        (Some(Action::DeallocateAll { failed }), b'E') => failed.set(true),
+                        _ => {}
+                    }
+                }
+                if copy && kind == b'E' && errors::may_rename(&h, self.stmts.as_deref()) {
+                    *self.error_held = true;
+                    return false;
+                }
+                if copy {
+                    out.extend_from_slice(&h);
+                }
+                true
+            }
+            Scan::Message(m) => {
+                let mut fatal = false;
+                match m.kind {
+                    b'E' => {
+                        let (sev, code, msg) = frame::error_fields(m.body);
+                        fatal = frame::is_fatal(sev);
+                        let held = std::mem::take(self.error_held);
+                        if (m.copied || held) && seen.errors.len() < MAX_ERRORS {
+                            seen.errors.push((code.to_owned(), msg.to_owned()));
+                        }
+                        if held {
+                            if let Some(s) = self.stmts.as_deref() {
+                                errors::rebuild(m.body, s, out);
+                            }
+                        }
+                        if code == crate::protocol::sqlstate::FEATURE_NOT_SUPPORTED
+                            && msg.starts_with("cached plan must not change result type")
+                        {
+                            // That server's plan stays stale for good: the statement is retired, new Parses of
+                            // the text get a fresh one, and namings of it move to the fresh one (checked against
+                            // the shape each client was told). Binds are not tagged (that would cost every Bind
+                            // a copy of its replies): everything bound or described since the server was last
+                            // idle is retired, and a spare retirement only costs a fresh Parse.
+                            if let Some(s) = self.stmts.as_deref_mut() {
+                                for (stmt, _) in s.bound.drain(..) {
+                                    s.registry.retire(&stmt);
+                                }
+                            }
+                        }
+                    }
+                    b'T' | b'n' => {
+                        let shape = if m.kind == b'n' { &[][..] } else { m.body };
+                        match (actions.head(tx), self.stmts.as_deref_mut()) {
+                            (Some(Action::Describe { gen }), Some(s)) if !m.truncated => {
+                                s.client.set_shape(*gen, bytes::Bytes::copy_from_slice(shape));
+                            }
+                            (Some(Action::Check { gen }), Some(s))
+                                if (m.truncated || s.client.shape(*gen).is_none_or(|k| k[..] != *shape)) =>
+                            {
+                                // Prepared afresh, it returns rows of another shape than the client was told:
+                                // like Postgres, the client's statement fails until it prepares it again.
+                                s.client.set_broken(*gen);
+                            }
+                            _ => {}
+                        }
+                    }
+                    b'A' if !m.copied => {
+                        let body = m.body;
+                        if body.len() >= 4 && !m.truncated {
+                            let pid = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+                            let known = servers.map_or(pid, |l| client_pid(l, pid));
+                            out.extend_from_slice(b"A");
+                            out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+                            out.extend_from_slice(&known.to_be_bytes());
+                            out.extend_from_slice(&body[4..]);
+                        }
+                    }
+                    b'S' if !m.truncated => {
+                        *self.probe_due = true;
+                        let mut parts = m.body.split(|c| *c == 0);
+                        if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+                            if k == b"standard_conforming_strings" {
+                                *self.backslash_quotes = v == b"off";
+                            }
+                            if seen.params.len() < 64 {
+                                seen.params.push((
+                                    String::from_utf8_lossy(k).into_owned(),
+                                    String::from_utf8_lossy(v).into_owned(),
+                                ));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                follow(m.kind, m.first, fatal, tx, seen, actions, self.stmts.as_deref_mut());
+                false
+            }
+        }
+    }
 }
 
 /// The common case of an in-place scan, ahead of the general walk: while no reply of the proxy's own is owed

@@ -25,8 +25,9 @@ pub struct TxnStatements {
     pub misses: IntCounter,
     pub evictions: IntCounter,
     /// Statements bound since the server last had nothing owed ("cached plan must not change result type"
-    /// retires them).
-    pub bound: Vec<Arc<Stmt>>,
+    /// retires them), each with the generation of the client's naming it was used by (which names it in an
+    /// error of the server, [`super::super::errors`]).
+    pub bound: Vec<(Arc<Stmt>, u64)>,
     /// The client's unnamed statement (Parse body after the name) as of its last Parse or Close of it the
     /// server finished, which it may bind in a later transaction on another server, and whether the attached
     /// server's unnamed statement is the client's (or, with none, that the server has none either).
