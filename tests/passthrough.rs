@@ -143,3 +143,25 @@ async fn under_method_md5_each_role_logs_in_the_way_its_secret_allows() {
         assert_eq!(code(&e), "28P01", "{role}: {e}");
     }
 }
+
+/// A server line a passthrough role cannot answer says why: a cleartext password (pgbudget never holds the
+/// role's password, whatever `allow_cleartext_upstream` says) or GSSAPI (not supported upstream), with 08006.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_method_a_passthrough_role_cannot_answer_is_named() {
+    let pg = Pg::start();
+    let admin = direct(&pg).await;
+    admin.batch_execute("create role pat login password 'pw1'; create role gus login password 'pw2'").await.unwrap();
+    std::fs::write(
+        pg.dir.path().join("data/pg_hba.conf"),
+        "local all all scram-sha-256\nhost all pat 127.0.0.1/32 password\nhost all gus 127.0.0.1/32 gss\n\
+         host all all 127.0.0.1/32 scram-sha-256\n",
+    )
+    .unwrap();
+    admin.batch_execute("select pg_reload_conf()").await.unwrap();
+    let proxy = Proxy::start(&config(&pg, &services("transaction")));
+    for (role, pw, needle) in [("pat", "pw1", "which a passthrough role does not have"), ("gus", "pw2", "GSSAPI")] {
+        let e = connect(&as_role(&proxy, role, pw)).await.expect_err(role);
+        assert_eq!(code(&e), "08006", "{role}: {e}");
+        assert!(message(&e).contains(needle), "{role}: {}", message(&e));
+    }
+}

@@ -113,10 +113,12 @@ impl ServerConn {
                             }
                         }
                         3 => {
+                            // A passthrough role has no password to send, whatever the policy says.
+                            let pw = password()?;
                             if !policy.password {
                                 return Err(refuse(policy, "a cleartext password"));
                             }
-                            password_message(&mut out, password()?.as_bytes());
+                            password_message(&mut out, pw.as_bytes());
                             authenticated = true;
                         }
                         5 => {
@@ -203,6 +205,17 @@ impl ServerConn {
                             // Verifies the server's signature: a server that does not know the verifier fails here.
                             s.finish(b)?;
                             scram_done = true;
+                        }
+                        code @ (2 | 7 | 9) => {
+                            let method = match code {
+                                2 => "Kerberos V5",
+                                7 => "GSSAPI",
+                                _ => "SSPI",
+                            };
+                            return Err(ServerError::Auth(format!(
+                                "the server asks for {method} authentication (request {code}), which pgbudget does not \
+                                 support upstream: give its role a SCRAM-SHA-256, md5 or password line in pg_hba.conf"
+                            )));
                         }
                         code => return Err(ServerError::Auth(format!("unsupported authentication request {code}"))),
                     }
