@@ -115,3 +115,25 @@ async fn a_role_is_set_after_another_clients_session_authorization_is_undone() {
         assert_eq!(r.rows[0][0].as_deref(), Some("sa_alice/sa_alice"), "{:?}", r.error);
     }
 }
+
+/// Bytes that do not frame as a startup packet get no reply, as from Postgres (which only logs "invalid
+/// length of startup packet"): node-postgres's `end()` during `connect()` queues its Terminate ahead of the
+/// startup packet, and an ErrorResponse then rejected its pending connect (an unhandled rejection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_before_the_startup_packet_is_closed_without_a_reply_as_direct() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pg = Pg::start();
+    let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\npool_mode = \"transaction\"\n"));
+    let mut bytes = raw::msg(b'X', b"");
+    bytes.extend(raw::startup(raw::V3, &params("postgres")));
+    for (name, port) in [("direct", pg.port), ("pgbudget", proxy.port)] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut got)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{name}: closed after {read:?}, sent {got:?}");
+    }
+    assert!(proxy.log().contains("not a startup packet"), "the refusal is logged:\n{}", proxy.log());
+    let c = connect(&proxy.conninfo()).await.expect("the proxy still serves");
+    c.simple_query("select 1").await.unwrap();
+}

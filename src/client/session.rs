@@ -52,6 +52,21 @@ pub async fn run(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, id: u64, conso
             return forward_cancel(&app, pid, secret).await;
         }
         Ok(Ok(First::Gone)) => return, // a probe that closed before sending a startup packet
+        Ok(Err(ProxyError::ClientProtocol(e @ crate::protocol::ProtocolError::StartupLength(_)))) => {
+            // Bytes that do not frame as a startup packet get no reply, as from Postgres: the peer may not
+            // speak the protocol at all, or be a driver that queued its Terminate ahead of its startup packet
+            // (node-postgres's end() during connect()), which would take an ErrorResponse for a failed login.
+            // What already arrived is read first: closing on unread bytes would reset the connection (RST).
+            if let Some(tcp) = sock.tcp() {
+                let mut sink = [0u8; 4096];
+                for _ in 0..4 {
+                    if !matches!(tcp.try_read(&mut sink), Ok(n) if n > 0) {
+                        break;
+                    }
+                }
+            }
+            return warn!(kind = "client_protocol", cause = %e, "closed without a reply: not a startup packet");
+        }
         Ok(Err(e)) => {
             drop(permit);
             return fail(&mut sock, e).await;
