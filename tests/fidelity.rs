@@ -417,3 +417,41 @@ async fn txn_server_errors_name_the_statement_as_the_client_named_it() {
     assert_eq!(t[4], vec![e("plus"), "Z:I".to_owned()]);
     assert_eq!(t[5], vec![e("add"), "Z:I".to_owned()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_sql_deallocate_by_extended_protocol_drops_the_clients_statement_like_direct() {
+    // psycopg 3 evicts a prepared statement with PQexecParams("DEALLOCATE _pg3_0"): Parse of the unnamed
+    // statement, Bind, Execute. Through the proxy the server has the statement under the pool's name.
+    let dealloc = |name: &str| vec![parse("", &format!("DEALLOCATE {name}")), bind(""), execute(), sync()];
+    let t = differential("", |port, _adm| async move {
+        let mut c = login(port).await;
+        let mut t = vec![exchange(&mut c, &[parse("_pg3_0", "select 1"), parse("kept", "select 2"), sync()], 1).await];
+        t.push(exchange(&mut c, &run("_pg3_0"), 1).await);
+        t.push(exchange(&mut c, &dealloc("_pg3_0"), 1).await);
+        t.push(exchange(&mut c, &run("_pg3_0"), 1).await);
+        t.push(exchange(&mut c, &[parse("_pg3_0", "select 3"), bind("_pg3_0"), execute(), sync()], 1).await);
+        // Inside a transaction block, then an unknown name, then after an error earlier in the batch (the
+        // DEALLOCATE is skipped: the statement stays), then in a failed transaction.
+        t.push(exchange(&mut c, &[query("begin")], 1).await);
+        t.push(exchange(&mut c, &dealloc("\"_pg3_0\""), 1).await);
+        t.push(exchange(&mut c, &[query("commit")], 1).await);
+        t.push(exchange(&mut c, &dealloc("nope"), 1).await);
+        let mut skipped = run("nope");
+        skipped.pop();
+        skipped.extend(dealloc("kept"));
+        t.push(exchange(&mut c, &skipped, 1).await);
+        t.push(exchange(&mut c, &run("kept"), 1).await);
+        t.push(exchange(&mut c, &[query("begin"), query("select 1/0")], 2).await);
+        t.push(exchange(&mut c, &dealloc("kept"), 1).await);
+        t.push(exchange(&mut c, &[query("rollback")], 1).await);
+        t.push(exchange(&mut c, &run("kept"), 1).await);
+        t
+    })
+    .await;
+    assert_eq!(t[2], s(&["1", "2", "C:DEALLOCATE", "Z:I"]));
+    assert_eq!(t[3], s(&["E:26000:prepared statement \"_pg3_0\" does not exist", "Z:I"]));
+    assert_eq!(t[4], s(&["1", "2", "D:3", "C:SELECT 1", "Z:I"]), "the name is free again");
+    assert_eq!(t[6], s(&["1", "2", "C:DEALLOCATE", "Z:T"]));
+    assert_eq!(t[10], s(&["2", "D:2", "C:SELECT 1", "Z:I"]), "a skipped DEALLOCATE left the statement");
+    assert_eq!(t[14], t[10]);
+}

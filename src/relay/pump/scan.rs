@@ -221,9 +221,12 @@ impl Cx<'_> {
                 }
                 if !matches!(kind, b'N' | b'S' | b'A') {
                     match (actions.head(tx), kind) {
-                        (Some(Action::Swallow { .. } | Action::Unnamed | Action::Evict(_)), b'1' | b'3') => {
-                            return false
-                        }
+                        (
+                            Some(
+                                Action::Swallow { .. } | Action::Unnamed | Action::Evict(_) | Action::Deallocate { .. },
+                            ),
+                            b'1' | b'3',
+                        ) => return false,
                         (Some(Action::Check { .. }), b't' | b'T' | b'n') => return false,
                         (Some(Action::Refuse(e)), b'E') | (Some(Action::Close { reply: Some(e), .. }), b'I') => {
                             out.extend_from_slice(e);

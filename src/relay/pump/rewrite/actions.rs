@@ -39,6 +39,10 @@ pub enum Action {
     /// statement is gone at once; otherwise the pool keeps it and a Close of nobody (or the empty query)
     /// answers in order.
     Close { name: String, stmt: Arc<Stmt>, gen: u64, void: bool, reply: Option<Bytes>, closes: Option<u64> },
+    /// The proxy's Close of its stand-in for a client's unnamed Parse of SQL `DEALLOCATE name` of a
+    /// protocol-level statement ([`super::super::Pump::deallocate_parse`]): swallowed; the client's name is
+    /// gone once it succeeds, and back if it was skipped after an error.
+    Deallocate { name: String, stmt: Arc<Stmt>, gen: u64 },
     /// A client Query with `DEALLOCATE ALL` or `DISCARD ALL`: the client's statements go only if it ran
     /// without an error (refused in an aborted transaction, or `DISCARD ALL` in a transaction block, it
     /// deallocates nothing). `failed`: an ErrorResponse came for it.
@@ -135,7 +139,7 @@ pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnSta
                 if let Some((id, prepared)) = action.server_effect() {
                     s.server.confirm(id, prepared);
                 }
-                if let Action::Close { gen, .. } = action {
+                if let Action::Close { gen, .. } | Action::Deallocate { gen, .. } = action {
                     s.client.drop_gen(gen);
                 }
                 break;
@@ -153,7 +157,9 @@ pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnSta
                         }
                     }
                 }
-                Action::Close { name, stmt, gen, void: false, .. } => s.client.restore(name, stmt, gen),
+                Action::Close { name, stmt, gen, void: false, .. } | Action::Deallocate { name, stmt, gen } => {
+                    s.client.restore(name, stmt, gen)
+                }
                 Action::Unnamed => s.unnamed_here = false,
                 _ => {}
             }

@@ -25,6 +25,9 @@ impl Pump {
             self.refuse(b'P', name.is_empty(), &e);
             return Ok(true);
         }
+        if name.is_empty() && self.mapping() && self.deallocate_parse(tail) {
+            return Ok(true);
+        }
         if name.is_empty() {
             self.send_unnamed(msg, |s| s.parse_unnamed(tail));
             return Ok(true);
@@ -82,4 +85,36 @@ impl Pump {
         self.send(&out, tag);
         Ok(true)
     }
+
+    /// An unnamed Parse (`tail`: text and parameter types) of SQL `DEALLOCATE name` of one of the client's
+    /// protocol-level statements (psycopg 3 evicts its statements this way, with PQexecParams): the client's
+    /// name goes, as with a Query of it ([`super::super::execute`]), while the pool keeps the statement.
+    /// The text deallocates a stand-in of the proxy's instead, prepared ahead of it (after a Close of any
+    /// left from a DEALLOCATE never executed), so the client's Bind and Execute get what direct they would:
+    /// BindComplete and `DEALLOCATE`. In a failed transaction it goes as written (Postgres refuses the Parse).
+    pub(super) fn deallocate_parse(&mut self, tail: &[u8]) -> bool {
+        let Some((text, types)) = split_cstr(tail) else { return false };
+        let Some(name) = crate::relay::pump::execute::deallocate_target(text) else { return false };
+        if self.tx.status() == b'E' {
+            return false;
+        }
+        let Some(s) = self.stmts.as_mut() else { return false };
+        let Some((stmt, gen)) = s.client.remove(&name) else { return false };
+        let mut out = BytesMut::with_capacity(64);
+        put_close(&mut out, STAND_IN);
+        let tag = self.actions.push(Action::Deallocate { name, stmt, gen });
+        self.send(&out, tag);
+        out.clear();
+        put_parse(&mut out, STAND_IN, b"SELECT\0\0\0");
+        let tag = self.actions.push(Action::Swallow { prepared: None });
+        self.send(&out, tag);
+        out.clear();
+        let text = [b"DEALLOCATE ", STAND_IN.as_bytes(), b"\0", types].concat();
+        put_parse(&mut out, "", &text);
+        self.send_unnamed(&out, |s| s.parse_unnamed(&text));
+        true
+    }
 }
+
+/// The statement a client's SQL `DEALLOCATE` by extended protocol deallocates in its place.
+const STAND_IN: &str = "pgbudget__dealloc";
