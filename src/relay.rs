@@ -152,6 +152,8 @@ impl Relay {
                 unnamed: None,
                 unnamed_here: false,
                 unnamed_pending: Default::default(),
+                unnamed_deallocates: false,
+                portal_deallocates: false,
                 holding: false,
                 checked: None,
             }));

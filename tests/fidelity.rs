@@ -455,3 +455,37 @@ async fn txn_sql_deallocate_by_extended_protocol_drops_the_clients_statement_lik
     assert_eq!(t[10], s(&["2", "D:2", "C:SELECT 1", "Z:I"]), "a skipped DEALLOCATE left the statement");
     assert_eq!(t[14], t[10]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_deallocate_all_by_extended_protocol_drops_the_clients_statements_like_direct() {
+    // psycopg 3 clears its statement cache with DEALLOCATE ALL by PQexecParams; DISCARD ALL the same way.
+    let ext = |sql: &str| vec![parse("", sql), bind(""), execute(), sync()];
+    let t = differential("", |port, _adm| async move {
+        let mut c = login(port).await;
+        let prep = [parse("s1", "select 1"), parse("s2", "select 2"), sync()];
+        let mut t = vec![exchange(&mut c, &prep, 1).await];
+        // Parsed and bound, never executed: nothing is deallocated.
+        t.push(exchange(&mut c, &[parse("", "DEALLOCATE ALL"), bind(""), sync()], 1).await);
+        t.push(exchange(&mut c, &run("s1"), 1).await);
+        // Skipped after an earlier error, and refused inside a transaction block (DISCARD ALL): kept.
+        let mut skipped = run("nope");
+        skipped.pop();
+        skipped.extend(ext("DEALLOCATE ALL"));
+        t.push(exchange(&mut c, &skipped, 1).await);
+        t.push(exchange(&mut c, &[query("begin")], 1).await);
+        t.push(exchange(&mut c, &ext("DISCARD ALL"), 1).await);
+        t.push(exchange(&mut c, &[query("rollback")], 1).await);
+        t.push(exchange(&mut c, &run("s2"), 1).await);
+        // Executed: both names are gone and free again.
+        t.push(exchange(&mut c, &ext("DEALLOCATE ALL"), 1).await);
+        t.push(exchange(&mut c, &run("s1"), 1).await);
+        t.push(exchange(&mut c, &[parse("s2", "select 22"), bind("s2"), execute(), sync()], 1).await);
+        t
+    })
+    .await;
+    assert_eq!(t[2], s(&["2", "D:1", "C:SELECT 1", "Z:I"]));
+    assert_eq!(t[7], s(&["2", "D:2", "C:SELECT 1", "Z:I"]));
+    assert_eq!(t[8], s(&["1", "2", "C:DEALLOCATE ALL", "Z:I"]));
+    assert_eq!(t[9], s(&["E:26000:prepared statement \"s1\" does not exist", "Z:I"]));
+    assert_eq!(t[10], s(&["1", "2", "D:22", "C:SELECT 1", "Z:I"]));
+}

@@ -6,7 +6,7 @@
 //! written and fails as Postgres fails it (26000): preparing it there first would need a Sync inside the
 //! client's Query, which the model does not do.
 //!
-//! `DEALLOCATE` (the whole Query; psycopg 3 evicts its prepared statements this way): the client's name
+//! `DEALLOCATE` (the whole Query; psycopg 3 sends it by extended protocol, `rewrite/parse.rs`): the client's name
 //! goes, as with a protocol Close (the pool keeps the statement for its other users), and the server runs an
 //! empty query in its place, whose EmptyQueryResponse becomes the `DEALLOCATE`'s CommandComplete — in order,
 //! with the transaction status the server reports. In a failed transaction it goes as written: Postgres

@@ -93,14 +93,21 @@ impl Pump {
                     self.c2s.extend_from_slice(&self.cin[..5]);
                     self.cin.advance(5);
                     self.body_left = body;
-                    match self.stmts.as_deref_mut().filter(|_| kind == b'P') {
+                    match self.stmts.as_deref_mut().filter(|_| matches!(kind, b'P' | b'E')) {
                         // The client's unnamed statement is now one whose text the proxy does not hold: on this
                         // server it is the client's; on its next, none is (as after a Close).
-                        Some(s) => {
+                        Some(s) if kind == b'P' => {
                             s.close_unnamed();
                             self.tx.client_tagged(kind, None, rewrite::UNNAMED_PARSE);
                         }
-                        None => self.tx.client(kind, None),
+                        // The Execute of a `DEALLOCATE ALL` (or `DISCARD ALL`) by extended protocol.
+                        Some(s) if s.portal_deallocates => {
+                            s.portal_deallocates = false;
+                            let all = rewrite::Action::DeallocateAll { failed: Default::default(), extended: true };
+                            let tag = self.actions.push(all);
+                            self.tx.client_tagged(kind, None, tag);
+                        }
+                        _ => self.tx.client(kind, None),
                     }
                     rewrite::settle(&mut self.tx, &mut self.actions, self.stmts.as_deref_mut());
                 }

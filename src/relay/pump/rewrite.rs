@@ -276,7 +276,7 @@ impl Pump {
                     return Ok(true);
                 }
                 let tag = if fx.has(classify::DEALLOCATE_ALL) && self.stmts.is_some() {
-                    self.actions.push(Action::DeallocateAll { failed: Cell::new(false) })
+                    self.actions.push(Action::DeallocateAll { failed: Cell::new(false), extended: false })
                 } else {
                     0
                 };
@@ -290,6 +290,9 @@ impl Pump {
                 let bad = || PumpError::Filter(protocol::ProtocolError::Malformed("Bind"));
                 let (portal, rest) = split_cstr(body).ok_or_else(bad)?;
                 let (name, rest) = split_cstr(rest).ok_or_else(bad)?;
+                if let Some(s) = self.stmts.as_deref_mut().filter(|_| portal.is_empty()) {
+                    s.portal_deallocates = name.is_empty() && s.unnamed_deallocates;
+                }
                 match self.target(name, Use::Bind)? {
                     Target::Raw => self.send(msg, 0),
                     Target::Answered => {}

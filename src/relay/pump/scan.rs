@@ -232,7 +232,7 @@ impl Cx<'_> {
                             out.extend_from_slice(e);
                             return false;
                         }
-                        (Some(Action::DeallocateAll { failed }), b'E') => failed.set(true),
+                        (Some(Action::DeallocateAll { failed, .. }), b'E') => failed.set(true),
                         _ => {}
                     }
                 }

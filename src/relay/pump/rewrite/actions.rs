@@ -46,7 +46,9 @@ pub enum Action {
     /// A client Query with `DEALLOCATE ALL` or `DISCARD ALL`: the client's statements go only if it ran
     /// without an error (refused in an aborted transaction, or `DISCARD ALL` in a transaction block, it
     /// deallocates nothing). `failed`: an ErrorResponse came for it.
-    DeallocateAll { failed: Cell<bool> },
+    /// `extended`: the Execute of an unnamed statement of that text, which deallocates only if it completes
+    /// (skipped after an earlier error, it did nothing either).
+    DeallocateAll { failed: Cell<bool>, extended: bool },
 }
 
 /// The tag of a client's Parse or Close of its unnamed statement: no action of its own (its reply passes
@@ -126,10 +128,10 @@ pub fn settle(tx: &mut TxState, actions: &mut Actions, stmts: Option<&mut TxnSta
             if matches!(action, Action::Check { .. }) {
                 s.holding = false; // compared at its RowDescription, or its Parse failed: the Bind goes on
             }
-            if let Action::DeallocateAll { failed } = &action {
+            if let Action::DeallocateAll { failed, extended } = &action {
                 // A Query is answered (ReadyForQuery) even when a statement in it failed. The server's
                 // statements are read back by the probe this Query set off either way.
-                if !failed.get() {
+                if !failed.get() && (ok || !extended) {
                     s.client.clear();
                     s.server.clear();
                 }

@@ -29,7 +29,11 @@ impl Pump {
             return Ok(true);
         }
         if name.is_empty() {
-            self.send_unnamed(msg, |s| s.parse_unnamed(tail));
+            let all = effects.has(crate::relay::classify::DEALLOCATE_ALL);
+            self.send_unnamed(msg, |s| {
+                s.parse_unnamed(tail);
+                s.unnamed_deallocates = all;
+            });
             return Ok(true);
         }
         if !self.mapping() {

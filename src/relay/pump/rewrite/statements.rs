@@ -37,6 +37,10 @@ pub struct TxnStatements {
     /// finished, in order, each with `unnamed_here` as it was before it: a Parse that fails leaves none, a
     /// message skipped (after an error earlier in its batch) leaves the one before, on the server too.
     pub unnamed_pending: VecDeque<(Option<Bytes>, bool)>,
+    /// The client's latest unnamed Parse is of `DEALLOCATE ALL` or `DISCARD ALL`, and its last Bind of the
+    /// unnamed portal bound that: the Execute that follows drops the client's statements if it completes.
+    pub unnamed_deallocates: bool,
+    pub portal_deallocates: bool,
     /// A shape check is running: client messages wait for it.
     pub holding: bool,
     /// The statement last checked in this checkout.
@@ -62,6 +66,8 @@ impl TxnStatements {
             unnamed: None,
             unnamed_here: false,
             unnamed_pending: VecDeque::new(),
+            unnamed_deallocates: false,
+            portal_deallocates: false,
             holding: false,
             checked: None,
         }
@@ -86,6 +92,7 @@ impl TxnStatements {
     pub(in crate::relay::pump) fn close_unnamed(&mut self) {
         self.unnamed_pending.push_back((None, self.unnamed_here));
         self.unnamed_here = true;
+        self.unnamed_deallocates = false;
     }
 
     /// The client's unnamed statement is gone (a simple Query drops it), whatever Parses of it are still on
@@ -93,6 +100,7 @@ impl TxnStatements {
     pub(super) fn drop_unnamed(&mut self) {
         self.unnamed = None;
         self.unnamed_pending.clear();
+        self.unnamed_deallocates = false;
     }
 
     /// The oldest unfinished Parse or Close of the unnamed statement finished.
