@@ -266,3 +266,31 @@ async fn a_closed_statement_no_other_client_holds_is_gone_from_the_server_at_onc
         assert_eq!(rows[0].get::<_, &str>(0), "shared", "B's statement survives A's Close");
     }
 }
+
+/// Ending backend-only state matters only to a pinned client: an unpinned client's `DROP TABLE` (or `CLOSE`,
+/// `UNLISTEN`) costs no session probe round trip, a pinned client's `UNLISTEN` still does (and unpins it).
+/// Counted off the server's statement log between two markers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_pinned_client_pays_a_probe_for_ending_backend_state() {
+    let pg = Pg::start_with(&["log_statement=all"]);
+    let proxy = Proxy::start(&config(&pg, "[services.app]\nslice = 2\npool_mode = \"transaction\"\n"));
+    let c = connect(&proxy.conninfo()).await.unwrap();
+    let probes_between = |log: &str, from: &str, to: &str| {
+        let (start, end) = (log.find(from).expect("first marker"), log.find(to).expect("second marker"));
+        log[start..end].matches("current_setting('statement_timeout')").count()
+    };
+    c.simple_query("select 'mark 1'").await.unwrap();
+    for sql in ["create table t1 (a int)", "drop table t1", "close all", "unlisten *", "select 1"] {
+        c.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+    c.simple_query("select 'mark 2'").await.unwrap();
+    c.simple_query("listen ch").await.unwrap();
+    c.simple_query("select 'mark 3'").await.unwrap();
+    c.simple_query("unlisten ch").await.unwrap();
+    c.simple_query("select 'mark 4'").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let log = pg.log();
+    assert_eq!(probes_between(&log, "'mark 1'", "'mark 2'"), 0, "unpinned: no probe");
+    assert_eq!(probes_between(&log, "'mark 2'", "'mark 3'"), 1, "LISTEN pins, read off a probe");
+    assert_eq!(probes_between(&log, "'mark 3'", "'mark 4'"), 1, "the pinned client's UNLISTEN is probed");
+}

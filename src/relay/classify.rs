@@ -31,6 +31,8 @@ pub const UNPIN: u16 = 1 << 7;
 pub const DEALLOCATE_ALL: u16 = 1 << 8;
 /// The text could not be read with certainty (unterminated quote, Unicode escapes, backslashes).
 pub const UNKNOWN: u16 = 1 << 9;
+/// `DEALLOCATE` of one statement: which statements the server has is read back after it.
+pub const DEALLOCATE: u16 = 1 << 10;
 
 /// Effects that create state only the backend holds.
 pub const PINS: u16 = LISTEN | TEMP | ADVISORY | CURSOR | PREPARE | LOAD;
@@ -202,9 +204,7 @@ impl Statements {
                 if eq(w, "prepare") {
                     Lead::Deallocate
                 } else {
-                    if eq(w, "all") {
-                        self.effects |= DEALLOCATE_ALL;
-                    }
+                    self.effects |= if eq(w, "all") { DEALLOCATE_ALL } else { DEALLOCATE };
                     Lead::Done
                 }
             }

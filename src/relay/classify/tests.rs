@@ -63,7 +63,7 @@ fn pins_and_unpins() {
     assert_eq!(fx("DISCARD ALL"), UNPIN | SETTINGS | DEALLOCATE_ALL);
     assert_eq!(fx("DEALLOCATE ALL"), UNPIN | DEALLOCATE_ALL);
     assert_eq!(fx("DEALLOCATE PREPARE ALL"), UNPIN | DEALLOCATE_ALL);
-    assert_eq!(fx("DEALLOCATE p"), UNPIN);
+    assert_eq!(fx("DEALLOCATE p"), UNPIN | DEALLOCATE);
     assert_eq!(fx("SELECT pg_advisory_unlock_all()"), UNPIN);
     assert_eq!(fx("CLOSE c"), UNPIN);
     assert_eq!(fx("DROP TABLE t"), UNPIN);

@@ -96,6 +96,9 @@ impl Pump {
             let statement = fx.pin_statement().unwrap_or("this statement");
             return Some(ProxyError::PinRefused { statement, service: stmts.service.clone() });
         }
+        // Ending backend-only state (`DROP`, `CLOSE`, `UNLISTEN`...) matters only to a pinned client: without
+        // a pin there is none to end, and no probe round trip is owed after every `DROP TABLE`.
+        let fx = if self.pinned { fx } else { classify::Effects(fx.0 & !classify::UNPIN) };
         if fx.needs_probe() {
             self.probe_due = true;
         }
