@@ -85,14 +85,17 @@ impl Pump {
     fn parts(&mut self) -> Parts<'_> {
         Parts {
             sscan: &mut self.sscan,
-            tx: &mut self.tx,
-            seen: &mut self.seen,
-            actions: &mut self.actions,
-            stmts: self.stmts.as_deref_mut(),
-            probe_due: &mut self.probe_due,
-            backslash_quotes: &mut self.backslash_quotes,
-            servers: self.servers.as_ref(),
-            error_held: &mut self.error_held,
+            cx: Cx {
+                tx: &mut self.tx,
+                seen: &mut self.seen,
+                actions: &mut self.actions,
+                stmts: self.stmts.as_deref_mut(),
+                probe_due: &mut self.probe_due,
+                backslash_quotes: &mut self.backslash_quotes,
+                servers: self.servers.as_ref(),
+                error_held: &mut self.error_held,
+                copy: false,
+            },
         }
     }
 
@@ -134,17 +137,10 @@ pub fn name_senders(bytes: &mut [u8], servers: &crate::server::ServerList) {
     }
 }
 
-/// The pump's parts the server scan works on.
+/// The pump's parts the server scan works on: its scanner, and what the walk over messages works on.
 struct Parts<'a> {
     sscan: &'a mut ServerScanner,
-    tx: &'a mut TxState,
-    seen: &'a mut Seen,
-    actions: &'a mut Actions,
-    stmts: Option<&'a mut TxnStatements>,
-    probe_due: &'a mut bool,
-    backslash_quotes: &'a mut bool,
-    servers: Option<&'a crate::server::ServerList>,
-    error_held: &'a mut bool,
+    cx: Cx<'a>,
 }
 
 /// Walk server bytes into `out` (`None`: scan them where they are): the transaction state follows every
@@ -153,12 +149,11 @@ struct Parts<'a> {
 /// them, except that a scan in place stops at an ErrorResponse that may name a pool statement (the caller
 /// scans the rest with a copy, in which the error is rebuilt with the client's names, [`errors`]).
 fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<usize, PumpError> {
-    let Parts { sscan, tx, seen, actions, stmts, probe_due, backslash_quotes, servers, error_held } = p;
-    let copy = out.is_some();
-    let mut cx = Cx { tx, seen, actions, stmts, probe_due, backslash_quotes, servers, error_held, copy };
+    let Parts { sscan, mut cx } = p;
+    cx.copy = out.is_some();
     let total = bytes.len();
     let mut bytes = bytes;
-    if copy || !cx.actions.is_empty() {
+    if cx.copy || !cx.actions.is_empty() {
         sscan.feed_into(bytes, out, |ev, o| cx.on(ev, o))?;
         return Ok(total);
     }
@@ -204,6 +199,7 @@ struct Cx<'a> {
     servers: Option<&'a crate::server::ServerList>,
     /// An ErrorResponse is held back to its end, to be rebuilt with the client's statement names.
     error_held: &'a mut bool,
+    /// The scan copies (edits) into an output, rather than scanning bytes where they are.
     copy: bool,
 }
 
