@@ -61,22 +61,15 @@ OUT=${OUT:-target/driver-suites}
 mkdir -p -- "$OUT" "$CACHE"
 OUT=$(cd -- "$OUT" && pwd)
 
-log() { printf '[driver_suites.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=suite_lib.sh
+source "$SCRIPT_DIR/suite_lib.sh"
 ALL_SUITES="asyncpg psycopg2 pg8000 tokio-postgres"
 for s in $SUITES; do [[ " $ALL_SUITES " == *" $s "* ]] || die "unknown suite '$s' ($ALL_SUITES)"; done
 has_suite() { [[ " $SUITES " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- tools and Python packages
-if command -v pg_config >/dev/null && [[ -x "$(pg_config --bindir)/postgres" ]]; then PGBIN=$(pg_config --bindir)
-elif [[ -x /usr/lib/postgresql/15/bin/postgres ]]; then PGBIN=/usr/lib/postgresql/15/bin
-else die "cannot find the Postgres server binaries (pg_config --bindir, /usr/lib/postgresql/15/bin)"; fi
+find_postgres
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found"
-AS_PG=() # as root, Postgres runs as the unprivileged postgres user
-if (( EUID == 0 )); then
-    id postgres >/dev/null 2>&1 || die "running as root but there is no 'postgres' user to run Postgres as"
-    AS_PG=(runuser -u postgres --)
-fi
 
 pip_install() { # pip args...: Debian's system Python refuses plain installs (PEP 668); these are test-only
     local out
@@ -143,125 +136,21 @@ fetch_crate() { # name version -> a directory holding the crate's pristine sourc
     echo "$d"
 }
 
-if [[ -n ${PGBUDGET_BIN:-} ]]; then
-    [[ -x $PGBUDGET_BIN ]] || die "PGBUDGET_BIN=$PGBUDGET_BIN is not executable"
-else
-    log "building pgbudget (cargo build --release --bin pgbudget)"
-    cargo build --release --bin pgbudget >&2 || die "cargo build failed"
-    PGBUDGET_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/pgbudget
-fi
+build_pgbudget
 
-# ---------------------------------------------------------------- processes, cleanup
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/driver-suites.XXXXXX")
-PG_PID="" PG_LAUNCHER="" PGBUDGET_PID="" PGDATA_DIR="" PYTEST_PID="" # PYTEST_PID: cargo test's timeout too
-
-stop_pid() { # pid signal
-    local pid=$1 sig=$2 i
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill "-$sig" "$pid" 2>/dev/null || true
-    for (( i = 0; i < 200; i++ )); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    log "pid $pid did not stop after SIG$sig within 20 s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-}
-stop_pgbudget() { stop_pid "$PGBUDGET_PID" TERM; PGBUDGET_PID=""; }
-stop_pg() {
-    if [[ -z $PG_PID && -n $PGDATA_DIR && -s $PGDATA_DIR/postmaster.pid ]]; then PG_PID=$(head -n 1 "$PGDATA_DIR/postmaster.pid"); fi
-    stop_pid "$PG_PID" INT
-    stop_pid "$PG_LAUNCHER" TERM # the runuser wrapper: normally gone already
-    wait "$PG_LAUNCHER" 2>/dev/null || true
-    PG_PID="" PG_LAUNCHER=""
-}
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    stop_pid "$PYTEST_PID" INT # pytest still writes its junit XML
-    stop_pgbudget
-    stop_pg
-    if [[ ${KEEP_TMP:-0} == 1 ]]; then log "keeping $TMP"; else rm -rf -- "$TMP"; fi
-    exit "$rc"
-}
-trap cleanup EXIT; trap 'exit 130' INT; trap 'exit 143' TERM
-if (( EUID == 0 )); then chown postgres: "$TMP"; fi
-
-free_port() { # [preferred]: a bindable loopback port below the ephemeral range, so no outgoing connection
-    # takes it; the preferred one when that is bindable
-    "$PYTHON" -c 'import random, socket, sys
-for p in [int(a) for a in sys.argv[1:] if a.isdigit()] + random.sample(range(20000, 32000), 500):
-    try: socket.socket().bind(("127.0.0.1", p)); print(p); break
-    except OSError: pass' "$@"
-}
-wait_ready() { # port label pid
-    local i
-    for (( i = 0; i < 300; i++ )); do
-        "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$1" -U postgres -d postgres && return 0
-        kill -0 "$3" 2>/dev/null || die "$2 exited during startup"
-        sleep 0.1
-    done
-    die "$2 did not accept connections on 127.0.0.1:$1 within 30 s"
-}
-psql_at() { PGPASSWORD=$PASSWORD "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -p "$@"; }
-
-start_pg() { # datadir logfile [port]: Postgres on that or a free loopback port (PG_PORT)
-    PGDATA_DIR=$1 PG_PORT=${3:-$(free_port)}
-    "${AS_PG[@]}" "$PGBIN/postgres" -D "$PGDATA_DIR" -p "$PG_PORT" -k "$PGDATA_DIR" \
-        -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c synchronous_commit=off \
-        -c jit=off -c max_prepared_transactions=10 >"$2" 2>&1 &
-    PG_LAUNCHER=$!
-    wait_ready "$PG_PORT" postgres "$PG_LAUNCHER"
-    PG_PID=$(head -n 1 "$PGDATA_DIR/postmaster.pid")
-}
-
-start_pgbudget() { # logfile [port]: pgbudget in front of PG_PORT on PGBUDGET_PORT (that or a free one)
-    PGBUDGET_PORT=${2:-$(free_port)}
-    cat >"$TMP/budgets.toml" <<EOF
-[proxy]
-listen = "127.0.0.1:$PGBUDGET_PORT"
-mode = "sidecar"
-service = "suites"
-
-[auth]
-method = "scram-sha-256"
-passthrough = true   # roles the suites create log in with their own passwords
-
-[upstreams.primary]
-url = "postgres://postgres:$PASSWORD@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
-ceiling = 200
-reserved = 0
-databases = ["*"]
-
-[services.suites]
-slice = 20
-pool_mode = "transaction"
-pin = "allow"
-checkout_timeout = "60s"
-EOF
-    local -a clean_env=(env -u RAILWAY_SERVICE_NAME -u RAILWAY_REPLICA_COUNT -u WEB_CONCURRENCY -u PGBUDGET_LISTEN
-        -u PGBUDGET_CONFIG -u PGBUDGET_SLICES -u PGBUDGET_ADMIN_LISTEN)
-    "${clean_env[@]}" "$PGBUDGET_BIN" check --config "$TMP/budgets.toml" >"$TMP/check.log" 2>&1 ||
-        { cat "$TMP/check.log" >&2; die "pgbudget check rejects $TMP/budgets.toml"; }
-    "${clean_env[@]}" RUST_LOG="${PGBUDGET_LOG:-warn}" "$PGBUDGET_BIN" run --config "$TMP/budgets.toml" \
-        --admin-listen "" >"$1" 2>&1 &
-    PGBUDGET_PID=$!
-    wait_ready "$PGBUDGET_PORT" pgbudget "$PGBUDGET_PID"
-}
+# ---------------------------------------------------------------- processes
+harness_init driver-suites INT # RUN_PID: pytest (SIGINT: it still writes its junit XML) or cargo test
+PG_EXTRA_OPTS=(-c max_prepared_transactions=10)
 
 # ---------------------------------------------------------------- the pristine cluster every run starts from
-printf '%s\n' "$PASSWORD" >"$TMP/pwfile"
-if (( EUID == 0 )); then chown postgres: "$TMP/pwfile"; fi
-log "initdb (scram-sha-256, user postgres) in $TMP/template"
-"${AS_PG[@]}" "$PGBIN/initdb" -D "$TMP/template" -U postgres -A scram-sha-256 --pwfile="$TMP/pwfile" -E UTF8 \
-    --no-instructions >"$TMP/initdb.log" 2>&1 || { cat "$TMP/initdb.log" >&2; die "initdb failed"; }
-hba=() # lines ahead of initdb's (the first match wins), only for the suites that expect them
+hba=() # pg_hba lines ahead of initdb's, only for the suites that expect them
 # pg8000's auth tests ("This requires a line in pg_hba.conf that requires md5 for the database pg8000_md5")
 has_suite pg8000 && hba+=("host pg8000_md5 all 127.0.0.1/32 md5" "host pg8000_password all 127.0.0.1/32 password"
     "host pg8000_gss all 127.0.0.1/32 gss" "host pg8000_scram_sha_256 all 127.0.0.1/32 scram-sha-256")
 # tokio-postgres: upstream's docker/sql_setup.sh
 has_suite tokio-postgres && hba+=("host all pass_user 127.0.0.1/32 password" "host all md5_user 127.0.0.1/32 md5"
     "host all scram_user 127.0.0.1/32 scram-sha-256")
-if (( ${#hba[@]} )); then # rewritten in place: the file keeps its owner
-    { printf '%s\n' "${hba[@]}"; cat "$TMP/template/pg_hba.conf"; } >"$TMP/pg_hba.conf"
-    cat "$TMP/pg_hba.conf" >"$TMP/template/pg_hba.conf"
-fi
+init_template ${hba[@]+"${hba[@]}"}
 start_pg "$TMP/template" "$TMP/template.log"
 # psycopg2's suite expects its database (with hstore, else its hstore tests skip); asyncpg's uses postgres
 # and creates its extensions itself.
@@ -350,15 +239,15 @@ run_suite() { # suite target port: one pytest run; junit XML, log and exit statu
     log "$suite via $target (127.0.0.1:$port): pytest, log $base.log"
     local t0=$SECONDS summary
     # In the background and waited for, so Ctrl-C / SIGTERM reach the trap (timeout runs in its own process
-    # group); `exec` makes PYTEST_PID timeout's pid, which passes a signal on to pytest.
+    # group); `exec` makes RUN_PID timeout's pid, which passes a signal on to pytest.
     # shellcheck disable=SC2086 # PYTEST_ARGS is a word list
     (cd "$TMP/suites/$suite" && exec env -u PGSSLMODE -u PGSERVICE -u PGOPTIONS -u PGPASSFILE -u PGSERVICEFILE \
         "${envs[@]}" timeout -s INT -k 60 "$RUN_TIMEOUT" "$PYTHON" -m pytest -p no:cacheprovider -q -rfE \
         --continue-on-collection-errors --timeout="$TEST_TIMEOUT" --junitxml="$base.xml" ${opts[@]+"${opts[@]}"} \
         $args) >"$base.log" 2>&1 &
-    PYTEST_PID=$!
-    wait "$PYTEST_PID" || rc=$?
-    PYTEST_PID=""
+    RUN_PID=$!
+    wait "$RUN_PID" || rc=$?
+    RUN_PID=""
     echo "$rc $(( SECONDS - t0 ))" >"$base.rc"
     # pytest's closing line (with asyncpg's --capture=no, warnings may follow it)
     summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)' "$base.log" | tail -n 1 || true)
@@ -374,9 +263,9 @@ run_cargo_suite() { # tokio-postgres target port: one `cargo test` run (built al
     (cd "$TP_DIR/crate" && exec env CARGO_TARGET_DIR="$TP_DIR/target" RUST_BACKTRACE=0 timeout -s INT -k 60 \
         "$RUN_TIMEOUT" cargo test --locked --offline --all-features --tests -- ${CARGO_TEST_ARGS:-}) \
         >"$base.log" 2>&1 &
-    PYTEST_PID=$!
-    wait "$PYTEST_PID" || rc=$?
-    PYTEST_PID=""
+    RUN_PID=$!
+    wait "$RUN_PID" || rc=$?
+    RUN_PID=""
     summary=$(grep -E '^test result: ' "$base.log" | tail -n 1 || true)
     # libtest exits 101 when tests fail, pytest 1 (a failed build has no "test result" line: it stays 101)
     if [[ $rc == 101 && -n $summary ]]; then rc=1; fi

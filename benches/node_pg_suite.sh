@@ -58,6 +58,7 @@ DEBIAN_SUITES=${DEBIAN_SUITES:-"sid trixie bookworm"}
 NODE=${NODE:-node}
 NPM=${NPM:-npm}
 PASSWORD=secret
+PYTHON=python3 # free_port's (not a knob)
 
 SCRIPT_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd -- "$SCRIPT_DIR/.." && pwd)
@@ -66,25 +67,18 @@ OUT=${OUT:-target/node-pg-suite}
 mkdir -p -- "$OUT" "$CACHE"
 OUT=$(cd -- "$OUT" && pwd)
 
-log() { printf '[node_pg_suite.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 2; }
+# shellcheck source-path=SCRIPTDIR source=suite_lib.sh
+source "$SCRIPT_DIR/suite_lib.sh"
 for s in $SUITES; do
     case $s in pg | pg-binary | pg-pool | pg-cursor | pg-query-stream) ;;
         *) die "unknown suite '$s' (pg pg-binary pg-pool pg-cursor pg-query-stream)" ;; esac
 done
 
 # ---------------------------------------------------------------- tools
-if command -v pg_config >/dev/null && [[ -x "$(pg_config --bindir)/postgres" ]]; then PGBIN=$(pg_config --bindir)
-elif [[ -x /usr/lib/postgresql/15/bin/postgres ]]; then PGBIN=/usr/lib/postgresql/15/bin
-else die "cannot find the Postgres server binaries (pg_config --bindir, /usr/lib/postgresql/15/bin)"; fi
+find_postgres
 command -v "$NODE" >/dev/null || die "$NODE not found"
 command -v "$NPM" >/dev/null || die "$NPM not found"
 command -v python3 >/dev/null || die "python3 not found (free ports, the summary)"
-AS_PG=() # as root, Postgres runs as the unprivileged postgres user
-if (( EUID == 0 )); then
-    id postgres >/dev/null 2>&1 || die "running as root but there is no 'postgres' user to run Postgres as"
-    AS_PG=(runuser -u postgres --)
-fi
 
 # ---------------------------------------------------------------- the upstream tree
 fetch_debian_source() { # -> the upstream tarball of Debian's node-postgres VERSION+..., extracted to NODE_PG_SRC
@@ -183,106 +177,11 @@ if ! diff -rq "$NPM_DIR/node_modules/pg/lib" "$NODE_PG_SRC/packages/pg/lib" >/de
     log "note: npm's pg $NODE_PG_VERSION lib/ differs from the tree's packages/pg/lib (the npm one is tested)"
 fi
 
-if [[ -n ${PGBUDGET_BIN:-} ]]; then
-    [[ -x $PGBUDGET_BIN ]] || die "PGBUDGET_BIN=$PGBUDGET_BIN is not executable"
-else
-    log "building pgbudget (cargo build --release --bin pgbudget)"
-    cargo build --release --bin pgbudget >&2 || die "cargo build failed"
-    PGBUDGET_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/pgbudget
-fi
+build_pgbudget
 
-# ---------------------------------------------------------------- processes, cleanup
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/node-pg-suite.XXXXXX")
-PG_PID="" PG_LAUNCHER="" PGBUDGET_PID="" PGDATA_DIR="" TEST_PID=""
-
-stop_pid() { # pid signal
-    local pid=$1 sig=$2 i
-    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
-    kill "-$sig" "$pid" 2>/dev/null || true
-    for (( i = 0; i < 200; i++ )); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    log "pid $pid did not stop after SIG$sig within 20 s; sending SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-}
-stop_pgbudget() { stop_pid "$PGBUDGET_PID" TERM; PGBUDGET_PID=""; }
-stop_pg() {
-    if [[ -z $PG_PID && -n $PGDATA_DIR && -s $PGDATA_DIR/postmaster.pid ]]; then PG_PID=$(head -n 1 "$PGDATA_DIR/postmaster.pid"); fi
-    stop_pid "$PG_PID" INT
-    stop_pid "$PG_LAUNCHER" TERM # the runuser wrapper: normally gone already
-    wait "$PG_LAUNCHER" 2>/dev/null || true
-    PG_PID="" PG_LAUNCHER=""
-}
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    stop_pid "$TEST_PID" TERM # timeout's pid: it passes the signal on to node
-    stop_pgbudget
-    stop_pg
-    if [[ ${KEEP_TMP:-0} == 1 ]]; then log "keeping $TMP"; else rm -rf -- "$TMP"; fi
-    exit "$rc"
-}
-trap cleanup EXIT; trap 'exit 130' INT; trap 'exit 143' TERM
-if (( EUID == 0 )); then chown postgres: "$TMP"; fi
-
-free_port() { # a bindable loopback port below the ephemeral range, so no outgoing connection takes it
-    python3 -c 'import random, socket
-for p in random.sample(range(20000, 32000), 500):
-    try: socket.socket().bind(("127.0.0.1", p)); print(p); break
-    except OSError: pass'
-}
-wait_ready() { # port label pid
-    local i
-    for (( i = 0; i < 300; i++ )); do
-        "$PGBIN/pg_isready" -q -h 127.0.0.1 -p "$1" -U postgres -d postgres && return 0
-        kill -0 "$3" 2>/dev/null || die "$2 exited during startup"
-        sleep 0.1
-    done
-    die "$2 did not accept connections on 127.0.0.1:$1 within 30 s"
-}
-psql_at() { PGPASSWORD=$PASSWORD "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -p "$@"; }
-
-start_pg() { # datadir logfile: Postgres on a free loopback port (PG_PORT)
-    PGDATA_DIR=$1 PG_PORT=$(free_port)
-    "${AS_PG[@]}" "$PGBIN/postgres" -D "$PGDATA_DIR" -p "$PG_PORT" -k "$PGDATA_DIR" \
-        -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c synchronous_commit=off \
-        -c jit=off >"$2" 2>&1 &
-    PG_LAUNCHER=$!
-    wait_ready "$PG_PORT" postgres "$PG_LAUNCHER"
-    PG_PID=$(head -n 1 "$PGDATA_DIR/postmaster.pid")
-}
-
-start_pgbudget() { # logfile: pgbudget in front of PG_PORT on PGBUDGET_PORT
-    PGBUDGET_PORT=$(free_port)
-    cat >"$TMP/budgets.toml" <<EOF
-[proxy]
-listen = "127.0.0.1:$PGBUDGET_PORT"
-mode = "sidecar"
-service = "suites"
-
-[auth]
-method = "scram-sha-256"
-passthrough = true   # scram_test logs in with its own password
-
-[upstreams.primary]
-url = "postgres://postgres:$PASSWORD@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
-ceiling = 200
-reserved = 0
-databases = ["*"]
-
-[services.suites]
-slice = 20
-pool_mode = "transaction"
-pin = "allow"
-checkout_timeout = "60s"
-EOF
-    local -a clean_env=(env -u RAILWAY_SERVICE_NAME -u RAILWAY_REPLICA_COUNT -u WEB_CONCURRENCY -u PGBUDGET_LISTEN
-        -u PGBUDGET_CONFIG -u PGBUDGET_SLICES -u PGBUDGET_ADMIN_LISTEN)
-    "${clean_env[@]}" "$PGBUDGET_BIN" check --config "$TMP/budgets.toml" >"$TMP/check.log" 2>&1 ||
-        { cat "$TMP/check.log" >&2; die "pgbudget check rejects $TMP/budgets.toml"; }
-    "${clean_env[@]}" RUST_LOG="${PGBUDGET_LOG:-warn}" "$PGBUDGET_BIN" run --config "$TMP/budgets.toml" \
-        --admin-listen "" >"$1" 2>&1 &
-    PGBUDGET_PID=$!
-    wait_ready "$PGBUDGET_PORT" pgbudget "$PGBUDGET_PID"
-}
+# ---------------------------------------------------------------- processes
+harness_init node-pg-suite TERM # RUN_PID: timeout's pid, it passes the signal on to node
+PG_EXTRA_OPTS=()
 
 # ---------------------------------------------------------------- the tree the tests run in
 # A copy of the upstream test dirs; the code under test is npm's. node_modules: the npm install.
@@ -346,9 +245,9 @@ run_file() { # suite target port file: one test file, its log and "status rc sec
     (cd "$dir" && exec env -u PGSSLMODE -u PGSERVICE -u PGOPTIONS -u PGPASSFILE -u PGSERVICEFILE -u PGAPPNAME \
         -u PGCONNECT_TIMEOUT -u NODE_OPTIONS "${envs[@]}" TS_NODE_TRANSPILE_ONLY=true \
         timeout -k 5 "$TEST_TIMEOUT" "${cmd[@]}") </dev/null >"$base.log" 2>&1 &
-    TEST_PID=$!
-    wait "$TEST_PID" || rc=$?
-    TEST_PID=""
+    RUN_PID=$!
+    wait "$RUN_PID" || rc=$?
+    RUN_PID=""
     t1=$(date +%s.%N)
     if (( rc == 0 )); then status=pass; elif (( rc == 124 || rc == 137 )); then status=timeout; else status=fail; fi
     printf '%s\t%s\t%s\t%.1f\n' "$file" "$status" "$rc" "$(echo "$t1 - $t0" | bc)" >>"$OUT/$target/$suite.tsv"
@@ -356,11 +255,7 @@ run_file() { # suite target port file: one test file, its log and "status rc sec
 }
 
 # ---------------------------------------------------------------- the pristine cluster every run starts from
-printf '%s\n' "$PASSWORD" >"$TMP/pwfile"
-if (( EUID == 0 )); then chown postgres: "$TMP/pwfile"; fi
-log "initdb (scram-sha-256, user postgres) in $TMP/template"
-"${AS_PG[@]}" "$PGBIN/initdb" -D "$TMP/template" -U postgres -A scram-sha-256 --pwfile="$TMP/pwfile" -E UTF8 \
-    --no-instructions >"$TMP/initdb.log" 2>&1 || { cat "$TMP/initdb.log" >&2; die "initdb failed"; }
+init_template
 start_pg "$TMP/template" "$TMP/template.log"
 # upstream CI: psql -c "SET password_encryption = 'scram-sha-256'" -c "CREATE ROLE scram_test LOGIN PASSWORD 'test4scram'"
 psql_at "$PG_PORT" -d postgres -c "SET password_encryption = 'scram-sha-256'" \
