@@ -480,9 +480,20 @@ async fn txn_deallocate_all_by_extended_protocol_drops_the_clients_statements_li
         t.push(exchange(&mut c, &ext("DEALLOCATE ALL"), 1).await);
         t.push(exchange(&mut c, &run("s1"), 1).await);
         t.push(exchange(&mut c, &[parse("s2", "select 22"), bind("s2"), execute(), sync()], 1).await);
+        // A DEALLOCATE ALL parsed and never executed, then a DEALLOCATE of one name: only that one goes.
+        t.push(exchange(&mut c, &[parse("s3", "select 3"), parse("", "DEALLOCATE ALL"), sync()], 1).await);
+        t.push(exchange(&mut c, &ext("DEALLOCATE s2"), 1).await);
+        t.push(exchange(&mut c, &run("s3"), 1).await);
+        // Bound to the unnamed portal but only another portal executed: nothing is deallocated.
+        let other_portal = raw::msg(b'B', b"p\0s3\0\0\0\0\0\0\0");
+        let batch = [parse("", "DEALLOCATE ALL"), bind(""), other_portal, raw::execute_portal("p", 0), sync()];
+        t.push(exchange(&mut c, &batch, 1).await);
+        t.push(exchange(&mut c, &run("s3"), 1).await);
         t
     })
     .await;
+    assert_eq!(t[13], s(&["2", "D:3", "C:SELECT 1", "Z:I"]), "s3 outlives the DEALLOCATE of s2");
+    assert_eq!(t[15], t[13], "s3 outlives a DEALLOCATE ALL bound and never executed");
     assert_eq!(t[2], s(&["2", "D:1", "C:SELECT 1", "Z:I"]));
     assert_eq!(t[7], s(&["2", "D:2", "C:SELECT 1", "Z:I"]));
     assert_eq!(t[8], s(&["1", "2", "C:DEALLOCATE ALL", "Z:I"]));

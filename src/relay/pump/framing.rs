@@ -93,15 +93,16 @@ impl Pump {
                     self.c2s.extend_from_slice(&self.cin[..5]);
                     self.cin.advance(5);
                     self.body_left = body;
-                    match self.stmts.as_deref_mut().filter(|_| matches!(kind, b'P' | b'E')) {
+                    match (kind, self.stmts.as_deref_mut()) {
                         // The client's unnamed statement is now one whose text the proxy does not hold: on this
                         // server it is the client's; on its next, none is (as after a Close).
-                        Some(s) if kind == b'P' => {
+                        (b'P', Some(s)) => {
                             s.close_unnamed();
                             self.tx.client_tagged(kind, None, rewrite::UNNAMED_PARSE);
                         }
-                        // The Execute of a `DEALLOCATE ALL` (or `DISCARD ALL`) by extended protocol.
-                        Some(s) if s.portal_deallocates => {
+                        // The Execute of a `DEALLOCATE ALL` (or `DISCARD ALL`) by extended protocol: of the
+                        // unnamed portal that was bound to it (its name, empty, is the body's first byte).
+                        (b'E', Some(s)) if s.portal_deallocates && self.cin.first() == Some(&0) => {
                             s.portal_deallocates = false;
                             let all = rewrite::Action::DeallocateAll { failed: Default::default(), extended: true };
                             let tag = self.actions.push(all);

@@ -30,10 +30,7 @@ impl Pump {
         }
         if name.is_empty() {
             let all = effects.has(crate::relay::classify::DEALLOCATE_ALL);
-            self.send_unnamed(msg, |s| {
-                s.parse_unnamed(tail);
-                s.unnamed_deallocates = all;
-            });
+            self.send_unnamed(msg, |s| s.parse_unnamed(tail, all));
             return Ok(true);
         }
         if !self.mapping() {
@@ -115,7 +112,7 @@ impl Pump {
         out.clear();
         let text = [b"DEALLOCATE ", STAND_IN.as_bytes(), b"\0", types].concat();
         put_parse(&mut out, "", &text);
-        self.send_unnamed(&out, |s| s.parse_unnamed(&text));
+        self.send_unnamed(&out, |s| s.parse_unnamed(&text, false));
         true
     }
 }

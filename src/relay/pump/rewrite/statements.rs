@@ -38,7 +38,7 @@ pub struct TxnStatements {
     /// message skipped (after an error earlier in its batch) leaves the one before, on the server too.
     pub unnamed_pending: VecDeque<(Option<Bytes>, bool)>,
     /// The client's latest unnamed Parse is of `DEALLOCATE ALL` or `DISCARD ALL`, and its last Bind of the
-    /// unnamed portal bound that: the Execute that follows drops the client's statements if it completes.
+    /// unnamed portal bound that: an Execute of that portal drops the client's statements if it completes.
     pub unnamed_deallocates: bool,
     pub portal_deallocates: bool,
     /// A shape check is running: client messages wait for it.
@@ -73,8 +73,10 @@ impl TxnStatements {
         }
     }
 
-    /// The client sends a Parse of its unnamed statement (`tail`: the body after the name).
-    pub(super) fn parse_unnamed(&mut self, tail: &[u8]) {
+    /// The client sends a Parse of its unnamed statement (`tail`: the body after the name; `deallocates_all`:
+    /// its text is `DEALLOCATE ALL` or `DISCARD ALL`).
+    pub(super) fn parse_unnamed(&mut self, tail: &[u8], deallocates_all: bool) {
+        self.unnamed_deallocates = deallocates_all;
         // Drivers parse the same text again and again: then the text already held is shared, not copied.
         let latest = match self.unnamed_pending.back() {
             Some((parsed, _)) => parsed.as_ref(),
