@@ -500,3 +500,23 @@ async fn txn_deallocate_all_by_extended_protocol_drops_the_clients_statements_li
     assert_eq!(t[9], s(&["E:26000:prepared statement \"s1\" does not exist", "Z:I"]));
     assert_eq!(t[10], s(&["1", "2", "D:22", "C:SELECT 1", "Z:I"]));
 }
+
+/// A statement evicted from its server (max_prepared_statements = 1) and prepared there again after its
+/// table changed shape fails 0A000 as direct, where the server kept the old plan: the proxy's shape check
+/// compares the new RowDescription with the one the client was told at its Describe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_reprepared_statement_of_another_shape_fails_like_direct() {
+    let t = differential("max_prepared_statements = 1\n", |port, adm| async move {
+        adm.batch_execute("drop table if exists rs; create table rs(a int); insert into rs values (1)").await.unwrap();
+        let mut c = login(port).await;
+        let mut t = vec![exchange(&mut c, &[parse("s", "select * from rs"), describe_stmt("s"), sync()], 1).await];
+        adm.batch_execute("alter table rs add column b int default 5").await.unwrap();
+        // Run, so it reaches the server (a batch of Parses alone is answered by the proxy) and evicts s there.
+        t.push(exchange(&mut c, &[parse("other", "select 2"), bind("other"), execute(), sync()], 1).await);
+        t.push(exchange(&mut c, &run("s"), 1).await);
+        t
+    })
+    .await;
+    assert_eq!(t[0], s(&["1", "t", "T:1", "Z:I"]));
+    assert_eq!(t[2], s(&["E:0A000:cached plan must not change result type", "Z:I"]));
+}

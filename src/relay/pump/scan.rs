@@ -153,6 +153,9 @@ fn scan(p: Parts<'_>, bytes: &[u8], out: Option<&mut BytesMut>) -> Result<usize,
     cx.copy = out.is_some();
     let total = bytes.len();
     let mut bytes = bytes;
+    // A RowDescription is read only for a Describe the proxy tagged (a client's of a pool statement, or a
+    // shape check); untagged ones, the bulk of all replies, are not copied aside.
+    sscan.capture_rows = !cx.actions.is_empty();
     if cx.copy || !cx.actions.is_empty() {
         sscan.feed_into(bytes, out, |ev, o| cx.on(ev, o))?;
         return Ok(total);
