@@ -331,36 +331,12 @@ log "suites done, $SECONDS s in all; logs and junit XML in $OUT"
 
 # ---------------------------------------------------------------- summary
 # shellcheck disable=SC2086 # SUITES is a word list
-"$PYTHON" - "$OUT" "$TEST_TIMEOUT" $SUITES <<'PY'
-import os, sys, xml.etree.ElementTree as ET
-out, test_timeout, suites = sys.argv[1], sys.argv[2], sys.argv[3:]
-RANK = {"passed": 0, "skipped": 1, "error": 2, "failed": 3}
-
-def load(suite, target):
-    """{test id: (status, one-line message)} from pytest's junit XML (None without one), exit status, seconds."""
-    base = os.path.join(out, f"{suite}-{target}")
-    rc, secs = ((open(base + ".rc").read().split() if os.path.exists(base + ".rc") else []) + ["?", "?"])[:2]
-    if not os.path.exists(base + ".xml"):
-        return None, rc, secs
-    res = {}
-    for tc in ET.parse(base + ".xml").getroot().iter("testcase"):
-        cls = tc.get("classname") or ""  # empty for a collection error: then name is the module
-        tid = (f"{cls}::{tc.get('name', '')}" if cls else tc.get("name", "")).removeprefix("tests.")
-        status, msg = "passed", ""
-        for child in tc:
-            kind = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(child.tag)
-            if kind and RANK[kind] > RANK[status]:
-                if child.get("message"):  # pytest's (or the cargo converter's) message: all of it, on one line
-                    msg = " ".join(l.strip() for l in child.get("message").splitlines() if l.strip())
-                else:  # no message: the first line of the traceback
-                    msg = next(iter((child.text or "").strip().splitlines()), "")
-                status, msg = kind, msg[:400]
-        if tid not in res or RANK[status] > RANK[res[tid][0]]:
-            res[tid] = (status, msg)
-    return res, rc, secs
-counts = lambda res: "no results" if res is None else "/".join(
-    str(sum(1 for s, _ in res.values() if s == k)) for k in ("passed", "failed", "error", "skipped"))
-bad = lambda res, t: res is not None and t in res and res[t][0] in ("failed", "error")
+"$PYTHON" - "$OUT" "$TEST_TIMEOUT" "$SCRIPT_DIR" $SUITES <<'PY'
+import os, sys
+out, test_timeout, here, suites = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+sys.path.insert(0, here)
+from suite_junit import bad, counts, load as load_base
+load = lambda suite, target: load_base(os.path.join(out, f"{suite}-{target}"))
 rows, details, notes, proxy_fail = [], [], [], False
 for suite in suites:
     (d, drc, dsec), (p, prc, psec) = load(suite, "direct"), load(suite, "pgbudget")

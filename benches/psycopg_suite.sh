@@ -152,34 +152,12 @@ done
 log "done, $SECONDS s in all; logs and junit XML in $OUT"
 
 # ---------------------------------------------------------------- summary
-"$VPY" - "$OUT" "$TEST_TIMEOUT" "$PSYCOPG_VERSION" <<'PY'
-import os, sys, xml.etree.ElementTree as ET
-out, test_timeout, version = sys.argv[1:4]
-RANK = {"passed": 0, "skipped": 1, "error": 2, "failed": 3}
-
-def load(target):
-    """{test id: (status, one-line message)} from pytest's junit XML (None without one), exit status, seconds."""
-    base = os.path.join(out, f"psycopg-{target}")
-    rc, secs = ((open(base + ".rc").read().split() if os.path.exists(base + ".rc") else []) + ["?", "?"])[:2]
-    if not os.path.exists(base + ".xml"):
-        return None, rc, secs
-    res = {}
-    for tc in ET.parse(base + ".xml").getroot().iter("testcase"):
-        cls = tc.get("classname") or ""  # empty for a collection error: then name is the module
-        tid = (f"{cls}::{tc.get('name', '')}" if cls else tc.get("name", "")).removeprefix("tests.")
-        status, msg = "passed", ""
-        for child in tc:
-            kind = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(child.tag)
-            if kind and RANK[kind] > RANK[status]:
-                lines = (child.get("message") or child.text or "").strip().splitlines()
-                status, msg = kind, (lines[0] if lines else "")[:240]
-        if tid not in res or RANK[status] > RANK[res[tid][0]]:
-            res[tid] = (status, msg)
-    return res, rc, secs
-
-counts = lambda res: "no results" if res is None else "/".join(
-    str(sum(1 for s, _ in res.values() if s == k)) for k in ("passed", "failed", "error", "skipped"))
-bad = lambda res, t: res is not None and t in res and res[t][0] in ("failed", "error")
+"$VPY" - "$OUT" "$TEST_TIMEOUT" "$PSYCOPG_VERSION" "$SCRIPT_DIR" <<'PY'
+import os, sys
+out, test_timeout, version, here = sys.argv[1:5]
+sys.path.insert(0, here)
+from suite_junit import bad, counts, load as load_base
+load = lambda target: load_base(os.path.join(out, f"psycopg-{target}"), whole_message=False)
 (d, drc, dsec), (p, prc, psec) = load("direct"), load("pgbudget")
 notes, proxy_fail = [], p is None
 for name, rc, secs in (("direct", drc, dsec), ("pgbudget", prc, psec)):
