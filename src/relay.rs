@@ -98,6 +98,10 @@ pub struct Relay {
     last_pid: i32,
     /// When the last transaction ended (read once, for its duration and the server's check-in).
     ended_at: Option<Instant>,
+    /// When this client last gave a server back.
+    released_at: Option<Instant>,
+    /// The hand-off slot of this client's last queued checkout, reused by the next one.
+    hand: Option<Arc<crate::budget::handoff::HandOff>>,
 }
 
 /// What one client session did, for its `client_sessions` row.
@@ -186,6 +190,8 @@ impl Relay {
             prefer: None,
             last_pid: 0,
             ended_at: None,
+            released_at: None,
+            hand: None,
         }
     }
 
@@ -227,6 +233,7 @@ impl Relay {
     async fn release(&mut self) {
         // The transaction's end was just timed ([`Relay::report`]): the same reading is the check-in time.
         let now = self.ended_at.take().unwrap_or_else(Instant::now);
+        self.released_at = Some(now);
         if let Some(c) = self.detach().await {
             self.pool.put_back_at(c, now);
         }

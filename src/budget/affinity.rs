@@ -228,14 +228,15 @@ impl Affinity {
         lock(&self.idle).waiters.retry_one();
     }
 
-    /// Queue a checkout for the next idle server; `false` (not queued) when one is parked now.
-    pub fn enqueue(&self, w: &Arc<HandOff>) -> bool {
+    /// Queue a checkout for the next idle server: how many wait now, this one included; `None` (not queued)
+    /// when one is parked now.
+    pub fn enqueue(&self, w: &Arc<HandOff>) -> Option<usize> {
         let mut idle = lock(&self.idle);
         if !idle.servers.is_empty() {
-            return false;
+            return None;
         }
         idle.waiters.push(w.clone());
-        true
+        Some(idle.waiters.len())
     }
 
     /// A queued checkout stops waiting; the server it was handed meanwhile, if any.
@@ -264,6 +265,12 @@ impl Affinity {
 
     pub fn parked(&self) -> usize {
         lock(&self.idle).servers.len()
+    }
+
+    /// (parked servers, waiting checkouts) in one look.
+    pub fn counts(&self) -> (usize, usize) {
+        let idle = lock(&self.idle);
+        (idle.servers.len(), idle.waiters.len())
     }
 
     pub fn is_parked(&self, pid: i32) -> bool {
@@ -385,10 +392,8 @@ impl crate::budget::pool::ServicePool {
     pub fn put_back_at(&self, mut conn: PooledConn, now: Instant) {
         conn.last_checkin = now;
         let b = self.budget();
-        let st = self.pool.status();
-        // Session mode, a checkout waiting in deadpool's queue, or more servers than a lowered share allows
-        // (deadpool closes the excess).
-        if b.pool_mode() != crate::config::PoolMode::Transaction || st.waiting > 0 || st.size > st.max_size {
+        // Session mode: deadpool's queue.
+        if b.pool_mode() != crate::config::PoolMode::Transaction {
             return drop(conn);
         }
         let affinity = &self.pool.manager().affinity;
@@ -396,8 +401,11 @@ impl crate::budget::pool::ServicePool {
             tokio::spawn(watch_parked(self.pool.weak(), affinity.watch.clone()));
         }
         affinity.park(conn, b.settings.terminate_window);
-        // A checkout that began waiting meanwhile (another thread) must not miss it.
-        if self.pool.status().waiting > 0 {
+        // Looked at once, after the server is parked (or handed to a queued checkout): a checkout waiting in
+        // deadpool's queue (also one that began meanwhile, on another thread) must not miss a server, and more
+        // servers than a lowered share allows go to deadpool, which closes the excess.
+        let st = self.pool.status();
+        if st.waiting > 0 || st.size > st.max_size {
             drop(affinity.take(None, false));
         }
     }

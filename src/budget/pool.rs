@@ -469,9 +469,9 @@ impl ServicePool {
     /// deadpool's status with the parked servers counted as available (deadpool counts them in use).
     pub fn status(&self) -> deadpool::Status {
         let mut st = self.pool.status();
-        let affinity = &self.pool.manager().affinity;
-        st.available += affinity.parked();
-        st.waiting += affinity.waiting();
+        let (parked, waiting) = self.pool.manager().affinity.counts();
+        st.available += parked;
+        st.waiting += waiting;
         st
     }
 

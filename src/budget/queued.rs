@@ -7,7 +7,7 @@
 use crate::budget::admission::Hold;
 use crate::budget::cancel::{ClientKey, QueuedMark, QueuedWake};
 use crate::budget::checkout::{decide, queue_notice, shed, Who};
-use crate::budget::handoff::Place;
+use crate::budget::handoff::{HandOff, Place};
 use crate::budget::pool::{PooledConn, ServicePool};
 use crate::config::PoolMode;
 use crate::error::ProxyError;
@@ -62,30 +62,36 @@ impl ServicePool {
         exempt: bool,
         may_notice: bool,
         who: &Who<'_>,
-    ) -> Option<Result<Box<QueuedCheckout>, ProxyError>> {
+        hand: Arc<HandOff>,
+        now: Instant,
+    ) -> Option<Result<QueuedCheckout, ProxyError>> {
         let b = self.budget();
-        if b.pool_mode() != PoolMode::Transaction || self.control.is_paused() || !self.is_full() {
+        if b.pool_mode() != PoolMode::Transaction || self.control.is_paused() {
+            return None;
+        }
+        // Every server this pool may hold is open and none is idle in deadpool's queue.
+        let st = self.pool.status();
+        if st.size < st.max_size || st.available > 0 {
             return None;
         }
         let hold = match self.admission.admit(exempt, &b.name) {
             Ok(h) => h,
             Err(refusal) => return Some(Err(shed(self, who, &b.name, refusal))),
         };
-        let place = Place::join(self.clone())?; // None: a server was parked meanwhile
+        let (place, waiting) = Place::join(self.clone(), hand)?; // None: a server was parked meanwhile
         self.admission.native_waiting(true);
-        let started = Instant::now();
-        self.metrics.high_water.clients_waiting(self.status().waiting as u32);
+        self.metrics.high_water.clients_waiting((st.waiting + waiting) as u32);
         let s = &b.settings;
-        let notice_at = (may_notice && !s.notice_after.is_zero()).then(|| started + s.notice_after);
-        Some(Ok(Box::new(QueuedCheckout {
+        let notice_at = (may_notice && !s.notice_after.is_zero()).then(|| now + s.notice_after);
+        Some(Ok(QueuedCheckout {
             _mark: key.mark_queued(QueuedWake::Hand(place.hand.clone())),
             place,
             hold: Some(hold),
-            started,
-            deadline: started + s.checkout_timeout,
+            started: now,
+            deadline: now + s.checkout_timeout,
             notice_at,
-            recheck_at: started + RECHECK,
-        })))
+            recheck_at: now + RECHECK,
+        }))
     }
 }
 
@@ -124,13 +130,13 @@ impl QueuedCheckout {
     }
 
     /// The server handed over, with the admission hold, and the decision counted; `Err`: none was
-    /// (the checkout was told to look again), continue with `acquire`.
-    pub fn take(mut self, who: &Who<'_>) -> Result<(PooledConn, Hold), Resumed> {
+    /// (the checkout was told to look again), continue with `acquire`. `now`: the caller's clock read.
+    pub fn take(mut self, who: &Who<'_>, now: Instant) -> Result<(PooledConn, Hold), Resumed> {
         let Some(conn) = self.place.leave() else { return Err(self.resume()) };
         let hold = self.hold.take().expect("held until taken");
         let d = if hold.above_line { Decision::Exempt } else { Decision::Queued };
-        self.place.pool.stamp_use();
-        decide(&self.place.pool, who, d, self.started.elapsed());
+        self.place.pool.stamp_use_at(now);
+        decide(&self.place.pool, who, d, now.saturating_duration_since(self.started));
         Ok((conn, hold))
     }
 

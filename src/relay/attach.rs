@@ -82,9 +82,10 @@ impl Relay {
     }
 
     /// Take a server handed over from the pool's queue (its settings applied first when they differ).
-    pub(super) async fn take_handed(&mut self, conn: PooledConn, hold: Hold) -> Result<(), ProxyError> {
+    /// `now`: the caller's clock read.
+    pub(super) async fn take_handed(&mut self, conn: PooledConn, hold: Hold, now: Instant) -> Result<(), ProxyError> {
         if crate::relay::reset::settings_match(&conn.applied, &self.desired) {
-            self.adopt(conn, hold, Instant::now(), &self.pool.clone().budget());
+            self.adopt(conn, hold, now, &self.pool.clone().budget());
             return Ok(());
         }
         Box::pin(self.install(conn, hold)).await

@@ -9,6 +9,7 @@ use super::pump::Event;
 use super::{waiting, Outcome, Relay};
 use crate::budget::affinity::HomeSignal;
 use crate::budget::checkout::Who;
+use crate::budget::handoff::HandOff;
 use crate::budget::queued::{Due, QueuedCheckout};
 use crate::budget::signal::Listener;
 use crate::error::ProxyError;
@@ -32,17 +33,17 @@ pub(super) struct Watches<'a> {
     /// Whether the idle timer is armed.
     pub timed: bool,
     /// The checkout waiting in the pool's queue, if one is.
-    pub queued: Option<Box<QueuedCheckout>>,
+    pub queued: Option<QueuedCheckout>,
 }
 
 impl Watches<'_> {
     /// Have the spare timer fire by `at`. Lazily: one that fires sooner and has not fired yet is left as it
     /// is (the turn it wakes finds nothing due and arms it again), so a busy client does not move a timer in
-    /// the runtime's wheel on every transaction. Giving buffers back early (a busy client idles between two
-    /// transactions when it fires) costs at most one re-allocation a second.
-    fn arm_spare(&mut self, at: Instant, now: Instant) {
+    /// the runtime's wheel on every transaction, and no clock is read. Giving buffers back early (a busy
+    /// client idles between two transactions when it fires) costs at most one re-allocation a second.
+    fn arm_spare(&mut self, at: Instant) {
         let armed: Instant = self.spare_timer.deadline().into();
-        if armed <= now || armed > at {
+        if self.spare_timer.is_elapsed() || armed > at {
             self.spare_timer.as_mut().reset(at.into());
         }
     }
@@ -137,8 +138,8 @@ impl Relay {
         if (self.pump.next_client_kind().is_none() || want > 5) && !self.pump.client_eof() {
             let shrink = self.pump.holds_buffers();
             if shrink {
-                let now = Instant::now();
-                w.arm_spare(now + SHRINK_AFTER, now);
+                // Counted from the server's release (read when the transaction ended), not from now.
+                w.arm_spare(self.released_at.unwrap_or_else(Instant::now) + SHRINK_AFTER);
             }
             let timed = w.timed;
             let wake = tokio::select! {
@@ -178,8 +179,10 @@ impl Relay {
             Some(Quick::Attached) => Ok(()),
             Some(Quick::Failed(e)) => Err(e),
             Some(Quick::Install(c)) => Box::pin(self.install(c.0, c.1)).await,
-            None => match self.queue_now() {
+            None => match self.queue_now(now) {
                 Some(Ok(q)) => {
+                    // The spare timer serves as the queued checkout's deadline, notice and recheck.
+                    w.arm_spare(q.next_due());
                     w.queued = Some(q);
                     return Ok(Step::Again);
                 }
@@ -192,9 +195,10 @@ impl Relay {
 
     /// Join the pool's hand-off queue when that is the only way to a server now (see
     /// [`crate::budget::pool::ServicePool::queue_now`]).
-    fn queue_now(&mut self) -> Option<Result<Box<QueuedCheckout>, ProxyError>> {
+    fn queue_now(&mut self, now: Instant) -> Option<Result<QueuedCheckout, ProxyError>> {
         let who = Who { user: &self.user, database: &self.database, addr: self.peer, telemetry: &self.app.telemetry };
-        let r = self.pool.queue_now(&self.key, self.exempt, self.greeted, &who)?;
+        let hand = HandOff::reuse(&mut self.hand);
+        let r = self.pool.queue_now(&self.key, self.exempt, self.greeted, &who, hand, now)?;
         if let Err(e) = &r {
             self.note_checkout_error(e);
         }
@@ -207,15 +211,13 @@ impl Relay {
         &mut self,
         sock: &mut C,
         w: &mut Watches<'_>,
-        mut q: Box<QueuedCheckout>,
+        mut q: QueuedCheckout,
     ) -> Result<Step, ProxyError> {
         enum Wake {
             Handed,
             Client(Result<(), super::pump::PumpError>),
             Due,
         }
-        let due = q.next_due();
-        w.arm_spare(due, Instant::now());
         let wake = {
             let pump = &mut self.pump;
             tokio::select! {
@@ -232,13 +234,17 @@ impl Relay {
                 q.abandon(&who);
                 Err(ProxyError::QueuedCancel)
             }
-            Wake::Handed => match (q.started, q.take(&who)) {
-                (started, Ok((conn, hold))) => {
-                    self.pool.metrics.checkout_wait.observe(started.elapsed().as_secs_f64());
-                    self.take_handed(conn, hold).await
+            Wake::Handed => {
+                // One clock read for the wait, the pool's last use and the transaction's start.
+                let (started, now) = (q.started, Instant::now());
+                match q.take(&who, now) {
+                    Ok((conn, hold)) => {
+                        self.pool.metrics.checkout_wait.observe(now.saturating_duration_since(started).as_secs_f64());
+                        self.take_handed(conn, hold, now).await
+                    }
+                    Err(resumed) => Box::pin(self.attach(sock, Some(resumed))).await,
                 }
-                (_, Err(resumed)) => Box::pin(self.attach(sock, Some(resumed))).await,
-            },
+            }
             Wake::Client(Err(e)) => {
                 q.abandon(&who);
                 return Err(self.pump_error(e));
@@ -251,23 +257,28 @@ impl Relay {
                 w.queued = Some(q);
                 return Ok(Step::Again);
             }
-            Wake::Due => match q.due(Instant::now()) {
-                Due::Wait => {
-                    w.queued = Some(q);
-                    return Ok(Step::Again);
+            Wake::Due => {
+                let now = Instant::now();
+                match q.due(now) {
+                    Due::Wait => {
+                        w.arm_spare(q.next_due());
+                        w.queued = Some(q);
+                        return Ok(Step::Again);
+                    }
+                    Due::Notice(text) => {
+                        Box::pin(waiting::notice(sock, &text)).await?;
+                        w.arm_spare(q.next_due());
+                        w.queued = Some(q);
+                        return Ok(Step::Again);
+                    }
+                    Due::Recheck => Box::pin(self.attach(sock, Some(q.resume()))).await,
+                    Due::TimedOut => {
+                        let e = q.time_out(&who);
+                        self.note_checkout_error(&e);
+                        Err(e)
+                    }
                 }
-                Due::Notice(text) => {
-                    Box::pin(waiting::notice(sock, &text)).await?;
-                    w.queued = Some(q);
-                    return Ok(Step::Again);
-                }
-                Due::Recheck => Box::pin(self.attach(sock, Some(q.resume()))).await,
-                Due::TimedOut => {
-                    let e = q.time_out(&who);
-                    self.note_checkout_error(&e);
-                    Err(e)
-                }
-            },
+            }
         };
         self.attached(sock, attached).await
     }
