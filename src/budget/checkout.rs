@@ -54,13 +54,19 @@ pub struct Who<'a> {
 /// Count a decision and, unless it is the common "admitted at once", write it to the lake. Every checkout that
 /// completes here also feeds the pool's high-water marks (servers in use, clients waiting, the wait).
 pub(super) fn decide(pool: &ServicePool, who: &Who<'_>, d: Decision, waited: Duration) {
-    pool.admission.record(d);
     let hw = &pool.metrics.high_water;
     let st = pool.status();
     hw.servers_in_use(st.size.saturating_sub(st.available) as u32);
     hw.clients_waiting(st.waiting as u32);
+    decide_handed(pool, who, d, waited);
+}
+
+/// [`decide`] for a checkout that took a server handed over from another client: no peak to sample (the
+/// server went from one client to the next without being idle, and this client stopped waiting).
+pub(super) fn decide_handed(pool: &ServicePool, who: &Who<'_>, d: Decision, waited: Duration) {
+    pool.admission.record(d);
     if !waited.is_zero() {
-        hw.checkout_waited(waited);
+        pool.metrics.high_water.checkout_waited(waited);
     }
     if d != Decision::Admitted {
         lake_row(pool, who, d, waited);

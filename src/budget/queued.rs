@@ -6,7 +6,7 @@
 
 use crate::budget::admission::Hold;
 use crate::budget::cancel::{ClientKey, QueuedMark, QueuedWake};
-use crate::budget::checkout::{decide, queue_notice, shed, Who};
+use crate::budget::checkout::{decide, decide_handed, queue_notice, shed, Who};
 use crate::budget::handoff::{HandOff, Place};
 use crate::budget::pool::{PooledConn, ServicePool};
 use crate::config::PoolMode;
@@ -136,7 +136,7 @@ impl QueuedCheckout {
         let hold = self.hold.take().expect("held until taken");
         let d = if hold.above_line { Decision::Exempt } else { Decision::Queued };
         self.place.pool.stamp_use_at(now);
-        decide(&self.place.pool, who, d, now.saturating_duration_since(self.started));
+        decide_handed(&self.place.pool, who, d, now.saturating_duration_since(self.started));
         Ok((conn, hold))
     }
 

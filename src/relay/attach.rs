@@ -114,7 +114,7 @@ impl Relay {
         self.use_settings(b);
         self.hold = Some(hold);
         self.pump.attach();
-        self.pump.backslash_quotes = conn.params.get("standard_conforming_strings").is_some_and(|v| v == "off");
+        self.pump.backslash_quotes = conn.backslash_quotes;
         // Notifications the server got while the proxy spoke to it belong to whoever listened: only a pinned
         // client listens, so a fresh checkout drops what a previous holder left.
         conn.notifications.clear();
@@ -129,7 +129,7 @@ impl Relay {
             // Every Parse of the last server was answered before it was released (nothing is owed then).
             s.unnamed_pending.clear();
             s.checked = None;
-            s.search_path = self.desired.get("search_path").cloned().unwrap_or_default();
+            // `search_path` follows `desired` where that changes (the probe), not at every checkout.
         }
         self.pump.close_gone();
         self.server = Some(conn);

@@ -112,7 +112,7 @@ impl Relay {
                 if off && self.tripped.is_none() {
                     self.tripped = Some(format!("{k} = {v}"));
                 }
-                c.params.insert(k, v);
+                c.set_param(k, v);
             }
         }
         self.note_seen(&mut seen);

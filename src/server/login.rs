@@ -225,7 +225,7 @@ impl ServerConn {
                 }
                 b'S' => {
                     let (k, v) = backend::parameter_status(&buf)?;
-                    self.params.insert(k, v);
+                    self.set_param(k, v);
                 }
                 b'K' => (self.pid, self.secret) = backend::backend_key_data(&buf)?,
                 b'E' => {

@@ -65,8 +65,11 @@ pub struct ServerConn {
     pub addr: SocketAddr,
     /// Where a CancelRequest for this backend goes (the same endpoint and TLS).
     pub cancel: Arc<CancelRoute>,
-    /// Parameters the server reported (ParameterStatus), kept current by the relay.
+    /// Parameters the server reported (ParameterStatus), kept current by the relay ([`Self::set_param`]).
     pub params: Params,
+    /// The server reported `standard_conforming_strings = off` (backslashes escape in plain strings): read
+    /// at every checkout, so kept apart from the map.
+    pub backslash_quotes: bool,
     /// Session settings in force on this connection since its last reset (set by the proxy or by clients,
     /// as the last probe read them).
     pub applied: settings::Settings,
@@ -165,6 +168,14 @@ pub fn tune_socket(stream: &TcpStream) {
 }
 
 impl ServerConn {
+    /// Record a parameter the server reported.
+    pub fn set_param(&mut self, k: String, v: String) {
+        if k == "standard_conforming_strings" {
+            self.backslash_quotes = v == "off";
+        }
+        self.params.insert(k, v);
+    }
+
     /// Connect, log in as the upstream's user and wait for ReadyForQuery, all within `timeout`.
     pub async fn connect(
         target: &UpstreamTarget,
@@ -194,6 +205,7 @@ impl ServerConn {
             addr,
             cancel,
             params: Params::default(),
+            backslash_quotes: false,
             applied: Default::default(),
             statements: Default::default(),
             login_user: target.user.clone(),
@@ -322,7 +334,7 @@ impl ServerConn {
                 }
                 b'S' => {
                     let (k, v) = backend::parameter_status(&buf)?;
-                    self.params.insert(k, v);
+                    self.set_param(k, v);
                 }
                 b'E' => {
                     let backend::ErrorFields { code, message, .. } = backend::error_fields(&buf)?;
