@@ -152,17 +152,11 @@ impl Relay {
         if (self.last_pid == 0 || self.last_pid == home) && affinity.is_parked(home) {
             return None;
         }
-        let cin: &[u8] = &self.pump.cin;
-        let want = if mentions_backend_pid(cin) {
-            home
-        } else if mentions_currval(cin) {
-            if self.last_pid != 0 {
-                self.last_pid
-            } else {
-                home
-            }
-        } else {
-            return None;
+        let want = match mentions(&self.pump.cin) {
+            Some(Needs::Home) => home,
+            Some(Needs::Last) if self.last_pid != 0 => self.last_pid,
+            Some(Needs::Last) => home,
+            None => return None,
         };
         self.prefer = Some(want);
         (!affinity.is_parked(want)).then_some(want)
@@ -181,19 +175,43 @@ impl Relay {
     }
 }
 
-/// Whether `b` contains `backend_pid` (any case): found from its `_`, which few statements have.
-fn mentions_backend_pid(b: &[u8]) -> bool {
-    memchr::memchr_iter(b'_', b)
-        .any(|i| i >= 7 && b.get(i - 7..i + 4).is_some_and(|w| w.eq_ignore_ascii_case(b"backend_pid")))
+/// The backend a statement needs ([`Relay::wanted_server`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Needs {
+    /// `pg_backend_pid()`: the home.
+    Home,
+    /// `currval`/`lastval`: the server used last.
+    Last,
 }
 
-/// Whether `b` contains `currval` or `lastval` (any case): found from their `v`.
-fn mentions_currval(b: &[u8]) -> bool {
-    memchr::memchr2_iter(b'v', b'V', b).any(|i| {
-        i >= 4
+/// What `b` mentions, in one pass over its `_`, `v` and `V` (few statements have them): `backend_pid`
+/// (any case; it wins), else `currval` or `lastval`.
+fn mentions(b: &[u8]) -> Option<Needs> {
+    let mut found = None;
+    for i in memchr::memchr3_iter(b'_', b'v', b'V', b) {
+        if b[i] == b'_' {
+            if i >= 7 && b.get(i - 7..i + 4).is_some_and(|w| w.eq_ignore_ascii_case(b"backend_pid")) {
+                return Some(Needs::Home);
+            }
+        } else if found.is_none()
+            && i >= 4
             && b.get(i - 4..i + 3)
                 .is_some_and(|w| w.eq_ignore_ascii_case(b"currval") || w.eq_ignore_ascii_case(b"lastval"))
-    })
+        {
+            found = Some(Needs::Last);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+fn mentions_backend_pid(b: &[u8]) -> bool {
+    mentions(b) == Some(Needs::Home)
+}
+
+#[cfg(test)]
+fn mentions_currval(b: &[u8]) -> bool {
+    mentions(b) == Some(Needs::Last)
 }
 
 /// Bring `conn` to the settings `desired` as a diff (one round trip; none when they already match).
@@ -233,5 +251,9 @@ mod tests {
         assert!(mentions_currval(b"lastval"));
         assert!(!mentions_currval(b"select nextval('s'), val, v, urrval, lastva"));
         assert!(!mentions_currval(b"v"));
+        // Both: the home wins, wherever each one is.
+        assert_eq!(mentions(b"select currval('s'), pg_backend_pid()"), Some(Needs::Home));
+        assert_eq!(mentions(b"select pg_backend_pid(), lastval()"), Some(Needs::Home));
+        assert_eq!(mentions(b"select 1"), None);
     }
 }
