@@ -5,7 +5,9 @@
 //! comments are skipped the way Postgres lexes them, and text it cannot read with certainty says
 //! [`UNKNOWN`].
 
+mod digits;
 mod prefilter;
+pub use digits::PlainMemo;
 
 /// Effects a statement may have (a bit set).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -142,8 +142,10 @@ pub struct Pump {
     pub loaded: bool,
     /// The server's `standard_conforming_strings` is off (backslashes escape in plain strings).
     pub backslash_quotes: bool,
-    /// The last Parse text classified (transaction mode).
+    /// The last Parse text classified, and the last simple-Query text the first look cleared (transaction
+    /// mode).
     pub(super) parse_memo: crate::relay::classify::Memo,
+    pub(super) query_memo: crate::relay::classify::PlainMemo,
     /// Transaction mode: the client listens (or may have just started to), so NotificationResponses may
     /// come; their sender's pid is rewritten to the cancel-key pid its client knows (`servers`).
     pub listening: bool,
@@ -259,6 +261,7 @@ impl Pump {
             || self.tx.holds_buffers()
             || self.sscan.holds_buffer()
             || self.parse_memo.holds_buffer()
+            || self.query_memo.holds_buffer()
     }
 
     /// The memory the pump's byte buffers hold now (their capacities).
@@ -278,6 +281,7 @@ impl Pump {
         self.tx.shrink();
         self.sscan.shrink();
         self.parse_memo.shrink();
+        self.query_memo.shrink();
     }
 
     /// Frame `bytes` as if the client had sent them, without any I/O (fuzzing and tests): appends to the

@@ -265,8 +265,9 @@ impl Pump {
                 if let Some(s) = self.stmts.as_mut() {
                     s.drop_unnamed();
                 }
-                // Most statements have nothing to note and name no statement: the first look alone tells.
-                if classify::plain(text) {
+                // Most statements have nothing to note and name no statement: the first look alone tells (or
+                // its memo, for a text that differs from the last cleared one only in its numbers).
+                if self.query_memo.plain(text) {
                     self.send(msg, 0);
                     return Ok(true);
                 }
