@@ -2,9 +2,10 @@
 # pgbench harness: direct Postgres vs pgbudget vs PgBouncer, interleaved in one run.
 #
 # Starts a throwaway Postgres cluster, one pgbudget and one PgBouncer (both in transaction
-# pooling mode with the same pool size), then runs pgbench against each target in rotating
-# order for every client count and round. Prints median TPS, TPS ratios and proxy CPU
-# seconds per 1,000 transactions; raw per-run rows go to a CSV file.
+# pooling mode with the same pool size), then runs pgbench against each target in an order rotated every round
+# and reversed every other round (each target follows each other one as often, with an even ROUNDS), waiting
+# after each run until its backends have exited, for every client count and round. Prints median TPS, TPS
+# ratios and proxy CPU seconds per 1,000 transactions; raw per-run rows go to a CSV file.
 #
 # Knobs (environment): CLIENTS ("10 100 500"), ROUNDS (2), DURATION (15 s), POOL (20),
 # THREADS (2), MODE (simple|extended|prepared), MODE_DIRECT / MODE_PGBUDGET / MODE_PGBOUNCER (per-target
@@ -332,6 +333,19 @@ rss_kib() { # pid -> "VmRSS,RssAnon" in KiB: all resident pages, and the private
     awk '/^VmRSS:/ { r = $2 } /^RssAnon:/ { a = $2 } END { if (r != "") print r "," a }' "/proc/$1/status" 2>/dev/null
 }
 
+# Between runs: wait (up to 30 s) until the backends of the run before have exited, down to what the two
+# proxies' pools hold, then a second more; a direct run at 500 clients leaves 500 backends exiting, which
+# would otherwise slow whichever target runs next.
+settle() {
+    local i n
+    for (( i = 0; i < 150; i++ )); do
+        n=$("$PGBIN/psql" -X -A -t -p "$PG_PORT" -c "select count(*) from pg_stat_activity where backend_type = 'client backend'" 2>/dev/null) || n=""
+        [[ -n $n ]] && (( n <= 2 * POOL + 1 )) && break
+        sleep 0.2
+    done
+    sleep 1
+}
+
 mkdir -p -- "$(dirname -- "$OUT")"
 echo "round,position,clients,target,tps,transactions,proxy_cpu_s,proxy_cpu_s_per_1k_txn,duration_s,pool,mode,script,threads,failed_txns,aborted_clients,rc,proxy_rss_kib,proxy_anon_kib" >"$OUT"
 
@@ -343,7 +357,12 @@ for SCRIPT in "${SCRIPT_LIST[@]}"; do
         if (( threads > c )); then threads=$c; fi
         for (( r = 0; r < ROUNDS; r++ )); do
             for (( k = 0; k < ${#TARGETS[@]}; k++ )); do
-                t=${TARGETS[$(( (k + r) % ${#TARGETS[@]} ))]}
+                # Rotated every round, and reversed every other round: a cyclic shift alone keeps each target's
+                # successor fixed (pgbudget would always run right after the direct run, the one that leaves
+                # hundreds of backends exiting behind it).
+                n=${#TARGETS[@]}
+                if (( r % 2 == 0 )); then idx=$(( (k + r) % n )); else idx=$(( (n - 1 - k + r) % n )); fi
+                t=${TARGETS[$idx]}
                 pid=${PID_OF[$t]}
                 run_count=$(( run_count + 1 ))
                 mode=${MODE_OF[$t]}
@@ -397,6 +416,7 @@ for SCRIPT in "${SCRIPT_LIST[@]}"; do
                     per1k=$(awk -v s="$cpu_s" -v n="$txns" 'BEGIN { if (n > 0) printf "%.5f", s / (n / 1000); }')
                 fi
                 log "  tps=$tps txns=$txns failed=${failed:-?}${cpu_s:+ proxy_cpu=${cpu_s}s per1k=${per1k}s}"
+                settle
                 echo "$(( r + 1 )),$(( k + 1 )),$c,$t,$tps,$txns,$cpu_s,$per1k,$DURATION,$POOL,$mode,$SCRIPT,$threads,$failed,$aborted,$rc,$rss" >>"$OUT"
             done
         done
