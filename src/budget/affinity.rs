@@ -249,11 +249,6 @@ impl Affinity {
         lock(&self.idle).waiters.ahead_of(w)
     }
 
-    /// Checkouts waiting for a server now.
-    pub fn waiting(&self) -> usize {
-        lock(&self.idle).waiters.len()
-    }
-
     /// Close the parked servers whose sockets became readable; the watch stays on the others.
     fn sweep(&self, window: Duration) {
         let gone = self.take_if(|c| self.gone(c, &self.waker, window));

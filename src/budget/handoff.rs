@@ -183,8 +183,13 @@ impl ServicePool {
     /// Whether every server this pool may hold is open and none is idle in deadpool's queue (a checkout can
     /// only wait for one to be released).
     pub(super) fn is_full(&self) -> bool {
+        self.full_status().is_some()
+    }
+
+    /// [`Self::is_full`], with the deadpool status it was read from when full.
+    pub(super) fn full_status(&self) -> Option<deadpool::Status> {
         let st = self.pool.status();
-        st.size >= st.max_size && st.available == 0
+        (st.size >= st.max_size && st.available == 0).then_some(st)
     }
 
     /// Wait in the pool's queue for a released server, until `deadline` or at most [`HANDOFF_RECHECK`];

@@ -69,11 +69,7 @@ impl ServicePool {
         if b.pool_mode() != PoolMode::Transaction || self.control.is_paused() {
             return None;
         }
-        // Every server this pool may hold is open and none is idle in deadpool's queue.
-        let st = self.pool.status();
-        if st.size < st.max_size || st.available > 0 {
-            return None;
-        }
+        let st = self.full_status()?;
         let hold = match self.admission.admit(exempt, &b.name) {
             Ok(h) => h,
             Err(refusal) => return Some(Err(shed(self, who, &b.name, refusal))),
