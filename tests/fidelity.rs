@@ -501,6 +501,28 @@ async fn txn_deallocate_all_by_extended_protocol_drops_the_clients_statements_li
     assert_eq!(t[10], s(&["1", "2", "D:22", "C:SELECT 1", "Z:I"]));
 }
 
+/// The Execute of a `DEALLOCATE ALL` whose header arrives in one read and its body in the next still drops
+/// the client's names, as direct: the proxy waits for the body's first byte (the portal) before deciding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_deallocate_all_whose_execute_arrives_split_drops_the_clients_statements_like_direct() {
+    use tokio::io::AsyncWriteExt;
+    let t = differential("", |port, _adm| async move {
+        let mut c = login(port).await;
+        let mut t = vec![exchange(&mut c, &[parse("s1", "select 1"), sync()], 1).await];
+        let exec = execute();
+        let head = [parse("", "DEALLOCATE ALL"), bind(""), exec[..5].to_vec()].concat();
+        c.s.write_all(&head).await.expect("write the batch up to the Execute header");
+        c.s.flush().await.expect("flush");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        t.push(exchange(&mut c, &[exec[5..].to_vec(), sync()], 1).await);
+        t.push(exchange(&mut c, &run("s1"), 1).await);
+        t
+    })
+    .await;
+    assert_eq!(t[1], s(&["1", "2", "C:DEALLOCATE ALL", "Z:I"]));
+    assert_eq!(t[2], s(&["E:26000:prepared statement \"s1\" does not exist", "Z:I"]), "s1 went with the rest");
+}
+
 /// A statement evicted from its server (max_prepared_statements = 1) and prepared there again after its
 /// table changed shape fails 0A000 as direct, where the server kept the old plan: the proxy's shape check
 /// compares the new RowDescription with the one the client was told at its Describe.

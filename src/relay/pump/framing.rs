@@ -85,6 +85,14 @@ impl Pump {
                     let r = self.bind_head(&cin[5..want], body);
                     self.cin = cin;
                     head = r?.unwrap_or(0);
+                } else if kind == b'E'
+                    && body > 0
+                    && self.cin.len() < 6
+                    && self.stmts.as_ref().is_some_and(|s| s.portal_deallocates)
+                {
+                    // Whether this Execute runs the `DEALLOCATE ALL` depends on its portal name's first byte.
+                    self.need = 6;
+                    return Ok((moved, None));
                 }
                 if head > 0 {
                     self.cin.advance(5 + head);
