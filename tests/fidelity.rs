@@ -456,6 +456,40 @@ async fn txn_sql_deallocate_by_extended_protocol_drops_the_clients_statement_lik
     assert_eq!(t[14], t[10]);
 }
 
+/// psycopg 3's cache eviction (`DEALLOCATE _pg3_N` by PQexecParams) of a statement no other client holds:
+/// gone from the server's `pg_prepared_statements` at once, also inside a transaction block, as direct
+/// (psycopg's `test_evict_lru_deallocate` lists them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_deallocate_by_extended_protocol_of_an_unshared_statement_leaves_the_server_like_direct() {
+    let dealloc = |name: &str| vec![parse("", &format!("DEALLOCATE {name}")), bind(""), execute(), sync()];
+    let listed = || query("select statement from pg_prepared_statements order by prepare_time");
+    let t = differential("", |port, _adm| async move {
+        let mut c = login(port).await;
+        let prep = [parse("_pg3_0", "select 'a'"), parse("_pg3_1", "select 0"), sync()];
+        let mut t = vec![exchange(&mut c, &prep, 1).await];
+        t.push(exchange(&mut c, &[run("_pg3_0"), run("_pg3_1")].concat(), 2).await);
+        t.push(exchange(&mut c, &dealloc("_pg3_1"), 1).await);
+        t.push(exchange(&mut c, &[listed()], 1).await);
+        t.push(exchange(&mut c, &[query("begin"), parse("_pg3_2", "select 2"), sync()], 2).await);
+        t.push(exchange(&mut c, &run("_pg3_2"), 1).await);
+        t.push(exchange(&mut c, &dealloc("_pg3_2"), 1).await);
+        t.push(exchange(&mut c, &[listed(), query("commit")], 2).await);
+        t.push(exchange(&mut c, &run("_pg3_0"), 1).await);
+        // Skipped after an error earlier in its batch: the statement stays, on the server too.
+        let mut skipped = run("nope");
+        skipped.pop();
+        skipped.extend(dealloc("_pg3_0"));
+        t.push(exchange(&mut c, &skipped, 1).await);
+        t.push(exchange(&mut c, &[run("_pg3_0"), vec![listed()]].concat(), 2).await);
+        t
+    })
+    .await;
+    assert_eq!(t[3], s(&["T:1", "D:select 'a'", "C:SELECT 1", "Z:I"]), "only the kept statement is listed");
+    assert_eq!(t[10], s(&["2", "D:a", "C:SELECT 1", "Z:I", "T:1", "D:select 'a'", "C:SELECT 1", "Z:I"]));
+    assert_eq!(t[7][..3], s(&["T:1", "D:select 'a'", "C:SELECT 1"]), "gone inside the transaction too");
+    assert_eq!(t[8], s(&["2", "D:a", "C:SELECT 1", "Z:I"]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn txn_deallocate_all_by_extended_protocol_drops_the_clients_statements_like_direct() {
     // psycopg 3 clears its statement cache with DEALLOCATE ALL by PQexecParams; DISCARD ALL the same way.

@@ -341,10 +341,10 @@ impl crate::budget::pool::ServicePool {
     pub async fn take_parked(&self, home: Option<i32>, exact: bool) -> Option<PooledConn> {
         loop {
             let b = self.budget();
-            let mut c = self.take_usable(home, exact, Instant::now(), &b)?;
+            let (mut c, idle) = self.take_usable(home, exact, Instant::now(), &b)?;
             let s = &b.settings;
             // Boxed: the round trip is rare, and every checkout's future would carry its state.
-            if c.last_checkin.elapsed() > s.server_check_delay && Box::pin(c.ping(s.connect_timeout)).await.is_err() {
+            if idle > s.server_check_delay && Box::pin(c.ping(s.connect_timeout)).await.is_err() {
                 c.broken = true;
                 drop(PooledConn::take(c));
                 continue;
@@ -356,22 +356,29 @@ impl crate::budget::pool::ServicePool {
     /// [`Self::take_parked`] without an await: `None` also when the server it would take needs a liveness
     /// round trip first (it stays parked for the async path).
     pub fn take_parked_now(&self, home: Option<i32>, now: Instant, b: &ServiceBudget) -> Option<PooledConn> {
-        let c = self.take_usable(home, false, now, b)?;
+        let (c, idle) = self.take_usable(home, false, now, b)?;
         let s = &b.settings;
-        if now.saturating_duration_since(c.last_checkin) > s.server_check_delay {
+        if idle > s.server_check_delay {
             self.pool.manager().affinity.park(c, s.terminate_window);
             return None;
         }
         Some(c)
     }
 
-    /// A parked server that passes the checks without a round trip (the unusable ones met are closed).
-    fn take_usable(&self, home: Option<i32>, exact: bool, now: Instant, b: &ServiceBudget) -> Option<PooledConn> {
+    /// A parked server that passes the checks without a round trip (the unusable ones met are closed), and
+    /// how long it was idle.
+    fn take_usable(
+        &self,
+        home: Option<i32>,
+        exact: bool,
+        now: Instant,
+        b: &ServiceBudget,
+    ) -> Option<(PooledConn, Duration)> {
         let m = self.pool.manager();
         loop {
             let mut c = m.affinity.take(home, exact)?;
-            if m.unusable(&mut c, now, b).is_none() {
-                return Some(c);
+            if let Ok(idle) = m.unusable(&mut c, now, b) {
+                return Some((c, idle));
             }
             drop(PooledConn::take(c));
         }
@@ -431,7 +438,7 @@ impl crate::budget::pool::ServicePool {
         let m = self.pool.manager();
         while let Some(pid) = pick(&m.affinity) {
             let b = self.budget();
-            let Some(c) = self.take_usable(Some(pid), true, Instant::now(), &b) else { continue };
+            let Some((c, _)) = self.take_usable(Some(pid), true, Instant::now(), &b) else { continue };
             m.affinity.park(c, b.settings.terminate_window);
             return Some(m.affinity.home(pid));
         }

@@ -108,11 +108,9 @@ impl managed::Manager for Manager {
 
     async fn recycle(&self, conn: &mut Box<ServerConn>, _: &Metrics) -> RecycleResult<ServerError> {
         let b = self.budget.load();
-        if let Some(why) = self.unusable(conn, Instant::now(), &b) {
-            return Err(RecycleError::message(why));
-        }
+        let idle = self.unusable(conn, Instant::now(), &b).map_err(RecycleError::message)?;
         let s = &b.settings;
-        if conn.last_checkin.elapsed() > s.server_check_delay {
+        if idle > s.server_check_delay {
             // Boxed: the round trip is rare, and every checkout's future would carry its state.
             Box::pin(conn.ping(s.connect_timeout)).await.map_err(RecycleError::Backend)?;
         }
@@ -145,28 +143,32 @@ impl Manager {
     }
 
     /// Why an idle connection may not be handed out again, if it may not (checked without a round trip; a
-    /// backend an administrator ended is reported to the clients homed on it).
-    pub(super) fn unusable(&self, conn: &mut ServerConn, now: Instant, b: &ServiceBudget) -> Option<&'static str> {
+    /// backend an administrator ended is reported to the clients homed on it). `Ok`: how long it was idle.
+    pub(super) fn unusable(
+        &self,
+        conn: &mut ServerConn,
+        now: Instant,
+        b: &ServiceBudget,
+    ) -> Result<Duration, &'static str> {
         let s = &b.settings;
         if self.route == Route::ReadOnly && conn.params.get(RO_GUC).is_some_and(|v| v != "on") {
-            return Some("read-only no longer in force");
+            return Err("read-only no longer in force");
         }
         if conn.broken {
-            return Some("broken");
+            return Err("broken");
         }
         if conn.generation < self.generation.load(Ordering::Acquire) {
-            return Some("retired by RECONNECT");
+            return Err("retired by RECONNECT");
         }
         // The caller's clock read for both ages (this runs on every checkout).
-        if now.saturating_duration_since(conn.last_checkin) > s.server_idle_timeout
-            || now.saturating_duration_since(conn.created) > s.server_lifetime
-        {
-            return Some("expired");
+        let idle = now.saturating_duration_since(conn.last_checkin);
+        if idle > s.server_idle_timeout || conn.outlived(s.server_lifetime, now) {
+            return Err("expired");
         }
         if !self.affinity.still_quiet(conn) && self.affinity.gone(conn, std::task::Waker::noop(), s.terminate_window) {
-            return Some("closed by server");
+            return Err("closed by server");
         }
-        None
+        Ok(idle)
     }
 
     /// Open a server connection to `up` as `login`, holding a slot of the share and one of `up`'s ceiling permits.

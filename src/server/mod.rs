@@ -84,6 +84,9 @@ pub struct ServerConn {
     pub secret: i32,
     pub created: Instant,
     pub last_checkin: Instant,
+    /// `created` + the lifetime it was computed for (`None`: never), so a checkout compares two instants
+    /// instead of subtracting them; recomputed when the setting changes (a reload).
+    lifetime_end: (Duration, Option<Instant>),
     /// Set when the connection must not be reused.
     pub broken: bool,
     /// The pool generation it was opened in; `RECONNECT` retires older generations.
@@ -176,6 +179,14 @@ impl ServerConn {
         self.params.insert(k, v);
     }
 
+    /// Whether the connection has lived longer than `lifetime` at `now`.
+    pub fn outlived(&mut self, lifetime: Duration, now: Instant) -> bool {
+        if self.lifetime_end.0 != lifetime {
+            self.lifetime_end = (lifetime, self.created.checked_add(lifetime));
+        }
+        self.lifetime_end.1.is_some_and(|end| now > end)
+    }
+
     /// Connect, log in as the upstream's user and wait for ReadyForQuery, all within `timeout`.
     pub async fn connect(
         target: &UpstreamTarget,
@@ -214,6 +225,7 @@ impl ServerConn {
             secret: 0,
             created: Instant::now(),
             last_checkin: Instant::now(),
+            lifetime_end: (Duration::MAX, None),
             broken: true, // until the login completes
             permit: Some(permit),
             slot: None,

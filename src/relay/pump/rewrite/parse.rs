@@ -89,7 +89,8 @@ impl Pump {
 
     /// An unnamed Parse (`tail`: text and parameter types) of SQL `DEALLOCATE name` of one of the client's
     /// protocol-level statements (psycopg 3 evicts its statements this way, with PQexecParams): the client's
-    /// name goes, as with a Query of it ([`super::super::execute`]), while the pool keeps the statement.
+    /// name goes, as with a Query of it ([`super::super::execute`]); the pool's statement is closed on this
+    /// server when no other client holds it, else the pool keeps it.
     /// The text deallocates a stand-in of the proxy's instead, prepared ahead of it (after a Close of any
     /// left from a DEALLOCATE never executed), so the client's Bind and Execute get what direct they would:
     /// BindComplete and `DEALLOCATE`. In a failed transaction it goes as written (Postgres refuses the Parse).
@@ -102,6 +103,14 @@ impl Pump {
         let Some(s) = self.stmts.as_mut() else { return false };
         let Some((stmt, gen)) = s.client.remove(&name) else { return false };
         let mut out = BytesMut::with_capacity(64);
+        // Held by no other client and prepared here: closed here too, so it is gone from the server at once,
+        // as direct (skipped after an error earlier in the batch, the server still has it).
+        if let Some(id) = s.server.closing_last(&stmt) {
+            put_close(&mut out, &stmt.name);
+            let tag = self.actions.push(Action::Evict(id));
+            self.send(&out, tag);
+            out.clear();
+        }
         put_close(&mut out, STAND_IN);
         let tag = self.actions.push(Action::Deallocate { name, stmt, gen });
         self.send(&out, tag);
