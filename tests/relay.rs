@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const TXN: &str = "[services.app]\nslice = 4\npool_mode = \"transaction\"\ncheckout_timeout = \"2s\"\n";
 const SESSION: &str = "[services.app]\nslice = 4\npool_mode = \"session\"\ncheckout_timeout = \"2s\"\n";
@@ -331,6 +331,37 @@ async fn stale_and_idle_server_connections_are_replaced_transparently() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(server_conns(&admin, "app").await, 0);
     c.simple_query("select 1").await.unwrap();
+}
+
+/// A server that outlived `server_lifetime` is not handed out again: the next transaction gets a new backend.
+/// A lifetime shortened by reload applies to the servers already open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_past_its_lifetime_is_replaced_at_checkout_and_a_reloaded_lifetime_applies() {
+    let pg = Pg::start();
+    let cfg = config(&pg, "[services.app]\nslice = 2\npool_mode = \"transaction\"\nserver_lifetime = \"1h\"\n");
+    let proxy = Proxy::start(&cfg);
+    let c = connect(&proxy.conninfo()).await.unwrap();
+    let pid = || async { c.query_one("select pg_backend_pid()", &[]).await.unwrap().get::<_, i32>(0) };
+    let first = pid().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(pid().await, first, "an hour's lifetime keeps the server");
+    let path = proxy.dir.path().join("budgets.toml");
+    std::fs::write(&path, cfg.replace("server_lifetime = \"1h\"", "server_lifetime = \"1s\"")).unwrap();
+    let st = std::process::Command::new("kill").args(["-HUP", &proxy.pid().to_string()]).status().unwrap();
+    assert!(st.success());
+    // The server is over 1.2 s old: once the reload is in force, the next checkout retires it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let second = loop {
+        let p = pid().await;
+        if p != first {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "the server outlived a reloaded 1 s lifetime by 5 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(pid().await, second, "a new server is kept within its lifetime");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_ne!(pid().await, second, "and replaced once it outlives it");
 }
 
 /// The count of prepared statements on the one server of a share of 1, read with a simple Query (which
