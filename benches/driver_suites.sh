@@ -34,8 +34,8 @@
 # ASYNCPG_VERSION (0.32.0, must be the installed one), PSYCOPG2_VERSION (2.9.13), PG8000_VERSION (1.31.6),
 # TOKIO_POSTGRES_VERSION (0.7.18), TEST_TIMEOUT (per-test seconds, pytest-timeout, 60), RUN_TIMEOUT (seconds
 # per test run, 900; SIGINT then, pytest still writes what ran), PYTHON (python3), PGBUDGET_BIN (skip the
-# cargo build), PGBUDGET_LOG (RUST_LOG for pgbudget, "warn"), SLICE and PIN (the
-# service's slice, 20, and pin, "allow"), CACHE (~/.cache/pgbudget/driver-suites: the
+# cargo build), PGBUDGET_LOG (RUST_LOG for pgbudget, "warn"), POOL_MODE, SLICE and PIN (the
+# service's pool mode, "transaction", slice, 20, and pin, "allow"), CACHE (~/.cache/pgbudget/driver-suites: the
 # sdists, the tokio-postgres crate and its build, so a second run needs no network), OUT
 # (target/driver-suites: logs, junit XML), PYTEST_ARGS (what pytest runs, default "tests", for pg8000 "test";
 # e.g. "tests/test_pool.py" or "-k pool tests": give SUITES one suite with it), CARGO_TEST_ARGS (libtest's

@@ -43,8 +43,8 @@
 # "pg pg-binary pg-pool pg-cursor pg-query-stream"), FILES (an extended regex: only test files whose path
 # relative to the package matches, e.g. 'integration/client/(prepared|notice)'), TEST_TIMEOUT (seconds per test
 # file, 90), TEST_TIMEOUT_MS (exported to the tests as TEST_TIMEOUT: test-helper's assert.calls timeout, upstream
-# default 5000), PGBUDGET_BIN (skip the cargo build), PGBUDGET_LOG (RUST_LOG for pgbudget, "warn"), SLICE and PIN (the
-# service's slice, 20, and pin, "allow"), CACHE
+# default 5000), PGBUDGET_BIN (skip the cargo build), PGBUDGET_LOG (RUST_LOG for pgbudget, "warn"), POOL_MODE, SLICE and PIN (the
+# service's pool mode, "transaction", slice, 20, and pin, "allow"), CACHE
 # (~/.cache/pgbudget/driver-suites), OUT (target/node-pg-suite: per-file logs, results), DEBIAN_SUITES ("sid
 # trixie bookworm"), NODE (node), NPM (npm), KEEP_TMP=1.
 set -euo pipefail

@@ -26,8 +26,8 @@
 # modules to run, relative to PSYCOPG_SRC; default: those of MODULES present in PSYCOPG_SRC), MODULES (the
 # default module list below), TEST_TIMEOUT (per-test seconds, pytest-timeout, 60), RUN_TIMEOUT (seconds per
 # run, 1200; SIGINT then, pytest still writes what ran), PYTHON (python3, to create the venv), PGBUDGET_BIN
-# (skip the cargo build), PGBUDGET_LOG (RUST_LOG for pgbudget, "warn"), SLICE and PIN (the
-# service's slice, 20, and pin, "allow"), OUT (target/psycopg-suite: logs,
+# (skip the cargo build), PGBUDGET_LOG (RUST_LOG for pgbudget, "warn"), POOL_MODE, SLICE and PIN (the
+# service's pool mode, "transaction", slice, 20, and pin, "allow"), OUT (target/psycopg-suite: logs,
 # junit XML), KEEP_TMP=1 (keep the clusters and the pgbudget config).
 set -euo pipefail
 

@@ -2,8 +2,8 @@
 # The process harness shared by driver_suites.sh, psycopg_suite.sh and node_pg_suite.sh, sourced by them (after
 # `set -euo pipefail`; sourcing only defines functions): log/die, the Postgres binaries, pgbudget's binary, a
 # temp dir with the cleanup trap, free loopback ports, the pristine cluster (initdb), a throwaway Postgres on
-# loopback and pgbudget in front of it in transaction mode (slice SLICE, default 20; ceiling 200; pin = PIN,
-# default "allow"; [auth] passthrough, databases = ["*"]).
+# loopback and pgbudget in front of it in transaction mode (POOL_MODE, default "transaction"; slice SLICE,
+# default 20; ceiling 200; pin = PIN, default "allow"; [auth] passthrough, databases = ["*"]).
 #
 # The caller sets: PASSWORD (postgres's), PYTHON (runs free_port), REPO_ROOT (where cargo builds pgbudget),
 # PG_EXTRA_OPTS (an array, maybe empty: options appended to postgres's command line), RUN_PID (the pid of the
@@ -134,7 +134,7 @@ databases = ["*"]
 
 [services.suites]
 slice = ${SLICE:-20}
-pool_mode = "transaction"
+pool_mode = "${POOL_MODE:-transaction}"
 pin = "${PIN:-allow}"
 checkout_timeout = "60s"
 EOF
