@@ -490,6 +490,30 @@ async fn txn_deallocate_by_extended_protocol_of_an_unshared_statement_leaves_the
     assert_eq!(t[8], s(&["2", "D:a", "C:SELECT 1", "Z:I"]));
 }
 
+/// The same DEALLOCATE of a statement another client also prepared (one pool statement, one server): the
+/// server keeps it for the other client, whose statement goes on working; the first client's name is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn txn_deallocate_by_extended_protocol_of_a_shared_statement_keeps_it_for_the_other_client() {
+    let dealloc = |name: &str| vec![parse("", &format!("DEALLOCATE {name}")), bind(""), execute(), sync()];
+    let listed = || query("select count(*) from pg_prepared_statements where statement = 'select ''shared'''");
+    let pg = Pg::start();
+    let proxy = start(&pg, 1, TXN, "");
+    let (mut a, mut b) = (login(proxy.port).await, login(proxy.port).await);
+    let prep = |n: &str| [parse(n, "select 'shared'"), bind(n), execute(), sync()];
+    assert_eq!(exchange(&mut a, &prep("a1"), 1).await, s(&["1", "2", "D:shared", "C:SELECT 1", "Z:I"]));
+    assert_eq!(exchange(&mut b, &prep("b1"), 1).await, s(&["1", "2", "D:shared", "C:SELECT 1", "Z:I"]));
+    assert_eq!(exchange(&mut a, &dealloc("a1"), 1).await, s(&["1", "2", "C:DEALLOCATE", "Z:I"]));
+    assert_eq!(exchange(&mut a, &run("a1"), 1).await, s(&["E:26000:prepared statement \"a1\" does not exist", "Z:I"]));
+    assert_eq!(
+        exchange(&mut b, &[run("b1"), vec![listed()]].concat(), 2).await,
+        s(&["2", "D:shared", "C:SELECT 1", "Z:I", "T:1", "D:1", "C:SELECT 1", "Z:I"]),
+        "kept for b"
+    );
+    // Once b deallocates it too, nobody holds it: gone from the server.
+    assert_eq!(exchange(&mut b, &dealloc("b1"), 1).await, s(&["1", "2", "C:DEALLOCATE", "Z:I"]));
+    assert_eq!(exchange(&mut b, &[listed()], 1).await, s(&["T:1", "D:0", "C:SELECT 1", "Z:I"]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn txn_deallocate_all_by_extended_protocol_drops_the_clients_statements_like_direct() {
     // psycopg 3 clears its statement cache with DEALLOCATE ALL by PQexecParams; DISCARD ALL the same way.
