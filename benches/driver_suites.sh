@@ -151,6 +151,14 @@ has_suite pg8000 && hba+=("host pg8000_md5 all 127.0.0.1/32 md5" "host pg8000_pa
 # tokio-postgres: upstream's docker/sql_setup.sh
 has_suite tokio-postgres && hba+=("host all pass_user 127.0.0.1/32 password" "host all md5_user 127.0.0.1/32 md5"
     "host all scram_user 127.0.0.1/32 scram-sha-256")
+# Their `password` lines ask a cleartext password: this upstream is on loopback, so pgbudget may answer one
+# (allow_cleartext_upstream), and tokio-postgres's pass_user is listed with its password, which a passthrough
+# role (pgbudget checks it against the SCRAM secret and never learns it) would not have.
+if has_suite pg8000 || has_suite tokio-postgres; then ALLOW_CLEARTEXT=${ALLOW_CLEARTEXT:-true}; fi
+if has_suite tokio-postgres; then
+    export PASS_USER_PW=password
+    AUTH_USERS=${AUTH_USERS:-$'[[auth.users]]\nname = "pass_user"\npassword_env = "PASS_USER_PW"\nupstream_user = "pass_user"\nupstream_password_env = "PASS_USER_PW"'}
+fi
 init_template ${hba[@]+"${hba[@]}"}
 start_pg "$TMP/template" "$TMP/template.log"
 # psycopg2's suite expects its database (with hstore, else its hstore tests skip); asyncpg's uses postgres

@@ -8,6 +8,8 @@
 # The caller sets: PASSWORD (postgres's), PYTHON (runs free_port), REPO_ROOT (where cargo builds pgbudget),
 # PG_EXTRA_OPTS (an array, maybe empty: options appended to postgres's command line), RUN_PID (the pid of the
 # test run in progress, "" otherwise: cleanup stops it), and the knobs PGBUDGET_BIN, PGBUDGET_LOG, KEEP_TMP.
+# Optional: ALLOW_CLEARTEXT (the upstream's allow_cleartext_upstream, default false) and AUTH_USERS (TOML
+# appended to the config, e.g. an [[auth.users]] entry for a role a suite's pg_hba asks a cleartext password of).
 # It sets: PGBIN, AS_PG (find_postgres); PGBUDGET_BIN (build_pgbudget); TMP (harness_init); PGDATA_DIR,
 # PG_PORT, PG_PID, PG_LAUNCHER (start_pg); PGBUDGET_PORT, PGBUDGET_PID (start_pgbudget).
 
@@ -131,12 +133,14 @@ url = "postgres://postgres:$PASSWORD@127.0.0.1:$PG_PORT/postgres?sslmode=disable
 ceiling = 200
 reserved = 0
 databases = ["*"]
+allow_cleartext_upstream = ${ALLOW_CLEARTEXT:-false}
 
 [services.suites]
 slice = ${SLICE:-20}
 pool_mode = "${POOL_MODE:-transaction}"
 pin = "${PIN:-allow}"
 checkout_timeout = "60s"
+${AUTH_USERS:-}
 EOF
     local -a clean_env=(env -u RAILWAY_SERVICE_NAME -u RAILWAY_REPLICA_COUNT -u WEB_CONCURRENCY -u PGBUDGET_LISTEN
         -u PGBUDGET_CONFIG -u PGBUDGET_SLICES -u PGBUDGET_ADMIN_LISTEN)

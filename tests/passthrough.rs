@@ -165,3 +165,37 @@ async fn a_server_method_a_passthrough_role_cannot_answer_is_named() {
         assert!(message(&e).contains(needle), "{role}: {}", message(&e));
     }
 }
+
+/// The secret lookup runs on a server of the pool the URL's role uses, which a client of that role may have
+/// left in its own session state: a `SET ROLE` to a role that cannot read `pg_authid`, a `search_path`
+/// without `pg_catalog` first. Other clients' logins must not depend on it (one client never affects another).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_left_in_another_role_does_not_break_the_secret_lookup_of_other_logins() {
+    let pg = Pg::start();
+    let admin = direct(&pg).await;
+    admin
+        .batch_execute(
+            "create role alice login password 'wonder land'; create role lowpriv; create schema trap; \
+             create view trap.pg_authid as select 'x'::name as rolname, null::text as rolpassword",
+        )
+        .await
+        .unwrap();
+    let cfg = format!("{AUTH}[services.app]\nslice = 2\npool_mode = \"transaction\"\ncheckout_timeout = \"2s\"\n");
+    let proxy = Proxy::start(&config(&pg, &cfg));
+    let a = connect(&proxy.conninfo()).await.unwrap();
+    for setup in ["set role lowpriv", "reset role; set search_path = trap, pg_catalog"] {
+        a.batch_execute(setup).await.unwrap();
+        // a's server is idle in the pool now, in a's settings; alice's login looks her secret up on it.
+        for _ in 0..3 {
+            let alice = connect(&as_role(&proxy, "alice", "'wonder land'"))
+                .await
+                .unwrap_or_else(|e| panic!("after {setup:?}: alice's login: {} {}", code(&e), message(&e)));
+            let who: String = alice.query_one("select current_user::text", &[]).await.unwrap().get(0);
+            assert_eq!(who, "alice", "after {setup:?}");
+        }
+        // And a's own state is as a left it.
+        let row = a.query_one("select current_user::text, current_setting('search_path')", &[]).await.unwrap();
+        let expect_user = if setup.starts_with("set role") { "lowpriv" } else { "postgres" };
+        assert_eq!(row.get::<_, String>(0), expect_user, "after {setup:?}");
+    }
+}

@@ -40,11 +40,27 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(Some(UpstreamLogin { user: user.to_owned(), password: None, keys: Some(keys) }))
 }
 
+/// Bring a pooled server from the session settings its last client left (a `SET ROLE` to a role that may not
+/// read `pg_authid`, a `search_path` that shadows a custom `auth_query`'s tables) to the login's defaults, so
+/// no client's session decides another's login. Nothing to do on a server no client changed.
+async fn at_defaults(conn: &mut crate::budget::pool::PooledConn) -> Result<(), ServerError> {
+    if conn.applied.is_empty() {
+        return Ok(());
+    }
+    let (set, reset) = crate::relay::reset::settings_diff(&conn.applied, &Default::default());
+    conn.apply_settings(&set, &reset, QUERY_TIMEOUT).await?;
+    conn.applied = Default::default();
+    Ok(())
+}
+
 /// The role's secret (a SCRAM verifier or an md5 hash); `None` when the query finds no row, a NULL, or
 /// anything else.
 pub async fn role_secret(pool: &ServicePool, query: &str, role: &str) -> Result<Option<Secret>, ProxyError> {
     let mut conn = pool.checkout().await?;
-    let r = conn.rows_bound(query, &[role], QUERY_TIMEOUT).await;
+    let r = match at_defaults(&mut conn).await {
+        Ok(()) => conn.rows_bound(query, &[role], QUERY_TIMEOUT).await,
+        Err(e) => Err(e),
+    };
     match r {
         // The statement failed (no such relation, permission denied): the server is as clean as before.
         Ok(_) | Err(ServerError::Postgres { .. }) => pool.put_back(conn),

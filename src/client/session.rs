@@ -6,7 +6,7 @@ use crate::config::resolve::Resolved;
 use crate::config::users::UserDb;
 use crate::config::{Mode, PoolMode, ServiceFrom};
 use crate::context::{App, ClientInfo, LoginPermit};
-use crate::error::ProxyError;
+use crate::error::{AuthError, ProxyError};
 use crate::protocol::{self, Severity, Startup};
 use crate::relay::{Outcome, Relay};
 use crate::server::ServerError;
@@ -211,6 +211,9 @@ async fn fail(sock: &mut Stream, e: ProxyError) {
     let text = e.to_string();
     let cause = crate::telemetry::redact::redact(&text);
     match &e {
+        // The role's secret could not be read: the upstream's fault, not the client's (the client was told to
+        // look here).
+        ProxyError::Auth(AuthError::Lookup { .. }) => warn!(kind = e.kind(), %cause, "login failed"),
         ProxyError::Auth(_) | ProxyError::UnknownService(_) | ProxyError::UnknownDatabase(_) => {
             info!(kind = e.kind(), %cause, "login refused")
         }
