@@ -155,9 +155,10 @@ has_suite tokio-postgres && hba+=("host all pass_user 127.0.0.1/32 password" "ho
 # (allow_cleartext_upstream), and tokio-postgres's pass_user is listed with its password, which a passthrough
 # role (pgbudget checks it against the SCRAM secret and never learns it) would not have.
 if has_suite pg8000 || has_suite tokio-postgres; then ALLOW_CLEARTEXT=${ALLOW_CLEARTEXT:-true}; fi
+# Listing a user ends the URL's role's implicit entry: postgres is listed too, with its password, as before.
 if has_suite tokio-postgres; then
-    export PASS_USER_PW=password
-    AUTH_USERS=${AUTH_USERS:-$'[[auth.users]]\nname = "pass_user"\npassword_env = "PASS_USER_PW"\nupstream_user = "pass_user"\nupstream_password_env = "PASS_USER_PW"'}
+    export PASS_USER_PW=password SUITE_PG_PW=$PASSWORD
+    AUTH_USERS=${AUTH_USERS:-$'[[auth.users]]\nname = "postgres"\npassword_env = "SUITE_PG_PW"\n\n[[auth.users]]\nname = "pass_user"\npassword_env = "PASS_USER_PW"\nupstream_user = "pass_user"\nupstream_password_env = "PASS_USER_PW"'}
 fi
 init_template ${hba[@]+"${hba[@]}"}
 start_pg "$TMP/template" "$TMP/template.log"
